@@ -1,0 +1,39 @@
+"""nblosses: torch.nn's softmax family and classification losses for NumPy and CuPy arrays.
+
+>>> import numpy as np
+>>> import nblosses as nbl
+>>> nbl.functional.cross_entropy(np.zeros((2, 4)), np.array([0, 3])).round(4)
+array(1.3863)
+"""
+
+from __future__ import annotations
+
+from . import backends as _backends  # noqa: F401  (registers "cpu" and "cuda" by name only)
+from . import functional, nn
+from ._registry import (
+    BackendUnavailableError,
+    UnknownBackendError,
+    UnsupportedOpError,
+    available_backends,
+    get_backend,
+    register_backend,
+    register_kernel,
+    set_backend,
+    use_backend,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "UnknownBackendError",
+    "UnsupportedOpError",
+    "available_backends",
+    "functional",
+    "get_backend",
+    "nn",
+    "register_backend",
+    "register_kernel",
+    "set_backend",
+    "use_backend",
+]

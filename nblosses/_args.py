@@ -1,0 +1,357 @@
+"""Argument validation and canonical forms, shared by every backend.
+
+Everything torch checks before computing is checked here, once, with the exceptions of
+design.md's error table; backends receive only canonical arguments (see
+:mod:`nblosses.backends`). Nothing here writes to a caller's array.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ._registry import Backend
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+# ----------------------------------------------------------------------------- dtypes
+def _is_float(dtype: Any) -> bool:
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
+def compute_dtype(be: Backend, dtype: Any, what: str = "input") -> Any:
+    """The dtype kernels run in for an input of ``dtype`` (float32 for unsupported floats)."""
+    if not _is_float(dtype):
+        raise TypeError(f"{what} must be a floating-point array, got dtype {dtype.name}")
+    if dtype.name in be.native_dtypes:
+        return dtype
+    return be.xp.dtype("float32")
+
+
+def to_compute(be: Backend, array: Any, dtype: Any) -> Any:
+    """``array`` on the backend, C-contiguous, in ``dtype`` (a copy only when needed)."""
+    a = be.asarray(array)
+    if a.dtype != dtype:
+        a = a.astype(dtype)
+    return be.xp.ascontiguousarray(a)
+
+
+def as_array(be: Backend, array: Any, what: str) -> Any:
+    """``array`` as the backend's array type; Python scalars and lists are converted."""
+    try:
+        return be.asarray(array)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} must be array-like: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- reduction
+def reduction_from(size_average: Any, reduce: Any, reduction: str, stacklevel: int = 3) -> str:
+    """Resolve torch's legacy ``size_average`` / ``reduce`` pair, or check ``reduction``."""
+    if size_average is not None or reduce is not None:
+        size_average = True if size_average is None else size_average
+        reduce = True if reduce is None else reduce
+        if size_average and reduce:
+            resolved = "mean"
+        elif reduce:
+            resolved = "sum"
+        else:
+            resolved = "none"
+        warnings.warn(
+            f"size_average and reduce args will be deprecated, please use "
+            f"reduction='{resolved}' instead.",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+        return resolved
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction!r} is not a valid value for reduction; "
+                         f"expected one of {', '.join(REDUCTIONS)}")
+    return reduction
+
+
+# ----------------------------------------------------------------------------- softmax family
+def implicit_dim(ndim: int) -> int:
+    """torch's legacy softmax axis when ``dim`` is not given: 0 for ndim 0, 1, 3, else 1."""
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+def softmax_dim(name: str, ndim: int, dim: Any, stacklevel: int = 3) -> int:
+    """torch's dim handling: ``None`` warns and picks :func:`implicit_dim`."""
+    if dim is None:
+        dim = implicit_dim(ndim)
+        warnings.warn(
+            f"Implicit dimension choice for {name} has been deprecated. "
+            f"Change the call to include dim=X as an argument.",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+        return dim
+    try:
+        dim = operator.index(dim)
+    except TypeError:
+        raise TypeError(f"dim must be an integer, got {type(dim).__name__}") from None
+    extent = max(ndim, 1)  # a 0-d array accepts dim 0 and -1, as in torch
+    if not -extent <= dim < extent:
+        raise IndexError(
+            f"Dimension out of range (expected to be in range of [{-extent}, {extent - 1}], "
+            f"but got {dim})"
+        )
+    return dim % extent
+
+
+def split_shape(shape: tuple[int, ...], dim: int) -> tuple[int, int, int]:
+    """``(outer, C, inner)`` of ``shape`` around axis ``dim`` (a 0-d shape is ``(1, 1, 1)``)."""
+    if not shape:
+        return 1, 1, 1
+    return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
+
+
+@dataclass
+class SoftmaxArgs:
+    """Canonical softmax-family call: ``x3`` is ``(outer, C, inner)``."""
+
+    x3: Any
+    shape: tuple[int, ...]
+    out_dtype: Any
+
+
+def softmax_args(be: Backend, name: str, input: Any, dim: Any, dtype: Any) -> SoftmaxArgs:
+    """Validate and canonicalise ``softmax`` / ``log_softmax`` arguments."""
+    x = as_array(be, input, "input")
+    if dtype is not None:
+        dtype = be.xp.dtype(dtype)
+        x = x.astype(dtype, copy=False)
+    if not _is_float(x.dtype):
+        raise TypeError(f"{name}: input must be a floating-point array (or pass dtype=), "
+                        f"got dtype {x.dtype.name}")
+    d = softmax_dim(name, x.ndim, dim, stacklevel=4)
+    cdt = compute_dtype(be, x.dtype)
+    x3 = to_compute(be, x, cdt).reshape(split_shape(x.shape, d))
+    return SoftmaxArgs(x3, x.shape, x.dtype)
+
+
+def softmax_backward_args(be: Backend, name: str, grad_output: Any, output: Any, dim: Any):
+    """Canonical ``(g3, y3, shape, dtype)`` for the softmax-family backwards."""
+    y = as_array(be, output, "output")
+    g = as_array(be, grad_output, "grad_output")
+    if g.shape != y.shape:
+        raise ValueError(f"{name}: grad_output shape {tuple(g.shape)} does not match output "
+                         f"shape {tuple(y.shape)}")
+    cdt = compute_dtype(be, y.dtype, "output")
+    if not _is_float(g.dtype):
+        raise TypeError(f"{name}: grad_output must be floating point, got {g.dtype.name}")
+    d = softmax_dim(name, y.ndim, dim, stacklevel=4)
+    s3 = split_shape(y.shape, d)
+    return to_compute(be, g, cdt).reshape(s3), to_compute(be, y, cdt).reshape(s3), y.shape, y.dtype
+
+
+def elementwise_args(be: Backend, name: str, *arrays: Any):
+    """Flat compute-dtype copies of same-shaped float arrays, plus shape and dtype."""
+    xs = [as_array(be, a, "input") for a in arrays]
+    shape, dtype = xs[0].shape, xs[0].dtype
+    cdt = compute_dtype(be, dtype)
+    for a in xs[1:]:
+        if a.shape != shape:
+            raise ValueError(f"{name}: shapes {tuple(shape)} and {tuple(a.shape)} differ")
+        compute_dtype(be, a.dtype, "grad_output")
+    return [to_compute(be, a, cdt).reshape(-1) for a in xs], shape, dtype
+
+
+# ----------------------------------------------------------------------------- class losses
+@dataclass
+class ClassLossArgs:
+    """Canonical class-loss call (see the kernel protocol in :mod:`nblosses.backends`)."""
+
+    x3: Any
+    target: Any  # (N, inner) int64, or (N, C, inner) probabilities
+    weight: Any
+    probs: bool
+    reduction: str
+    input_shape: tuple[int, ...]
+    loss_shape: tuple[int, ...]  # shape of the unreduced loss
+    dtype: Any  # the caller's input dtype: results are returned in it
+
+
+def _canonical_input(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(input_shape) == 1:
+        return 1, input_shape[0], 1
+    return split_shape(input_shape, 1)
+
+
+def class_loss_args(
+    be: Backend,
+    name: str,
+    input: Any,
+    target: Any,
+    weight: Any,
+    ignore_index: Any,
+    reduction: str,
+    label_smoothing: float = 0.0,
+    allow_probs: bool = False,
+) -> ClassLossArgs:
+    """Validate ``nll_loss`` / ``cross_entropy`` arguments and bring them to canonical form."""
+    x = as_array(be, input, "input")
+    t = as_array(be, target, "target")
+    if not _is_float(x.dtype):
+        raise TypeError(f"{name}: input must be a floating-point array, got dtype {x.dtype.name}")
+    if x.ndim < 1:
+        raise ValueError(f"{name}: input must have 1 or more dimensions (got 0)")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        try:
+            ignore_index = operator.index(ignore_index)
+        except TypeError:
+            raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}") from None
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    cdt = compute_dtype(be, x.dtype)
+    shape3 = _canonical_input(x.shape)
+    n_classes = shape3[1]
+    probs = allow_probs and t.shape == x.shape
+    if probs:
+        if not _is_float(t.dtype):
+            raise TypeError(f"{name}: expected a floating-point target for class probabilities "
+                            f"(target shape equals input shape {tuple(x.shape)}), got dtype "
+                            f"{t.dtype.name}")
+        if ignore_index >= 0:
+            raise ValueError(f"{name}: ignore_index ({ignore_index}) is not supported for "
+                             f"class-probability targets")
+        loss_shape = x.shape[:1] + x.shape[2:] if x.ndim > 1 else ()
+        target_c = to_compute(be, t, cdt).reshape(shape3)
+    else:
+        loss_shape = x.shape[:1] + x.shape[2:] if x.ndim > 1 else ()
+        if t.dtype.kind not in "iu":
+            raise TypeError(f"{name}: expected an integer target of class indices with shape "
+                            f"{loss_shape}, got dtype {t.dtype.name} with shape {tuple(t.shape)}")
+        if tuple(t.shape) != tuple(loss_shape):
+            if x.ndim <= 2:
+                raise ValueError(f"{name}: expected input batch_size ({x.shape[0] if x.ndim == 2 else 'none'}) "
+                                 f"to match target batch_size; input shape {tuple(x.shape)}, "
+                                 f"target shape {tuple(t.shape)}")
+            raise ValueError(f"{name}: expected target shape {tuple(loss_shape)} for input shape "
+                             f"{tuple(x.shape)}, got target shape {tuple(t.shape)}")
+        target_c = be.xp.ascontiguousarray(t.astype("int64", copy=False)).reshape(shape3[0], shape3[2])
+        check_targets(be, target_c, n_classes, ignore_index)
+    w = None
+    if weight is not None:
+        w = as_array(be, weight, "weight")
+        if w.ndim != 1 or w.shape[0] != n_classes:
+            raise ValueError(f"{name}: weight must be a 1-D array of length C = {n_classes} "
+                             f"(input shape {tuple(x.shape)}), got shape {tuple(w.shape)}")
+        if not _is_float(w.dtype):
+            raise TypeError(f"{name}: weight must be floating point, got {w.dtype.name}")
+        w = to_compute(be, w, cdt)
+    x3 = to_compute(be, x, cdt).reshape(shape3)
+    return ClassLossArgs(x3, target_c, w, probs, reduction, tuple(x.shape), tuple(loss_shape), x.dtype)
+
+
+def check_targets(be: Backend, t2: Any, n_classes: int, ignore_index: int) -> None:
+    """IndexError naming the first class index outside ``[0, C)`` that is not ignored.
+
+    Runs before any kernel so that no backend ever uses a bad index as an address. Costs one
+    read of the targets (O(N), against the kernel's O(N*C)).
+    """
+    if t2.size == 0:
+        return
+    xp = be.xp
+    lo, hi = int(t2.min()), int(t2.max())
+    if lo >= 0 and hi < n_classes:
+        return
+    bad = ((t2 < 0) | (t2 >= n_classes)) & (t2 != ignore_index)
+    if bool(bad.any()):
+        value = int(t2.reshape(-1)[int(xp.argmax(bad.reshape(-1)))])
+        raise IndexError(f"Target {value} is out of bounds (number of classes: {n_classes}).")
+
+
+# ----------------------------------------------------------------------------- binary losses
+@dataclass
+class BinaryLossArgs:
+    """Canonical binary-loss call: flat arrays of one length."""
+
+    x: Any
+    y: Any
+    weight: Any
+    pos_weight: Any
+    reduction: str
+    shape: tuple[int, ...]
+    dtype: Any
+
+
+def _broadcast_flat(be: Backend, name: str, what: str, value: Any, shape, cdt) -> Any:
+    if value is None:
+        return None
+    v = as_array(be, value, what)
+    if not _is_float(v.dtype):
+        v = v.astype(cdt)
+    try:
+        full = be.xp.broadcast_to(v, shape)
+    except ValueError:
+        raise ValueError(f"{name}: {what} of shape {tuple(v.shape)} cannot be broadcast to the "
+                         f"input shape {tuple(shape)}") from None
+    return to_compute(be, full, cdt).reshape(-1)
+
+
+def binary_loss_args(be: Backend, name: str, input: Any, target: Any, weight: Any,
+                     pos_weight: Any, reduction: str, probabilities: bool) -> BinaryLossArgs:
+    """Validate ``binary_cross_entropy`` (``probabilities=True``) or its logits variant."""
+    x = as_array(be, input, "input")
+    y = as_array(be, target, "target")
+    if not _is_float(x.dtype):
+        raise TypeError(f"{name}: input must be a floating-point array, got dtype {x.dtype.name}")
+    if x.shape != y.shape:
+        raise ValueError(f"{name}: target size {tuple(y.shape)} must be the same as input size "
+                         f"{tuple(x.shape)}")
+    cdt = compute_dtype(be, x.dtype)
+    xc = to_compute(be, x, cdt).reshape(-1)
+    if probabilities and xc.size:
+        lo, hi = float(xc.min()), float(xc.max())  # min/max propagate NaN
+        if not (lo >= 0.0 and hi <= 1.0):
+            raise ValueError(f"{name}: all elements of input should be between 0 and 1 "
+                             f"(found min {lo}, max {hi})")
+    yc = to_compute(be, y if _is_float(y.dtype) else y.astype(cdt), cdt).reshape(-1)
+    return BinaryLossArgs(
+        xc, yc,
+        _broadcast_flat(be, name, "weight", weight, x.shape, cdt),
+        _broadcast_flat(be, name, "pos_weight", pos_weight, x.shape, cdt),
+        reduction, tuple(x.shape), x.dtype,
+    )
+
+
+# ----------------------------------------------------------------------------- gradients
+def grad_output_arg(be: Backend, grad_output: Any, reduction: str, loss_shape, cdt, flat_shape):
+    """Canonical ``grad_output``: a float for reduced losses, an array for ``"none"``."""
+    if reduction != "none":
+        if grad_output is None:
+            return 1.0
+        g = as_array(be, grad_output, "grad_output")
+        if g.size != 1:
+            raise ValueError(f"grad_output for a reduced loss must be a scalar, got shape "
+                             f"{tuple(g.shape)}")
+        return float(g.reshape(()))
+    if grad_output is None:
+        return be.xp.ones(flat_shape, dtype=cdt)
+    g = as_array(be, grad_output, "grad_output")
+    if tuple(g.shape) != tuple(loss_shape):
+        raise ValueError(f"grad_output shape {tuple(g.shape)} does not match the loss shape "
+                         f"{tuple(loss_shape)}")
+    return to_compute(be, g, cdt).reshape(flat_shape)
+
+
+def grad_buffer_arg(be: Backend, buffer: Any, input_shape, canonical_shape, cdt) -> Any:
+    """Check a caller's gradient buffer: the backend's array type, input's shape, compute dtype,
+    C-contiguous, writeable. Returned as a canonical view that writes through."""
+    if buffer is None:
+        return None
+    if not be.owns(buffer):
+        raise TypeError(f"grad_buffer must be a {be.name} backend array, got {type(buffer).__name__}")
+    if tuple(buffer.shape) != tuple(input_shape):
+        raise ValueError(f"grad_buffer shape {tuple(buffer.shape)} does not match input shape "
+                         f"{tuple(input_shape)}")
+    if buffer.dtype != cdt:
+        raise TypeError(f"grad_buffer dtype {buffer.dtype.name} must be {be.xp.dtype(cdt).name}")
+    if not buffer.flags.c_contiguous or not getattr(buffer.flags, "writeable", True):
+        raise ValueError("grad_buffer must be C-contiguous and writeable")
+    return buffer.reshape(canonical_shape)

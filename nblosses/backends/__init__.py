@@ -1,0 +1,81 @@
+"""Built-in backends and the kernel protocol every backend implements.
+
+Importing this package registers the built-in backends by name only; their kernel modules are
+imported on first use (:meth:`nblosses._registry.Backend.load`).
+
+Kernel protocol
+---------------
+Kernels receive *canonical* arguments, already validated by :mod:`nblosses._args`: arrays of the
+backend's own type, C-contiguous, of one of the backend's ``native_dtypes`` (the "compute
+dtype"); targets as int64. Kernels allocate their outputs (unless given ``grad_buffer``), never
+write to their inputs, and return arrays of the compute dtype. ``reduction`` is one of
+``"none"``, ``"mean"``, ``"sum"``. Reduced losses are 0-d arrays.
+
+Softmax family (``x3`` is the input viewed as ``(outer, C, inner)``, reduction over ``C``):
+
+``softmax(x3) -> y3``, ``log_softmax(x3) -> y3``
+``softmax_backward(g3, y3) -> gx3``: ``y * (g - sum_C(g * y))``
+``log_softmax_backward(g3, y3) -> gx3``: ``g - exp(y) * sum_C(g)``
+``sigmoid(x1) -> y1`` and ``sigmoid_backward(g1, y1) -> gx1`` on flat arrays.
+
+Class losses (``x3`` is ``(N, C, inner)``; a ``(C,)`` input arrives as ``(1, C, 1)``):
+
+``nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output, grad_buffer)``
+``cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, want_grad,
+grad_output, grad_buffer)``
+    ``t2``: ``(N, inner)`` int64, every value in ``[0, C)`` or equal to ``ignore_index``.
+``cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad, grad_output,
+grad_buffer)``
+    ``p3``: class probabilities, same shape and dtype as ``x3``.
+
+``weight`` is ``(C,)`` or ``None``. ``grad_output`` is ``None`` unless ``want_grad``; then a
+Python float for reduced losses, an ``(N, inner)`` array for ``"none"``. ``grad_buffer`` is
+``None`` or an ``(N, C, inner)`` array the gradient is written into; it may be ``x3`` itself
+(the kernel must then read each logit before overwriting it). Return ``(loss, grad)``: ``loss``
+0-d or ``(N, inner)``; ``grad`` ``(N, C, inner)`` or ``None``.
+
+Binary losses (flat arrays of equal length; ``weight`` / ``pos_weight`` flat of that length
+or ``None``):
+
+``binary_cross_entropy(x, y, weight, *, reduction, want_grad, grad_output)``
+``binary_cross_entropy_with_logits(x, y, weight, pos_weight, *, reduction, want_grad,
+grad_output)``
+    Return ``(loss, grad)`` with ``loss`` 0-d or flat, ``grad`` flat or ``None``.
+"""
+
+from __future__ import annotations
+
+from .._registry import BackendUnavailableError, register_backend
+
+
+def _check_cuda() -> None:
+    """Fail early, with the extra to install, when CuPy or a CUDA device is missing."""
+    try:
+        import cupy
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "backend 'cuda' needs CuPy: pip install 'nblosses[cuda12]' or 'nblosses[cuda13]' "
+            "(matching your CUDA driver)"
+        ) from exc
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError when no driver is present
+        raise BackendUnavailableError(f"backend 'cuda': no usable CUDA device ({exc})") from exc
+    if count < 1:
+        raise BackendUnavailableError("backend 'cuda': no CUDA device found")
+
+
+register_backend(
+    "cpu",
+    "nblosses.backends.cpu",
+    array_modules=("numpy",),
+    install_hint="pip install numba",
+)
+register_backend(
+    "cuda",
+    "nblosses.backends.cuda",
+    array_modules=("cupy",),
+    install_hint="pip install 'nblosses[cuda12]' or 'nblosses[cuda13]'",
+    check=_check_cuda,
+    native_dtypes=("float16", "bfloat16", "float32", "float64"),
+)
