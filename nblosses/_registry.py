@@ -256,6 +256,11 @@ def _array_module_name(array: Any) -> str:
     return type(array).__module__.partition(".")[0]
 
 
+def is_dask_array(obj: Any) -> bool:
+    """Whether ``obj`` is a dask array, without importing dask."""
+    return _array_module_name(obj) == "dask"
+
+
 def resolve_backend(requested: str | None, *arrays: Any) -> Backend:
     """Pick the backend for a call and load it.
 

@@ -8,10 +8,11 @@ losses are 0-d arrays.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 from . import _args
-from ._registry import resolve_backend
+from ._registry import is_dask_array, resolve_backend
 
 __all__ = [
     "binary_cross_entropy",
@@ -29,6 +30,21 @@ __all__ = [
 Array = Any
 
 
+def _dask_aware(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Route calls with any dask array argument to :mod:`nblosses._dask` (imported lazily),
+    which maps the same function over chunks; other calls run ``fn`` directly."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if any(is_dask_array(a) for a in (*args, *kwargs.values())):
+            from . import _dask
+
+            return getattr(_dask, fn.__name__)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
 def _softmax_family(op: str, input: Array, dim: Any, dtype: Any, backend: str | None) -> Array:
     be = resolve_backend(backend, input)
     a = _args.softmax_args(be, op, input, dim, dtype)
@@ -36,6 +52,7 @@ def _softmax_family(op: str, input: Array, dim: Any, dtype: Any, backend: str | 
     return y3.reshape(a.shape).astype(a.out_dtype, copy=False)
 
 
+@_dask_aware
 def softmax(input: Array, dim: int | None = None, dtype: Any = None, *,
             backend: str | None = None) -> Array:
     r"""Softmax along ``dim``: :math:`y_i = e^{x_i - m} / \sum_j e^{x_j - m}`, :math:`m = \max_j x_j`.
@@ -74,6 +91,7 @@ def softmax(input: Array, dim: int | None = None, dtype: Any = None, *,
     return _softmax_family("softmax", input, dim, dtype, backend)
 
 
+@_dask_aware
 def log_softmax(input: Array, dim: int | None = None, dtype: Any = None, *,
                 backend: str | None = None) -> Array:
     r"""Log-softmax along ``dim``: :math:`x_i - m - \log \sum_j e^{x_j - m}`.
@@ -91,6 +109,7 @@ def log_softmax(input: Array, dim: int | None = None, dtype: Any = None, *,
     return _softmax_family("log_softmax", input, dim, dtype, backend)
 
 
+@_dask_aware
 def sigmoid(input: Array, *, backend: str | None = None) -> Array:
     r"""Logistic sigmoid :math:`1 / (1 + e^{-x})`, elementwise.
 
@@ -113,6 +132,7 @@ def _softmax_backward(op: str, grad_output: Array, output: Array, dim: Any,
     return be.kernel(op)(g3, y3).reshape(shape).astype(dtype, copy=False)
 
 
+@_dask_aware
 def softmax_backward(grad_output: Array, output: Array, dim: int | None, *,
                      backend: str | None = None) -> Array:
     r"""Gradient of :func:`softmax` given its ``output`` :math:`y`: :math:`y (g - \sum g y)`.
@@ -142,6 +162,7 @@ def softmax_backward(grad_output: Array, output: Array, dim: int | None, *,
     return _softmax_backward("softmax_backward", grad_output, output, dim, backend)
 
 
+@_dask_aware
 def log_softmax_backward(grad_output: Array, output: Array, dim: int | None, *,
                          backend: str | None = None) -> Array:
     r"""Gradient of :func:`log_softmax` given its ``output`` :math:`y`: :math:`g - e^y \sum g`.
@@ -159,6 +180,7 @@ def log_softmax_backward(grad_output: Array, output: Array, dim: int | None, *,
     return _softmax_backward("log_softmax_backward", grad_output, output, dim, backend)
 
 
+@_dask_aware
 def sigmoid_backward(grad_output: Array, output: Array, *, backend: str | None = None) -> Array:
     r"""Gradient of :func:`sigmoid` given its ``output`` :math:`y`: :math:`g\,y(1-y)`.
 
@@ -211,6 +233,7 @@ def _class_loss(op: str, input, target, weight, size_average, ignore_index, redu
     return _finish(be, loss, grad, a.loss_shape, a.input_shape, a.dtype, return_grad, grad_buffer)
 
 
+@_dask_aware
 def nll_loss(input: Array, target: Array, weight: Array | None = None, size_average: Any = None,
              ignore_index: int = -100, reduce: Any = None, reduction: str = "mean", *,
              return_grad: bool = False, grad_output: Any = None, grad_buffer: Array | None = None,
@@ -269,6 +292,7 @@ def nll_loss(input: Array, target: Array, weight: Array | None = None, size_aver
                        reduction, 0.0, return_grad, grad_output, grad_buffer, backend)
 
 
+@_dask_aware
 def cross_entropy(input: Array, target: Array, weight: Array | None = None,
                   size_average: Any = None, ignore_index: int = -100, reduce: Any = None,
                   reduction: str = "mean", label_smoothing: float = 0.0, *,
@@ -328,6 +352,7 @@ def _binary_loss(op, input, target, weight, pos_weight, size_average, reduce, re
     return _finish(be, loss, grad, a.shape, a.shape, a.dtype, return_grad, None)
 
 
+@_dask_aware
 def binary_cross_entropy(input: Array, target: Array, weight: Array | None = None,
                          size_average: Any = None, reduce: Any = None, reduction: str = "mean",
                          *, return_grad: bool = False, grad_output: Any = None,
@@ -370,6 +395,7 @@ def binary_cross_entropy(input: Array, target: Array, weight: Array | None = Non
                         reduce, reduction, return_grad, grad_output, backend)
 
 
+@_dask_aware
 def binary_cross_entropy_with_logits(input: Array, target: Array, weight: Array | None = None,
                                      size_average: Any = None, reduce: Any = None,
                                      reduction: str = "mean", pos_weight: Array | None = None, *,
