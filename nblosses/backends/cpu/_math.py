@@ -47,6 +47,22 @@ def _bitcast(typingctx, bits):
     return target(bits), codegen
 
 
+@intrinsic
+def _bits(typingctx, value):
+    """Reinterpret a float32 (float64) as int32 (int64), bit for bit."""
+    if value == types.float32:
+        target, llty = types.int32, ir.IntType(32)
+    elif value == types.float64:
+        target, llty = types.int64, ir.IntType(64)
+    else:
+        raise TypingError("_bits takes float32 or float64")
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llty)
+
+    return target(value), codegen
+
+
 def fast_exp(x):  # pragma: no cover - replaced by the overload inside Numba code
     """exp(x) for float32/float64 inside Numba kernels (vectorisable)."""
     return math.exp(x)
@@ -70,7 +86,7 @@ _F64 = dict(
 
 # Only "contract" (FMA): reassociation would fold the two-constant (Cody-Waite) range reduction
 # into one multiply and lose ~7 bits.
-@overload(fast_exp, jit_options=dict(fastmath={"contract"}))
+@overload(fast_exp, jit_options=dict(fastmath={"contract"}, error_model="numpy"))
 def _fast_exp_overload(x):
     if x == types.float32:
         k = _F32
@@ -125,6 +141,62 @@ def _fast_exp_overload(x):
     return None
 
 
+def fast_log(x):  # pragma: no cover - replaced by the overload inside Numba code
+    """log(x) for positive normal float32/float64 inside Numba kernels (vectorisable).
+
+    ``x = 2^e * m`` with ``m`` in ``[sqrt(1/2), sqrt(2))`` read from the bits, then
+    ``log(m) = 2 atanh(z)``, ``z = (m-1)/(m+1)``, by its odd series (``|z| < 0.172``). NaN and
+    ``+inf`` pass through; zero, negative and subnormal inputs are not handled (callers pass
+    sums of exponentials, which are >= 1).
+    """
+    return math.log(x)
+
+
+def _log_series(n_terms, cast):
+    return tuple(cast(2.0 / (2 * k + 1)) for k in range(n_terms))
+
+
+_LOG32 = dict(c=_log_series(6, np.float32), sqrt2=np.float32(math.sqrt(2.0)),
+              ln2=np.float32(math.log(2.0)), one=np.float32(1.0), half=np.float32(0.5),
+              inf=np.float32(np.inf))
+_LOG64 = dict(c=_log_series(12, np.float64), sqrt2=math.sqrt(2.0), ln2=math.log(2.0), one=1.0,
+              half=0.5, inf=np.inf)
+
+
+@overload(fast_log, jit_options=dict(fastmath={"contract"}, error_model="numpy"))
+def _fast_log_overload(x):
+    if x == types.float32:
+        k, itype, ftype = _LOG32, np.int32, np.float32
+        shift, bias, mant, exp_one = 23, 127, 0x7FFFFF, 0x3F800000
+    elif x == types.float64:
+        k, itype, ftype = _LOG64, np.int64, np.float64
+        shift, bias, mant, exp_one = 52, 1023, 0xFFFFFFFFFFFFF, 0x3FF0000000000000
+    else:
+        return None
+    sqrt2, ln2, one, half, inf = k["sqrt2"], k["ln2"], k["one"], k["half"], k["inf"]
+    shift_i, bias_i, mant_i, exp_one_i = itype(shift), itype(bias), itype(mant), itype(exp_one)
+    # Series coefficients padded to 12 terms with zeros: the unrolled Horner below is shared by
+    # both precisions (a loop over a tuple would not vectorise); float32's zero terms fold away.
+    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11 = k["c"] + (ftype(0),) * (12 - len(k["c"]))
+
+    def impl(x):
+        ix = _bits(x)
+        e = itype((ix >> shift_i) - bias_i)
+        m = _bitcast(itype((ix & mant_i) | exp_one_i))  # mantissa in [1, 2)
+        big = m > sqrt2
+        m = m * half if big else m
+        ef = ftype(e) + (one if big else one - one)
+        z = (m - one) / (m + one)
+        w = z * z
+        p = c9 + w * (c10 + w * c11)
+        p = c5 + w * (c6 + w * (c7 + w * (c8 + w * p)))
+        p = c0 + w * (c1 + w * (c2 + w * (c3 + w * (c4 + w * p))))
+        res = ef * ln2 + z * p
+        return x if not x < inf else res
+
+    return impl
+
+
 def like(value, ref):  # pragma: no cover - replaced by the overload inside Numba code
     """``value`` as a scalar of ``ref``'s float dtype (``ref`` a scalar or an array).
 
@@ -173,6 +245,73 @@ def sum_exp(row, m):
             s += fast_exp(row[c] - m)
         total += s
     return total
+
+
+@njit(**JIT)
+def sum_exp_store(row, out, m):
+    """``out = exp(row - m)``; returns the sum in float64 (float-precision blocks)."""
+    total = 0.0
+    for b0 in range(0, row.size, SUM_BLOCK):
+        s = like(0, row)
+        for c in range(b0, min(row.size, b0 + SUM_BLOCK)):
+            e = fast_exp(row[c] - m)
+            out[c] = e
+            s += e
+        total += s
+    return total
+
+
+# ----------------------------------------------------------------------------- vector primitives
+# Small loops over contiguous 1-D slices: the middle-axis kernels call them once per class with
+# slices of one inner block. Indexing 3-D arrays with ``j0 + j`` instead would keep Numba's
+# negative-index wraparound in the loop and stop it vectorising.
+@njit(fastmath=FASTMATH_MAX, cache=True, nogil=True)
+def vmax(m, xc):
+    """``m = max(m, xc)`` elementwise."""
+    for j in range(m.size):
+        m[j] = max(m[j], xc[j])
+
+
+@njit(**JIT)
+def vsum_exp(s, xc, m):
+    """``s += exp(xc - m)``."""
+    for j in range(s.size):
+        s[j] += fast_exp(xc[j] - m[j])
+
+
+@njit(**JIT)
+def vsum_exp_store(s, xc, m, out):
+    """``out = exp(xc - m); s += out``."""
+    for j in range(s.size):
+        e = fast_exp(xc[j] - m[j])
+        out[j] = e
+        s[j] += e
+
+
+@njit(**JIT)
+def vlog_sum_exp(s, m):
+    """``s = m + log(s)`` in place (turns a sum of exponentials into a log-sum-exp)."""
+    for j in range(s.size):
+        s[j] = m[j] + fast_log(s[j])
+
+
+@njit(**JIT)
+def block_stats(xo, j0, w, m, s):
+    """Max and sum of exponentials over axis 0 of ``xo[:, j0:j0+w]`` into ``m``, ``s``."""
+    m[:] = xo[0, j0:j0 + w]
+    for c in range(1, xo.shape[0]):
+        vmax(m, xo[c, j0:j0 + w])
+    s[:] = 0
+    for c in range(xo.shape[0]):
+        vsum_exp(s, xo[c, j0:j0 + w], m)
+
+
+def block_width(outer: int, inner: int, threads: int, widest: int = 4096) -> int:
+    """Inner positions per task: wide for long vector loops, narrow enough for all threads."""
+    width = widest
+    while width > 256 and outer * -(-inner // width) < 4 * threads:
+        width //= 2
+    return min(width, inner)
 
 
 @njit(**JIT)

@@ -17,9 +17,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..._registry import register_kernel
-from ._math import JIT, fast_exp, like, row_max, sum_exp
+from ._math import JIT, block_stats, fast_exp, like, row_max, sum_exp, vlog_sum_exp
 from ._parallel import guarded
-from .softmax import BLOCK, _block_max
+from .softmax import SMALL_C, TILE, _width, tile_stats
 
 PJIT = dict(JIT, parallel=True)
 
@@ -50,7 +50,7 @@ def _grad_setup(x3, reduction, want_grad, grad_output, grad_buffer, denom):
     """Gradient buffer, per-position upstream gradients (or a dummy) and the scalar scale."""
     n, _, inner = x3.shape
     if not want_grad:
-        return np.empty((0, 0, 0), x3.dtype), np.empty((0, 0), x3.dtype), 0.0, False
+        return np.empty((0, 0, 1), x3.dtype), np.empty((0, 0), x3.dtype), 0.0, False
     gx = grad_buffer if grad_buffer is not None else np.empty_like(x3)
     if reduction == "none":
         return gx, grad_output, 1.0, True
@@ -64,6 +64,33 @@ def _weights(weight, n_classes, dtype):
 
 
 # ----------------------------------------------------------------------------- cross-entropy
+# Every layout reduces a position to (lse, x_t, sum_c w_c x_c); _ce_point turns those into the
+# loss and the gradient's coefficients: g_c = coef * exp(x_c - lse) - b * w_c, then g_t -= a.
+@njit(**JIT)
+def _ce_point(lse, x_t, swx, wt, eps, n_classes, w_total, scale):
+    loss = (1.0 - eps) * wt * (lse - x_t)
+    if eps > 0:
+        loss += eps / n_classes * (lse * w_total - swx)
+    a = scale * (1.0 - eps) * wt
+    b = scale * eps / n_classes
+    return loss, a, a + b * w_total, b
+
+
+@njit(**JIT)
+def _ce_grad_row(out, row, lse, coef, b, w, smooth):
+    """``out = coef * exp(row - lse) - b * w``; ``out`` may be ``row`` (each read precedes its
+    write)."""
+    lse = like(lse, row)
+    coef = like(coef, row)
+    if smooth:
+        b = like(b, row)
+        for c in range(row.size):
+            out[c] = coef * fast_exp(row[c] - lse) - b * w[c]
+    else:
+        for c in range(row.size):
+            out[c] = coef * fast_exp(row[c] - lse)
+
+
 @njit(**PJIT)
 def _ce_rows(x, t, w, has_w, ignore, eps, w_total, want_grad, g_rows, use_g_rows, g_scalar, gx,
              rowloss):
@@ -72,97 +99,117 @@ def _ce_rows(x, t, w, has_w, ignore, eps, w_total, want_grad, g_rows, use_g_rows
     for i in prange(n):
         ti = t[i]
         if ti == ignore:
-            rowloss[i] = 0.0
             if want_grad:
-                for c in range(n_classes):
-                    gx[i, c] = 0
+                gx[i, :] = 0
             continue
         row = x[i]
         m = row_max(row)
-        s = sum_exp(row, m)
+        lse = m + np.log(sum_exp(row, m))
         swx = 0.0
         if smooth:
             for c in range(n_classes):
                 swx += w[c] * row[c]
-        lse = m + np.log(s)
-        wt = w[ti] if has_w else 1.0
-        loss = (1.0 - eps) * wt * (lse - row[ti])
-        if smooth:
-            loss += eps / n_classes * (lse * w_total - swx)
+        scale = g_rows[i, 0] if use_g_rows else g_scalar
+        loss, a, coef, b = _ce_point(lse, row[ti], swx, w[ti] if has_w else 1.0, eps, n_classes,
+                                     w_total, scale)
         rowloss[i] = loss
         if want_grad:
+            _ce_grad_row(gx[i], row, lse, coef, b, w, smooth)
+            gx[i, ti] -= like(a, row)
+
+
+@njit(**PJIT)
+def _ce_tiles(x, t, w, has_w, ignore, eps, w_total, want_grad, g_rows, use_g_rows, g_scalar, gx,
+              rowloss):
+    """Short rows (C < SMALL_C): statistics on transposed tiles, as in softmax's tiles."""
+    n, n_classes = x.shape
+    for tile in prange((n + TILE - 1) // TILE):
+        r0 = tile * TILE
+        nr = min(n, r0 + TILE) - r0
+        xt = np.empty((n_classes, TILE), x.dtype)
+        m = np.empty(TILE, x.dtype)
+        s = np.empty(TILE, x.dtype)
+        tile_stats(x, r0, nr, xt, m, s)
+        vlog_sum_exp(s[:nr], m[:nr])
+        for r in range(nr):
+            i = r0 + r
+            ti = t[i]
+            if ti == ignore:
+                if want_grad:
+                    gx[i, :] = 0
+                continue
+            swx = 0.0
+            if eps > 0:
+                for c in range(n_classes):
+                    swx += w[c] * xt[c, r]
             scale = g_rows[i, 0] if use_g_rows else g_scalar
-            a = scale * (1.0 - eps) * wt
-            b = scale * eps / n_classes
-            coef = like((a + b * w_total) / s, row)
-            mc = like(m, row)
-            g_row = gx[i]  # may alias row: each x[c] is read before gx[c] is written
-            if smooth:
-                bc = like(b, row)
-                for c in range(n_classes):
-                    g_row[c] = coef * fast_exp(row[c] - mc) - bc * w[c]
-            else:
-                for c in range(n_classes):
-                    g_row[c] = coef * fast_exp(row[c] - mc)
-            g_row[ti] -= like(a, row)
+            loss, a, coef, b = _ce_point(s[r], xt[ti, r], swx, w[ti] if has_w else 1.0, eps,
+                                         n_classes, w_total, scale)
+            rowloss[i] = loss
+            if want_grad:
+                _ce_grad_row(gx[i], x[i], s[r], coef, b, w, eps > 0)
+                gx[i, ti] -= like(a, x)
+
+
+@njit(**JIT)
+def _vaxpy(acc, alpha, xc):
+    """``acc += alpha * xc``."""
+    alpha = like(alpha, xc)
+    for j in range(acc.size):
+        acc[j] += alpha * xc[j]
+
+
+@njit(**JIT)
+def _vce_grad(out, xc, lse, coef, b, wc):
+    """``out = coef * exp(xc - lse) - b * wc`` along an inner block."""
+    wc = like(wc, xc)
+    for j in range(out.size):
+        out[j] = coef[j] * fast_exp(xc[j] - lse[j]) - b[j] * wc
 
 
 @njit(**PJIT)
 def _ce_blocks(x, t, w, has_w, ignore, eps, w_total, want_grad, g_pos, use_g_pos, g_scalar, gx,
-               rowloss):
+               rowloss, width):
     n, n_classes, inner = x.shape
-    nblk = (inner + BLOCK - 1) // BLOCK
-    smooth = eps > 0
+    nblk = (inner + width - 1) // width
     for task in prange(n * nblk):
         o = task // nblk
-        j0 = (task % nblk) * BLOCK
-        wd = min(BLOCK, inner - j0)
+        j0 = (task % nblk) * width
+        wd = min(width, inner - j0)
+        xo = x[o]
+        lse = np.empty(wd, x.dtype)
         m = np.empty(wd, x.dtype)
-        s = np.zeros(wd, x.dtype)
+        block_stats(xo, j0, wd, m, lse)
+        vlog_sum_exp(lse, m)
         swx = np.zeros(wd, x.dtype)
-        _block_max(x, o, j0, wd, m)
-        for c in range(n_classes):
-            for j in range(wd):
-                s[j] += fast_exp(x[o, c, j0 + j] - m[j])
-        if smooth:
+        if eps > 0:
             for c in range(n_classes):
-                wc = w[c]
-                for j in range(wd):
-                    swx[j] += wc * x[o, c, j0 + j]
-        coef = np.zeros(wd, x.dtype)  # per position: multiplies exp(x - m) in the gradient
-        bcoef = np.zeros(wd, x.dtype)  # per position: multiplies w[c] (label smoothing)
-        acoef = np.zeros(wd, x.dtype)  # per position: subtracted at the target class
+                _vaxpy(swx, w[c], xo[c, j0:j0 + wd])
+        acoef = np.zeros(wd, x.dtype)  # subtracted at the target class
+        coef = np.zeros(wd, x.dtype)  # multiplies exp(x - lse)
+        bcoef = np.zeros(wd, x.dtype)  # multiplies w[c] (label smoothing)
         for j in range(wd):
             tj = t[o, j0 + j]
             if tj == ignore:
-                rowloss[o * inner + j0 + j] = 0.0
                 continue
-            lse = m[j] + np.log(np.float64(s[j]))
-            wt = w[tj] if has_w else 1.0
-            loss = (1.0 - eps) * wt * (lse - x[o, tj, j0 + j])
-            if smooth:
-                loss += eps / n_classes * (lse * w_total - swx[j])
+            scale = g_pos[o, j0 + j] if use_g_pos else g_scalar
+            loss, a, cf, b = _ce_point(lse[j], xo[tj, j0 + j], swx[j], w[tj] if has_w else 1.0,
+                                       eps, n_classes, w_total, scale)
             rowloss[o * inner + j0 + j] = loss
-            if want_grad:
-                scale = g_pos[o, j0 + j] if use_g_pos else g_scalar
-                a = scale * (1.0 - eps) * wt
-                b = scale * eps / n_classes
-                coef[j] = (a + b * w_total) / s[j]
-                bcoef[j] = b
-                acoef[j] = a
+            acoef[j] = a
+            coef[j] = cf
+            bcoef[j] = b
         if not want_grad:
             continue
+        go = gx[o]
         for c in range(n_classes):
-            wc = w[c]
-            for j in range(wd):
-                gx[o, c, j0 + j] = coef[j] * fast_exp(x[o, c, j0 + j] - m[j]) - bcoef[j] * wc
+            _vce_grad(go[c, j0:j0 + wd], xo[c, j0:j0 + wd], lse, coef, bcoef, w[c])
         for j in range(wd):
             tj = t[o, j0 + j]
             if tj == ignore:
-                for c in range(n_classes):
-                    gx[o, c, j0 + j] = 0
+                go[:, j0 + j] = 0
             else:
-                gx[o, tj, j0 + j] -= acoef[j]
+                go[tj, j0 + j] -= acoef[j]
 
 
 @register_kernel("cross_entropy", "cpu")
@@ -179,11 +226,12 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
     rowloss = np.zeros(n * inner, np.float64)
     if x3.size:
         if inner == 1:
-            _ce_rows(x3[:, :, 0], t2[:, 0], w, has_w, ignore_index, label_smoothing, w_total,
-                     want_grad, g_pos, use_g, g_scalar, gx[:, :, 0], rowloss)
+            rows = _ce_tiles if n_classes < SMALL_C else _ce_rows
+            rows(x3[:, :, 0], t2[:, 0], w, has_w, ignore_index, label_smoothing, w_total,
+                 want_grad, g_pos, use_g, g_scalar, gx[:, :, 0], rowloss)
         else:
             _ce_blocks(x3, t2, w, has_w, ignore_index, label_smoothing, w_total, want_grad, g_pos,
-                       use_g, g_scalar, gx, rowloss)
+                       use_g, g_scalar, gx, rowloss, _width(x3))
     elif want_grad:
         gx[...] = 0
     return _reduce(rowloss, reduction, denom, x3.dtype), (gx if want_grad else None)
@@ -220,43 +268,53 @@ def _ce_probs_rows(x, y, w, eps, want_grad, g_rows, use_g_rows, g_scalar, gx, ro
                 g_row[c] = coef * fast_exp(row[c] - mc) - sc * w[c] * (yr[c] * kc + pc)
 
 
+@njit(**JIT)
+def _vprob_sums(a_sum, b_sum, xc, yc, wc, keep, spread):
+    """``a += w y'``, ``b += w y' x`` with ``y' = y (1 - eps) + eps / C``."""
+    wc, keep, spread = like(wc, xc), like(keep, xc), like(spread, xc)
+    for j in range(a_sum.size):
+        wy = wc * (yc[j] * keep + spread)
+        a_sum[j] += wy
+        b_sum[j] += wy * xc[j]
+
+
+@njit(**JIT)
+def _vprob_grad(out, xc, yc, lse, coef, scale, wc, keep, spread):
+    """``out = coef * exp(x - lse) - scale * w y'``."""
+    wc, keep, spread = like(wc, xc), like(keep, xc), like(spread, xc)
+    for j in range(out.size):
+        out[j] = coef[j] * fast_exp(xc[j] - lse[j]) - scale[j] * wc * (yc[j] * keep + spread)
+
+
 @njit(**PJIT)
-def _ce_probs_blocks(x, y, w, eps, want_grad, g_pos, use_g_pos, g_scalar, gx, rowloss):
+def _ce_probs_blocks(x, y, w, eps, want_grad, g_pos, use_g_pos, g_scalar, gx, rowloss, width):
     n, n_classes, inner = x.shape
-    nblk = (inner + BLOCK - 1) // BLOCK
-    keep = like(1.0 - eps, x)
-    spread = like(eps / n_classes, x)
+    nblk = (inner + width - 1) // width
+    keep = 1.0 - eps
+    spread = eps / n_classes
     for task in prange(n * nblk):
         o = task // nblk
-        j0 = (task % nblk) * BLOCK
-        wd = min(BLOCK, inner - j0)
+        j0 = (task % nblk) * width
+        wd = min(width, inner - j0)
+        xo = x[o]
+        yo = y[o]
         m = np.empty(wd, x.dtype)
-        s = np.zeros(wd, x.dtype)
+        lse = np.empty(wd, x.dtype)
+        block_stats(xo, j0, wd, m, lse)
+        vlog_sum_exp(lse, m)
         a_sum = np.zeros(wd, x.dtype)
         b_sum = np.zeros(wd, x.dtype)
-        _block_max(x, o, j0, wd, m)
         for c in range(n_classes):
-            wc = w[c]
-            for j in range(wd):
-                v = x[o, c, j0 + j]
-                wy = wc * (y[o, c, j0 + j] * keep + spread)
-                s[j] += fast_exp(v - m[j])
-                a_sum[j] += wy
-                b_sum[j] += wy * v
+            _vprob_sums(a_sum, b_sum, xo[c, j0:j0 + wd], yo[c, j0:j0 + wd], w[c], keep, spread)
         for j in range(wd):
-            lse = m[j] + np.log(np.float64(s[j]))
-            rowloss[o * inner + j0 + j] = a_sum[j] * lse - b_sum[j]
-            if want_grad:
-                scale = g_pos[o, j0 + j] if use_g_pos else g_scalar
-                a_sum[j] = scale * a_sum[j] / s[j]  # now: coefficient of exp(x - m)
-                b_sum[j] = scale  # now: scale of the w * y' term
-        if not want_grad:
-            continue
-        for c in range(n_classes):
-            wc = w[c]
-            for j in range(wd):
-                gx[o, c, j0 + j] = (a_sum[j] * fast_exp(x[o, c, j0 + j] - m[j])
-                                    - b_sum[j] * wc * (y[o, c, j0 + j] * keep + spread))
+            rowloss[o * inner + j0 + j] = np.float64(a_sum[j]) * lse[j] - b_sum[j]
+            scale = g_pos[o, j0 + j] if use_g_pos else g_scalar
+            a_sum[j] = scale * a_sum[j]  # now: coefficient of exp(x - lse)
+            b_sum[j] = scale  # now: scale of the w * y' term
+        if want_grad:
+            for c in range(n_classes):
+                _vprob_grad(gx[o, c, j0:j0 + wd], xo[c, j0:j0 + wd], yo[c, j0:j0 + wd], lse,
+                            a_sum, b_sum, w[c], keep, spread)
 
 
 @register_kernel("cross_entropy_probs", "cpu")
@@ -276,7 +334,7 @@ def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad
                            g_scalar, gx[:, :, 0], rowloss)
         else:
             _ce_probs_blocks(x3, p3, w, label_smoothing, want_grad, g_pos, use_g, g_scalar, gx,
-                             rowloss)
+                             rowloss, _width(x3))
     elif want_grad:
         gx[...] = 0
     return _reduce(rowloss, reduction, denom, x3.dtype), (gx if want_grad else None)

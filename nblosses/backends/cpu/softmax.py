@@ -1,26 +1,32 @@
 """Softmax, log_softmax, sigmoid and their backwards on the CPU (Numba).
 
-Inputs arrive as ``(outer, C, inner)`` (see :mod:`nblosses.backends`). Two layouts, two loops:
+Inputs arrive as ``(outer, C, inner)`` (see :mod:`nblosses.backends`). Three layouts:
 
-- ``inner == 1``: each row of ``C`` is contiguous; rows run in parallel, and each row is
-  processed in three short passes (max, sum of exp, write) while it sits in L1/L2.
+- ``inner == 1``, ``C >= SMALL_C``: each row is contiguous; rows run in parallel, each in
+  three passes (max; exp, store and sum; scale) while it sits in L1/L2, as torch does.
+- ``inner == 1``, ``C < SMALL_C``: per-row loops that short do not vectorise, so tiles of
+  ``TILE`` rows are transposed into an L1 scratch ``(C, TILE)`` and processed with the rows as
+  the vectorised axis (2-4x faster than row loops at C = 10).
 - ``inner > 1`` (softmax along a middle axis): no transposed copy; each task takes one ``outer``
-  index and a block of ``BLOCK`` inner positions, and every pass walks ``c`` with the contiguous
+  index and a block of inner positions (:func:`._math.block_width`), and every pass walks ``c`` with the contiguous
   inner block as the vectorised axis.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 from ..._registry import register_kernel
-from ._math import FASTMATH_MAX, JIT, SUM_BLOCK, fast_exp, like, row_max, sum_exp
+from ._math import (FASTMATH_MAX, JIT, block_stats, block_width, fast_exp, like, row_max, sum_exp,
+                    sum_exp_store, vlog_sum_exp, vmax, vsum_exp_store)
 from ._parallel import guarded
 
-#: Inner positions handled together in the middle-axis layout: long enough to vectorise, short
-#: enough that the per-block max/sum scratch stays in L1.
-BLOCK = 256
+#: Rows shorter than this take the transposed-tile path.
+SMALL_C = 24
+#: Rows per transposed tile.
+TILE = 64
 #: Elements per task for the elementwise ops.
 CHUNK = 16384
 
@@ -32,19 +38,11 @@ PJIT = dict(JIT, parallel=True)
 def _softmax_row(x, y, log):
     m = row_max(x)
     if log:
-        lse = m + like(np.log(sum_exp(x, m)), x)
+        lse = like(m + np.log(sum_exp(x, m)), x)
         for c in range(x.size):
             y[c] = x[c] - lse
     else:
-        s = 0.0
-        for b0 in range(0, x.size, SUM_BLOCK):
-            sb = like(0, x)
-            for c in range(b0, min(x.size, b0 + SUM_BLOCK)):
-                e = fast_exp(x[c] - m)
-                y[c] = e
-                sb += e
-            s += sb
-        inv = like(1.0 / s, x)
+        inv = like(1.0 / sum_exp_store(x, y, m), x)
         for c in range(x.size):
             y[c] *= inv
 
@@ -55,46 +53,100 @@ def _softmax_rows(x, y, log):
         _softmax_row(x[i], y[i], log)
 
 
-# ----------------------------------------------------------------------------- middle axis
+# ----------------------------------------------------------------------------- short rows
 @njit(fastmath=FASTMATH_MAX, cache=True, nogil=True)
-def _block_max(x, o, j0, w, m):
-    """m[:w] = max over c of x[o, c, j0:j0+w]."""
-    for j in range(w):
-        m[j] = x[o, 0, j0 + j]
-    for c in range(1, x.shape[1]):
-        for j in range(w):
-            m[j] = max(m[j], x[o, c, j0 + j])
+def tile_stats(x, r0, nr, xt, m, s):
+    """Transpose rows ``r0:r0+nr`` of ``x`` into ``xt[:, :nr]``; ``m``/``s`` get each row's max
+    and ``sum(exp(x - max))``. Shared by every short-row kernel."""
+    n_classes = x.shape[1]
+    for r in range(nr):
+        for c in range(n_classes):
+            xt[c, r] = x[r0 + r, c]
+    for r in range(nr):
+        m[r] = xt[0, r]
+        s[r] = 0
+    for c in range(1, n_classes):
+        for r in range(nr):
+            m[r] = max(m[r], xt[c, r])
+    for c in range(n_classes):
+        for r in range(nr):
+            s[r] += fast_exp(xt[c, r] - m[r])
 
 
 @njit(**PJIT)
-def _softmax_blocks(x, y, log):
-    outer, n_classes, inner = x.shape
-    nblk = (inner + BLOCK - 1) // BLOCK
+def _softmax_tiles(x, y, log):
+    n, n_classes = x.shape
+    for tile in prange((n + TILE - 1) // TILE):
+        r0 = tile * TILE
+        nr = min(n, r0 + TILE) - r0
+        xt = np.empty((n_classes, TILE), x.dtype)
+        m = np.empty(TILE, x.dtype)
+        s = np.empty(TILE, x.dtype)
+        tile_stats(x, r0, nr, xt, m, s)
+        if log:
+            for r in range(nr):
+                s[r] = m[r] + np.log(s[r])
+            for r in range(nr):
+                for c in range(n_classes):
+                    y[r0 + r, c] = xt[c, r] - s[r]
+        else:
+            for r in range(nr):
+                s[r] = like(1, s) / s[r]
+            for c in range(n_classes):
+                for r in range(nr):
+                    xt[c, r] = fast_exp(xt[c, r] - m[r]) * s[r]
+            for r in range(nr):
+                for c in range(n_classes):
+                    y[r0 + r, c] = xt[c, r]
+
+
+# ----------------------------------------------------------------------------- middle axis
+@njit(**PJIT)
+def _softmax_blocks(x, y, log, width):
+    outer, _, inner = x.shape
+    nblk = (inner + width - 1) // width
     for task in prange(outer * nblk):
         o = task // nblk
-        j0 = (task % nblk) * BLOCK
-        w = min(BLOCK, inner - j0)
+        j0 = (task % nblk) * width
+        w = min(width, inner - j0)
         m = np.empty(w, x.dtype)
-        s = np.zeros(w, x.dtype)
-        _block_max(x, o, j0, w, m)
-        for c in range(n_classes):
-            for j in range(w):
-                e = fast_exp(x[o, c, j0 + j] - m[j])
-                s[j] += e
-                if not log:
-                    y[o, c, j0 + j] = e
+        s = np.empty(w, x.dtype)
+        xo = x[o]
+        yo = y[o]
         if log:
-            for j in range(w):
-                s[j] = m[j] + np.log(s[j])  # log-sum-exp
-            for c in range(n_classes):
-                for j in range(w):
-                    y[o, c, j0 + j] = x[o, c, j0 + j] - s[j]
+            block_stats(xo, j0, w, m, s)
+            vlog_sum_exp(s, m)
+            for c in range(xo.shape[0]):
+                vsub(yo[c, j0:j0 + w], xo[c, j0:j0 + w], s)
         else:
+            m[:] = xo[0, j0:j0 + w]
+            for c in range(1, xo.shape[0]):
+                vmax(m, xo[c, j0:j0 + w])
+            s[:] = 0
+            for c in range(xo.shape[0]):
+                vsum_exp_store(s, xo[c, j0:j0 + w], m, yo[c, j0:j0 + w])
             for j in range(w):
                 s[j] = like(1, s) / s[j]
-            for c in range(n_classes):
-                for j in range(w):
-                    y[o, c, j0 + j] *= s[j]
+            for c in range(xo.shape[0]):
+                vmul(yo[c, j0:j0 + w], s)
+
+
+@njit(**JIT)
+def vsub(out, xc, s):
+    """``out = xc - s``."""
+    for j in range(s.size):
+        out[j] = xc[j] - s[j]
+
+
+@njit(**JIT)
+def vmul(out, s):
+    """``out *= s``."""
+    for j in range(s.size):
+        out[j] *= s[j]
+
+
+def _width(x3: np.ndarray) -> int:
+    return block_width(x3.shape[0], x3.shape[2], numba.get_num_threads())
 
 
 def _softmax_any(x3: np.ndarray, log: bool) -> np.ndarray:
@@ -102,9 +154,10 @@ def _softmax_any(x3: np.ndarray, log: bool) -> np.ndarray:
     if x3.size == 0:
         return y3
     if x3.shape[2] == 1:
-        _softmax_rows(x3[:, :, 0], y3[:, :, 0], log)
+        rows = _softmax_tiles if x3.shape[1] < SMALL_C else _softmax_rows
+        rows(x3[:, :, 0], y3[:, :, 0], log)
     else:
-        _softmax_blocks(x3, y3, log)
+        _softmax_blocks(x3, y3, log, _width(x3))
     return y3
 
 
@@ -139,24 +192,40 @@ def _softmax_backward_rows(g, y, gx, log):
                 gx[i, c] = y[i, c] * (g[i, c] - s)
 
 
+@njit(**JIT)
+def _vbackward_sum(s, gc, yc, log):
+    """``s += g`` (log_softmax) or ``s += g * y`` (softmax)."""
+    if log:
+        for j in range(s.size):
+            s[j] += gc[j]
+    else:
+        for j in range(s.size):
+            s[j] += gc[j] * yc[j]
+
+
+@njit(**JIT)
+def _vbackward_write(out, gc, yc, s, log):
+    if log:
+        for j in range(s.size):
+            out[j] = gc[j] - fast_exp(yc[j]) * s[j]
+    else:
+        for j in range(s.size):
+            out[j] = yc[j] * (gc[j] - s[j])
+
+
 @njit(**PJIT)
-def _softmax_backward_blocks(g, y, gx, log):
+def _softmax_backward_blocks(g, y, gx, log, width):
     outer, n_classes, inner = g.shape
-    nblk = (inner + BLOCK - 1) // BLOCK
+    nblk = (inner + width - 1) // width
     for task in prange(outer * nblk):
         o = task // nblk
-        j0 = (task % nblk) * BLOCK
-        w = min(BLOCK, inner - j0)
+        j0 = (task % nblk) * width
+        w = min(width, inner - j0)
         s = np.zeros(w, g.dtype)
         for c in range(n_classes):
-            for j in range(w):
-                s[j] += g[o, c, j0 + j] if log else g[o, c, j0 + j] * y[o, c, j0 + j]
+            _vbackward_sum(s, g[o, c, j0:j0 + w], y[o, c, j0:j0 + w], log)
         for c in range(n_classes):
-            for j in range(w):
-                if log:
-                    gx[o, c, j0 + j] = g[o, c, j0 + j] - fast_exp(y[o, c, j0 + j]) * s[j]
-                else:
-                    gx[o, c, j0 + j] = y[o, c, j0 + j] * (g[o, c, j0 + j] - s[j])
+            _vbackward_write(gx[o, c, j0:j0 + w], g[o, c, j0:j0 + w], y[o, c, j0:j0 + w], s, log)
 
 
 def _backward_any(g3: np.ndarray, y3: np.ndarray, log: bool) -> np.ndarray:
@@ -166,7 +235,7 @@ def _backward_any(g3: np.ndarray, y3: np.ndarray, log: bool) -> np.ndarray:
     if y3.shape[2] == 1:
         _softmax_backward_rows(g3[:, :, 0], y3[:, :, 0], gx[:, :, 0], log)
     else:
-        _softmax_backward_blocks(g3, y3, gx, log)
+        _softmax_backward_blocks(g3, y3, gx, log, _width(y3))
     return gx
 
 
