@@ -1,0 +1,820 @@
+"""Dask arrays for :mod:`nblosses.functional`: lazy, chunked, exact.
+
+:mod:`nblosses.functional` routes every call that has a dask array among its arguments here (the
+import is lazy: ``import nblosses`` never imports dask). Each public function of
+:mod:`nblosses.functional` has a namesake here with the same signature; it validates what the
+array metadata allows (shapes, dtypes, options) at once, and returns lazy dask arrays.
+
+How chunks are computed
+-----------------------
+* The backend is fixed when the graph is built: the call's ``backend=``, else the current default
+  (:func:`nblosses.use_backend` is context-local, so it is read here, not in the worker threads or
+  processes that run the tasks). ``"auto"`` then picks per chunk by array type (NumPy -> ``cpu``,
+  CuPy -> ``cuda``).
+* Arrays are chunked like the input; targets, weights, ``grad_output`` are rechunked to match it
+  (they are at most as large as the input), the input never is.
+* Class axis in one chunk (chunking along batch / spatial axes only): every block is one call of
+  the :mod:`nblosses.functional` function on that block (``reduction="none"``, with the fused
+  gradient when asked), so the compiled kernels do the work.
+* Class axis in several chunks (vocabulary-parallel): no row is ever gathered. Each chunk yields
+  per-position statistics (max ``m_k``, ``s_k = sum exp(x - m_k)``, the target logit if the chunk
+  holds the target class, ``sum_c w_c x_c`` for label smoothing, ``sum_c w_c y'_c`` and
+  ``sum_c w_c y'_c x_c`` for probability targets), merged by a tree reduction over the class
+  chunks: ``M = max m_k``, ``S = sum s_k exp(m_k - M)``, the rest summed. Outputs and gradients
+  are then mapped block by block from the merged ``(M, log S)`` of each row.
+* ``mean`` / ``sum`` are tree reductions of float64 per-position losses; the ``mean`` denominator
+  (sum of ``w[t]`` over non-ignored targets, or ``N*d1*..*dk`` for probability targets) is its own
+  tree reduction over the targets only, so the gradient pass never waits for the logits' pass.
+  All ignored -> NaN. Out-of-range targets raise ``IndexError`` when the chunk is computed.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from . import _args
+from . import functional as F
+from ._registry import _check_name, get_backend, is_dask_array, resolve_backend
+
+__all__ = [
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "log_softmax",
+    "log_softmax_backward",
+    "nll_loss",
+    "sigmoid",
+    "sigmoid_backward",
+    "softmax",
+    "softmax_backward",
+]
+
+Array = Any
+_F64 = np.float64
+_BATCH, _CLASS, _STAT = "a", "b", "z"
+_SPATIAL = "cdefghijklmnopqrstuvwxy"
+
+
+# ----------------------------------------------------------------------------- helpers
+def _backend_name(backend: str | None) -> str:
+    """The backend name the chunk tasks use, fixed now (tasks run in other threads/processes)."""
+    return _check_name(backend if backend is not None else get_backend())
+
+
+def _as_dask(a: Any) -> Any:
+    """A dask array (a non-dask array becomes one chunk)."""
+    if a is None or is_dask_array(a):
+        return a
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+        a = np.asarray(a)
+    return da.from_array(a, chunks=tuple(max(n, 1) for n in a.shape) or ())
+
+
+def _backend_for(name: str, *arrays: Any):
+    """The backend the chunks of ``arrays`` (dask) will run on, judged from their metadata."""
+    return resolve_backend(name, *(a._meta for a in arrays if a is not None))
+
+
+def _meta(be, ndim: int, dtype: Any) -> Any:
+    return be.xp.empty((0,) * ndim, dtype=dtype)
+
+
+def _xp(a: Any) -> Any:
+    """The array namespace of a chunk (``numpy``, ``cupy``, ...)."""
+    mod = type(a).__module__.partition(".")[0]
+    if mod == "numpy":
+        return np
+    import importlib
+
+    return importlib.import_module(mod)
+
+
+def _unwrap(b: Any) -> Any:
+    """A block from blockwise's nested lists (contracted axes hold exactly one chunk)."""
+    while isinstance(b, list):
+        (b,) = b
+    return b
+
+
+def _work(be, b: Any) -> Any:
+    """A chunk as the backend's array in float32 or float64 (our own math never runs in half)."""
+    a = be.asarray(_unwrap(b))
+    if a.dtype.kind != "f" or a.dtype.itemsize < 4:
+        a = a.astype(be.xp.float32)
+    return a
+
+
+def _scalar(v: Any) -> float:
+    return float(_unwrap(v))
+
+
+def _scalar_arg(v: Any) -> tuple[Any, Any]:
+    """A blockwise (argument, index) pair for a scalar that may be a 0-d dask array."""
+    return (v, "") if is_dask_array(v) else (v, None)
+
+
+def _letters(ndim: int) -> str:
+    return "".join(_SPATIAL[:ndim])
+
+
+def _expand(a: Any, ndim: int) -> Any:
+    """A per-position ``(n, *spatial)`` array as ``(n, 1, *spatial)`` for an ndim-d block."""
+    return a.reshape(a.shape[:1] + (1,) + a.shape[1:]) if ndim > 1 else a
+
+
+def _pick_mask(xp, t: Any, off: int, ck: int, ignore_index: int):
+    """Positions whose (non-ignored) target class lies in the chunk ``[off, off + ck)``."""
+    local = t - off
+    mask = (t != ignore_index) & (local >= 0) & (local < ck)
+    idx = xp.nonzero(mask)
+    return idx, local[idx]
+
+
+# ----------------------------------------------------------------------------- online softmax merge
+def _merge_stats(st: Any, axis: Any, keepdims: bool) -> Any:
+    """Merge statistics ``[m, s, additive...]`` (last axis) over ``axis`` of the class chunks."""
+    xp = _xp(st)
+    m, s, rest = st[..., 0], st[..., 1], st[..., 2:]
+    with np.errstate(invalid="ignore", over="ignore"):
+        big = m.max(axis=axis, keepdims=True)
+        # A chunk of only -inf has s == 0 and contributes nothing (not 0 * exp(nan)).
+        total = xp.where(s == 0, 0.0, s * xp.exp(m - big)).sum(axis=axis, keepdims=True)
+    out = xp.concatenate([big[..., None], total[..., None], rest.sum(axis=axis, keepdims=True)],
+                         axis=-1)
+    return out if keepdims else out.squeeze(axis=axis)
+
+
+def _identity(a: Any, axis: Any = None, keepdims: bool = True) -> Any:
+    return a
+
+
+def _merge_class_stats(stats: Any, be, out_ndim: int) -> Any:
+    """Tree-reduce per-chunk statistics ``(..., K class chunks at axis 1 ..., nf)`` over axis 1."""
+    return da.reduction(stats, _identity, _merge_stats, combine=_merge_stats, axis=1,
+                        keepdims=False, dtype=_F64, concatenate=True,
+                        meta=_meta(be, out_ndim, _F64))
+
+
+def _max_sumexp(xp, x: Any, axis: int) -> tuple[Any, Any]:
+    """Per-chunk ``m = max x`` and ``s = sum exp(x - m)`` (float64), reduced over ``axis``."""
+    m = x.max(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        e = x - m
+        xp.exp(e, out=e)
+    s = e.sum(axis=axis, dtype=_F64)
+    del e
+    m = m.squeeze(axis=axis).astype(_F64)
+    return m, xp.where(m == -np.inf, 0.0, s)
+
+
+# ----------------------------------------------------------------------------- softmax family
+def _softmax_block(xb, op, dim, backend):
+    return getattr(F, op)(xb, dim, backend=backend)
+
+
+def _lse_stats_block(xb, axis, backend):
+    be = resolve_backend(backend, xb)
+    m, s = _max_sumexp(be.xp, _work(be, xb), axis)
+    return be.xp.expand_dims(be.xp.stack([m, s], axis=-1), axis)
+
+
+def _softmax_from_stats_block(xb, stb, op, axis, backend, out_dtype):
+    be = resolve_backend(backend, xb)
+    xp = be.xp
+    x = _work(be, xb)
+    st = be.asarray(_unwrap(stb))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        big = xp.expand_dims(st[..., 0], axis).astype(x.dtype)
+        log_s = xp.expand_dims(xp.log(st[..., 1]), axis).astype(x.dtype)
+        y = x - big  # exact at the max: M is one of the chunk's own values
+        y -= log_s
+        if op == "softmax":
+            xp.exp(y, out=y)
+    return y.astype(out_dtype, copy=False)
+
+
+def _softmax_family(op: str, input: Array, dim: Any, dtype: Any, backend: str | None) -> Array:
+    name = _backend_name(backend)
+    x = _as_dask(input)
+    if dtype is not None:
+        x = x.astype(np.dtype(dtype))
+    if not _args._is_float(x.dtype):
+        raise TypeError(f"{op}: input must be a floating-point array (or pass dtype=), "
+                        f"got dtype {x.dtype.name}")
+    d = _args.softmax_dim(op, x.ndim, dim, stacklevel=5)
+    be = _backend_for(name, x)
+    meta = _meta(be, x.ndim, x.dtype)
+    if x.ndim == 0 or x.numblocks[d] == 1 or x.size == 0:
+        return x.map_blocks(_softmax_block, op, d, name, meta=meta)
+    ind = _letters(x.ndim)
+    red = ind.replace(ind[d], "")
+    stats = da.blockwise(_lse_stats_block, ind + _STAT, x, ind, d, None, name, None,
+                         new_axes={_STAT: 2}, adjust_chunks={ind[d]: 1},
+                         meta=_meta(be, x.ndim + 1, _F64))
+    merged = da.reduction(stats, _identity, _merge_stats, combine=_merge_stats, axis=d,
+                          keepdims=False, dtype=_F64, concatenate=True,
+                          meta=_meta(be, x.ndim, _F64))
+    return da.blockwise(_softmax_from_stats_block, ind, x, ind, merged, red + _STAT, op, None,
+                        d, None, name, None, x.dtype, None, concatenate=False, meta=meta)
+
+
+def softmax(input: Array, dim: int | None = None, dtype: Any = None, *,
+            backend: str | None = None) -> Array:
+    """Dask version of :func:`nblosses.functional.softmax` (online merge over class chunks)."""
+    return _softmax_family("softmax", input, dim, dtype, backend)
+
+
+def log_softmax(input: Array, dim: int | None = None, dtype: Any = None, *,
+                backend: str | None = None) -> Array:
+    """Dask version of :func:`nblosses.functional.log_softmax`."""
+    return _softmax_family("log_softmax", input, dim, dtype, backend)
+
+
+def _sigmoid_block(xb, backend):
+    return F.sigmoid(xb, backend=backend)
+
+
+def sigmoid(input: Array, *, backend: str | None = None) -> Array:
+    """Dask version of :func:`nblosses.functional.sigmoid` (block by block)."""
+    name = _backend_name(backend)
+    x = _as_dask(input)
+    be = _backend_for(name, x)
+    _args.compute_dtype(be, x.dtype)
+    return x.map_blocks(_sigmoid_block, name, meta=_meta(be, x.ndim, x.dtype))
+
+
+def _check_same_shape(name: str, g, y, what: str = "output") -> None:
+    if tuple(g.shape) != tuple(y.shape):
+        raise ValueError(f"{name}: grad_output shape {tuple(g.shape)} does not match {what} "
+                         f"shape {tuple(y.shape)}")
+
+
+def _softmax_backward_block(gb, yb, op, dim, backend):
+    return getattr(F, op)(gb, yb, dim, backend=backend)
+
+
+def _softmax_backward_partial(gb, yb, op, axis, backend):
+    be = resolve_backend(backend, gb, yb)
+    g = _work(be, gb)
+    if op == "softmax_backward":
+        g = g * _work(be, yb)
+    return g.sum(axis=axis, keepdims=True, dtype=_F64)
+
+
+def _softmax_backward_finish(gb, yb, tb, op, axis, backend, out_dtype):
+    be = resolve_backend(backend, gb, yb)
+    xp = be.xp
+    g, y = _work(be, gb), _work(be, yb)
+    tot = xp.expand_dims(be.asarray(tb), axis).astype(y.dtype)
+    if op == "softmax_backward":
+        out = y * (g - tot)
+    else:
+        out = xp.exp(y)
+        out *= tot
+        out = g - out
+    return out.astype(out_dtype, copy=False)
+
+
+def _softmax_backward(op: str, grad_output: Array, output: Array, dim: Any,
+                      backend: str | None) -> Array:
+    name = _backend_name(backend)
+    y, g = _as_dask(output), _as_dask(grad_output)
+    _check_same_shape(op, g, y)
+    be = _backend_for(name, g, y)
+    _args.compute_dtype(be, y.dtype, "output")
+    if not _args._is_float(g.dtype):
+        raise TypeError(f"{op}: grad_output must be floating point, got {g.dtype.name}")
+    d = _args.softmax_dim(op, y.ndim, dim, stacklevel=5)
+    g = g.rechunk(y.chunks)
+    ind = _letters(y.ndim)
+    meta = _meta(be, y.ndim, y.dtype)
+    if y.ndim == 0 or y.numblocks[d] == 1 or y.size == 0:
+        return da.blockwise(_softmax_backward_block, ind, g, ind, y, ind, op, None, d, None,
+                            name, None, meta=meta)
+    red = ind.replace(ind[d], "")
+    part = da.blockwise(_softmax_backward_partial, ind, g, ind, y, ind, op, None, d, None,
+                        name, None, adjust_chunks={ind[d]: 1}, meta=_meta(be, y.ndim, _F64))
+    tot = part.sum(axis=d)
+    return da.blockwise(_softmax_backward_finish, ind, g, ind, y, ind, tot, red, op, None, d,
+                        None, name, None, y.dtype, None, meta=meta)
+
+
+def softmax_backward(grad_output: Array, output: Array, dim: int | None, *,
+                     backend: str | None = None) -> Array:
+    """Dask version of :func:`nblosses.functional.softmax_backward`."""
+    return _softmax_backward("softmax_backward", grad_output, output, dim, backend)
+
+
+def log_softmax_backward(grad_output: Array, output: Array, dim: int | None, *,
+                         backend: str | None = None) -> Array:
+    """Dask version of :func:`nblosses.functional.log_softmax_backward`."""
+    return _softmax_backward("log_softmax_backward", grad_output, output, dim, backend)
+
+
+def _sigmoid_backward_block(gb, yb, backend):
+    return F.sigmoid_backward(gb, yb, backend=backend)
+
+
+def sigmoid_backward(grad_output: Array, output: Array, *, backend: str | None = None) -> Array:
+    """Dask version of :func:`nblosses.functional.sigmoid_backward`."""
+    name = _backend_name(backend)
+    g, y = _as_dask(grad_output), _as_dask(output)
+    if tuple(g.shape) != tuple(y.shape):
+        raise ValueError(f"sigmoid_backward: shapes {tuple(g.shape)} and {tuple(y.shape)} differ")
+    be = _backend_for(name, g, y)
+    _args.compute_dtype(be, g.dtype)
+    _args.compute_dtype(be, y.dtype, "grad_output")
+    y = y.rechunk(g.chunks)
+    ind = _letters(g.ndim)
+    return da.blockwise(_sigmoid_backward_block, ind, g, ind, y, ind, name, None,
+                        meta=_meta(be, g.ndim, g.dtype))
+
+
+# ----------------------------------------------------------------------------- reductions
+def _pick_block(tup, i):
+    return _unwrap(tup)[i]
+
+
+def _finish_block(total, denom, mean, out_dtype):
+    xp = _xp(total)
+    total = _unwrap(total)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = total / _scalar(denom) if mean else total
+    return xp.asarray(value, dtype=out_dtype)
+
+
+def _reduce_rows(rows, reduction: str, denom: Any, dtype, be, squeeze: bool):
+    """Per-position losses -> the caller's result (lazy)."""
+    if reduction == "none":
+        out = rows.astype(dtype)
+        return out[0] if squeeze else out
+    total = rows.astype(_F64).sum()
+    return da.blockwise(_finish_block, "", total, "", *_scalar_arg(denom), reduction == "mean",
+                        None, dtype, None, meta=_meta(be, 0, dtype))
+
+
+def _div_block(a, b):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _xp(a).asarray(_unwrap(a) / _unwrap(b), dtype=_F64)
+
+
+def _grad_scale(grad_output: Any, denom: Any, be) -> Any:
+    """``grad_output / denom`` for a reduced loss: a float or a 0-d dask array."""
+    if grad_output is None:
+        g = 1.0
+    elif is_dask_array(grad_output):
+        if grad_output.size != 1:
+            raise ValueError(f"grad_output for a reduced loss must be a scalar, got shape "
+                             f"{tuple(grad_output.shape)}")
+        g = grad_output.reshape(()).astype(_F64)
+    else:
+        ga = _args.as_array(be, grad_output, "grad_output")
+        if ga.size != 1:
+            raise ValueError(f"grad_output for a reduced loss must be a scalar, got shape "
+                             f"{tuple(ga.shape)}")
+        g = float(ga.reshape(()))
+    if not is_dask_array(g) and not is_dask_array(denom):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.float64(g) / np.float64(denom))
+    g = g if is_dask_array(g) else da.from_array(np.float64(g))
+    denom = denom if is_dask_array(denom) else da.from_array(np.float64(denom))
+    return da.map_blocks(_div_block, g, denom, meta=_meta(be, 0, _F64))
+
+
+def _grad_rows_arg(grad_output: Any, loss_shape, chunks, squeeze: bool, be):
+    """``grad_output`` for ``reduction="none"``: None (ones) or a dask array chunked like the loss."""
+    if grad_output is None:
+        return None
+    g = _as_dask(grad_output)
+    if tuple(g.shape) != tuple(loss_shape):
+        raise ValueError(f"grad_output shape {tuple(g.shape)} does not match the loss shape "
+                         f"{tuple(loss_shape)}")
+    if squeeze:
+        g = g[None]
+    return g.rechunk(chunks)
+
+
+def _rows_grad(be, gb, shape):
+    """Per-position upstream gradient of a block: the given block, or a scalar broadcast."""
+    gb = _unwrap(gb)
+    if gb is None:
+        return be.xp.ones(shape, dtype=_F64)
+    if getattr(gb, "ndim", 0) == len(shape) and len(shape) > 0:
+        return be.asarray(gb).astype(_F64)
+    return be.xp.full(shape, _scalar(gb), dtype=_F64)
+
+
+# ----------------------------------------------------------------------------- class losses
+def _check_class_args(op, x, t, w, ignore_index, label_smoothing, be):
+    """The checks of :func:`nblosses._args.class_loss_args` that metadata allows, eagerly."""
+    if not _args._is_float(x.dtype):
+        raise TypeError(f"{op}: input must be a floating-point array, got dtype {x.dtype.name}")
+    if x.ndim < 1:
+        raise ValueError(f"{op}: input must have 1 or more dimensions (got 0)")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        try:
+            ignore_index = operator.index(ignore_index)
+        except TypeError:
+            raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}") from None
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    _args.compute_dtype(be, x.dtype)
+    n_classes = x.shape[0] if x.ndim == 1 else x.shape[1]
+    loss_shape = x.shape[:1] + x.shape[2:] if x.ndim > 1 else ()
+    probs = op == "cross_entropy" and tuple(t.shape) == tuple(x.shape)
+    if probs:
+        if not _args._is_float(t.dtype):
+            raise TypeError(f"{op}: expected a floating-point target for class probabilities "
+                            f"(target shape equals input shape {tuple(x.shape)}), got dtype "
+                            f"{t.dtype.name}")
+        if ignore_index >= 0:
+            raise ValueError(f"{op}: ignore_index ({ignore_index}) is not supported for "
+                             f"class-probability targets")
+    else:
+        if t.dtype.kind not in "iu":
+            raise TypeError(f"{op}: expected an integer target of class indices with shape "
+                            f"{loss_shape}, got dtype {t.dtype.name} with shape {tuple(t.shape)}")
+        if tuple(t.shape) != tuple(loss_shape):
+            if x.ndim <= 2:
+                raise ValueError(f"{op}: expected input batch_size "
+                                 f"({x.shape[0] if x.ndim == 2 else 'none'}) to match target "
+                                 f"batch_size; input shape {tuple(x.shape)}, target shape "
+                                 f"{tuple(t.shape)}")
+            raise ValueError(f"{op}: expected target shape {tuple(loss_shape)} for input shape "
+                             f"{tuple(x.shape)}, got target shape {tuple(t.shape)}")
+    if w is not None:
+        if w.ndim != 1 or w.shape[0] != n_classes:
+            raise ValueError(f"{op}: weight must be a 1-D array of length C = {n_classes} "
+                             f"(input shape {tuple(x.shape)}), got shape {tuple(w.shape)}")
+        if not _args._is_float(w.dtype):
+            raise TypeError(f"{op}: weight must be floating point, got {w.dtype.name}")
+    return ignore_index, probs, loss_shape
+
+
+def _target_weight_block(tb, wb, n_classes, ignore_index, backend):
+    """Per-position ``w[t]`` (1 without weights), 0 where ignored; checks the target range."""
+    be = resolve_backend(backend, tb)
+    xp = be.xp
+    t = be.asarray(_unwrap(tb)).astype(xp.int64)
+    _args.check_targets(be, t, n_classes, ignore_index)
+    valid = t != ignore_index
+    wb = _unwrap(wb)
+    if wb is None or n_classes == 0:
+        return valid.astype(_F64)
+    w = be.asarray(wb).astype(_F64)
+    return xp.where(valid, w[xp.where(valid, t, 0)], 0.0)
+
+
+def _class_block(xb, tb, wb, gb, op, backend, opts, want_grad, probs):
+    """One block with the whole class axis: the functional op itself, unreduced."""
+    xb, tb, wb = _unwrap(xb), _unwrap(tb), _unwrap(wb)
+    fn = getattr(F, op)
+    if not want_grad:
+        return fn(xb, tb, wb, reduction="none", backend=backend, **opts)
+    be = resolve_backend(backend, xb)
+    shape = (xb.shape[0],) + tuple(xb.shape[2:]) if probs else tuple(tb.shape)
+    return fn(xb, tb, wb, reduction="none", return_grad=True,
+              grad_output=_rows_grad(be, gb, shape), backend=backend, **opts)
+
+
+def _ce_stats_block(xb, tb, wb, offb, backend, n_classes, ignore_index, eps, probs):
+    """Statistics of one class chunk, shape ``(n, 1, *spatial, nf)``.
+
+    Index targets: ``[m, s, x_t (0 unless this chunk holds t), sum_c w_c x_c (if eps > 0)]``.
+    Probability targets: ``[m, s, sum_c w_c y'_c, sum_c w_c y'_c x_c]``.
+    """
+    be = resolve_backend(backend, xb)
+    xp = be.xp
+    x = _work(be, xb)
+    off = int(_unwrap(offb)[0])
+    m, s = _max_sumexp(xp, x, 1)
+    fields = [m, s]
+    w = None if _unwrap(wb) is None else be.asarray(_unwrap(wb)).astype(x.dtype)
+    if probs:
+        wy = be.asarray(_unwrap(tb)).astype(x.dtype) * x.dtype.type(1.0 - eps)
+        wy += x.dtype.type(eps / n_classes)
+        if w is not None:
+            wy *= w.reshape((1, -1) + (1,) * (x.ndim - 2))
+        fields.append(wy.sum(axis=1, dtype=_F64))
+        wy *= x
+        fields.append(wy.sum(axis=1, dtype=_F64))
+    else:
+        t = be.asarray(_unwrap(tb)).astype(xp.int64)
+        idx, local = _pick_mask(xp, t, off, x.shape[1], ignore_index)
+        xt = xp.zeros(t.shape, dtype=_F64)
+        xt[idx] = x[(idx[0], local) + idx[1:]]
+        fields.append(xt)
+        if eps > 0:
+            swx = (x.sum(axis=1, dtype=_F64) if w is None
+                   else xp.tensordot(x, w, axes=([1], [0])).astype(_F64))
+            fields.append(swx)
+    return xp.stack(fields, axis=-1)[:, None]
+
+
+def _ce_rows_block(stb, tb, wtb, wsum, n_classes, ignore_index, eps, probs):
+    """Per-position float64 losses from merged statistics."""
+    st = _unwrap(stb)
+    xp = _xp(st)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = st[..., 0] + xp.log(st[..., 1])
+        if probs:
+            return st[..., 2] * lse - st[..., 3]
+        wt = _unwrap(wtb)
+        loss = (1.0 - eps) * wt * (lse - st[..., 2])
+        if eps > 0:
+            loss = loss + eps / n_classes * (lse * _scalar(wsum) - st[..., 3])
+        return xp.where(_unwrap(tb) != ignore_index, loss, 0.0)
+
+
+def _ce_grad_block(xb, tb, wb, offb, stb, wtb, gb, wsum, backend, n_classes, ignore_index,
+                   eps, probs, out_dtype):
+    """Gradient of one class chunk from the merged row statistics (global max and log-sum)."""
+    be = resolve_backend(backend, xb)
+    xp = be.xp
+    x = _work(be, xb)
+    nd = x.ndim
+    off = int(_unwrap(offb)[0])
+    st = be.asarray(_unwrap(stb))
+    g = _rows_grad(be, gb, st.shape[:-1])
+    w = None if _unwrap(wb) is None else be.asarray(_unwrap(wb)).astype(x.dtype)
+    wshape = (1, -1) + (1,) * (nd - 2)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        big = _expand(st[..., 0], nd).astype(x.dtype)
+        log_s = _expand(xp.log(st[..., 1]), nd).astype(x.dtype)
+        p = x - big
+        p -= log_s
+        xp.exp(p, out=p)  # softmax of the whole row, this chunk's columns
+        if probs:
+            p *= _expand(g * st[..., 2], nd).astype(x.dtype)
+            wy = be.asarray(_unwrap(tb)).astype(x.dtype) * x.dtype.type(1.0 - eps)
+            wy += x.dtype.type(eps / n_classes)
+            if w is not None:
+                wy *= w.reshape(wshape)
+            wy *= _expand(g, nd).astype(x.dtype)
+            p -= wy
+            return p.astype(out_dtype, copy=False)
+        t = be.asarray(_unwrap(tb)).astype(xp.int64)
+        valid = t != ignore_index
+        a = xp.where(valid, g * (1.0 - eps) * be.asarray(_unwrap(wtb)), 0.0)
+        b = xp.where(valid, g * (eps / n_classes), 0.0)
+        p *= _expand(a + b * _scalar(wsum), nd).astype(x.dtype)
+        if eps > 0:
+            wc = w.reshape(wshape) if w is not None else x.dtype.type(1.0)
+            p -= _expand(b, nd).astype(x.dtype) * wc
+        idx, local = _pick_mask(xp, t, off, x.shape[1], ignore_index)
+        p[(idx[0], local) + idx[1:]] -= a[idx].astype(x.dtype)
+        if not bool(valid.all()):
+            p = xp.where(_expand(valid, nd), p, x.dtype.type(0))
+    return p.astype(out_dtype, copy=False)
+
+
+def _nll_partial_block(xb, tb, offb, backend, ignore_index):
+    """``x[t]`` where this class chunk holds ``t`` (else 0), shape ``(n, 1, *spatial)``."""
+    be = resolve_backend(backend, xb)
+    xp = be.xp
+    x = be.asarray(_unwrap(xb))
+    t = be.asarray(_unwrap(tb)).astype(xp.int64)
+    idx, local = _pick_mask(xp, t, int(_unwrap(offb)[0]), x.shape[1], ignore_index)
+    xt = xp.zeros(t.shape, dtype=_F64)
+    xt[idx] = x[(idx[0], local) + idx[1:]]
+    return xt[:, None]
+
+
+def _nll_rows_block(xtb, tb, wtb, ignore_index):
+    xt, wt = _unwrap(xtb), _unwrap(wtb)
+    with np.errstate(invalid="ignore"):
+        return _xp(xt).where(_unwrap(tb) != ignore_index, -wt * xt, 0.0)
+
+
+def _nll_grad_block(xb, tb, offb, wtb, gb, backend, ignore_index, out_dtype):
+    be = resolve_backend(backend, xb)
+    xp = be.xp
+    x = be.asarray(_unwrap(xb))
+    t = be.asarray(_unwrap(tb)).astype(xp.int64)
+    g = _rows_grad(be, gb, t.shape)
+    gx = xp.zeros(x.shape, dtype=out_dtype)
+    idx, local = _pick_mask(xp, t, int(_unwrap(offb)[0]), x.shape[1], ignore_index)
+    with np.errstate(invalid="ignore"):
+        gx[(idx[0], local) + idx[1:]] = (-be.asarray(_unwrap(wtb)) * g)[idx].astype(out_dtype)
+    return gx
+
+
+def _class_loss(op, input, target, weight, size_average, ignore_index, reduce, reduction,
+                label_smoothing, return_grad, grad_output, grad_buffer, backend):
+    name = _backend_name(backend)
+    reduction = _args.reduction_from(size_average, reduce, reduction, stacklevel=5)
+    if grad_buffer is not None:
+        raise TypeError(f"{op}: grad_buffer is not supported for dask arrays (the gradient is "
+                        f"a lazy dask array; store it with dask.array.store instead)")
+    x, t, w = _as_dask(input), _as_dask(target), _as_dask(weight)
+    be = _backend_for(name, x, t, w)
+    ignore_index, probs, loss_shape = _check_class_args(op, x, t, w, ignore_index,
+                                                        label_smoothing, be)
+    eps = float(label_smoothing)
+    dtype = x.dtype
+    squeeze = x.ndim == 1
+    if squeeze:  # (C,) -> (1, C); the target () -> (1,)
+        x, t = x[None], t[None]
+    n_classes = x.shape[1]
+    sp = _letters(x.ndim - 2)
+    xi, ti = _BATCH + _CLASS + sp, _BATCH + sp
+    row_chunks = (x.chunks[0],) + x.chunks[2:]
+    t = t.rechunk(x.chunks if probs else row_chunks)
+    tidx = xi if probs else ti
+    wc = None if w is None else w.rechunk((x.chunks[1],))
+    warg = (wc, _CLASS) if wc is not None else (None, None)
+
+    # Per-position w[t] (index targets; also the target range check) and the mean denominator.
+    wt = None
+    if not probs:
+        wfull = (w.rechunk(-1), _CLASS) if w is not None else (None, None)
+        wt = da.blockwise(_target_weight_block, ti, t, ti, *wfull, n_classes, None,
+                          ignore_index, None, name, None, concatenate=False, align_arrays=False,
+                          meta=_meta(be, len(ti), _F64))
+    if reduction != "mean":
+        denom: Any = 1.0
+    elif probs:
+        denom = float(math.prod(loss_shape))
+    else:
+        denom = wt.sum()
+
+    # Upstream gradient: per position for "none", else the scalar grad_output / denom.
+    if return_grad:
+        if reduction == "none":
+            garg = _grad_rows_arg(grad_output, loss_shape, row_chunks, squeeze, be)
+            gpair = (garg, ti) if garg is not None else (None, None)
+        else:
+            gpair = _scalar_arg(_grad_scale(grad_output, denom, be))
+    grad_meta = _meta(be, x.ndim, dtype)
+
+    if x.numblocks[1] == 1:  # the class axis whole: the functional op on each block
+        opts = {"ignore_index": ignore_index}
+        if op == "cross_entropy":
+            opts["label_smoothing"] = eps
+        common = (x, xi, t, tidx, *warg)
+        if not return_grad:
+            rows = da.blockwise(_class_block, ti, *common, None, None, op, None, name, None,
+                                opts, None, False, None, probs, None, concatenate=False,
+                                align_arrays=False, meta=_meta(be, len(ti), dtype))
+            return _reduce_rows(rows, reduction, denom, dtype, be, squeeze)
+        tup = da.blockwise(_class_block, ti, *common, *gpair, op, None, name, None, opts, None,
+                           True, None, probs, None, concatenate=False, align_arrays=False,
+                           meta=np.empty((0,) * len(ti), dtype=object))
+        rows = da.blockwise(_pick_block, ti, tup, ti, 0, None, meta=_meta(be, len(ti), dtype))
+        grad = da.blockwise(_pick_block, xi, tup, ti, 1, None, new_axes={_CLASS: n_classes},
+                            meta=grad_meta)
+        loss = _reduce_rows(rows, reduction, denom, dtype, be, squeeze)
+        return loss, (grad[0] if squeeze else grad)
+
+    # Class axis in several chunks (vocabulary-parallel): per-chunk partials, merged exactly.
+    starts = np.cumsum((0,) + x.chunks[1][:-1]).astype(np.int64)
+    off = da.from_array(starts, chunks=1)
+    if op == "nll_loss":
+        part = da.blockwise(_nll_partial_block, xi, x, xi, t, ti, off, _CLASS, name, None,
+                            ignore_index, None, adjust_chunks={_CLASS: 1}, align_arrays=False,
+                            meta=_meta(be, x.ndim, _F64))
+        rows = da.blockwise(_nll_rows_block, ti, part.sum(axis=1), ti, t, ti, wt, ti,
+                            ignore_index, None, meta=_meta(be, len(ti), _F64))
+        loss = _reduce_rows(rows, reduction, denom, dtype, be, squeeze)
+        if not return_grad:
+            return loss
+        grad = da.blockwise(_nll_grad_block, xi, x, xi, t, ti, off, _CLASS, wt, ti, *gpair,
+                            name, None, ignore_index, None, dtype, None, align_arrays=False,
+                            meta=grad_meta)
+        return loss, (grad[0] if squeeze else grad)
+
+    nf = 4 if (probs or eps > 0) else 3
+    stats = da.blockwise(_ce_stats_block, xi + _STAT, x, xi, t, tidx, *warg, off, _CLASS, name,
+                         None, n_classes, None, ignore_index, None, eps, None, probs, None,
+                         new_axes={_STAT: nf}, adjust_chunks={_CLASS: 1}, align_arrays=False,
+                         meta=_meta(be, x.ndim + 1, _F64))
+    merged = _merge_class_stats(stats, be, len(ti) + 1)
+    wsum: Any = float(n_classes)
+    if w is not None:
+        wsum = w.astype(_F64).sum()
+    wtpair = (wt, ti) if wt is not None else (None, None)
+    tpair = (t, ti) if not probs else (None, None)
+    rows = da.blockwise(_ce_rows_block, ti, merged, ti + _STAT, *tpair, *wtpair,
+                        *_scalar_arg(wsum), n_classes, None, ignore_index, None, eps, None,
+                        probs, None, concatenate=False, align_arrays=False,
+                        meta=_meta(be, len(ti), _F64))
+    loss = _reduce_rows(rows, reduction, denom, dtype, be, squeeze)
+    if not return_grad:
+        return loss
+    grad = da.blockwise(_ce_grad_block, xi, x, xi, t, tidx, *warg, off, _CLASS, merged,
+                        ti + _STAT, *wtpair, *gpair, *_scalar_arg(wsum), name, None, n_classes,
+                        None, ignore_index, None, eps, None, probs, None, dtype, None,
+                        concatenate=False, align_arrays=False, meta=grad_meta)
+    return loss, (grad[0] if squeeze else grad)
+
+
+def nll_loss(input: Array, target: Array, weight: Array | None = None, size_average: Any = None,
+             ignore_index: int = -100, reduce: Any = None, reduction: str = "mean", *,
+             return_grad: bool = False, grad_output: Any = None, grad_buffer: Array | None = None,
+             backend: str | None = None):
+    """Dask version of :func:`nblosses.functional.nll_loss`."""
+    return _class_loss("nll_loss", input, target, weight, size_average, ignore_index, reduce,
+                       reduction, 0.0, return_grad, grad_output, grad_buffer, backend)
+
+
+def cross_entropy(input: Array, target: Array, weight: Array | None = None,
+                  size_average: Any = None, ignore_index: int = -100, reduce: Any = None,
+                  reduction: str = "mean", label_smoothing: float = 0.0, *,
+                  return_grad: bool = False, grad_output: Any = None,
+                  grad_buffer: Array | None = None, backend: str | None = None):
+    """Dask version of :func:`nblosses.functional.cross_entropy` (vocabulary-parallel when the
+    class axis is chunked)."""
+    return _class_loss("cross_entropy", input, target, weight, size_average, ignore_index,
+                       reduce, reduction, label_smoothing, return_grad, grad_output,
+                       grad_buffer, backend)
+
+
+# ----------------------------------------------------------------------------- binary losses
+def _broadcast_to_input(op: str, what: str, v: Any, x) -> Any:
+    """``v`` (weight / pos_weight) as a dask array of ``x``'s shape and chunks."""
+    if v is None:
+        return None
+    v = _as_dask(v)
+    try:
+        shape = np.broadcast_shapes(tuple(v.shape), tuple(x.shape))
+    except ValueError:
+        shape = None
+    if shape != tuple(x.shape):
+        raise ValueError(f"{op}: {what} of shape {tuple(v.shape)} cannot be broadcast to the "
+                         f"input shape {tuple(x.shape)}")
+    lead = x.ndim - v.ndim
+    v = v.rechunk(tuple(x.chunks[lead + i] if n == x.shape[lead + i] else (n,)
+                        for i, n in enumerate(v.shape)))
+    return da.broadcast_to(v, x.shape, chunks=x.chunks)
+
+
+def _binary_block(xb, yb, wb, pwb, gb, op, backend, want_grad):
+    kwargs = {"pos_weight": pwb} if op == "binary_cross_entropy_with_logits" else {}
+    fn = getattr(F, op)
+    if not want_grad:
+        return fn(xb, yb, wb, reduction="none", backend=backend, **kwargs)
+    be = resolve_backend(backend, xb)
+    return fn(xb, yb, wb, reduction="none", return_grad=True,
+              grad_output=_rows_grad(be, gb, tuple(xb.shape)), backend=backend, **kwargs)
+
+
+def _binary_loss(op, input, target, weight, pos_weight, size_average, reduce, reduction,
+                 return_grad, grad_output, backend):
+    name = _backend_name(backend)
+    reduction = _args.reduction_from(size_average, reduce, reduction, stacklevel=5)
+    x, y = _as_dask(input), _as_dask(target)
+    be = _backend_for(name, x, y, _as_dask(weight), _as_dask(pos_weight))
+    if not _args._is_float(x.dtype):
+        raise TypeError(f"{op}: input must be a floating-point array, got dtype {x.dtype.name}")
+    if tuple(x.shape) != tuple(y.shape):
+        raise ValueError(f"{op}: target size {tuple(y.shape)} must be the same as input size "
+                         f"{tuple(x.shape)}")
+    _args.compute_dtype(be, x.dtype)
+    y = y.rechunk(x.chunks)
+    w = _broadcast_to_input(op, "weight", weight, x)
+    pw = _broadcast_to_input(op, "pos_weight", pos_weight, x)
+    ind = _letters(x.ndim)
+    dtype = x.dtype
+    arrays = (x, ind, y, ind, *((w, ind) if w is not None else (None, None)),
+              *((pw, ind) if pw is not None else (None, None)))
+    denom = float(x.size) if reduction == "mean" else 1.0
+    meta = _meta(be, x.ndim, dtype)
+    if not return_grad:
+        rows = da.blockwise(_binary_block, ind, *arrays, None, None, op, None, name, None,
+                            False, None, meta=meta)
+        return _reduce_rows(rows, reduction, denom, dtype, be, False)
+    if reduction == "none":
+        g = _grad_rows_arg(grad_output, x.shape, x.chunks, False, be)
+        gpair = (g, ind) if g is not None else (None, None)
+    else:
+        gpair = _scalar_arg(_grad_scale(grad_output, denom, be))
+    tup = da.blockwise(_binary_block, ind, *arrays, *gpair, op, None, name, None, True, None,
+                       meta=np.empty((0,) * x.ndim, dtype=object))
+    rows = da.blockwise(_pick_block, ind, tup, ind, 0, None, meta=meta)
+    grad = da.blockwise(_pick_block, ind, tup, ind, 1, None, meta=meta)
+    return _reduce_rows(rows, reduction, denom, dtype, be, False), grad
+
+
+def binary_cross_entropy(input: Array, target: Array, weight: Array | None = None,
+                         size_average: Any = None, reduce: Any = None, reduction: str = "mean",
+                         *, return_grad: bool = False, grad_output: Any = None,
+                         backend: str | None = None):
+    """Dask version of :func:`nblosses.functional.binary_cross_entropy` (block by block; an
+    input outside [0, 1] raises ValueError when its chunk is computed)."""
+    return _binary_loss("binary_cross_entropy", input, target, weight, None, size_average,
+                        reduce, reduction, return_grad, grad_output, backend)
+
+
+def binary_cross_entropy_with_logits(input: Array, target: Array, weight: Array | None = None,
+                                     size_average: Any = None, reduce: Any = None,
+                                     reduction: str = "mean", pos_weight: Array | None = None, *,
+                                     return_grad: bool = False, grad_output: Any = None,
+                                     backend: str | None = None):
+    """Dask version of :func:`nblosses.functional.binary_cross_entropy_with_logits`."""
+    return _binary_loss("binary_cross_entropy_with_logits", input, target, weight, pos_weight,
+                        size_average, reduce, reduction, return_grad, grad_output, backend)
