@@ -34,7 +34,8 @@ extensions = [
 
 # No network: no intersphinx, and MathJax is loaded by the reader's browser only.
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "generated/*.rst.orig", "perf_table.rst", "Thumbs.db", ".DS_Store"]
+# perf_table.rst is not a page of its own: performance.rst includes it.
+exclude_patterns = ["_build", "perf_table.rst", "Thumbs.db", ".DS_Store"]
 root_doc = "index"
 source_suffix = {".rst": "restructuredtext"}
 default_role = "code"
@@ -64,9 +65,8 @@ try:
     import torch
 except ImportError:  # torch is optional: comparisons with it are skipped without it
     torch = None
-try:
+try:  # examples marked ":skipif: not HAS_CUDA" need CuPy and a GPU
     import cupy
-    cupy.cuda.runtime.getDeviceCount()
     HAS_CUDA = cupy.cuda.runtime.getDeviceCount() > 0
 except Exception:
     HAS_CUDA = False
