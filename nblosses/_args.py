@@ -128,7 +128,7 @@ def softmax_args(be: Backend, name: str, input: Any, dim: Any, dtype: Any) -> So
     if not _is_float(x.dtype):
         raise TypeError(f"{name}: input must be a floating-point array (or pass dtype=), "
                         f"got dtype {x.dtype.name}")
-    d = softmax_dim(name, x.ndim, dim, stacklevel=4)
+    d = softmax_dim(name, x.ndim, dim, stacklevel=5)
     cdt = compute_dtype(be, x.dtype)
     x3 = to_compute(be, x, cdt).reshape(split_shape(x.shape, d))
     return SoftmaxArgs(x3, x.shape, x.dtype)
@@ -144,7 +144,7 @@ def softmax_backward_args(be: Backend, name: str, grad_output: Any, output: Any,
     cdt = compute_dtype(be, y.dtype, "output")
     if not _is_float(g.dtype):
         raise TypeError(f"{name}: grad_output must be floating point, got {g.dtype.name}")
-    d = softmax_dim(name, y.ndim, dim, stacklevel=4)
+    d = softmax_dim(name, y.ndim, dim, stacklevel=5)
     s3 = split_shape(y.shape, d)
     return to_compute(be, g, cdt).reshape(s3), to_compute(be, y, cdt).reshape(s3), y.shape, y.dtype
 

@@ -11,36 +11,39 @@ dtype"); targets as int64. Kernels allocate their outputs (unless given ``grad_b
 write to their inputs, and return arrays of the compute dtype. ``reduction`` is one of
 ``"none"``, ``"mean"``, ``"sum"``. Reduced losses are 0-d arrays.
 
-Softmax family (``x3`` is the input viewed as ``(outer, C, inner)``, reduction over ``C``):
+Softmax family (``x3`` is the input viewed as ``(outer, C, inner)``, reduction over ``C``)::
 
-``softmax(x3) -> y3``, ``log_softmax(x3) -> y3``
-``softmax_backward(g3, y3) -> gx3``: ``y * (g - sum_C(g * y))``
-``log_softmax_backward(g3, y3) -> gx3``: ``g - exp(y) * sum_C(g)``
-``sigmoid(x1) -> y1`` and ``sigmoid_backward(g1, y1) -> gx1`` on flat arrays.
+    softmax(x3) -> y3
+    log_softmax(x3) -> y3
+    softmax_backward(g3, y3) -> gx3        # y * (g - sum_C(g * y))
+    log_softmax_backward(g3, y3) -> gx3    # g - exp(y) * sum_C(g)
+    sigmoid(x1) -> y1                      # flat arrays
+    sigmoid_backward(g1, y1) -> gx1
 
-Class losses (``x3`` is ``(N, C, inner)``; a ``(C,)`` input arrives as ``(1, C, 1)``):
+Class losses (``x3`` is ``(N, C, inner)``; a ``(C,)`` input arrives as ``(1, C, 1)``)::
 
-``nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output, grad_buffer)``
-``cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, want_grad,
-grad_output, grad_buffer)``
-    ``t2``: ``(N, inner)`` int64, every value in ``[0, C)`` or equal to ``ignore_index``.
-``cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad, grad_output,
-grad_buffer)``
-    ``p3``: class probabilities, same shape and dtype as ``x3``.
+    nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output, grad_buffer)
+    cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, want_grad,
+                  grad_output, grad_buffer)
+    cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad, grad_output,
+                        grad_buffer)
 
-``weight`` is ``(C,)`` or ``None``. ``grad_output`` is ``None`` unless ``want_grad``; then a
-Python float for reduced losses, an ``(N, inner)`` array for ``"none"``. ``grad_buffer`` is
-``None`` or an ``(N, C, inner)`` array the gradient is written into; it may be ``x3`` itself
-(the kernel must then read each logit before overwriting it). Return ``(loss, grad)``: ``loss``
-0-d or ``(N, inner)``; ``grad`` ``(N, C, inner)`` or ``None``.
+``t2`` is ``(N, inner)`` int64, every value in ``[0, C)`` or equal to ``ignore_index``; ``p3``
+holds class probabilities, same shape and dtype as ``x3``. ``weight`` is ``(C,)`` or ``None``.
+``grad_output`` is ``None`` unless ``want_grad``; then a Python float for reduced losses, an
+``(N, inner)`` array for ``"none"``. ``grad_buffer`` is ``None`` or an ``(N, C, inner)`` array
+the gradient is written into; it may be ``x3`` itself (the kernel must then read each logit
+before overwriting it). Return ``(loss, grad)``: ``loss`` 0-d or ``(N, inner)``; ``grad``
+``(N, C, inner)`` or ``None``.
 
-Binary losses (flat arrays of equal length; ``weight`` / ``pos_weight`` flat of that length
-or ``None``):
+Binary losses (flat arrays of equal length; ``weight`` / ``pos_weight`` flat of that length or
+``None``)::
 
-``binary_cross_entropy(x, y, weight, *, reduction, want_grad, grad_output)``
-``binary_cross_entropy_with_logits(x, y, weight, pos_weight, *, reduction, want_grad,
-grad_output)``
-    Return ``(loss, grad)`` with ``loss`` 0-d or flat, ``grad`` flat or ``None``.
+    binary_cross_entropy(x, y, weight, *, reduction, want_grad, grad_output)
+    binary_cross_entropy_with_logits(x, y, weight, pos_weight, *, reduction, want_grad,
+                                     grad_output)
+
+Both return ``(loss, grad)`` with ``loss`` 0-d or flat, ``grad`` flat or ``None``.
 """
 
 from __future__ import annotations

@@ -258,16 +258,20 @@ def log_softmax_backward(g3: np.ndarray, y3: np.ndarray) -> np.ndarray:
 def _sigmoid(x, y):
     n = x.size
     for k in prange((n + CHUNK - 1) // CHUNK):
-        for i in range(k * CHUNK, min(n, (k + 1) * CHUNK)):
-            y[i] = like(1, x) / (like(1, x) + fast_exp(-x[i]))
+        xs = x[k * CHUNK:min(n, (k + 1) * CHUNK)]  # slices: range-indexed loops vectorise
+        ys = y[k * CHUNK:min(n, (k + 1) * CHUNK)]
+        for i in range(xs.size):
+            ys[i] = like(1, x) / (like(1, x) + fast_exp(-xs[i]))
 
 
 @njit(**PJIT)
 def _sigmoid_backward(g, y, gx):
     n = y.size
     for k in prange((n + CHUNK - 1) // CHUNK):
-        for i in range(k * CHUNK, min(n, (k + 1) * CHUNK)):
-            gx[i] = g[i] * y[i] * (like(1, y) - y[i])
+        lo, hi = k * CHUNK, min(n, (k + 1) * CHUNK)
+        gs, ys, out = g[lo:hi], y[lo:hi], gx[lo:hi]
+        for i in range(ys.size):
+            out[i] = gs[i] * ys[i] * (like(1, y) - ys[i])
 
 
 @register_kernel("sigmoid", "cpu")
