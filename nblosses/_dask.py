@@ -160,16 +160,26 @@ def _merge_class_stats(stats: Any, be, out_ndim: int) -> Any:
                         meta=_meta(be, out_ndim, _F64))
 
 
-def _max_sumexp(xp, x: Any, axis: int) -> tuple[Any, Any]:
-    """Per-chunk ``m = max x`` and ``s = sum exp(x - m)`` (float64), reduced over ``axis``."""
-    m = x.max(axis=axis, keepdims=True)
-    with np.errstate(invalid="ignore"):
-        e = x - m
-        xp.exp(e, out=e)
-    s = e.sum(axis=axis, dtype=_F64)
-    del e
-    m = m.squeeze(axis=axis).astype(_F64)
-    return m, xp.where(m == -np.inf, 0.0, s)
+def _max_sumexp(be, x: Any, axis: int) -> tuple[Any, Any]:
+    """Per-chunk ``m = max x`` and ``s = sum exp(x - m)`` (float64), reduced over ``axis``.
+
+    The sum comes from the backend's fused cross-entropy kernel: with the row maximum as the
+    target, the loss is ``log(sum exp(x - m))`` exactly (computed from ``x - m``), in one pass
+    and without a temporary of the chunk's size.
+    """
+    xp = be.xp
+    shape = x.shape[:axis] + x.shape[axis + 1:]
+    x3 = x.reshape(_args.split_shape(x.shape, axis))
+    if x3.shape[1] == 1 or x.size == 0:  # a one-class chunk: s = 1 (x - m = 0), no kernel call
+        m = x3[:, 0].astype(_F64)
+        s = xp.ones(m.shape, dtype=_F64)
+    else:
+        top = x3.argmax(axis=1)
+        m = xp.take_along_axis(x3, top[:, None], axis=1)[:, 0].astype(_F64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            s = xp.exp(F.cross_entropy(x3, top, reduction="none", backend=be.name).astype(_F64))
+    s = xp.where(m == -np.inf, 0.0, s)  # a chunk of only -inf contributes nothing
+    return m.reshape(shape), s.reshape(shape)
 
 
 # ----------------------------------------------------------------------------- softmax family
@@ -179,7 +189,7 @@ def _softmax_block(xb, op, dim, backend):
 
 def _lse_stats_block(xb, axis, backend):
     be = resolve_backend(backend, xb)
-    m, s = _max_sumexp(be.xp, _work(be, xb), axis)
+    m, s = _max_sumexp(be, _work(be, xb), axis)
     return be.xp.expand_dims(be.xp.stack([m, s], axis=-1), axis)
 
 
@@ -492,7 +502,7 @@ def _ce_stats_block(xb, tb, wb, offb, backend, n_classes, ignore_index, eps, pro
     xp = be.xp
     x = _work(be, xb)
     off = int(_unwrap(offb)[0])
-    m, s = _max_sumexp(xp, x, 1)
+    m, s = _max_sumexp(be, x, 1)
     fields = [m, s]
     w = None if _unwrap(wb) is None else be.asarray(_unwrap(wb)).astype(x.dtype)
     if probs:
@@ -531,9 +541,22 @@ def _ce_rows_block(stb, tb, wtb, wsum, n_classes, ignore_index, eps, probs):
         return xp.where(_unwrap(tb) != ignore_index, loss, 0.0)
 
 
-def _ce_grad_block(xb, tb, wb, offb, stb, wtb, gb, wsum, backend, n_classes, ignore_index,
+def _positions(xp, shape):
+    """Open-mesh index arrays of ``shape`` (as ``numpy.indices(shape, sparse=True)``)."""
+    nd = len(shape)
+    return tuple(xp.arange(n).reshape((1,) * k + (n,) + (1,) * (nd - k - 1))
+                 for k, n in enumerate(shape))
+
+
+def _ce_grad_block(xb, tb, wb, offb, lsb, stb, wtb, gb, wsum, backend, n_classes, ignore_index,
                    eps, probs, out_dtype):
-    """Gradient of one class chunk from the merged row statistics (global max and log-sum)."""
+    """Gradient of one class chunk from the merged row statistics (global max and log-sum).
+
+    Index targets, finite statistics: one call of the fused kernel on the chunk, whose
+    gradient ``g' (softmax_chunk - onehot)`` becomes the global one with
+    ``g' = coef * exp(lse_chunk - lse_row)`` and a fix-up at one class per row. Otherwise
+    (probability targets, rows with inf / NaN) the formula in array operations.
+    """
     be = resolve_backend(backend, xb)
     xp = be.xp
     x = _work(be, xb)
@@ -543,6 +566,31 @@ def _ce_grad_block(xb, tb, wb, offb, stb, wtb, gb, wsum, backend, n_classes, ign
     g = _rows_grad(be, gb, st.shape[:-1])
     w = None if _unwrap(wb) is None else be.asarray(_unwrap(wb)).astype(x.dtype)
     wshape = (1, -1) + (1,) * (nd - 2)
+    if not probs:
+        t = be.asarray(_unwrap(tb)).astype(xp.int64)
+        valid = t != ignore_index
+        with np.errstate(invalid="ignore"):  # inf * 0 where all targets are ignored
+            a = xp.where(valid, g * (1.0 - eps) * be.asarray(_unwrap(wtb)), 0.0)
+            b = xp.where(valid, g * (eps / n_classes), 0.0)
+            coef = a + b * _scalar(wsum)
+        idx, local = _pick_mask(xp, t, off, x.shape[1], ignore_index)
+        loc = be.asarray(_unwrap(lsb))[:, 0]
+        finite = xp.isfinite(loc[..., 0]) & xp.isfinite(st[..., 0]) & xp.isfinite(st[..., 1])
+        if x.size and bool(finite.all()):
+            with np.errstate(over="ignore", invalid="ignore"):
+                g_chunk = coef * (loc[..., 1] / st[..., 1]) * xp.exp(loc[..., 0] - st[..., 0])
+            tl = xp.zeros(t.shape, dtype=xp.int64)
+            tl[idx] = local
+            _, gx = F.cross_entropy(x, tl, reduction="none", return_grad=True,
+                                    grad_output=g_chunk, backend=be.name)
+            fix = g_chunk.copy()  # undo the kernel's one-hot at tl, then the true one at t
+            fix[idx] -= a[idx]
+            pos = _positions(xp, t.shape)
+            gx[(pos[0], tl) + pos[1:]] += fix.astype(gx.dtype)
+            if eps > 0:
+                wc = w.reshape(wshape) if w is not None else x.dtype.type(1.0)
+                gx -= _expand(b, nd).astype(gx.dtype) * wc
+            return gx.astype(out_dtype, copy=False)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         big = _expand(st[..., 0], nd).astype(x.dtype)
         log_s = _expand(xp.log(st[..., 1]), nd).astype(x.dtype)
@@ -558,15 +606,10 @@ def _ce_grad_block(xb, tb, wb, offb, stb, wtb, gb, wsum, backend, n_classes, ign
             wy *= _expand(g, nd).astype(x.dtype)
             p -= wy
             return p.astype(out_dtype, copy=False)
-        t = be.asarray(_unwrap(tb)).astype(xp.int64)
-        valid = t != ignore_index
-        a = xp.where(valid, g * (1.0 - eps) * be.asarray(_unwrap(wtb)), 0.0)
-        b = xp.where(valid, g * (eps / n_classes), 0.0)
-        p *= _expand(a + b * _scalar(wsum), nd).astype(x.dtype)
+        p *= _expand(coef, nd).astype(x.dtype)
         if eps > 0:
             wc = w.reshape(wshape) if w is not None else x.dtype.type(1.0)
             p -= _expand(b, nd).astype(x.dtype) * wc
-        idx, local = _pick_mask(xp, t, off, x.shape[1], ignore_index)
         p[(idx[0], local) + idx[1:]] -= a[idx].astype(x.dtype)
         if not bool(valid.all()):
             p = xp.where(_expand(valid, nd), p, x.dtype.type(0))
@@ -706,8 +749,8 @@ def _class_loss(op, input, target, weight, size_average, ignore_index, reduce, r
     loss = _reduce_rows(rows, reduction, denom, dtype, be, squeeze)
     if not return_grad:
         return loss
-    grad = da.blockwise(_ce_grad_block, xi, x, xi, t, tidx, *warg, off, _CLASS, merged,
-                        ti + _STAT, *wtpair, *gpair, *_scalar_arg(wsum), name, None, n_classes,
+    grad = da.blockwise(_ce_grad_block, xi, x, xi, t, tidx, *warg, off, _CLASS, stats,
+                        xi + _STAT, merged, ti + _STAT, *wtpair, *gpair, *_scalar_arg(wsum), name, None, n_classes,
                         None, ignore_index, None, eps, None, probs, None, dtype, None,
                         concatenate=False, align_arrays=False, meta=grad_meta)
     return loss, (grad[0] if squeeze else grad)

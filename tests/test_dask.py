@@ -260,6 +260,24 @@ def test_class_loss_eager_errors():
     assert_close(compute(summed)[0], F.cross_entropy(np.asarray(x), t, reduction="sum"))
 
 
+def test_cross_entropy_special_values_across_class_chunks():
+    x = RNG.standard_normal((6, 8))
+    x[0, :4] = -np.inf  # one chunk of only -inf (the target lies in the other one)
+    x[1, 6] = np.inf
+    x[2, 2] = np.nan
+    x[3] = -np.inf
+    x[4] = [1e4, -1e4, 3e3, 0, 88, -88, 1e4, 5]
+    t = np.array([5, 1, 2, 3, 0, 7])
+    for kw in ({}, {"label_smoothing": 0.1, "reduction": "none"}, {"reduction": "none"}):
+        lazy = F.cross_entropy(to_dask(x, (3, 4)), t, return_grad=True, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss, grad = compute(*lazy)
+        ref_loss, ref_grad = F.cross_entropy(x, t, return_grad=True, **kw)
+        assert_close(loss, ref_loss)
+        assert_close(grad, ref_grad)
+
+
 def test_float32_and_float16_keep_dtype():
     x, t, w, _ = class_inputs((12, 10))
     for dtype, tol in ((np.float32, 2e-6), (np.float16, 2e-3)):
