@@ -1,0 +1,152 @@
+"""Shared helpers for the asv benchmarks (models: pandas' asv_bench, SciPy's
+benchmarks/benchmarks/common.py).
+
+The op and shape definitions are ``nblosses/_bench/{cases,peers}.py`` *of this working tree*,
+loaded by file path under a private package name: asv installs other commits of nblosses to
+benchmark them (``asv continuous``, ``asv run HASH``), and those commits may predate or differ
+in ``nblosses._bench``. The loaded code calls only nblosses' public API.
+
+Conventions of every benchmark class here:
+
+- ``params`` hold strings: op names, backend (``"cpu"``, ``"cuda"``), shape labels with the
+  reduced axis in brackets (``"32x[21]x4096"``), dtype names;
+- ``setup`` builds the inputs, raises :data:`SkipNotImplemented` when the backend (or the peer)
+  is not usable here, and calls the function once: JIT compilation / NVRTC and thread-pool
+  start-up happen there, never in the timed call;
+- timed methods call the function and synchronise the device inside the timed call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+try:
+    from asv_runner.benchmarks.mark import SkipNotImplemented
+except ImportError:  # asv < 0.6, or running without asv
+    SkipNotImplemented = NotImplementedError
+
+_BENCH_DIR = Path(__file__).resolve().parents[1] / "nblosses" / "_bench"
+_PKG = "_nblosses_bench_worktree"
+
+
+def _load_bench_package():
+    """Import ``nblosses/_bench`` of this working tree as the package ``_PKG``."""
+    if _PKG in sys.modules:
+        return sys.modules[_PKG]
+    if not (_BENCH_DIR / "cases.py").exists():  # benchmarks copied elsewhere: installed copy
+        return importlib.import_module("nblosses._bench")
+    pkg = types.ModuleType(_PKG)
+    pkg.__path__ = [str(_BENCH_DIR)]
+    pkg.__file__ = str(_BENCH_DIR / "__init__.py")
+    sys.modules[_PKG] = pkg
+    return pkg
+
+
+_pkg = _load_bench_package()
+cases = importlib.import_module(_pkg.__name__ + ".cases")
+peers = importlib.import_module(_pkg.__name__ + ".peers")
+memory = importlib.import_module(_pkg.__name__ + ".memory")
+firstcall = importlib.import_module(_pkg.__name__ + ".firstcall")
+
+BACKENDS = ["cpu", "cuda"]
+DTYPES = list(cases.DTYPES)
+#: The issue's six target shapes.
+SHAPES = [s.label for s in cases.SHAPES]
+#: Two sizes for elementwise ops and secondary losses (the layout does not matter there).
+SHAPES_SMALL_GRID = ["4096x[1000]", "512x[32000]"]
+
+
+def backend_or_skip(backend: str):
+    """``(array module, sync)`` for ``backend``; SkipNotImplemented when unusable here."""
+    from nblosses._registry import BackendUnavailableError, lookup
+
+    if backend == "cpu":  # numba is a hard dependency: a failure here is a bug, not a skip
+        import numpy as np
+
+        lookup(backend).load()
+        return np, None
+    try:
+        lookup(backend).load()
+    except BackendUnavailableError as exc:
+        raise SkipNotImplemented(str(exc)) from exc
+    import cupy
+
+    return cupy, cupy.cuda.get_current_stream().synchronize
+
+
+def _skip_if_unsupported(fn):
+    from nblosses._registry import UnsupportedOpError
+
+    try:
+        return fn()
+    except UnsupportedOpError as exc:
+        raise SkipNotImplemented(str(exc)) from exc
+
+
+class OpBenchmark:
+    """``setup(op, backend, shape, dtype)``: nblosses' op ready to call as ``self.fn``."""
+
+    param_names = ["op", "backend", "shape", "dtype"]
+    timeout = 180
+
+    def setup(self, op, backend, shape, dtype):
+        xp, self.sync = backend_or_skip(backend)
+        self.inputs = cases.make_inputs(op, shape, dtype).to(xp)
+        self.fn = cases.nblosses_callable(self.inputs, backend)
+        _skip_if_unsupported(self.fn)  # warm-up: JIT / NVRTC / thread pool
+        self.run()
+
+    def run(self):
+        self.fn()
+        if self.sync is not None:
+            self.sync()
+
+    def teardown(self, *args):
+        self.inputs = self.fn = None
+
+
+class PeerBenchmark:
+    """``setup(op, device, shape, dtype)``: ``self.peer``'s version of the op as ``self.fn``."""
+
+    peer = "torch"
+    param_names = ["op", "device", "shape", "dtype"]
+    timeout = 180
+
+    def setup(self, op, device, shape, dtype):
+        if self.peer not in peers.available_peers(device):
+            raise SkipNotImplemented(f"{self.peer} is not installed / has no {device} device")
+        xp, _ = backend_or_skip(device) if device != "cpu" else (None, None)
+        self.inputs = cases.make_inputs(op, shape, dtype)
+        if xp is not None:
+            self.inputs = self.inputs.to(xp)
+        if self.peer == "torch":
+            peers.match_torch_threads()
+        self.fn = peers.peer_callable(self.peer, self.inputs, device)
+        if self.fn is None:
+            raise SkipNotImplemented(f"{self.peer} has no {op}")
+        self.sync = peers.peer_sync(self.peer, device)
+        self.run()
+
+    def run(self):
+        self.fn()
+        if self.sync is not None:
+            self.sync()
+
+    def teardown(self, *args):
+        self.inputs = self.fn = None
+
+
+def smallest_params(params, param_names):
+    """One tiny parameter set (first values, tiny shape): for dry runs in tests."""
+    out = []
+    for values, name in zip(params, param_names):
+        if name == "shape":
+            out.append(cases.TINY_SHAPES[0].label)
+        else:
+            out.append(values[0])
+    return out
+

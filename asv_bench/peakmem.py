@@ -1,0 +1,61 @@
+"""Memory: asv's ``peakmem_`` (peak RSS of the benchmark process, inputs included) and
+``track_extra_peak`` (memory one call adds beyond its outputs, % of the input; on the CPU the
+rise of the RSS high-water mark, on CUDA the CuPy pool / torch allocator peak).
+
+Targets (CPU issue): cross_entropy forward <= 1% of the logits; forward+gradient <= the
+gradient + 1% (``track_extra_peak`` excludes outputs, so <= 1% for both).
+"""
+
+from .common import BACKENDS, SHAPES, SHAPES_SMALL_GRID, OpBenchmark, PeerBenchmark, cases, memory
+
+CE_OPS = ["cross_entropy", "cross_entropy_grad"]
+OTHER_OPS = [op for op in cases.OPS if op not in CE_OPS]
+
+
+def _extra_pct(bench, backend, peer=None):
+    m = memory.extra_peak(bench.fn, backend=backend, peer=peer, sync=bench.sync)
+    if backend == "cpu":
+        used = m["rss"] if m["rss"] is not None else m["traced"]
+    else:
+        used = m["device"]
+    return 100.0 * (used - m["out_bytes"]) / bench.inputs.nbytes_input
+
+
+class PeakMemCrossEntropy(OpBenchmark):
+    params = [CE_OPS, BACKENDS, SHAPES, ["float32"]]
+    timeout = 300
+
+    def peakmem_call(self, op, backend, shape, dtype):
+        self.run()
+
+    def track_extra_peak(self, op, backend, shape, dtype):
+        return _extra_pct(self, backend)
+
+    track_extra_peak.unit = "% of input"
+
+
+class PeakMem(OpBenchmark):
+    params = [OTHER_OPS, BACKENDS, SHAPES_SMALL_GRID, ["float32"]]
+    timeout = 300
+
+    def peakmem_call(self, op, backend, shape, dtype):
+        self.run()
+
+    def track_extra_peak(self, op, backend, shape, dtype):
+        return _extra_pct(self, backend)
+
+    track_extra_peak.unit = "% of input"
+
+
+class TorchPeakMemCrossEntropy(PeerBenchmark):
+    peer = "torch"
+    params = [CE_OPS, BACKENDS, SHAPES, ["float32"]]
+    timeout = 300
+
+    def peakmem_call(self, op, device, shape, dtype):
+        self.run()
+
+    def track_extra_peak(self, op, device, shape, dtype):
+        return _extra_pct(self, device, peer="torch")
+
+    track_extra_peak.unit = "% of input"

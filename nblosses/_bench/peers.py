@@ -1,0 +1,175 @@
+"""Reference implementations the benchmarks compare against: torch, SciPy, cupyx.
+
+Every peer is imported lazily, inside the functions, and is optional: :func:`available_peers`
+lists those installed (and usable on the backend's device). :func:`peer_callable` returns a
+zero-argument function running the op once on arrays *already converted* outside the timed
+region (``torch.from_numpy`` / DLPack: no copies), or ``None`` where the peer lacks the op.
+
+torch runs with as many intra-op threads as Numba (:func:`match_torch_threads`), so the
+comparison is like for like. Gradient ops are compared with what torch users run:
+``F.cross_entropy`` then ``torch.autograd.grad`` (forward + backward), and torch's own backward
+kernels (``aten._softmax_backward_data``...) for the explicit backward functions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Callable
+
+from .cases import Inputs
+
+__all__ = ["PEERS", "available_peers", "match_torch_threads", "peer_callable", "peer_sync",
+           "peer_version"]
+
+#: Peers in table order. "torch" runs on the backend's device; "scipy" on the CPU only,
+#: "cupyx" (cupyx.scipy.special) on CUDA only.
+PEERS = ("torch", "scipy", "cupyx")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def available_peers(backend: str = "cpu") -> list[str]:
+    """The peers installed and usable for ``backend`` (imports them)."""
+    out = []
+    if _installed("torch"):
+        if backend == "cpu":
+            out.append("torch")
+        else:
+            import torch
+
+            if torch.cuda.is_available():
+                out.append("torch")
+    if backend == "cpu" and _installed("scipy"):
+        out.append("scipy")
+    if backend == "cuda" and _installed("cupyx"):
+        out.append("cupyx")
+    return out
+
+
+def peer_version(peer: str) -> str | None:
+    mod = {"torch": "torch", "scipy": "scipy", "cupyx": "cupy"}[peer]
+    if not _installed(mod):
+        return None
+    return getattr(importlib.import_module(mod), "__version__", "?")
+
+
+def match_torch_threads(n: int | None = None) -> int | None:
+    """Give torch the same intra-op thread count as Numba (or ``n``); returns it."""
+    if not _installed("torch"):
+        return None
+    import torch
+
+    if n is None:
+        import numba
+
+        n = numba.get_num_threads()
+    torch.set_num_threads(int(n))
+    return torch.get_num_threads()
+
+
+def peer_sync(peer: str, backend: str) -> Callable[[], None] | None:
+    """The device synchronisation to put inside the timed region (``None`` on the CPU)."""
+    if backend == "cpu":
+        return None
+    if peer == "torch":
+        import torch
+
+        return torch.cuda.synchronize
+    import cupy
+
+    return lambda: cupy.cuda.get_current_stream().synchronize()
+
+
+def peer_callable(peer: str, inputs: Inputs, backend: str = "cpu") -> Callable[[], Any] | None:
+    """A zero-argument function running ``inputs.op`` with ``peer``, or ``None``."""
+    if peer == "torch":
+        return _torch_callable(inputs, "cpu" if backend == "cpu" else "cuda")
+    if peer == "scipy":
+        return _scipy_callable(inputs) if backend == "cpu" else None
+    if peer == "cupyx":
+        return _cupyx_callable(inputs) if backend == "cuda" else None
+    raise ValueError(f"unknown peer {peer!r}")
+
+
+def _torch_callable(inputs: Inputs, device: str) -> Callable[[], Any] | None:
+    import torch
+    import torch.nn.functional as F
+
+    def tensor(a: Any) -> Any:
+        if device == "cpu":
+            return torch.from_numpy(a)
+        return torch.as_tensor(a, device="cuda")  # __cuda_array_interface__: no copy
+
+    a = {k: tensor(v) for k, v in inputs.arrays.items()}
+    d, name = inputs.dim, inputs.op.name
+
+    def with_grad(loss_fn: Callable[[Any], Any], x: Any) -> Callable[[], Any]:
+        leaf = x.detach().requires_grad_(True)
+
+        def run() -> Any:
+            loss = loss_fn(leaf)
+            (gx,) = torch.autograd.grad(loss, leaf)
+            return loss.detach(), gx
+
+        return run
+
+    if name == "softmax":
+        return lambda: F.softmax(a["x"], d)
+    if name == "log_softmax":
+        return lambda: F.log_softmax(a["x"], d)
+    if name == "sigmoid":
+        return lambda: torch.sigmoid(a["x"])
+    if name == "softmax_backward":
+        g, y = a["g"], a["y"]
+        return lambda: torch._softmax_backward_data(g, y, d, y.dtype)
+    if name == "log_softmax_backward":
+        g, y = a["g"], a["y"]
+        return lambda: torch._log_softmax_backward_data(g, y, d, y.dtype)
+    if name == "sigmoid_backward":
+        g, y = a["g"], a["y"]
+        return lambda: torch.ops.aten.sigmoid_backward(g, y)
+    if name == "cross_entropy":
+        return lambda: F.cross_entropy(a["x"], a["t"])
+    if name == "cross_entropy_grad":
+        return with_grad(lambda x: F.cross_entropy(x, a["t"]), a["x"])
+    if name == "nll_loss":
+        return lambda: F.nll_loss(a["x"], a["t"])
+    if name == "nll_loss_grad":
+        return with_grad(lambda x: F.nll_loss(x, a["t"]), a["x"])
+    if name == "bce":
+        return lambda: F.binary_cross_entropy(a["x"], a["y"])
+    if name == "bce_grad":
+        return with_grad(lambda x: F.binary_cross_entropy(x, a["y"]), a["x"])
+    if name == "bce_with_logits":
+        return lambda: F.binary_cross_entropy_with_logits(a["x"], a["y"])
+    if name == "bce_with_logits_grad":
+        return with_grad(lambda x: F.binary_cross_entropy_with_logits(x, a["y"]), a["x"])
+    return None
+
+
+def _scipy_callable(inputs: Inputs) -> Callable[[], Any] | None:
+    import scipy.special as sp
+
+    a, d, name = inputs.arrays, inputs.dim, inputs.op.name
+    if name == "softmax":
+        return lambda: sp.softmax(a["x"], axis=d)
+    if name == "log_softmax":
+        return lambda: sp.log_softmax(a["x"], axis=d)
+    if name == "sigmoid":
+        return lambda: sp.expit(a["x"])
+    return None
+
+
+def _cupyx_callable(inputs: Inputs) -> Callable[[], Any] | None:
+    import cupyx.scipy.special as sp
+
+    a, d, name = inputs.arrays, inputs.dim, inputs.op.name
+    if name == "softmax":
+        return lambda: sp.softmax(a["x"], axis=d)
+    if name == "log_softmax":
+        return lambda: sp.log_softmax(a["x"], axis=d)
+    if name == "sigmoid":
+        return lambda: sp.expit(a["x"])
+    return None

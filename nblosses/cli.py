@@ -1,0 +1,207 @@
+"""Command line: ``nblosses info`` and ``nblosses bench``.
+
+``nblosses info`` prints versions (optional packages too, without failing when absent),
+registered and available backends, Numba's threading layer, thread count and cache location,
+and the CUDA device when there is one.
+
+``nblosses bench`` times every op on the standard shapes on one backend against each
+installed peer (torch with Numba's thread count, scipy.special, cupyx), then measures extra peak
+memory and first-call latency, and prints Markdown tables (progress bar on stderr). See
+``nblosses bench --help``. Needs the ``bench`` extra: ``pip install 'nblosses[bench]'``; torch is
+optional.
+
+Heavy packages (numba kernels, torch, scipy, cupy, matplotlib, tqdm) are imported only by the
+command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+
+def _info(args: argparse.Namespace) -> int:
+    from nblosses._bench.runner import collect_info
+
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    order = ["nblosses", "python", "platform", "cpu", "cpu_count", "numpy", "numba", "llvmlite",
+             "scipy", "torch", "cupy"]
+    width = 24
+    for key in order:
+        value = info.get(key)
+        print(f"{key:<{width}} {value if value is not None else 'not installed'}")
+    print(f"{'backends':<{width}} " + ", ".join(info["backends"]))
+    print(f"{'available backends':<{width}} " + (", ".join(info["available_backends"]) or "none"))
+    for name, state in info["backends"].items():
+        if state != "available":
+            print(f"{'  ' + name:<{width}} {state}")
+    for key, label in [("numba_threading_layer", "numba threading layer"),
+                       ("numba_threads", "numba threads"),
+                       ("numba_max_threads", "numba max threads"),
+                       ("numba_cache_dir", "numba cache"),
+                       ("torch_threads", "torch threads"),
+                       ("torch_cuda", "torch CUDA available"),
+                       ("cuda_device", "CUDA device"),
+                       ("cuda_runtime", "CUDA runtime"),
+                       ("cuda_driver", "CUDA driver")]:
+        if key in info:
+            print(f"{label:<{width}} {info[key]}")
+    return 0
+
+
+def _csv(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from nblosses._bench import cases as C
+    from nblosses._bench import report, runner
+
+    try:
+        ops = C.parse_ops(args.ops)
+        if args.shapes:
+            shapes = [C.parse_shape(s) for s in args.shapes.split(";" if ";" in args.shapes
+                                                                   else ",")]
+        else:
+            shapes = list(C.QUICK_SHAPES if args.quick else C.SHAPES)
+    except ValueError as exc:
+        print(f"nblosses bench: {exc}", file=sys.stderr)
+        return 2
+    dtypes = list(C.DTYPES) if args.dtype == "all" else _csv(args.dtype) or ["float32"]
+    for dt in dtypes:
+        if dt not in ("float16", "float32", "float64"):
+            print(f"nblosses bench: unsupported dtype {dt!r}", file=sys.stderr)
+            return 2
+    peers = None
+    if args.peers is not None:
+        peers = [] if args.peers in ("", "none") else _csv(args.peers)
+
+    def pick(choice: str, default: Sequence[str]) -> list[str] | None:
+        if choice == "default":
+            return None
+        if choice == "none":
+            return []
+        if choice == "all":
+            return list(ops)
+        return C.parse_ops(choice)
+
+    config = runner.BenchConfig(
+        backend=args.backend, ops=ops, shapes=shapes, dtypes=dtypes,
+        repeat=args.repeat or (3 if args.quick else 7),
+        min_sample=0.005 if args.quick else 0.02,
+        budget=1.0 if args.quick else 2.0,
+        peers=peers, threads=args.threads,
+        memory_ops=pick(args.memory, runner.MEMORY_OPS),
+        first_call_ops=pick(args.first_call, runner.FIRST_CALL_OPS),
+        copy_bytes=(32 << 20) if args.quick else (128 << 20),
+        check=not args.no_check, quick=args.quick)
+    try:
+        out = runner.run(config, progress=not args.no_progress)
+    except Exception as exc:  # backend unusable, ...
+        from nblosses._registry import BackendUnavailableError
+
+        if isinstance(exc, BackendUnavailableError):
+            print(f"nblosses bench: {exc}", file=sys.stderr)
+            return 2
+        raise
+    print(report.format_report(out))
+    if args.json:
+        report.write_json(out, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        try:
+            report.plot(out, args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
+        except ImportError as exc:
+            print(f"nblosses bench: --plot needs matplotlib ({exc})", file=sys.stderr)
+            return 2
+    bad = [r for r in out["results"]
+           if "error" in r or not r.get("check", {"ok": True})["ok"]]
+    if bad:
+        print(f"nblosses bench: {len(bad)} case(s) failed or did not match the reference",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nblosses", description="nblosses: environment report and benchmarks.")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.required = True
+
+    p = sub.add_parser("info", help="versions, backends, threading layer, caches, device")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser(
+        "bench", help="time every op against torch / scipy / cupyx on this machine",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Time nblosses against each installed peer (torch with Numba's thread count, "
+            "scipy.special, cupyx on CUDA).\n"
+            "Table columns: ms = median per call; GB/s = ideal bytes moved / time; % copy = "
+            "GB/s against this\nmachine's copyto bandwidth; vs X = X's time / nblosses' time "
+            "(> 1: nblosses faster).\nThen: extra peak memory (cross_entropy fwd and fwd+grad) "
+            "and first-call latency in a fresh\nprocess (cold and warm compile cache), and the "
+            "performance targets.\n\nops: " + ", ".join(_op_names()) + "\ngroups: "
+            + ", ".join(_group_names())))
+    p.add_argument("--backend", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller shapes, fewer repeats (CI, smoke tests)")
+    p.add_argument("--dtype", default="float32",
+                   help="float32 (default), float64, a comma list, or 'all'")
+    p.add_argument("--ops", default=None, help="comma list of ops and groups (default: all)")
+    p.add_argument("--shapes", default=None,
+                   help="shape labels, reduced axis in brackets: '4096x[1000],32x[21]x4096' "
+                        "(separate with ';' to use ',' inside labels)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="samples per timing (default 7, --quick 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="Numba (and torch) threads (default: Numba's default)")
+    p.add_argument("--peers", default=None,
+                   help="comma list among torch, scipy, cupyx, or 'none' (default: installed)")
+    p.add_argument("--memory", default="default", metavar="OPS",
+                   help="ops to measure extra peak memory for: default "
+                        "(cross_entropy, cross_entropy_grad), all, none, or a comma list")
+    p.add_argument("--first-call", default="default", metavar="OPS",
+                   help="ops to measure first-call latency for: default (softmax, log_softmax, "
+                        "cross_entropy, cross_entropy_grad), all, none, or a comma list")
+    p.add_argument("--json", metavar="FILE", help="write all results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="bar chart of speed vs torch")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip comparing results with the peer's")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def _op_names() -> list[str]:
+    from nblosses._bench.cases import OPS
+
+    return list(OPS)
+
+
+def _group_names() -> list[str]:
+    from nblosses._bench.cases import OP_GROUPS
+
+    return list(OP_GROUPS)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nblosses`` command."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
