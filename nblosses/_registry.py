@@ -253,7 +253,8 @@ def use_backend(name: str) -> Iterator[str]:
 
 
 def _array_module_name(array: Any) -> str:
-    return type(array).__module__.partition(".")[0]
+    module = type(array).__module__
+    return module if module == "numpy" else module.partition(".")[0]
 
 
 def is_dask_array(obj: Any) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import types
 from typing import Any, Callable
 
 import numba
@@ -57,3 +58,41 @@ def guarded(kernel: Callable[..., Any]) -> Callable[..., Any]:
         return kernel(*args, **kwargs)
 
     return call
+
+
+#: Below this many elements a kernel runs its serial build: waking the thread pool costs more
+#: than the work (torch uses the same grain, 32768).
+GRAIN = 32768
+
+
+class ParallelKernel:
+    """A kernel compiled twice from one Python function: serially and with ``parallel=True``.
+
+    Calls run the parallel build when the first argument has at least ``GRAIN`` elements,
+    else the serial one (``prange`` is a plain ``range`` there).
+    """
+
+    def __init__(self, py_func: Callable[..., Any], options: dict[str, Any]) -> None:
+        serial_opts = {k: v for k, v in options.items() if k != "parallel"}
+        self.parallel = numba.njit(**dict(serial_opts, parallel=True))(py_func)
+        # Numba's on-disk cache keys entries by qualified name and bytecode, not by flags:
+        # the serial build needs a copy of the function under a name of its own.
+        twin = types.FunctionType(py_func.__code__, py_func.__globals__, py_func.__name__,
+                                  py_func.__defaults__, py_func.__closure__)
+        twin.__qualname__ = py_func.__qualname__ + "__serial"
+        twin.__module__ = py_func.__module__
+        self.serial = numba.njit(**serial_opts)(twin)
+        functools.update_wrapper(self, py_func)
+
+    def __call__(self, *args: Any) -> Any:
+        build = self.parallel if args[0].size >= GRAIN else self.serial
+        return build(*args)
+
+
+def parallel_kernel(**options: Any) -> Callable[[Callable[..., Any]], ParallelKernel]:
+    """Decorator: ``@parallel_kernel(**jit_options)`` builds a :class:`ParallelKernel`."""
+
+    def deco(py_func: Callable[..., Any]) -> ParallelKernel:
+        return ParallelKernel(py_func, options)
+
+    return deco

@@ -11,9 +11,8 @@ from numba import njit, prange
 
 from ..._registry import register_kernel
 from ._math import JIT, fast_exp, fast_log, like
-from ._parallel import guarded
+from ._parallel import guarded, parallel_kernel
 
-PJIT = dict(JIT, parallel=True)
 CHUNK = 16384
 _TINY = float(np.finfo(np.float64).tiny)
 
@@ -27,7 +26,7 @@ def _log_clamped(v):
 
 # Optional arrays arrive as None, not as flags: Numba prunes ``if a is None`` branches at compile
 # time, so each combination compiles to a branch-free loop (flags in the loop cost 6x here).
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _bce(x, y, w, g, g_scalar, out, gx, partial):
     n = x.size
     for k in prange(partial.size):
@@ -61,7 +60,7 @@ def _log1p_small(e):
     return fast_log(u) * (e / d) if d != 0 else e
 
 
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _bce_logits(x, y, w, pw, g, g_scalar, out, gx, partial):
     n = x.size
     for k in prange(partial.size):

@@ -18,10 +18,9 @@ from numba import njit, prange
 
 from ..._registry import register_kernel
 from ._math import JIT, block_stats, fast_exp, like, row_max, sum_exp, vlog_sum_exp
-from ._parallel import guarded
+from ._parallel import guarded, parallel_kernel
 from .softmax import SMALL_C, TILE, _width, tile_stats
 
-PJIT = dict(JIT, parallel=True)
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -91,7 +90,7 @@ def _ce_grad_row(out, row, lse, coef, b, w, smooth):
             out[c] = coef * fast_exp(row[c] - lse)
 
 
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _ce_rows(x, t, w, has_w, ignore, eps, w_total, want_grad, g_rows, use_g_rows, g_scalar, gx,
              rowloss):
     n, n_classes = x.shape
@@ -118,7 +117,7 @@ def _ce_rows(x, t, w, has_w, ignore, eps, w_total, want_grad, g_rows, use_g_rows
             gx[i, ti] -= like(a, row)
 
 
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _ce_tiles(x, t, w, has_w, ignore, eps, w_total, want_grad, g_rows, use_g_rows, g_scalar, gx,
               rowloss):
     """Short rows (C < SMALL_C): statistics on transposed tiles, as in softmax's tiles."""
@@ -167,7 +166,7 @@ def _vce_grad(out, xc, lse, coef, b, wc):
         out[j] = coef[j] * fast_exp(xc[j] - lse[j]) - b[j] * wc
 
 
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _ce_blocks(x, t, w, has_w, ignore, eps, w_total, want_grad, g_pos, use_g_pos, g_scalar, gx,
                rowloss, width):
     n, n_classes, inner = x.shape
@@ -238,7 +237,7 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
 
 
 # ----------------------------------------------------------------------------- probabilities
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _ce_probs_rows(x, y, w, eps, want_grad, g_rows, use_g_rows, g_scalar, gx, rowloss):
     n, n_classes = x.shape
     keep = 1.0 - eps
@@ -286,7 +285,7 @@ def _vprob_grad(out, xc, yc, lse, coef, scale, wc, keep, spread):
         out[j] = coef[j] * fast_exp(xc[j] - lse[j]) - scale[j] * wc * (yc[j] * keep + spread)
 
 
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _ce_probs_blocks(x, y, w, eps, want_grad, g_pos, use_g_pos, g_scalar, gx, rowloss, width):
     n, n_classes, inner = x.shape
     nblk = (inner + width - 1) // width
@@ -341,7 +340,7 @@ def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad
 
 
 # ----------------------------------------------------------------------------- nll
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _nll(x, t, w, has_w, ignore, want_grad, g_pos, use_g_pos, g_scalar, gx, rowloss):
     n, n_classes, inner = x.shape
     for o in prange(n):

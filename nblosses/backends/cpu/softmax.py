@@ -21,7 +21,7 @@ from numba import njit, prange
 from ..._registry import register_kernel
 from ._math import (FASTMATH_MAX, JIT, block_stats, block_width, fast_exp, like, row_max, sum_exp,
                     sum_exp_store, vlog_sum_exp, vmax, vsum_exp_store)
-from ._parallel import guarded
+from ._parallel import guarded, parallel_kernel
 
 #: Rows shorter than this take the transposed-tile path.
 SMALL_C = 24
@@ -30,7 +30,6 @@ TILE = 64
 #: Elements per task for the elementwise ops.
 CHUNK = 16384
 
-PJIT = dict(JIT, parallel=True)
 
 
 # ----------------------------------------------------------------------------- contiguous rows
@@ -47,7 +46,7 @@ def _softmax_row(x, y, log):
             y[c] *= inv
 
 
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _softmax_rows(x, y, log):
     for i in prange(x.shape[0]):
         _softmax_row(x[i], y[i], log)
@@ -73,7 +72,7 @@ def tile_stats(x, r0, nr, xt, m, s):
             s[r] += fast_exp(xt[c, r] - m[r])
 
 
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _softmax_tiles(x, y, log):
     n, n_classes = x.shape
     for tile in prange((n + TILE - 1) // TILE):
@@ -101,7 +100,7 @@ def _softmax_tiles(x, y, log):
 
 
 # ----------------------------------------------------------------------------- middle axis
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _softmax_blocks(x, y, log, width):
     outer, _, inner = x.shape
     nblk = (inner + width - 1) // width
@@ -176,7 +175,7 @@ def log_softmax(x3: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- backwards
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _softmax_backward_rows(g, y, gx, log):
     for i in prange(g.shape[0]):
         s = like(0, g)
@@ -213,7 +212,7 @@ def _vbackward_write(out, gc, yc, s, log):
             out[j] = yc[j] * (gc[j] - s[j])
 
 
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _softmax_backward_blocks(g, y, gx, log, width):
     outer, n_classes, inner = g.shape
     nblk = (inner + width - 1) // width
@@ -254,7 +253,7 @@ def log_softmax_backward(g3: np.ndarray, y3: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- sigmoid
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _sigmoid(x, y):
     n = x.size
     for k in prange((n + CHUNK - 1) // CHUNK):
@@ -264,7 +263,7 @@ def _sigmoid(x, y):
             ys[i] = like(1, x) / (like(1, x) + fast_exp(-xs[i]))
 
 
-@njit(**PJIT)
+@parallel_kernel(**JIT)
 def _sigmoid_backward(g, y, gx):
     n = y.size
     for k in prange((n + CHUNK - 1) // CHUNK):
