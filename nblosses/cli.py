@@ -113,7 +113,7 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"nblosses bench: {exc}", file=sys.stderr)
             return 2
         raise
-    print(report.format_report(out))
+    print(report.format_report(out, args.format))
     if args.json:
         report.write_json(out, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-call", default="default", metavar="OPS",
                    help="ops to measure first-call latency for: default (softmax, log_softmax, "
                         "cross_entropy, cross_entropy_grad), all, none, or a comma list")
+    p.add_argument("--format", choices=["markdown", "rst"], default="markdown",
+                   help="table style: Markdown pipe tables (default) or reStructuredText "
+                        "simple tables (docs/perf_table.rst)")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of speed vs torch")
     p.add_argument("--no-check", action="store_true",

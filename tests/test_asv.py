@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["softmax", "losses", "backward", "first_call", "peakmem"]
+AREAS = ["softmax", "losses", "backward", "first_call", "peakmem"]
+#: Every benchmark module, the five areas and any added since (helpers excluded).
+MODULES = sorted({p.stem for p in (ROOT / "asv_bench").glob("*.py")
+                  if p.stem not in ("__init__", "common")} | set(AREAS))
 PREFIXES = ("time_", "peakmem_", "track_", "mem_")
 
 

@@ -81,6 +81,19 @@ def test_bench_quick_softmax(tmp_path):
 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
+    # the same results as reStructuredText tables (docs/perf_table.rst) parse cleanly
+    from nblosses._bench import report
+
+    rst = report.format_report(out, "rst")
+    assert "=====" in rst and "softmax" in rst
+    docutils_core = pytest.importorskip("docutils.core")
+    import io
+
+    warnings = io.StringIO()
+    docutils_core.publish_doctree(rst, settings_overrides={"warning_stream": warnings,
+                                                           "report_level": 2})
+    assert warnings.getvalue() == ""
+
 
 def test_bench_rejects_unknown_op():
     proc = run_cli("bench", "--quick", "--ops", "no_such_op")

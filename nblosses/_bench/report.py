@@ -15,7 +15,12 @@ from .runner import extra_pct
 __all__ = ["format_report", "plot", "write_json"]
 
 
+_STYLE = ["markdown"]  # set by format_report: "markdown" or "rst"
+
+
 def _table(header: list[str], rows: list[list[str]], align: str = "") -> str:
+    if _STYLE[0] == "rst":
+        return _rst_table(header, rows)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(header)]
     align = align or "l" * len(header)
@@ -29,6 +34,19 @@ def _table(header: list[str], rows: list[list[str]], align: str = "") -> str:
     sep = "| " + " | ".join(("-" * (w - 1) + ":") if a == "r" else "-" * w
                             for w, a in zip(widths, align)) + " |"
     return "\n".join([fmt(header), sep, *(fmt(r) for r in rows)])
+
+
+def _rst_table(header: list[str], rows: list[list[str]]) -> str:
+    """A reStructuredText simple table (no empty cell in the first column)."""
+    rows = [[c if c or i else ".." for i, c in enumerate(r)] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    rule = " ".join("=" * w for w in widths)
+
+    def fmt(cells: list[str]) -> str:
+        return " ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([rule, fmt(header), rule, *(fmt(r) for r in rows), rule])
 
 
 def _ms(s: float | None) -> str:
@@ -144,7 +162,7 @@ def format_targets(out: dict[str, Any]) -> str:
         return ""
     rows = [["PASS" if x["ok"] else "FAIL", x["target"], f"{x['value']:.3g}",
              f"{x['cmp']} {x['goal']:g}", x["text"]] for x in t]
-    return _table(["", "target", "value", "goal", "measure"], rows, "llrrl")
+    return _table(["status", "target", "value", "goal", "measure"], rows, "llrrl")
 
 
 def format_header(out: dict[str, Any]) -> str:
@@ -173,8 +191,22 @@ def format_header(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_report(out: dict[str, Any]) -> str:
-    parts = [format_header(out), "", format_results(out)]
+def format_report(out: dict[str, Any], style: str = "markdown") -> str:
+    """All tables of a run, as Markdown pipe tables or reStructuredText simple tables."""
+    if style not in ("markdown", "rst"):
+        raise ValueError(f"unknown table style {style!r}")
+    _STYLE[0] = style
+    try:
+        return _format_report(out)
+    finally:
+        _STYLE[0] = "markdown"
+
+
+def _format_report(out: dict[str, Any]) -> str:
+    header = format_header(out)
+    if _STYLE[0] == "rst":  # one paragraph per line
+        header = "\n".join(f"- {line}" for line in header.splitlines())
+    parts = [header, "", format_results(out)]
     mem = format_memory(out)
     if mem:
         parts += ["", "Extra peak memory of one call beyond its outputs, % of the input:", mem]
@@ -253,26 +285,34 @@ def plot(out: dict[str, Any], path: str) -> str:
         for tick, b in zip(ax.get_yticklabels(), bars):
             if b[2]:
                 tick.set_fontweight("bold")
-        lo = min(min(vals), 0.5) / 1.5
-        hi = max(max(vals), 2.0) * 1.6
+        lo = min(min(vals), 0.5) / 2.2  # room for the value labels
+        hi = max(max(vals), 2.0) * 1.8
         ax.set_xlim(lo, hi)
         for yi, v in zip(y, vals):
             right = v >= 1
-            ax.text(v * (1.03 if right else 0.97), yi, f"{v:.2f}x", va="center",
-                    ha="left" if right else "right", fontsize=7)
+            ax.text(v * (1.03 if right else 0.97), yi, f"{v:.2f}x" if v >= 0.1 else f"{v:.2g}x",
+                    va="center", ha="left" if right else "right", fontsize=7)
         for g in groups[1:]:
             ax.axhline(y[g] + 0.5, color="0.8", lw=0.8)
         ax.set_ylim(-0.7, len(bars) - 0.3)
-        ticks = [t for t in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 1.5, 2, 3, 4, 8, 16, 32, 64)
+        fine = hi / lo <= 16
+        ticks = [t for t in [2.0 ** k for k in range(-10, 11)] + ([1.5, 3] if fine else [])
                  if lo <= t <= hi]
+        if not fine:  # wide range: every other power of two, 1x always
+            ticks = [t for t in ticks if round(math.log2(t)) % 2 == 0 or t == 1]
+        if len(bars) > 30:  # tall chart: the scale on top as well
+            ax.tick_params(axis="x", labeltop=True)
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_major_formatter(
+            FuncFormatter(lambda v, _: f"{v:g}x" if v >= 0.1 else f"1/{round(1 / v)}x"))
         ax.grid(axis="x", color="0.9", lw=0.6)
         ax.set_axisbelow(True)
     else:
-        ax.text(0.5, 0.5, "no peer installed: nothing to compare", ha="center",
+        ax.text(0.5, 0.5, "no peer (torch, scipy, cupyx) measured: nothing to compare\n"
+                "install torch or scipy, or see the table for GB/s", ha="center", va="center",
                 transform=ax.transAxes)
+        ax.axis("off")
     ax.axvline(1.0, color="black", lw=1.2)
     m = out["meta"]
     who = peer or "peer"
