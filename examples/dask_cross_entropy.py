@@ -172,11 +172,15 @@ def reference(args, row_chunks, class_chunks, keep_rows_of=None):
         return float(loss[valid].sum()), int(valid.sum()), kept
 
     total, count, kept = 0.0, 0, None
+    n_blocks, step, start = len(row_chunks), max(1, len(row_chunks) // 10), time.perf_counter()
     with ThreadPoolExecutor(args.threads) as pool:
-        for part, n, k in pool.map(row_block, range(len(row_chunks))):
+        for done, (part, n, k) in enumerate(pool.map(row_block, range(n_blocks)), 1):
             total += part
             count += n
             kept = k if k is not None else kept
+            if args.progress and done % step == 0:
+                print(f"  reference: {done}/{n_blocks} row blocks, "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
     return total / count, count, kept
 
 
@@ -229,6 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--grad-dir", default=None,
                    help="also write the gradient there as .npy blocks and check row block 0")
     p.add_argument("--no-reference", action="store_true", help="skip the float64 reference")
+    p.add_argument("--progress", action="store_true", help="report progress every 10 s")
     args = p.parse_args(argv)
 
     n, c = args.rows, args.classes
@@ -268,12 +273,21 @@ def main(argv=None) -> int:
                                dashboard_address=None)
         client = Client(cluster)
     start = time.perf_counter()
+    progress = None
+    if args.progress and client is None:
+        from dask.diagnostics import ProgressBar
+
+        progress = ProgressBar(dt=10, out=sys.stdout)
+        progress.register()
     with PeakRSS() as sampler:
         if client is not None:
             results = client.gather(client.compute(todo))
         else:
             results = dask.compute(*todo, scheduler="threads", num_workers=args.threads)
     elapsed = time.perf_counter() - start
+    if progress is not None:
+        progress.unregister()
+        print()
     peak_self = maxrss_bytes()
     peak_workers = sum(client.run(_worker_maxrss).values()) if client is not None else 0
     if client is not None:

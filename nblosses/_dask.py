@@ -397,7 +397,8 @@ def _grad_scale(grad_output: Any, denom: Any, be) -> Any:
 
 
 def _grad_rows_arg(grad_output: Any, loss_shape, chunks, squeeze: bool, be):
-    """``grad_output`` for ``reduction="none"``: None (ones) or a dask array chunked like the loss."""
+    """``grad_output`` for ``reduction="none"``: None (ones) or a dask array chunked like the
+    loss."""
     if grad_output is None:
         return None
     g = _as_dask(grad_output)
@@ -750,8 +751,9 @@ def _class_loss(op, input, target, weight, size_average, ignore_index, reduce, r
     if not return_grad:
         return loss
     grad = da.blockwise(_ce_grad_block, xi, x, xi, t, tidx, *warg, off, _CLASS, stats,
-                        xi + _STAT, merged, ti + _STAT, *wtpair, *gpair, *_scalar_arg(wsum), name, None, n_classes,
-                        None, ignore_index, None, eps, None, probs, None, dtype, None,
+                        xi + _STAT, merged, ti + _STAT, *wtpair, *gpair, *_scalar_arg(wsum),
+                        name, None, n_classes, None, ignore_index, None, eps, None, probs, None,
+                        dtype, None,
                         concatenate=False, align_arrays=False, meta=grad_meta)
     return loss, (grad[0] if squeeze else grad)
 

@@ -189,15 +189,19 @@ def test_grad_output_forms(op, chunks):
     x, t, w, _ = class_inputs((10, 7))
     dx, dt = to_dask(x, chunks), to_dask(t, chunks[0])
     g_rows = RNG.standard_normal(10)
-    lazy = [getattr(F, op)(dx, dt, w, reduction="none", return_grad=True, grad_output=g_rows)[1],
-            getattr(F, op)(dx, dt, w, reduction="none", return_grad=True,
-                           grad_output=to_dask(g_rows, 3))[1],
-            getattr(F, op)(dx, dt, w, return_grad=True, grad_output=2.5)[1],
-            getattr(F, op)(dx, dt, w, return_grad=True, grad_output=da.from_array(np.array([2.5])))[1],
-            getattr(F, op)(dx, dt, w, reduction="sum", return_grad=True, grad_output=np.float64(-1))[1]]
-    expected = [getattr(F, op)(x, t, w, reduction="none", return_grad=True, grad_output=g_rows)[1]] * 2
-    expected += [getattr(F, op)(x, t, w, return_grad=True, grad_output=2.5)[1]] * 2
-    expected += [getattr(F, op)(x, t, w, reduction="sum", return_grad=True, grad_output=-1.0)[1]]
+    fn = getattr(F, op)
+
+    def grad(*args, **kw):
+        return fn(*args, w, return_grad=True, **kw)[1]
+
+    lazy = [grad(dx, dt, reduction="none", grad_output=g_rows),
+            grad(dx, dt, reduction="none", grad_output=to_dask(g_rows, 3)),
+            grad(dx, dt, grad_output=2.5),
+            grad(dx, dt, grad_output=da.from_array(np.array([2.5]))),
+            grad(dx, dt, reduction="sum", grad_output=np.float64(-1))]
+    expected = [grad(x, t, reduction="none", grad_output=g_rows)] * 2
+    expected += [grad(x, t, grad_output=2.5)] * 2
+    expected += [grad(x, t, reduction="sum", grad_output=-1.0)]
     for got, want in zip(compute(*lazy), expected):
         assert_close(got, want)
     with pytest.raises(ValueError, match="must be a scalar"):
