@@ -1,0 +1,175 @@
+"""Shared test helpers: the tolerance table, ``assert_close``, backend conversions and torch
+references.
+
+Every parity test compares an nblosses result with torch's, computed from the *same* data
+(``torch.from_numpy``, upcast to float64: see ``REF_DTYPE``), in NumPy. Tolerances live in one table, per dtype, for values and for
+gradients; tests that need looser bounds for a documented reason (values of magnitude ~1e4)
+scale ``atol`` explicitly with ``scale=``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------- tolerances
+#: One table: ``rtol``/``atol`` for forward values, ``grad_rtol``/``grad_atol`` for gradients.
+#: float16 / bfloat16 results are computed in float32 and rounded once, so the bound is about
+#: one to two units in the last place of the storage type.
+TOLERANCES: dict[str, dict[str, float]] = {
+    "float64": dict(rtol=1e-10, atol=1e-12, grad_rtol=1e-9, grad_atol=1e-12),
+    "float32": dict(rtol=2e-5, atol=1e-6, grad_rtol=5e-5, grad_atol=2e-6),
+    "float16": dict(rtol=2e-3, atol=1e-3, grad_rtol=4e-3, grad_atol=2e-3),
+    "bfloat16": dict(rtol=1.6e-2, atol=1e-2, grad_rtol=3.2e-2, grad_atol=2e-2),
+}
+
+
+def _dtype_name(dtype: Any) -> str:
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).replace("torch.", "")
+    if isinstance(dtype, str):
+        return dtype
+    return np.dtype(dtype).name
+
+
+def tolerance(dtype: Any, kind: str = "value") -> tuple[float, float]:
+    """``(rtol, atol)`` for ``dtype``; ``kind`` is ``"value"`` or ``"grad"``."""
+    t = TOLERANCES[_dtype_name(dtype)]
+    if kind == "grad":
+        return t["grad_rtol"], t["grad_atol"]
+    if kind != "value":
+        raise ValueError(kind)
+    return t["rtol"], t["atol"]
+
+
+# ----------------------------------------------------------------------------- backends
+def to_backend(array: Any, backend: str) -> Any:
+    """``array`` (NumPy) on ``backend``: unchanged for ``"cpu"``, a CuPy array for ``"cuda"``."""
+    if array is None or backend == "cpu":
+        return array
+    if backend == "cuda":
+        import cupy  # lazily: CPU-only machines never import it
+
+        return cupy.asarray(array)
+    raise ValueError(f"no test conversion for backend {backend!r}")
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A NumPy array from a NumPy/CuPy array, a torch tensor or a scalar."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    if type(x).__module__.partition(".")[0] == "cupy":
+        return x.get()
+    return np.asarray(x)
+
+
+def is_backend_array(x: Any, backend: str) -> bool:
+    """Whether ``x`` is the array type ``backend`` returns (NumPy for cpu, CuPy for cuda)."""
+    if backend == "cpu":
+        return isinstance(x, np.ndarray)  # an ndarray (0-d for reduced losses), not a scalar
+    import cupy
+
+    return isinstance(x, cupy.ndarray)
+
+
+# ----------------------------------------------------------------------------- comparison
+def assert_close(actual: Any, expected: Any, dtype: Any, what: str = "", *, kind: str = "value",
+                 scale: float = 1.0, rscale: float = 1.0, check_dtype: bool = True,
+                 equal_nan: bool = True) -> None:
+    """Assert ``actual`` matches ``expected`` within the tolerance of ``dtype``.
+
+    NaN must sit where expected has NaN (``equal_nan``), infinities must match exactly, and the
+    finite elements must satisfy ``|a - e| <= atol * scale + rtol * |e|``. ``actual`` must have
+    ``dtype`` unless ``check_dtype=False``. ``scale`` / ``rscale`` multiply ``atol`` / ``rtol``
+    where a test documents why (cancellation of terms of size ``scale``; long float32 sums,
+    where torch's own float32 result carries the same error). On failure the message names the worst element
+    (index, both values, absolute and relative error) and counts the mismatches.
+    """
+    a_raw = to_numpy(actual)
+    e_raw = to_numpy(expected)
+    label = f"{what}: " if what else ""
+    if check_dtype and a_raw.dtype != np.dtype(_dtype_name(dtype)):
+        raise AssertionError(f"{label}dtype {a_raw.dtype} != expected {_dtype_name(dtype)}")
+    if a_raw.shape != e_raw.shape:
+        raise AssertionError(f"{label}shape {a_raw.shape} != expected shape {e_raw.shape}")
+    rtol, atol = tolerance(dtype, kind)
+    atol, rtol = atol * scale, rtol * rscale
+    a = a_raw.astype(np.float64)
+    e = e_raw.astype(np.float64)
+    if a.size == 0:
+        return
+    a_nan, e_nan = np.isnan(a), np.isnan(e)
+    both_inf = np.isinf(a) & np.isinf(e)
+    with np.errstate(invalid="ignore", over="ignore"):
+        abs_err = np.abs(a - e)
+        rel_err = abs_err / np.maximum(np.abs(e), np.finfo(np.float64).tiny)
+        ok = (abs_err <= atol + rtol * np.abs(e)) & np.isfinite(a) & np.isfinite(e)
+    ok |= both_inf & (np.sign(a) == np.sign(e))
+    if equal_nan:
+        ok |= a_nan & e_nan
+    # Rank mismatches: NaN/inf disagreements first, then by how far past the tolerance.
+    with np.errstate(invalid="ignore", over="ignore"):
+        excess = abs_err - (atol + rtol * np.abs(e))
+    excess = np.where(np.isfinite(excess), excess, np.inf)
+    excess = np.where(ok, -np.inf, excess)
+    bad = ~ok
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return
+    flat = int(np.argmax(excess.reshape(-1)))
+    idx = np.unravel_index(flat, a.shape) if a.ndim else ()
+    raise AssertionError(
+        f"{label}{n_bad} of {a.size} elements differ beyond rtol={rtol:g}, atol={atol:g} "
+        f"({_dtype_name(dtype)}, {kind}); worst at index {tuple(int(i) for i in idx)}: "
+        f"actual {a_raw[idx]!r}, expected {e_raw[idx]!r}, abs err {abs_err[idx]:.3g}, "
+        f"rel err {rel_err[idx]:.3g}"
+    )
+
+
+# ----------------------------------------------------------------------------- torch references
+#: The dtype torch computes the reference in, per tested dtype. Always float64, from the very
+#: values of the tested dtype: the reference is then torch's exact result for those inputs,
+#: rounded once to the tested dtype by the caller, and the tolerance table bounds nblosses's own
+#: error. (torch's float32 results carry errors of their own: a float32 cross-entropy gradient
+#: with label smoothing over 1e5 classes is off by ~3e-6 absolute, where nblosses is within
+#: 2e-8, so a float32 reference would fail correct results or need looser tolerances.)
+REF_DTYPE = {"float64": torch.float64, "float32": torch.float64, "float16": torch.float64,
+             "bfloat16": torch.float64}
+
+
+def tt(array: Any, dtype: Any = None, requires_grad: bool = False) -> torch.Tensor | None:
+    """A torch tensor of ``array`` (NumPy), in the reference dtype of ``dtype`` when given."""
+    if array is None:
+        return None
+    a = np.asarray(array)
+    if a.dtype.kind in "iu":
+        t = torch.from_numpy(a.astype(np.int64))
+    else:
+        t = torch.from_numpy(a if a.flags.c_contiguous else a.copy())  # keeps 0-d shapes
+        if dtype is not None:
+            t = t.to(REF_DTYPE[_dtype_name(dtype)])
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def torch_loss_and_grad(fn: Callable[..., torch.Tensor], x: np.ndarray, dtype: Any,
+                        grad_output: Any = None, **kwargs: Any):
+    """``fn(x_t, **kwargs)`` and the gradient of ``sum(grad_output * loss)`` w.r.t. ``x``.
+
+    Array-valued keyword arguments must already be torch tensors.
+    """
+    xt = tt(x, dtype, requires_grad=True)
+    loss = fn(xt, **kwargs)
+    if grad_output is None:
+        g = torch.ones_like(loss)
+    else:
+        g = torch.as_tensor(np.asarray(grad_output), dtype=loss.dtype).reshape(loss.shape)
+    loss.backward(g)
+    return to_numpy(loss), to_numpy(xt.grad)
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
