@@ -29,6 +29,9 @@ FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 FASTMATH_MAX = FASTMATH | {"nnan"}
 
 JIT = dict(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+#: For loops that form ``(x - m) - log s`` and reduce nothing: without "reassoc", LLVM may not
+#: rewrite it as ``x - (m + log s)``, which rounds away the low bits of large logits.
+JIT_EXACT = dict(JIT, fastmath={"contract", "arcp", "nsz"})
 
 
 @intrinsic
@@ -288,11 +291,16 @@ def vsum_exp_store(s, xc, m, out):
         s[j] += e
 
 
-@njit(**JIT)
-def vlog_sum_exp(s, m):
-    """``s = m + log(s)`` in place (turns a sum of exponentials into a log-sum-exp)."""
+@njit(**JIT_EXACT)
+def vlog(s):
+    """``s = log(s)`` in place.
+
+    Kernels keep a log-sum-exp as the pair ``(m, log s)`` and form ``(x - m) - log s``: adding
+    ``m + log s`` first would round away the low bits of ``x`` when ``|x|`` is large (float32
+    logits near 1e4 lost three digits that way).
+    """
     for j in range(s.size):
-        s[j] = m[j] + fast_log(s[j])
+        s[j] = fast_log(s[j])
 
 
 @njit(**JIT)

@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..._registry import register_kernel
-from ._math import JIT, block_stats, fast_exp, like, row_max, sum_exp, vlog_sum_exp
+from ._math import JIT, JIT_EXACT, block_stats, fast_exp, like, row_max, sum_exp, vlog
 from ._parallel import guarded, parallel_kernel
 from .softmax import SMALL_C, TILE, _width, tile_stats
 
@@ -63,8 +63,9 @@ def _weights(weight, n_classes, dtype):
 
 
 # ----------------------------------------------------------------------------- cross-entropy
-# Every layout reduces a position to (lse, x_t, sum_c w_c x_c); _ce_point turns those into the
-# loss and the gradient's coefficients: g_c = coef * exp(x_c - lse) - b * w_c, then g_t -= a.
+# Every layout reduces a position to (m, ls = log sum exp(x - m), x_t, sum_c w_c x_c); _ce_point
+# turns those into the loss (float64, lse = m + ls) and the gradient's coefficients:
+# g_c = coef * exp((x_c - m) - ls) - b * w_c, then g_t -= a.
 @njit(**JIT)
 def _ce_point(lse, x_t, swx, wt, eps, n_classes, w_total, scale):
     loss = (1.0 - eps) * wt * (lse - x_t)
@@ -75,19 +76,19 @@ def _ce_point(lse, x_t, swx, wt, eps, n_classes, w_total, scale):
     return loss, a, a + b * w_total, b
 
 
-@njit(**JIT)
-def _ce_grad_row(out, row, lse, coef, b, w, smooth):
-    """``out = coef * exp(row - lse) - b * w``; ``out`` may be ``row`` (each read precedes its
-    write)."""
-    lse = like(lse, row)
+@njit(**JIT_EXACT)
+def _ce_grad_row(out, row, m, ls, coef, b, w, smooth):
+    """``out = coef * exp((row - m) - ls) - b * w``; ``out`` may be ``row`` (each read precedes
+    its write)."""
+    ls = like(ls, row)
     coef = like(coef, row)
     if smooth:
         b = like(b, row)
         for c in range(row.size):
-            out[c] = coef * fast_exp(row[c] - lse) - b * w[c]
+            out[c] = coef * fast_exp((row[c] - m) - ls) - b * w[c]
     else:
         for c in range(row.size):
-            out[c] = coef * fast_exp(row[c] - lse)
+            out[c] = coef * fast_exp((row[c] - m) - ls)
 
 
 @parallel_kernel(**JIT)
@@ -103,17 +104,17 @@ def _ce_rows(x, t, w, has_w, ignore, eps, w_total, want_grad, g_rows, use_g_rows
             continue
         row = x[i]
         m = row_max(row)
-        lse = m + np.log(sum_exp(row, m))
+        ls = np.log(sum_exp(row, m))
         swx = 0.0
         if smooth:
             for c in range(n_classes):
                 swx += w[c] * row[c]
         scale = g_rows[i, 0] if use_g_rows else g_scalar
-        loss, a, coef, b = _ce_point(lse, row[ti], swx, w[ti] if has_w else 1.0, eps, n_classes,
-                                     w_total, scale)
+        loss, a, coef, b = _ce_point(m + ls, row[ti], swx, w[ti] if has_w else 1.0, eps,
+                                     n_classes, w_total, scale)
         rowloss[i] = loss
         if want_grad:
-            _ce_grad_row(gx[i], row, lse, coef, b, w, smooth)
+            _ce_grad_row(gx[i], row, m, ls, coef, b, w, smooth)
             gx[i, ti] -= like(a, row)
 
 
@@ -129,7 +130,7 @@ def _ce_tiles(x, t, w, has_w, ignore, eps, w_total, want_grad, g_rows, use_g_row
         m = np.empty(TILE, x.dtype)
         s = np.empty(TILE, x.dtype)
         tile_stats(x, r0, nr, xt, m, s)
-        vlog_sum_exp(s[:nr], m[:nr])
+        vlog(s[:nr])
         for r in range(nr):
             i = r0 + r
             ti = t[i]
@@ -142,11 +143,11 @@ def _ce_tiles(x, t, w, has_w, ignore, eps, w_total, want_grad, g_rows, use_g_row
                 for c in range(n_classes):
                     swx += w[c] * xt[c, r]
             scale = g_rows[i, 0] if use_g_rows else g_scalar
-            loss, a, coef, b = _ce_point(s[r], xt[ti, r], swx, w[ti] if has_w else 1.0, eps,
-                                         n_classes, w_total, scale)
+            loss, a, coef, b = _ce_point(np.float64(m[r]) + s[r], xt[ti, r], swx,
+                                         w[ti] if has_w else 1.0, eps, n_classes, w_total, scale)
             rowloss[i] = loss
             if want_grad:
-                _ce_grad_row(gx[i], x[i], s[r], coef, b, w, eps > 0)
+                _ce_grad_row(gx[i], x[i], m[r], s[r], coef, b, w, eps > 0)
                 gx[i, ti] -= like(a, x)
 
 
@@ -158,12 +159,12 @@ def _vaxpy(acc, alpha, xc):
         acc[j] += alpha * xc[j]
 
 
-@njit(**JIT)
-def _vce_grad(out, xc, lse, coef, b, wc):
-    """``out = coef * exp(xc - lse) - b * wc`` along an inner block."""
+@njit(**JIT_EXACT)
+def _vce_grad(out, xc, m, ls, coef, b, wc):
+    """``out = coef * exp((xc - m) - ls) - b * wc`` along an inner block."""
     wc = like(wc, xc)
     for j in range(out.size):
-        out[j] = coef[j] * fast_exp(xc[j] - lse[j]) - b[j] * wc
+        out[j] = coef[j] * fast_exp((xc[j] - m[j]) - ls[j]) - b[j] * wc
 
 
 @parallel_kernel(**JIT)
@@ -176,24 +177,24 @@ def _ce_blocks(x, t, w, has_w, ignore, eps, w_total, want_grad, g_pos, use_g_pos
         j0 = (task % nblk) * width
         wd = min(width, inner - j0)
         xo = x[o]
-        lse = np.empty(wd, x.dtype)
+        ls = np.empty(wd, x.dtype)
         m = np.empty(wd, x.dtype)
-        block_stats(xo, j0, wd, m, lse)
-        vlog_sum_exp(lse, m)
+        block_stats(xo, j0, wd, m, ls)
+        vlog(ls)
         swx = np.zeros(wd, x.dtype)
         if eps > 0:
             for c in range(n_classes):
                 _vaxpy(swx, w[c], xo[c, j0:j0 + wd])
         acoef = np.zeros(wd, x.dtype)  # subtracted at the target class
-        coef = np.zeros(wd, x.dtype)  # multiplies exp(x - lse)
+        coef = np.zeros(wd, x.dtype)  # multiplies exp((x - m) - ls)
         bcoef = np.zeros(wd, x.dtype)  # multiplies w[c] (label smoothing)
         for j in range(wd):
             tj = t[o, j0 + j]
             if tj == ignore:
                 continue
             scale = g_pos[o, j0 + j] if use_g_pos else g_scalar
-            loss, a, cf, b = _ce_point(lse[j], xo[tj, j0 + j], swx[j], w[tj] if has_w else 1.0,
-                                       eps, n_classes, w_total, scale)
+            loss, a, cf, b = _ce_point(np.float64(m[j]) + ls[j], xo[tj, j0 + j], swx[j],
+                                       w[tj] if has_w else 1.0, eps, n_classes, w_total, scale)
             rowloss[o * inner + j0 + j] = loss
             acoef[j] = a
             coef[j] = cf
@@ -202,7 +203,7 @@ def _ce_blocks(x, t, w, has_w, ignore, eps, w_total, want_grad, g_pos, use_g_pos
             continue
         go = gx[o]
         for c in range(n_classes):
-            _vce_grad(go[c, j0:j0 + wd], xo[c, j0:j0 + wd], lse, coef, bcoef, w[c])
+            _vce_grad(go[c, j0:j0 + wd], xo[c, j0:j0 + wd], m, ls, coef, bcoef, w[c])
         for j in range(wd):
             tj = t[o, j0 + j]
             if tj == ignore:
@@ -277,12 +278,13 @@ def _vprob_sums(a_sum, b_sum, xc, yc, wc, keep, spread):
         b_sum[j] += wy * xc[j]
 
 
-@njit(**JIT)
-def _vprob_grad(out, xc, yc, lse, coef, scale, wc, keep, spread):
-    """``out = coef * exp(x - lse) - scale * w y'``."""
+@njit(**JIT_EXACT)
+def _vprob_grad(out, xc, yc, m, ls, coef, scale, wc, keep, spread):
+    """``out = coef * exp((x - m) - ls) - scale * w y'``."""
     wc, keep, spread = like(wc, xc), like(keep, xc), like(spread, xc)
     for j in range(out.size):
-        out[j] = coef[j] * fast_exp(xc[j] - lse[j]) - scale[j] * wc * (yc[j] * keep + spread)
+        out[j] = (coef[j] * fast_exp((xc[j] - m[j]) - ls[j])
+                  - scale[j] * wc * (yc[j] * keep + spread))
 
 
 @parallel_kernel(**JIT)
@@ -298,21 +300,22 @@ def _ce_probs_blocks(x, y, w, eps, want_grad, g_pos, use_g_pos, g_scalar, gx, ro
         xo = x[o]
         yo = y[o]
         m = np.empty(wd, x.dtype)
-        lse = np.empty(wd, x.dtype)
-        block_stats(xo, j0, wd, m, lse)
-        vlog_sum_exp(lse, m)
+        ls = np.empty(wd, x.dtype)
+        block_stats(xo, j0, wd, m, ls)
+        vlog(ls)
         a_sum = np.zeros(wd, x.dtype)
         b_sum = np.zeros(wd, x.dtype)
         for c in range(n_classes):
             _vprob_sums(a_sum, b_sum, xo[c, j0:j0 + wd], yo[c, j0:j0 + wd], w[c], keep, spread)
         for j in range(wd):
-            rowloss[o * inner + j0 + j] = np.float64(a_sum[j]) * lse[j] - b_sum[j]
+            rowloss[o * inner + j0 + j] = (np.float64(a_sum[j]) * (np.float64(m[j]) + ls[j])
+                                           - b_sum[j])
             scale = g_pos[o, j0 + j] if use_g_pos else g_scalar
-            a_sum[j] = scale * a_sum[j]  # now: coefficient of exp(x - lse)
+            a_sum[j] = scale * a_sum[j]  # now: coefficient of exp((x - m) - ls)
             b_sum[j] = scale  # now: scale of the w * y' term
         if want_grad:
             for c in range(n_classes):
-                _vprob_grad(gx[o, c, j0:j0 + wd], xo[c, j0:j0 + wd], yo[c, j0:j0 + wd], lse,
+                _vprob_grad(gx[o, c, j0:j0 + wd], xo[c, j0:j0 + wd], yo[c, j0:j0 + wd], m, ls,
                             a_sum, b_sum, w[c], keep, spread)
 
 

@@ -19,8 +19,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..._registry import register_kernel
-from ._math import (FASTMATH_MAX, JIT, block_stats, block_width, fast_exp, like, row_max, sum_exp,
-                    sum_exp_store, vlog_sum_exp, vmax, vsum_exp_store)
+from ._math import (FASTMATH_MAX, JIT, JIT_EXACT, block_stats, block_width, fast_exp, like, row_max, sum_exp,
+                    sum_exp_store, vlog, vmax, vsum_exp_store)
 from ._parallel import guarded, parallel_kernel
 
 #: Rows shorter than this take the transposed-tile path.
@@ -33,13 +33,13 @@ CHUNK = 16384
 
 
 # ----------------------------------------------------------------------------- contiguous rows
-@njit(**JIT)
+@njit(**JIT_EXACT)
 def _softmax_row(x, y, log):
     m = row_max(x)
     if log:
-        lse = like(m + np.log(sum_exp(x, m)), x)
+        ls = like(np.log(sum_exp(x, m)), x)
         for c in range(x.size):
-            y[c] = x[c] - lse
+            y[c] = (x[c] - m) - ls
     else:
         inv = like(1.0 / sum_exp_store(x, y, m), x)
         for c in range(x.size):
@@ -72,7 +72,7 @@ def tile_stats(x, r0, nr, xt, m, s):
             s[r] += fast_exp(xt[c, r] - m[r])
 
 
-@parallel_kernel(**JIT)
+@parallel_kernel(**JIT_EXACT)
 def _softmax_tiles(x, y, log):
     n, n_classes = x.shape
     for tile in prange((n + TILE - 1) // TILE):
@@ -83,11 +83,10 @@ def _softmax_tiles(x, y, log):
         s = np.empty(TILE, x.dtype)
         tile_stats(x, r0, nr, xt, m, s)
         if log:
-            for r in range(nr):
-                s[r] = m[r] + np.log(s[r])
+            vlog(s[:nr])
             for r in range(nr):
                 for c in range(n_classes):
-                    y[r0 + r, c] = xt[c, r] - s[r]
+                    y[r0 + r, c] = (xt[c, r] - m[r]) - s[r]
         else:
             for r in range(nr):
                 s[r] = like(1, s) / s[r]
@@ -114,9 +113,9 @@ def _softmax_blocks(x, y, log, width):
         yo = y[o]
         if log:
             block_stats(xo, j0, w, m, s)
-            vlog_sum_exp(s, m)
+            vlog(s)
             for c in range(xo.shape[0]):
-                vsub(yo[c, j0:j0 + w], xo[c, j0:j0 + w], s)
+                vshift(yo[c, j0:j0 + w], xo[c, j0:j0 + w], m, s)
         else:
             m[:] = xo[0, j0:j0 + w]
             for c in range(1, xo.shape[0]):
@@ -130,11 +129,11 @@ def _softmax_blocks(x, y, log, width):
                 vmul(yo[c, j0:j0 + w], s)
 
 
-@njit(**JIT)
-def vsub(out, xc, s):
-    """``out = xc - s``."""
-    for j in range(s.size):
-        out[j] = xc[j] - s[j]
+@njit(**JIT_EXACT)
+def vshift(out, xc, m, ls):
+    """``out = (xc - m) - ls``: log-softmax from the max and the log of the sum."""
+    for j in range(ls.size):
+        out[j] = (xc[j] - m[j]) - ls[j]
 
 
 @njit(**JIT)
