@@ -214,6 +214,9 @@ def test_legacy_size_average_reduce(backend, op, size_average, reduce):
     assert bool(warn) == bool(ref_warn), (
         f"torch warns: {[str(m.message) for m in ref_warn]}; nblosses: "
         f"{[str(m.message) for m in warn]}")
+    if ref_warn:
+        assert str(warn[0].message) == str(ref_warn[0].message)  # torch's text
+        assert warn[0].filename == __file__, "the warning should point at the caller's line"
     assert_close(out, ref, "float64", f"{op} size_average={size_average} reduce={reduce}")
 
 

@@ -298,7 +298,8 @@ def test_legacy_size_average_reduce(backend, op, size_average, reduce):
         f"torch warns: {[str(w.message) for w in ref_warn]}; nblosses: "
         f"{[str(w.message) for w in warn]}")
     if ref_warn:
-        assert "deprecated" in str(warn[0].message)
+        assert str(warn[0].message) == str(ref_warn[0].message)  # torch's text
+        assert warn[0].filename == __file__, "the warning should point at the caller's line"
     assert_close(out, ref, "float64", f"{op} size_average={size_average} reduce={reduce}")
 
 

@@ -225,9 +225,11 @@ def test_module_legacy_arguments(name, size_average, reduce):
     with warnings.catch_warnings(record=True) as theirs_w:
         warnings.simplefilter("always")
         theirs = getattr(torch.nn, name)(size_average=size_average, reduce=reduce)
-    with pytest.warns(UserWarning, match="deprecated"):
+    with pytest.warns(UserWarning, match="deprecated") as ours_w:
         ours = getattr(nn, name)(size_average=size_average, reduce=reduce)
     assert theirs_w and ours.reduction == theirs.reduction
+    assert str(ours_w[0].message) == str(theirs_w[0].message)
+    assert ours_w[0].filename == __file__, "the warning should point at the caller's line"
 
 
 @pytest.mark.parametrize("name", ["NLLLoss", "CrossEntropyLoss", "BCELoss", "BCEWithLogitsLoss"])

@@ -56,8 +56,12 @@ def test_forward_matches_torch(backend, op, dtype, shape, dim):
 @pytest.mark.parametrize("op", OPS)
 def test_implicit_dim_warns_and_matches_torch(backend, op, shape):
     x = _data(shape, "float64", seed=3)
-    with pytest.warns(UserWarning, match="Implicit dimension choice"):
+    with pytest.warns(UserWarning, match="Implicit dimension choice") as rec:
         out = getattr(F, op)(to_backend(x, backend), backend=backend)
+    with pytest.warns(UserWarning) as torch_rec:
+        getattr(TF, op)(tt(x))
+    assert str(rec[0].message) == str(torch_rec[0].message)  # torch's text, word for word
+    assert rec[0].filename == __file__, "the warning should point at the caller's line"
     assert_close(out, _expected(_torch_op(op, x, None, "float64"), "float64"), "float64",
                  f"{op} dim=None shape {shape}")
 
