@@ -1,0 +1,233 @@
+"""Catalogue of the CUDA kernels: template instantiations, their names and launch shapes.
+
+Pure Python (no CuPy, no device), so that the instantiation lists, the configuration choices and
+the NVRTC compile check can be tested anywhere. Every name a kernel module asks the loader for
+is built by a function here, and :func:`instantiations` lists, per source file and element type,
+exactly the names those functions can produce (the RawModule's ``name_expressions``).
+
+Layout choices (all sizes in elements of the row's type):
+
+- **cached rows** (``inner == 1``, row in registers): a group of ``G`` threads per row, ``NV``
+  vectors of ``VEC`` elements per thread. ``G <= 32``: part of a warp, ``ROW_BLOCK / G`` rows per
+  block; ``G > 32``: the block. Capacity ``G * NV * VEC``: 32768 for float32 and the half types,
+  4096 for float64 with 16-byte vectors; 8192 (float64: 4096) with scalar access.
+- **looped rows**: rows too long for registers (``G = 512``, online max/sum then a write pass),
+  and the softmax backward / probability-target cross-entropy at every length.
+- **cols** (``inner > 1``): one thread per position, walking ``C`` with stride ``inner``.
+- **elementwise**: flat grid-stride loops.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+#: dtype name -> CUDA element type. CuPy 14 has no bfloat16 arrays; the bf16 instantiations are
+#: compiled (tests/test_cuda_compile.py) so that a CuPy with bfloat16 works unchanged.
+CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+ITEMSIZE = {"__half": 2, "__nv_bfloat16": 2, "float": 4, "double": 8}
+
+VEC_BYTES = 16  #: bytes per vector access
+ROW_BLOCK = 128  #: threads per block when several rows share a block (G <= 32)
+COL_BLOCK = 256  #: threads per block of the cols, elementwise and denominator kernels
+FINAL_BLOCK = 1024  #: threads of the single-block finalize kernels
+LONG_ROW_G = 512  #: threads per row (and block) of the looped kernels for long rows
+MAX_NV = 8  #: vectors per thread of the cached kernels
+#: Elements per thread the cached kernels keep in registers (as float or double).
+MAX_ELEMS = {"__half": 32, "__nv_bfloat16": 32, "float": 32, "double": 8}
+#: Largest group of the cached kernels (float64 at 1024 threads would spill under 64 registers).
+MAX_CACHED_G = {"__half": 1024, "__nv_bfloat16": 1024, "float": 1024, "double": 512}
+#: Blocks per SM the grid-stride kernels launch at most: enough for full occupancy.
+THREADS_PER_SM = 2048
+
+SOURCES = (
+    "softmax.cu",
+    "softmax_backward.cu",
+    "cross_entropy.cu",
+    "cross_entropy_probs.cu",
+    "nll.cu",
+    "binary.cu",
+)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def vec_width(ctype: str) -> int:
+    """Elements per 16-byte vector."""
+    return VEC_BYTES // ITEMSIZE[ctype]
+
+
+def vec_choices(ctype: str) -> tuple[int, ...]:
+    """The VEC values instantiated: the 16-byte width and scalar access."""
+    return (vec_width(ctype), 1)
+
+
+def ctype_of(dtype_name: str) -> str:
+    try:
+        return CTYPES[dtype_name]
+    except KeyError:
+        raise TypeError(f"backend 'cuda' has no kernels for dtype {dtype_name}") from None
+
+
+def name(kernel: str, ctype: str, *params: int) -> str:
+    """A template instantiation's name expression, e.g. ``softmax_cached<float, 4, 32, 8, 128>``."""
+    return f"{kernel}<{', '.join([ctype, *map(str, params)])}>"
+
+
+# ----------------------------------------------------------------------------- configurations
+def nv_max(ctype: str, vec: int) -> int:
+    return max(1, min(MAX_NV, MAX_ELEMS[ctype] // vec))
+
+
+def cached_config(nvec: int, ctype: str, vec: int) -> tuple[int, int, int] | None:
+    """``(G, NV, BLOCK)`` of the register-cached row kernels for rows of ``nvec`` vectors, or
+    ``None`` when the row does not fit (then the looped kernel runs)."""
+    if nvec < 1:
+        return None
+    top = nv_max(ctype, vec)
+    if nvec <= 32:
+        return next_pow2(nvec), 1, ROW_BLOCK
+    if nvec <= 32 * top:
+        return 32, next_pow2(math.ceil(nvec / 32)), ROW_BLOCK
+    for g in (128, 256, 512, 1024):
+        if g > MAX_CACHED_G[ctype]:
+            break
+        nv = next_pow2(math.ceil(nvec / g))
+        if nv <= top:
+            return g, nv, g
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def cached_configs(ctype: str, vec: int) -> tuple[tuple[int, int, int], ...]:
+    """Every configuration :func:`cached_config` can return for this type and width."""
+    top = nv_max(ctype, vec)
+    out = set()
+    for nvec in range(1, MAX_CACHED_G[ctype] * top + 1):
+        cfg = cached_config(nvec, ctype, vec)
+        if cfg is not None:
+            out.add(cfg)
+    return tuple(sorted(out))
+
+
+def looped_config(nvec: int) -> tuple[int, int]:
+    """``(G, BLOCK)`` of the looped row kernels (softmax backward, probability targets)."""
+    if nvec <= 32 * 8:
+        g = min(32, next_pow2(math.ceil(nvec / 4)))
+        return g, ROW_BLOCK
+    if nvec <= 256 * 8:
+        return 256, 256
+    return LONG_ROW_G, LONG_ROW_G
+
+
+LOOPED_GS = ((1, ROW_BLOCK), (2, ROW_BLOCK), (4, ROW_BLOCK), (8, ROW_BLOCK), (16, ROW_BLOCK),
+             (32, ROW_BLOCK), (256, 256), (LONG_ROW_G, LONG_ROW_G))
+assert LONG_ROW_G > 256
+
+
+def rows_per_block(g: int, block: int) -> int:
+    return block // g
+
+
+# ----------------------------------------------------------------------------- name builders
+def softmax_cached(ct, vec, g, nv, block):
+    return name("softmax_cached", ct, vec, g, nv, block)
+
+
+def softmax_looped(ct, vec):
+    return name("softmax_looped", ct, vec, LONG_ROW_G, LONG_ROW_G)
+
+
+def softmax_cols(ct):
+    return name("softmax_cols", ct)
+
+
+def softmax_bwd_rows(ct, vec, g, block):
+    return name("softmax_bwd_rows", ct, vec, g, block)
+
+
+def softmax_bwd_cols(ct):
+    return name("softmax_bwd_cols", ct)
+
+
+def ce_cached(ct, vec, g, nv, block):
+    return name("ce_cached", ct, vec, g, nv, block)
+
+
+def ce_looped(ct, vec):
+    return name("ce_looped", ct, vec, LONG_ROW_G, LONG_ROW_G)
+
+
+def ce_cols(ct):
+    return name("ce_cols", ct)
+
+
+def probs_rows(ct, vec, g, block):
+    return name("probs_rows", ct, vec, g, block)
+
+
+def probs_cols(ct):
+    return name("probs_cols", ct)
+
+
+def nll_fwd(ct):
+    return name("nll_fwd", ct)
+
+
+def nll_grad(ct):
+    return name("nll_grad", ct)
+
+
+def class_denom(ct):
+    return name("class_denom", ct)
+
+
+DENOM_FINALIZE = "denom_finalize"
+
+
+def loss_finalize(ct):
+    return name("loss_finalize", ct)
+
+
+def elementwise(kernel, ct, vec):
+    """``sigmoid_fwd``, ``sigmoid_bwd``, ``bce_fwd``, ``bce_logits_fwd``."""
+    return name(kernel, ct, vec)
+
+
+ELEMENTWISE = ("sigmoid_fwd", "sigmoid_bwd", "bce_fwd", "bce_logits_fwd")
+
+
+def instantiations(source: str, ctype: str) -> list[str]:
+    """The name expressions of ``source`` compiled for element type ``ctype``."""
+    return list(_instantiations(source, ctype))
+
+
+@functools.lru_cache(maxsize=None)
+def _instantiations(source: str, ctype: str) -> tuple[str, ...]:
+    vecs = vec_choices(ctype)
+    if source == "softmax.cu":
+        names = [softmax_cached(ctype, v, *cfg) for v in vecs for cfg in cached_configs(ctype, v)]
+        names += [softmax_looped(ctype, v) for v in vecs]
+        names.append(softmax_cols(ctype))
+    elif source == "softmax_backward.cu":
+        names = [softmax_bwd_rows(ctype, v, g, b) for v in vecs for g, b in LOOPED_GS]
+        names.append(softmax_bwd_cols(ctype))
+    elif source == "cross_entropy.cu":
+        names = [ce_cached(ctype, v, *cfg) for v in vecs for cfg in cached_configs(ctype, v)]
+        names += [ce_looped(ctype, v) for v in vecs]
+        names += [ce_cols(ctype), class_denom(ctype), DENOM_FINALIZE, loss_finalize(ctype)]
+    elif source == "cross_entropy_probs.cu":
+        names = [probs_rows(ctype, v, g, b) for v in vecs for g, b in LOOPED_GS]
+        names += [probs_cols(ctype), loss_finalize(ctype)]
+    elif source == "nll.cu":
+        names = [nll_fwd(ctype), nll_grad(ctype), class_denom(ctype), DENOM_FINALIZE,
+                 loss_finalize(ctype)]
+    elif source == "binary.cu":
+        names = [elementwise(k, ctype, v) for k in ELEMENTWISE for v in vecs]
+        names.append(loss_finalize(ctype))
+    else:
+        raise KeyError(source)
+    return tuple(names)

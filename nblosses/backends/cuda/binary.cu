@@ -1,0 +1,160 @@
+// Elementwise ops on flat arrays of n elements: sigmoid, its backward, binary_cross_entropy and
+// binary_cross_entropy_with_logits (loss and gradient fused; weight / pos_weight already
+// broadcast to n elements by _args, or null).
+// Grid-stride loops over 16-byte vectors (VEC elements; the host picks VEC = 1 unless every
+// pointer is 16-byte aligned), then a scalar tail for the last n % VEC elements. Reduced losses:
+// double per thread, one partial per block (write_partial), loss_finalize divides on device.
+
+template <int VEC, typename F>
+__device__ __forceinline__ void ew_loop(i64 n, F& f) {
+    const i64 nvec = n / VEC;
+    const i64 tid = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 v = tid; v < nvec; v += stride) f.template apply<VEC>(v);
+    if (VEC > 1) {
+        for (i64 i = nvec * VEC + tid; i < n; i += stride) f.template apply<1>(i);
+    }
+}
+
+template <typename T> struct SigmoidF {
+    const T* x;
+    T* y;
+    template <int N> __device__ __forceinline__ void apply(i64 vi) {
+        typedef typename AccT<T>::type A;
+        const Vec<T, N> a = load_vec<T, N>(x, vi);
+        Vec<T, N> o;
+#pragma unroll
+        for (int i = 0; i < N; ++i) o.v[i] = from_acc<T>(A(1) / (A(1) + nbl_exp(-to_acc(a.v[i]))));
+        store_vec<T, N>(y, vi, o);
+    }
+};
+
+template <typename T> struct SigmoidBwdF {
+    const T* g;
+    const T* y;
+    T* gx;
+    template <int N> __device__ __forceinline__ void apply(i64 vi) {
+        typedef typename AccT<T>::type A;
+        const Vec<T, N> gv = load_vec<T, N>(g, vi), yv = load_vec<T, N>(y, vi);
+        Vec<T, N> o;
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const A yi = to_acc(yv.v[i]);
+            o.v[i] = from_acc<T>(to_acc(gv.v[i]) * yi * (A(1) - yi));
+        }
+        store_vec<T, N>(gx, vi, o);
+    }
+};
+
+//: binary_cross_entropy: l = -w (y max(log x, -100) + (1 - y) max(log(1 - x), -100)),
+//: dl/dx = g w (x - y) / max(x (1 - x), eps); logs in WideT (double for float). eps is torch's
+//: EPSILON, the float 1e-12f (9.99999996e-13), also for float64, as torch computes it.
+template <typename T> struct BceF {
+    const T* x;
+    const T* y;
+    const T* w;
+    const T* g;
+    double g_scalar;
+    T* gx;
+    T* out;
+    double acc;
+    template <int N> __device__ __forceinline__ void apply(i64 vi) {
+        typedef typename WideT<T>::type B;
+        const Vec<T, N> xv = load_vec<T, N>(x, vi), yv = load_vec<T, N>(y, vi);
+        Vec<T, N> wv, gv, ov, gxv;
+        if (w) wv = load_vec<T, N>(w, vi);
+        if (g) gv = load_vec<T, N>(g, vi);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const B xi = (B)to_acc(xv.v[i]), yi = (B)to_acc(yv.v[i]);
+            const B wi = w ? (B)to_acc(wv.v[i]) : B(1);
+            const B lx = nbl_max(nbl_log(xi), B(-100));
+            const B l1x = nbl_max(nbl_log1p(-xi), B(-100));
+            const B l = -wi * (yi * lx + (B(1) - yi) * l1x);
+            if (out) ov.v[i] = from_acc<T>(l);
+            else acc += (double)l;
+            if (gx) {
+                const B gi = g ? (B)to_acc(gv.v[i]) : (B)g_scalar;
+                gxv.v[i] = from_acc<T>(gi * wi * (xi - yi) /
+                                       nbl_max(xi * (B(1) - xi), (B)1e-12f));
+            }
+        }
+        if (out) store_vec<T, N>(out, vi, ov);
+        if (gx) store_vec<T, N>(gx, vi, gxv);
+    }
+};
+
+//: binary_cross_entropy_with_logits: l = w ((1 - y) x - (1 + (pw - 1) y) logsigmoid(x)),
+//: logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)); dl/dx = g w ((1 + (pw - 1) y) sigmoid(x) - pw y).
+template <typename T> struct BceLogitsF {
+    const T* x;
+    const T* y;
+    const T* w;
+    const T* pw;
+    const T* g;
+    double g_scalar;
+    T* gx;
+    T* out;
+    double acc;
+    template <int N> __device__ __forceinline__ void apply(i64 vi) {
+        typedef typename AccT<T>::type A;
+        const Vec<T, N> xv = load_vec<T, N>(x, vi), yv = load_vec<T, N>(y, vi);
+        Vec<T, N> wv, pv, gv, ov, gxv;
+        if (w) wv = load_vec<T, N>(w, vi);
+        if (pw) pv = load_vec<T, N>(pw, vi);
+        if (g) gv = load_vec<T, N>(g, vi);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const A xi = to_acc(xv.v[i]), yi = to_acc(yv.v[i]);
+            const A wi = w ? to_acc(wv.v[i]) : A(1);
+            const A pwi = pw ? to_acc(pv.v[i]) : A(1);
+            const A e = nbl_exp(-nbl_abs(xi));  // in (0, 1]: no overflow
+            const A log_sig = nbl_min(xi, A(0)) - nbl_log1p(e);
+            const A lw = A(1) + (pwi - A(1)) * yi;
+            const A l = wi * ((A(1) - yi) * xi - lw * log_sig);
+            if (out) ov.v[i] = from_acc<T>(l);
+            else acc += (double)l;
+            if (gx) {
+                const A gi = g ? to_acc(gv.v[i]) : (A)g_scalar;
+                const A sig = xi >= A(0) ? A(1) / (A(1) + e) : e / (A(1) + e);
+                gxv.v[i] = from_acc<T>(gi * wi * (lw * sig - pwi * yi));
+            }
+        }
+        if (out) store_vec<T, N>(out, vi, ov);
+        if (gx) store_vec<T, N>(gx, vi, gxv);
+    }
+};
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256)
+sigmoid_fwd(const T* __restrict__ x, T* __restrict__ y, i64 n) {
+    SigmoidF<T> f{x, y};
+    ew_loop<VEC>(n, f);
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256)
+sigmoid_bwd(const T* __restrict__ g, const T* __restrict__ y, T* __restrict__ gx, i64 n) {
+    SigmoidBwdF<T> f{g, y, gx};
+    ew_loop<VEC>(n, f);
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256)
+bce_fwd(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ w, i64 n,
+        const T* __restrict__ g, double g_scalar, T* __restrict__ gx, T* __restrict__ out,
+        double* __restrict__ part) {
+    BceF<T> f{x, y, w, g, g_scalar, gx, out, 0.0};
+    ew_loop<VEC>(n, f);
+    if (part) write_partial<256>(f.acc, part);
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256)
+bce_logits_fwd(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ w,
+               const T* __restrict__ pw, i64 n, const T* __restrict__ g, double g_scalar,
+               T* __restrict__ gx, T* __restrict__ out, double* __restrict__ part) {
+    BceLogitsF<T> f{x, y, w, pw, g, g_scalar, gx, out, 0.0};
+    ew_loop<VEC>(n, f);
+    if (part) write_partial<256>(f.acc, part);
+}

@@ -1,0 +1,64 @@
+"""Binary cross-entropy (on probabilities and on logits) on CUDA, gradient fused.
+
+One elementwise kernel per call (``binary.cu``) reads the inputs once and writes the per-element
+loss (``"none"``) or one float64 partial per block, and the gradient when asked; reduced losses
+end with ``loss_finalize`` (one block, fixed order: deterministic). The ``mean`` denominator is
+the element count, known on the host, so nothing here synchronises with the device.
+(:func:`nblosses._args.binary_loss_args` reads the input's min/max back once per
+``binary_cross_entropy`` call to reject inputs outside [0, 1]: one sync there.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import cupy
+
+from ..._registry import register_kernel
+from . import _kernels as K
+from . import _loader as L
+from .class_losses import finish_loss
+from .softmax import flat_vec
+
+SRC = "binary.cu"
+
+
+def _binary(kernel: str, x, y, extra, *, reduction, want_grad, grad_output):
+    n = x.size
+    dt = x.dtype
+    ct = K.ctype_of(dt.name)
+    keep = reduction == "none"
+    out = cupy.empty_like(x) if keep else None
+    gx = cupy.empty_like(x) if want_grad else None
+    g_arr = grad_output if want_grad and keep else None
+    g_scalar = 0.0
+    if want_grad and not keep:
+        g_scalar = float(grad_output) / (n if reduction == "mean" and n else 1)
+    if n == 0:
+        if keep:
+            return out, gx
+        return cupy.full((), math.nan if reduction == "mean" else 0.0, dt), gx
+    vec = flat_vec(ct, x, y, *extra, g_arr, out, gx)
+    block = K.COL_BLOCK
+    grid = L.grid_for(-(-n // vec), block, block)
+    part = None if keep else cupy.empty(grid, cupy.float64)
+    L.launch(SRC, dt, K.elementwise(kernel, ct, vec), grid, block,
+             (x, y, *(L.ptr(a) for a in extra), L.i64(n), L.ptr(g_arr), L.f64(g_scalar),
+              L.ptr(gx), L.ptr(out), L.ptr(part)))
+    div = float(n) if reduction == "mean" else 1.0
+    return finish_loss(SRC, dt, reduction, out, part, None, div), gx
+
+
+@register_kernel("binary_cross_entropy", "cuda")
+def binary_cross_entropy(x, y, weight, *, reduction, want_grad, grad_output):
+    """BCE on probabilities (kernel protocol in :mod:`nblosses.backends`)."""
+    return _binary("bce_fwd", x, y, (weight,), reduction=reduction, want_grad=want_grad,
+                   grad_output=grad_output)
+
+
+@register_kernel("binary_cross_entropy_with_logits", "cuda")
+def binary_cross_entropy_with_logits(x, y, weight, pos_weight, *, reduction, want_grad,
+                                     grad_output):
+    """BCE on logits with the stable log-sigmoid."""
+    return _binary("bce_logits_fwd", x, y, (weight, pos_weight), reduction=reduction,
+                   want_grad=want_grad, grad_output=grad_output)

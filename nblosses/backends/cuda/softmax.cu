@@ -1,0 +1,168 @@
+// softmax / log_softmax forward over axis 1 of (outer, C, inner).
+//
+// softmax_cached (inner == 1, row fits in registers): a group of G threads holds a row of up to
+// G * NV * VEC elements in registers: one read (16-byte loads when VEC > 1), max, sum of exp, one
+// write. G <= 32: BLOCK / G rows per block iteration; G > 32: one row per block iteration.
+// softmax_looped (inner == 1, long rows): one block per row; pass 1 reads the row once for the
+// online (max, sum) statistics, pass 2 re-reads it in reverse order (the most recently read part
+// is the most likely to still be in L2) and writes.
+// softmax_cols (inner > 1): one thread per (outer, inner) position, walking C with stride
+// ``inner`` (adjacent threads read adjacent addresses): online statistics, then a write pass.
+//
+// log_mode = 0: y = exp(x - m) / s; log_mode = 1: y = (x - m) - log(s). Arithmetic in A.
+
+template <typename T, int VEC, int G, int NV, int BLOCK>
+__global__ void __launch_bounds__(BLOCK)
+softmax_cached(const T* __restrict__ x, T* __restrict__ y, i64 nrows, i64 C_, int log_mode) {
+    typedef typename AccT<T>::type A;
+    constexpr int R = BLOCK / G;
+    __shared__ A sbuf[2][4][32];
+    Reducer<G, A> red(sbuf);
+    const int C = (int)C_;
+    const int nvec = C / VEC;
+    const int lane = threadIdx.x % G;
+    const int grp = threadIdx.x / G;
+    for (i64 r0 = (i64)blockIdx.x * R; r0 < nrows; r0 += (i64)gridDim.x * R) {
+        const i64 row = r0 + grp;
+        const bool active = row < nrows;
+        const i64 off = active ? row * (i64)C : 0;
+        A v[NV][VEC];
+        A m = neg_inf<A>();
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+            const int vi = k * G + lane;
+            if (active && vi < nvec) {
+                const Vec<T, VEC> t = load_vec<T, VEC>(x + off, vi);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    v[k][i] = to_acc(t.v[i]);
+                    m = nbl_max(m, v[k][i]);
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) v[k][i] = neg_inf<A>();
+            }
+        }
+        m = red.max(m);
+        A s = A(0);
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+            if (active && k * G + lane < nvec) {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    const A e = nbl_exp(v[k][i] - m);
+                    s += e;
+                    if (!log_mode) v[k][i] = e;
+                }
+            }
+        }
+        s = red.sum(s);
+        const A logs = nbl_log(s);
+        const A inv = A(1) / s;
+#pragma unroll
+        for (int k = 0; k < NV; ++k) {
+            const int vi = k * G + lane;
+            if (active && vi < nvec) {
+                Vec<T, VEC> o;
+#pragma unroll
+                for (int i = 0; i < VEC; ++i)
+                    o.v[i] = from_acc<T>(log_mode ? (v[k][i] - m) - logs : v[k][i] * inv);
+                store_vec<T, VEC>(y + off, vi, o);
+            }
+        }
+    }
+}
+
+template <typename T, int VEC, int G, int BLOCK>
+__global__ void __launch_bounds__(BLOCK)
+softmax_looped(const T* __restrict__ x, T* __restrict__ y, i64 nrows, i64 C, int log_mode) {
+    typedef typename AccT<T>::type A;
+    constexpr int R = BLOCK / G;
+    constexpr int U = NBL_UNROLL;
+    __shared__ A sbuf[2][4][32];
+    Reducer<G, A> red(sbuf);
+    const i64 nvec = C / VEC;
+    const int lane = threadIdx.x % G;
+    const int grp = threadIdx.x / G;
+    const i64 chunk = (i64)G * U;
+    const i64 nchunk = (nvec + chunk - 1) / chunk;
+    for (i64 r0 = (i64)blockIdx.x * R; r0 < nrows; r0 += (i64)gridDim.x * R) {
+        const i64 row = r0 + grp;
+        const bool active = row < nrows;
+        const T* xr = x + (active ? row * C : 0);
+        T* yr = y + (active ? row * C : 0);
+        A m = neg_inf<A>(), s = A(0);
+        for (i64 b = active ? lane : nvec; b < nvec; b += chunk) {
+            Vec<T, VEC> buf[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+                if (b + (i64)u * G < nvec) buf[u] = load_vec<T, VEC>(xr, b + (i64)u * G);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (b + (i64)u * G < nvec) {
+                    A a[VEC];
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) a[i] = to_acc(buf[u].v[i]);
+                    ms_update<VEC>(m, s, a);
+                }
+            }
+        }
+        A dummy[1] = {A(0)};
+        red.ms(m, s, dummy);
+        const A logs = nbl_log(s);
+        const A inv = A(1) / s;
+        for (i64 k = active ? nchunk - 1 : -1; k >= 0; --k) {
+            const i64 b = k * chunk + lane;
+            Vec<T, VEC> buf[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+                if (b + (i64)u * G < nvec) buf[u] = load_vec<T, VEC>(xr, b + (i64)u * G);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (b + (i64)u * G < nvec) {
+                    Vec<T, VEC> o;
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) {
+                        const A d = to_acc(buf[u].v[i]) - m;
+                        o.v[i] = from_acc<T>(log_mode ? d - logs : nbl_exp(d) * inv);
+                    }
+                    store_vec<T, VEC>(yr, b + (i64)u * G, o);
+                }
+            }
+        }
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256)
+softmax_cols(const T* __restrict__ x, T* __restrict__ y, i64 outer, i64 C, i64 inner,
+             int log_mode) {
+    typedef typename AccT<T>::type A;
+    const i64 npos = outer * inner;
+    const i64 plane = C * inner;
+    const i64 stride = (i64)gridDim.x * 256;
+    for (i64 p = (i64)blockIdx.x * 256 + threadIdx.x; p < npos; p += stride) {
+        const i64 o = p / inner;
+        const i64 base = o * plane + (p - o * inner);
+        const T* xp = x + base;
+        T* yp = y + base;
+        A m = neg_inf<A>(), s = A(0);
+        i64 c = 0;
+        for (; c + NBL_UNROLL <= C; c += NBL_UNROLL) {
+            A a[NBL_UNROLL];
+#pragma unroll
+            for (int u = 0; u < NBL_UNROLL; ++u) a[u] = to_acc(xp[(c + u) * inner]);
+            ms_update<NBL_UNROLL>(m, s, a);
+        }
+        for (; c < C; ++c) {
+            A a[1] = {to_acc(xp[c * inner])};
+            ms_update<1>(m, s, a);
+        }
+        const A logs = nbl_log(s);
+        const A inv = A(1) / s;
+        for (c = 0; c < C; ++c) {
+            const A d = to_acc(xp[c * inner]) - m;
+            yp[c * inner] = from_acc<T>(log_mode ? d - logs : nbl_exp(d) * inv);
+        }
+    }
+}

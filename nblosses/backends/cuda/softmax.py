@@ -1,0 +1,144 @@
+"""softmax, log_softmax, sigmoid and their backwards on CUDA (kernels in ``softmax.cu``,
+``softmax_backward.cu`` and ``binary.cu``).
+
+Inputs arrive canonical (:mod:`nblosses.backends`): C-contiguous CuPy arrays of a native dtype,
+``(outer, C, inner)`` for the softmax family, flat for sigmoid. Every launch is asynchronous on
+the current stream; nothing here synchronises with the device.
+
+Kernel choice for ``inner == 1`` (rows contiguous): rows that fit in registers go to the cached
+kernel (one read, one write per element; the group of threads per row grows with ``C``), longer
+rows to the looped kernel (online max/sum pass, then a write pass that re-reads the row, mostly
+from L2). ``inner > 1`` (softmax along a middle axis) runs the cols kernel, one thread per
+position, without a transposed copy. 16-byte vector access when every pointer is 16-byte
+aligned and ``C`` is a multiple of the vector width; scalar access otherwise.
+"""
+
+from __future__ import annotations
+
+import cupy
+
+from ..._registry import register_kernel
+from . import _kernels as K
+from . import _loader as L
+
+SRC = "softmax.cu"
+SRC_BWD = "softmax_backward.cu"
+SRC_EW = "binary.cu"
+
+
+def row_vec(ct: str, C: int, *arrays) -> int:
+    """Vector width for rows of ``C`` elements: 16 bytes if the rows and pointers allow it."""
+    v = K.vec_width(ct)
+    return v if C % v == 0 and L.aligned(*arrays) else 1
+
+
+def flat_vec(ct: str, *arrays) -> int:
+    """Vector width for flat elementwise kernels (a scalar tail handles ``n % VEC``)."""
+    return K.vec_width(ct) if L.aligned(*arrays) else 1
+
+
+def _forward(x3, log: bool):
+    outer, C, inner = x3.shape
+    y3 = cupy.empty_like(x3)
+    if x3.size == 0:
+        return y3
+    dt = x3.dtype
+    ct = K.ctype_of(dt.name)
+    mode = L.i32(1 if log else 0)
+    if inner == 1:
+        vec = row_vec(ct, C, x3, y3)
+        cfg = K.cached_config(C // vec, ct, vec)
+        if cfg is not None:
+            g, nv, block = cfg
+            grid = L.grid_for(outer, K.rows_per_block(g, block), block)
+            L.launch(SRC, dt, K.softmax_cached(ct, vec, g, nv, block), grid, block,
+                     (x3, y3, L.i64(outer), L.i64(C), mode))
+        else:
+            block = K.LONG_ROW_G
+            grid = L.grid_for(outer, 1, block)
+            L.launch(SRC, dt, K.softmax_looped(ct, vec), grid, block,
+                     (x3, y3, L.i64(outer), L.i64(C), mode))
+    else:
+        block = K.COL_BLOCK
+        grid = L.grid_for(outer * inner, block, block)
+        L.launch(SRC, dt, K.softmax_cols(ct), grid, block,
+                 (x3, y3, L.i64(outer), L.i64(C), L.i64(inner), mode))
+    return y3
+
+
+@register_kernel("softmax", "cuda")
+def softmax(x3):
+    """Softmax over axis 1 of ``(outer, C, inner)``."""
+    return _forward(x3, False)
+
+
+@register_kernel("log_softmax", "cuda")
+def log_softmax(x3):
+    """Log-softmax over axis 1 of ``(outer, C, inner)``."""
+    return _forward(x3, True)
+
+
+def _backward(g3, y3, log: bool):
+    outer, C, inner = y3.shape
+    gx = cupy.empty_like(y3)
+    if y3.size == 0:
+        return gx
+    dt = y3.dtype
+    ct = K.ctype_of(dt.name)
+    mode = L.i32(1 if log else 0)
+    if inner == 1:
+        vec = row_vec(ct, C, g3, y3, gx)
+        g, block = K.looped_config(C // vec)
+        grid = L.grid_for(outer, K.rows_per_block(g, block), block)
+        L.launch(SRC_BWD, dt, K.softmax_bwd_rows(ct, vec, g, block), grid, block,
+                 (g3, y3, gx, L.i64(outer), L.i64(C), mode))
+    else:
+        block = K.COL_BLOCK
+        grid = L.grid_for(outer * inner, block, block)
+        L.launch(SRC_BWD, dt, K.softmax_bwd_cols(ct), grid, block,
+                 (g3, y3, gx, L.i64(outer), L.i64(C), L.i64(inner), mode))
+    return gx
+
+
+@register_kernel("softmax_backward", "cuda")
+def softmax_backward(g3, y3):
+    """``y * (g - sum_C(g * y))`` over axis 1."""
+    return _backward(g3, y3, False)
+
+
+@register_kernel("log_softmax_backward", "cuda")
+def log_softmax_backward(g3, y3):
+    """``g - exp(y) * sum_C(g)`` over axis 1."""
+    return _backward(g3, y3, True)
+
+
+@register_kernel("sigmoid", "cuda")
+def sigmoid(x):
+    """Elementwise ``1 / (1 + exp(-x))`` on a flat array."""
+    y = cupy.empty_like(x)
+    n = x.size
+    if n == 0:
+        return y
+    ct = K.ctype_of(x.dtype.name)
+    vec = flat_vec(ct, x, y)
+    block = K.COL_BLOCK
+    grid = L.grid_for(-(-n // vec), block, block)
+    L.launch(SRC_EW, x.dtype, K.elementwise("sigmoid_fwd", ct, vec), grid, block,
+             (x, y, L.i64(n)))
+    return y
+
+
+@register_kernel("sigmoid_backward", "cuda")
+def sigmoid_backward(g, y):
+    """Elementwise ``g * y * (1 - y)`` on flat arrays."""
+    gx = cupy.empty_like(y)
+    n = y.size
+    if n == 0:
+        return gx
+    ct = K.ctype_of(y.dtype.name)
+    vec = flat_vec(ct, g, y, gx)
+    block = K.COL_BLOCK
+    grid = L.grid_for(-(-n // vec), block, block)
+    L.launch(SRC_EW, y.dtype, K.elementwise("sigmoid_bwd", ct, vec), grid, block,
+             (g, y, gx, L.i64(n)))
+    return gx

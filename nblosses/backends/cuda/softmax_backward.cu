@@ -1,0 +1,98 @@
+// Backward of softmax / log_softmax over axis 1 of (outer, C, inner), given the forward output y
+// and the upstream gradient g:
+//     softmax:     gx = y * (g - sum_C(g * y))          (log_mode = 0)
+//     log_softmax: gx = g - exp(y) * sum_C(g)           (log_mode = 1)
+// softmax_bwd_rows (inner == 1): a group of G threads per row; pass 1 sums, pass 2 re-reads g and
+// y (short rows: from L1/L2) and writes. softmax_bwd_cols (inner > 1): a thread per position.
+
+template <typename T, int VEC, int G, int BLOCK>
+__global__ void __launch_bounds__(BLOCK)
+softmax_bwd_rows(const T* __restrict__ g, const T* __restrict__ y, T* __restrict__ gx, i64 nrows,
+                 i64 C, int log_mode) {
+    typedef typename AccT<T>::type A;
+    constexpr int R = BLOCK / G;
+    constexpr int U = NBL_UNROLL2;
+    __shared__ A sbuf[2][4][32];
+    Reducer<G, A> red(sbuf);
+    const i64 nvec = C / VEC;
+    const int lane = threadIdx.x % G;
+    const int grp = threadIdx.x / G;
+    const i64 chunk = (i64)G * U;
+    for (i64 r0 = (i64)blockIdx.x * R; r0 < nrows; r0 += (i64)gridDim.x * R) {
+        const i64 row = r0 + grp;
+        const bool active = row < nrows;
+        const i64 off = active ? row * C : 0;
+        const T* gr = g + off;
+        const T* yr = y + off;
+        T* gxr = gx + off;
+        A s = A(0);
+        for (i64 b = active ? lane : nvec; b < nvec; b += chunk) {
+            Vec<T, VEC> gb[U], yb[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (b + (i64)u * G < nvec) {
+                    gb[u] = load_vec<T, VEC>(gr, b + (i64)u * G);
+                    if (!log_mode) yb[u] = load_vec<T, VEC>(yr, b + (i64)u * G);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (b + (i64)u * G < nvec) {
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i)
+                        s += log_mode ? to_acc(gb[u].v[i])
+                                      : to_acc(gb[u].v[i]) * to_acc(yb[u].v[i]);
+                }
+            }
+        }
+        s = red.sum(s);
+        for (i64 b = active ? lane : nvec; b < nvec; b += chunk) {
+            Vec<T, VEC> gb[U], yb[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (b + (i64)u * G < nvec) {
+                    gb[u] = load_vec<T, VEC>(gr, b + (i64)u * G);
+                    yb[u] = load_vec<T, VEC>(yr, b + (i64)u * G);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (b + (i64)u * G < nvec) {
+                    Vec<T, VEC> o;
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) {
+                        const A gv = to_acc(gb[u].v[i]), yv = to_acc(yb[u].v[i]);
+                        o.v[i] = from_acc<T>(log_mode ? gv - nbl_exp(yv) * s : yv * (gv - s));
+                    }
+                    store_vec<T, VEC>(gxr, b + (i64)u * G, o);
+                }
+            }
+        }
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256)
+softmax_bwd_cols(const T* __restrict__ g, const T* __restrict__ y, T* __restrict__ gx, i64 outer,
+                 i64 C, i64 inner, int log_mode) {
+    typedef typename AccT<T>::type A;
+    const i64 npos = outer * inner;
+    const i64 plane = C * inner;
+    const i64 stride = (i64)gridDim.x * 256;
+    for (i64 p = (i64)blockIdx.x * 256 + threadIdx.x; p < npos; p += stride) {
+        const i64 o = p / inner;
+        const i64 base = o * plane + (p - o * inner);
+        A s = A(0);
+#pragma unroll 4
+        for (i64 c = 0; c < C; ++c) {
+            const i64 e = base + c * inner;
+            s += log_mode ? to_acc(g[e]) : to_acc(g[e]) * to_acc(y[e]);
+        }
+#pragma unroll 4
+        for (i64 c = 0; c < C; ++c) {
+            const i64 e = base + c * inner;
+            const A gv = to_acc(g[e]), yv = to_acc(y[e]);
+            gx[e] = from_acc<T>(log_mode ? gv - nbl_exp(yv) * s : yv * (gv - s));
+        }
+    }
+}

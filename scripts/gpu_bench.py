@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""nblosses (backend "cuda") against torch on one GPU, for the shapes of /work/shared/anchors.md.
+
+Timing: CUDA events around each call on the default stream, 3 warm-up calls, median of
+``--iters`` timed calls; every input is larger than the L2 cache. "% copy" = effective bytes /
+time against a measured device-to-device copy (bytes read + written), as in anchors.md:
+softmax reads and writes the array, cross-entropy forward reads the logits, forward+backward
+ideally reads the logits once and writes the gradient once, BCE-with-logits reads input and
+target.
+
+Rows for nblosses:
+- ``api``: the public functional call (argument checks included; cross_entropy with class
+  indices syncs once per call in ``_args.check_targets`` to validate the targets);
+- ``kernel``: the registered cuda kernel called with canonical arguments (no checks, no sync);
+- ``in-place``: forward+backward with ``grad_buffer=`` the logits (no extra memory).
+CuPy 14 has no bfloat16 arrays, so nblosses runs the bf16 anchors in float16 (same bytes).
+
+Usage: python scripts/gpu_bench.py [--iters 15] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import cupy
+import torch
+import torch.nn.functional as TF
+
+from nblosses import _registry as R
+from nblosses import functional as F
+
+MB = 1 << 20
+
+
+def time_cupy(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    cupy.cuda.get_current_stream().synchronize()
+    ts = []
+    for _ in range(iters):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        ts.append(cupy.cuda.get_elapsed_time(start, end))
+    return statistics.median(ts)
+
+
+def time_torch(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        ts.append(start.elapsed_time(end))
+    return statistics.median(ts)
+
+
+def copy_bandwidth(iters: int) -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    n = 1 << 30
+    a = cupy.ones(n, cupy.uint8)
+    b = cupy.empty_like(a)
+    ms = time_cupy(lambda: b.data.copy_from_device_async(a.data, n), iters)
+    del a, b
+    cupy.get_default_memory_pool().free_all_blocks()
+    return 2 * n / (ms * 1e-3)
+
+
+TORCH_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CUPY_DT = {"fp32": cupy.float32, "bf16": cupy.float16, "fp16": cupy.float16}
+
+
+def cases(quick: bool):
+    sm = [((65536, 1024), "fp32"), ((8192, 32768), "fp32"), ((1024, 262144), "fp32"),
+          ((4194304, 16), "fp32"), ((65536, 1024), "bf16"), ((8192, 32768), "bf16"),
+          ((4194304, 16), "bf16")]
+    ce = [("fwd", (8192, 32000), "fp32", 0.0), ("fwd+bwd", (8192, 32000), "fp32", 0.0),
+          ("fwd+bwd", (8192, 32000), "fp32", 0.1), ("fwd", (4096, 128256), "bf16", 0.0),
+          ("fwd+bwd", (4096, 128256), "bf16", 0.0), ("fwd+bwd", (65536, 1000), "fp32", 0.0)]
+    if quick:
+        sm, ce = sm[:1] + sm[4:5], ce[:2]
+    return sm, ce
+
+
+def row(label, shape, dt, nbl_dt, ms_torch, ms_nbl, nbytes, bw, extra=""):
+    def pct(ms):
+        return f"{100 * nbytes / (ms * 1e-3) / bw:5.1f}" if ms == ms else "  n/a"
+
+    def fmt(ms):
+        return f"{ms:8.3f}" if ms == ms else "     n/a"
+
+    speed = f"{ms_torch / ms_nbl:5.2f}x" if ms_nbl == ms_nbl and ms_torch == ms_torch else "   n/a"
+    print(f"| {label:34s} | {'x'.join(map(str, shape)):14s} | {dt:4s} | {nbl_dt:4s} | "
+          f"{fmt(ms_torch)} | {pct(ms_torch)} | {fmt(ms_nbl)} | {pct(ms_nbl)} | {speed} |{extra}")
+
+
+def safe(fn):
+    try:
+        return fn()
+    except Exception as exc:  # keep the table going; report the failure
+        print(f"    ! {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+        return float("nan")
+
+
+def bench_softmax(shape, dt, iters, bw):
+    xt = torch.randn(shape, device="cuda", dtype=TORCH_DT[dt])
+    t_ms = safe(lambda: time_torch(lambda: torch.softmax(xt, dim=1), iters))
+    del xt
+    xc = cupy.random.standard_normal(shape, dtype=cupy.float32).astype(CUPY_DT[dt])
+    n_ms = safe(lambda: time_cupy(lambda: F.softmax(xc, dim=1), iters))
+    nbytes = 2 * xc.nbytes
+    row("softmax", shape, dt, "fp16" if dt == "bf16" else dt, t_ms, n_ms, nbytes, bw)
+    del xc
+    _free()
+
+
+def bench_ce(kind, shape, dt, ls, iters, bw):
+    n, c = shape
+    xt = torch.randn(shape, device="cuda", dtype=TORCH_DT[dt])
+    tt = torch.randint(0, c, (n,), device="cuda")
+    if kind == "fwd":
+        t_ms = safe(lambda: time_torch(lambda: TF.cross_entropy(xt, tt, label_smoothing=ls),
+                                       iters))
+    else:
+        xr = xt.clone().requires_grad_()
+
+        def step():
+            xr.grad = None
+            TF.cross_entropy(xr, tt, label_smoothing=ls).backward()
+
+        t_ms = safe(lambda: time_torch(step, iters))
+        del xr
+    del xt, tt
+    torch.cuda.empty_cache()
+    xc = cupy.random.standard_normal(shape, dtype=cupy.float32).astype(CUPY_DT[dt])
+    tc = cupy.random.randint(0, c, (n,)).astype(cupy.int64)
+    want = kind != "fwd"
+    nbytes = xc.nbytes * (2 if want else 1)
+    ndt = "fp16" if dt == "bf16" else dt
+    label = f"cross_entropy {kind}" + (f" ls={ls}" if ls else "")
+    api = safe(lambda: time_cupy(lambda: F.cross_entropy(xc, tc, label_smoothing=ls,
+                                                         return_grad=want), iters))
+    row(label + " (api)", shape, dt, ndt, t_ms, api, nbytes, bw)
+    kern = R.get_kernel("cross_entropy", "cuda")
+    x3, t2 = xc.reshape(n, c, 1), tc.reshape(n, 1)
+    k_ms = safe(lambda: time_cupy(lambda: kern(x3, t2, None, ignore_index=-100,
+                                               label_smoothing=ls, reduction="mean",
+                                               want_grad=want, grad_output=1.0 if want else None,
+                                               grad_buffer=None), iters))
+    row(label + " (kernel)", shape, dt, ndt, t_ms, k_ms, nbytes, bw)
+    if want:
+        xi = xc.copy()  # overwritten by its gradient at every call: same work, no extra memory
+        i_ms = safe(lambda: time_cupy(lambda: F.cross_entropy(xi, tc, label_smoothing=ls,
+                                                              return_grad=True, grad_buffer=xi),
+                                      iters))
+        row(label + " (in-place)", shape, dt, ndt, t_ms, i_ms, nbytes, bw)
+        del xi
+    del xc, tc
+    _free()
+
+
+def bench_bce_logits(shape, iters, bw):
+    xt = torch.randn(shape, device="cuda")
+    yt = torch.rand(shape, device="cuda")
+    t_ms = safe(lambda: time_torch(lambda: TF.binary_cross_entropy_with_logits(xt, yt), iters))
+    del xt, yt
+    torch.cuda.empty_cache()
+    xc = cupy.random.standard_normal(shape, dtype=cupy.float32)
+    yc = cupy.random.random(shape, dtype=cupy.float32)
+    n_ms = safe(lambda: time_cupy(lambda: F.binary_cross_entropy_with_logits(xc, yc), iters))
+    row("bce_with_logits fwd (api)", shape, "fp32", "fp32", t_ms, n_ms, 2 * xc.nbytes, bw)
+    del xc, yc
+    _free()
+
+
+def _free():
+    cupy.get_default_memory_pool().free_all_blocks()
+    torch.cuda.empty_cache()
+
+
+FIRST_CALL = r"""
+import time, cupy
+t0 = time.perf_counter()
+from nblosses import functional as F
+x = cupy.random.standard_normal((1024, 1000), dtype=cupy.float32)
+t1 = time.perf_counter()
+F.softmax(x, dim=1); cupy.cuda.Device().synchronize()
+t2 = time.perf_counter()
+F.softmax(x, dim=1); cupy.cuda.Device().synchronize()
+t3 = time.perf_counter()
+print(f"{t2 - t1:.3f} {t3 - t2:.4f}")
+"""
+
+
+def first_call():
+    """First softmax call in a fresh process: empty kernel cache (NVRTC), then warm disk cache."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, CUPY_CACHE_DIR=cache)
+        out = []
+        for _ in range(2):
+            r = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, capture_output=True,
+                               text=True, timeout=120)
+            out.append(r.stdout.split() if r.returncode == 0 else ["nan", r.stderr[-200:]])
+    print(f"first softmax call (fp32 1024x1000) in a new process: cold cache {out[0][0]} s, "
+          f"warm disk cache {out[1][0]} s; second call {out[1][1]} s")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="two softmax and two CE rows only")
+    args = ap.parse_args()
+    t0 = time.time()
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    bw = copy_bandwidth(args.iters)
+    print(f"card: {name}; torch {torch.__version__}, cupy {cupy.__version__}; "
+          f"device-to-device copy {bw / 1e9:.0f} GB/s (read + write)")
+    print(f"| {'op':34s} | {'shape':14s} | {'dt':4s} | {'nbl':4s} | torch ms | %copy | "
+          f"  nbl ms | %copy | speed  |")
+    print("|" + "|".join("-" * w for w in (36, 16, 6, 6, 10, 7, 10, 7, 8)) + "|")
+    sm, ce = cases(args.quick)
+    for shape, dt in sm:
+        bench_softmax(shape, dt, args.iters, bw)
+    for kind, shape, dt, ls in ce:
+        bench_ce(kind, shape, dt, ls, args.iters, bw)
+    if not args.quick:
+        bench_bce_logits((8192, 32768), args.iters, bw)
+    print("(nbl dtype fp16 where torch runs bf16: CuPy 14 has no bfloat16 arrays)")
+    try:
+        first_call()
+    except Exception as exc:
+        print(f"first-call measurement failed: {exc}")
+    print(f"benchmark wall time {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

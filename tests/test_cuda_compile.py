@@ -1,0 +1,576 @@
+"""CUDA backend checks that need no GPU, plus device path tests that skip without one.
+
+Without a device (CI): every CUDA source is compiled by NVRTC for every element type and every
+template instantiation the Python side can ask for, with an explicit
+``--gpu-architecture=compute_90``; the backend's registration is checked; and every kernel
+launch the Python glue makes (over a matrix of shapes, dtypes and options, with fake device
+arrays) is checked against the compiled kernel's parameter list and launch bounds.
+
+Needs ``cupy-cuda12x`` and ``nvidia-cuda-nvrtc-cu12`` (skips cleanly without them) and
+``nvidia-cuda-runtime-cu12`` for the half-precision headers (fails without them: CI installs it).
+
+With a device: the ``cuda``-marked tests at the end run each kernel path (cached / looped / cols,
+vector / scalar access, in-place gradients, reductions) against the CPU backend.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+try:
+    nvrtc.getVersion()
+except Exception as exc:  # libnvrtc not installed
+    pytest.skip(f"NVRTC is not available: {exc}", allow_module_level=True)
+
+from nblosses import _registry as R  # noqa: E402
+from nblosses.backends.cuda import _kernels as K  # noqa: E402
+from nblosses.backends.cuda import _loader as L  # noqa: E402
+
+CTYPES = ("__half", "__nv_bfloat16", "float", "double")
+OPS = ("softmax", "log_softmax", "softmax_backward", "log_softmax_backward", "sigmoid",
+       "sigmoid_backward", "nll_loss", "cross_entropy", "cross_entropy_probs",
+       "binary_cross_entropy", "binary_cross_entropy_with_logits")
+#: Optimised (runtime-equivalent) compiles for these types; debug (-G) compiles for all.
+OPT_CTYPES = CTYPES if os.environ.get("NBLOSSES_NVRTC_ALL_TYPES") else ("float",)
+
+_COMPILED: dict = {}
+
+
+def compiled(src: str, ct: str, debug: bool):
+    key = (src, ct, debug)
+    if key not in _COMPILED:
+        _COMPILED[key] = L.nvrtc_compile(src, ct, "compute_90", ("-G",) if debug else ())
+    return _COMPILED[key]
+
+
+def _entries(ptx: str) -> set[str]:
+    return set(re.findall(r"\.entry\s+(\S+?)\s*\(", ptx))
+
+
+# ----------------------------------------------------------------------------- NVRTC
+def test_half_headers_found():
+    assert L.include_dirs(), (
+        "cuda_fp16.h / cuda_bf16.h not found: pip install nvidia-cuda-runtime-cu12 "
+        "(or set NBLOSSES_CUDA_INCLUDE)")
+
+
+@pytest.mark.parametrize("ct", CTYPES)
+@pytest.mark.parametrize("src", K.SOURCES)
+def test_nvrtc_compiles_every_instantiation(src, ct):
+    """Front end and code generation of every instantiation (-G: fast, no optimiser)."""
+    ptx, lowered = compiled(src, ct, debug=True)
+    names = K.instantiations(src, ct)
+    assert len(names) == len(set(names))
+    assert set(lowered) == set(names)
+    missing = [n for n in names if lowered[n] not in _entries(ptx)]
+    assert not missing
+
+
+@pytest.mark.parametrize("ct", OPT_CTYPES)
+@pytest.mark.parametrize("src", K.SOURCES)
+def test_nvrtc_compiles_optimised(src, ct):
+    """The optimised compile, as CuPy's RawModule runs it (minus the device's -arch)."""
+    ptx, lowered = compiled(src, ct, debug=False)
+    assert set(lowered) == set(K.instantiations(src, ct))
+    assert all(v in _entries(ptx) for v in lowered.values())
+
+
+@pytest.mark.parametrize("ct,ld", [("float", r"v4\.f32"), ("__half", r"v4\.(u32|b32)"),
+                                   ("double", r"v2\.f64")])
+def test_vector_instantiations_use_16_byte_loads(ct, ld):
+    vec = K.vec_width(ct)
+    name = K.softmax_cached(ct, vec, 32, K.nv_max(ct, vec), K.ROW_BLOCK)
+    assert name in K.instantiations("softmax.cu", ct)
+    prog = nvrtc.createProgram(L.source_for("softmax.cu", ct), "softmax.cu", [], [])
+    try:
+        nvrtc.addNameExpression(prog, name)
+        nvrtc.compileProgram(prog, ["--gpu-architecture=compute_90", *L.options_for(ct),
+                                    "-ftz=true"])
+        ptx = nvrtc.getPTX(prog)
+        ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    finally:
+        nvrtc.destroyProgram(prog)
+    assert re.search(r"ld\.global(\.nc)?\." + ld, ptx)
+    assert re.search(r"st\.global\." + ld, ptx)
+
+
+def test_sources_have_no_host_macros():
+    for src in ("_common.cu", *K.SOURCES):
+        text = L.read_source(src)
+        code = "\n".join(line.split("//")[0] for line in text.splitlines())
+        for macro in ("INFINITY", "NAN", "HUGE_VAL", "FLT_MAX", "#include"):
+            assert macro not in code, (src, macro)
+
+
+# ----------------------------------------------------------------------------- registration
+def test_import_nblosses_does_not_import_cupy():
+    code = "import sys, nblosses; assert 'cupy' not in sys.modules, 'cupy imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_op_has_a_cuda_kernel_with_the_cpu_signature():
+    import nblosses.backends.cpu  # noqa: F401
+    import nblosses.backends.cuda  # noqa: F401  (no device needed to import)
+
+    be = R.lookup("cuda")
+    assert be.xp is cupy and be.asarray is cupy.asarray
+    assert set(be.native_dtypes) >= {"float16", "float32", "float64"}
+    for op in OPS:
+        fn = R._KERNELS.get((op, "cuda"))
+        assert callable(fn), op
+        assert fn.__module__.startswith("nblosses.backends.cuda"), op
+        cpu = R._KERNELS[(op, "cpu")]
+        cpu = inspect.unwrap(cpu)
+        assert list(inspect.signature(fn).parameters) == list(inspect.signature(cpu).parameters), op
+
+
+def test_configurations_are_instantiated():
+    for ct in CTYPES:
+        softmax_names = set(K.instantiations("softmax.cu", ct))
+        ce_names = set(K.instantiations("cross_entropy.cu", ct))
+        bwd_names = set(K.instantiations("softmax_backward.cu", ct))
+        probs_names = set(K.instantiations("cross_entropy_probs.cu", ct))
+        for vec in K.vec_choices(ct):
+            for nvec in list(range(1, 600)) + [1000, 1023, 1024, 1025, 4096, 8000, 8192, 8193,
+                                                16384, 32768, 40000, 10 ** 6]:
+                cfg = K.cached_config(nvec, ct, vec)
+                if cfg is None:
+                    assert K.softmax_looped(ct, vec) in softmax_names
+                    assert K.ce_looped(ct, vec) in ce_names
+                else:
+                    g, nv, block = cfg
+                    assert g * nv >= nvec and (g <= 32 and block == K.ROW_BLOCK or block == g)
+                    assert nv * vec <= K.MAX_ELEMS[ct]
+                    assert K.softmax_cached(ct, vec, *cfg) in softmax_names
+                    assert K.ce_cached(ct, vec, *cfg) in ce_names
+                g, block = K.looped_config(nvec)
+                assert K.softmax_bwd_rows(ct, vec, g, block) in bwd_names
+                assert K.probs_rows(ct, vec, g, block) in probs_names
+    # capacity of the register-cached rows (elements)
+    assert K.cached_config(32000 // 4, "float", 4) == (1024, 8, 1024)
+    assert K.cached_config(32768 // 8, "__half", 8) is not None
+    assert K.cached_config(128256 // 8, "__half", 8) is None
+
+
+# ----------------------------------------------------------------------------- launch arguments
+class FakeArray(np.ndarray):
+    """A host array that looks enough like a CuPy array for the launch glue."""
+
+    @property
+    def data(self):
+        arr = self
+        return types.SimpleNamespace(ptr=arr.__array_interface__["data"][0],
+                                     memset_async=lambda value, size: LAUNCHES.append(
+                                         ("memset", arr.__array_interface__["data"][0], size)))
+
+    def sum(self, *args, **kwargs):
+        return np.asarray(np.ndarray.sum(np.asarray(self), *args, **kwargs)).view(FakeArray)
+
+
+def fa(a) -> FakeArray:
+    return np.ascontiguousarray(a).view(FakeArray)
+
+
+FAKE_CUPY = types.SimpleNamespace(
+    float64=np.float64,
+    empty_like=lambda a, dtype=None: np.empty_like(np.asarray(a), dtype=dtype).view(FakeArray),
+    empty=lambda shape, dtype=np.float64: np.empty(shape, dtype).view(FakeArray),
+    zeros=lambda shape, dtype=np.float64: np.zeros(shape, dtype).view(FakeArray),
+    full=lambda shape, value, dtype=np.float64: np.full(shape, value, dtype).view(FakeArray),
+)
+LAUNCHES: list = []
+C_NAMES = {"float16": "__half", "float32": "float", "float64": "double", "int64": "long long"}
+#: kernels without a BLOCK template parameter and the block size their launch bounds fix
+FIXED_BLOCKS = {"softmax_cols": 256, "softmax_bwd_cols": 256, "ce_cols": 256, "probs_cols": 256,
+                "nll_fwd": 256, "nll_grad": 256, "class_denom": 256, "denom_finalize": 1024,
+                "loss_finalize": 1024, "sigmoid_fwd": 256, "sigmoid_bwd": 256, "bce_fwd": 256,
+                "bce_logits_fwd": 256}
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    from nblosses.backends.cuda import binary_losses, class_losses, softmax
+
+    for mod in (softmax, class_losses, binary_losses):
+        monkeypatch.setattr(mod, "cupy", FAKE_CUPY)
+    monkeypatch.setattr(L, "sm_count", lambda: 132)
+
+    def record(src, dtype, name, grid, block, args):
+        LAUNCHES.append((src, dtype, name, grid, block, args))
+
+    monkeypatch.setattr(L, "launch", record)
+    LAUNCHES.clear()
+    yield types.SimpleNamespace(softmax=softmax, class_losses=class_losses,
+                                binary_losses=binary_losses)
+    LAUNCHES.clear()
+
+
+#: arguments the row kernels access with 16-byte vectors (elementwise kernels: every array)
+VECTOR_ARGS = {"softmax_cached": (0, 1), "softmax_looped": (0, 1), "softmax_bwd_rows": (0, 1, 2),
+               "ce_cached": (0, 14), "ce_looped": (0, 14), "probs_rows": (0, 1, 10)}
+_DEMANGLED: dict[str, list[str] | None] = {}
+
+
+def _param_types(src: str, ct: str, name: str) -> list[str]:
+    """C++ parameter types of the instantiation (demangled), or PTX param kinds."""
+    ptx, lowered = compiled(src, ct, debug=True)
+    mangled = lowered[name]
+    if mangled not in _DEMANGLED:
+        filt = shutil.which("c++filt")
+        if filt:
+            out = subprocess.run([filt], input=mangled, capture_output=True, text=True).stdout
+            inside = out.strip()[out.strip().index("(") + 1:-1]
+            _DEMANGLED[mangled] = [p.strip() for p in _split_params(inside)]
+        else:
+            body = ptx[ptx.index(".entry " + mangled):]
+            body = body[:body.index(")")]
+            _DEMANGLED[mangled] = ["ptx:" + k for k in re.findall(r"\.param\s+\.(\w+)", body)]
+    return _DEMANGLED[mangled]
+
+
+def _split_params(s: str) -> list[str]:
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur)
+    return out
+
+
+def _check_arg(param: str, arg, where: str):
+    if param.startswith("ptx:"):
+        kind = param[4:]
+        if kind == "f64":
+            assert type(arg) is np.float64, where
+        elif kind in ("u32", "s32", "b32"):
+            assert type(arg) is np.int32, where
+        else:
+            assert type(arg) in (np.int64, np.uint64) or isinstance(arg, np.ndarray), where
+        return
+    if param.endswith("*"):
+        if isinstance(arg, np.uint64):
+            assert arg == 0, where
+            return
+        assert isinstance(arg, FakeArray), f"{where}: {param} <- {type(arg).__name__}"
+        assert arg.flags.c_contiguous, where
+        base = param[:-1].replace("const", "").strip()
+        assert C_NAMES[arg.dtype.name] == base, f"{where}: {param} <- {arg.dtype}"
+    elif param == "long long":
+        assert type(arg) is np.int64, f"{where}: {param} <- {type(arg).__name__}"
+    elif param == "int":
+        assert type(arg) is np.int32, f"{where}: {param} <- {type(arg).__name__}"
+    elif param == "double":
+        assert type(arg) is np.float64, f"{where}: {param} <- {type(arg).__name__}"
+    else:
+        raise AssertionError(f"{where}: unexpected parameter type {param}")
+
+
+def check_launches(expect_min: int = 1):
+    launches = [x for x in LAUNCHES if x[0] != "memset"]
+    assert len(launches) >= expect_min
+    for src, dtype, name, grid, block, args in launches:
+        ct = K.ctype_of(dtype.name)
+        assert name in K.instantiations(src, ct), name
+        params = _param_types(src, ct, name)
+        assert len(params) == len(args), f"{name}: {len(args)} arguments for {params}"
+        for i, (p, a) in enumerate(zip(params, args)):
+            _check_arg(p, a, f"{name} argument {i}")
+        kernel = name.split("<")[0]
+        if kernel in FIXED_BLOCKS:
+            bound = FIXED_BLOCKS[kernel]
+        else:  # the BLOCK template parameter (__launch_bounds__) comes last
+            bound = int(name.rstrip(">").split(",")[-1])
+        assert block == bound, f"{name} launched with {block} threads"
+        assert 1 <= grid <= 132 * (K.THREADS_PER_SM // block) or grid == 1, (name, grid)
+        if f"{ct}, {K.vec_width(ct)}" in name:  # vector instantiation: aligned pointers
+            for i in VECTOR_ARGS.get(kernel, range(len(args))):
+                a = args[i]
+                if isinstance(a, FakeArray) and a.dtype == dtype:
+                    assert a.data.ptr % 16 == 0, (name, i)
+
+
+def _unaligned(shape, dtype):
+    """A C-contiguous array whose data pointer is not 16-byte aligned."""
+    n = math.prod(shape)
+    base = np.zeros(n + 1, dtype)
+    return base[1:].reshape(shape).view(FakeArray)
+
+
+ROW_SHAPES = [(5, 1, 1), (7, 3, 1), (64, 16, 1), (3, 1000, 1), (2, 1001, 1), (2, 5000, 1),
+              (2, 32000, 1), (1, 70000, 1), (2, 3, 5), (3, 4, 2)]
+DTYPES = (np.float16, np.float32, np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_family_launches(fake_device, dtype):
+    sm = fake_device.softmax
+    for shape in ROW_SHAPES:
+        for make in (lambda s: fa(np.random.rand(*s).astype(dtype)),
+                     lambda s: _unaligned(s, dtype)):
+            x = make(shape)
+            for op in (sm.softmax, sm.log_softmax):
+                y = op(x)
+                assert y.shape == x.shape and y.dtype == x.dtype
+            for op in (sm.softmax_backward, sm.log_softmax_backward):
+                assert op(make(shape), x).shape == x.shape
+            flat = x.reshape(-1)
+            assert sm.sigmoid(flat).shape == flat.shape
+            assert sm.sigmoid_backward(make(shape).reshape(-1), flat).shape == flat.shape
+    check_launches(len(ROW_SHAPES) * 2 * 6)
+    # empty inputs launch nothing
+    LAUNCHES.clear()
+    assert sm.softmax(fa(np.zeros((0, 3, 1), dtype))).shape == (0, 3, 1)
+    assert sm.sigmoid(fa(np.zeros(0, dtype))).shape == (0,)
+    assert not LAUNCHES
+
+
+CLASS_SHAPES = [(4, 10, 1), (3, 1000, 1), (2, 32000, 1), (2, 70001, 1), (3, 5, 7), (2, 1, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_class_loss_launches(fake_device, dtype):
+    cl = fake_device.class_losses
+    rng = np.random.default_rng(0)
+    for n, C, inner in CLASS_SHAPES:
+        x = fa(rng.standard_normal((n, C, inner)).astype(dtype))
+        t = rng.integers(0, C, (n, inner)).astype(np.int64)
+        t.reshape(-1)[0] = -100
+        t = fa(t)
+        p = fa(rng.random((n, C, inner)).astype(dtype))
+        w = fa(rng.random(C).astype(dtype))
+        for reduction in ("none", "mean", "sum"):
+            for want_grad in (False, True):
+                g = (fa(np.ones((n, inner), dtype)) if reduction == "none" else 2.0) \
+                    if want_grad else None
+                for weight in (None, w):
+                    for eps in (0.0, 0.1):
+                        for buf in ((None, x) if want_grad else (None,)):
+                            kw = dict(reduction=reduction, want_grad=want_grad, grad_output=g,
+                                      grad_buffer=buf)
+                            loss, grad = cl.cross_entropy(x, t, weight, ignore_index=-100,
+                                                          label_smoothing=eps, **kw)
+                            _check_loss(loss, grad, reduction, want_grad, (n, inner), x)
+                            loss, grad = cl.cross_entropy_probs(x, p, weight, label_smoothing=eps,
+                                                                **kw)
+                            _check_loss(loss, grad, reduction, want_grad, (n, inner), x)
+                        loss, grad = cl.nll_loss(x, t, weight, ignore_index=-100,
+                                                 reduction=reduction, want_grad=want_grad,
+                                                 grad_output=g, grad_buffer=None)
+                        _check_loss(loss, grad, reduction, want_grad, (n, inner), x)
+        # unaligned logits: scalar access
+        xu = _unaligned((n, C, inner), dtype)
+        cl.cross_entropy(xu, t, None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                         want_grad=True, grad_output=1.0, grad_buffer=None)
+    check_launches(100)
+    # nll with a gradient zero-fills it on the stream before scattering
+    assert any(x[0] == "memset" for x in LAUNCHES)
+    # empty inputs: no kernel, NaN mean
+    LAUNCHES.clear()
+    loss, grad = cl.cross_entropy(fa(np.zeros((0, 3, 1), dtype)), fa(np.zeros((0, 1), np.int64)),
+                                  None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                                  want_grad=True, grad_output=1.0, grad_buffer=None)
+    assert loss.shape == () and np.isnan(loss) and grad.shape == (0, 3, 1)
+    assert not [x for x in LAUNCHES if x[0] != "memset"]
+
+
+def _check_loss(loss, grad, reduction, want_grad, loss_shape, x):
+    if reduction == "none":
+        assert loss.shape == loss_shape and loss.dtype == x.dtype
+    else:
+        assert loss.shape == () and loss.dtype == x.dtype
+    if want_grad:
+        assert grad.shape == x.shape and grad.dtype == x.dtype
+    else:
+        assert grad is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_binary_loss_launches(fake_device, dtype):
+    bl = fake_device.binary_losses
+    rng = np.random.default_rng(1)
+    for n in (1, 7, 1000, 4099):
+        for make in (lambda a: fa(a), lambda a: _copy_unaligned(a)):
+            x = make(rng.random(n).astype(dtype))
+            y = make(rng.random(n).astype(dtype))
+            w = make(rng.random(n).astype(dtype))
+            for reduction in ("none", "mean", "sum"):
+                for want_grad in (False, True):
+                    g = (make(np.ones(n, dtype)) if reduction == "none" else 0.5) \
+                        if want_grad else None
+                    for weight in (None, w):
+                        loss, grad = bl.binary_cross_entropy(x, y, weight, reduction=reduction,
+                                                             want_grad=want_grad, grad_output=g)
+                        _check_loss(loss, grad, reduction, want_grad, (n,), x)
+                        loss, grad = bl.binary_cross_entropy_with_logits(
+                            x, y, weight, w, reduction=reduction, want_grad=want_grad,
+                            grad_output=g)
+                        _check_loss(loss, grad, reduction, want_grad, (n,), x)
+    check_launches(100)
+
+
+def _copy_unaligned(a):
+    u = _unaligned(a.shape, a.dtype)
+    u[...] = a
+    return u
+
+
+# ----------------------------------------------------------------------------- on a device
+def _has_device() -> bool:
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+needs_device = pytest.mark.skipif(not _has_device(), reason="no CUDA device")
+TOL = {np.float16: (3e-3, 3e-3), np.float32: (2e-5, 2e-6), np.float64: (1e-11, 1e-13)}
+
+
+def _close(got, want, dtype, what):
+    rtol, atol = TOL[dtype]
+    got = cupy.asnumpy(got).astype(np.float64)
+    want = np.asarray(want, np.float64)
+    assert got.shape == want.shape, what
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * max(1.0, np.abs(want).max(
+        initial=0.0)), equal_nan=True, err_msg=what)
+
+
+PATH_SHAPES = [(6, 1), (9, 3), (64, 16), (16, 100), (8, 1000), (4, 1001), (3, 4097), (2, 32000),
+               (2, 40000), (1, 70001), (3, 5, 7)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PATH_SHAPES)
+@pytest.mark.cuda
+@needs_device
+def test_device_softmax_paths(shape, dtype):
+    from nblosses import functional as F
+
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    x.reshape(-1)[0] = -np.inf
+    gx = rng.standard_normal(shape).astype(dtype)
+    for op in ("softmax", "log_softmax"):
+        y_cpu = getattr(F, op)(x, dim=1, backend="cpu")
+        y_gpu = getattr(F, op)(cupy.asarray(x), dim=1, backend="cuda")
+        _close(y_gpu, y_cpu, dtype, f"{op} {shape}")
+        b = op + "_backward"
+        _close(getattr(F, b)(cupy.asarray(gx), y_gpu, dim=1, backend="cuda"),
+               getattr(F, b)(gx, y_cpu, dim=1, backend="cpu"), dtype, f"{b} {shape}")
+    special = np.array([[np.nan, 1.0, 2.0], [np.inf, 0.0, 1.0], [-np.inf] * 3,
+                        [-np.inf, 1.0, 2.0]], dtype)
+    for op in ("softmax", "log_softmax"):
+        _close(getattr(F, op)(cupy.asarray(special), dim=1, backend="cuda"),
+               getattr(F, op)(special, dim=1, backend="cpu"), dtype, f"{op} special")
+    xs = x[..., 1:]
+    _close(F.sigmoid(cupy.asarray(xs), backend="cuda"), F.sigmoid(xs, backend="cpu"), dtype,
+           "sigmoid")
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(8, 10), (16, 1000), (4, 1001), (2, 32000), (2, 70001),
+                                   (3, 6, 5)])
+@pytest.mark.cuda
+@needs_device
+def test_device_class_loss_paths(shape, dtype):
+    from nblosses import functional as F
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(dtype)
+    C = shape[1]
+    tshape = (shape[0],) + shape[2:]
+    t = rng.integers(0, C, tshape)
+    t.reshape(-1)[0] = -100
+    w = (rng.random(C) + 0.5).astype(dtype)
+    p = rng.random(shape).astype(dtype)
+    p /= p.sum(axis=1, keepdims=True)
+    for reduction in ("mean", "sum", "none"):
+        for weight in (None, w):
+            for eps in (0.0, 0.1):
+                args = dict(reduction=reduction, label_smoothing=eps, return_grad=True)
+                for target in (t, p):
+                    want = F.cross_entropy(x, target, weight, backend="cpu", **args)
+                    got = F.cross_entropy(cupy.asarray(x), cupy.asarray(target),
+                                          None if weight is None else cupy.asarray(weight),
+                                          backend="cuda", **args)
+                    what = f"ce {shape} {reduction} w={weight is not None} eps={eps}"
+                    if reduction != "none":
+                        assert isinstance(got[0], cupy.ndarray) and got[0].shape == ()
+                    _close(got[0], want[0], dtype, what + " loss")
+                    _close(got[1], want[1], dtype, what + " grad")
+                    if target is t:  # ignored positions: gradient exactly 0
+                        assert not cupy.asnumpy(got[1]).reshape(shape[0], C, -1)[0, :, 0].any()
+            logp = F.log_softmax(x, dim=1, backend="cpu")
+            want = F.nll_loss(logp, t, weight, reduction=reduction, return_grad=True,
+                              backend="cpu")
+            got = F.nll_loss(cupy.asarray(logp), cupy.asarray(t),
+                             None if weight is None else cupy.asarray(weight),
+                             reduction=reduction, return_grad=True, backend="cuda")
+            _close(got[0], want[0], dtype, f"nll {shape} {reduction} loss")
+            _close(got[1], want[1], dtype, f"nll {shape} {reduction} grad")
+    # in place: the gradient overwrites the logits
+    xg = cupy.asarray(x)
+    loss, g = F.cross_entropy(xg, cupy.asarray(t), return_grad=True, grad_buffer=xg,
+                              backend="cuda")
+    want = F.cross_entropy(x, t, return_grad=True, backend="cpu")
+    assert g is xg
+    _close(loss, want[0], dtype, "in-place loss")
+    _close(xg, want[1], dtype, "in-place grad")
+    # deterministic reductions
+    a = F.cross_entropy(cupy.asarray(x), cupy.asarray(t), backend="cuda")
+    b = F.cross_entropy(cupy.asarray(x), cupy.asarray(t), backend="cuda")
+    assert cupy.asnumpy(a).tobytes() == cupy.asnumpy(b).tobytes()
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.cuda
+@needs_device
+def test_device_binary_loss_paths(dtype):
+    from nblosses import functional as F
+
+    rng = np.random.default_rng(4)
+    for shape in [(7,), (64, 33), (1000, 17)]:
+        x = rng.random(shape).astype(dtype)
+        x.reshape(-1)[0] = 0.0
+        y = rng.random(shape).astype(dtype)
+        w = rng.random(shape[-1:]).astype(dtype)
+        for reduction in ("mean", "sum", "none"):
+            for weight in (None, w):
+                kw = dict(reduction=reduction, return_grad=True)
+                cw = None if weight is None else cupy.asarray(weight)
+                want = F.binary_cross_entropy(x, y, weight, backend="cpu", **kw)
+                got = F.binary_cross_entropy(cupy.asarray(x), cupy.asarray(y), cw,
+                                             backend="cuda", **kw)
+                _close(got[0], want[0], dtype, f"bce {shape} {reduction} loss")
+                _close(got[1], want[1], dtype, f"bce {shape} {reduction} grad")
+                z = (x - 0.5) * 20
+                want = F.binary_cross_entropy_with_logits(z, y, weight, pos_weight=w,
+                                                          backend="cpu", **kw)
+                got = F.binary_cross_entropy_with_logits(cupy.asarray(z), cupy.asarray(y), cw,
+                                                         pos_weight=cupy.asarray(w),
+                                                         backend="cuda", **kw)
+                _close(got[0], want[0], dtype, f"bcel {shape} {reduction} loss")
+                _close(got[1], want[1], dtype, f"bcel {shape} {reduction} grad")
+
