@@ -15,6 +15,7 @@ vector / scalar access, in-place gradients, reductions) against the CPU backend.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -174,6 +175,10 @@ class FakeArray(np.ndarray):
         return types.SimpleNamespace(ptr=arr.__array_interface__["data"][0],
                                      memset_async=lambda value, size: LAUNCHES.append(
                                          ("memset", arr.__array_interface__["data"][0], size)))
+
+    @property
+    def device(self):
+        return contextlib.nullcontext()
 
     def sum(self, *args, **kwargs):
         return np.asarray(np.ndarray.sum(np.asarray(self), *args, **kwargs)).view(FakeArray)

@@ -177,6 +177,17 @@ def kernel(filename: str, dtype, name: str) -> "cupy.RawKernel":
     return k
 
 
+def on_input_device(fn):
+    """Run a kernel function with its first array's device current: outputs are allocated and
+    kernels launched where the input lives (CuPy allocates on the current device)."""
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        with first.device:
+            return fn(first, *args, **kwargs)
+
+    return wrapper
+
+
 def launch(filename: str, dtype, name: str, grid: int, block: int, args: tuple) -> None:
     """Launch on the current stream (asynchronous)."""
     kernel(filename, dtype, name)((int(grid),), (int(block),), args)

@@ -50,6 +50,7 @@ def _binary(kernel: str, x, y, extra, *, reduction, want_grad, grad_output):
 
 
 @register_kernel("binary_cross_entropy", "cuda")
+@L.on_input_device
 def binary_cross_entropy(x, y, weight, *, reduction, want_grad, grad_output):
     """BCE on probabilities (kernel protocol in :mod:`nblosses.backends`)."""
     return _binary("bce_fwd", x, y, (weight,), reduction=reduction, want_grad=want_grad,
@@ -57,6 +58,7 @@ def binary_cross_entropy(x, y, weight, *, reduction, want_grad, grad_output):
 
 
 @register_kernel("binary_cross_entropy_with_logits", "cuda")
+@L.on_input_device
 def binary_cross_entropy_with_logits(x, y, weight, pos_weight, *, reduction, want_grad,
                                      grad_output):
     """BCE on logits with the stable log-sigmoid."""

@@ -93,6 +93,7 @@ def finish_loss(src: str, dt, reduction: str, loss_out, part, scal, div: float):
 
 # ----------------------------------------------------------------------------- cross-entropy
 @register_kernel("cross_entropy", "cuda")
+@L.on_input_device
 def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, want_grad,
                   grad_output, grad_buffer):
     """Cross-entropy with class-index targets (kernel protocol in :mod:`nblosses.backends`)."""
@@ -136,6 +137,7 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
 
 # ----------------------------------------------------------------------------- probabilities
 @register_kernel("cross_entropy_probs", "cuda")
+@L.on_input_device
 def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad, grad_output,
                         grad_buffer):
     """Cross-entropy with class-probability targets (``mean`` divides by ``N * inner``)."""
@@ -169,6 +171,7 @@ def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad
 
 # ----------------------------------------------------------------------------- nll
 @register_kernel("nll_loss", "cuda")
+@L.on_input_device
 def nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output, grad_buffer):
     """NLL on log-probabilities; the gradient is zero but at the target classes."""
     n, C, inner = x3.shape
