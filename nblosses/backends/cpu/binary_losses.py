@@ -15,6 +15,8 @@ from ._parallel import guarded, parallel_kernel
 
 CHUNK = 16384
 _TINY = float(np.finfo(np.float64).tiny)
+#: torch clamps x(1-x) at its float EPSILON = 1e-12f, the float32 value, for every dtype.
+_EPS = float(np.float32(1e-12))
 
 
 @njit(**JIT)
@@ -47,7 +49,7 @@ def _bce(x, y, w, g, g_scalar, out, gx, partial):
                 gi = g_scalar if g is None else np.float64(g[lo + i])
                 if w is not None:
                     gi *= w[lo + i]
-                gx[lo + i] = gi * (xi - yi) / max(xi * (1.0 - xi), 1e-12)
+                gx[lo + i] = gi * (xi - yi) / max(xi * (1.0 - xi), _EPS)
         partial[k] = acc
 
 
