@@ -98,12 +98,12 @@ def _bench(args: argparse.Namespace) -> int:
         backend=args.backend, ops=ops, shapes=shapes, dtypes=dtypes,
         repeat=args.repeat or (3 if args.quick else 7),
         min_sample=0.005 if args.quick else 0.02,
-        budget=1.0 if args.quick else 2.0,
+        budget=1.0 if args.quick else 1.5,
         peers=peers, threads=args.threads,
         memory_ops=pick(args.memory, runner.MEMORY_OPS),
         first_call_ops=pick(args.first_call, runner.FIRST_CALL_OPS),
         copy_bytes=(32 << 20) if args.quick else (128 << 20),
-        check=not args.no_check, quick=args.quick)
+        check=not args.no_check, quick=args.quick, stat=args.stat)
     try:
         out = runner.run(config, progress=not args.no_progress)
     except Exception as exc:  # backend unusable, ...
@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(separate with ';' to use ',' inside labels)")
     p.add_argument("--repeat", type=int, default=None,
                    help="samples per timing (default 7, --quick 3)")
+    p.add_argument("--stat", choices=["median", "min"], default="median",
+                   help="sample statistic for times and ratios (default median; min is the "
+                        "least disturbed sample on a busy machine)")
     p.add_argument("--threads", type=int, default=None,
                    help="Numba (and torch) threads (default: Numba's default)")
     p.add_argument("--peers", default=None,

@@ -185,9 +185,9 @@ def format_header(out: dict[str, Any]) -> str:
         lines.append(f"load average before the run: {load:.2f} on {cpus} CPUs"
                      + (" -- WARNING: other processes were running, timings are skewed"
                         if busy else ""))
-    lines.append("times: median of up to {} round-robin samples after warm-up; vs X = X's time "
+    lines.append("times: {} of up to {} round-robin samples after warm-up; vs X = X's time "
                  "/ nblosses' time (>1: nblosses faster); GB/s = ideal bytes moved / time"
-                 .format(m["repeat"]))
+                 .format(m.get("stat", "median"), m["repeat"]))
     return "\n".join(lines)
 
 
