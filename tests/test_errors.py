@@ -360,3 +360,40 @@ def test_cuda_unavailable_is_runtime_error():
             call()
         assert isinstance(info.value, RuntimeError)
         assert "cuda" in str(info.value).lower()
+
+
+# ----------------------------------------------------------------------------- grad_buffer checks
+@pytest.mark.parametrize("op", ["nll_loss", "cross_entropy"])
+@pytest.mark.parametrize("bad,exc,words", [
+    ("shape", ValueError, ["(4, 6)", "(4, 5)"]),
+    ("dtype", TypeError, ["float32", "float64"]),
+    ("fortran", ValueError, ["contiguous"]),
+    ("readonly", ValueError, ["writeable"]),
+    ("list", TypeError, ["grad_buffer"]),
+])
+def test_bad_grad_buffer(backend, op, bad, exc, words):
+    x = _x()
+    t = np.array([0, 1, 2, 3])
+    buf = {"shape": lambda: np.zeros((4, 6)), "dtype": lambda: np.zeros((4, C), np.float32),
+           "fortran": lambda: np.zeros((C, 4)).T, "readonly": lambda: np.zeros((4, C)),
+           "list": lambda: np.zeros((4, C)).tolist()}[bad]()
+    if bad == "readonly":
+        if backend != "cpu":
+            pytest.skip("CuPy arrays have no read-only flag")
+        buf.flags.writeable = False
+    elif bad != "list":
+        buf = to_backend(buf, backend)
+    xb = to_backend(x, backend)
+    with pytest.raises(exc) as info:
+        getattr(F, op)(xb, to_backend(t, backend), return_grad=True, grad_buffer=buf,
+                       backend=backend)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+    assert np.array_equal(to_numpy(xb), x)
+
+
+@pytest.mark.parametrize("op", ["nll_loss", "cross_entropy"])
+def test_0d_input_is_rejected(backend, op):
+    with pytest.raises(ValueError, match="dimension"):
+        getattr(F, op)(to_backend(np.array(1.0), backend), to_backend(np.array(0), backend),
+                       backend=backend)

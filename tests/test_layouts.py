@@ -77,10 +77,11 @@ def test_class_losses_layouts(backend, case, shape, dtype):
         t = (t / t.sum(axis=1, keepdims=True)).astype(dtype)
         kw = dict(label_smoothing=0.2, weight=r.uniform(0.5, 2, n_classes).astype(dtype))
     else:
-        t = _targets(shape, -100, seed=sum(shape))
+        # "weighted_smoothed": ignore_index 255 (>= C, as in segmentation masks)
+        t = _targets(shape, 255 if case == "weighted_smoothed" else -100, seed=sum(shape))
     if case == "weighted_smoothed":
         kw = dict(weight=r.uniform(0.5, 2, n_classes).astype(dtype), label_smoothing=0.15,
-                  ignore_index=-100)
+                  ignore_index=255)
     if case == "none_reduction":
         kw = dict(reduction="none", label_smoothing=0.05)
         go = r.uniform(-1, 1, (shape[0],) + shape[2:])
