@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import operator
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +18,16 @@ from typing import Any
 from ._registry import Backend
 
 REDUCTIONS = ("none", "mean", "sum")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_at_caller(message: str) -> None:
+    """``UserWarning`` attributed to the first frame outside nblosses (the user's line), however
+    deep inside the package (wrappers, modules, dask) it is raised."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 # ----------------------------------------------------------------------------- dtypes
@@ -49,7 +61,7 @@ def as_array(be: Backend, array: Any, what: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- reduction
-def reduction_from(size_average: Any, reduce: Any, reduction: str, stacklevel: int = 3) -> str:
+def reduction_from(size_average: Any, reduce: Any, reduction: str) -> str:
     """Resolve torch's legacy ``size_average`` / ``reduce`` pair, or check ``reduction``."""
     if size_average is not None or reduce is not None:
         size_average = True if size_average is None else size_average
@@ -60,12 +72,8 @@ def reduction_from(size_average: Any, reduce: Any, reduction: str, stacklevel: i
             resolved = "sum"
         else:
             resolved = "none"
-        warnings.warn(
-            f"size_average and reduce args will be deprecated, please use "
-            f"reduction='{resolved}' instead.",
-            UserWarning,
-            stacklevel=stacklevel + 1,
-        )
+        warn_at_caller(f"size_average and reduce args will be deprecated, please use "
+                       f"reduction='{resolved}' instead.")
         return resolved
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction!r} is not a valid value for reduction; "
@@ -79,16 +87,12 @@ def implicit_dim(ndim: int) -> int:
     return 0 if ndim in (0, 1, 3) else 1
 
 
-def softmax_dim(name: str, ndim: int, dim: Any, stacklevel: int = 3) -> int:
+def softmax_dim(name: str, ndim: int, dim: Any) -> int:
     """torch's dim handling: ``None`` warns and picks :func:`implicit_dim`."""
     if dim is None:
         dim = implicit_dim(ndim)
-        warnings.warn(
-            f"Implicit dimension choice for {name} has been deprecated. "
-            f"Change the call to include dim=X as an argument.",
-            UserWarning,
-            stacklevel=stacklevel + 1,
-        )
+        warn_at_caller(f"Implicit dimension choice for {name} has been deprecated. "
+                       f"Change the call to include dim=X as an argument.")
         return dim
     try:
         dim = operator.index(dim)
@@ -128,7 +132,7 @@ def softmax_args(be: Backend, name: str, input: Any, dim: Any, dtype: Any) -> So
     if not _is_float(x.dtype):
         raise TypeError(f"{name}: input must be a floating-point array (or pass dtype=), "
                         f"got dtype {x.dtype.name}")
-    d = softmax_dim(name, x.ndim, dim, stacklevel=5)
+    d = softmax_dim(name, x.ndim, dim)
     cdt = compute_dtype(be, x.dtype)
     x3 = to_compute(be, x, cdt).reshape(split_shape(x.shape, d))
     return SoftmaxArgs(x3, x.shape, x.dtype)
@@ -144,7 +148,7 @@ def softmax_backward_args(be: Backend, name: str, grad_output: Any, output: Any,
     cdt = compute_dtype(be, y.dtype, "output")
     if not _is_float(g.dtype):
         raise TypeError(f"{name}: grad_output must be floating point, got {g.dtype.name}")
-    d = softmax_dim(name, y.ndim, dim, stacklevel=5)
+    d = softmax_dim(name, y.ndim, dim)
     s3 = split_shape(y.shape, d)
     return to_compute(be, g, cdt).reshape(s3), to_compute(be, y, cdt).reshape(s3), y.shape, y.dtype
 

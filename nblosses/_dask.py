@@ -216,7 +216,7 @@ def _softmax_family(op: str, input: Array, dim: Any, dtype: Any, backend: str | 
     if not _args._is_float(x.dtype):
         raise TypeError(f"{op}: input must be a floating-point array (or pass dtype=), "
                         f"got dtype {x.dtype.name}")
-    d = _args.softmax_dim(op, x.ndim, dim, stacklevel=5)
+    d = _args.softmax_dim(op, x.ndim, dim)
     be = _backend_for(name, x)
     meta = _meta(be, x.ndim, x.dtype)
     if x.ndim == 0 or x.numblocks[d] == 1 or x.size == 0:
@@ -299,7 +299,7 @@ def _softmax_backward(op: str, grad_output: Array, output: Array, dim: Any,
     _args.compute_dtype(be, y.dtype, "output")
     if not _args._is_float(g.dtype):
         raise TypeError(f"{op}: grad_output must be floating point, got {g.dtype.name}")
-    d = _args.softmax_dim(op, y.ndim, dim, stacklevel=5)
+    d = _args.softmax_dim(op, y.ndim, dim)
     g = g.rechunk(y.chunks)
     ind = _letters(y.ndim)
     meta = _meta(be, y.ndim, y.dtype)
@@ -651,7 +651,7 @@ def _nll_grad_block(xb, tb, offb, wtb, gb, backend, ignore_index, out_dtype):
 def _class_loss(op, input, target, weight, size_average, ignore_index, reduce, reduction,
                 label_smoothing, return_grad, grad_output, grad_buffer, backend):
     name = _backend_name(backend)
-    reduction = _args.reduction_from(size_average, reduce, reduction, stacklevel=5)
+    reduction = _args.reduction_from(size_average, reduce, reduction)
     if grad_buffer is not None:
         raise TypeError(f"{op}: grad_buffer is not supported for dask arrays (the gradient is "
                         f"a lazy dask array; store it with dask.array.store instead)")
@@ -811,7 +811,7 @@ def _binary_block(xb, yb, wb, pwb, gb, op, backend, want_grad):
 def _binary_loss(op, input, target, weight, pos_weight, size_average, reduce, reduction,
                  return_grad, grad_output, backend):
     name = _backend_name(backend)
-    reduction = _args.reduction_from(size_average, reduce, reduction, stacklevel=5)
+    reduction = _args.reduction_from(size_average, reduce, reduction)
     x, y = _as_dask(input), _as_dask(target)
     be = _backend_for(name, x, y, _as_dask(weight), _as_dask(pos_weight))
     if not _args._is_float(x.dtype):

@@ -210,7 +210,7 @@ def _finish(be, loss, grad, loss_shape, input_shape, dtype, return_grad, grad_bu
 def _class_loss(op: str, input, target, weight, size_average, ignore_index, reduce, reduction,
                 label_smoothing, return_grad, grad_output, grad_buffer, backend):
     be = resolve_backend(backend, input, target, weight)
-    reduction = _args.reduction_from(size_average, reduce, reduction, stacklevel=4)
+    reduction = _args.reduction_from(size_average, reduce, reduction)
     a = _args.class_loss_args(be, op, input, target, weight, ignore_index, reduction,
                               label_smoothing, allow_probs=(op == "cross_entropy"))
     n, _, inner = a.x3.shape
@@ -356,7 +356,7 @@ def cross_entropy(input: Array, target: Array, weight: Array | None = None,
 def _binary_loss(op, input, target, weight, pos_weight, size_average, reduce, reduction,
                  return_grad, grad_output, backend):
     be = resolve_backend(backend, input, target, weight, pos_weight)
-    reduction = _args.reduction_from(size_average, reduce, reduction, stacklevel=4)
+    reduction = _args.reduction_from(size_average, reduce, reduction)
     probabilities = op == "binary_cross_entropy"
     a = _args.binary_loss_args(be, op, input, target, weight, pos_weight, reduction,
                                probabilities)

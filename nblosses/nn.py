@@ -165,9 +165,7 @@ class _Loss(Module):
     def __init__(self, size_average: Any = None, reduce: Any = None, reduction: str = "mean",
                  *, backend: str | None = None) -> None:
         super().__init__(backend=backend)
-        # Warn at the user's constructor call: through subclass __init__s, frames differ.
-        depth = 4 if isinstance(self, _WeightedLoss) else 3
-        self.reduction = _args.reduction_from(size_average, reduce, reduction, stacklevel=depth)
+        self.reduction = _args.reduction_from(size_average, reduce, reduction)
 
     def _functional(self, input: Array, target: Array, **kwargs: Any) -> Any:
         raise NotImplementedError  # pragma: no cover - abstract
