@@ -177,8 +177,10 @@ def format_header(out: dict[str, Any]) -> str:
     if m.get("torch_threads"):
         peers += f" (torch threads: {m['torch_threads']})"
     lines.append(f"peers: {peers}")
-    lines.append(f"copy bandwidth: {m['copy_gbps']:.1f} GB/s (copyto of "
-                 f"{m['copy_bytes'] >> 20} MiB, bytes read + written)")
+    xp = "np" if m["backend"] == "cpu" else "cupy"
+    lines.append(f"copy bandwidth: {m['copy_gbps']:.1f} GB/s ({xp}.copyto of "
+                 f"{m['copy_bytes'] >> 20} MiB, one call, bytes read + written; arrays that fit "
+                 "in cache can beat it)")
     load, cpus = m.get("load_before"), info.get("cpu_count") or 1
     if load is not None:
         busy = load > 0.5 * cpus

@@ -472,7 +472,9 @@ def _targets(out: dict[str, Any], geo: list[dict[str, Any]]) -> list[dict[str, A
     for m in out.get("memory", []):
         if m["op"] not in MEMORY_OPS or "nblosses" not in m:
             continue
-        key = "rss" if m["nblosses"].get("rss") is not None else "traced"
+        # tracemalloc sees every allocation of NumPy and Numba (all nblosses allocates) and,
+        # unlike the RSS, no page-granular noise from the interpreter or thread arenas.
+        key = "traced" if m["nblosses"].get("traced") is not None else "rss"
         pct = extra_pct(m["nblosses"], m.get("input_bytes", 0), key)
         what = "beyond the gradient" if m["op"] == "cross_entropy_grad" else ""
         add(f"{m['op']} extra peak {what} {m['shape']}".replace("  ", " "), pct, 1.0,
