@@ -240,6 +240,9 @@ def write_json(out: dict[str, Any], path: str) -> None:
         f.write("\n")
 
 
+_CLIP = 16.0
+
+
 def plot(out: dict[str, Any], path: str) -> str:
     """Horizontal bars: speed ratio vs torch (or the first peer present) per op x shape.
 
@@ -279,7 +282,9 @@ def plot(out: dict[str, Any], path: str) -> str:
     ax.set_xscale("log")
     if bars:
         y = list(range(len(bars)))[::-1]
-        vals = [b[1] for b in bars]
+        true_vals = [b[1] for b in bars]
+        # Keep the scale readable: bars beyond [1/CLIP, CLIP] stop at the edge, labelled.
+        vals = [min(max(v, 1 / _CLIP), _CLIP) for v in true_vals]
         colors = [("#1b6e33" if b[2] else "#34a853") if b[1] >= 1 else
                   ("#8e1b2c" if b[2] else "#e05263") for b in bars]
         ax.barh(y, [v - 1.0 for v in vals], left=1.0, color=colors, height=0.72)
@@ -287,13 +292,16 @@ def plot(out: dict[str, Any], path: str) -> str:
         for tick, b in zip(ax.get_yticklabels(), bars):
             if b[2]:
                 tick.set_fontweight("bold")
-        lo = min(min(vals), 0.5) / 2.2  # room for the value labels
-        hi = max(max(vals), 2.0) * 1.8
+        lo = min(min(vals), 0.5) / (4.5 if min(vals) <= 1 / _CLIP else 2.2)  # label room
+        hi = max(max(vals), 2.0) * (4.5 if max(vals) >= _CLIP else 1.8)
         ax.set_xlim(lo, hi)
-        for yi, v in zip(y, vals):
+        for yi, v, tv in zip(y, vals, true_vals):
             right = v >= 1
-            ax.text(v * (1.03 if right else 0.97), yi, f"{v:.2f}x" if v >= 0.1 else f"{v:.2g}x",
-                    va="center", ha="left" if right else "right", fontsize=7)
+            text = f"{tv:.2f}x" if tv >= 0.1 else f"{tv:.2g}x"
+            if v != tv:
+                text = f"{text} (off scale)"
+            ax.text(v * (1.03 if right else 0.97), yi, text, va="center",
+                    ha="left" if right else "right", fontsize=7)
         for g in groups[1:]:
             ax.axhline(y[g] + 0.5, color="0.8", lw=0.8)
         ax.set_ylim(-0.7, len(bars) - 0.3)
