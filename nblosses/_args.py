@@ -200,6 +200,27 @@ def class_loss_args(
     """Validate ``nll_loss`` / ``cross_entropy`` arguments and bring them to canonical form."""
     x = as_array(be, input, "input")
     t = as_array(be, target, "target")
+    w = None if weight is None else as_array(be, weight, "weight")
+    ignore_index, probs, loss_shape = check_class_loss(be, name, x, t, w, ignore_index,
+                                                       label_smoothing, allow_probs)
+    cdt = compute_dtype(be, x.dtype)
+    shape3 = _canonical_input(x.shape)
+    if probs:
+        target_c = to_compute(be, t, cdt).reshape(shape3)
+    else:
+        target_c = be.xp.ascontiguousarray(t.astype("int64", copy=False)).reshape(shape3[0],
+                                                                                  shape3[2])
+        check_targets(be, target_c, shape3[1], ignore_index)
+    if w is not None:
+        w = to_compute(be, w, cdt)
+    x3 = to_compute(be, x, cdt).reshape(shape3)
+    return ClassLossArgs(x3, target_c, w, probs, reduction, tuple(x.shape), loss_shape, x.dtype)
+
+
+def check_class_loss(be: Backend, name: str, x: Any, t: Any, w: Any, ignore_index: Any,
+                     label_smoothing: Any, allow_probs: bool) -> tuple[int, bool, tuple]:
+    """Every class-loss check that needs only dtypes and shapes (so dask arrays pass through
+    it unevaluated). Returns ``(ignore_index as int, probability targets?, loss shape)``."""
     if not _is_float(x.dtype):
         raise TypeError(f"{name}: input must be a floating-point array, got dtype {x.dtype.name}")
     if x.ndim < 1:
@@ -211,10 +232,10 @@ def class_loss_args(
             raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}") from None
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    cdt = compute_dtype(be, x.dtype)
-    shape3 = _canonical_input(x.shape)
-    n_classes = shape3[1]
-    probs = allow_probs and t.shape == x.shape
+    compute_dtype(be, x.dtype)
+    n_classes = _canonical_input(x.shape)[1]
+    loss_shape = tuple(x.shape[:1] + x.shape[2:]) if x.ndim > 1 else ()
+    probs = allow_probs and tuple(t.shape) == tuple(x.shape)
     if probs:
         if not _is_float(t.dtype):
             raise TypeError(f"{name}: expected a floating-point target for class probabilities "
@@ -223,33 +244,25 @@ def class_loss_args(
         if ignore_index >= 0:
             raise ValueError(f"{name}: ignore_index ({ignore_index}) is not supported for "
                              f"class-probability targets")
-        loss_shape = x.shape[:1] + x.shape[2:] if x.ndim > 1 else ()
-        target_c = to_compute(be, t, cdt).reshape(shape3)
     else:
-        loss_shape = x.shape[:1] + x.shape[2:] if x.ndim > 1 else ()
         if t.dtype.kind not in "iu":
             raise TypeError(f"{name}: expected an integer target of class indices with shape "
                             f"{loss_shape}, got dtype {t.dtype.name} with shape {tuple(t.shape)}")
-        if tuple(t.shape) != tuple(loss_shape):
+        if tuple(t.shape) != loss_shape:
             if x.ndim <= 2:
-                raise ValueError(f"{name}: expected input batch_size ({x.shape[0] if x.ndim == 2 else 'none'}) "
-                                 f"to match target batch_size; input shape {tuple(x.shape)}, "
-                                 f"target shape {tuple(t.shape)}")
-            raise ValueError(f"{name}: expected target shape {tuple(loss_shape)} for input shape "
+                batch = x.shape[0] if x.ndim == 2 else "none"
+                raise ValueError(f"{name}: expected input batch_size ({batch}) to match target "
+                                 f"batch_size; input shape {tuple(x.shape)}, target shape "
+                                 f"{tuple(t.shape)}")
+            raise ValueError(f"{name}: expected target shape {loss_shape} for input shape "
                              f"{tuple(x.shape)}, got target shape {tuple(t.shape)}")
-        target_c = be.xp.ascontiguousarray(t.astype("int64", copy=False)).reshape(shape3[0], shape3[2])
-        check_targets(be, target_c, n_classes, ignore_index)
-    w = None
-    if weight is not None:
-        w = as_array(be, weight, "weight")
+    if w is not None:
         if w.ndim != 1 or w.shape[0] != n_classes:
             raise ValueError(f"{name}: weight must be a 1-D array of length C = {n_classes} "
                              f"(input shape {tuple(x.shape)}), got shape {tuple(w.shape)}")
         if not _is_float(w.dtype):
             raise TypeError(f"{name}: weight must be floating point, got {w.dtype.name}")
-        w = to_compute(be, w, cdt)
-    x3 = to_compute(be, x, cdt).reshape(shape3)
-    return ClassLossArgs(x3, target_c, w, probs, reduction, tuple(x.shape), tuple(loss_shape), x.dtype)
+    return ignore_index, probs, loss_shape
 
 
 def check_targets(be: Backend, t2: Any, n_classes: int, ignore_index: int) -> None:

@@ -421,52 +421,6 @@ def _rows_grad(be, gb, shape):
 
 
 # ----------------------------------------------------------------------------- class losses
-def _check_class_args(op, x, t, w, ignore_index, label_smoothing, be):
-    """The checks of :func:`nblosses._args.class_loss_args` that metadata allows, eagerly."""
-    if not _args._is_float(x.dtype):
-        raise TypeError(f"{op}: input must be a floating-point array, got dtype {x.dtype.name}")
-    if x.ndim < 1:
-        raise ValueError(f"{op}: input must have 1 or more dimensions (got 0)")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        try:
-            ignore_index = operator.index(ignore_index)
-        except TypeError:
-            raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}") from None
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    _args.compute_dtype(be, x.dtype)
-    n_classes = x.shape[0] if x.ndim == 1 else x.shape[1]
-    loss_shape = x.shape[:1] + x.shape[2:] if x.ndim > 1 else ()
-    probs = op == "cross_entropy" and tuple(t.shape) == tuple(x.shape)
-    if probs:
-        if not _args._is_float(t.dtype):
-            raise TypeError(f"{op}: expected a floating-point target for class probabilities "
-                            f"(target shape equals input shape {tuple(x.shape)}), got dtype "
-                            f"{t.dtype.name}")
-        if ignore_index >= 0:
-            raise ValueError(f"{op}: ignore_index ({ignore_index}) is not supported for "
-                             f"class-probability targets")
-    else:
-        if t.dtype.kind not in "iu":
-            raise TypeError(f"{op}: expected an integer target of class indices with shape "
-                            f"{loss_shape}, got dtype {t.dtype.name} with shape {tuple(t.shape)}")
-        if tuple(t.shape) != tuple(loss_shape):
-            if x.ndim <= 2:
-                raise ValueError(f"{op}: expected input batch_size "
-                                 f"({x.shape[0] if x.ndim == 2 else 'none'}) to match target "
-                                 f"batch_size; input shape {tuple(x.shape)}, target shape "
-                                 f"{tuple(t.shape)}")
-            raise ValueError(f"{op}: expected target shape {tuple(loss_shape)} for input shape "
-                             f"{tuple(x.shape)}, got target shape {tuple(t.shape)}")
-    if w is not None:
-        if w.ndim != 1 or w.shape[0] != n_classes:
-            raise ValueError(f"{op}: weight must be a 1-D array of length C = {n_classes} "
-                             f"(input shape {tuple(x.shape)}), got shape {tuple(w.shape)}")
-        if not _args._is_float(w.dtype):
-            raise TypeError(f"{op}: weight must be floating point, got {w.dtype.name}")
-    return ignore_index, probs, loss_shape
-
-
 def _target_weight_block(tb, wb, n_classes, ignore_index, backend):
     """Per-position ``w[t]`` (1 without weights), 0 where ignored; checks the target range."""
     be = resolve_backend(backend, tb)
@@ -657,8 +611,8 @@ def _class_loss(op, input, target, weight, size_average, ignore_index, reduce, r
                         f"a lazy dask array; store it with dask.array.store instead)")
     x, t, w = _as_dask(input), _as_dask(target), _as_dask(weight)
     be = _backend_for(name, x, t, w)
-    ignore_index, probs, loss_shape = _check_class_args(op, x, t, w, ignore_index,
-                                                        label_smoothing, be)
+    ignore_index, probs, loss_shape = _args.check_class_loss(
+        be, op, x, t, w, ignore_index, label_smoothing, allow_probs=(op == "cross_entropy"))
     eps = float(label_smoothing)
     dtype = x.dtype
     squeeze = x.ndim == 1
