@@ -1,14 +1,18 @@
 """NLL and cross-entropy (class indices and class probabilities) on the CPU, with fused gradients.
 
 Cross-entropy never materialises log-probabilities: per row it finds the max, sums
-``exp(x - max)`` (one read of the row, kept in cache), and, when a gradient is wanted, writes
-``dL/dx`` in a last pass over the same cached row. Per-row losses go to an ``O(N)`` float64
-buffer that the reduction sums. The ``mean`` denominator depends only on targets and weights,
-so it is known before the kernel and the gradient is written final in one go. The gradient may
-be written into the logits themselves: each logit is read before its slot is overwritten.
+``exp(x - max)`` (the row stays in cache), and, when a gradient is wanted, writes ``dL/dx`` in
+a last pass over the same cached row. Reduced losses are summed inside the kernels (float64),
+so a reduced loss allocates nothing of the batch's size. The ``mean`` denominator depends only
+on targets and weights, so a small pass over the targets finds it first and the gradient is
+written final in one go. The gradient may be written into the logits themselves: each logit is
+read before its slot is overwritten.
 
-Layouts as in :mod:`.softmax`: contiguous rows when ``inner == 1``, blocks of inner positions
-(vectorised along ``inner``) otherwise.
+Optional arrays (weights, per-position outputs, the gradient) are passed as ``None`` when absent:
+Numba prunes those branches at compile time, leaving branch-free loops.
+
+Layouts as in :mod:`.softmax`: contiguous rows when ``inner == 1`` (transposed tiles when
+``C < SMALL_C``), blocks of inner positions (vectorised along ``inner``) otherwise.
 """
 
 from __future__ import annotations
@@ -22,44 +26,60 @@ from ._parallel import guarded, parallel_kernel
 from .softmax import SMALL_C, TILE, _width, tile_stats
 
 
-
 # ----------------------------------------------------------------------------- shared pieces
-def _reduce(rowloss: np.ndarray, reduction: str, denom: float, dtype) -> np.ndarray:
-    """Per-position float64 losses -> the result array in ``dtype``."""
+@parallel_kernel(**JIT)
+def _target_weight_sum(t, w, ignore):
+    """torch's ``mean`` denominator: the summed weights (or count) of non-ignored targets."""
+    total = 0.0
+    for i in prange(t.size):
+        ti = t[i]
+        if ti != ignore:
+            total += 1.0 if w is None else np.float64(w[ti])
+    return total
+
+
+def _finish(total: float, out, reduction: str, denom: float, dtype):
+    """The loss array: ``out`` for "none", else the kernel's float64 total (over ``denom``)."""
     if reduction == "none":
-        return rowloss.astype(dtype)
-    total = rowloss.sum()
+        return out
     if reduction == "mean":
-        with np.errstate(invalid="ignore", divide="ignore"):
-            total = total / denom  # 0/0 -> NaN for empty or all-ignored batches, as torch
+        with np.errstate(divide="ignore", invalid="ignore"):
+            total = np.float64(total) / denom  # all ignored: 0/0 = NaN, as torch
     return np.asarray(total, dtype=dtype)
 
 
-def _index_denominator(t2: np.ndarray, weight, ignore_index: int, reduction: str) -> float:
-    """torch's ``mean`` denominator: the summed weights (or count) of non-ignored targets."""
-    if reduction != "mean":
-        return 1.0
-    valid = t2 != ignore_index
-    if weight is None:
-        return float(np.count_nonzero(valid))
-    return float(weight[t2[valid]].sum(dtype=np.float64))
+class _Call:
+    """Per-call buffers shared by the class-loss kernels: ``out`` (per-position losses, "none"
+    only), ``gx`` (the gradient, or None), ``g`` (per-position upstream gradients, "none" only)
+    and ``g_scalar`` (upstream gradient over the mean denominator, reduced losses)."""
+
+    def __init__(self, x3, reduction, want_grad, grad_output, grad_buffer, denom,
+                 allocate_grad=True):
+        n, _, inner = x3.shape
+        self.out = np.empty((n, inner), x3.dtype) if reduction == "none" else None
+        self.gx = None
+        self.g = None
+        self.g_scalar = 0.0
+        if want_grad:
+            if grad_buffer is not None:
+                self.gx = grad_buffer
+            elif allocate_grad:
+                self.gx = np.empty_like(x3)
+            if reduction == "none":
+                self.g = grad_output
+            else:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    self.g_scalar = float(np.float64(grad_output) / denom)
 
 
-def _grad_setup(x3, reduction, want_grad, grad_output, grad_buffer, denom):
-    """Gradient buffer, per-position upstream gradients (or a dummy) and the scalar scale."""
-    n, _, inner = x3.shape
-    if not want_grad:
-        return np.empty((0, 0, 1), x3.dtype), np.empty((0, 0), x3.dtype), 0.0, False
-    gx = grad_buffer if grad_buffer is not None else np.empty_like(x3)
-    if reduction == "none":
-        return gx, grad_output, 1.0, True
-    with np.errstate(divide="ignore"):
-        scale = grad_output / denom if denom else np.inf
-    return gx, np.empty((0, 0), x3.dtype), float(scale), False
+def _denominator(t2, weight, ignore_index: int, reduction: str) -> float:
+    return _target_weight_sum(t2.reshape(-1), weight, ignore_index) if reduction == "mean" else 1.0
 
 
-def _weights(weight, n_classes, dtype):
-    return (weight, True) if weight is not None else (np.ones(n_classes, dtype), False)
+def _rows(a):
+    """Drop the unit ``inner`` axis (``(N, C, 1)`` -> ``(N, C)``, ``(N, 1)`` -> ``(N,)``);
+    None passes through."""
+    return None if a is None else a[..., 0]
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -76,79 +96,120 @@ def _ce_point(lse, x_t, swx, wt, eps, n_classes, w_total, scale):
     return loss, a, a + b * w_total, b
 
 
+@njit(**JIT)
+def _weighted_sum(w, row):
+    """``sum_c w_c x_c`` (``sum_c x_c`` without weights), float64."""
+    s = 0.0
+    for c in range(row.size):
+        s += row[c] if w is None else w[c] * row[c]
+    return s
+
+
+# The gradient helpers take ``out`` and the logits separately, but ``out`` may BE the logits (an
+# in-place gradient, or a scratch tile rewritten in place). LLVM vectorises a loop over two
+# arrays only after a runtime overlap check, which fails for identical arrays and leaves the loop
+# scalar (6x slower); so the identical case runs a loop over the one array.
 @njit(**JIT_EXACT)
-def _ce_grad_row(out, row, m, ls, coef, b, w, smooth):
-    """``out = coef * exp((row - m) - ls) - b * w``; ``out`` may be ``row`` (each read precedes
-    its write)."""
+def _ce_grad_row(out, row, m, ls, coef, b, w):
+    """``out = coef * exp((row - m) - ls) - b * w``; ``out`` may be ``row``."""
     ls = like(ls, row)
     coef = like(coef, row)
-    if smooth:
-        b = like(b, row)
-        for c in range(row.size):
-            out[c] = coef * fast_exp((row[c] - m) - ls) - b * w[c]
+    b = like(b, row)
+    one = like(1, row)
+    if out.ctypes.data == row.ctypes.data:
+        for c in range(out.size):
+            out[c] = coef * fast_exp((out[c] - m) - ls) - b * (one if w is None else w[c])
     else:
-        for c in range(row.size):
-            out[c] = coef * fast_exp((row[c] - m) - ls)
+        for c in range(out.size):
+            out[c] = coef * fast_exp((row[c] - m) - ls) - b * (one if w is None else w[c])
+
+
+@njit(**JIT_EXACT)
+def _vce_grad(out, xc, m, ls, coef, b, wc):
+    """``out = coef * exp((xc - m) - ls) - b * wc`` along a vector of positions; ``out`` may be
+    ``xc``."""
+    wc = like(wc, xc)
+    if out.ctypes.data == xc.ctypes.data:
+        for j in range(out.size):
+            out[j] = coef[j] * fast_exp((out[j] - m[j]) - ls[j]) - b[j] * wc
+    else:
+        for j in range(out.size):
+            out[j] = coef[j] * fast_exp((xc[j] - m[j]) - ls[j]) - b[j] * wc
 
 
 @parallel_kernel(**JIT)
-def _ce_rows(x, t, w, has_w, ignore, eps, w_total, want_grad, g_rows, use_g_rows, g_scalar, gx,
-             rowloss):
+def _ce_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
     n, n_classes = x.shape
-    smooth = eps > 0
+    total = 0.0
     for i in prange(n):
         ti = t[i]
         if ti == ignore:
-            if want_grad:
+            if out is not None:
+                out[i] = 0
+            if gx is not None:
                 gx[i, :] = 0
-            continue
-        row = x[i]
-        m = row_max(row)
-        ls = np.log(sum_exp(row, m))
-        swx = 0.0
-        if smooth:
-            for c in range(n_classes):
-                swx += w[c] * row[c]
-        scale = g_rows[i, 0] if use_g_rows else g_scalar
-        loss, a, coef, b = _ce_point(m + ls, row[ti], swx, w[ti] if has_w else 1.0, eps,
-                                     n_classes, w_total, scale)
-        rowloss[i] = loss
-        if want_grad:
-            _ce_grad_row(gx[i], row, m, ls, coef, b, w, smooth)
-            gx[i, ti] -= like(a, row)
+        else:
+            row = x[i]
+            m = row_max(row)
+            ls = np.log(sum_exp(row, m))
+            swx = _weighted_sum(w, row) if eps > 0 else 0.0
+            scale = g_scalar if g is None else np.float64(g[i])
+            loss, a, coef, b = _ce_point(m + ls, row[ti], swx, 1.0 if w is None else w[ti], eps,
+                                         n_classes, w_total, scale)
+            total += loss
+            if out is not None:
+                out[i] = loss
+            if gx is not None:
+                _ce_grad_row(gx[i], row, m, ls, coef, b, w)
+                gx[i, ti] -= like(a, row)
+    return total
 
 
 @parallel_kernel(**JIT)
-def _ce_tiles(x, t, w, has_w, ignore, eps, w_total, want_grad, g_rows, use_g_rows, g_scalar, gx,
-              rowloss):
-    """Short rows (C < SMALL_C): statistics on transposed tiles, as in softmax's tiles."""
+def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
+    """Short rows (C < SMALL_C): statistics, and the gradient, on transposed tiles."""
     n, n_classes = x.shape
+    total = 0.0
     for tile in prange((n + TILE - 1) // TILE):
         r0 = tile * TILE
         nr = min(n, r0 + TILE) - r0
         xt = np.empty((n_classes, TILE), x.dtype)
         m = np.empty(TILE, x.dtype)
         s = np.empty(TILE, x.dtype)
+        coef = np.zeros(TILE, x.dtype)
+        acoef = np.zeros(TILE, x.dtype)
+        bcoef = np.zeros(TILE, x.dtype)
         tile_stats(x, r0, nr, xt, m, s)
         vlog(s[:nr])
         for r in range(nr):
-            i = r0 + r
-            ti = t[i]
+            ti = t[r0 + r]
             if ti == ignore:
-                if want_grad:
-                    gx[i, :] = 0
-                continue
-            swx = 0.0
-            if eps > 0:
+                if out is not None:
+                    out[r0 + r] = 0
+            else:
+                swx = _weighted_sum(w, xt[:, r]) if eps > 0 else 0.0
+                scale = g_scalar if g is None else np.float64(g[r0 + r])
+                loss, a, cf, b = _ce_point(np.float64(m[r]) + s[r], xt[ti, r], swx,
+                                           1.0 if w is None else w[ti], eps, n_classes, w_total,
+                                           scale)
+                total += loss
+                if out is not None:
+                    out[r0 + r] = loss
+                acoef[r], coef[r], bcoef[r] = a, cf, b
+        if gx is not None:
+            for c in range(n_classes):
+                _vce_grad(xt[c, :nr], xt[c, :nr], m[:nr], s[:nr], coef[:nr], bcoef[:nr],
+                          1.0 if w is None else w[c])
+            for r in range(nr):
+                ti = t[r0 + r]
+                if ti == ignore:
+                    xt[:, r] = 0
+                else:
+                    xt[ti, r] -= acoef[r]
+            for r in range(nr):
                 for c in range(n_classes):
-                    swx += w[c] * xt[c, r]
-            scale = g_rows[i, 0] if use_g_rows else g_scalar
-            loss, a, coef, b = _ce_point(np.float64(m[r]) + s[r], xt[ti, r], swx,
-                                         w[ti] if has_w else 1.0, eps, n_classes, w_total, scale)
-            rowloss[i] = loss
-            if want_grad:
-                _ce_grad_row(gx[i], x[i], m[r], s[r], coef, b, w, eps > 0)
-                gx[i, ti] -= like(a, x)
+                    gx[r0 + r, c] = xt[c, r]
+    return total
 
 
 @njit(**JIT)
@@ -159,19 +220,11 @@ def _vaxpy(acc, alpha, xc):
         acc[j] += alpha * xc[j]
 
 
-@njit(**JIT_EXACT)
-def _vce_grad(out, xc, m, ls, coef, b, wc):
-    """``out = coef * exp((xc - m) - ls) - b * wc`` along an inner block."""
-    wc = like(wc, xc)
-    for j in range(out.size):
-        out[j] = coef[j] * fast_exp((xc[j] - m[j]) - ls[j]) - b[j] * wc
-
-
 @parallel_kernel(**JIT)
-def _ce_blocks(x, t, w, has_w, ignore, eps, w_total, want_grad, g_pos, use_g_pos, g_scalar, gx,
-               rowloss, width):
+def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
     n, n_classes, inner = x.shape
     nblk = (inner + width - 1) // width
+    total = 0.0
     for task in prange(n * nblk):
         o = task // nblk
         j0 = (task % nblk) * width
@@ -184,32 +237,36 @@ def _ce_blocks(x, t, w, has_w, ignore, eps, w_total, want_grad, g_pos, use_g_pos
         swx = np.zeros(wd, x.dtype)
         if eps > 0:
             for c in range(n_classes):
-                _vaxpy(swx, w[c], xo[c, j0:j0 + wd])
+                _vaxpy(swx, 1.0 if w is None else w[c], xo[c, j0:j0 + wd])
         acoef = np.zeros(wd, x.dtype)  # subtracted at the target class
         coef = np.zeros(wd, x.dtype)  # multiplies exp((x - m) - ls)
         bcoef = np.zeros(wd, x.dtype)  # multiplies w[c] (label smoothing)
         for j in range(wd):
             tj = t[o, j0 + j]
             if tj == ignore:
-                continue
-            scale = g_pos[o, j0 + j] if use_g_pos else g_scalar
-            loss, a, cf, b = _ce_point(np.float64(m[j]) + ls[j], xo[tj, j0 + j], swx[j],
-                                       w[tj] if has_w else 1.0, eps, n_classes, w_total, scale)
-            rowloss[o * inner + j0 + j] = loss
-            acoef[j] = a
-            coef[j] = cf
-            bcoef[j] = b
-        if not want_grad:
-            continue
-        go = gx[o]
-        for c in range(n_classes):
-            _vce_grad(go[c, j0:j0 + wd], xo[c, j0:j0 + wd], m, ls, coef, bcoef, w[c])
-        for j in range(wd):
-            tj = t[o, j0 + j]
-            if tj == ignore:
-                go[:, j0 + j] = 0
+                if out is not None:
+                    out[o, j0 + j] = 0
             else:
-                go[tj, j0 + j] -= acoef[j]
+                scale = g_scalar if g is None else np.float64(g[o, j0 + j])
+                loss, a, cf, b = _ce_point(np.float64(m[j]) + ls[j], xo[tj, j0 + j], swx[j],
+                                           1.0 if w is None else w[tj], eps, n_classes, w_total,
+                                           scale)
+                total += loss
+                if out is not None:
+                    out[o, j0 + j] = loss
+                acoef[j], coef[j], bcoef[j] = a, cf, b
+        if gx is not None:
+            go = gx[o]
+            for c in range(n_classes):
+                _vce_grad(go[c, j0:j0 + wd], xo[c, j0:j0 + wd], m, ls, coef, bcoef,
+                          1.0 if w is None else w[c])
+            for j in range(wd):
+                tj = t[o, j0 + j]
+                if tj == ignore:
+                    go[:, j0 + j] = 0
+                else:
+                    go[tj, j0 + j] -= acoef[j]
+    return total
 
 
 @register_kernel("cross_entropy", "cpu")
@@ -218,31 +275,38 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
                   grad_output, grad_buffer):
     """Cross-entropy with class-index targets (kernel protocol in :mod:`nblosses.backends`)."""
     n, n_classes, inner = x3.shape
-    denom = _index_denominator(t2, weight, ignore_index, reduction)
-    w, has_w = _weights(weight, n_classes, x3.dtype)
-    w_total = float(w.sum(dtype=np.float64))
-    gx, g_pos, g_scalar, use_g = _grad_setup(x3, reduction, want_grad, grad_output, grad_buffer,
-                                             denom)
-    rowloss = np.zeros(n * inner, np.float64)
+    denom = _denominator(t2, weight, ignore_index, reduction)
+    w_total = float(n_classes if weight is None else weight.sum(dtype=np.float64))
+    k = _Call(x3, reduction, want_grad, grad_output, grad_buffer, denom)
+    total = 0.0
     if x3.size:
+        args = (weight, ignore_index, label_smoothing, w_total)
         if inner == 1:
             rows = _ce_tiles if n_classes < SMALL_C else _ce_rows
-            rows(x3[:, :, 0], t2[:, 0], w, has_w, ignore_index, label_smoothing, w_total,
-                 want_grad, g_pos, use_g, g_scalar, gx[:, :, 0], rowloss)
+            total = rows(x3[:, :, 0], t2[:, 0], *args, _rows(k.g), k.g_scalar, _rows(k.out),
+                         _rows(k.gx))
         else:
-            _ce_blocks(x3, t2, w, has_w, ignore_index, label_smoothing, w_total, want_grad, g_pos,
-                       use_g, g_scalar, gx, rowloss, _width(x3))
-    elif want_grad:
-        gx[...] = 0
-    return _reduce(rowloss, reduction, denom, x3.dtype), (gx if want_grad else None)
+            total = _ce_blocks(x3, t2, *args, k.g, k.g_scalar, k.out, k.gx, _width(x3))
+    else:
+        _empty_fill(k)
+    return _finish(total, k.out, reduction, denom, x3.dtype), k.gx
+
+
+def _empty_fill(k: _Call) -> None:
+    """No logits to read (N = 0 or C = 0): losses and gradient are zeros."""
+    if k.out is not None:
+        k.out[...] = 0
+    if k.gx is not None:
+        k.gx[...] = 0
 
 
 # ----------------------------------------------------------------------------- probabilities
 @parallel_kernel(**JIT)
-def _ce_probs_rows(x, y, w, eps, want_grad, g_rows, use_g_rows, g_scalar, gx, rowloss):
+def _ce_probs_rows(x, y, w, eps, g, g_scalar, out, gx):
     n, n_classes = x.shape
     keep = 1.0 - eps
     spread = eps / n_classes
+    total = 0.0
     for i in prange(n):
         row = x[i]
         yr = y[i]
@@ -252,20 +316,33 @@ def _ce_probs_rows(x, y, w, eps, want_grad, g_rows, use_g_rows, g_scalar, gx, ro
         a_sum = 0.0  # sum_c w_c y'_c
         b_sum = 0.0  # sum_c w_c y'_c x_c
         for c in range(n_classes):
-            wy = w[c] * (yr[c] * keep + spread)
+            wy = (1.0 if w is None else w[c]) * (yr[c] * keep + spread)
             a_sum += wy
             b_sum += wy * row[c]
-        rowloss[i] = a_sum * lse - b_sum
-        if want_grad:
-            scale = g_rows[i, 0] if use_g_rows else g_scalar
-            coef = like(scale * a_sum / s, row)
-            mc = like(m, row)
-            sc = like(scale, row)
-            kc = like(keep, row)
-            pc = like(spread, row)
-            g_row = gx[i]
-            for c in range(n_classes):
-                g_row[c] = coef * fast_exp(row[c] - mc) - sc * w[c] * (yr[c] * kc + pc)
+        loss = a_sum * lse - b_sum
+        total += loss
+        if out is not None:
+            out[i] = loss
+        if gx is not None:
+            scale = g_scalar if g is None else np.float64(g[i])
+            _vprob_grad_row(gx[i], row, yr, m, like(scale * a_sum / s, row), like(scale, row), w,
+                            like(keep, row), like(spread, row))
+    return total
+
+
+@njit(**JIT)
+def _vprob_grad_row(out, row, yr, m, coef, scale, w, keep, spread):
+    """``out = coef * exp(x - m) - scale * w y'`` along a row (``coef`` holds ``1/s``); ``out``
+    may be ``row``."""
+    one = like(1, row)
+    if out.ctypes.data == row.ctypes.data:
+        for c in range(out.size):
+            wc = one if w is None else w[c]
+            out[c] = coef * fast_exp(out[c] - m) - scale * wc * (yr[c] * keep + spread)
+    else:
+        for c in range(out.size):
+            wc = one if w is None else w[c]
+            out[c] = coef * fast_exp(row[c] - m) - scale * wc * (yr[c] * keep + spread)
 
 
 @njit(**JIT)
@@ -282,17 +359,23 @@ def _vprob_sums(a_sum, b_sum, xc, yc, wc, keep, spread):
 def _vprob_grad(out, xc, yc, m, ls, coef, scale, wc, keep, spread):
     """``out = coef * exp((x - m) - ls) - scale * w y'``."""
     wc, keep, spread = like(wc, xc), like(keep, xc), like(spread, xc)
-    for j in range(out.size):
-        out[j] = (coef[j] * fast_exp((xc[j] - m[j]) - ls[j])
-                  - scale[j] * wc * (yc[j] * keep + spread))
+    if out.ctypes.data == xc.ctypes.data:
+        for j in range(out.size):
+            out[j] = (coef[j] * fast_exp((out[j] - m[j]) - ls[j])
+                      - scale[j] * wc * (yc[j] * keep + spread))
+    else:
+        for j in range(out.size):
+            out[j] = (coef[j] * fast_exp((xc[j] - m[j]) - ls[j])
+                      - scale[j] * wc * (yc[j] * keep + spread))
 
 
 @parallel_kernel(**JIT)
-def _ce_probs_blocks(x, y, w, eps, want_grad, g_pos, use_g_pos, g_scalar, gx, rowloss, width):
+def _ce_probs_blocks(x, y, w, eps, g, g_scalar, out, gx, width):
     n, n_classes, inner = x.shape
     nblk = (inner + width - 1) // width
     keep = 1.0 - eps
     spread = eps / n_classes
+    total = 0.0
     for task in prange(n * nblk):
         o = task // nblk
         j0 = (task % nblk) * width
@@ -306,17 +389,21 @@ def _ce_probs_blocks(x, y, w, eps, want_grad, g_pos, use_g_pos, g_scalar, gx, ro
         a_sum = np.zeros(wd, x.dtype)
         b_sum = np.zeros(wd, x.dtype)
         for c in range(n_classes):
-            _vprob_sums(a_sum, b_sum, xo[c, j0:j0 + wd], yo[c, j0:j0 + wd], w[c], keep, spread)
+            _vprob_sums(a_sum, b_sum, xo[c, j0:j0 + wd], yo[c, j0:j0 + wd],
+                        1.0 if w is None else w[c], keep, spread)
         for j in range(wd):
-            rowloss[o * inner + j0 + j] = (np.float64(a_sum[j]) * (np.float64(m[j]) + ls[j])
-                                           - b_sum[j])
-            scale = g_pos[o, j0 + j] if use_g_pos else g_scalar
+            loss = np.float64(a_sum[j]) * (np.float64(m[j]) + ls[j]) - b_sum[j]
+            total += loss
+            if out is not None:
+                out[o, j0 + j] = loss
+            scale = g_scalar if g is None else np.float64(g[o, j0 + j])
             a_sum[j] = scale * a_sum[j]  # now: coefficient of exp((x - m) - ls)
             b_sum[j] = scale  # now: scale of the w * y' term
-        if want_grad:
+        if gx is not None:
             for c in range(n_classes):
                 _vprob_grad(gx[o, c, j0:j0 + wd], xo[c, j0:j0 + wd], yo[c, j0:j0 + wd], m, ls,
-                            a_sum, b_sum, w[c], keep, spread)
+                            a_sum, b_sum, 1.0 if w is None else w[c], keep, spread)
+    return total
 
 
 @register_kernel("cross_entropy_probs", "cpu")
@@ -324,56 +411,65 @@ def _ce_probs_blocks(x, y, w, eps, want_grad, g_pos, use_g_pos, g_scalar, gx, ro
 def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad, grad_output,
                         grad_buffer):
     """Cross-entropy with class-probability targets (``mean`` divides by ``N * inner``)."""
-    n, n_classes, inner = x3.shape
+    n, _, inner = x3.shape
     denom = float(n * inner) if reduction == "mean" else 1.0
-    w, _ = _weights(weight, n_classes, x3.dtype)
-    gx, g_pos, g_scalar, use_g = _grad_setup(x3, reduction, want_grad, grad_output, grad_buffer,
-                                             denom)
-    rowloss = np.zeros(n * inner, np.float64)
+    k = _Call(x3, reduction, want_grad, grad_output, grad_buffer, denom)
+    total = 0.0
     if x3.size:
         if inner == 1:
-            _ce_probs_rows(x3[:, :, 0], p3[:, :, 0], w, label_smoothing, want_grad, g_pos, use_g,
-                           g_scalar, gx[:, :, 0], rowloss)
+            total = _ce_probs_rows(x3[:, :, 0], p3[:, :, 0], weight, label_smoothing,
+                                   _rows(k.g), k.g_scalar, _rows(k.out), _rows(k.gx))
         else:
-            _ce_probs_blocks(x3, p3, w, label_smoothing, want_grad, g_pos, use_g, g_scalar, gx,
-                             rowloss, _width(x3))
-    elif want_grad:
-        gx[...] = 0
-    return _reduce(rowloss, reduction, denom, x3.dtype), (gx if want_grad else None)
+            total = _ce_probs_blocks(x3, p3, weight, label_smoothing, k.g, k.g_scalar, k.out,
+                                     k.gx, _width(x3))
+    else:
+        _empty_fill(k)
+    return _finish(total, k.out, reduction, denom, x3.dtype), k.gx
 
 
 # ----------------------------------------------------------------------------- nll
 @parallel_kernel(**JIT)
-def _nll(x, t, w, has_w, ignore, want_grad, g_pos, use_g_pos, g_scalar, gx, rowloss):
-    n, n_classes, inner = x.shape
+def _nll_loss(t, x, w, ignore, out):
+    """Losses ``-w_t x_t`` (work: one gather per position, hence ``t`` first for the grain)."""
+    n, inner = t.shape
+    total = 0.0
     for o in prange(n):
-        for j in range(inner):  # losses first: an in-place gradient overwrites x below
+        for j in range(inner):
             tj = t[o, j]
+            loss = 0.0
             if tj != ignore:
-                rowloss[o * inner + j] = -(w[tj] if has_w else 1.0) * x[o, tj, j]
-        if not want_grad:
-            continue
-        for c in range(n_classes):
-            for j in range(inner):
-                gx[o, c, j] = 0
+                loss = -(1.0 if w is None else w[tj]) * x[o, tj, j]
+            total += loss
+            if out is not None:
+                out[o, j] = loss
+    return total
+
+
+@parallel_kernel(**JIT)
+def _nll_grad(t, w, ignore, g, g_scalar, gx):
+    """Writes ``-w_t * g`` at the targets of a gradient that is already zero."""
+    n, inner = t.shape
+    for o in prange(n):
         for j in range(inner):
             tj = t[o, j]
             if tj != ignore:
-                scale = g_pos[o, j] if use_g_pos else g_scalar
-                gx[o, tj, j] = -(w[tj] if has_w else 1.0) * scale
+                scale = g_scalar if g is None else np.float64(g[o, j])
+                gx[o, tj, j] = -(1.0 if w is None else w[tj]) * scale
 
 
 @register_kernel("nll_loss", "cpu")
 @guarded
 def nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output, grad_buffer):
     """NLL on log-probabilities; the gradient is zero but at the target classes."""
-    n, n_classes, inner = x3.shape
-    denom = _index_denominator(t2, weight, ignore_index, reduction)
-    w, has_w = _weights(weight, n_classes, x3.dtype)
-    gx, g_pos, g_scalar, use_g = _grad_setup(x3, reduction, want_grad, grad_output, grad_buffer,
-                                             denom)
-    rowloss = np.zeros(n * inner, np.float64)
-    if want_grad and x3.size == 0:
-        gx[...] = 0
-    _nll(x3, t2, w, has_w, ignore_index, want_grad, g_pos, use_g, g_scalar, gx, rowloss)
-    return _reduce(rowloss, reduction, denom, x3.dtype), (gx if want_grad else None)
+    denom = _denominator(t2, weight, ignore_index, reduction)
+    k = _Call(x3, reduction, want_grad, grad_output, None, denom, allocate_grad=False)
+    # The losses read x before an in-place gradient buffer is cleared.
+    total = _nll_loss(t2, x3, weight, ignore_index, k.out)
+    if want_grad:
+        if grad_buffer is not None:
+            grad_buffer[...] = 0
+            k.gx = grad_buffer
+        else:
+            k.gx = np.zeros_like(x3)  # calloc: the OS hands out zeroed pages
+        _nll_grad(t2, weight, ignore_index, k.g, k.g_scalar, k.gx)
+    return _finish(total, k.out, reduction, denom, x3.dtype), k.gx

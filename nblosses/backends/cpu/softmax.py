@@ -26,7 +26,7 @@ from ._parallel import guarded, parallel_kernel
 #: Rows shorter than this take the transposed-tile path.
 SMALL_C = 24
 #: Rows per transposed tile.
-TILE = 64
+TILE = 256
 #: Elements per task for the elementwise ops.
 CHUNK = 16384
 
@@ -84,18 +84,17 @@ def _softmax_tiles(x, y, log):
         tile_stats(x, r0, nr, xt, m, s)
         if log:
             vlog(s[:nr])
-            for r in range(nr):
-                for c in range(n_classes):
-                    y[r0 + r, c] = (xt[c, r] - m[r]) - s[r]
+            for c in range(n_classes):
+                vshift(xt[c, :nr], xt[c, :nr], m[:nr], s[:nr])
         else:
             for r in range(nr):
                 s[r] = like(1, s) / s[r]
             for c in range(n_classes):
                 for r in range(nr):
                     xt[c, r] = fast_exp(xt[c, r] - m[r]) * s[r]
-            for r in range(nr):
-                for c in range(n_classes):
-                    y[r0 + r, c] = xt[c, r]
+        for r in range(nr):  # transpose back
+            for c in range(n_classes):
+                y[r0 + r, c] = xt[c, r]
 
 
 # ----------------------------------------------------------------------------- middle axis
@@ -131,9 +130,14 @@ def _softmax_blocks(x, y, log, width):
 
 @njit(**JIT_EXACT)
 def vshift(out, xc, m, ls):
-    """``out = (xc - m) - ls``: log-softmax from the max and the log of the sum."""
-    for j in range(ls.size):
-        out[j] = (xc[j] - m[j]) - ls[j]
+    """``out = (xc - m) - ls``: log-softmax from the max and the log of the sum; ``out`` may be
+    ``xc`` (a separate loop then, see :func:`.class_losses._ce_grad_row`)."""
+    if out.ctypes.data == xc.ctypes.data:
+        for j in range(ls.size):
+            out[j] = (out[j] - m[j]) - ls[j]
+    else:
+        for j in range(ls.size):
+            out[j] = (xc[j] - m[j]) - ls[j]
 
 
 @njit(**JIT)
