@@ -314,7 +314,7 @@ def block_stats(xo, j0, w, m, s):
         vsum_exp(s, xo[c, j0:j0 + w], m)
 
 
-def block_width(outer: int, inner: int, threads: int, widest: int = 4096) -> int:
+def block_width(outer: int, inner: int, threads: int, widest: int = 2048) -> int:
     """Inner positions per task: wide for long vector loops, narrow enough for all threads."""
     width = widest
     while width > 256 and outer * -(-inner // width) < 4 * threads:

@@ -176,9 +176,10 @@ def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
         xt = np.empty((n_classes, TILE), x.dtype)
         m = np.empty(TILE, x.dtype)
         s = np.empty(TILE, x.dtype)
-        coef = np.zeros(TILE, x.dtype)
-        acoef = np.zeros(TILE, x.dtype)
-        bcoef = np.zeros(TILE, x.dtype)
+        # Gradient coefficients only when a gradient is wanted: scratch is the only memory a
+        # reduced loss allocates, per running task.
+        gk = np.zeros((3, TILE if gx is not None else 0), x.dtype)
+        acoef, coef, bcoef = gk[0], gk[1], gk[2]
         tile_stats(x, r0, nr, xt, m, s)
         vlog(s[:nr])
         for r in range(nr):
@@ -195,7 +196,8 @@ def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
                 total += loss
                 if out is not None:
                     out[r0 + r] = loss
-                acoef[r], coef[r], bcoef[r] = a, cf, b
+                if gx is not None:
+                    acoef[r], coef[r], bcoef[r] = a, cf, b
         if gx is not None:
             for c in range(n_classes):
                 _vce_grad(xt[c, :nr], xt[c, :nr], m[:nr], s[:nr], coef[:nr], bcoef[:nr],
@@ -234,13 +236,15 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
         m = np.empty(wd, x.dtype)
         block_stats(xo, j0, wd, m, ls)
         vlog(ls)
-        swx = np.zeros(wd, x.dtype)
+        # Scratch beyond (m, ls) only when smoothing / a gradient needs it: it is the only
+        # memory a reduced loss allocates, per running task.
+        swx = np.zeros(wd if eps > 0 else 0, x.dtype)
         if eps > 0:
             for c in range(n_classes):
                 _vaxpy(swx, 1.0 if w is None else w[c], xo[c, j0:j0 + wd])
-        acoef = np.zeros(wd, x.dtype)  # subtracted at the target class
-        coef = np.zeros(wd, x.dtype)  # multiplies exp((x - m) - ls)
-        bcoef = np.zeros(wd, x.dtype)  # multiplies w[c] (label smoothing)
+        gk = np.zeros((3, wd if gx is not None else 0), x.dtype)
+        # subtracted at the target class; multiplies exp((x - m) - ls); multiplies w[c]
+        acoef, coef, bcoef = gk[0], gk[1], gk[2]
         for j in range(wd):
             tj = t[o, j0 + j]
             if tj == ignore:
@@ -248,13 +252,15 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
                     out[o, j0 + j] = 0
             else:
                 scale = g_scalar if g is None else np.float64(g[o, j0 + j])
-                loss, a, cf, b = _ce_point(np.float64(m[j]) + ls[j], xo[tj, j0 + j], swx[j],
+                loss, a, cf, b = _ce_point(np.float64(m[j]) + ls[j], xo[tj, j0 + j],
+                                           swx[j] if eps > 0 else 0.0,
                                            1.0 if w is None else w[tj], eps, n_classes, w_total,
                                            scale)
                 total += loss
                 if out is not None:
                     out[o, j0 + j] = loss
-                acoef[j], coef[j], bcoef[j] = a, cf, b
+                if gx is not None:
+                    acoef[j], coef[j], bcoef[j] = a, cf, b
         if gx is not None:
             go = gx[o]
             for c in range(n_classes):

@@ -26,7 +26,7 @@ from ._parallel import guarded, parallel_kernel
 #: Rows shorter than this take the transposed-tile path.
 SMALL_C = 24
 #: Rows per transposed tile.
-TILE = 256
+TILE = 128
 #: Elements per task for the elementwise ops.
 CHUNK = 16384
 
