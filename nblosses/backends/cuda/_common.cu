@@ -146,6 +146,52 @@ __device__ __forceinline__ void store_vec(T* p, i64 vi, const Vec<T, N>& v) {
     reinterpret_cast<Vec<T, N>*>(p)[vi] = v;
 }
 
+//: One unrolled chunk of a row pass: buf[u] = vector b + u * G of p, for each u with
+//: b + u * G < nvec (the others are left unset). U independent loads in flight per thread.
+template <typename T, int VEC, int G, int U>
+__device__ __forceinline__ void load_chunk(const T* p, i64 b, i64 nvec, Vec<T, VEC> (&buf)[U]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+        if (b + (i64)u * G < nvec) buf[u] = load_vec<T, VEC>(p, b + (i64)u * G);
+}
+
+//: load_chunk of two arrays of the same row layout, interleaved; q only when with_q.
+template <typename T, int VEC, int G, int U>
+__device__ __forceinline__ void load_chunk2(const T* p, const T* q, bool with_q, i64 b, i64 nvec,
+                                            Vec<T, VEC> (&pb)[U], Vec<T, VEC> (&qb)[U]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        if (b + (i64)u * G < nvec) {
+            pb[u] = load_vec<T, VEC>(p, b + (i64)u * G);
+            if (with_q) qb[u] = load_vec<T, VEC>(q, b + (i64)u * G);
+        }
+    }
+}
+
+//: Cached kernels: a lane's share of a row into registers, v[k] = vector k * G + lane of xr
+//: (in A), -inf where absent (!on or past nvec). Returns the lane's max (-inf if none).
+template <typename T, int VEC, int G, int NV, typename A>
+__device__ __forceinline__ A load_row_max(const T* xr, int nvec, int lane, bool on,
+                                          A (&v)[NV][VEC]) {
+    A m = neg_inf<A>();
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+        const int vi = k * G + lane;
+        if (on && vi < nvec) {
+            const Vec<T, VEC> t = load_vec<T, VEC>(xr, vi);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                v[k][i] = to_acc(t.v[i]);
+                m = nbl_max(m, v[k][i]);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) v[k][i] = neg_inf<A>();
+        }
+    }
+    return m;
+}
+
 // ----------------------------------------------------------------------------- group reductions
 // All-reduce over a group of G threads; every thread of the group gets the result. For G <= 32
 // this is a butterfly of warp shuffles (all 32 lanes of the warp must execute it: callers never

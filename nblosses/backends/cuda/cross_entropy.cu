@@ -75,22 +75,7 @@ ce_cached(const T* x, const i64* __restrict__ t, i64 nrows, i64 C_, i64 inner,
         const bool valid = !ignored && ti >= 0 && ti < (i64)C;
         const i64 off = active ? row * (i64)C : 0;
         A v[NV][VEC];
-        A m = neg_inf<A>();
-#pragma unroll
-        for (int k = 0; k < NV; ++k) {
-            const int vi = k * G + lane;
-            if (valid && vi < nvec) {
-                const Vec<T, VEC> tv = load_vec<T, VEC>(x + off, vi);
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) {
-                    v[k][i] = to_acc(tv.v[i]);
-                    m = nbl_max(m, v[k][i]);
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) v[k][i] = neg_inf<A>();
-            }
-        }
+        A m = load_row_max<T, VEC, G, NV>(x + off, nvec, lane, valid, v);
         m = red.max(m);
         A e3[3] = {A(0), A(0), A(0)};  // s, x_t - m, sum_c w_c (x_c - m)
 #pragma unroll
@@ -177,9 +162,7 @@ ce_looped(const T* x, const i64* __restrict__ t, i64 nrows, i64 C, i64 inner,
         if (valid && lane == 0) e2[0] = to_acc(xr[ti]);  // read before the barrier below
         for (i64 b = valid ? lane : nvec; b < nvec; b += chunk) {
             Vec<T, VEC> buf[U];
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-                if (b + (i64)u * G < nvec) buf[u] = load_vec<T, VEC>(xr, b + (i64)u * G);
+            load_chunk<T, VEC, G, U>(xr, b, nvec, buf);
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const i64 vi = b + (i64)u * G;
@@ -210,11 +193,7 @@ ce_looped(const T* x, const i64* __restrict__ t, i64 nrows, i64 C, i64 inner,
             for (i64 k = nchunk - 1; k >= 0; --k) {
                 const i64 b = k * chunk + lane;
                 Vec<T, VEC> buf[U];
-                if (valid) {
-#pragma unroll
-                    for (int u = 0; u < U; ++u)
-                        if (b + (i64)u * G < nvec) buf[u] = load_vec<T, VEC>(xr, b + (i64)u * G);
-                }
+                if (valid) load_chunk<T, VEC, G, U>(xr, b, nvec, buf);
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     const i64 vi = b + (i64)u * G;

@@ -35,13 +35,7 @@ probs_rows(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
         A ab[2] = {A(0), A(0)};
         for (i64 b = active ? lane : nvec; b < nvec; b += chunk) {
             Vec<T, VEC> xb[U], pb[U];
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                if (b + (i64)u * G < nvec) {
-                    xb[u] = load_vec<T, VEC>(xr, b + (i64)u * G);
-                    pb[u] = load_vec<T, VEC>(pr, b + (i64)u * G);
-                }
-            }
+            load_chunk2<T, VEC, G, U>(xr, pr, true, b, nvec, xb, pb);
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const i64 vi = b + (i64)u * G;
@@ -71,13 +65,7 @@ probs_rows(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
             T* gr = gx + off;
             for (i64 b = lane; b < nvec; b += chunk) {
                 Vec<T, VEC> xb[U], pb[U];
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    if (b + (i64)u * G < nvec) {
-                        xb[u] = load_vec<T, VEC>(xr, b + (i64)u * G);
-                        pb[u] = load_vec<T, VEC>(pr, b + (i64)u * G);
-                    }
-                }
+                load_chunk2<T, VEC, G, U>(xr, pr, true, b, nvec, xb, pb);
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     const i64 vi = b + (i64)u * G;

@@ -27,22 +27,7 @@ softmax_cached(const T* __restrict__ x, T* __restrict__ y, i64 nrows, i64 C_, in
         const bool active = row < nrows;
         const i64 off = active ? row * (i64)C : 0;
         A v[NV][VEC];
-        A m = neg_inf<A>();
-#pragma unroll
-        for (int k = 0; k < NV; ++k) {
-            const int vi = k * G + lane;
-            if (active && vi < nvec) {
-                const Vec<T, VEC> t = load_vec<T, VEC>(x + off, vi);
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) {
-                    v[k][i] = to_acc(t.v[i]);
-                    m = nbl_max(m, v[k][i]);
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) v[k][i] = neg_inf<A>();
-            }
-        }
+        A m = load_row_max<T, VEC, G, NV>(x + off, nvec, lane, active, v);
         m = red.max(m);
         A s = A(0);
 #pragma unroll
@@ -94,9 +79,7 @@ softmax_looped(const T* __restrict__ x, T* __restrict__ y, i64 nrows, i64 C, int
         A m = neg_inf<A>(), s = A(0);
         for (i64 b = active ? lane : nvec; b < nvec; b += chunk) {
             Vec<T, VEC> buf[U];
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-                if (b + (i64)u * G < nvec) buf[u] = load_vec<T, VEC>(xr, b + (i64)u * G);
+            load_chunk<T, VEC, G, U>(xr, b, nvec, buf);
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 if (b + (i64)u * G < nvec) {
@@ -114,9 +97,7 @@ softmax_looped(const T* __restrict__ x, T* __restrict__ y, i64 nrows, i64 C, int
         for (i64 k = active ? nchunk - 1 : -1; k >= 0; --k) {
             const i64 b = k * chunk + lane;
             Vec<T, VEC> buf[U];
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-                if (b + (i64)u * G < nvec) buf[u] = load_vec<T, VEC>(xr, b + (i64)u * G);
+            load_chunk<T, VEC, G, U>(xr, b, nvec, buf);
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 if (b + (i64)u * G < nvec) {
