@@ -32,16 +32,24 @@ def warn_at_caller(message: str) -> None:
 
 # ----------------------------------------------------------------------------- dtypes
 def _is_float(dtype: Any) -> bool:
-    return dtype.kind == "f" or dtype.name == "bfloat16"
+    # kind first: dtype.name is slow (it is rebuilt on every access)
+    return dtype.kind == "f" or (dtype.kind == "V" and dtype.name == "bfloat16")
+
+
+_COMPUTE: dict[tuple[tuple[str, ...], Any], Any] = {}  # (native dtypes, dtype) -> compute dtype
 
 
 def compute_dtype(be: Backend, dtype: Any, what: str = "input") -> Any:
     """The dtype kernels run in for an input of ``dtype`` (float32 for unsupported floats)."""
+    try:
+        return _COMPUTE[be.native_dtypes, dtype]
+    except KeyError:
+        pass
     if not _is_float(dtype):
         raise TypeError(f"{what} must be a floating-point array, got dtype {dtype.name}")
-    if dtype.name in be.native_dtypes:
-        return dtype
-    return be.xp.dtype("float32")
+    result = dtype if dtype.name in be.native_dtypes else be.xp.dtype("float32")
+    _COMPUTE[be.native_dtypes, dtype] = result
+    return result
 
 
 def to_compute(be: Backend, array: Any, dtype: Any) -> Any:
