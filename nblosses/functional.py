@@ -113,6 +113,23 @@ def log_softmax(input: Array, dim: int | None = None, dtype: Any = None, *,
 def sigmoid(input: Array, *, backend: str | None = None) -> Array:
     r"""Logistic sigmoid :math:`1 / (1 + e^{-x})`, elementwise.
 
+    Parameters
+    ----------
+    input : array_like
+        Floating-point array of any shape.
+    backend : str, optional
+        Backend name; default: the current default.
+
+    Returns
+    -------
+    array
+        Same shape and dtype; ``+inf`` gives 1, ``-inf`` gives 0, NaN stays NaN.
+
+    Raises
+    ------
+    TypeError
+        Non-float input.
+
     Examples
     --------
     >>> import numpy as np
@@ -183,6 +200,25 @@ def log_softmax_backward(grad_output: Array, output: Array, dim: int | None, *,
 @_dask_aware
 def sigmoid_backward(grad_output: Array, output: Array, *, backend: str | None = None) -> Array:
     r"""Gradient of :func:`sigmoid` given its ``output`` :math:`y`: :math:`g\,y(1-y)`.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        Gradient of the objective with respect to the sigmoid output.
+    output : array_like
+        The sigmoid output (same shape).
+    backend : str, optional
+        Backend name; default: the current default.
+
+    Returns
+    -------
+    array
+        Gradient with respect to the sigmoid input, shaped as ``output``.
+
+    Raises
+    ------
+    ValueError
+        ``grad_output`` and ``output`` differ in shape.
 
     Examples
     --------

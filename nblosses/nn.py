@@ -196,6 +196,26 @@ class _WeightedLoss(_Loss):
 class NLLLoss(_WeightedLoss):
     """Negative log-likelihood loss (see :func:`nblosses.functional.nll_loss`).
 
+    Parameters
+    ----------
+    weight : array_like, optional
+        Per-class weights, shape ``(C,)``.
+    ignore_index : int
+        Target value that contributes neither loss nor gradient nor ``mean`` weight.
+    size_average, reduce : bool, optional
+        Deprecated (as in torch): when given they set ``reduction`` and warn.
+    reduction : {"mean", "sum", "none"}
+        How per-element losses are combined.
+    backend : str, optional
+        Backend for every call of this module; default: the current default.
+
+    Notes
+    -----
+    Shapes: input ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` of log-probabilities; target
+    ``()``, ``(N,)`` or ``(N, d1, ..., dk)`` of class indices; the loss is 0-d, or the target's
+    shape for ``reduction="none"``. Calling raises what :func:`~nblosses.functional.nll_loss`
+    raises; ``backward()`` before a call raises ``RuntimeError``.
+
     Examples
     --------
     >>> import numpy as np
@@ -221,6 +241,29 @@ class NLLLoss(_WeightedLoss):
 
 class CrossEntropyLoss(_WeightedLoss):
     """Cross-entropy of logits (see :func:`nblosses.functional.cross_entropy`).
+
+    Parameters
+    ----------
+    weight : array_like, optional
+        Per-class weights, shape ``(C,)``.
+    ignore_index : int
+        Target value that contributes neither loss nor gradient (class-index targets only).
+    size_average, reduce : bool, optional
+        Deprecated (as in torch): when given they set ``reduction`` and warn.
+    reduction : {"mean", "sum", "none"}
+        How per-element losses are combined.
+    label_smoothing : float
+        In ``[0, 1]``: the target becomes ``(1 - eps) * y + eps / C``.
+    backend : str, optional
+        Backend for every call of this module; default: the current default.
+
+    Notes
+    -----
+    Shapes: input ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` of logits; target either class
+    indices (``()``, ``(N,)``, ``(N, d1, ..., dk)``) or class probabilities (the input's shape).
+    ``backward()`` runs the fused loss+gradient kernel on the last call's arrays. Calling raises
+    what :func:`~nblosses.functional.cross_entropy` raises; ``backward()`` before a call raises
+    ``RuntimeError``.
 
     Examples
     --------
@@ -250,6 +293,23 @@ class BCELoss(_WeightedLoss):
     """Binary cross-entropy of probabilities (see
     :func:`nblosses.functional.binary_cross_entropy`).
 
+    Parameters
+    ----------
+    weight : array_like, optional
+        Rescaling weight, broadcast to the input's shape.
+    size_average, reduce : bool, optional
+        Deprecated (as in torch): when given they set ``reduction`` and warn.
+    reduction : {"mean", "sum", "none"}
+        How per-element losses are combined.
+    backend : str, optional
+        Backend for every call of this module; default: the current default.
+
+    Notes
+    -----
+    Shapes: input (probabilities in ``[0, 1]``) and target of any one shape; the loss is 0-d or
+    that shape. Input outside ``[0, 1]`` raises ``ValueError``; ``backward()`` before a call
+    raises ``RuntimeError``.
+
     Examples
     --------
     >>> import numpy as np
@@ -269,6 +329,24 @@ class BCELoss(_WeightedLoss):
 class BCEWithLogitsLoss(_Loss):
     """Sigmoid + binary cross-entropy, fused and stable (see
     :func:`nblosses.functional.binary_cross_entropy_with_logits`).
+
+    Parameters
+    ----------
+    weight : array_like, optional
+        Rescaling weight, broadcast to the input's shape.
+    size_average, reduce : bool, optional
+        Deprecated (as in torch): when given they set ``reduction`` and warn.
+    reduction : {"mean", "sum", "none"}
+        How per-element losses are combined.
+    pos_weight : array_like, optional
+        Weight of positive examples, broadcast along the last dimensions (e.g. ``(C,)``).
+    backend : str, optional
+        Backend for every call of this module; default: the current default.
+
+    Notes
+    -----
+    Shapes: logits and target of any one shape; the loss is 0-d or that shape.
+    ``backward()`` before a call raises ``RuntimeError``.
 
     Examples
     --------
