@@ -168,17 +168,17 @@ __device__ __forceinline__ void load_chunk2(const T* p, const T* q, bool with_q,
     }
 }
 
-//: Cached kernels: a lane's share of a row into registers, v[k] = vector k * G + lane of xr
-//: (in A), -inf where absent (!on or past nvec). Returns the lane's max (-inf if none).
+//: Cached kernels: a lane's share of the row at x + off into registers, v[k] = vector
+//: k * G + lane (in A), -inf where absent (!on or past nvec). Returns the lane's max (-inf if none).
 template <typename T, int VEC, int G, int NV, typename A>
-__device__ __forceinline__ A load_row_max(const T* xr, int nvec, int lane, bool on,
+__device__ __forceinline__ A load_row_max(const T* x, i64 off, int nvec, int lane, bool on,
                                           A (&v)[NV][VEC]) {
     A m = neg_inf<A>();
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
         const int vi = k * G + lane;
         if (on && vi < nvec) {
-            const Vec<T, VEC> t = load_vec<T, VEC>(xr, vi);
+            const Vec<T, VEC> t = load_vec<T, VEC>(x + off, vi);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
                 v[k][i] = to_acc(t.v[i]);

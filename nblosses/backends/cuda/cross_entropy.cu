@@ -75,7 +75,7 @@ ce_cached(const T* x, const i64* __restrict__ t, i64 nrows, i64 C_, i64 inner,
         const bool valid = !ignored && ti >= 0 && ti < (i64)C;
         const i64 off = active ? row * (i64)C : 0;
         A v[NV][VEC];
-        A m = load_row_max<T, VEC, G, NV>(x + off, nvec, lane, valid, v);
+        A m = load_row_max<T, VEC, G, NV>(x, off, nvec, lane, valid, v);
         m = red.max(m);
         A e3[3] = {A(0), A(0), A(0)};  // s, x_t - m, sum_c w_c (x_c - m)
 #pragma unroll

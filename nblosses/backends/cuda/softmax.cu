@@ -27,7 +27,7 @@ softmax_cached(const T* __restrict__ x, T* __restrict__ y, i64 nrows, i64 C_, in
         const bool active = row < nrows;
         const i64 off = active ? row * (i64)C : 0;
         A v[NV][VEC];
-        A m = load_row_max<T, VEC, G, NV>(x + off, nvec, lane, active, v);
+        A m = load_row_max<T, VEC, G, NV>(x, off, nvec, lane, active, v);
         m = red.max(m);
         A s = A(0);
 #pragma unroll

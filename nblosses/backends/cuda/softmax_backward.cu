@@ -28,7 +28,13 @@ softmax_bwd_rows(const T* __restrict__ g, const T* __restrict__ y, T* __restrict
         A s = A(0);
         for (i64 b = active ? lane : nvec; b < nvec; b += chunk) {
             Vec<T, VEC> gb[U], yb[U];
-            load_chunk2<T, VEC, G, U>(gr, yr, !log_mode, b, nvec, gb, yb);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (b + (i64)u * G < nvec) {
+                    gb[u] = load_vec<T, VEC>(gr, b + (i64)u * G);
+                    if (!log_mode) yb[u] = load_vec<T, VEC>(yr, b + (i64)u * G);
+                }
+            }
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 if (b + (i64)u * G < nvec) {
