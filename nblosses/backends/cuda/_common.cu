@@ -169,7 +169,7 @@ __device__ __forceinline__ void load_chunk2(const T* p, const T* q, bool with_q,
 }
 
 //: Cached kernels: a lane's share of the row at x + off into registers, v[k] = vector
-//: k * G + lane (in A), -inf where absent (!on or past nvec). Returns the lane's max (-inf if none).
+//: k * G + lane (in A), -inf where absent (!on or past nvec). Returns the lane's max.
 template <typename T, int VEC, int G, int NV, typename A>
 __device__ __forceinline__ A load_row_max(const T* x, i64 off, int nvec, int lane, bool on,
                                           A (&v)[NV][VEC]) {

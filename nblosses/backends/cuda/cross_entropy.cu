@@ -17,34 +17,59 @@
 // Reduced losses: per-position losses accumulate in double per thread, then per block
 // (write_partial); loss_finalize divides by the denominator on device.
 
+//: The per-call constants of every cross-entropy kernel: eps, whether smoothing is on,
+//: spread = eps / C and W (the summed weights: device value if given, else the host's).
+template <typename A> struct CeParams {
+    A eps;
+    bool smooth;
+    A spread;
+    A W;
+    template <typename I>
+    __device__ __forceinline__ CeParams(double eps_, I C, const double* wsum_dev, double wsum_host)
+        : eps((A)eps_),
+          smooth(eps_ > 0.0),
+          spread(eps / (A)C),
+          W(wsum_dev ? (A)wsum_dev[0] : (A)wsum_host) {}
+};
+
 template <typename A> struct CeCoef {
     A loss, a, b, coef;
 };
 
 template <typename T, typename A>
 __device__ __forceinline__ CeCoef<A> ce_coef(bool valid, bool ignored, A s, A xtm, A swm, A wt,
-                                              A W, A eps, A spread, bool smooth, i64 row,
-                                              const T* g_rows, const double* g_dev,
-                                              double g_scalar, int want_grad) {
+                                              const CeParams<A>& P, i64 row, const T* g_rows,
+                                              const double* g_dev, double g_scalar,
+                                              int want_grad) {
     // s = sum_c exp(x_c - m); xtm = x_t - m; swm = sum_c w_c (x_c - m)
     CeCoef<A> r;
     r.loss = A(0);
     r.a = r.b = r.coef = A(0);
     if (valid) {
         const A logs = nbl_log(s);
-        r.loss = (A(1) - eps) * wt * (logs - xtm);
-        if (smooth) r.loss += spread * (W * logs - swm);
+        r.loss = (A(1) - P.eps) * wt * (logs - xtm);
+        if (P.smooth) r.loss += P.spread * (P.W * logs - swm);
         if (want_grad) {
             const A scale =
                 g_rows ? to_acc(g_rows[row]) : (g_dev ? (A)g_dev[0] : (A)g_scalar);
-            r.a = scale * (A(1) - eps) * wt;
-            r.b = scale * spread;
-            r.coef = (r.a + r.b * W) / s;
+            r.a = scale * (A(1) - P.eps) * wt;
+            r.b = scale * P.spread;
+            r.coef = (r.a + r.b * P.W) / s;
         }
     } else if (!ignored) {
         r.loss = nan_value<A>();
     }
     return r;
+}
+
+//: dL/dx_c of a valid position, from e = exp(x_c - m).
+template <typename T, typename A>
+__device__ __forceinline__ A ce_grad(const CeCoef<A>& r, const CeParams<A>& P, A e,
+                                     const T* w, i64 c, i64 ti) {
+    A gv = r.coef * e;
+    if (P.smooth) gv -= r.b * (w ? to_acc(w[c]) : A(1));
+    if (c == ti) gv -= r.a;
+    return gv;
 }
 
 template <typename T, int VEC, int G, int NV, int BLOCK>
@@ -62,10 +87,7 @@ ce_cached(const T* x, const i64* __restrict__ t, i64 nrows, i64 C_, i64 inner,
     const int nvec = C / VEC;
     const int lane = threadIdx.x % G;
     const int grp = threadIdx.x / G;
-    const A eps = (A)eps_;
-    const bool smooth = eps_ > 0.0;
-    const A spread = eps / (A)C;
-    const A W = wsum_dev ? (A)wsum_dev[0] : (A)wsum_host;
+    const CeParams<A> P(eps_, C, wsum_dev, wsum_host);
     double acc = 0.0;
     for (i64 r0 = (i64)blockIdx.x * R; r0 < nrows; r0 += (i64)gridDim.x * R) {
         const i64 row = r0 + grp;
@@ -87,7 +109,7 @@ ce_cached(const T* x, const i64* __restrict__ t, i64 nrows, i64 C_, i64 inner,
                     const int c = vi * VEC + i;
                     const A d = v[k][i] - m;
                     if (c == ti) e3[1] = d;
-                    if (smooth) e3[2] += (w ? to_acc(w[c]) : A(1)) * d;
+                    if (P.smooth) e3[2] += (w ? to_acc(w[c]) : A(1)) * d;
                     const A e = nbl_exp(d);
                     e3[0] += e;
                     v[k][i] = e;
@@ -96,8 +118,8 @@ ce_cached(const T* x, const i64* __restrict__ t, i64 nrows, i64 C_, i64 inner,
         }
         red.template reduce<3>(e3, OpSum());
         const A wt = valid ? (w ? to_acc(w[ti]) : A(1)) : A(0);
-        CeCoef<A> r = ce_coef<T, A>(valid, ignored, e3[0], e3[1], e3[2], wt, W, eps, spread, smooth,
-                                    row, g_rows, g_dev, g_scalar, want_grad);
+        CeCoef<A> r = ce_coef<T, A>(valid, ignored, e3[0], e3[1], e3[2], wt, P, row,
+                                    g_rows, g_dev, g_scalar, want_grad);
         if (active && lane == 0) {
             if (loss_out) loss_out[row] = from_acc<T>(r.loss);
             else acc += (double)r.loss;
@@ -111,12 +133,7 @@ ce_cached(const T* x, const i64* __restrict__ t, i64 nrows, i64 C_, i64 inner,
 #pragma unroll
                     for (int i = 0; i < VEC; ++i) {
                         const int c = vi * VEC + i;
-                        A gv = A(0);
-                        if (valid) {
-                            gv = r.coef * v[k][i];
-                            if (smooth) gv -= r.b * (w ? to_acc(w[c]) : A(1));
-                            if (c == ti) gv -= r.a;
-                        }
+                        const A gv = valid ? ce_grad<T, A>(r, P, v[k][i], w, c, ti) : A(0);
                         o.v[i] = from_acc<T>(gv);
                     }
                     store_vec<T, VEC>(gx + off, vi, o);
@@ -144,10 +161,7 @@ ce_looped(const T* x, const i64* __restrict__ t, i64 nrows, i64 C, i64 inner,
     const int grp = threadIdx.x / G;
     const i64 chunk = (i64)G * U;
     const i64 nchunk = (nvec + chunk - 1) / chunk;
-    const A eps = (A)eps_;
-    const bool smooth = eps_ > 0.0;
-    const A spread = eps / (A)C;
-    const A W = wsum_dev ? (A)wsum_dev[0] : (A)wsum_host;
+    const CeParams<A> P(eps_, C, wsum_dev, wsum_host);
     double acc = 0.0;
     for (i64 r0 = (i64)blockIdx.x * R; r0 < nrows; r0 += (i64)gridDim.x * R) {
         const i64 row = r0 + grp;
@@ -171,7 +185,7 @@ ce_looped(const T* x, const i64* __restrict__ t, i64 nrows, i64 C, i64 inner,
 #pragma unroll
                     for (int i = 0; i < VEC; ++i) a[i] = to_acc(buf[u].v[i]);
                     ms_update<VEC>(m, s, a);
-                    if (smooth) {
+                    if (P.smooth) {
 #pragma unroll
                         for (int i = 0; i < VEC; ++i)
                             e2[1] += (w ? to_acc(w[vi * VEC + i]) : A(1)) * a[i];
@@ -182,8 +196,8 @@ ce_looped(const T* x, const i64* __restrict__ t, i64 nrows, i64 C, i64 inner,
         red.ms(m, s, e2);
         const A wt = valid ? (w ? to_acc(w[ti]) : A(1)) : A(0);
         // centred: x_t - m and sum_c w_c (x_c - m) = sum_c w_c x_c - W m
-        CeCoef<A> r = ce_coef<T, A>(valid, ignored, s, e2[0] - m, e2[1] - W * m, wt, W, eps, spread,
-                                    smooth, row, g_rows, g_dev, g_scalar, want_grad);
+        CeCoef<A> r = ce_coef<T, A>(valid, ignored, s, e2[0] - m, e2[1] - P.W * m, wt, P, row,
+                                    g_rows, g_dev, g_scalar, want_grad);
         if (active && lane == 0) {
             if (loss_out) loss_out[row] = from_acc<T>(r.loss);
             else acc += (double)r.loss;
@@ -202,12 +216,10 @@ ce_looped(const T* x, const i64* __restrict__ t, i64 nrows, i64 C, i64 inner,
 #pragma unroll
                         for (int i = 0; i < VEC; ++i) {
                             const i64 c = vi * VEC + i;
-                            A gv = A(0);
-                            if (valid) {
-                                gv = r.coef * nbl_exp(to_acc(buf[u].v[i]) - m);
-                                if (smooth) gv -= r.b * (w ? to_acc(w[c]) : A(1));
-                                if (c == ti) gv -= r.a;
-                            }
+                            const A gv =
+                                valid ? ce_grad<T, A>(r, P, nbl_exp(to_acc(buf[u].v[i]) - m), w,
+                                                      c, ti)
+                                      : A(0);
                             o.v[i] = from_acc<T>(gv);
                         }
                         store_vec<T, VEC>(gr, vi, o);
@@ -230,10 +242,7 @@ ce_cols(const T* x, const i64* __restrict__ t, i64 nrows, i64 C, i64 inner,
     const i64 npos = nrows * inner;
     const i64 plane = C * inner;
     const i64 stride = (i64)gridDim.x * 256;
-    const A eps = (A)eps_;
-    const bool smooth = eps_ > 0.0;
-    const A spread = eps / (A)C;
-    const A W = wsum_dev ? (A)wsum_dev[0] : (A)wsum_host;
+    const CeParams<A> P(eps_, C, wsum_dev, wsum_host);
     double acc = 0.0;
     for (i64 p = (i64)blockIdx.x * 256 + threadIdx.x; p < npos; p += stride) {
         const i64 o = p / inner;
@@ -251,7 +260,7 @@ ce_cols(const T* x, const i64* __restrict__ t, i64 nrows, i64 C, i64 inner,
 #pragma unroll
                 for (int u = 0; u < NBL_UNROLL; ++u) a[u] = to_acc(xp[(c + u) * inner]);
                 ms_update<NBL_UNROLL>(m, s, a);
-                if (smooth) {
+                if (P.smooth) {
 #pragma unroll
                     for (int u = 0; u < NBL_UNROLL; ++u)
                         swx += (w ? to_acc(w[c + u]) : A(1)) * a[u];
@@ -260,23 +269,20 @@ ce_cols(const T* x, const i64* __restrict__ t, i64 nrows, i64 C, i64 inner,
             for (; c < C; ++c) {
                 A a[1] = {to_acc(xp[c * inner])};
                 ms_update<1>(m, s, a);
-                if (smooth) swx += (w ? to_acc(w[c]) : A(1)) * a[0];
+                if (P.smooth) swx += (w ? to_acc(w[c]) : A(1)) * a[0];
             }
         }
         const A wt = valid ? (w ? to_acc(w[ti]) : A(1)) : A(0);
-        CeCoef<A> r = ce_coef<T, A>(valid, ignored, s, xt - m, swx - W * m, wt, W, eps, spread,
-                                    smooth, p, g_rows, g_dev, g_scalar, want_grad);
+        CeCoef<A> r = ce_coef<T, A>(valid, ignored, s, xt - m, swx - P.W * m, wt, P, p,
+                                    g_rows, g_dev, g_scalar, want_grad);
         if (loss_out) loss_out[p] = from_acc<T>(r.loss);
         else acc += (double)r.loss;
         if (want_grad) {
             T* gp = gx + base;
             for (i64 c = 0; c < C; ++c) {
-                A gv = A(0);
-                if (valid) {
-                    gv = r.coef * nbl_exp(to_acc(xp[c * inner]) - m);
-                    if (smooth) gv -= r.b * (w ? to_acc(w[c]) : A(1));
-                    if (c == ti) gv -= r.a;
-                }
+                const A gv =
+                    valid ? ce_grad<T, A>(r, P, nbl_exp(to_acc(xp[c * inner]) - m), w, c, ti)
+                          : A(0);
                 gp[c * inner] = from_acc<T>(gv);
             }
         }
