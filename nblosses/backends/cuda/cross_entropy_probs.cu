@@ -8,6 +8,12 @@
 // position. The gradient may be written into the logits (gx == x): each element is read by the
 // thread that writes it, before writing it, and after the row's reduction.
 
+//: w_c y'_c of one element: the class weight (1 without weights) times the smoothed target.
+template <typename T, typename A>
+__device__ __forceinline__ A probs_wy(const T* w, i64 c, A pc, A keep, A spread) {
+    return (w ? to_acc(w[c]) : A(1)) * (pc * keep + spread);
+}
+
 template <typename T, int VEC, int G, int BLOCK>
 __global__ void __launch_bounds__(BLOCK)
 probs_rows(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
@@ -44,8 +50,8 @@ probs_rows(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
 #pragma unroll
                     for (int i = 0; i < VEC; ++i) {
                         a[i] = to_acc(xb[u].v[i]);
-                        const A wy = (w ? to_acc(w[vi * VEC + i]) : A(1)) *
-                                     (to_acc(pb[u].v[i]) * keep + spread);
+                        const A wy =
+                            probs_wy<T, A>(w, vi * VEC + i, to_acc(pb[u].v[i]), keep, spread);
                         ab[0] += wy;
                         ab[1] += wy * a[i];
                     }
@@ -73,8 +79,8 @@ probs_rows(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
                         Vec<T, VEC> o;
 #pragma unroll
                         for (int i = 0; i < VEC; ++i) {
-                            const A wy = (w ? to_acc(w[vi * VEC + i]) : A(1)) *
-                                         (to_acc(pb[u].v[i]) * keep + spread);
+                            const A wy =
+                                probs_wy<T, A>(w, vi * VEC + i, to_acc(pb[u].v[i]), keep, spread);
                             o.v[i] = from_acc<T>(coef * nbl_exp(to_acc(xb[u].v[i]) - m) -
                                                  scale * wy);
                         }
@@ -106,7 +112,7 @@ probs_cols(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
         for (i64 c = 0; c < C; ++c) {
             const i64 e = base + c * inner;
             A a[1] = {to_acc(x[e])};
-            const A wy = (w ? to_acc(w[c]) : A(1)) * (to_acc(p[e]) * keep + spread);
+            const A wy = probs_wy<T, A>(w, c, to_acc(p[e]), keep, spread);
             sa += wy;
             sb += wy * a[0];
             ms_update<1>(m, s, a);
@@ -119,7 +125,7 @@ probs_cols(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
             const A coef = scale * sa / s;
             for (i64 c = 0; c < C; ++c) {
                 const i64 e = base + c * inner;
-                const A wy = (w ? to_acc(w[c]) : A(1)) * (to_acc(p[e]) * keep + spread);
+                const A wy = probs_wy<T, A>(w, c, to_acc(p[e]), keep, spread);
                 gx[e] = from_acc<T>(coef * nbl_exp(to_acc(x[e]) - m) - scale * wy);
             }
         }
