@@ -31,7 +31,7 @@ import cupy
 from ..._registry import register_kernel
 from . import _kernels as K
 from . import _loader as L
-from .softmax import row_vec
+from .softmax import row_vec, rows_launch
 
 SRC_CE = "cross_entropy.cu"
 SRC_PROBS = "cross_entropy_probs.cu"
@@ -114,15 +114,7 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
     loss_out = cupy.empty((n, inner), dt) if reduction == "none" else None
     if inner == 1:
         vec = row_vec(ct, C, x3, gx)
-        cfg = K.cached_config(C // vec, ct, vec)
-        if cfg is not None:
-            g, nv, block = cfg
-            grid = L.grid_for(n, K.rows_per_block(g, block), block)
-            name = K.ce_cached(ct, vec, g, nv, block)
-        else:
-            block = K.LONG_ROW_G
-            grid = L.grid_for(n, 1, block)
-            name = K.ce_looped(ct, vec)
+        name, grid, block = rows_launch(n, C, ct, vec, K.ce_cached, K.ce_looped)
     else:
         block = K.COL_BLOCK
         grid = L.grid_for(n * inner, block, block)

@@ -32,6 +32,19 @@ def row_vec(ct: str, C: int, *arrays) -> int:
     return v if C % v == 0 and L.aligned(*arrays) else 1
 
 
+def rows_launch(nrows: int, C: int, ct: str, vec: int, cached, looped):
+    """``(name, grid, block)`` of a kernel pair for ``nrows`` rows of ``C`` elements (inner == 1):
+    the ``cached`` name builder when a row fits in registers, else ``looped`` (a block per row)."""
+    cfg = K.cached_config(C // vec, ct, vec)
+    if cfg is not None:
+        g, nv, block = cfg
+        grid = L.grid_for(nrows, K.rows_per_block(g, block), block)
+        return cached(ct, vec, g, nv, block), grid, block
+    block = K.LONG_ROW_G
+    grid = L.grid_for(nrows, 1, block)
+    return looped(ct, vec), grid, block
+
+
 def flat_vec(ct: str, *arrays) -> int:
     """Vector width for flat elementwise kernels (a scalar tail handles ``n % VEC``)."""
     return K.vec_width(ct) if L.aligned(*arrays) else 1
@@ -47,17 +60,8 @@ def _forward(x3, log: bool):
     mode = L.i32(1 if log else 0)
     if inner == 1:
         vec = row_vec(ct, C, x3, y3)
-        cfg = K.cached_config(C // vec, ct, vec)
-        if cfg is not None:
-            g, nv, block = cfg
-            grid = L.grid_for(outer, K.rows_per_block(g, block), block)
-            L.launch(SRC, dt, K.softmax_cached(ct, vec, g, nv, block), grid, block,
-                     (x3, y3, L.i64(outer), L.i64(C), mode))
-        else:
-            block = K.LONG_ROW_G
-            grid = L.grid_for(outer, 1, block)
-            L.launch(SRC, dt, K.softmax_looped(ct, vec), grid, block,
-                     (x3, y3, L.i64(outer), L.i64(C), mode))
+        name, grid, block = rows_launch(outer, C, ct, vec, K.softmax_cached, K.softmax_looped)
+        L.launch(SRC, dt, name, grid, block, (x3, y3, L.i64(outer), L.i64(C), mode))
     else:
         block = K.COL_BLOCK
         grid = L.grid_for(outer * inner, block, block)
