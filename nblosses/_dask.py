@@ -41,18 +41,8 @@ from . import _args
 from . import functional as F
 from ._registry import _check_name, get_backend, is_dask_array, resolve_backend
 
-__all__ = [
-    "binary_cross_entropy",
-    "binary_cross_entropy_with_logits",
-    "cross_entropy",
-    "log_softmax",
-    "log_softmax_backward",
-    "nll_loss",
-    "sigmoid",
-    "sigmoid_backward",
-    "softmax",
-    "softmax_backward",
-]
+# Same names as nblosses.functional, which routes dask arguments here.
+__all__ = list(F.__all__)
 
 Array = Any
 _F64 = np.float64

@@ -149,27 +149,25 @@ def _torch_callable(inputs: Inputs, device: str) -> Callable[[], Any] | None:
     return None
 
 
-def _scipy_callable(inputs: Inputs) -> Callable[[], Any] | None:
-    import scipy.special as sp
-
+def _special_callable(special: Any, inputs: Inputs) -> Callable[[], Any] | None:
+    """softmax / log_softmax / sigmoid from a ``scipy.special``-like module (SciPy or cupyx)."""
     a, d, name = inputs.arrays, inputs.dim, inputs.op.name
     if name == "softmax":
-        return lambda: sp.softmax(a["x"], axis=d)
+        return lambda: special.softmax(a["x"], axis=d)
     if name == "log_softmax":
-        return lambda: sp.log_softmax(a["x"], axis=d)
+        return lambda: special.log_softmax(a["x"], axis=d)
     if name == "sigmoid":
-        return lambda: sp.expit(a["x"])
+        return lambda: special.expit(a["x"])
     return None
+
+
+def _scipy_callable(inputs: Inputs) -> Callable[[], Any] | None:
+    import scipy.special
+
+    return _special_callable(scipy.special, inputs)
 
 
 def _cupyx_callable(inputs: Inputs) -> Callable[[], Any] | None:
-    import cupyx.scipy.special as sp
+    import cupyx.scipy.special
 
-    a, d, name = inputs.arrays, inputs.dim, inputs.op.name
-    if name == "softmax":
-        return lambda: sp.softmax(a["x"], axis=d)
-    if name == "log_softmax":
-        return lambda: sp.log_softmax(a["x"], axis=d)
-    if name == "sigmoid":
-        return lambda: sp.expit(a["x"])
-    return None
+    return _special_callable(cupyx.scipy.special, inputs)
