@@ -80,6 +80,12 @@ class Softmax(Module):
     backend : str, optional
         Backend for every call of this module.
 
+    Notes
+    -----
+    Output: the input's shape and dtype. ``backward(g)`` returns ``y * (g - sum(g * y))`` along
+    ``dim`` for the last output ``y``; before a call it raises ``RuntimeError``. A bad ``dim``
+    raises ``IndexError`` and integer input ``TypeError`` when the module is called.
+
     Examples
     --------
     >>> import numpy as np
@@ -116,6 +122,18 @@ class Softmax(Module):
 class LogSoftmax(Softmax):
     """Log-softmax over ``dim`` (see :func:`nblosses.functional.log_softmax`).
 
+    Parameters
+    ----------
+    dim : int, optional
+        Axis to normalise; ``None`` warns on each call and picks torch's legacy default.
+    backend : str, optional
+        Backend for every call of this module.
+
+    Notes
+    -----
+    Output: the input's shape and dtype. ``backward(g)`` returns ``g - exp(y) * sum(g)`` along
+    ``dim`` for the last output ``y``; before a call it raises ``RuntimeError``.
+
     Examples
     --------
     >>> import numpy as np
@@ -131,6 +149,16 @@ class LogSoftmax(Softmax):
 
 class Sigmoid(Module):
     """Elementwise logistic sigmoid (see :func:`nblosses.functional.sigmoid`).
+
+    Parameters
+    ----------
+    backend : str, optional
+        Backend for every call of this module.
+
+    Notes
+    -----
+    Output: the input's shape and dtype. ``backward(g)`` returns ``g * y * (1 - y)`` for the
+    last output ``y``; before a call it raises ``RuntimeError``.
 
     Examples
     --------
