@@ -277,7 +277,8 @@ def check_targets(be: Backend, t2: Any, n_classes: int, ignore_index: int) -> No
     """IndexError naming the first class index outside ``[0, C)`` that is not ignored.
 
     Runs before any kernel so that no backend ever uses a bad index as an address. Costs one
-    read of the targets (O(N), against the kernel's O(N*C)).
+    read of the targets (O(N), against the kernel's O(N*C)); on a device backend it is also the
+    one host synchronisation of a class-loss call (``int(t.min())`` waits for the GPU).
     """
     if t2.size == 0:
         return
