@@ -347,14 +347,3 @@ def block_width(outer: int, inner: int, threads: int, widest: int = 2048) -> int
     while width > 256 and outer * -(-inner // width) < 4 * threads:
         width //= 2
     return min(width, inner)
-
-
-@njit(**JIT)
-def exp_array(x):
-    """Elementwise :func:`fast_exp` of an array (for accuracy tests)."""
-    out = np.empty_like(x)
-    flat_in = x.reshape(-1)
-    flat_out = out.reshape(-1)
-    for i in range(flat_in.size):
-        flat_out[i] = fast_exp(flat_in[i])
-    return out
