@@ -9,6 +9,8 @@ scale ``atol`` explicitly with ``scale=``.
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -173,3 +175,25 @@ def torch_loss_and_grad(fn: Callable[..., torch.Tensor], x: np.ndarray, dtype: A
 
 def rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+def param_id(value: Any) -> str:
+    """pytest id for shapes and tuples: no spaces."""
+    return str(value).replace(" ", "")
+
+
+def to_backend_all(backend: str, *arrays: Any) -> list[Any]:
+    """Each array on ``backend``."""
+    return [to_backend(a, backend) for a in arrays]
+
+
+#: Every (size_average, reduce) pair of torch's legacy arguments.
+LEGACY = list(itertools.product([None, True, False], [None, True, False]))
+
+
+def with_warnings(fn: Callable[[], Any]) -> tuple[Any, list[warnings.WarningMessage]]:
+    """``fn()`` and the UserWarnings it raised."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [w for w in rec if issubclass(w.category, UserWarning)]

@@ -4,14 +4,14 @@
 
 from __future__ import annotations
 
-import itertools
-import warnings
 
 import numpy as np
 import pytest
 import torch.nn.functional as TF
 
-from helpers import assert_close, is_backend_array, rng, to_backend, torch_loss_and_grad, tt
+from helpers import (
+    assert_close, is_backend_array, LEGACY, param_id, rng, to_backend, to_backend_all, torch_loss_and_grad, tt, with_warnings,
+)
 from nblosses import functional as F
 
 REDUCTIONS = ["none", "mean", "sum"]
@@ -22,12 +22,8 @@ WEIGHT_CASES = [((), None), ((7,), None), ((7,), (7,)), ((4, 9), None), ((4, 9),
                 ((3, 20_000), (20_000,))]
 
 
-def _id(v):
-    return str(v).replace(" ", "")
 
 
-def _b(backend, *arrays):
-    return [to_backend(a, backend) for a in arrays]
 
 
 def _ref(op, x, y, dtype, grad_output=None, **kw):
@@ -66,14 +62,14 @@ def _not_fp16_overflow(cases):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
-@pytest.mark.parametrize("dtype,shape,wshape", _not_fp16_overflow(WEIGHT_CASES), ids=_id)
+@pytest.mark.parametrize("dtype,shape,wshape", _not_fp16_overflow(WEIGHT_CASES), ids=param_id)
 def test_bce_matches_torch(backend, dtype, reduction, soft, shape, wshape):
     x, y = _bce_data(shape, dtype, seed=len(shape), soft=soft)
     w = None if wshape is None else rng(1).uniform(0.2, 2, wshape).astype(dtype)
-    loss = F.binary_cross_entropy(*_b(backend, x, y), weight=to_backend(w, backend),
+    loss = F.binary_cross_entropy(*to_backend_all(backend, x, y), weight=to_backend(w, backend),
                                   reduction=reduction, backend=backend)
     go = _grad_output(reduction, shape)
-    loss2, grad = F.binary_cross_entropy(*_b(backend, x, y), weight=to_backend(w, backend),
+    loss2, grad = F.binary_cross_entropy(*to_backend_all(backend, x, y), weight=to_backend(w, backend),
                                          reduction=reduction, return_grad=True,
                                          grad_output=to_backend(np.asarray(go), backend),
                                          backend=backend)
@@ -90,7 +86,7 @@ def test_bce_input_exactly_zero_and_one_is_finite(backend, dtype, reduction):
     """log is clamped at -100 (torch): x in {0, 1} gives finite losses and gradients."""
     x = np.array([0.0, 1.0, 0.0, 1.0, 0.5, 0.0, 1.0], dtype)
     y = np.array([0.0, 1.0, 1.0, 0.0, 0.3, 0.5, 0.25], dtype)
-    loss, grad = F.binary_cross_entropy(*_b(backend, x, y), reduction=reduction,
+    loss, grad = F.binary_cross_entropy(*to_backend_all(backend, x, y), reduction=reduction,
                                         return_grad=True, backend=backend)
     ref, ref_grad = _ref("binary_cross_entropy", x, y, dtype, reduction=reduction)
     assert np.isfinite(ref).all()
@@ -100,7 +96,7 @@ def test_bce_input_exactly_zero_and_one_is_finite(backend, dtype, reduction):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_bce_empty(backend, reduction):
     x = np.zeros((0, 3))
-    loss, grad = F.binary_cross_entropy(*_b(backend, x, x), reduction=reduction,
+    loss, grad = F.binary_cross_entropy(*to_backend_all(backend, x, x), reduction=reduction,
                                         return_grad=True, backend=backend)
     ref, ref_grad = _ref("binary_cross_entropy", x, x, "float64", reduction=reduction)
     assert_close(loss, ref, "float64", f"bce empty {reduction}")
@@ -124,17 +120,17 @@ def _logit_data(shape, dtype, seed, scale=3.0):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype,shape,wshape,pwshape", _not_fp16_overflow(LOGIT_CASES), ids=_id)
+@pytest.mark.parametrize("dtype,shape,wshape,pwshape", _not_fp16_overflow(LOGIT_CASES), ids=param_id)
 def test_bce_with_logits_matches_torch(backend, dtype, reduction, shape, wshape, pwshape):
     x, y = _logit_data(shape, dtype, seed=len(shape) + 3)
     w = None if wshape is None else rng(4).uniform(0.2, 2, wshape).astype(dtype)
     pw = None if pwshape is None else rng(5).uniform(0.2, 4, pwshape).astype(dtype)
-    loss = F.binary_cross_entropy_with_logits(*_b(backend, x, y), weight=to_backend(w, backend),
+    loss = F.binary_cross_entropy_with_logits(*to_backend_all(backend, x, y), weight=to_backend(w, backend),
                                               pos_weight=to_backend(pw, backend),
                                               reduction=reduction, backend=backend)
     go = _grad_output(reduction, shape)
     loss2, grad = F.binary_cross_entropy_with_logits(
-        *_b(backend, x, y), weight=to_backend(w, backend), pos_weight=to_backend(pw, backend),
+        *to_backend_all(backend, x, y), weight=to_backend(w, backend), pos_weight=to_backend(pw, backend),
         reduction=reduction, return_grad=True, grad_output=to_backend(np.asarray(go), backend),
         backend=backend)
     ref, ref_grad = _ref("binary_cross_entropy_with_logits", x, y, dtype, grad_output=go,
@@ -156,7 +152,7 @@ def test_bce_with_logits_large_logits(backend, dtype, reduction, magnitude, with
     y = np.array([[1.0, 0.0], [0.0, 1.0], [0.3, 0.8]], dtype)
     pw = np.array([2.5, 0.5], dtype) if with_pos_weight else None
     loss, grad = F.binary_cross_entropy_with_logits(
-        *_b(backend, x, y), pos_weight=to_backend(pw, backend), reduction=reduction,
+        *to_backend_all(backend, x, y), pos_weight=to_backend(pw, backend), reduction=reduction,
         return_grad=True, backend=backend)
     ref, ref_grad = _ref("binary_cross_entropy_with_logits", x, y, dtype, pos_weight=pw,
                          reduction=reduction)
@@ -168,7 +164,7 @@ def test_bce_with_logits_large_logits(backend, dtype, reduction, magnitude, with
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_bce_with_logits_empty(backend, reduction):
     x = np.zeros((0, 3))
-    loss, grad = F.binary_cross_entropy_with_logits(*_b(backend, x, x), reduction=reduction,
+    loss, grad = F.binary_cross_entropy_with_logits(*to_backend_all(backend, x, x), reduction=reduction,
                                                     pos_weight=to_backend(np.ones(3), backend),
                                                     return_grad=True, backend=backend)
     ref, ref_grad = _ref("binary_cross_entropy_with_logits", x, x, "float64",
@@ -182,7 +178,7 @@ def test_default_grad_output(backend):
     p = 1 / (1 + np.exp(-x))
     for reduction in REDUCTIONS:
         for op, inp in (("binary_cross_entropy_with_logits", x), ("binary_cross_entropy", p)):
-            loss, grad = getattr(F, op)(*_b(backend, inp, y), reduction=reduction,
+            loss, grad = getattr(F, op)(*to_backend_all(backend, inp, y), reduction=reduction,
                                         return_grad=True, backend=backend)
             ref, ref_grad = _ref(op, inp, y, "float64", reduction=reduction)
             assert_close(loss, ref, "float64", f"{op} {reduction}")
@@ -190,26 +186,20 @@ def test_default_grad_output(backend):
 
 
 # ----------------------------------------------------------------------------- legacy arguments
-LEGACY = list(itertools.product([None, True, False], [None, True, False]))
 
 
-def _with_warnings(fn):
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        out = fn()
-    return out, [w for w in rec if issubclass(w.category, UserWarning)]
 
 
 @pytest.mark.parametrize("op", ["binary_cross_entropy", "binary_cross_entropy_with_logits"])
-@pytest.mark.parametrize("size_average,reduce", LEGACY, ids=_id)
+@pytest.mark.parametrize("size_average,reduce", LEGACY, ids=param_id)
 def test_legacy_size_average_reduce(backend, op, size_average, reduce):
     x, y = _bce_data((4, 5), "float64", seed=7, soft=True)
     w = rng(8).uniform(0.5, 1.5, (5,))
-    ref, ref_warn = _with_warnings(
+    ref, ref_warn = with_warnings(
         lambda: getattr(TF, op)(tt(x), tt(y), weight=tt(w), size_average=size_average,
                                 reduce=reduce).numpy())
-    out, warn = _with_warnings(
-        lambda: getattr(F, op)(*_b(backend, x, y), weight=to_backend(w, backend),
+    out, warn = with_warnings(
+        lambda: getattr(F, op)(*to_backend_all(backend, x, y), weight=to_backend(w, backend),
                                size_average=size_average, reduce=reduce, backend=backend))
     assert bool(warn) == bool(ref_warn), (
         f"torch warns: {[str(m.message) for m in ref_warn]}; nblosses: "
@@ -230,7 +220,7 @@ def test_bce_tiny_and_near_one_inputs(backend, dtype):
     y = np.tile(np.array([1.0, 0.0], dtype), 5)
     y2 = 1 - y
     for target in (y, y2):
-        loss = F.binary_cross_entropy(*_b(backend, x, target), reduction="none", backend=backend)
+        loss = F.binary_cross_entropy(*to_backend_all(backend, x, target), reduction="none", backend=backend)
         ref, _ = _ref("binary_cross_entropy", x, target, dtype, reduction="none")
         assert np.isfinite(ref).all()
         assert_close(loss, ref.astype(dtype), dtype, f"bce tiny/near-one inputs {dtype}")

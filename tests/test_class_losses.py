@@ -5,14 +5,15 @@ in-place), empty batches, legacy ``size_average`` / ``reduce`` and integer targe
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
 
-from helpers import assert_close, is_backend_array, rng, to_backend, to_numpy, torch_loss_and_grad, tt
+from helpers import (
+    assert_close, is_backend_array, LEGACY, param_id, rng, to_backend, to_numpy, torch_loss_and_grad, tt, with_warnings,
+)
 from nblosses import functional as F
 
 C = 5
@@ -67,7 +68,7 @@ def _ref(op, x, t, dtype, *, grad_output=None, **kw):
                                grad_output=grad_output)
 
 
-def _b(backend, *arrays):
+def to_backend_all(backend, *arrays):
     return [to_backend(a, backend) for a in arrays]
 
 
@@ -83,19 +84,17 @@ CE_MATRIX = list(itertools.product(SHAPES, [False, True], IGNORES, SMOOTHING, RE
 NLL_MATRIX = list(itertools.product(SHAPES, [False, True], IGNORES, REDUCTIONS))
 
 
-def _id(v):
-    return str(v).replace(" ", "")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape,weighted,ignore,eps,reduction", CE_MATRIX, ids=_id)
+@pytest.mark.parametrize("shape,weighted,ignore,eps,reduction", CE_MATRIX, ids=param_id)
 def test_cross_entropy_forward_and_grad(backend, dtype, shape, weighted, ignore, eps, reduction):
     x, t, w, ii = make_case(shape, dtype, weighted, ignore, seed=len(shape))
     kw = dict(weight=to_backend(w, backend), ignore_index=ii, reduction=reduction,
               label_smoothing=eps, backend=backend)
     go = grad_output_for(reduction, _target_shape(shape))
-    loss = F.cross_entropy(*_b(backend, x, t), **kw)  # forward-only kernel path
-    loss2, grad = F.cross_entropy(*_b(backend, x, t), return_grad=True,
+    loss = F.cross_entropy(*to_backend_all(backend, x, t), **kw)  # forward-only kernel path
+    loss2, grad = F.cross_entropy(*to_backend_all(backend, x, t), return_grad=True,
                                   grad_output=to_backend(np.asarray(go), backend), **kw)
     ref, ref_grad = _ref("cross_entropy", x, t, dtype, grad_output=go, weight=w, ignore_index=ii,
                          reduction=reduction, label_smoothing=eps)
@@ -118,14 +117,14 @@ def _assert_ignored_grad_zero(grad, t, ignore_index, what):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape,weighted,ignore,reduction", NLL_MATRIX, ids=_id)
+@pytest.mark.parametrize("shape,weighted,ignore,reduction", NLL_MATRIX, ids=param_id)
 def test_nll_loss_forward_and_grad(backend, dtype, shape, weighted, ignore, reduction):
     x, t, w, ii = make_case(shape, dtype, weighted, ignore, seed=len(shape) + 1)
     logp = torch.log_softmax(torch.from_numpy(x), dim=0 if len(shape) == 1 else 1).numpy()
-    loss = F.nll_loss(*_b(backend, logp, t), weight=to_backend(w, backend), ignore_index=ii,
+    loss = F.nll_loss(*to_backend_all(backend, logp, t), weight=to_backend(w, backend), ignore_index=ii,
                       reduction=reduction, backend=backend)
     go = grad_output_for(reduction, _target_shape(shape))
-    loss2, grad = F.nll_loss(*_b(backend, logp, t), weight=to_backend(w, backend),
+    loss2, grad = F.nll_loss(*to_backend_all(backend, logp, t), weight=to_backend(w, backend),
                              ignore_index=ii, reduction=reduction, return_grad=True,
                              grad_output=to_backend(np.asarray(go), backend), backend=backend)
     ref, ref_grad = _ref("nll_loss", logp, t, dtype, grad_output=go, weight=w, ignore_index=ii,
@@ -138,12 +137,12 @@ def test_nll_loss_forward_and_grad(backend, dtype, shape, weighted, ignore, redu
 
 
 @pytest.mark.parametrize("op", ["nll_loss", "cross_entropy"])
-@pytest.mark.parametrize("shape", [(6, C), (3, C, 4, 2)], ids=_id)
+@pytest.mark.parametrize("shape", [(6, C), (3, C, 4, 2)], ids=param_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_default_grad_output(backend, op, shape, reduction):
     """Without grad_output: 1 for reduced losses, ones for "none"."""
     x, t, w, ii = make_case(shape, "float64", True, "class2", seed=3)
-    loss, grad = getattr(F, op)(*_b(backend, x, t), weight=to_backend(w, backend),
+    loss, grad = getattr(F, op)(*to_backend_all(backend, x, t), weight=to_backend(w, backend),
                                 ignore_index=ii, reduction=reduction, return_grad=True,
                                 backend=backend)
     ref, ref_grad = _ref(op, x, t, "float64", weight=w, ignore_index=ii, reduction=reduction)
@@ -152,14 +151,14 @@ def test_default_grad_output(backend, op, shape, reduction):
 
 
 @pytest.mark.parametrize("op", ["nll_loss", "cross_entropy"])
-@pytest.mark.parametrize("shape", [(6, C), (3, C, 4, 2), (C,)], ids=_id)
+@pytest.mark.parametrize("shape", [(6, C), (3, C, 4, 2), (C,)], ids=param_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_all_ignored(backend, op, shape, reduction, weighted):
     """All targets ignored: NaN for mean, 0 for sum, zeros for none; the gradient is 0."""
     x, t, w, _ = make_case(shape, "float64", weighted, "none", seed=4)
     t = np.full_like(t, -100)
-    loss, grad = getattr(F, op)(*_b(backend, x, t), weight=to_backend(w, backend),
+    loss, grad = getattr(F, op)(*to_backend_all(backend, x, t), weight=to_backend(w, backend),
                                 reduction=reduction, return_grad=True, backend=backend)
     ref, ref_grad = _ref(op, x, t, "float64", weight=w, reduction=reduction)
     if reduction == "mean":
@@ -170,13 +169,13 @@ def test_all_ignored(backend, op, shape, reduction, weighted):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", [(6, C), (4, C, 3)], ids=_id)
+@pytest.mark.parametrize("shape", [(6, C), (4, C, 3)], ids=param_id)
 def test_cross_entropy_smoothing_with_weight_and_ignore_large_logits(backend, dtype, shape):
     """Label smoothing's S term cancels large terms; with |x| ~ 1e3 it must still match."""
     x, t, w, ii = make_case(shape, dtype, True, "class2", seed=5)
     x = (x * 500).astype(dtype)
     for reduction in REDUCTIONS:
-        loss, grad = F.cross_entropy(*_b(backend, x, t), weight=to_backend(w, backend),
+        loss, grad = F.cross_entropy(*to_backend_all(backend, x, t), weight=to_backend(w, backend),
                                      ignore_index=ii, label_smoothing=0.2, reduction=reduction,
                                      return_grad=True, backend=backend)
         ref, ref_grad = _ref("cross_entropy", x, t, dtype, weight=w, ignore_index=ii,
@@ -188,7 +187,7 @@ def test_cross_entropy_smoothing_with_weight_and_ignore_large_logits(backend, dt
 
 # ----------------------------------------------------------------------------- float16 inputs
 @pytest.mark.parametrize("op", ["nll_loss", "cross_entropy"])
-@pytest.mark.parametrize("shape", [(6, C), (4, C, 3)], ids=_id)
+@pytest.mark.parametrize("shape", [(6, C), (4, C, 3)], ids=param_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_float16_input_computed_in_float32(backend, op, shape, reduction):
     """float16 in -> float16 loss and gradient (computed in float32 on the CPU)."""
@@ -196,9 +195,9 @@ def test_float16_input_computed_in_float32(backend, op, shape, reduction):
     kw = dict(weight=w, ignore_index=ii, reduction=reduction)
     if op == "cross_entropy":
         kw["label_smoothing"] = 0.1
-    loss = getattr(F, op)(*_b(backend, x, t), backend=backend,
+    loss = getattr(F, op)(*to_backend_all(backend, x, t), backend=backend,
                           **{k: to_backend(v, backend) for k, v in kw.items()})
-    loss2, grad = getattr(F, op)(*_b(backend, x, t), backend=backend, return_grad=True,
+    loss2, grad = getattr(F, op)(*to_backend_all(backend, x, t), backend=backend, return_grad=True,
                                  **{k: to_backend(v, backend) for k, v in kw.items()})
     ref, ref_grad = _ref(op, x, t, "float16", **kw)
     assert loss.dtype == np.float16 and grad.dtype == np.float16
@@ -207,11 +206,11 @@ def test_float16_input_computed_in_float32(backend, op, shape, reduction):
     assert_close(grad, ref_grad.astype(np.float16), "float16", f"{op} fp16 grad", kind="grad")
 
 
-@pytest.mark.parametrize("shape", [(6, C), (4, C, 3)], ids=_id)
+@pytest.mark.parametrize("shape", [(6, C), (4, C, 3)], ids=param_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_float16_probability_targets(backend, shape, reduction):
     x, p = make_probs(shape, "float16", seed=7)
-    loss, grad = F.cross_entropy(*_b(backend, x, p), reduction=reduction, return_grad=True,
+    loss, grad = F.cross_entropy(*to_backend_all(backend, x, p), reduction=reduction, return_grad=True,
                                  backend=backend)
     ref, ref_grad = _ref("cross_entropy", x, p, "float16", reduction=reduction)
     assert_close(loss, ref.astype(np.float16), "float16", f"ce probs fp16 {reduction}")
@@ -223,14 +222,14 @@ PROB_MATRIX = list(itertools.product(SHAPES, [False, True], SMOOTHING, REDUCTION
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape,weighted,eps,reduction", PROB_MATRIX, ids=_id)
+@pytest.mark.parametrize("shape,weighted,eps,reduction", PROB_MATRIX, ids=param_id)
 def test_cross_entropy_probability_targets(backend, dtype, shape, weighted, eps, reduction):
     x, p = make_probs(shape, dtype, seed=8 + len(shape))
     w = rng(9).uniform(0.2, 2.0, C).astype(dtype) if weighted else None
-    loss = F.cross_entropy(*_b(backend, x, p), weight=to_backend(w, backend),
+    loss = F.cross_entropy(*to_backend_all(backend, x, p), weight=to_backend(w, backend),
                            label_smoothing=eps, reduction=reduction, backend=backend)
     go = grad_output_for(reduction, _target_shape(shape))
-    loss2, grad = F.cross_entropy(*_b(backend, x, p), weight=to_backend(w, backend),
+    loss2, grad = F.cross_entropy(*to_backend_all(backend, x, p), weight=to_backend(w, backend),
                                   label_smoothing=eps, reduction=reduction, return_grad=True,
                                   grad_output=to_backend(np.asarray(go), backend),
                                   backend=backend)
@@ -246,7 +245,7 @@ def test_probability_targets_need_not_be_normalised(backend):
     r = rng(10)
     x = r.standard_normal((5, C))
     p = r.uniform(0, 2, (5, C))
-    loss, grad = F.cross_entropy(*_b(backend, x, p), return_grad=True, backend=backend)
+    loss, grad = F.cross_entropy(*to_backend_all(backend, x, p), return_grad=True, backend=backend)
     ref, ref_grad = _ref("cross_entropy", x, p, "float64")
     assert_close(loss, ref, "float64", "unnormalised probs")
     assert_close(grad, ref_grad, "float64", "unnormalised probs grad", kind="grad")
@@ -264,8 +263,8 @@ def test_empty_batch(backend, case, reduction):
     else:
         t = np.zeros(_target_shape(shape), np.int64)
     op = "nll_loss" if case == "nll_loss" else "cross_entropy"
-    loss = getattr(F, op)(*_b(backend, x, t), reduction=reduction, backend=backend)
-    loss2, grad = getattr(F, op)(*_b(backend, x, t), reduction=reduction, return_grad=True,
+    loss = getattr(F, op)(*to_backend_all(backend, x, t), reduction=reduction, backend=backend)
+    loss2, grad = getattr(F, op)(*to_backend_all(backend, x, t), reduction=reduction, return_grad=True,
                                  backend=backend)
     ref, ref_grad = _ref(op, x, t, "float64", reduction=reduction)
     assert_close(loss, ref, "float64", f"{case} N=0 {reduction}")
@@ -274,25 +273,19 @@ def test_empty_batch(backend, case, reduction):
 
 
 # ----------------------------------------------------------------------------- legacy arguments
-LEGACY = list(itertools.product([None, True, False], [None, True, False]))
 
 
-def _torch_with_warnings(fn):
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        out = fn()
-    return out, [w for w in rec if issubclass(w.category, UserWarning)]
 
 
 @pytest.mark.parametrize("op", ["nll_loss", "cross_entropy"])
-@pytest.mark.parametrize("size_average,reduce", LEGACY, ids=_id)
+@pytest.mark.parametrize("size_average,reduce", LEGACY, ids=param_id)
 def test_legacy_size_average_reduce(backend, op, size_average, reduce):
     x, t, w, _ = make_case((6, C), "float64", True, "none", seed=11)
-    ref, ref_warn = _torch_with_warnings(
+    ref, ref_warn = with_warnings(
         lambda: getattr(TF, op)(tt(x), tt(t), weight=tt(w), size_average=size_average,
                                 reduce=reduce).numpy())
-    out, warn = _torch_with_warnings(
-        lambda: getattr(F, op)(*_b(backend, x, t), weight=to_backend(w, backend),
+    out, warn = with_warnings(
+        lambda: getattr(F, op)(*to_backend_all(backend, x, t), weight=to_backend(w, backend),
                                size_average=size_average, reduce=reduce, backend=backend))
     assert bool(warn) == bool(ref_warn), (
         f"torch warns: {[str(w.message) for w in ref_warn]}; nblosses: "
@@ -308,7 +301,7 @@ def test_legacy_size_average_reduce(backend, op, size_average, reduce):
 @pytest.mark.parametrize("tdtype", ["int32", "int16", "uint8", "int64"])
 def test_integer_target_dtypes(backend, op, tdtype):
     x, t, w, _ = make_case((6, C, 2), "float64", True, "none", seed=12)
-    loss, grad = getattr(F, op)(*_b(backend, x, t.astype(tdtype)), weight=to_backend(w, backend),
+    loss, grad = getattr(F, op)(*to_backend_all(backend, x, t.astype(tdtype)), weight=to_backend(w, backend),
                                 return_grad=True, backend=backend)
     ref, ref_grad = _ref(op, x, t, "float64", weight=w)  # torch takes int64 only
     assert_close(loss, ref, "float64", f"{op} {tdtype} target")
@@ -348,7 +341,7 @@ def _buffer_call(backend, case, shape, opts, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("case,shape,opts", BUFFER_CASES, ids=_id)
+@pytest.mark.parametrize("case,shape,opts", BUFFER_CASES, ids=param_id)
 def test_grad_buffer_separate(backend, dtype, case, shape, opts):
     fn, x, t, kw = _buffer_call(backend, case, shape, opts, dtype, seed=14)
     xb = to_backend(x, backend)
@@ -362,7 +355,7 @@ def test_grad_buffer_separate(backend, dtype, case, shape, opts):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("case,shape,opts", BUFFER_CASES, ids=_id)
+@pytest.mark.parametrize("case,shape,opts", BUFFER_CASES, ids=param_id)
 def test_grad_buffer_in_place(backend, dtype, case, shape, opts):
     """grad_buffer=logits: the logits array holds the gradient afterwards, equal to the
     out-of-place gradient, and the loss is unchanged."""
@@ -400,14 +393,14 @@ def _special_logits(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", SPECIAL_LAYOUTS, ids=_id)
+@pytest.mark.parametrize("shape", SPECIAL_LAYOUTS, ids=param_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_cross_entropy_special_logits(backend, dtype, shape, reduction, eps):
     """NaN / +inf logits make their row NaN; a masked (-inf) logit is fine without smoothing and
     makes the loss inf with it (torch: -sum(logp) over all classes)."""
     x, t = _special_logits(shape, dtype)
-    loss, grad = F.cross_entropy(*_b(backend, x, t), reduction=reduction, label_smoothing=eps,
+    loss, grad = F.cross_entropy(*to_backend_all(backend, x, t), reduction=reduction, label_smoothing=eps,
                                  return_grad=True, backend=backend)
     ref, ref_grad = _ref("cross_entropy", x, t, dtype, reduction=reduction, label_smoothing=eps)
     assert_close(loss, ref.astype(dtype), dtype, f"ce special {reduction} eps={eps}")
@@ -415,11 +408,11 @@ def test_cross_entropy_special_logits(backend, dtype, shape, reduction, eps):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", SPECIAL_LAYOUTS, ids=_id)
+@pytest.mark.parametrize("shape", SPECIAL_LAYOUTS, ids=param_id)
 def test_cross_entropy_masked_target_is_inf(backend, dtype, shape):
     x, t = _special_logits(shape, dtype)
     t[0] = 1  # the masked class is the target: -log(0) = inf
-    loss, grad = F.cross_entropy(*_b(backend, x, t), reduction="none", return_grad=True,
+    loss, grad = F.cross_entropy(*to_backend_all(backend, x, t), reduction="none", return_grad=True,
                                  backend=backend)
     ref, ref_grad = _ref("cross_entropy", x, t, dtype, reduction="none")
     assert np.isinf(ref[0]).all()
@@ -428,27 +421,27 @@ def test_cross_entropy_masked_target_is_inf(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", SPECIAL_LAYOUTS, ids=_id)
+@pytest.mark.parametrize("shape", SPECIAL_LAYOUTS, ids=param_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_probability_targets_special_logits(backend, dtype, shape, reduction):
     """With probability targets, a masked logit with probability 0 gives 0 * -inf = NaN (torch)."""
     x, _ = _special_logits(shape, dtype)
     _, p = make_probs(shape, dtype, seed=31)
     p[0, 1] = 0
-    loss, grad = F.cross_entropy(*_b(backend, x, p), reduction=reduction, return_grad=True,
+    loss, grad = F.cross_entropy(*to_backend_all(backend, x, p), reduction=reduction, return_grad=True,
                                  backend=backend)
     ref, ref_grad = _ref("cross_entropy", x, p, dtype, reduction=reduction)
     assert_close(loss, ref.astype(dtype), dtype, f"ce probs special {reduction}")
     assert_close(grad, ref_grad.astype(dtype), dtype, "ce probs special grad", kind="grad")
 
 
-@pytest.mark.parametrize("shape", SPECIAL_LAYOUTS, ids=_id)
+@pytest.mark.parametrize("shape", SPECIAL_LAYOUTS, ids=param_id)
 def test_nll_loss_of_log_zero_is_inf(backend, shape):
     x = np.log(np.abs(rng(32).standard_normal(shape)))
     x[:, 2] = -np.inf
     t = np.full((shape[0],) + shape[2:], 2)
     t[0] = 1
-    loss, grad = F.nll_loss(*_b(backend, x, t), reduction="none", return_grad=True,
+    loss, grad = F.nll_loss(*to_backend_all(backend, x, t), reduction="none", return_grad=True,
                             backend=backend)
     ref, ref_grad = _ref("nll_loss", x, t, "float64", reduction="none")
     assert_close(loss, ref, "float64", "nll of -inf")
@@ -457,9 +450,9 @@ def test_nll_loss_of_log_zero_is_inf(backend, shape):
 
 # ----------------------------------------------------------------------------- long rows
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", [(4, 100_000), (2, 20_000, 3)], ids=_id)
+@pytest.mark.parametrize("shape", [(4, 100_000), (2, 20_000, 3)], ids=param_id)
 @pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, weight=True, ignore_index=7),
-                                  dict(probs=True, label_smoothing=0.1)], ids=_id)
+                                  dict(probs=True, label_smoothing=0.1)], ids=param_id)
 def test_cross_entropy_long_rows(backend, dtype, shape, opts):
     opts = dict(opts)
     r = rng(33)
@@ -472,7 +465,7 @@ def test_cross_entropy_long_rows(backend, dtype, shape, opts):
         t = r.integers(0, n_classes, (shape[0],) + shape[2:])
         t.reshape(-1)[0] = 7
     w = r.uniform(0.5, 1.5, n_classes).astype(dtype) if opts.pop("weight", False) else None
-    loss, grad = F.cross_entropy(*_b(backend, x, t), weight=to_backend(w, backend),
+    loss, grad = F.cross_entropy(*to_backend_all(backend, x, t), weight=to_backend(w, backend),
                                  return_grad=True, backend=backend, **opts)
     ref, ref_grad = _ref("cross_entropy", x, t, dtype, weight=w, **opts)
     assert_close(loss, ref.astype(dtype), dtype, f"ce long rows {shape} {opts}")
@@ -493,7 +486,7 @@ def test_non_contiguous_inputs(backend, op, view):
         t = r.integers(0, C, (x.shape[0], x.shape[2]) if x.ndim == 3 else x.shape[:1]).T.copy().T
     name = "nll_loss" if op == "nll_loss" else "cross_entropy"
     w = r.uniform(0.5, 2, 2 * C)[::2]
-    loss, grad = getattr(F, name)(*_b(backend, x, t), weight=to_backend(w, backend),
+    loss, grad = getattr(F, name)(*to_backend_all(backend, x, t), weight=to_backend(w, backend),
                                   reduction="none", return_grad=True, backend=backend)
     ref, ref_grad = _ref(name, np.ascontiguousarray(x), np.ascontiguousarray(t), "float64",
                          weight=np.ascontiguousarray(w), reduction="none")
@@ -505,7 +498,7 @@ def test_non_contiguous_inputs(backend, op, view):
 @pytest.mark.parametrize("go", [0.25, 3, np.float32(-2.0), np.array([1.5])], ids=repr)
 def test_grad_output_scalar_forms(backend, op, go):
     x, t, w, ii = make_case((6, C), "float64", True, "class2", seed=35)
-    _, grad = getattr(F, op)(*_b(backend, x, t), weight=to_backend(w, backend), ignore_index=ii,
+    _, grad = getattr(F, op)(*to_backend_all(backend, x, t), weight=to_backend(w, backend), ignore_index=ii,
                              return_grad=True, grad_output=go, backend=backend)
     _, ref_grad = _ref(op, x, t, "float64", grad_output=float(np.asarray(go).reshape(())),
                        weight=w, ignore_index=ii)

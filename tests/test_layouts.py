@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as TF
 
-from helpers import assert_close, rng, to_backend, torch_loss_and_grad, tt
+from helpers import (
+    assert_close, param_id, rng, to_backend, to_backend_all, torch_loss_and_grad, tt,
+)
 from nblosses import functional as F
 
 ROWS = [1, 63, 64, 130]
@@ -23,16 +25,12 @@ ROW_SHAPES = [(n, c) for n in ROWS for c in CLASSES]
 BLOCK_SHAPES = [(1, 3, 2), (300, 7, 3), (2, 7, 257), (1, 5, 5000), (3, 30, 1100), (2, 1, 9)]
 
 
-def _id(v):
-    return str(v).replace(" ", "")
 
 
-def _b(backend, *arrays):
-    return [to_backend(a, backend) for a in arrays]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", ROW_SHAPES + BLOCK_SHAPES, ids=_id)
+@pytest.mark.parametrize("shape", ROW_SHAPES + BLOCK_SHAPES, ids=param_id)
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
 def test_softmax_family_layouts(backend, op, shape, dtype):
     x = (rng(sum(shape)).standard_normal(shape) * 4).astype(dtype)
@@ -46,7 +44,7 @@ def test_softmax_family_layouts(backend, op, shape, dtype):
     assert_close(out, ref.detach().numpy().astype(dtype), dtype, f"{op} {shape}")
     # backward from torch's own output (masked entries: y = 0 / -inf)
     y = ref.detach().numpy().astype(dtype)
-    gx = getattr(F, f"{op}_backward")(*_b(backend, g, y), dim, backend=backend)
+    gx = getattr(F, f"{op}_backward")(*to_backend_all(backend, g, y), dim, backend=backend)
     if op == "softmax":
         ref_g = torch.ops.aten._softmax_backward_data(tt(g, dtype), tt(y, dtype), dim,
                                                       torch.float64)
@@ -64,7 +62,7 @@ def _targets(shape, ignore_index, seed):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", ROW_SHAPES + BLOCK_SHAPES, ids=_id)
+@pytest.mark.parametrize("shape", ROW_SHAPES + BLOCK_SHAPES, ids=param_id)
 @pytest.mark.parametrize("case", ["plain", "weighted_smoothed", "none_reduction", "probs",
                                   "nll"])
 def test_class_losses_layouts(backend, case, shape, dtype):
@@ -91,8 +89,8 @@ def test_class_losses_layouts(backend, case, shape, dtype):
         x = TF.log_softmax(tt(x), 1).numpy()
         kw = dict(weight=r.uniform(0.5, 2, n_classes).astype(dtype))
     bkw = {k: to_backend(v, backend) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
-    loss = getattr(F, name)(*_b(backend, x, t), backend=backend, **bkw)
-    loss2, grad = getattr(F, name)(*_b(backend, x, t), return_grad=True,
+    loss = getattr(F, name)(*to_backend_all(backend, x, t), backend=backend, **bkw)
+    loss2, grad = getattr(F, name)(*to_backend_all(backend, x, t), return_grad=True,
                                    grad_output=to_backend(go, backend), backend=backend, **bkw)
     tkw = {k: tt(v, dtype) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
     ref, ref_grad = torch_loss_and_grad(
@@ -104,7 +102,7 @@ def test_class_losses_layouts(backend, case, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", [(130, 10), (130, 67), (2, 7, 257), (1, 5, 5000)], ids=_id)
+@pytest.mark.parametrize("shape", [(130, 10), (130, 67), (2, 7, 257), (1, 5, 5000)], ids=param_id)
 def test_in_place_gradient_layouts(backend, shape, dtype):
     """grad_buffer=logits in every layout: the buffer ends up equal to the out-of-place grad."""
     r = rng(7)
@@ -112,7 +110,7 @@ def test_in_place_gradient_layouts(backend, shape, dtype):
     t = _targets(shape, 3, seed=8)
     kw = dict(ignore_index=3, label_smoothing=0.1,
               weight=to_backend(r.uniform(0.5, 2, shape[1]).astype(dtype), backend))
-    ref_loss, ref_grad = F.cross_entropy(*_b(backend, x, t), return_grad=True, backend=backend,
+    ref_loss, ref_grad = F.cross_entropy(*to_backend_all(backend, x, t), return_grad=True, backend=backend,
                                          **kw)
     logits = to_backend(x.copy(), backend)
     loss, grad = F.cross_entropy(logits, to_backend(t, backend), return_grad=True,
@@ -135,7 +133,7 @@ def test_binary_losses_lengths(backend, n, dtype):
                           ("binary_cross_entropy_with_logits", x, dict(weight=w, pos_weight=w))):
         bkw = {k: to_backend(v, backend) for k, v in kw.items()}
         for reduction in ("none", "sum"):
-            loss, grad = getattr(F, name)(*_b(backend, inp, y), reduction=reduction,
+            loss, grad = getattr(F, name)(*to_backend_all(backend, inp, y), reduction=reduction,
                                           return_grad=True, backend=backend, **bkw)
             ref, ref_grad = torch_loss_and_grad(
                 lambda xt: getattr(TF, name)(xt, tt(y, dtype), reduction=reduction,
