@@ -87,7 +87,19 @@ def _skip_if_unsupported(fn):
         raise SkipNotImplemented(str(exc)) from exc
 
 
-class OpBenchmark:
+class _Callable:
+    """A prepared ``self.fn`` (plus ``self.sync`` for devices): ``run`` calls it and waits."""
+
+    def run(self):
+        self.fn()
+        if self.sync is not None:
+            self.sync()
+
+    def teardown(self, *args):
+        self.inputs = self.fn = None
+
+
+class OpBenchmark(_Callable):
     """``setup(op, backend, shape, dtype)``: nblosses' op ready to call as ``self.fn``."""
 
     param_names = ["op", "backend", "shape", "dtype"]
@@ -100,16 +112,8 @@ class OpBenchmark:
         _skip_if_unsupported(self.fn)  # warm-up: JIT / NVRTC / thread pool
         self.run()
 
-    def run(self):
-        self.fn()
-        if self.sync is not None:
-            self.sync()
 
-    def teardown(self, *args):
-        self.inputs = self.fn = None
-
-
-class PeerBenchmark:
+class PeerBenchmark(_Callable):
     """``setup(op, device, shape, dtype)``: ``self.peer``'s version of the op as ``self.fn``."""
 
     peer = "torch"
@@ -130,14 +134,6 @@ class PeerBenchmark:
             raise SkipNotImplemented(f"{self.peer} has no {op}")
         self.sync = peers.peer_sync(self.peer, device)
         self.run()
-
-    def run(self):
-        self.fn()
-        if self.sync is not None:
-            self.sync()
-
-    def teardown(self, *args):
-        self.inputs = self.fn = None
 
 
 def smallest_params(params, param_names):

@@ -21,30 +21,24 @@ def _extra_pct(bench, backend, peer=None):
     return 100.0 * (used - m["out_bytes"]) / bench.inputs.nbytes_input
 
 
-class PeakMemCrossEntropy(OpBenchmark):
+class _PeakMem(OpBenchmark):
+    timeout = 300
+
+    def peakmem_call(self, op, backend, shape, dtype):
+        self.run()
+
+    def track_extra_peak(self, op, backend, shape, dtype):
+        return _extra_pct(self, backend)
+
+    track_extra_peak.unit = "% of input"
+
+
+class PeakMemCrossEntropy(_PeakMem):
     params = [CE_OPS, BACKENDS, SHAPES, ["float32"]]
-    timeout = 300
-
-    def peakmem_call(self, op, backend, shape, dtype):
-        self.run()
-
-    def track_extra_peak(self, op, backend, shape, dtype):
-        return _extra_pct(self, backend)
-
-    track_extra_peak.unit = "% of input"
 
 
-class PeakMem(OpBenchmark):
+class PeakMem(_PeakMem):
     params = [OTHER_OPS, BACKENDS, SHAPES_SMALL_GRID, ["float32"]]
-    timeout = 300
-
-    def peakmem_call(self, op, backend, shape, dtype):
-        self.run()
-
-    def track_extra_peak(self, op, backend, shape, dtype):
-        return _extra_pct(self, backend)
-
-    track_extra_peak.unit = "% of input"
 
 
 class TorchPeakMemCrossEntropy(PeerBenchmark):

@@ -47,8 +47,9 @@ def asv_bench():
 
 
 def _benchmarks(module):
-    for _, cls in inspect.getmembers(module, inspect.isclass):
-        if cls.__module__ != module.__name__:
+    for name, cls in inspect.getmembers(module, inspect.isclass):
+        # asv's discovery skips private names (bases shared by benchmark classes)
+        if cls.__module__ != module.__name__ or name.startswith("_"):
             continue
         methods = [m for m in dir(cls) if m.startswith(PREFIXES)]
         if methods:
