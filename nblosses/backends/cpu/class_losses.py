@@ -53,23 +53,23 @@ class _Call:
     only), ``gx`` (the gradient, or None), ``g`` (per-position upstream gradients, "none" only)
     and ``g_scalar`` (upstream gradient over the mean denominator, reduced losses)."""
 
-    def __init__(self, x3, reduction, want_grad, grad_output, grad_buffer, denom,
-                 allocate_grad=True):
+    def __init__(self, x3, reduction, want_grad, grad_output, grad_buffer, denom):
         n, _, inner = x3.shape
         self.out = np.empty((n, inner), x3.dtype) if reduction == "none" else None
         self.gx = None
-        self.g = None
-        self.g_scalar = 0.0
+        self.g, self.g_scalar = None, 0.0
         if want_grad:
-            if grad_buffer is not None:
-                self.gx = grad_buffer
-            elif allocate_grad:
-                self.gx = np.empty_like(x3)
-            if reduction == "none":
-                self.g = grad_output
-            else:
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    self.g_scalar = float(np.float64(grad_output) / denom)
+            self.gx = np.empty_like(x3) if grad_buffer is None else grad_buffer
+            self.g, self.g_scalar = _upstream(reduction, grad_output, denom)
+
+
+def _upstream(reduction: str, grad_output, denom: float):
+    """``(g, g_scalar)`` for the kernels: per-position upstream gradients for "none", else the
+    scalar upstream gradient over the ``mean`` denominator (``denom`` is 1 for "sum")."""
+    if reduction == "none":
+        return grad_output, 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return None, float(np.float64(grad_output) / denom)
 
 
 def _denominator(t2, weight, ignore_index: int, reduction: str) -> float:
@@ -436,26 +436,34 @@ def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad
 # ----------------------------------------------------------------------------- nll
 @parallel_kernel(**JIT)
 def _nll_loss(t, x, w, ignore, out):
-    """Losses ``-w_t x_t`` (work: one gather per position, hence ``t`` first for the grain)."""
+    """Summed losses ``-w_t x_t`` and torch's mean denominator (the summed ``w_t`` of kept
+    targets), in one pass over the targets (work: one gather per position, hence ``t`` first
+    for the grain)."""
     n, inner = t.shape
     total = 0.0
+    w_kept = 0.0
     for o in prange(n):
         for j in range(inner):
             tj = t[o, j]
             loss = 0.0
             if tj != ignore:
-                loss = -(1.0 if w is None else w[tj]) * x[o, tj, j]
+                wt = 1.0 if w is None else np.float64(w[tj])
+                loss = -wt * x[o, tj, j]
+                w_kept += wt
             total += loss
             if out is not None:
                 out[o, j] = loss
-    return total
+    return total, w_kept
 
 
 @parallel_kernel(**JIT)
-def _nll_grad(t, w, ignore, g, g_scalar, gx):
-    """Writes ``-w_t * g`` at the targets of a gradient that is already zero."""
+def _nll_grad(gx, t, w, ignore, g, g_scalar):
+    """The whole gradient: each row of ``gx`` cleared, then ``-w_t * g`` at its targets while
+    it is in cache (``gx`` first: clearing it is the work). A fresh ``np.empty`` plus this
+    beats ``np.zeros``, whose pages fault in zeroed one by one on first write."""
     n, inner = t.shape
     for o in prange(n):
+        gx[o] = 0
         for j in range(inner):
             tj = t[o, j]
             if tj != ignore:
@@ -467,15 +475,12 @@ def _nll_grad(t, w, ignore, g, g_scalar, gx):
 @guarded
 def nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output, grad_buffer):
     """NLL on log-probabilities; the gradient is zero but at the target classes."""
-    denom = _denominator(t2, weight, ignore_index, reduction)
-    k = _Call(x3, reduction, want_grad, grad_output, None, denom, allocate_grad=False)
+    out = np.empty(t2.shape, x3.dtype) if reduction == "none" else None
     # The losses read x before an in-place gradient buffer is cleared.
-    total = _nll_loss(t2, x3, weight, ignore_index, k.out)
+    total, w_kept = _nll_loss(t2, x3, weight, ignore_index, out)
+    denom = w_kept if reduction == "mean" else 1.0
+    gx = None
     if want_grad:
-        if grad_buffer is not None:
-            grad_buffer[...] = 0
-            k.gx = grad_buffer
-        else:
-            k.gx = np.zeros_like(x3)  # calloc: the OS hands out zeroed pages
-        _nll_grad(t2, weight, ignore_index, k.g, k.g_scalar, k.gx)
-    return _finish(total, k.out, reduction, denom, x3.dtype), k.gx
+        gx = np.empty_like(x3) if grad_buffer is None else grad_buffer
+        _nll_grad(gx, t2, weight, ignore_index, *_upstream(reduction, grad_output, denom))
+    return _finish(total, out, reduction, denom, x3.dtype), gx
