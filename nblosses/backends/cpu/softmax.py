@@ -147,8 +147,8 @@ def vmul(out, s):
         out[j] *= s[j]
 
 
-def _width(x3: np.ndarray) -> int:
-    return block_width(x3.shape[0], x3.shape[2], numba.get_num_threads())
+def _width(x3: np.ndarray, widest: int = 2048) -> int:
+    return block_width(x3.shape[0], x3.shape[2], numba.get_num_threads(), widest)
 
 
 def _softmax_any(x3: np.ndarray, log: bool) -> np.ndarray:
@@ -237,7 +237,10 @@ def _backward_any(g3: np.ndarray, y3: np.ndarray, log: bool) -> np.ndarray:
     if y3.shape[2] == 1:
         _softmax_backward_rows(g3[:, :, 0], y3[:, :, 0], gx[:, :, 0], log)
     else:
-        _softmax_backward_blocks(g3, y3, gx, log, _width(y3))
+        # Blocks as wide as the threads allow: the backward is memory-bound, and a whole
+        # (C, inner) slab per task is one contiguous stream for the prefetcher instead of C
+        # short ones (20% faster at 32x[21]x4096; the exp-bound forwards gain nothing).
+        _softmax_backward_blocks(g3, y3, gx, log, _width(y3, widest=y3.shape[2]))
     return gx
 
 
