@@ -21,7 +21,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..._registry import register_kernel
-from ._math import JIT, JIT_EXACT, block_stats, fast_exp, like, row_max, sum_exp, vlog
+from ._math import (JIT, JIT_EXACT, block_stats, fast_exp, like, row_max, sum_exp, sum_exp_store,
+                    vlog)
 from ._parallel import guarded, parallel_kernel
 from .softmax import SMALL_C, TILE, _width, tile_stats
 
@@ -105,25 +106,21 @@ def _weighted_sum(w, row):
     return s
 
 
-# The gradient helpers take ``out`` and the logits separately, but ``out`` may BE the logits (an
-# in-place gradient, or a scratch tile rewritten in place). LLVM vectorises a loop over two
-# arrays only after a runtime overlap check, which fails for identical arrays and leaves the loop
-# scalar (6x slower); so the identical case runs a loop over the one array.
-@njit(**JIT_EXACT)
-def _ce_grad_row(out, row, m, ls, coef, b, w):
-    """``out = coef * exp((row - m) - ls) - b * w``; ``out`` may be ``row``."""
-    ls = like(ls, row)
-    coef = like(coef, row)
-    b = like(b, row)
-    one = like(1, row)
-    if out.ctypes.data == row.ctypes.data:
-        for c in range(out.size):
-            out[c] = coef * fast_exp((out[c] - m) - ls) - b * (one if w is None else w[c])
-    else:
-        for c in range(out.size):
-            out[c] = coef * fast_exp((row[c] - m) - ls) - b * (one if w is None else w[c])
+@njit(**JIT)
+def _ce_grad_row(out, scale, b, w):
+    """``out = scale * out - b * w``: ``out`` holds ``exp(x - m)`` from :func:`sum_exp_store` and
+    ``scale`` is ``coef / sum(exp(x - m))``, so the gradient costs no second exp per logit."""
+    scale = like(scale, out)
+    b = like(b, out)
+    one = like(1, out)
+    for c in range(out.size):
+        out[c] = scale * out[c] - b * (one if w is None else w[c])
 
 
+# The middle-axis helper takes ``out`` and the logits separately, but ``out`` may BE the logits
+# (an in-place gradient). LLVM vectorises a loop over two arrays only after a runtime overlap
+# check, which fails for identical arrays and leaves the loop scalar (6x slower); so the
+# identical case runs a loop over the one array.
 @njit(**JIT_EXACT)
 def _vce_grad(out, xc, m, ls, coef, b, wc):
     """``out = coef * exp((xc - m) - ls) - b * wc`` along a vector of positions; ``out`` may be
@@ -150,17 +147,22 @@ def _ce_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
                 gx[i, :] = 0
         else:
             row = x[i]
-            m = row_max(row)
-            ls = np.log(sum_exp(row, m))
+            # x_t and sum_c w_c x_c first: with an in-place gradient, gx[i] is row and the
+            # exponentials below overwrite it.
+            x_t = np.float64(row[ti])
             swx = _weighted_sum(w, row) if eps > 0 else 0.0
+            m = row_max(row)
+            # With a gradient, exp(x - m) is stored in its row (one exp per logit, not two).
+            s = sum_exp(row, m) if gx is None else sum_exp_store(row, gx[i], m)
+            ls = np.log(s)
             scale = g_scalar if g is None else np.float64(g[i])
-            loss, a, coef, b = _ce_point(m + ls, row[ti], swx, 1.0 if w is None else w[ti], eps,
+            loss, a, coef, b = _ce_point(m + ls, x_t, swx, 1.0 if w is None else w[ti], eps,
                                          n_classes, w_total, scale)
             total += loss
             if out is not None:
                 out[i] = loss
             if gx is not None:
-                _ce_grad_row(gx[i], row, m, ls, coef, b, w)
+                _ce_grad_row(gx[i], coef / s, b, w)
                 gx[i, ti] -= like(a, row)
     return total
 
