@@ -21,8 +21,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..._registry import register_kernel
-from ._math import (JIT, JIT_EXACT, block_stats, fast_exp, like, row_max, sum_exp, sum_exp_store,
-                    vlog)
+from ._math import (JIT, JIT_EXACT, block_max, block_stats, fast_exp, like, row_max, sum_exp,
+                    sum_exp_store, vlog, vsum_exp_store)
 from ._parallel import guarded, parallel_kernel
 from .softmax import SMALL_C, TILE, _width, tile_stats
 
@@ -117,21 +117,13 @@ def _ce_grad_row(out, scale, b, w):
         out[c] = scale * out[c] - b * (one if w is None else w[c])
 
 
-# The middle-axis helper takes ``out`` and the logits separately, but ``out`` may BE the logits
-# (an in-place gradient). LLVM vectorises a loop over two arrays only after a runtime overlap
-# check, which fails for identical arrays and leaves the loop scalar (6x slower); so the
-# identical case runs a loop over the one array.
-@njit(**JIT_EXACT)
-def _vce_grad(out, xc, m, ls, coef, b, wc):
-    """``out = coef * exp((xc - m) - ls) - b * wc`` along a vector of positions; ``out`` may be
-    ``xc``."""
-    wc = like(wc, xc)
-    if out.ctypes.data == xc.ctypes.data:
-        for j in range(out.size):
-            out[j] = coef[j] * fast_exp((out[j] - m[j]) - ls[j]) - b[j] * wc
-    else:
-        for j in range(out.size):
-            out[j] = coef[j] * fast_exp((xc[j] - m[j]) - ls[j]) - b[j] * wc
+@njit(**JIT)
+def _vce_grad(out, scale, b, wc):
+    """``out = scale * out - b * wc`` along a vector of positions: ``out`` holds ``exp(x - m)``
+    and ``scale`` is ``coef / sum(exp(x - m))`` (as :func:`_ce_grad_row`)."""
+    wc = like(wc, out)
+    for j in range(out.size):
+        out[j] = scale[j] * out[j] - b[j] * wc
 
 
 @parallel_kernel(**JIT)
@@ -181,29 +173,31 @@ def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
         # Gradient coefficients only when a gradient is wanted: scratch is the only memory a
         # reduced loss allocates, per running task.
         gk = np.zeros((3, TILE if gx is not None else 0), x.dtype)
-        acoef, coef, bcoef = gk[0], gk[1], gk[2]
-        tile_stats(x, r0, nr, xt, m, s)
-        vlog(s[:nr])
+        acoef, scale_e, bcoef = gk[0], gk[1], gk[2]
+        # With a gradient, xt is left holding exp(x - m) (one exp per logit); x_t and the
+        # smoothing sum are then read from x, which this tile writes back to only at the end.
+        tile_stats(x, r0, nr, xt, m, s, gx is not None)
+        ls = s.copy()
+        vlog(ls[:nr])
         for r in range(nr):
             ti = t[r0 + r]
             if ti == ignore:
                 if out is not None:
                     out[r0 + r] = 0
             else:
-                swx = _weighted_sum(w, xt[:, r]) if eps > 0 else 0.0
+                swx = _weighted_sum(w, x[r0 + r]) if eps > 0 else 0.0
                 scale = g_scalar if g is None else np.float64(g[r0 + r])
-                loss, a, cf, b = _ce_point(np.float64(m[r]) + s[r], xt[ti, r], swx,
+                loss, a, cf, b = _ce_point(np.float64(m[r]) + ls[r], x[r0 + r, ti], swx,
                                            1.0 if w is None else w[ti], eps, n_classes, w_total,
                                            scale)
                 total += loss
                 if out is not None:
                     out[r0 + r] = loss
                 if gx is not None:
-                    acoef[r], coef[r], bcoef[r] = a, cf, b
+                    acoef[r], scale_e[r], bcoef[r] = a, cf / s[r], b
         if gx is not None:
             for c in range(n_classes):
-                _vce_grad(xt[c, :nr], xt[c, :nr], m[:nr], s[:nr], coef[:nr], bcoef[:nr],
-                          1.0 if w is None else w[c])
+                _vce_grad(xt[c, :nr], scale_e[:nr], bcoef[:nr], 1.0 if w is None else w[c])
             for r in range(nr):
                 ti = t[r0 + r]
                 if ti == ignore:
@@ -234,19 +228,32 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
         j0 = (task % nblk) * width
         wd = min(width, inner - j0)
         xo = x[o]
-        ls = np.empty(wd, x.dtype)
-        m = np.empty(wd, x.dtype)
-        block_stats(xo, j0, wd, m, ls)
-        vlog(ls)
-        # Scratch beyond (m, ls) only when smoothing / a gradient needs it: it is the only
+        # x_t and sum_c w_c x_c first: an in-place gradient overwrites the logits below.
+        x_t = np.empty(wd, x.dtype)
+        for j in range(wd):
+            tj = t[o, j0 + j]
+            x_t[j] = 0 if tj == ignore else xo[tj, j0 + j]
+        # Scratch beyond (m, s, x_t) only when smoothing / a gradient needs it: it is the only
         # memory a reduced loss allocates, per running task.
         swx = np.zeros(wd if eps > 0 else 0, x.dtype)
         if eps > 0:
             for c in range(n_classes):
                 _vaxpy(swx, 1.0 if w is None else w[c], xo[c, j0:j0 + wd])
+        m = np.empty(wd, x.dtype)
+        s = np.empty(wd, x.dtype)
+        if gx is None:
+            block_stats(xo, j0, wd, m, s)
+        else:  # exp(x - m) stored in the gradient: one exp per logit
+            go = gx[o]
+            block_max(xo, j0, wd, m)
+            s[:] = 0
+            for c in range(n_classes):
+                vsum_exp_store(s, xo[c, j0:j0 + wd], m, go[c, j0:j0 + wd])
+        ls = s.copy()
+        vlog(ls)
         gk = np.zeros((3, wd if gx is not None else 0), x.dtype)
-        # subtracted at the target class; multiplies exp((x - m) - ls); multiplies w[c]
-        acoef, coef, bcoef = gk[0], gk[1], gk[2]
+        # subtracted at the target class; multiplies exp(x - m); multiplies w[c]
+        acoef, scale_e, bcoef = gk[0], gk[1], gk[2]
         for j in range(wd):
             tj = t[o, j0 + j]
             if tj == ignore:
@@ -254,7 +261,7 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
                     out[o, j0 + j] = 0
             else:
                 scale = g_scalar if g is None else np.float64(g[o, j0 + j])
-                loss, a, cf, b = _ce_point(np.float64(m[j]) + ls[j], xo[tj, j0 + j],
+                loss, a, cf, b = _ce_point(np.float64(m[j]) + ls[j], x_t[j],
                                            swx[j] if eps > 0 else 0.0,
                                            1.0 if w is None else w[tj], eps, n_classes, w_total,
                                            scale)
@@ -262,12 +269,10 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
                 if out is not None:
                     out[o, j0 + j] = loss
                 if gx is not None:
-                    acoef[j], coef[j], bcoef[j] = a, cf, b
+                    acoef[j], scale_e[j], bcoef[j] = a, cf / s[j], b
         if gx is not None:
-            go = gx[o]
             for c in range(n_classes):
-                _vce_grad(go[c, j0:j0 + wd], xo[c, j0:j0 + wd], m, ls, coef, bcoef,
-                          1.0 if w is None else w[c])
+                _vce_grad(go[c, j0:j0 + wd], scale_e, bcoef, 1.0 if w is None else w[c])
             for j in range(wd):
                 tj = t[o, j0 + j]
                 if tj == ignore:

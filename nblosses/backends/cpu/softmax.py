@@ -54,9 +54,10 @@ def _softmax_rows(x, y, log):
 
 # ----------------------------------------------------------------------------- short rows
 @njit(fastmath=FASTMATH_MAX, cache=True, nogil=True)
-def tile_stats(x, r0, nr, xt, m, s):
+def tile_stats(x, r0, nr, xt, m, s, store):
     """Transpose rows ``r0:r0+nr`` of ``x`` into ``xt[:, :nr]``; ``m``/``s`` get each row's max
-    and ``sum(exp(x - max))``. Shared by every short-row kernel."""
+    and ``sum(exp(x - max))``. With ``store``, ``xt`` is left holding ``exp(x - max)`` (callers
+    that need those then compute no second exp). Shared by every short-row kernel."""
     n_classes = x.shape[1]
     for r in range(nr):
         for c in range(n_classes):
@@ -67,9 +68,16 @@ def tile_stats(x, r0, nr, xt, m, s):
     for c in range(1, n_classes):
         for r in range(nr):
             m[r] = max(m[r], xt[c, r])
-    for c in range(n_classes):
-        for r in range(nr):
-            s[r] += fast_exp(xt[c, r] - m[r])
+    if store:
+        for c in range(n_classes):
+            for r in range(nr):
+                e = fast_exp(xt[c, r] - m[r])
+                xt[c, r] = e
+                s[r] += e
+    else:
+        for c in range(n_classes):
+            for r in range(nr):
+                s[r] += fast_exp(xt[c, r] - m[r])
 
 
 @parallel_kernel(**JIT_EXACT)
@@ -81,17 +89,17 @@ def _softmax_tiles(x, y, log):
         xt = np.empty((n_classes, TILE), x.dtype)
         m = np.empty(TILE, x.dtype)
         s = np.empty(TILE, x.dtype)
-        tile_stats(x, r0, nr, xt, m, s)
+        tile_stats(x, r0, nr, xt, m, s, not log)
         if log:
             vlog(s[:nr])
             for c in range(n_classes):
                 vshift(xt[c, :nr], xt[c, :nr], m[:nr], s[:nr])
-        else:
+        else:  # xt holds exp(x - m)
             for r in range(nr):
                 s[r] = like(1, s) / s[r]
             for c in range(n_classes):
                 for r in range(nr):
-                    xt[c, r] = fast_exp(xt[c, r] - m[r]) * s[r]
+                    xt[c, r] *= s[r]
         for r in range(nr):  # transpose back
             for c in range(n_classes):
                 y[r0 + r, c] = xt[c, r]
