@@ -31,7 +31,6 @@ How chunks are computed
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import dask.array as da

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import threading
 from dataclasses import dataclass, field
@@ -252,14 +253,20 @@ def use_backend(name: str) -> Iterator[str]:
         _DEFAULT.reset(token)
 
 
+@functools.lru_cache(maxsize=256)
+def _type_module(cls: type) -> str:
+    # Cached per type: every call of every op asks this of each argument.
+    return cls.__module__.partition(".")[0]
+
+
 def _array_module_name(array: Any) -> str:
-    module = type(array).__module__
-    return module if module == "numpy" else module.partition(".")[0]
+    """Top-level module of ``array``'s type (``"numpy"``, ``"cupy"``, ``"dask"``, ...)."""
+    return _type_module(type(array))
 
 
 def is_dask_array(obj: Any) -> bool:
     """Whether ``obj`` is a dask array, without importing dask."""
-    return _array_module_name(obj) == "dask"
+    return _type_module(type(obj)) == "dask"
 
 
 def resolve_backend(requested: str | None, *arrays: Any) -> Backend:
@@ -276,12 +283,10 @@ def resolve_backend(requested: str | None, *arrays: Any) -> Backend:
     for a in arrays:
         if a is None or isinstance(a, (int, float, bool, list, tuple)):
             continue
-        for be in _BACKENDS.values():
-            if be.owns(a):
-                owners.add(be.name)
-                break
-        else:
-            owners.add("cpu")  # anything NumPy can convert
+        module = _array_module_name(a)
+        # anything no backend claims goes to "cpu" (NumPy converts it or says why not)
+        owners.add(next((be.name for be in _BACKENDS.values() if module in be.array_modules),
+                        "cpu"))
     if len(owners) > 1:
         raise TypeError(
             "inputs live on different backends ({}); move them to one array type or pass "

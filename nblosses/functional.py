@@ -36,7 +36,7 @@ def _dask_aware(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
-        if any(is_dask_array(a) for a in (*args, *kwargs.values())):
+        if any(map(is_dask_array, args)) or any(map(is_dask_array, kwargs.values())):
             from . import _dask
 
             return getattr(_dask, fn.__name__)(*args, **kwargs)
