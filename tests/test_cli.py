@@ -94,6 +94,19 @@ def test_bench_quick_softmax(tmp_path):
                                                            "report_level": 2})
     assert warnings.getvalue() == ""
 
+    # scripts/perf_table.py: the README's ratio table and docs/perf_table.rst from this JSON
+    script = [sys.executable, str(ROOT / "scripts" / "perf_table.py"), str(js)]
+    md = subprocess.run(script, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert md[0].split(" | ")[1:-1] == meta["shapes"]
+    if "torch" in rows[0]["peers"]:
+        assert md[2].startswith("| softmax, float32 | ")
+        assert md[2].split(" | ")[1:-1] == [f"{r['peers']['torch']['ratio']:.2f}x" for r in rows]
+    table = subprocess.run(script + ["--rst"], capture_output=True, text=True, check=True).stdout
+    warnings = io.StringIO()
+    docutils_core.publish_doctree(table, settings_overrides={"warning_stream": warnings,
+                                                             "report_level": 2})
+    assert warnings.getvalue() == ""
+
 
 def test_bench_rejects_unknown_op():
     proc = run_cli("bench", "--quick", "--ops", "no_such_op")
