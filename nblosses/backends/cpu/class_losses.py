@@ -170,14 +170,11 @@ def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
         xt = np.empty((n_classes, TILE), x.dtype)
         m = np.empty(TILE, x.dtype)
         s = np.empty(TILE, x.dtype)
-        # Gradient coefficients only when a gradient is wanted: scratch is the only memory a
-        # reduced loss allocates, per running task.
-        gk = np.zeros((3, TILE if gx is not None else 0), x.dtype)
-        acoef, scale_e, bcoef = gk[0], gk[1], gk[2]
+        ls = np.empty(TILE, x.dtype)
         # With a gradient, xt is left holding exp(x - m) (one exp per logit); x_t and the
         # smoothing sum are then read from x, which this tile writes back to only at the end.
         tile_stats(x, r0, nr, xt, m, s, gx is not None)
-        ls = s.copy()
+        ls[:nr] = s[:nr]
         vlog(ls[:nr])
         for r in range(nr):
             ti = t[r0 + r]
@@ -194,16 +191,19 @@ def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
                 if out is not None:
                     out[r0 + r] = loss
                 if gx is not None:
-                    acoef[r], scale_e[r], bcoef[r] = a, cf / s[r], b
+                    # The gradient's coefficients replace statistics no longer needed, so a
+                    # gradient costs no scratch beyond the tile: a (subtracted at the target)
+                    # in m, coef / sum (multiplies exp(x - m)) in s, b (multiplies w_c) in ls.
+                    m[r], s[r], ls[r] = a, cf / s[r], b
         if gx is not None:
             for c in range(n_classes):
-                _vce_grad(xt[c, :nr], scale_e[:nr], bcoef[:nr], 1.0 if w is None else w[c])
+                _vce_grad(xt[c, :nr], s[:nr], ls[:nr], 1.0 if w is None else w[c])
             for r in range(nr):
                 ti = t[r0 + r]
                 if ti == ignore:
                     xt[:, r] = 0
                 else:
-                    xt[ti, r] -= acoef[r]
+                    xt[ti, r] -= m[r]
             for r in range(nr):
                 for c in range(n_classes):
                     gx[r0 + r, c] = xt[c, r]
@@ -233,8 +233,8 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
         for j in range(wd):
             tj = t[o, j0 + j]
             x_t[j] = 0 if tj == ignore else xo[tj, j0 + j]
-        # Scratch beyond (m, s, x_t) only when smoothing / a gradient needs it: it is the only
-        # memory a reduced loss allocates, per running task.
+        # Scratch (x_t, m, s, ls; swx only with smoothing) is the only memory a loss allocates,
+        # per running task: tests/test_memory.py holds it under 1% of the logits.
         swx = np.zeros(wd if eps > 0 else 0, x.dtype)
         if eps > 0:
             for c in range(n_classes):
@@ -251,9 +251,6 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
                 vsum_exp_store(s, xo[c, j0:j0 + wd], m, go[c, j0:j0 + wd])
         ls = s.copy()
         vlog(ls)
-        gk = np.zeros((3, wd if gx is not None else 0), x.dtype)
-        # subtracted at the target class; multiplies exp(x - m); multiplies w[c]
-        acoef, scale_e, bcoef = gk[0], gk[1], gk[2]
         for j in range(wd):
             tj = t[o, j0 + j]
             if tj == ignore:
@@ -269,16 +266,19 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
                 if out is not None:
                     out[o, j0 + j] = loss
                 if gx is not None:
-                    acoef[j], scale_e[j], bcoef[j] = a, cf / s[j], b
+                    # Coefficients replace statistics no longer needed (no more scratch): a
+                    # (subtracted at the target) in x_t, coef / sum (multiplies exp(x - m))
+                    # in s, b (multiplies w_c) in ls.
+                    x_t[j], s[j], ls[j] = a, cf / s[j], b
         if gx is not None:
             for c in range(n_classes):
-                _vce_grad(go[c, j0:j0 + wd], scale_e, bcoef, 1.0 if w is None else w[c])
+                _vce_grad(go[c, j0:j0 + wd], s, ls, 1.0 if w is None else w[c])
             for j in range(wd):
                 tj = t[o, j0 + j]
                 if tj == ignore:
                     go[:, j0 + j] = 0
                 else:
-                    go[tj, j0 + j] -= acoef[j]
+                    go[tj, j0 + j] -= x_t[j]
     return total
 
 
