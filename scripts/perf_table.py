@@ -63,7 +63,32 @@ def rst(header: list[str], rows: list[list[str]], bench: dict[str, Any], peer: s
     for row in [header, *rows]:
         out.append(f"   * - {row[0]}")
         out += [f"     - {cell.replace('**', '')}" for cell in row[1:]]
-    return "\n".join(out) + "\n"
+    return "\n".join(out + ["", *summary(bench)]) + "\n"
+
+
+def summary(bench: dict[str, Any]) -> list[str]:
+    """The run's other results, as sentences: SciPy ratio, extra peak memory, first call."""
+    lines = []
+    sm = next((g for g in bench["summary"]["geomean"]
+               if g["op"] == "softmax" and g["dtype"] == "float32"), None)
+    if sm and "scipy" in sm["ratio"]:
+        lines.append(f"softmax against ``scipy.special.softmax``: {sm['ratio']['scipy']:.1f}x "
+                     "(geomean, float32).")
+    targets = bench["summary"]["targets"]
+
+    def worst(prefix: str) -> float | None:
+        values = [t["value"] for t in targets if t["target"].startswith(prefix)]
+        return max(values) if values else None
+
+    fwd, grad = worst("cross_entropy extra peak"), worst("cross_entropy_grad extra peak")
+    if fwd is not None and grad is not None:
+        lines.append(f"Extra peak memory of ``cross_entropy``: at most {fwd:.2f}% of the logits "
+                     f"(forward) and the gradient plus at most {grad:.2f}% (forward+gradient).")
+    warm = [t["value"] for t in targets if t["target"].startswith("first call")]
+    if warm:
+        lines.append(f"First call in a fresh process with a warm compile cache: "
+                     f"{min(warm):.2f}-{max(warm):.2f} s per op.")
+    return [" ".join(lines)] if lines else []
 
 
 def main(argv: list[str] | None = None) -> None:
