@@ -98,7 +98,9 @@ def _horner(coeffs, ftype):
     for k in reversed(range(len(coeffs) - 1)):
         expr = f"c{k} + r * ({expr})"
     exec(f"def horner(r):\n    return {expr}\n", consts)  # noqa: S102 - source built above
-    return njit(inline="always", fastmath={"contract"}, error_model="numpy")(consts["horner"])
+    # Not inline="always": Numba-level inlining would compile it under the caller's flags
+    # (reassociation would reorder Horner's rule); LLVM still inlines it, keeping these flags.
+    return njit(fastmath={"contract"}, error_model="numpy")(consts["horner"])
 
 
 def fast_exp(x):  # pragma: no cover - replaced by the overload inside Numba code
