@@ -279,17 +279,31 @@ def resolve_backend(requested: str | None, *arrays: Any) -> Backend:
     name = requested if requested is not None else get_backend()
     if _check_name(name) != "auto":
         return lookup(name).load()
-    owners = set()
+    owner = None
     for a in arrays:
-        if a is None or isinstance(a, (int, float, bool, list, tuple)):
+        if a is None or isinstance(a, _NOT_ARRAYS):
             continue
-        module = _array_module_name(a)
-        # anything no backend claims goes to "cpu" (NumPy converts it or says why not)
-        owners.add(next((be.name for be in _BACKENDS.values() if module in be.array_modules),
-                        "cpu"))
-    if len(owners) > 1:
-        raise TypeError(
-            "inputs live on different backends ({}); move them to one array type or pass "
-            "backend= explicitly".format(", ".join(sorted(owners)))
-        )
-    return lookup(owners.pop() if owners else "cpu").load()
+        this = _owner(a)
+        if owner is None:
+            owner = this
+        elif this != owner:
+            owners = sorted({_owner(b) for b in arrays
+                             if b is not None and not isinstance(b, _NOT_ARRAYS)})
+            raise TypeError(
+                "inputs live on different backends ({}); move them to one array type or pass "
+                "backend= explicitly".format(", ".join(owners))
+            )
+    return lookup(owner or "cpu").load()
+
+
+_NOT_ARRAYS = (int, float, bool, list, tuple)
+
+
+def _owner(array: Any) -> str:
+    """The backend whose ``array_modules`` hold ``array``'s type; "cpu" when none does (NumPy
+    converts it or says why not)."""
+    module = _array_module_name(array)
+    for be in _BACKENDS.values():
+        if module in be.array_modules:
+            return be.name
+    return "cpu"

@@ -17,6 +17,8 @@ Layouts as in :mod:`.softmax`: contiguous rows when ``inner == 1`` (transposed t
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -44,8 +46,7 @@ def _finish(total: float, out, reduction: str, denom: float, dtype):
     if reduction == "none":
         return out
     if reduction == "mean":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            total = np.float64(total) / denom  # all ignored: 0/0 = NaN, as torch
+        total = _div(total, denom)  # all ignored: 0/0 = NaN, as torch
     return np.asarray(total, dtype=dtype)
 
 
@@ -69,8 +70,17 @@ def _upstream(reduction: str, grad_output, denom: float):
     scalar upstream gradient over the ``mean`` denominator (``denom`` is 1 for "sum")."""
     if reduction == "none":
         return grad_output, 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return None, float(np.float64(grad_output) / denom)
+    return None, _div(float(grad_output), denom)
+
+
+def _div(a: float, b: float) -> float:
+    """``a / b`` with IEEE results for ``b == 0`` (signed inf; NaN for 0/0 and NaN), no
+    warning: as NumPy under ``errstate(ignore)``, without its per-call cost."""
+    if b != 0:
+        return a / b
+    if a != a or a == 0:
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
 
 
 def _denominator(t2, weight, ignore_index: int, reduction: str) -> float:
