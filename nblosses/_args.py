@@ -283,7 +283,7 @@ def check_targets(be: Backend, t2: Any, n_classes: int, ignore_index: int) -> No
     if t2.size == 0:
         return
     xp = be.xp
-    lo, hi = int(t2.min()), int(t2.max())
+    lo, hi = be.index_range(t2) if be.index_range else (int(t2.min()), int(t2.max()))
     if lo >= 0 and hi < n_classes:
         return
     bad = ((t2 < 0) | (t2 >= n_classes)) & (t2 != ignore_index)

@@ -86,6 +86,9 @@ class Backend:
     asarray: Callable[..., Any] | None = None
     #: Set by the provider module: the array namespace (``numpy``, ``cupy``).
     xp: Any = None
+    #: Optional, set by the provider: ``(min, max)`` of an integer array in one pass, for the
+    #: class-index range check (default: ``xp``'s min and max, two passes).
+    index_range: Callable[[Any], tuple[int, int]] | None = None
     #: Float dtypes the kernels take natively; others are computed in float32 and cast back.
     native_dtypes: tuple[str, ...] = ("float32", "float64")
     _loaded: bool = field(default=False, repr=False)

@@ -30,6 +30,7 @@ def _x(shape=(4, C), dtype=np.float64, seed=0):
 @pytest.mark.parametrize("shape,bad,where", [
     ((4, C), 7, 2), ((4, C), C, 0), ((4, C), -1, 3), ((4, C), -7, 1), ((4, C), 2**40, 1),
     ((C,), 7, None), ((2, C, 3), 7, (1, 2)), ((2, C, 3, 2), -2, (0, 1, 1)),
+    ((40_000, C), C, 39_999),  # past the parallel grain: the CPU range check's parallel build
 ], ids=str)
 @pytest.mark.parametrize("return_grad", [False, True])
 def test_target_out_of_range(backend, op, shape, bad, where, return_grad):

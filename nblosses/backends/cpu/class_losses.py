@@ -41,6 +41,23 @@ def _target_weight_sum(t, w, ignore):
     return total
 
 
+@parallel_kernel(**JIT)
+def _index_range(t):
+    """``(min, max)`` of a flat int64 array in one parallel pass."""
+    lo = t[0]
+    hi = t[0]
+    for i in prange(t.size):
+        lo = min(lo, t[i])
+        hi = max(hi, t[i])
+    return lo, hi
+
+
+def index_range(t2) -> tuple[int, int]:
+    """The backend's ``index_range`` hook: one pass over the targets instead of NumPy's two."""
+    lo, hi = _index_range(t2.reshape(-1))
+    return int(lo), int(hi)
+
+
 def _finish(total: float, out, reduction: str, denom: float, dtype):
     """The loss array: ``out`` for "none", else the kernel's float64 total (over ``denom``)."""
     if reduction == "none":
