@@ -223,8 +223,10 @@ def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
                     # in m, coef / sum (multiplies exp(x - m)) in s, b (multiplies w_c) in ls.
                     m[r], s[r], ls[r] = a, cf / s[r], b
         if gx is not None:
-            for c in range(n_classes):
-                _vce_grad(xt[c, :nr], s[:nr], ls[:nr], 1.0 if w is None else w[c])
+            for c in range(n_classes):  # inline, as in _softmax_tiles: calls cost more here
+                wc = like(1.0 if w is None else w[c], x)
+                for r in range(nr):
+                    xt[c, r] = s[r] * xt[c, r] - ls[r] * wc
             for r in range(nr):
                 ti = t[r0 + r]
                 if ti == ignore:
