@@ -1,8 +1,9 @@
 """NLL and cross-entropy (class indices and class probabilities) on the CPU, with fused gradients.
 
 Cross-entropy never materialises log-probabilities: per row it finds the max, sums
-``exp(x - max)`` (the row stays in cache), and, when a gradient is wanted, writes ``dL/dx`` in
-a last pass over the same cached row. Reduced losses are summed inside the kernels (float64),
+``exp(x - max)`` (the row stays in cache), and, when a gradient is wanted, stores those
+exponentials in the gradient during the sum and rescales them in a last pass over the same
+cached row (one exp per logit). Reduced losses are summed inside the kernels (float64),
 so a reduced loss allocates nothing of the batch's size. The ``mean`` denominator depends only
 on targets and weights, so a small pass over the targets finds it first and the gradient is
 written final in one go. The gradient may be written into the logits themselves: each logit is
