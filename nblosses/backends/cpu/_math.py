@@ -35,18 +35,31 @@ JIT = dict(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 JIT_EXACT = dict(JIT, fastmath={"contract", "arcp", "nsz"})
 
 
+# float type -> (integer type of its width, LLVM float type, LLVM integer type, mantissa bits)
+_LAYOUT = {
+    types.float32: (types.int32, ir.FloatType(), ir.IntType(32), 23),
+    types.float64: (types.int64, ir.DoubleType(), ir.IntType(64), 52),
+}
+_FLOAT_OF_INT = {layout[0]: ftype for ftype, layout in _LAYOUT.items()}
+
+
+def _layout(ftype, name: str):
+    try:
+        return _LAYOUT[ftype]
+    except KeyError:
+        raise TypingError(f"{name} takes float32 or float64") from None
+
+
 @intrinsic
 def _bitcast(typingctx, bits):
     """Reinterpret an int32 (int64) as float32 (float64), bit for bit."""
-    if bits == types.int32:
-        target, llty = types.float32, ir.FloatType()
-    elif bits == types.int64:
-        target, llty = types.float64, ir.DoubleType()
-    else:
+    if bits not in _FLOAT_OF_INT:
         raise TypingError("_bitcast takes int32 or int64")
+    target = _FLOAT_OF_INT[bits]
+    llfloat = _LAYOUT[target][1]
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llty)
+        return builder.bitcast(args[0], llfloat)
 
     return target(bits), codegen
 
@@ -54,17 +67,12 @@ def _bitcast(typingctx, bits):
 @intrinsic
 def _bits(typingctx, value):
     """Reinterpret a float32 (float64) as int32 (int64), bit for bit."""
-    if value == types.float32:
-        target, llty = types.int32, ir.IntType(32)
-    elif value == types.float64:
-        target, llty = types.int64, ir.IntType(64)
-    else:
-        raise TypingError("_bits takes float32 or float64")
+    itype, _, llint, _ = _layout(value, "_bits")
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llty)
+        return builder.bitcast(args[0], llint)
 
-    return target(value), codegen
+    return itype(value), codegen
 
 
 @intrinsic
@@ -72,12 +80,7 @@ def _exponent_from_low_bits(typingctx, value):
     """float32 (float64) whose bits are ``value``'s shifted left by 23 (52): the low mantissa
     bits become the exponent field. Written in LLVM IR so the shift stays 32-bit for float32
     (Numba widens int32 arithmetic to int64, which halves the vector width)."""
-    if value == types.float32:
-        llint, llfloat, shift = ir.IntType(32), ir.FloatType(), 23
-    elif value == types.float64:
-        llint, llfloat, shift = ir.IntType(64), ir.DoubleType(), 52
-    else:
-        raise TypingError("_exponent_from_low_bits takes float32 or float64")
+    _, llfloat, llint, shift = _layout(value, "_exponent_from_low_bits")
 
     def codegen(context, builder, signature, args):
         bits = builder.bitcast(args[0], llint)
