@@ -193,15 +193,10 @@ def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
     n, n_classes = x.shape
     total = 0.0
     for tile in prange((n + TILE - 1) // TILE):
-        r0 = tile * TILE
-        nr = min(n, r0 + TILE) - r0
-        xt = np.empty((n_classes, TILE), x.dtype)
-        m = np.empty(TILE, x.dtype)
-        s = np.empty(TILE, x.dtype)
-        ls = np.empty(TILE, x.dtype)
         # With a gradient, xt is left holding exp(x - m) (one exp per logit); x_t and the
         # smoothing sum are then read from x, which this tile writes back to only at the end.
-        tile_stats(x, r0, nr, xt, m, s, gx is not None)
+        r0, nr, xt, m, s = tile_stats(x, tile, gx is not None)
+        ls = np.empty(TILE, x.dtype)
         ls[:nr] = s[:nr]
         vlog(ls[:nr])
         for r in range(nr):

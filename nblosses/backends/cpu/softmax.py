@@ -54,11 +54,17 @@ def _softmax_rows(x, y, log):
 
 # ----------------------------------------------------------------------------- short rows
 @njit(fastmath=FASTMATH_MAX, cache=True, nogil=True)
-def tile_stats(x, r0, nr, xt, m, s, store):
-    """Transpose rows ``r0:r0+nr`` of ``x`` into ``xt[:, :nr]``; ``m``/``s`` get each row's max
-    and ``sum(exp(x - max))``. With ``store``, ``xt`` is left holding ``exp(x - max)`` (callers
-    that need those then compute no second exp). Shared by every short-row kernel."""
-    n_classes = x.shape[1]
+def tile_stats(x, tile, store):
+    """Tile ``tile`` of ``x``: rows ``r0:r0+nr`` (at most ``TILE``) transposed into the scratch
+    ``xt[:, :nr]``, and each row's max ``m`` and ``s = sum(exp(x - max))``. With ``store``, ``xt``
+    is left holding ``exp(x - max)`` (callers that need those then compute no second exp).
+    Returns ``(r0, nr, xt, m, s)``; shared by every short-row kernel."""
+    n, n_classes = x.shape
+    r0 = tile * TILE
+    nr = min(n, r0 + TILE) - r0
+    xt = np.empty((n_classes, TILE), x.dtype)
+    m = np.empty(TILE, x.dtype)
+    s = np.empty(TILE, x.dtype)
     for r in range(nr):
         for c in range(n_classes):
             xt[c, r] = x[r0 + r, c]
@@ -78,18 +84,14 @@ def tile_stats(x, r0, nr, xt, m, s, store):
         for c in range(n_classes):
             for r in range(nr):
                 s[r] += fast_exp(xt[c, r] - m[r])
+    return r0, nr, xt, m, s
 
 
 @parallel_kernel(**JIT_EXACT)
 def _softmax_tiles(x, y, log):
     n, n_classes = x.shape
     for tile in prange((n + TILE - 1) // TILE):
-        r0 = tile * TILE
-        nr = min(n, r0 + TILE) - r0
-        xt = np.empty((n_classes, TILE), x.dtype)
-        m = np.empty(TILE, x.dtype)
-        s = np.empty(TILE, x.dtype)
-        tile_stats(x, r0, nr, xt, m, s, not log)
+        r0, nr, xt, m, s = tile_stats(x, tile, not log)
         if log:
             vlog(s[:nr])
             # A loop here, not vshift() per class: ten-odd calls per tile on 128-element
