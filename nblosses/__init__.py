@@ -11,21 +11,23 @@ from __future__ import annotations
 from . import backends as _backends  # noqa: F401  (registers "cpu" and "cuda" by name only)
 from . import functional, nn
 from ._registry import (
-    BackendUnavailableError,
-    UnknownBackendError,
-    UnsupportedOpError,
+    Backend,
+    Runtime,
     available_backends,
     get_backend,
     register_backend,
-    register_kernel,
     set_backend,
+    unregister_backend,
     use_backend,
 )
+from .errors import BackendUnavailableError, UnknownBackendError, UnsupportedOpError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backend",
     "BackendUnavailableError",
+    "Runtime",
     "UnknownBackendError",
     "UnsupportedOpError",
     "available_backends",
@@ -33,7 +35,7 @@ __all__ = [
     "get_backend",
     "nn",
     "register_backend",
-    "register_kernel",
     "set_backend",
+    "unregister_backend",
     "use_backend",
 ]

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from ._registry import Backend
+from ._registry import Runtime as Backend
 
 REDUCTIONS = ("none", "mean", "sum")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep

@@ -38,7 +38,8 @@ import numpy as np
 
 from . import _args
 from . import functional as F
-from ._registry import _check_name, get_backend, is_dask_array, resolve_backend
+from ._registry import check_name, get_backend, resolve_backend
+from .functional import is_dask_array
 
 # Same names as nblosses.functional, which routes dask arguments here.
 __all__ = list(F.__all__)
@@ -52,7 +53,7 @@ _SPATIAL = "cdefghijklmnopqrstuvwxy"
 # ----------------------------------------------------------------------------- helpers
 def _backend_name(backend: str | None) -> str:
     """The backend name the chunk tasks use, fixed now (tasks run in other threads/processes)."""
-    return _check_name(backend if backend is not None else get_backend())
+    return check_name(backend if backend is not None else get_backend())
 
 
 def _as_dask(a: Any) -> Any:

@@ -1,22 +1,32 @@
-"""Backend registry: ``(op, backend)`` -> kernel, with lazy backend loading.
+"""Backend registry: named backends, built lazily, and the default-backend context.
 
-A *backend* is a named place where arrays live and kernels run (``"cpu"`` for NumPy arrays and
-Numba kernels, ``"cuda"`` for CuPy arrays and CUDA kernels). Its kernels live in a provider
-module that is imported only when the backend is first used, so ``import nblosses`` pulls in
-neither Numba's compiled kernels nor CuPy.
+A *backend* is a place where arrays live and kernels run. It comes in two parts:
 
-The kernel protocol (canonical arguments only; validation happened in :mod:`nblosses._args`)
-is documented in :mod:`nblosses.backends`. Third parties add a backend with
-:func:`register_backend` and its kernels with :func:`register_kernel`; both APIs then reach it
-through ``backend="name"``.
+- a :class:`Backend` subclass instance, registered by name at import time: what the registry and
+  ``"auto"`` dispatch need to know without importing anything heavy (the array modules it owns,
+  its native dtypes, how to check that it can run here, what to install otherwise);
+- the :class:`Runtime` its :meth:`Backend.build` returns on first use: the array namespace, the
+  converter and the kernels, complete and immutable from then on.
 
-Errors are distinct so callers can tell them apart:
+Third parties add a backend by subclassing :class:`Backend` and calling
+:func:`register_backend`; ``backend="name"`` then reaches it from every front end. The kernel
+protocol (canonical arguments only; validation happens in :mod:`nblosses._args`) is documented
+in :mod:`nblosses.backends`.
 
-- :class:`UnknownBackendError` (a ``ValueError``): no backend has that name.
-- :class:`BackendUnavailableError` (a ``RuntimeError``): known, but not usable here
-  (package missing, no device); the message names what to install.
-- :class:`UnsupportedOpError` (a ``NotImplementedError``): the backend exists but has no
-  kernel for that op.
+Examples
+--------
+>>> import numpy as np
+>>> import nblosses
+>>> from nblosses import Backend, Runtime
+>>> class Toy(Backend):
+...     name = "toy"
+...     def build(self):
+...         return Runtime(self, xp=np, asarray=np.asarray,
+...                        kernels={"sigmoid": lambda x: 1 / (1 + np.exp(-x))})
+>>> _ = nblosses.register_backend(Toy())
+>>> nblosses.functional.sigmoid(np.zeros(2), backend="toy")
+array([0.5, 0.5])
+>>> nblosses.unregister_backend("toy")
 """
 
 from __future__ import annotations
@@ -24,166 +34,172 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import importlib
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Iterator, Mapping
+
+from .errors import BackendUnavailableError, UnknownBackendError, UnsupportedOpError
 
 __all__ = [
     "Backend",
-    "BackendUnavailableError",
-    "UnknownBackendError",
-    "UnsupportedOpError",
+    "Runtime",
     "available_backends",
     "get_backend",
-    "get_kernel",
+    "load",
     "register_backend",
-    "register_kernel",
     "resolve_backend",
     "set_backend",
+    "unregister_backend",
     "use_backend",
 ]
 
 
-class UnknownBackendError(ValueError):
-    """No backend is registered under the requested name."""
-
-
-class BackendUnavailableError(RuntimeError):
-    """The backend is known but cannot run here (missing package or device)."""
-
-
-class UnsupportedOpError(NotImplementedError):
-    """The backend has no kernel for the requested op."""
-
-
-@dataclass
 class Backend:
-    """A named backend.
+    """Description of a backend, cheap to create: subclass it and register an instance.
 
-    Parameters
-    ----------
+    Class attributes
+    ----------------
     name : str
-        The name users pass as ``backend=``.
-    provider : str or None
-        Dotted module path imported on first use; importing it registers the kernels.
+        What users pass as ``backend=``; ``"auto"`` is reserved.
     array_modules : tuple of str
-        Top-level module names whose arrays belong to this backend (``"numpy"``, ``"cupy"``).
-        Used by ``"auto"`` dispatch without importing anything.
+        Top-level module names whose arrays ``"auto"`` sends here (``"numpy"``, ``"cupy"``),
+        matched without importing anything.
+    fallback : bool
+        Whether ``"auto"`` sends arrays that no backend owns here (Python lists, scalars, other
+        array-likes); at most one registered backend should say so.
+    native_dtypes : tuple of str
+        Float dtypes the kernels take; other float inputs are computed in float32.
     install_hint : str
-        Appended to :class:`BackendUnavailableError` messages.
-    check : callable or None
-        Called once before the provider is imported; raises
-        :class:`BackendUnavailableError` when the backend cannot run here.
+        What to install when the backend cannot run; ends every unavailability message.
     """
 
-    name: str
-    provider: str | None
-    array_modules: tuple[str, ...]
-    install_hint: str = ""
-    check: Callable[[], None] | None = None
-    #: Set by the provider module: converts any array-like to this backend's array type.
-    asarray: Callable[..., Any] | None = None
-    #: Set by the provider module: the array namespace (``numpy``, ``cupy``).
-    xp: Any = None
-    #: Optional, set by the provider: ``(min, max)`` of an integer array in one pass, for the
-    #: class-index range check (default: ``xp``'s min and max, two passes).
-    index_range: Callable[[Any], tuple[int, int]] | None = None
-    #: Float dtypes the kernels take natively; others are computed in float32 and cast back.
-    native_dtypes: tuple[str, ...] = ("float32", "float64")
-    _loaded: bool = field(default=False, repr=False)
-    _error: BaseException | None = field(default=None, repr=False)
+    name: ClassVar[str] = ""
+    array_modules: ClassVar[tuple[str, ...]] = ()
+    fallback: ClassVar[bool] = False
+    native_dtypes: ClassVar[tuple[str, ...]] = ("float32", "float64")
+    install_hint: ClassVar[str] = ""
 
-    def load(self) -> "Backend":
-        """Import the provider module once; raise BackendUnavailableError if that fails."""
-        if self._loaded:
-            return self
-        with _LOAD_LOCK:
-            if self._loaded:
-                return self
-            if self._error is not None:
-                raise BackendUnavailableError(str(self._error)) from self._error
-            try:
-                if self.check is not None:
-                    self.check()
-                if self.provider is not None:
-                    importlib.import_module(self.provider)
-            except BackendUnavailableError as exc:
-                self._error = exc
-                raise
-            except ImportError as exc:
-                msg = f"backend {self.name!r} is not available: {exc}. {self.install_hint}".strip()
-                self._error = BackendUnavailableError(msg)
-                raise self._error from exc
-            self._loaded = True
-        return self
+    def check(self) -> None:
+        """Raise :class:`BackendUnavailableError` when the backend cannot run here."""
 
-    def kernel(self, op: str) -> Callable[..., Any]:
-        """Return this backend's kernel for ``op``, loading the backend if needed."""
-        return get_kernel(op, self.name)
+    def build(self) -> "Runtime":
+        """Import what the backend needs and return its :class:`Runtime` (called once)."""
+        raise NotImplementedError
 
-    def owns(self, array: Any) -> bool:
-        """Whether ``array`` is one of this backend's array types (no import needed)."""
-        return _array_module_name(array) in self.array_modules
+    def load(self) -> "Runtime":
+        """This backend's runtime, built on first use (see :func:`load`)."""
+        return load(self.name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
 
 
-_LOAD_LOCK = threading.RLock()
-_BACKENDS: dict[str, Backend] = {}
-_KERNELS: dict[tuple[str, str], Callable[..., Any]] = {}
-# None = "not chosen in this context": fall back to the process-wide choice of set_backend().
-_DEFAULT: contextvars.ContextVar[str | None] = contextvars.ContextVar("nblosses_backend", default=None)
-_GLOBAL_DEFAULT = ["auto"]
+def _no_op() -> None:
+    return None
 
 
-def register_backend(
-    name: str,
-    provider: str | None = None,
-    *,
-    array_modules: tuple[str, ...] = (),
-    install_hint: str = "",
-    check: Callable[[], None] | None = None,
-    native_dtypes: tuple[str, ...] = ("float32", "float64"),
-) -> Backend:
-    """Register (or replace) a backend.
+@dataclass(frozen=True)
+class Runtime:
+    """A backend ready to run: array namespace, converter and kernels.
 
     Parameters
     ----------
-    name : str
-        Name used with ``backend=``; ``"auto"`` is reserved.
-    provider : str, optional
-        Module imported on first use. It should call :func:`register_kernel` for each op and
-        set the backend's ``asarray`` and ``xp``.
-    array_modules : tuple of str
-        Top-level module names whose arrays ``"auto"`` sends to this backend.
-    install_hint : str
-        What to install when the backend is unavailable.
-    check : callable, optional
-        Raises :class:`BackendUnavailableError` when the backend cannot run here.
-    native_dtypes : tuple of str
-        Float dtypes the kernels accept; other float inputs are computed in float32.
+    backend : Backend
+        The description it was built from (name, native dtypes, array modules).
+    xp : module
+        The array namespace (``numpy``, ``cupy``).
+    asarray : callable
+        Converts any array-like to this backend's array type (a no-op for its own arrays).
+    kernels : mapping of str to callable
+        Op name -> kernel, following the protocol in :mod:`nblosses.backends`.
+    index_range : callable, optional
+        ``(min, max)`` of an int64 array in one pass, for the eager class-index check
+        (default: ``xp``'s ``min`` and ``max``).
+    defers_index_errors : bool
+        The class-loss kernels check class indices themselves, on the device, and report a bad
+        one later through ``poll_errors`` / ``synchronize`` instead of the eager host check.
+    poll_errors : callable
+        Raises an error a kernel recorded earlier, once it is known, without waiting for the
+        device. Called at the start of every call on this backend.
+    synchronize : callable
+        Waits for every queued kernel, then raises any recorded error.
+    """
+
+    backend: Backend
+    xp: Any
+    asarray: Callable[..., Any]
+    kernels: Mapping[str, Callable[..., Any]]
+    index_range: Callable[[Any], tuple[int, int]] | None = None
+    defers_index_errors: bool = False
+    poll_errors: Callable[[], None] = _no_op
+    synchronize: Callable[[], None] = _no_op
+    name: str = field(init=False)
+    native_dtypes: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.backend.name)
+        object.__setattr__(self, "native_dtypes", tuple(self.backend.native_dtypes))
+        object.__setattr__(self, "kernels", MappingProxyType(dict(self.kernels)))
+
+    def kernel(self, op: str) -> Callable[..., Any]:
+        """This backend's kernel for ``op``."""
+        try:
+            return self.kernels[op]
+        except KeyError:
+            raise UnsupportedOpError(f"backend {self.name!r} has no kernel for {op!r}") from None
+
+    def owns(self, array: Any) -> bool:
+        """Whether ``array`` is one of this backend's array types."""
+        return array_module(array) in self.backend.array_modules
+
+
+_LOCK = threading.RLock()
+_BACKENDS: dict[str, Backend] = {}
+_RUNTIMES: dict[str, Runtime] = {}
+_FAILURES: dict[str, BackendUnavailableError] = {}
+# None = "not chosen in this context": fall back to the process-wide choice of set_backend().
+_DEFAULT: contextvars.ContextVar[str | None] = contextvars.ContextVar("nblosses_backend",
+                                                                     default=None)
+_GLOBAL_DEFAULT = ["auto"]
+# Bumped by every (un)registration: keys the cached "which backend owns this array type" answer.
+_GENERATION = [0]
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Register ``backend`` under its ``name`` (replacing one of that name).
+
+    Parameters
+    ----------
+    backend : Backend
+        An instance of a :class:`Backend` subclass.
 
     Returns
     -------
     Backend
+        ``backend``, so the call can be used as a decorator-like one-liner.
     """
-    if name == "auto":
-        raise ValueError("'auto' is reserved for dispatch by array type")
-    backend = Backend(name, provider, tuple(array_modules), install_hint, check,
-                      native_dtypes=tuple(native_dtypes))
-    _BACKENDS[name] = backend
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register_backend expects a Backend instance, got {type(backend).__name__}")
+    if not backend.name or backend.name == "auto":
+        raise ValueError("a backend needs a name other than 'auto' ('auto' means dispatch by "
+                         "array type)")
+    with _LOCK:
+        _BACKENDS[backend.name] = backend
+        _GENERATION[0] += 1
+        _RUNTIMES.pop(backend.name, None)
+        _FAILURES.pop(backend.name, None)
     return backend
 
 
-def register_kernel(op: str, backend: str, fn: Callable[..., Any] | None = None):
-    """Register ``fn`` as the kernel of ``op`` on ``backend``; usable as a decorator."""
-    if backend not in _BACKENDS:
-        raise UnknownBackendError(_unknown_message(backend))
-
-    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
-        _KERNELS[(op, backend)] = f
-        return f
-
-    return deco(fn) if fn is not None else deco
+def unregister_backend(name: str) -> None:
+    """Remove the backend called ``name`` (an unknown name raises ``UnknownBackendError``)."""
+    with _LOCK:
+        lookup(name)
+        del _BACKENDS[name]
+        _GENERATION[0] += 1
+        _RUNTIMES.pop(name, None)
+        _FAILURES.pop(name, None)
 
 
 def _unknown_message(name: str) -> str:
@@ -192,35 +208,67 @@ def _unknown_message(name: str) -> str:
 
 
 def lookup(name: str) -> Backend:
-    """Return the registered backend called ``name`` (not loaded)."""
+    """The registered backend called ``name`` (not built)."""
     try:
         return _BACKENDS[name]
     except KeyError:
         raise UnknownBackendError(_unknown_message(name)) from None
 
 
-def get_kernel(op: str, backend: str) -> Callable[..., Any]:
-    """Return the kernel of ``op`` on ``backend``, importing the backend on first use."""
-    be = lookup(backend).load()
-    try:
-        return _KERNELS[(op, be.name)]
-    except KeyError:
-        raise UnsupportedOpError(f"backend {backend!r} has no kernel for {op!r}") from None
+def load(name: str) -> Runtime:
+    """The :class:`Runtime` of backend ``name``, built on first use.
+
+    Raises
+    ------
+    UnknownBackendError
+        No backend has that name.
+    BackendUnavailableError
+        It cannot run here; the message ends with what to install. Remembered: later calls
+        raise the same error without trying again.
+    """
+    runtime = _RUNTIMES.get(name)
+    if runtime is not None:
+        return runtime
+    with _LOCK:
+        backend = lookup(name)
+        if name in _RUNTIMES:
+            return _RUNTIMES[name]
+        if name in _FAILURES:
+            raise _FAILURES[name]
+        try:
+            backend.check()
+            runtime = backend.build()
+        except BackendUnavailableError as exc:
+            _FAILURES[name] = exc
+            raise
+        except ImportError as exc:
+            msg = f"backend {name!r} is not available: {exc}. {backend.install_hint}".strip()
+            _FAILURES[name] = BackendUnavailableError(msg)
+            raise _FAILURES[name] from exc
+        _RUNTIMES[name] = runtime
+        return runtime
 
 
 def available_backends() -> list[str]:
-    """Names of the registered backends that can run here (loading each to find out)."""
+    """Names of the registered backends that can run here (building each to find out)."""
     names = []
-    for name, be in _BACKENDS.items():
+    for name in list(_BACKENDS):
         try:
-            be.load()
+            load(name)
         except BackendUnavailableError:
             continue
         names.append(name)
     return names
 
 
-def _check_name(name: str) -> str:
+def loaded_runtimes() -> list[Runtime]:
+    """The runtimes built so far in this process (what ``synchronize`` has to wait for)."""
+    return list(_RUNTIMES.values())
+
+
+def check_name(name: Any) -> str:
+    """``name`` if it is ``"auto"`` or a registered backend; ``TypeError`` / ``UnknownBackendError``
+    otherwise."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name != "auto":
@@ -233,7 +281,7 @@ def set_backend(name: str) -> None:
 
     A :func:`use_backend` block still overrides it inside the block.
     """
-    _GLOBAL_DEFAULT[0] = _check_name(name)
+    _GLOBAL_DEFAULT[0] = check_name(name)
 
 
 def get_backend() -> str:
@@ -249,7 +297,7 @@ def use_backend(name: str) -> Iterator[str]:
 
     The choice is context-local (``contextvars``): other threads and asyncio tasks keep theirs.
     """
-    token = _DEFAULT.set(_check_name(name))
+    token = _DEFAULT.set(check_name(name))
     try:
         yield name
     finally:
@@ -262,51 +310,55 @@ def _type_module(cls: type) -> str:
     return cls.__module__.partition(".")[0]
 
 
-def _array_module_name(array: Any) -> str:
-    """Top-level module of ``array``'s type (``"numpy"``, ``"cupy"``, ``"dask"``, ...)."""
+def array_module(array: Any) -> str:
+    """Top-level module of ``array``'s type (``"numpy"``, ``"cupy"``, ...)."""
     return _type_module(type(array))
 
 
-def is_dask_array(obj: Any) -> bool:
-    """Whether ``obj`` is a dask array, without importing dask."""
-    return _type_module(type(obj)) == "dask"
+_NOT_ARRAYS = (int, float, bool, list, tuple, type(None))
 
 
-def resolve_backend(requested: str | None, *arrays: Any) -> Backend:
-    """Pick the backend for a call and load it.
+def resolve_backend(requested: str | None, *arrays: Any) -> Runtime:
+    """Pick the backend of a call and build it.
 
     ``requested`` (the call's or module's ``backend=``) wins, then the context default, then
     ``"auto"``: the backend owning the array types among ``arrays`` (``None`` and Python
-    scalars ignored). Mixed array kinds under auto raise ``TypeError``.
+    scalars ignored; types no backend owns go to the ``fallback`` backend). Mixed array kinds
+    under auto raise ``TypeError``.
     """
     name = requested if requested is not None else get_backend()
-    if _check_name(name) != "auto":
-        return lookup(name).load()
+    if name != "auto":
+        return _RUNTIMES.get(name) or load(check_name(name))
     owner = None
     for a in arrays:
-        if a is None or isinstance(a, _NOT_ARRAYS):
+        if isinstance(a, _NOT_ARRAYS):
             continue
-        this = _owner(a)
+        this = _owner(_type_module(type(a)))
         if owner is None:
             owner = this
         elif this != owner:
-            owners = sorted({_owner(b) for b in arrays
-                             if b is not None and not isinstance(b, _NOT_ARRAYS)})
+            owners = sorted({_owner(array_module(b)) for b in arrays
+                             if not isinstance(b, _NOT_ARRAYS)})
             raise TypeError(
                 "inputs live on different backends ({}); move them to one array type or pass "
                 "backend= explicitly".format(", ".join(owners))
             )
-    return lookup(owner or "cpu").load()
+    return load(owner or _owner(""))
 
 
-_NOT_ARRAYS = (int, float, bool, list, tuple)
-
-
-def _owner(array: Any) -> str:
-    """The backend whose ``array_modules`` hold ``array``'s type; "cpu" when none does (NumPy
-    converts it or says why not)."""
-    module = _array_module_name(array)
+@functools.lru_cache(maxsize=64)
+def _owner_cached(module: str, generation: int) -> str:
+    fallback = None
     for be in _BACKENDS.values():
         if module in be.array_modules:
             return be.name
-    return "cpu"
+        if be.fallback and fallback is None:
+            fallback = be.name
+    if fallback is None:
+        raise TypeError(f"no registered backend takes {module or 'these'} arrays; pass backend=")
+    return fallback
+
+
+def _owner(module: str) -> str:
+    """The backend owning arrays of top-level module ``module`` (the fallback one if none)."""
+    return _owner_cached(module, _GENERATION[0])

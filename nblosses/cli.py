@@ -107,7 +107,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         out = runner.run(config, progress=not args.no_progress)
     except Exception as exc:  # backend unusable, ...
-        from nblosses._registry import BackendUnavailableError
+        from nblosses.errors import BackendUnavailableError
 
         if isinstance(exc, BackendUnavailableError):
             print(f"nblosses bench: {exc}", file=sys.stderr)

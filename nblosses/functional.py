@@ -12,7 +12,7 @@ import functools
 from typing import Any, Callable
 
 from . import _args
-from ._registry import is_dask_array, resolve_backend
+from ._registry import array_module, resolve_backend
 
 __all__ = [
     "binary_cross_entropy",
@@ -28,6 +28,11 @@ __all__ = [
 ]
 
 Array = Any
+
+
+def is_dask_array(obj: Any) -> bool:
+    """Whether ``obj`` is a dask array, without importing dask."""
+    return array_module(obj) == "dask"
 
 
 def _dask_aware(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -35,6 +35,9 @@ try:
 except Exception as exc:  # libnvrtc not installed
     pytest.skip(f"NVRTC is not available: {exc}", allow_module_level=True)
 
+import nblosses  # noqa: E402
+import nblosses.backends.cpu  # noqa: E402
+import nblosses.backends.cuda  # noqa: E402
 from nblosses import _registry as R  # noqa: E402
 from nblosses.backends.cuda import _kernels as K  # noqa: E402
 from nblosses.backends.cuda import _loader as L  # noqa: E402
@@ -125,14 +128,14 @@ def test_every_op_has_a_cuda_kernel_with_the_cpu_signature():
     import nblosses.backends.cpu  # noqa: F401
     import nblosses.backends.cuda  # noqa: F401  (no device needed to import)
 
-    be = R.lookup("cuda")
+    be = nblosses.backends.cuda.runtime(R.lookup("cuda"))
     assert be.xp is cupy and be.asarray is cupy.asarray
     assert set(be.native_dtypes) >= {"float16", "float32", "float64"}
     for op in OPS:
-        fn = R._KERNELS.get((op, "cuda"))
+        fn = be.kernels.get(op)
         assert callable(fn), op
         assert fn.__module__.startswith("nblosses.backends.cuda"), op
-        cpu = R._KERNELS[(op, "cpu")]
+        cpu = nblosses.backends.cpu.KERNELS[op]
         cpu = inspect.unwrap(cpu)
         assert list(inspect.signature(fn).parameters) == list(inspect.signature(cpu).parameters), op
 

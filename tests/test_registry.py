@@ -45,7 +45,7 @@ def test_first_cpu_call_does_not_import_cupy_torch_dask():
 
 def test_public_surface():
     for name in ("functional", "nn", "set_backend", "use_backend", "get_backend",
-                 "available_backends", "register_backend", "register_kernel",
+                 "available_backends", "register_backend", "unregister_backend",
                  "UnknownBackendError", "BackendUnavailableError", "UnsupportedOpError"):
         assert hasattr(nblosses, name), name
     assert issubclass(nblosses.UnknownBackendError, ValueError)
@@ -195,22 +195,25 @@ def test_resolve_backend_picks_by_array_module():
 @pytest.fixture
 def toy_backend():
     calls = []
-    be = nblosses.register_backend("toy", None, array_modules=("toy_mod",))
-    be.xp = np
-    be.asarray = np.asarray
 
     def softmax_kernel(x3):
         calls.append(x3.shape)
         e = np.exp(x3 - x3.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
 
-    nblosses.register_kernel("softmax", "toy", softmax_kernel)
+    class Toy(nblosses.Backend):
+        name = "toy"
+        array_modules = ("toy_mod",)
+
+        def build(self):
+            return nblosses.Runtime(self, xp=np, asarray=np.asarray,
+                                    kernels={"softmax": softmax_kernel})
+
+    be = nblosses.register_backend(Toy())
     try:
         yield be, calls
     finally:
-        _registry._BACKENDS.pop("toy", None)
-        for key in [k for k in _registry._KERNELS if k[1] == "toy"]:
-            del _registry._KERNELS[key]
+        nblosses.unregister_backend("toy")
 
 
 class ToyArray:
@@ -257,17 +260,29 @@ def test_third_party_backend_missing_kernel(toy_backend):
 
 def test_toy_backend_cleaned_up():
     """Runs after the toy tests (file order): the fixture removed every trace."""
-    assert "toy" not in _registry._BACKENDS
-    assert not [k for k in _registry._KERNELS if k[1] == "toy"]
+    assert "toy" not in _registry._BACKENDS and "toy" not in _registry._RUNTIMES
     with pytest.raises(nblosses.UnknownBackendError):
         F.softmax(np.zeros(2), dim=0, backend="toy")
 
 
-def test_register_kernel_for_unknown_backend():
+def test_unregister_unknown_backend():
     with pytest.raises(nblosses.UnknownBackendError):
-        nblosses.register_kernel("softmax", "no-such-backend", lambda x3: x3)
+        nblosses.unregister_backend("no-such-backend")
 
 
-def test_auto_is_reserved():
+def test_runtime_is_immutable(toy_backend):
+    rt = _registry.load("toy")
+    with pytest.raises(AttributeError):
+        rt.xp = None
+    with pytest.raises(TypeError):
+        rt.kernels["sigmoid"] = np.tanh
+
+
+def test_auto_is_reserved_and_backends_are_instances():
+    class Auto(nblosses.Backend):
+        name = "auto"
+
     with pytest.raises(ValueError):
-        nblosses.register_backend("auto", None)
+        nblosses.register_backend(Auto())
+    with pytest.raises(TypeError):
+        nblosses.register_backend("toy")

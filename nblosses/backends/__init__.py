@@ -1,7 +1,7 @@
 """Built-in backends and the kernel protocol every backend implements.
 
-Importing this package registers the built-in backends by name only; their kernel modules are
-imported on first use (:meth:`nblosses._registry.Backend.load`).
+Importing this package registers the built-in backends (:class:`CpuBackend`, :class:`CudaBackend`)
+by name only; their kernel packages are imported on first use (:meth:`Backend.build`).
 
 Kernel protocol
 ---------------
@@ -48,37 +48,53 @@ Both return ``(loss, grad)`` with ``loss`` 0-d or flat, ``grad`` flat or ``None`
 
 from __future__ import annotations
 
-from .._registry import BackendUnavailableError, register_backend
+from .._registry import Backend, Runtime, register_backend
+from ..errors import BackendUnavailableError
+
+__all__ = ["CpuBackend", "CudaBackend"]
 
 
-def _check_cuda() -> None:
-    """Fail early, with the extra to install, when CuPy or a CUDA device is missing."""
-    try:
-        import cupy
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            "backend 'cuda' needs CuPy: pip install 'nblosses[cuda12]' or 'nblosses[cuda13]' "
-            "(matching your CUDA driver)"
-        ) from exc
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # CUDARuntimeError when no driver is present
-        raise BackendUnavailableError(f"backend 'cuda': no usable CUDA device ({exc})") from exc
-    if count < 1:
-        raise BackendUnavailableError("backend 'cuda': no CUDA device found")
+class CpuBackend(Backend):
+    """NumPy arrays, Numba kernels (``parallel=True``, compiled on first use, cached on disk)."""
+
+    name = "cpu"
+    array_modules = ("numpy",)
+    fallback = True  # lists, scalars and unknown array-likes become NumPy arrays
+    install_hint = "pip install numba"
+
+    def build(self) -> Runtime:
+        from . import cpu
+
+        return cpu.runtime(self)
 
 
-register_backend(
-    "cpu",
-    "nblosses.backends.cpu",
-    array_modules=("numpy",),
-    install_hint="pip install numba",
-)
-register_backend(
-    "cuda",
-    "nblosses.backends.cuda",
-    array_modules=("cupy",),
-    install_hint="pip install 'nblosses[cuda12]' or 'nblosses[cuda13]'",
-    check=_check_cuda,
-    native_dtypes=("float16", "bfloat16", "float32", "float64"),
-)
+class CudaBackend(Backend):
+    """CuPy arrays, CUDA C++ kernels compiled by NVRTC on first use."""
+
+    name = "cuda"
+    array_modules = ("cupy",)
+    native_dtypes = ("float16", "bfloat16", "float32", "float64")
+    install_hint = "pip install 'nblosses[cuda12]' or 'nblosses[cuda13]' (matching your driver)"
+
+    def check(self) -> None:
+        """Fail early, with the extra to install, when CuPy, a driver or a device is missing."""
+        try:
+            import cupy
+        except ImportError as exc:
+            raise BackendUnavailableError(f"backend 'cuda' needs CuPy: {self.install_hint}") from exc
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # CUDARuntimeError when no driver is present
+            raise BackendUnavailableError(
+                f"backend 'cuda': no CUDA device or driver was found (CuPy says: {exc})") from exc
+        if count < 1:
+            raise BackendUnavailableError("backend 'cuda': no CUDA device or driver was found")
+
+    def build(self) -> Runtime:
+        from . import cuda
+
+        return cuda.runtime(self)
+
+
+register_backend(CpuBackend())
+register_backend(CudaBackend())

@@ -1,23 +1,38 @@
 """The ``"cpu"`` backend: NumPy arrays, Numba kernels (``parallel=True``, cached on disk).
 
-Importing this package registers every CPU kernel; :mod:`nblosses._registry` does so lazily on
-the first call that needs the backend. Kernels compile per dtype on first use and are cached
-(``cache=True``), so a new process loads them from disk instead of recompiling.
+Imported on the first call that needs the backend (:meth:`nblosses.backends.CpuBackend.build`).
+Kernels compile per dtype on first use and are cached (``cache=True``), so a new process loads
+them from disk instead of recompiling.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 
-from ..._registry import lookup
+from ..._registry import Backend, Runtime
 from . import _parallel  # noqa: F401  (chooses the threading layer before any kernel runs)
-from . import binary_losses, class_losses, softmax  # noqa: F401  (register kernels)
+from . import binary_losses, class_losses, softmax
+
+KERNELS: dict[str, Callable[..., Any]] = {
+    "softmax": softmax.softmax,
+    "log_softmax": softmax.log_softmax,
+    "softmax_backward": softmax.softmax_backward,
+    "log_softmax_backward": softmax.log_softmax_backward,
+    "sigmoid": softmax.sigmoid,
+    "sigmoid_backward": softmax.sigmoid_backward,
+    "nll_loss": class_losses.nll_loss,
+    "cross_entropy": class_losses.cross_entropy,
+    "cross_entropy_probs": class_losses.cross_entropy_probs,
+    "binary_cross_entropy": binary_losses.binary_cross_entropy,
+    "binary_cross_entropy_with_logits": binary_losses.binary_cross_entropy_with_logits,
+}
 
 
-
-def _to_host(array, dtype=None):
+def _to_host(array: Any, dtype: Any = None) -> np.ndarray:
     """``np.asarray``, but device arrays (CuPy's ``.get()``) are copied to the host first, so
-    ``backend="cpu"`` accepts them as design.md promises ("inputs are moved if needed")."""
+    ``backend="cpu"`` accepts them ("inputs are moved if needed")."""
     if type(array) is np.ndarray and dtype is None:  # the common case, first
         return array
     if type(array).__module__.partition(".")[0] == "cupy":
@@ -25,7 +40,7 @@ def _to_host(array, dtype=None):
     return np.asarray(array, dtype=dtype)
 
 
-_backend = lookup("cpu")
-_backend.xp = np
-_backend.asarray = _to_host
-_backend.index_range = class_losses.index_range
+def runtime(backend: Backend) -> Runtime:
+    """The CPU backend's runtime (kernels compile lazily, on first call per dtype)."""
+    return Runtime(backend, xp=np, asarray=_to_host, kernels=KERNELS,
+                   index_range=class_losses.index_range)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..._registry import register_kernel
 from ._math import JIT, fast_exp, fast_log, like
 from ._parallel import guarded, parallel_kernel
 
@@ -119,7 +118,6 @@ def _binary(kernel, x, extra, *, reduction, want_grad, grad_output):
     return loss, gx
 
 
-@register_kernel("binary_cross_entropy", "cpu")
 @guarded
 def binary_cross_entropy(x, y, weight, *, reduction, want_grad, grad_output):
     """BCE on probabilities (kernel protocol in :mod:`nblosses.backends`)."""
@@ -127,7 +125,6 @@ def binary_cross_entropy(x, y, weight, *, reduction, want_grad, grad_output):
                    grad_output=grad_output)
 
 
-@register_kernel("binary_cross_entropy_with_logits", "cpu")
 @guarded
 def binary_cross_entropy_with_logits(x, y, weight, pos_weight, *, reduction, want_grad,
                                      grad_output):

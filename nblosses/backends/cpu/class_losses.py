@@ -23,7 +23,6 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ..._registry import register_kernel
 from ._math import (JIT, JIT_EXACT, block_max, block_stats, fast_exp, like, row_max, sum_exp,
                     sum_exp_store, vlog, vsum_exp_store)
 from ._parallel import guarded, parallel_kernel
@@ -307,7 +306,6 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
     return total
 
 
-@register_kernel("cross_entropy", "cpu")
 @guarded
 def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, want_grad,
                   grad_output, grad_buffer):
@@ -444,7 +442,6 @@ def _ce_probs_blocks(x, y, w, eps, g, g_scalar, out, gx, width):
     return total
 
 
-@register_kernel("cross_entropy_probs", "cpu")
 @guarded
 def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad, grad_output,
                         grad_buffer):
@@ -503,7 +500,6 @@ def _nll_grad(gx, t, w, ignore, g, g_scalar):
                 gx[o, tj, j] = -(1.0 if w is None else w[tj]) * scale
 
 
-@register_kernel("nll_loss", "cpu")
 @guarded
 def nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output, grad_buffer):
     """NLL on log-probabilities; the gradient is zero but at the target classes."""

@@ -18,7 +18,6 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ..._registry import register_kernel
 from ._math import (FASTMATH_MAX, JIT, JIT_EXACT, block_stats, block_width, fast_exp, like, row_max, sum_exp,
                     sum_exp_store, vlog, vmax, vsum_exp_store)
 from ._parallel import guarded, parallel_kernel
@@ -176,14 +175,12 @@ def _softmax_any(x3: np.ndarray, log: bool) -> np.ndarray:
     return y3
 
 
-@register_kernel("softmax", "cpu")
 @guarded
 def softmax(x3: np.ndarray) -> np.ndarray:
     """Softmax over axis 1 of ``(outer, C, inner)``."""
     return _softmax_any(x3, False)
 
 
-@register_kernel("log_softmax", "cpu")
 @guarded
 def log_softmax(x3: np.ndarray) -> np.ndarray:
     """Log-softmax over axis 1 of ``(outer, C, inner)``."""
@@ -257,14 +254,12 @@ def _backward_any(g3: np.ndarray, y3: np.ndarray, log: bool) -> np.ndarray:
     return gx
 
 
-@register_kernel("softmax_backward", "cpu")
 @guarded
 def softmax_backward(g3: np.ndarray, y3: np.ndarray) -> np.ndarray:
     """``y * (g - sum_C(g * y))`` over axis 1."""
     return _backward_any(g3, y3, False)
 
 
-@register_kernel("log_softmax_backward", "cpu")
 @guarded
 def log_softmax_backward(g3: np.ndarray, y3: np.ndarray) -> np.ndarray:
     """``g - exp(y) * sum_C(g)`` over axis 1."""
@@ -292,7 +287,6 @@ def _sigmoid_backward(g, y, gx):
             out[i] = gs[i] * ys[i] * (like(1, y) - ys[i])
 
 
-@register_kernel("sigmoid", "cpu")
 @guarded
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """Elementwise ``1 / (1 + exp(-x))``."""
@@ -301,7 +295,6 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return y
 
 
-@register_kernel("sigmoid_backward", "cpu")
 @guarded
 def sigmoid_backward(g: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Elementwise ``g * y * (1 - y)``."""

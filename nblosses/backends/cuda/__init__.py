@@ -11,11 +11,28 @@ no bfloat16 array dtype, so a bfloat16 input cannot reach them yet.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import cupy
 
-from ..._registry import lookup
-from . import binary_losses, class_losses, softmax  # noqa: F401  (register kernels)
+from ..._registry import Backend, Runtime
+from . import binary_losses, class_losses, softmax
 
-_backend = lookup("cuda")
-_backend.xp = cupy
-_backend.asarray = cupy.asarray
+KERNELS: dict[str, Callable[..., Any]] = {
+    "softmax": softmax.softmax,
+    "log_softmax": softmax.log_softmax,
+    "softmax_backward": softmax.softmax_backward,
+    "log_softmax_backward": softmax.log_softmax_backward,
+    "sigmoid": softmax.sigmoid,
+    "sigmoid_backward": softmax.sigmoid_backward,
+    "nll_loss": class_losses.nll_loss,
+    "cross_entropy": class_losses.cross_entropy,
+    "cross_entropy_probs": class_losses.cross_entropy_probs,
+    "binary_cross_entropy": binary_losses.binary_cross_entropy,
+    "binary_cross_entropy_with_logits": binary_losses.binary_cross_entropy_with_logits,
+}
+
+
+def runtime(backend: Backend) -> Runtime:
+    """The CUDA backend's runtime (kernels compile on first use, per dtype and shape class)."""
+    return Runtime(backend, xp=cupy, asarray=cupy.asarray, kernels=KERNELS)

@@ -14,7 +14,6 @@ import math
 
 import cupy
 
-from ..._registry import register_kernel
 from . import _kernels as K
 from . import _loader as L
 from .class_losses import finish_loss
@@ -49,7 +48,6 @@ def _binary(kernel: str, x, y, extra, *, reduction, want_grad, grad_output):
     return finish_loss(SRC, dt, reduction, out, part, None, div), gx
 
 
-@register_kernel("binary_cross_entropy", "cuda")
 @L.on_input_device
 def binary_cross_entropy(x, y, weight, *, reduction, want_grad, grad_output):
     """BCE on probabilities (kernel protocol in :mod:`nblosses.backends`)."""
@@ -57,7 +55,6 @@ def binary_cross_entropy(x, y, weight, *, reduction, want_grad, grad_output):
                    grad_output=grad_output)
 
 
-@register_kernel("binary_cross_entropy_with_logits", "cuda")
 @L.on_input_device
 def binary_cross_entropy_with_logits(x, y, weight, pos_weight, *, reduction, want_grad,
                                      grad_output):

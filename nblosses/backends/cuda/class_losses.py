@@ -28,7 +28,6 @@ import math
 
 import cupy
 
-from ..._registry import register_kernel
 from . import _kernels as K
 from . import _loader as L
 from .softmax import row_vec, rows_launch
@@ -92,7 +91,6 @@ def finish_loss(src: str, dt, reduction: str, loss_out, part, scal, div: float):
 
 
 # ----------------------------------------------------------------------------- cross-entropy
-@register_kernel("cross_entropy", "cuda")
 @L.on_input_device
 def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, want_grad,
                   grad_output, grad_buffer):
@@ -128,7 +126,6 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
 
 
 # ----------------------------------------------------------------------------- probabilities
-@register_kernel("cross_entropy_probs", "cuda")
 @L.on_input_device
 def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad, grad_output,
                         grad_buffer):
@@ -162,7 +159,6 @@ def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad
 
 
 # ----------------------------------------------------------------------------- nll
-@register_kernel("nll_loss", "cuda")
 @L.on_input_device
 def nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output, grad_buffer):
     """NLL on log-probabilities; the gradient is zero but at the target classes."""

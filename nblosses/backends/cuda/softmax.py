@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import cupy
 
-from ..._registry import register_kernel
 from . import _kernels as K
 from . import _loader as L
 
@@ -70,14 +69,12 @@ def _forward(x3, log: bool):
     return y3
 
 
-@register_kernel("softmax", "cuda")
 @L.on_input_device
 def softmax(x3):
     """Softmax over axis 1 of ``(outer, C, inner)``."""
     return _forward(x3, False)
 
 
-@register_kernel("log_softmax", "cuda")
 @L.on_input_device
 def log_softmax(x3):
     """Log-softmax over axis 1 of ``(outer, C, inner)``."""
@@ -106,21 +103,18 @@ def _backward(g3, y3, log: bool):
     return gx
 
 
-@register_kernel("softmax_backward", "cuda")
 @L.on_input_device
 def softmax_backward(g3, y3):
     """``y * (g - sum_C(g * y))`` over axis 1."""
     return _backward(g3, y3, False)
 
 
-@register_kernel("log_softmax_backward", "cuda")
 @L.on_input_device
 def log_softmax_backward(g3, y3):
     """``g - exp(y) * sum_C(g)`` over axis 1."""
     return _backward(g3, y3, True)
 
 
-@register_kernel("sigmoid", "cuda")
 @L.on_input_device
 def sigmoid(x):
     """Elementwise ``1 / (1 + exp(-x))`` on a flat array."""
@@ -137,7 +131,6 @@ def sigmoid(x):
     return y
 
 
-@register_kernel("sigmoid_backward", "cuda")
 @L.on_input_device
 def sigmoid_backward(g, y):
     """Elementwise ``g * y * (1 - y)`` on flat arrays."""
