@@ -4,14 +4,17 @@
 registered and available backends, Numba's threading layer, thread count and cache location,
 and the CUDA device when there is one.
 
-``nblosses bench`` times every op on the standard shapes on one backend against each
+``nblosses bench`` prints the machine (CPU model, ISA level, torch's and Numba's view of the
+CPU, copy bandwidth), times every op on the standard shapes on one backend against each
 installed peer (torch with Numba's thread count, scipy.special, cupyx), then measures extra peak
-memory and first-call latency, and prints Markdown tables (progress bar on stderr). See
-``nblosses bench --help``. Needs the ``bench`` extra: ``pip install 'nblosses[bench]'``; torch is
+memory and first-call latency, prints Markdown tables (progress bar on stderr) and evaluates
+the performance targets of the benchmark configuration. ``--check`` turns a failed target into
+exit status 1. See ``nblosses bench --help``. Needs the ``bench`` extra: ``pip install 'nblosses[bench]'``; torch is
 optional.
 
-Heavy packages (numba kernels, torch, scipy, cupy, matplotlib, tqdm) are imported only by the
-command that needs them.
+``nblosses info`` needs only the library (:mod:`nblosses._sysinfo`), never the benchmark
+harness. Heavy packages (numba kernels, torch, scipy, cupy, matplotlib, tqdm) are imported only
+by the command that needs them.
 """
 
 from __future__ import annotations
@@ -19,38 +22,54 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
 
+_EXIT_CODES = """exit status:
+  0  every case ran and matched its peer (with --check: and no performance target failed)
+  1  a case failed or disagreed with its peer; with --check, also any FAIL target
+  2  bad arguments, an unreadable --targets file, the backend is not available here,
+     or --plot without matplotlib"""
+
+_INFO_ROWS = [
+    ("nblosses", "nblosses"), ("python", "python"), ("platform", "platform"), ("cpu", "cpu"),
+    ("cpu_count", "cpu count"), ("isa_level", "ISA level"), ("simd_flags", "SIMD flags"),
+    ("l2_bytes", "L2 bytes (all cores)"), ("torch_cpu_capability", "torch CPU capability"),
+    ("numba_cpu_name", "numba target CPU"), ("numba_avx512f", "numba host avx512f"),
+    ("numba_avx2", "numba host avx2"), ("numpy", "numpy"), ("numba", "numba"),
+    ("llvmlite", "llvmlite"), ("scipy", "scipy"), ("torch", "torch"), ("cupy", "cupy"),
+]
+_INFO_OPTIONAL = [
+    ("numba_threading_layer", "numba threading layer"), ("numba_threads", "numba threads"),
+    ("numba_max_threads", "numba max threads"), ("numba_cache_dir", "numba cache"),
+    ("torch_threads", "torch threads"), ("torch_cuda", "torch CUDA available"),
+    ("cuda_device", "CUDA device"), ("cuda_runtime", "CUDA runtime"),
+    ("cuda_driver", "CUDA driver"),
+]
+
+
 def _info(args: argparse.Namespace) -> int:
-    from nblosses._bench.runner import collect_info
+    from nblosses._sysinfo import collect_info
 
     info = collect_info()
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    order = ["nblosses", "python", "platform", "cpu", "cpu_count", "numpy", "numba", "llvmlite",
-             "scipy", "torch", "cupy"]
     width = 24
-    for key in order:
+    for key, label in _INFO_ROWS:
         value = info.get(key)
-        print(f"{key:<{width}} {value if value is not None else 'not installed'}")
+        if isinstance(value, list):
+            value = " ".join(value) or "-"
+        print(f"{label:<{width}} {value if value is not None else 'not installed'}")
     print(f"{'backends':<{width}} " + ", ".join(info["backends"]))
     print(f"{'available backends':<{width}} " + (", ".join(info["available_backends"]) or "none"))
     for name, state in info["backends"].items():
         if state != "available":
             print(f"{'  ' + name:<{width}} {state}")
-    for key, label in [("numba_threading_layer", "numba threading layer"),
-                       ("numba_threads", "numba threads"),
-                       ("numba_max_threads", "numba max threads"),
-                       ("numba_cache_dir", "numba cache"),
-                       ("torch_threads", "torch threads"),
-                       ("torch_cuda", "torch CUDA available"),
-                       ("cuda_device", "CUDA device"),
-                       ("cuda_runtime", "CUDA runtime"),
-                       ("cuda_driver", "CUDA driver")]:
+    for key, label in _INFO_OPTIONAL:
         if key in info:
             print(f"{label:<{width}} {info[key]}")
     return 0
@@ -62,57 +81,78 @@ def _csv(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _pick(ops: list[str], choice: str) -> list[str] | None:
+    """``--memory`` / ``--first-call``: None (the configuration's default), [], ops, a list."""
     from nblosses._bench import cases as C
-    from nblosses._bench import report, runner
 
-    try:
-        ops = C.parse_ops(args.ops)
-        if args.shapes:
-            shapes = [C.parse_shape(s) for s in args.shapes.split(";" if ";" in args.shapes
-                                                                   else ",")]
-        else:
-            shapes = list(C.QUICK_SHAPES if args.quick else C.SHAPES)
-    except ValueError as exc:
-        print(f"nblosses bench: {exc}", file=sys.stderr)
-        return 2
+    if choice == "default":
+        return None
+    if choice == "none":
+        return []
+    if choice == "all":
+        return list(ops)
+    return C.parse_ops(choice)
+
+
+def _bench_config(args: argparse.Namespace) -> Any:
+    """The run's :class:`~nblosses._bench.runner.BenchConfig`; ValueError on bad arguments."""
+    from nblosses._bench import cases as C
+    from nblosses._bench import config as K
+    from nblosses._bench import runner
+
+    ops = C.parse_ops(args.ops)
+    if args.shapes:
+        sep = ";" if ";" in args.shapes else ","
+        shapes = [C.parse_shape(s) for s in args.shapes.split(sep)]
+    else:
+        shapes = list(C.QUICK_SHAPES if args.quick else C.SHAPES)
     dtypes = list(C.DTYPES) if args.dtype == "all" else _csv(args.dtype) or ["float32"]
-    for dt in dtypes:
-        if dt not in ("float16", "float32", "float64"):
-            print(f"nblosses bench: unsupported dtype {dt!r}", file=sys.stderr)
-            return 2
+    bad = [dt for dt in dtypes if dt not in ("float16", "float32", "float64")]
+    if bad:
+        raise ValueError(f"unsupported dtype {bad[0]!r}")
+    if args.targets:
+        try:
+            K.load(args.targets)  # fail before any timing
+        except OSError as exc:
+            raise ValueError(f"cannot read --targets file: {exc}") from exc
     peers = None
     if args.peers is not None:
         peers = [] if args.peers in ("", "none") else _csv(args.peers)
-
-    def pick(choice: str, default: Sequence[str]) -> list[str] | None:
-        if choice == "default":
-            return None
-        if choice == "none":
-            return []
-        if choice == "all":
-            return list(ops)
-        return C.parse_ops(choice)
-
-    config = runner.BenchConfig(
+    return runner.BenchConfig(
         backend=args.backend, ops=ops, shapes=shapes, dtypes=dtypes,
         repeat=args.repeat or (3 if args.quick else 7),
         min_sample=0.005 if args.quick else 0.02,
         budget=1.0 if args.quick else 1.5,
         peers=peers, threads=args.threads,
-        memory_ops=pick(args.memory, runner.MEMORY_OPS),
-        first_call_ops=pick(args.first_call, runner.FIRST_CALL_OPS),
+        memory_ops=_pick(ops, args.memory), first_call_ops=_pick(ops, args.first_call),
         copy_bytes=(32 << 20) if args.quick else (128 << 20),
-        check=not args.no_check, quick=args.quick, stat=args.stat)
-    try:
-        out = runner.run(config, progress=not args.no_progress)
-    except Exception as exc:  # backend unusable, ...
-        from nblosses.errors import BackendUnavailableError
+        check=not args.no_check, quick=args.quick, stat=args.stat,
+        targets_file=args.targets)
 
-        if isinstance(exc, BackendUnavailableError):
-            print(f"nblosses bench: {exc}", file=sys.stderr)
-            return 2
-        raise
+
+def _exit_status(out: dict[str, Any], gate: bool) -> int:
+    """1 when a case failed or mismatched, or (``gate``: ``--check``) a target failed."""
+    bad = [r for r in out["results"]
+           if "error" in r or not r.get("check", {"ok": True})["ok"]]
+    if bad:
+        print(f"nblosses bench: {len(bad)} case(s) failed or did not match the reference",
+              file=sys.stderr)
+    failed = [t for t in out["summary"]["targets"] if t["ok"] is False]
+    if failed:
+        print(f"nblosses bench: {len(failed)} performance target(s) FAIL"
+              + ("" if gate else " (exit status unaffected without --check)"), file=sys.stderr)
+    return 1 if bad or (gate and failed) else 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from nblosses._bench import report, runner, timing
+
+    try:
+        config = _bench_config(args)
+        out = runner.run(config, progress=not args.no_progress)
+    except (ValueError, timing.BackendUnusable) as exc:  # ConfigError is a ValueError
+        print(f"nblosses bench: {exc}", file=sys.stderr)
+        return 2
     print(report.format_report(out, args.format))
     if args.json:
         report.write_json(out, args.json)
@@ -124,13 +164,7 @@ def _bench(args: argparse.Namespace) -> int:
         except ImportError as exc:
             print(f"nblosses bench: --plot needs matplotlib ({exc})", file=sys.stderr)
             return 2
-    bad = [r for r in out["results"]
-           if "error" in r or not r.get("check", {"ok": True})["ok"]]
-    if bad:
-        print(f"nblosses bench: {len(bad)} case(s) failed or did not match the reference",
-              file=sys.stderr)
-        return 1
-    return 0
+    return _exit_status(out, args.check)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,8 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
             "GB/s against this\nmachine's copyto bandwidth; vs X = X's time / nblosses' time "
             "(> 1: nblosses faster).\nThen: extra peak memory (cross_entropy fwd and fwd+grad) "
             "and first-call latency in a fresh\nprocess (cold and warm compile cache), and the "
-            "performance targets.\n\nops: " + ", ".join(_op_names()) + "\ngroups: "
-            + ", ".join(_group_names())))
+            "performance targets (PASS / FAIL / SKIP lines; goals and peers come from the "
+            "benchmark\nconfiguration, --targets).\n\nops: " + ", ".join(_op_names())
+            + "\ngroups: " + ", ".join(_group_names())),
+        epilog=_EXIT_CODES)
     p.add_argument("--backend", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quick", action="store_true",
                    help="smaller shapes, fewer repeats (CI, smoke tests)")
@@ -184,8 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "simple tables (docs/perf_table.rst)")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of speed vs torch")
+    p.add_argument("--check", action="store_true",
+                   help="exit with status 1 when a performance target FAILs (a CI gate; "
+                        "without it the targets are printed and the exit status ignores them)")
+    p.add_argument("--targets", metavar="FILE", default=None,
+                   help="benchmark configuration (peers and targets, JSON) instead of the "
+                        "packaged targets.json; see its _doc entry")
     p.add_argument("--no-check", action="store_true",
-                   help="skip comparing results with the peer's")
+                   help="skip comparing results with the peer's (result check, not --check)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
     return parser

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -230,7 +231,7 @@ class Inputs:
     #: Bytes of the main input (logits / probabilities): the base of memory percentages.
     nbytes_input: int
 
-    def to(self, xp: Any) -> "Inputs":
+    def to(self, xp: Any) -> Inputs:
         """A copy whose arrays live in ``xp`` (``cupy`` for the cuda backend)."""
         if xp is np:
             return self

@@ -25,7 +25,8 @@ import ctypes
 import gc
 import sys
 import tracemalloc
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["extra_peak", "nbytes_of"]
 

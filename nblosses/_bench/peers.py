@@ -1,7 +1,9 @@
 """Reference implementations the benchmarks compare against: torch, SciPy, cupyx.
 
-Every peer is imported lazily, inside the functions, and is optional: :func:`available_peers`
-lists those installed (and usable on the backend's device). :func:`peer_callable` returns a
+Which peers exist, where they run and which ops they cover is benchmark configuration
+(``targets.json``, :mod:`.config`); this module holds how each one is called. Every peer is
+imported lazily, inside the functions, and is optional: :func:`available_peers` lists those
+installed (and usable on the backend's device). :func:`peer_callable` returns a
 zero-argument function running the op once on arrays *already converted* outside the timed
 region (``torch.from_numpy`` / DLPack: no copies), or ``None`` where the peer lacks the op.
 
@@ -14,42 +16,40 @@ kernels (``aten._softmax_backward_data``...) for the explicit backward functions
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from . import config as K
 from .cases import Inputs
 
-__all__ = ["PEERS", "available_peers", "match_torch_threads", "peer_callable", "peer_sync",
+__all__ = ["available_peers", "match_torch_threads", "peer_callable", "peer_sync",
            "peer_version"]
 
-#: Peers in table order. "torch" runs on the backend's device; "scipy" on the CPU only,
-#: "cupyx" (cupyx.scipy.special) on CUDA only.
-PEERS = ("torch", "scipy", "cupyx")
+Config = dict[str, Any] | None
 
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def available_peers(backend: str = "cpu") -> list[str]:
-    """The peers installed and usable for ``backend`` (imports them)."""
-    out = []
-    if _installed("torch"):
-        if backend == "cpu":
-            out.append("torch")
-        else:
-            import torch
+def _usable(peer: str, backend: str) -> bool:
+    """Whether an installed peer can run on ``backend``'s device here."""
+    if peer == "torch" and backend != "cpu":
+        import torch
 
-            if torch.cuda.is_available():
-                out.append("torch")
-    if backend == "cpu" and _installed("scipy"):
-        out.append("scipy")
-    if backend == "cuda" and _installed("cupyx"):
-        out.append("cupyx")
-    return out
+        return bool(torch.cuda.is_available())
+    return True
 
 
-def peer_version(peer: str) -> str | None:
-    mod = {"torch": "torch", "scipy": "scipy", "cupyx": "cupy"}[peer]
+def available_peers(backend: str = "cpu", cfg: Config = None) -> list[str]:
+    """The configured peers installed and usable for ``backend``, in table order."""
+    cfg = cfg or K.load()
+    return [name for name, p in cfg["peers"].items()
+            if backend in p["backends"] and _installed(p["module"]) and _usable(name, backend)]
+
+
+def peer_version(peer: str, cfg: Config = None) -> str | None:
+    mod = (cfg or K.load())["peers"][peer]["module"]
     if not _installed(mod):
         return None
     return getattr(importlib.import_module(mod), "__version__", "?")
@@ -82,23 +82,28 @@ def peer_sync(peer: str, backend: str) -> Callable[[], None] | None:
     return lambda: cupy.cuda.get_current_stream().synchronize()
 
 
-def peer_callable(peer: str, inputs: Inputs, backend: str = "cpu") -> Callable[[], Any] | None:
-    """A zero-argument function running ``inputs.op`` with ``peer``, or ``None``."""
-    if peer == "torch":
-        return _torch_callable(inputs, "cpu" if backend == "cpu" else "cuda")
-    if peer == "scipy":
-        return _scipy_callable(inputs) if backend == "cpu" else None
-    if peer == "cupyx":
-        return _cupyx_callable(inputs) if backend == "cuda" else None
-    raise ValueError(f"unknown peer {peer!r}")
+def peer_callable(peer: str, inputs: Inputs, backend: str = "cpu",
+                  cfg: Config = None) -> Callable[[], Any] | None:
+    """A zero-argument function running ``inputs.op`` with ``peer``, or ``None``.
+
+    ``None`` also where the configuration does not compare ``peer`` on this op or backend.
+    """
+    spec = (cfg or K.load())["peers"].get(peer)
+    if spec is None or peer not in _CALLABLES:
+        raise ValueError(f"unknown peer {peer!r}")
+    if backend not in spec["backends"]:
+        return None
+    if spec["ops"] != "all" and inputs.op.name not in spec["ops"]:
+        return None
+    return _CALLABLES[peer](inputs, backend)
 
 
-def _torch_callable(inputs: Inputs, device: str) -> Callable[[], Any] | None:
+def _torch_callable(inputs: Inputs, backend: str) -> Callable[[], Any] | None:
     import torch
     import torch.nn.functional as F
 
     def tensor(a: Any) -> Any:
-        if device == "cpu":
+        if backend == "cpu":
             return torch.from_numpy(a)
         return torch.as_tensor(a, device="cuda")  # __cuda_array_interface__: no copy
 
@@ -161,13 +166,19 @@ def _special_callable(special: Any, inputs: Inputs) -> Callable[[], Any] | None:
     return None
 
 
-def _scipy_callable(inputs: Inputs) -> Callable[[], Any] | None:
+def _scipy_callable(inputs: Inputs, backend: str) -> Callable[[], Any] | None:
     import scipy.special
 
     return _special_callable(scipy.special, inputs)
 
 
-def _cupyx_callable(inputs: Inputs) -> Callable[[], Any] | None:
+def _cupyx_callable(inputs: Inputs, backend: str) -> Callable[[], Any] | None:
     import cupyx.scipy.special
 
     return _special_callable(cupyx.scipy.special, inputs)
+
+
+#: How each peer is called; which ops and backends it covers is in the configuration.
+_CALLABLES: dict[str, Callable[[Inputs, str], Callable[[], Any] | None]] = {
+    "torch": _torch_callable, "scipy": _scipy_callable, "cupyx": _cupyx_callable,
+}

@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-from .runner import extra_pct
+from .targets import extra_pct
 
 __all__ = ["format_report", "plot", "write_json"]
 
@@ -160,27 +160,53 @@ def format_targets(out: dict[str, Any]) -> str:
     t = out["summary"]["targets"]
     if not t:
         return ""
-    rows = [["PASS" if x["ok"] else "FAIL", x["target"], f"{x['value']:.3g}",
+    status = {True: "PASS", False: "FAIL", None: "SKIP"}
+    rows = [[status[x["ok"]], x["target"], "-" if x["value"] is None else f"{x['value']:.3g}",
              f"{x['cmp']} {x['goal']:g}", x["text"]] for x in t]
     return _table(["status", "target", "value", "goal", "measure"], rows, "llrrl")
 
 
+def machine_lines(meta: dict[str, Any]) -> list[str]:
+    """The CPU and its measured copy bandwidth, one fact per line (also for perf tables)."""
+    m = meta.get("machine") or {}
+    flags = " ".join(m.get("simd_flags") or []) or "-"
+    numba_isa = ", ".join(f for f in ("avx512f", "avx2") if m.get(f"numba_{f}")) or "neither"
+    l2 = m.get("l2_bytes")
+    cpu = (f"CPU: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} CPUs, ISA level "
+           f"{m.get('isa_level') or '-'} ({flags}), L2 {l2 >> 10 if l2 else '?'} KiB in all")
+    isa = (f"torch CPU capability: {m.get('torch_cpu_capability') or 'torch not installed'}; "
+           f"Numba target CPU: {m.get('numba_cpu_name', '?')} (host has {numba_isa} of "
+           "avx512f, avx2)")
+    lines = [cpu, isa]
+    copy = m.get("copy")
+    if copy:
+        parts = [f"{copy['copyto_gbps']:.1f} GB/s copyto ({_threads(copy['copyto_threads'])})"]
+        if copy.get("parallel_gbps"):
+            parts.append(f"{copy['parallel_gbps']:.1f} GB/s parallel copy "
+                         f"({_threads(copy['parallel_threads'])})")
+        lines.append(f"copy bandwidth: {copy['gbps']:.1f} GB/s = % copy reference; "
+                     + ", ".join(parts) + f"; {copy['bytes'] >> 20} MiB, best of "
+                     f"{copy['repeat']}, bytes read + written")
+    return lines
+
+
+def _threads(n: int | None) -> str:
+    return "device" if n is None else f"{n} thread{'s' if n != 1 else ''}"
+
+
 def format_header(out: dict[str, Any]) -> str:
     m, info = out["meta"], out["meta"]["info"]
+    versions = (f"python {info['python']}, numpy {info['numpy']}, numba {info['numba']} "
+                f"(threading layer {info.get('numba_threading_layer', '?')}, "
+                f"{info.get('numba_threads', '?')} threads)")
     lines = [f"nblosses {info['nblosses']} bench, backend {m['backend']}, {m['date']}",
-             f"machine: {info['cpu']}, {info['cpu_count']} CPUs; python {info['python']}, "
-             f"numpy {info['numpy']}, numba {info['numba']} (threading layer "
-             f"{info.get('numba_threading_layer', '?')}, {info.get('numba_threads', '?')} threads)"]
+             *machine_lines(m), versions]
     if m["backend"] == "cuda" and info.get("cuda_device"):
         lines.append(f"device: {info['cuda_device']}")
     peers = ", ".join(f"{p} {v}" for p, v in m["peers"].items()) or "none installed"
     if m.get("torch_threads"):
         peers += f" (torch threads: {m['torch_threads']})"
     lines.append(f"peers: {peers}")
-    xp = "np" if m["backend"] == "cpu" else "cupy"
-    lines.append(f"copy bandwidth: {m['copy_gbps']:.1f} GB/s ({xp}.copyto of "
-                 f"{m['copy_bytes'] >> 20} MiB, one call, bytes read + written; arrays that fit "
-                 "in cache can beat it)")
     load, cpus = m.get("load_before"), info.get("cpu_count") or 1
     if load is not None:
         busy = load > 0.5 * cpus
@@ -219,7 +245,8 @@ def _format_report(out: dict[str, Any]) -> str:
     tg = format_targets(out)
     if tg:
         note = "" if out["meta"]["standard_shapes"] else " (non-standard shapes: indicative only)"
-        parts += ["", f"Targets{note}:", tg]
+        parts += ["", f"Targets{note} ({out['meta'].get('targets_file', 'targets.json')}):",
+                  tg]
     parts.append("")
     parts.append(f"total wall time {out['meta']['wall_s']:.0f} s")
     return "\n".join(parts)
