@@ -1,8 +1,9 @@
-"""Explicit backward functions: softmax_backward, log_softmax_backward, sigmoid_backward; torch
+"""softmax_backward and log_softmax_backward (select with ``-b '^backward\\.'``); torch
 references (its backward kernels, ``aten._softmax_backward_data`` ...)."""
 
-from .common import (BACKENDS, DTYPES, SHAPES, SHAPES_SMALL_GRID, OpBenchmark,
-                     PeerBenchmark)
+# ruff: noqa: RUF012  (asv reads params / param_names as plain class-level lists)
+
+from .common import BACKENDS, DTYPES, SHAPES, OpBenchmark, PeerBenchmark
 
 SOFTMAX_BACKWARD_OPS = ["softmax_backward", "log_softmax_backward"]
 
@@ -14,24 +15,9 @@ class SoftmaxBackward(OpBenchmark):
         self.run()
 
 
-class SigmoidBackward(OpBenchmark):
-    params = [["sigmoid_backward"], BACKENDS, SHAPES_SMALL_GRID, DTYPES]
-
-    def time_backward(self, op, backend, shape, dtype):
-        self.run()
-
-
 class TorchSoftmaxBackward(PeerBenchmark):
     peer = "torch"
     params = [SOFTMAX_BACKWARD_OPS, BACKENDS, SHAPES, DTYPES]
-
-    def time_backward(self, op, device, shape, dtype):
-        self.run()
-
-
-class TorchSigmoidBackward(PeerBenchmark):
-    peer = "torch"
-    params = [["sigmoid_backward"], BACKENDS, SHAPES_SMALL_GRID, DTYPES]
 
     def time_backward(self, op, device, shape, dtype):
         self.run()

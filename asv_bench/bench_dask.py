@@ -7,6 +7,8 @@ dask is not installed. The shape parameter uses the bracket notation of the othe
 (``"4096x[32000]"``: the bracketed axis is the class axis).
 """
 
+# ruff: noqa: RUF012  (asv reads params / param_names as plain class-level lists)
+
 from __future__ import annotations
 
 try:

@@ -1,8 +1,16 @@
 """Losses, forward and fused forward+gradient (``return_grad=True``); torch references
 (forward, and forward + ``torch.autograd.grad``)."""
 
-from .common import (BACKENDS, DTYPES, SHAPES, SHAPES_SMALL_GRID, OpBenchmark,
-                     PeerBenchmark)
+# ruff: noqa: RUF012  (asv reads params / param_names as plain class-level lists)
+
+from .common import (
+    BACKENDS,
+    DTYPES,
+    SHAPES,
+    SHAPES_SMALL_GRID,
+    OpBenchmark,
+    PeerBenchmark,
+)
 
 CE_OPS = ["cross_entropy", "cross_entropy_grad"]
 NLL_OPS = ["nll_loss", "nll_loss_grad"]

@@ -2,11 +2,21 @@
 ``track_extra_peak`` (memory one call adds beyond its outputs, % of the input; on the CPU the
 rise of the RSS high-water mark, on CUDA the CuPy pool / torch allocator peak).
 
-Targets (CPU issue): cross_entropy forward <= 1% of the logits; forward+gradient <= the
+Targets (nblosses/_bench/targets.json): cross_entropy forward <= 1% of the logits; forward+gradient <= the
 gradient + 1% (``track_extra_peak`` excludes outputs, so <= 1% for both).
 """
 
-from .common import BACKENDS, SHAPES, SHAPES_SMALL_GRID, OpBenchmark, PeerBenchmark, cases, memory
+# ruff: noqa: RUF012  (asv reads params / param_names as plain class-level lists)
+
+from .common import (
+    BACKENDS,
+    SHAPES,
+    SHAPES_SMALL_GRID,
+    OpBenchmark,
+    PeerBenchmark,
+    cases,
+    memory,
+)
 
 CE_OPS = ["cross_entropy", "cross_entropy_grad"]
 OTHER_OPS = [op for op in cases.OPS if op not in CE_OPS]

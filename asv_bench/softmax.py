@@ -1,7 +1,9 @@
-"""Softmax, log_softmax and sigmoid forward; torch, SciPy and cupyx references."""
+"""Softmax and log_softmax forward (select with ``-b '^softmax\\.'``); torch, SciPy and cupyx
+references."""
 
-from .common import (BACKENDS, DTYPES, SHAPES, SHAPES_SMALL_GRID, OpBenchmark,
-                     PeerBenchmark)
+# ruff: noqa: RUF012  (asv reads params / param_names as plain class-level lists)
+
+from .common import BACKENDS, DTYPES, SHAPES, OpBenchmark, PeerBenchmark
 
 SOFTMAX_OPS = ["softmax", "log_softmax"]
 
@@ -10,13 +12,6 @@ class Softmax(OpBenchmark):
     """nblosses softmax / log_softmax along the bracketed axis of each target shape."""
 
     params = [SOFTMAX_OPS, BACKENDS, SHAPES, DTYPES]
-
-    def time_forward(self, op, backend, shape, dtype):
-        self.run()
-
-
-class Sigmoid(OpBenchmark):
-    params = [["sigmoid"], BACKENDS, SHAPES_SMALL_GRID, DTYPES]
 
     def time_forward(self, op, backend, shape, dtype):
         self.run()
@@ -32,29 +27,21 @@ class TorchSoftmax(PeerBenchmark):
         self.run()
 
 
-class TorchSigmoid(PeerBenchmark):
-    peer = "torch"
-    params = [["sigmoid"], BACKENDS, SHAPES_SMALL_GRID, DTYPES]
-
-    def time_forward(self, op, device, shape, dtype):
-        self.run()
-
-
 class ScipySoftmax(PeerBenchmark):
-    """scipy.special.softmax / log_softmax / expit (reference, CPU only)."""
+    """scipy.special.softmax / log_softmax (reference, CPU only)."""
 
     peer = "scipy"
-    params = [SOFTMAX_OPS + ["sigmoid"], ["cpu"], SHAPES, DTYPES]
+    params = [SOFTMAX_OPS, ["cpu"], SHAPES, DTYPES]
 
     def time_forward(self, op, device, shape, dtype):
         self.run()
 
 
 class CupyxSoftmax(PeerBenchmark):
-    """cupyx.scipy.special.softmax / log_softmax / expit (reference, CUDA only)."""
+    """cupyx.scipy.special.softmax / log_softmax (reference, CUDA only)."""
 
     peer = "cupyx"
-    params = [SOFTMAX_OPS + ["sigmoid"], ["cuda"], SHAPES, DTYPES]
+    params = [SOFTMAX_OPS, ["cuda"], SHAPES, DTYPES]
 
     def time_forward(self, op, device, shape, dtype):
         self.run()

@@ -1,5 +1,6 @@
-"""The asv benchmarks cannot rot: `asv check` discovers them, and one call of every benchmark
-of every module runs here with the smallest parameters (a tiny shape), directly in Python."""
+"""The asv benchmarks cannot rot: `asv check` discovers them, one call of every benchmark of every
+module runs here with the smallest parameters (a tiny shape), directly in Python, teardown
+survives a skipped setup, and each documented `-b` regex selects exactly one family."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-AREAS = ["softmax", "losses", "backward", "first_call", "peakmem"]
+AREAS = ["softmax", "backward", "sigmoid", "losses", "layouts", "gate", "first_call", "peakmem"]
 #: Every benchmark module, the five areas and any added since (helpers excluded).
 MODULES = sorted({p.stem for p in (ROOT / "asv_bench").glob("*.py")
                   if p.stem not in ("__init__", "common")} | set(AREAS))
@@ -80,3 +81,77 @@ def test_dry_run(asv_bench, name):
                     bench.teardown(*args)
             ran.append(f"{cls.__name__}.{method}")
     assert ran, f"nothing ran in asv_bench.{name} (skipped: {skipped})"
+
+
+def _all_benchmarks(asv_bench):
+    """``(module name, class)`` of every benchmark class in every module."""
+    for name in MODULES:
+        module = importlib.import_module(f"asv_bench.{name}")
+        for cls, methods in _benchmarks(module):
+            yield name, cls, methods
+
+
+def _args(cls):
+    common = importlib.import_module("asv_bench.common")
+    params = getattr(cls, "params", [])
+    return common.smallest_params(params, cls.param_names) if params else []
+
+
+def test_teardown_without_setup(asv_bench):
+    """asv runs teardown after a setup that raised (a skip): nothing setup sets is needed."""
+    for _, cls, _ in _all_benchmarks(asv_bench):
+        bench = cls()
+        if hasattr(bench, "teardown"):
+            bench.teardown(*_args(cls))
+
+
+@pytest.mark.parametrize("error", ["SkipNotImplemented", "NotImplementedError"])
+def test_first_call_teardown_after_skipped_setup(asv_bench, monkeypatch, error):
+    first_call = importlib.import_module("asv_bench.first_call")
+    common = importlib.import_module("asv_bench.common")
+    exc = common.SkipNotImplemented if error == "SkipNotImplemented" else NotImplementedError
+
+    def unusable(backend):
+        raise exc(f"no {backend} here")
+
+    monkeypatch.setattr(first_call, "backend_or_skip", unusable)
+    bench = first_call.FirstCall()
+    with pytest.raises(exc):
+        bench.setup("softmax", "cuda", "cold")
+    bench.teardown("softmax", "cuda", "cold")  # the asv failure: AttributeError on self.dir
+    made = []
+    monkeypatch.setattr(first_call, "backend_or_skip", lambda backend: None)
+    bench.setup("softmax", "cpu", "cold")
+    made.append(bench.dir)
+    bench.teardown("softmax", "cpu", "cold")
+    assert made[0] and not Path(made[0]).exists()
+
+
+def _discovered(asv_bench):
+    """What asv's discovery lists: ``module.Class.method`` and parameter values as reprs."""
+    out = []
+    for name, cls, methods in _all_benchmarks(asv_bench):
+        params = [[repr(v) for v in values] for values in getattr(cls, "params", [])]
+        out += [{"name": f"{name}.{cls.__name__}.{m}", "params": params} for m in methods]
+    return out
+
+
+def test_every_module_is_a_documented_family(asv_bench):
+    assert set(asv_bench.FAMILIES) == set(MODULES)
+
+
+@pytest.mark.parametrize("family", MODULES)
+def test_family_regex_selects_one_module(asv_bench, family):
+    """asv's own filter (regex searched in names *and* parameter strings) with each regex."""
+    benchmarks = pytest.importorskip("asv.benchmarks")
+    regex = asv_bench.FAMILIES[family]
+    found = _discovered(asv_bench)
+    conf = type("Conf", (), {"benchmark_dir": str(ROOT / "asv_bench")})()
+    selected = benchmarks.Benchmarks(conf, found, regex=[regex])
+    modules = {name.split(".", 1)[0] for name in selected}
+    assert modules == {family}, (regex, sorted(selected))
+    assert len(selected) == sum(b["name"].startswith(family + ".") for b in found)
+    # the unanchored op name would not do: it matches other families' parameters
+    if family == "softmax":
+        loose = benchmarks.Benchmarks(conf, found, regex=["softmax"])
+        assert {name.split(".", 1)[0] for name in loose} > {"softmax"}

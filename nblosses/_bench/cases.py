@@ -118,7 +118,7 @@ def parse_shape(text: str | Shape) -> Shape:
     return Shape(dims, dim)
 
 
-#: The issue's target shapes (float32, same thread count as torch).
+#: The six shapes the performance targets are stated on (targets.json).
 SHAPES: tuple[Shape, ...] = (
     Shape((4096, 1000), 1),
     Shape((512, 32000), 1),
@@ -192,7 +192,7 @@ OP_GROUPS: dict[str, tuple[str, ...]] = {
     "softmax_family": ("softmax", "log_softmax", "softmax_backward", "log_softmax_backward"),
     "losses": ("cross_entropy", "cross_entropy_grad", "nll_loss", "nll_loss_grad", "bce",
                "bce_grad", "bce_with_logits", "bce_with_logits_grad"),
-    # The CPU issue's target ops, with the backwards its float64/backward target compares.
+    # The ops the performance targets (targets.json) measure, backwards included.
     "targets": ("softmax", "log_softmax", "cross_entropy", "cross_entropy_grad",
                 "softmax_backward", "log_softmax_backward"),
 }
