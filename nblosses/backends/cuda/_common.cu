@@ -59,9 +59,22 @@ __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162flo
 #endif
 
 template <typename T> struct Cast;
+// float <-> double conversions in PTX without .ftz: CuPy compiles with -ftz=true, which turns
+// every f32 conversion into its flushing form (a subnormal float input or result becomes 0).
+__device__ __forceinline__ double f32_to_f64_exact(float v) {
+    double r;
+    asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(v));
+    return r;
+}
+__device__ __forceinline__ float f64_to_f32_exact(double v) {
+    float r;
+    asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(v));
+    return r;
+}
+
 template <> struct Cast<float> {
     static __device__ __forceinline__ float from(float v) { return v; }
-    static __device__ __forceinline__ float from(double v) { return (float)v; }
+    static __device__ __forceinline__ float from(double v) { return f64_to_f32_exact(v); }
 };
 template <> struct Cast<double> {
     static __device__ __forceinline__ double from(double v) { return v; }
@@ -78,6 +91,14 @@ template <> struct Cast<__nv_bfloat16> {
     static __device__ __forceinline__ __nv_bfloat16 from(double v) { return __double2bfloat16(v); }
 };
 #endif
+//: Widen<B>::of(v): an accumulator value in the wide type B of WideT, subnormals kept.
+template <typename B> struct Widen {
+    static __device__ __forceinline__ B of(float v) { return v; }
+};
+template <> struct Widen<double> {
+    static __device__ __forceinline__ double of(float v) { return f32_to_f64_exact(v); }
+    static __device__ __forceinline__ double of(double v) { return v; }
+};
 //: Round an accumulator (or a double) to the element type.
 template <typename T, typename V> __device__ __forceinline__ T from_acc(V v) {
     return Cast<T>::from(v);
@@ -298,69 +319,166 @@ __device__ __forceinline__ double block_sum_double(double v, double* buf) {
     return v;
 }
 
-//: Per-block partial of a reduced loss: the last step of every loss kernel. Deterministic: the
-//: grid depends only on shapes and the device, and the finalize kernel sums in a fixed order.
+// ----------------------------------------------------------------------------- single-launch reductions
+// Reduced losses finish inside the loss kernel itself: each block writes its (loss, denominator)
+// partial, bumps a counter, and the last block to arrive sums the partials in a fixed order
+// (deterministic: the grid depends only on shapes and the device), divides, writes the 0-d
+// result and resets the counter to 0 so the scratch is ready for the next launch on the stream.
+// The host keeps one scratch (partials, counter, prep scalars) per device and stream; launches on
+// one stream run in order, so they never share a counter while in flight.
+struct Reduce {
+    double* part;
+    unsigned int* counter;
+    void* out;
+    int rmode;
+    double div;
+    const double* scal;
+    long long* err;
+};
+
+//: Sum of two doubles per thread over the block; the results are valid in every thread.
 template <int BLOCK>
-__device__ __forceinline__ void write_partial(double acc, double* part) {
-    __shared__ double pbuf[32];
-    __syncthreads();  // shared buffers of the kernel body may still be read by slow warps
-    acc = block_sum_double<BLOCK>(acc, pbuf);
-    if (threadIdx.x == 0) part[blockIdx.x] = acc;
+__device__ __forceinline__ void block_sum2(double& a, double& b, double (*buf)[32]) {
+    a = block_sum_double<BLOCK>(a, buf[0]);
+    b = block_sum_double<BLOCK>(b, buf[1]);
 }
 
-// ----------------------------------------------------------------------------- reductions
-// The ``mean`` denominator of nll / cross_entropy with class indices: the summed weights (or the
-// count) of the targets that are not ignore_index. Targets outside [0, C) are skipped (never used
-// as an address; _args.check_targets rejects them before any kernel runs). With one block, the
-// result goes straight to scal: scal[0] = denominator, scal[1] = g / denominator (+inf when the
-// denominator is 0, as in the CPU backend); else per-block partials for denom_finalize.
+//: Whether this block is the last of the grid to call it (every thread gets the answer); the
+//: partials written before the call are visible to that block.
+__device__ __forceinline__ bool last_block(unsigned int* counter) {
+    __shared__ bool last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
+//: The last step of every loss kernel with a reduction (R.out non-null). ``acc``: this thread's
+//: summed loss; ``den``: its summed ``mean`` denominator (class weights of valid targets).
+//: rmode 0: out = sum / div; rmode 1: out = sum / D, D = R.scal[0] when the prep kernel ran,
+//: else the summed denominators. 0 / 0 gives NaN (empty or all-ignored ``mean``), as torch.
+template <typename T, int BLOCK>
+__device__ __forceinline__ void finish_loss(double acc, double den, const Reduce& R) {
+    __shared__ double buf[2][32];
+    __syncthreads();  // shared buffers of the kernel body may still be read by slow warps
+    block_sum2<BLOCK>(acc, den, buf);
+    if (threadIdx.x == 0) {
+        R.part[2 * blockIdx.x] = acc;
+        R.part[2 * blockIdx.x + 1] = den;
+    }
+    if (!last_block(R.counter)) return;
+    double a = 0.0, d = 0.0;
+    for (unsigned int i = threadIdx.x; i < gridDim.x; i += BLOCK) {
+        a += __ldcg(R.part + 2 * i);
+        d += __ldcg(R.part + 2 * i + 1);
+    }
+    __syncthreads();
+    block_sum2<BLOCK>(a, d, buf);
+    if (threadIdx.x == 0) {
+        const double D = R.rmode == 0 ? R.div : (R.scal ? R.scal[0] : d);
+        static_cast<T*>(R.out)[0] = from_acc<T>(a / D);
+        *R.counter = 0u;
+    }
+}
+
+// ----------------------------------------------------------------------------- class targets
+// Device error record (4 x int64, one per device, zeroed once by the host): [state, flat position,
+// target value, number of classes]. state 0: clean; 1: being written; 2: complete. The first bad
+// target of any kernel claims it; the host copies it back without waiting (see
+// _device_errors.py) and raises IndexError at its next call or at synchronize().
+__device__ __forceinline__ void record_bad_target(long long* err, i64 pos, i64 value, i64 C) {
+    if (!err) return;
+    if (atomicCAS(reinterpret_cast<unsigned long long*>(err), 0ull, 1ull) == 0ull) {
+        err[1] = pos;
+        err[2] = value;
+        err[3] = C;
+        __threadfence();
+        atomicExch(reinterpret_cast<unsigned long long*>(err), 2ull);
+    }
+}
+
+//: A position's class index, read once and classified (the shared prologue of every kernel
+//: reading class targets). A target outside [0, C) that is not ignore_index is never used as
+//: an address: ``bad`` is set, the position's loss and gradient become NaN, and it is recorded
+//: (only once per position: ``record`` is false for the non-leading threads of a row group).
+struct Target {
+    i64 t;
+    bool ignored;  // inactive or ignore_index: loss 0, gradient 0
+    bool valid;    // in [0, C)
+    bool bad;      // neither: loss NaN, gradient NaN
+};
+
+__device__ __forceinline__ Target load_target(const i64* t, i64 pos, bool active, i64 ignore,
+                                              i64 C, long long* err, bool record) {
+    Target r;
+    r.t = active ? t[pos] : ignore;
+    r.ignored = !active || r.t == ignore;
+    r.valid = !r.ignored && r.t >= 0 && r.t < C;
+    r.bad = !r.ignored && !r.valid;
+    if (r.bad && record) record_bad_target(err, pos, r.t, C);
+    return r;
+}
+
+//: The upstream gradient of a position over the ``mean`` denominator: g_rows[pos] ("none"),
+//: scal[1] = g / D from class_prep ("mean"), else g_scalar.
+template <typename T, typename A>
+__device__ __forceinline__ A upstream(const T* g_rows, i64 pos, bool active, int rmode,
+                                      const double* scal, double g_scalar) {
+    if (g_rows) return active ? to_acc(g_rows[pos]) : A(0);
+    return (rmode == 1 && scal) ? (A)scal[1] : (A)g_scalar;
+}
+
+//: softcap: c tanh(x / c) (c > 0), and the factor of its derivative from the capped value.
+__device__ __forceinline__ float nbl_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double nbl_tanh(double x) { return tanh(x); }
+template <typename A> __device__ __forceinline__ A apply_softcap(A x, A c) {
+    return c > A(0) ? c * nbl_tanh(x / c) : x;
+}
+template <typename A> __device__ __forceinline__ A softcap_grad(A xc, A c) {
+    if (c > A(0)) {
+        const A th = xc / c;
+        return A(1) - th * th;
+    }
+    return A(1);
+}
+
+// The prep kernel of nll / cross_entropy with class indices, run only when the main kernel needs
+// global scalars before writing gradients: scal = [D, g / D, W] with D the ``mean`` denominator
+// (summed weights, or the count, of the targets that are not ignore_index; bad targets skipped),
+// g / D (+inf when D is 0, as the CPU backend) and W = sum of the first ``nw`` class weights
+// (label smoothing with weights). Grid-stride over the targets, last block finishes.
 template <typename T>
-__global__ void __launch_bounds__(256)
-class_denom(const i64* __restrict__ t, i64 npos, i64 C, i64 ignore, const T* __restrict__ w,
-            double g, double* __restrict__ part, double* __restrict__ scal) {
-    __shared__ double buf[32];
-    double acc = 0.0;
+__global__ void __launch_bounds__(256) class_prep(NBL_PARAMS_CLASS_PREP) {
+    __shared__ double buf[2][32];
+    double acc = 0.0, ws = 0.0;
     const i64 stride = (i64)gridDim.x * 256;
-    for (i64 p = (i64)blockIdx.x * 256 + threadIdx.x; p < npos; p += stride) {
+    const i64 first = (i64)blockIdx.x * 256 + threadIdx.x;
+    for (i64 p = first; p < npos; p += stride) {
         const i64 ti = t[p];
         if (ti != ignore && ti >= 0 && ti < C) acc += w ? (double)to_acc(w[ti]) : 1.0;
     }
-    acc = block_sum_double<256>(acc, buf);
+    for (i64 c = first; c < nw; c += stride) ws += (double)to_acc(w[c]);
+    block_sum2<256>(acc, ws, buf);
     if (threadIdx.x == 0) {
-        if (gridDim.x == 1) {
-            scal[0] = acc;
-            scal[1] = acc != 0.0 ? g / acc : pos_inf<double>();
-        } else {
-            part[blockIdx.x] = acc;
-        }
+        part[2 * blockIdx.x] = acc;
+        part[2 * blockIdx.x + 1] = ws;
     }
-}
-
-//: One block of 1024 threads: scal[0] = sum(part[:n]), scal[1] = g / scal[0] (+inf for 0).
-__global__ void __launch_bounds__(1024)
-denom_finalize(const double* __restrict__ part, int n, double g, double* __restrict__ scal) {
-    __shared__ double buf[32];
-    double acc = 0.0;
-    for (int i = threadIdx.x; i < n; i += 1024) acc += part[i];
-    acc = block_sum_double<1024>(acc, buf);
-    if (threadIdx.x == 0) {
-        scal[0] = acc;
-        scal[1] = acc != 0.0 ? g / acc : pos_inf<double>();
+    if (!last_block(counter)) return;
+    double d = 0.0, W = 0.0;
+    for (unsigned int i = threadIdx.x; i < gridDim.x; i += 256) {
+        d += __ldcg(part + 2 * i);
+        W += __ldcg(part + 2 * i + 1);
     }
-}
-
-//: One block of 1024 threads: out[0] = sum(part[:n]) / d with d = scal[0] if scal else div.
-//: 0 / 0 gives NaN (empty or all-ignored ``mean``), as torch.
-template <typename T>
-__global__ void __launch_bounds__(1024)
-loss_finalize(const double* __restrict__ part, int n, const double* __restrict__ scal, double div,
-              T* __restrict__ out) {
-    __shared__ double buf[32];
-    double acc = 0.0;
-    for (int i = threadIdx.x; i < n; i += 1024) acc += part[i];
-    acc = block_sum_double<1024>(acc, buf);
+    __syncthreads();
+    block_sum2<256>(d, W, buf);
     if (threadIdx.x == 0) {
-        const double d = scal ? scal[0] : div;
-        out[0] = from_acc<T>(acc / d);
+        scal[0] = d;
+        scal[1] = d != 0.0 ? g / d : pos_inf<double>();
+        scal[2] = W;
+        *counter = 0u;
     }
 }

@@ -29,8 +29,7 @@ ITEMSIZE = {"__half": 2, "__nv_bfloat16": 2, "float": 4, "double": 8}
 
 VEC_BYTES = 16  #: bytes per vector access
 ROW_BLOCK = 128  #: threads per block when several rows share a block (G <= 32)
-COL_BLOCK = 256  #: threads per block of the cols, elementwise and denominator kernels
-FINAL_BLOCK = 1024  #: threads of the single-block finalize kernels
+COL_BLOCK = 256  #: threads per block of the cols, elementwise and prep kernels
 LONG_ROW_G = 512  #: threads per row (and block) of the looped kernels for long rows
 MAX_NV = 8  #: vectors per thread of the cached kernels
 #: Elements per thread the cached kernels keep in registers (as float or double).
@@ -153,43 +152,32 @@ def softmax_bwd_cols(ct):
     return name("softmax_bwd_cols", ct)
 
 
-def ce_cached(ct, vec, g, nv, block):
-    return name("ce_cached", ct, vec, g, nv, block)
+def ce_cached(ct, vec, g, nv, block, ext=0):
+    return name("ce_cached", ct, ext, vec, g, nv, block)
 
 
-def ce_looped(ct, vec):
-    return name("ce_looped", ct, vec, LONG_ROW_G, LONG_ROW_G)
+def ce_looped(ct, vec, ext=0):
+    return name("ce_looped", ct, ext, vec, LONG_ROW_G, LONG_ROW_G)
 
 
-def ce_cols(ct):
-    return name("ce_cols", ct)
+def ce_cols(ct, ext=0):
+    return name("ce_cols", ct, ext)
 
 
-def probs_rows(ct, vec, g, block):
-    return name("probs_rows", ct, vec, g, block)
+def probs_rows(ct, vec, g, block, ext=0):
+    return name("probs_rows", ct, ext, vec, g, block)
 
 
-def probs_cols(ct):
-    return name("probs_cols", ct)
+def probs_cols(ct, ext=0):
+    return name("probs_cols", ct, ext)
 
 
-def nll_fwd(ct):
-    return name("nll_fwd", ct)
+def nll_fused(ct):
+    return name("nll_fused", ct)
 
 
-def nll_grad(ct):
-    return name("nll_grad", ct)
-
-
-def class_denom(ct):
-    return name("class_denom", ct)
-
-
-DENOM_FINALIZE = "denom_finalize"
-
-
-def loss_finalize(ct):
-    return name("loss_finalize", ct)
+def class_prep(ct):
+    return name("class_prep", ct)
 
 
 def elementwise(kernel, ct, vec):
@@ -198,6 +186,8 @@ def elementwise(kernel, ct, vec):
 
 
 ELEMENTWISE = ("sigmoid_fwd", "sigmoid_bwd", "bce_fwd", "bce_logits_fwd")
+#: EXT template values of the cross-entropy kernels: 0 = plain, 1 = z_loss / softcap / lse_out.
+EXTS = (0, 1)
 
 
 def instantiations(source: str, ctype: str) -> list[str]:
@@ -216,18 +206,138 @@ def _instantiations(source: str, ctype: str) -> tuple[str, ...]:
         names = [softmax_bwd_rows(ctype, v, g, b) for v in vecs for g, b in LOOPED_GS]
         names.append(softmax_bwd_cols(ctype))
     elif source == "cross_entropy.cu":
-        names = [ce_cached(ctype, v, *cfg) for v in vecs for cfg in cached_configs(ctype, v)]
-        names += [ce_looped(ctype, v) for v in vecs]
-        names += [ce_cols(ctype), class_denom(ctype), DENOM_FINALIZE, loss_finalize(ctype)]
+        names = [ce_cached(ctype, v, *cfg, ext) for ext in EXTS for v in vecs
+                 for cfg in cached_configs(ctype, v)]
+        names += [ce_looped(ctype, v, ext) for ext in EXTS for v in vecs]
+        names += [ce_cols(ctype, ext) for ext in EXTS]
+        names.append(class_prep(ctype))
     elif source == "cross_entropy_probs.cu":
-        names = [probs_rows(ctype, v, g, b) for v in vecs for g, b in LOOPED_GS]
-        names += [probs_cols(ctype), loss_finalize(ctype)]
+        names = [probs_rows(ctype, v, g, b, ext) for ext in EXTS for v in vecs
+                 for g, b in LOOPED_GS]
+        names += [probs_cols(ctype, ext) for ext in EXTS]
     elif source == "nll.cu":
-        names = [nll_fwd(ctype), nll_grad(ctype), class_denom(ctype), DENOM_FINALIZE,
-                 loss_finalize(ctype)]
+        names = [nll_fused(ctype), class_prep(ctype)]
     elif source == "binary.cu":
         names = [elementwise(k, ctype, v) for k in ELEMENTWISE for v in vecs]
-        names.append(loss_finalize(ctype))
     else:
         raise KeyError(source)
     return tuple(names)
+
+
+# ----------------------------------------------------------------------------- parameter lists
+# One table gives every kernel family's parameter list: the loader turns it into a macro
+# ``NBL_PARAMS_<FAMILY>`` prepended to each source (the kernels are declared as
+# ``kernel(NBL_PARAMS_CE)``), and :func:`pack` builds a launch's argument tuple from keywords in
+# the same order, with the scalar types the C++ side expects. Adding, removing or reordering a
+# parameter is one edit here; a keyword that is missing or unknown fails on the host.
+#
+# Types: ``T`` is the element type of the instantiation; pointers are passed as arrays or as
+# 64-bit addresses (``None`` = null); ``i64`` -> int64, ``int`` -> int32, ``double`` -> float64.
+
+#: The last parameters of every loss kernel: the single-launch reduction (per-block partials,
+#: last-block-done counter, 0-d output), the ``mean`` scalars of the prep kernel and the device
+#: error record (see ``finish_loss`` in ``_common.cu``).
+REDUCE_PARAMS = (
+    ("part", "double* __restrict__"),  # 2 doubles per block: loss, denominator
+    ("counter", "unsigned int*"),  # blocks done; the last block resets it to 0
+    ("out", "T* __restrict__"),  # 0-d reduced loss (null for reduction="none")
+    ("rmode", "int"),  # 0: loss / div; 1: loss / denominator (scal[0] if scal else summed)
+    ("div", "double"),
+    ("scal", "const double* __restrict__"),  # [D, g / D, W] from class_prep, or null
+    ("err", "long long*"),  # device error record (bad class index), or null
+)
+
+#: Options of the cross-entropy kernels (instantiations with EXT = 1 only read them).
+EXT_PARAMS = (
+    ("z_loss", "double"),
+    ("softcap", "double"),
+    ("lse_out", "T* __restrict__"),
+)
+
+PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
+    "softmax_rows": (("x", "const T* __restrict__"), ("y", "T* __restrict__"), ("nrows", "i64"),
+                     ("C", "i64"), ("log_mode", "int")),
+    "softmax_cols": (("x", "const T* __restrict__"), ("y", "T* __restrict__"), ("outer", "i64"),
+                     ("C", "i64"), ("inner", "i64"), ("log_mode", "int")),
+    "softmax_bwd": (("g", "const T* __restrict__"), ("y", "const T* __restrict__"),
+                    ("gx", "T* __restrict__"), ("outer", "i64"), ("C", "i64"), ("inner", "i64"),
+                    ("log_mode", "int")),
+    "ce": (("x", "const T*"), ("t", "const long long* __restrict__"), ("nrows", "i64"),
+           ("C", "i64"), ("inner", "i64"), ("w", "const T* __restrict__"), ("wsum", "double"),
+           ("ignore", "i64"), ("eps", "double"), ("want_grad", "int"),
+           ("g_rows", "const T* __restrict__"), ("g_scalar", "double"), ("gx", "T*"),
+           ("loss_out", "T* __restrict__"), *EXT_PARAMS, *REDUCE_PARAMS),
+    "probs": (("x", "const T*"), ("p", "const T* __restrict__"), ("nrows", "i64"), ("C", "i64"),
+              ("inner", "i64"), ("w", "const T* __restrict__"), ("eps", "double"),
+              ("want_grad", "int"), ("g_rows", "const T* __restrict__"), ("g_scalar", "double"),
+              ("gx", "T*"), ("loss_out", "T* __restrict__"), *EXT_PARAMS, *REDUCE_PARAMS),
+    "nll": (("x", "const T*"), ("t", "const long long* __restrict__"), ("nrows", "i64"),
+            ("C", "i64"), ("inner", "i64"), ("w", "const T* __restrict__"), ("ignore", "i64"),
+            ("want_loss", "int"), ("want_grad", "int"), ("g_rows", "const T* __restrict__"),
+            ("g_scalar", "double"), ("gx", "T*"), ("loss_out", "T* __restrict__"),
+            *REDUCE_PARAMS),
+    "class_prep": (("t", "const long long* __restrict__"), ("npos", "i64"), ("C", "i64"),
+                   ("ignore", "i64"), ("w", "const T* __restrict__"), ("nw", "i64"),
+                   ("g", "double"), ("part", "double* __restrict__"),
+                   ("counter", "unsigned int*"), ("scal", "double* __restrict__")),
+    "ew1": (("x", "const T* __restrict__"), ("y", "T* __restrict__"), ("n", "i64")),
+    "ew2": (("g", "const T* __restrict__"), ("y", "const T* __restrict__"),
+            ("gx", "T* __restrict__"), ("n", "i64")),
+    "bce": (("x", "const T* __restrict__"), ("y", "const T* __restrict__"),
+            ("w", "const T* __restrict__"), ("pw", "const T* __restrict__"), ("n", "i64"),
+            ("g_rows", "const T* __restrict__"), ("g_scalar", "double"),
+            ("gx", "T* __restrict__"), ("loss_out", "T* __restrict__"), *REDUCE_PARAMS),
+}
+
+#: Kernel (template name) -> parameter family.
+FAMILY = {
+    "softmax_cached": "softmax_rows", "softmax_looped": "softmax_rows",
+    "softmax_cols": "softmax_cols",
+    "softmax_bwd_rows": "softmax_bwd", "softmax_bwd_cols": "softmax_bwd",
+    "ce_cached": "ce", "ce_looped": "ce", "ce_cols": "ce",
+    "probs_rows": "probs", "probs_cols": "probs",
+    "nll_fused": "nll", "class_prep": "class_prep",
+    "sigmoid_fwd": "ew1", "sigmoid_bwd": "ew2", "bce_fwd": "bce", "bce_logits_fwd": "bce",
+}
+
+_SCALAR_CTYPES = {"i64": "long long", "int": "int", "double": "double"}
+
+
+def c_params(family: str) -> str:
+    """The C++ parameter list of ``family`` (the body of its ``NBL_PARAMS_*`` macro)."""
+    return ", ".join(f"{_SCALAR_CTYPES.get(ty, ty)} {nm}" for nm, ty in PARAMS[family])
+
+
+def params_prelude() -> str:
+    """``#define NBL_PARAMS_<FAMILY> ...`` for every family (prepended to every source)."""
+    return "".join(f"#define NBL_PARAMS_{fam.upper()} {c_params(fam)}\n" for fam in PARAMS)
+
+
+def param_kinds(family: str) -> tuple[str, ...]:
+    """``"ptr"``, ``"i64"``, ``"int"`` or ``"double"`` per parameter of ``family``."""
+    return tuple("ptr" if "*" in ty else ty for _, ty in PARAMS[family])
+
+
+@functools.lru_cache(maxsize=None)
+def _packer(family: str):
+    import numpy as np
+
+    null = np.uint64(0)
+    conv = {"i64": np.int64, "int": np.int32, "double": np.float64}
+    names = tuple(nm for nm, _ in PARAMS[family])
+    kinds = param_kinds(family)
+    fns = tuple((lambda a: null if a is None else a) if k == "ptr" else conv[k] for k in kinds)
+    return names, fns
+
+
+def pack(family: str, **args) -> tuple:
+    """Launch arguments of a ``family`` kernel, in the table's order (every name required).
+
+    Raises ``TypeError`` naming the missing or unknown parameters.
+    """
+    names, fns = _packer(family)
+    if len(args) != len(names) or not all(n in args for n in names):
+        missing = [n for n in names if n not in args]
+        extra = [n for n in args if n not in names]
+        raise TypeError(f"{family} kernel: missing {missing}, unknown {extra}")
+    return tuple(f(args[n]) for n, f in zip(names, fns))

@@ -34,9 +34,6 @@ _LOCK = threading.RLock()
 _MODULES: dict[tuple[int, str, str, str], "cupy.RawModule"] = {}
 _KERNELS: dict[tuple[int, str, str, str], "cupy.RawKernel"] = {}
 
-#: A null pointer argument (8 zero bytes) for optional arrays.
-NULL = np.uint64(0)
-
 _HALF_PRELUDE = {
     "__half": "#include <cuda_fp16.h>\n#define NBL_HAS_HALF 1\n",
     "__nv_bfloat16": "#include <cuda_bf16.h>\n#define NBL_HAS_BF16 1\n",
@@ -52,10 +49,12 @@ def read_source(filename: str) -> str:
 def source_for(filename: str, ctype: str) -> str:
     """The full translation unit NVRTC compiles for ``filename`` and element type ``ctype``.
 
-    One string (no ``#include`` of our own files), so CuPy's cache key covers every line.
+    One string (no ``#include`` of our own files), so CuPy's cache key covers every line. The
+    kernels' parameter lists come first, as ``NBL_PARAMS_*`` macros generated from
+    :data:`nblosses.backends.cuda._kernels.PARAMS` (the table :func:`~._kernels.pack` follows).
     """
     return (_HALF_PRELUDE.get(ctype, "") + f"// nblosses: {filename} for {ctype}\n"
-            + read_source("_common.cu") + "\n" + read_source(filename))
+            + K.params_prelude() + read_source("_common.cu") + "\n" + read_source(filename))
 
 
 def _nvrtc_major() -> int | None:
@@ -213,23 +212,6 @@ def grid_for(units: int, per_block: int, block: int) -> int:
 def aligned(*arrays) -> bool:
     """Whether every given array (``None`` skipped) starts on a 16-byte boundary."""
     return all(a is None or a.data.ptr % K.VEC_BYTES == 0 for a in arrays)
-
-
-def ptr(a):
-    """Kernel argument for an optional array."""
-    return NULL if a is None else a
-
-
-def i64(v: int):
-    return np.int64(v)
-
-
-def i32(v: int):
-    return np.int32(v)
-
-
-def f64(v: float):
-    return np.float64(v)
 
 
 # ----------------------------------------------------------------------------- cache warm-up

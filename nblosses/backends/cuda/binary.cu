@@ -3,7 +3,7 @@
 // broadcast to n elements by _args, or null).
 // Grid-stride loops over 16-byte vectors (VEC elements; the host picks VEC = 1 unless every
 // pointer is 16-byte aligned), then a scalar tail for the last n % VEC elements. Reduced losses:
-// double per thread, one partial per block (write_partial), loss_finalize divides on device.
+// double per thread, then per block; the last block writes the 0-d result (finish_loss).
 
 template <int VEC, typename F>
 __device__ __forceinline__ void ew_loop(i64 n, F& f) {
@@ -47,7 +47,9 @@ template <typename T> struct SigmoidBwdF {
 };
 
 //: binary_cross_entropy: l = -w (y max(log x, -100) + (1 - y) max(log(1 - x), -100)),
-//: dl/dx = g w (x - y) / max(x (1 - x), eps); logs in WideT (double for float). eps is torch's
+//: dl/dx = g w (x - y) / max(x (1 - x), eps); logs in WideT (double for float, widened exactly:
+//: -ftz would flush a subnormal probability to 0 and give 100 instead of torch's 92.1 for 1e-40,
+//: see Widen in _common.cu). eps is torch's
 //: EPSILON, the float 1e-12f (9.99999996e-13), also for float64, as torch computes it.
 template <typename T> struct BceF {
     const T* x;
@@ -66,15 +68,15 @@ template <typename T> struct BceF {
         if (g) gv = load_vec<T, N>(g, vi);
 #pragma unroll
         for (int i = 0; i < N; ++i) {
-            const B xi = (B)to_acc(xv.v[i]), yi = (B)to_acc(yv.v[i]);
-            const B wi = w ? (B)to_acc(wv.v[i]) : B(1);
+            const B xi = Widen<B>::of(to_acc(xv.v[i])), yi = Widen<B>::of(to_acc(yv.v[i]));
+            const B wi = w ? Widen<B>::of(to_acc(wv.v[i])) : B(1);
             const B lx = nbl_max(nbl_log(xi), B(-100));
             const B l1x = nbl_max(nbl_log1p(-xi), B(-100));
             const B l = -wi * (yi * lx + (B(1) - yi) * l1x);
             if (out) ov.v[i] = from_acc<T>(l);
             else acc += (double)l;
             if (gx) {
-                const B gi = g ? (B)to_acc(gv.v[i]) : (B)g_scalar;
+                const B gi = g ? Widen<B>::of(to_acc(gv.v[i])) : (B)g_scalar;
                 gxv.v[i] = from_acc<T>(gi * wi * (xi - yi) /
                                        nbl_max(xi * (B(1) - xi), (B)1e-12f));
             }
@@ -126,35 +128,30 @@ template <typename T> struct BceLogitsF {
 };
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(256)
-sigmoid_fwd(const T* __restrict__ x, T* __restrict__ y, i64 n) {
+__global__ void __launch_bounds__(256) sigmoid_fwd(NBL_PARAMS_EW1) {
     SigmoidF<T> f{x, y};
     ew_loop<VEC>(n, f);
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(256)
-sigmoid_bwd(const T* __restrict__ g, const T* __restrict__ y, T* __restrict__ gx, i64 n) {
+__global__ void __launch_bounds__(256) sigmoid_bwd(NBL_PARAMS_EW2) {
     SigmoidBwdF<T> f{g, y, gx};
     ew_loop<VEC>(n, f);
 }
 
+//: BCE on probabilities (``pw`` unused: one parameter list for both binary losses).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(256)
-bce_fwd(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ w, i64 n,
-        const T* __restrict__ g, double g_scalar, T* __restrict__ gx, T* __restrict__ out,
-        double* __restrict__ part) {
-    BceF<T> f{x, y, w, g, g_scalar, gx, out, 0.0};
+__global__ void __launch_bounds__(256) bce_fwd(NBL_PARAMS_BCE) {
+    const Reduce R{part, counter, out, rmode, div, scal, err};
+    BceF<T> f{x, y, w, g_rows, g_scalar, gx, loss_out, 0.0};
     ew_loop<VEC>(n, f);
-    if (part) write_partial<256>(f.acc, part);
+    if (out) finish_loss<T, 256>(f.acc, 0.0, R);
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(256)
-bce_logits_fwd(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ w,
-               const T* __restrict__ pw, i64 n, const T* __restrict__ g, double g_scalar,
-               T* __restrict__ gx, T* __restrict__ out, double* __restrict__ part) {
-    BceLogitsF<T> f{x, y, w, pw, g, g_scalar, gx, out, 0.0};
+__global__ void __launch_bounds__(256) bce_logits_fwd(NBL_PARAMS_BCE) {
+    const Reduce R{part, counter, out, rmode, div, scal, err};
+    BceLogitsF<T> f{x, y, w, pw, g_rows, g_scalar, gx, loss_out, 0.0};
     ew_loop<VEC>(n, f);
-    if (part) write_partial<256>(f.acc, part);
+    if (out) finish_loss<T, 256>(f.acc, 0.0, R);
 }

@@ -1,9 +1,10 @@
 """Binary cross-entropy (on probabilities and on logits) on CUDA, gradient fused.
 
 One elementwise kernel per call (``binary.cu``) reads the inputs once and writes the per-element
-loss (``"none"``) or one float64 partial per block, and the gradient when asked; reduced losses
-end with ``loss_finalize`` (one block, fixed order: deterministic). The ``mean`` denominator is
-the element count, known on the host, so nothing here synchronises with the device.
+loss (``"none"``) or the 0-d reduced loss, and the gradient when asked: the reduction ends in the
+same launch (the last block sums the per-block partials in a fixed order: deterministic; scratch
+per device and stream, :mod:`._scratch`). The ``mean`` denominator is the element count, known on
+the host, so nothing here synchronises with the device.
 (:func:`nblosses._args.binary_loss_args` reads the input's min/max back once per
 ``binary_cross_entropy`` call to reject inputs outside [0, 1]: one sync there.)
 """
@@ -16,7 +17,8 @@ import cupy
 
 from . import _kernels as K
 from . import _loader as L
-from .class_losses import finish_loss
+from . import _scratch as S
+from .class_losses import reduce_args
 from .softmax import flat_vec
 
 SRC = "binary.cu"
@@ -40,12 +42,13 @@ def _binary(kernel: str, x, y, extra, *, reduction, want_grad, grad_output):
     vec = flat_vec(ct, x, y, *extra, g_arr, out, gx)
     block = K.COL_BLOCK
     grid = L.grid_for(-(-n // vec), block, block)
-    part = None if keep else cupy.empty(grid, cupy.float64)
-    L.launch(SRC, dt, K.elementwise(kernel, ct, vec), grid, block,
-             (x, y, *(L.ptr(a) for a in extra), L.i64(n), L.ptr(g_arr), L.f64(g_scalar),
-              L.ptr(gx), L.ptr(out), L.ptr(part)))
-    div = float(n) if reduction == "mean" else 1.0
-    return finish_loss(SRC, dt, reduction, out, part, None, div), gx
+    red = None if keep else cupy.empty((), dt)
+    scr = None if keep else S.scratch(cupy.cuda.get_current_stream(), L.sm_count())
+    w, pw = (*extra, None)[:2]
+    L.launch(SRC, dt, K.elementwise(kernel, ct, vec), grid, block, K.pack(
+        "bce", x=x, y=y, w=w, pw=pw, n=n, g_rows=g_arr, g_scalar=g_scalar, gx=gx, loss_out=out,
+        **reduce_args(scr, red, div=float(n) if reduction == "mean" else 1.0)))
+    return (out if keep else red), gx
 
 
 @L.on_input_device

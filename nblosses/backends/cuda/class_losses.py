@@ -3,23 +3,23 @@
 Kernels in ``cross_entropy.cu``, ``cross_entropy_probs.cu`` and ``nll.cu``; same protocol and
 semantics as the CPU backend (:mod:`nblosses.backends.cpu.class_losses`).
 
-No host round trip inside a call: every launch is asynchronous on the current stream.
+No host round trip and no device-to-host copy inside a call; every launch is asynchronous on
+CuPy's current stream (a ``cupy.cuda.ExternalStream`` wrapping torch's included), so a call can
+be captured into a CUDA graph. Launches per call:
 
-- ``mean`` with class indices: the denominator (summed weights of the non-ignored targets)
-  is computed on device first (``class_denom`` [+ ``denom_finalize``]) into two float64 device
-  scalars ``[D, g / D]``; the fused kernel reads ``g / D`` through a pointer, and
-  ``loss_finalize`` divides the summed loss by ``D``.
-- Reduced losses: each block of the fused kernel writes one float64 partial; ``loss_finalize``
-  (one block) sums them in a fixed order, so results are deterministic, and writes the 0-d
-  result in the input dtype.
-- ``grad_buffer`` may be the logits themselves: the kernels read every logit of a row before
-  writing any gradient of that row.
+- cross_entropy / cross_entropy_probs: one (loss, gradient and reduction fused: the kernel's
+  last block sums the per-block partials in a fixed order, deterministic, and writes the 0-d
+  result). With class indices, a small prep kernel (``class_prep``) runs first only when the
+  main kernel needs a global scalar before it writes gradients: ``mean`` with a gradient
+  (``g / D``), or label smoothing with class weights (``W = sum(weight)``).
+- nll_loss: the gradient is zero-filled (``cudaMemsetAsync``), then one fused launch (plus the
+  prep kernel for ``mean`` with a gradient; a second launch when the gradient overwrites the
+  logits, which must be read before they are cleared).
 
-Synchronisation outside this module: :func:`nblosses._args.check_targets` reads the targets'
-min/max back to the host once per call (one device sync, O(N) work) to raise ``IndexError``
-before any kernel runs; the kernels additionally never use a target outside ``[0, C)`` as an
-address (such a position gets a NaN loss and a zero gradient). A ``grad_output`` given as a
-device array for a reduced loss is converted to a Python float by ``_args`` (another sync).
+Class indices are checked on the device (see :mod:`._device_errors`): a target outside
+``[0, C)`` that is not ``ignore_index`` gets a NaN loss and gradient and is reported by the next
+call or by ``synchronize``. Scratch for the reductions: one buffer per device and stream
+(:mod:`._scratch`), no per-call allocation besides the outputs.
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ import math
 
 import cupy
 
+from . import _device_errors as E
 from . import _kernels as K
 from . import _loader as L
+from . import _scratch as S
 from .softmax import row_vec, rows_launch
 
 SRC_CE = "cross_entropy.cu"
 SRC_PROBS = "cross_entropy_probs.cu"
 SRC_NLL = "nll.cu"
 
-#: Up to this many target positions the denominator is summed by a single block (one launch).
-SINGLE_BLOCK_POSITIONS = 1 << 16
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
@@ -48,8 +48,7 @@ def _grad_array(x3, want_grad: bool, grad_buffer):
 
 
 def _ignore(ignore_index: int) -> int:
-    # Targets are int64: an ignore_index outside that range matches nothing (and a target equal
-    # to the clamped value was already rejected by check_targets, being outside [0, C)).
+    # Targets are int64: an ignore_index outside that range matches nothing.
     return min(max(int(ignore_index), _I64_MIN), _I64_MAX)
 
 
@@ -64,71 +63,95 @@ def _empty_loss(reduction: str, dt, n: int, inner: int, mean_value: float):
     return cupy.full((), mean_value if reduction == "mean" else 0.0, dt)
 
 
-def mean_scalars(src: str, dt, t2, weight, ignore: int, n_classes: int, g: float):
-    """Float64 device array ``[D, g / D]`` (``g / 0 -> +inf``) for ``reduction="mean"``."""
-    ct = K.ctype_of(dt.name)
+def reduce_args(scr, out, *, rmode: int = 0, div: float = 1.0, scal: bool = False,
+                err=None) -> dict:
+    """The reduction parameters shared by every loss kernel (``REDUCE_PARAMS``).
+
+    ``out``: the 0-d result (``None`` for ``reduction="none"``: no partials); ``rmode`` 0 divides
+    by ``div``, 1 by the ``mean`` denominator; ``scal``: whether the prep kernel ran.
+    """
+    return dict(part=scr.part if out is not None else None,
+                counter=scr.counter if out is not None else None, out=out, rmode=rmode,
+                div=div, scal=scr.scal if scal else None, err=err)
+
+
+def class_prep(src: str, dt, t2, weight, *, ignore: int, n_classes: int, g: float, with_w: bool,
+               scr) -> None:
+    """Queue ``class_prep``: scratch ``scal = [D, g / D, W]`` (``W`` only when ``with_w``)."""
     npos = t2.size
-    scal = cupy.empty(2, cupy.float64)
     block = K.COL_BLOCK
-    grid = 1 if npos <= SINGLE_BLOCK_POSITIONS else L.grid_for(npos, block, block)
-    part = scal if grid == 1 else cupy.empty(grid, cupy.float64)
-    L.launch(src, dt, K.class_denom(ct), grid, block,
-             (t2, L.i64(npos), L.i64(n_classes), L.i64(ignore), L.ptr(weight), L.f64(g), part,
-              scal))
-    if grid > 1:
-        L.launch(src, dt, K.DENOM_FINALIZE, 1, K.FINAL_BLOCK, (part, L.i32(grid), L.f64(g), scal))
-    return scal
+    grid = L.grid_for(max(npos, n_classes if with_w else 0), block, block)
+    L.launch(src, dt, K.class_prep(K.ctype_of(dt.name)), grid, block,
+             K.pack("class_prep", t=t2, npos=npos, C=n_classes, ignore=ignore, w=weight,
+                    nw=n_classes if with_w else 0, g=g, part=scr.part, counter=scr.counter,
+                    scal=scr.scal))
 
 
-def finish_loss(src: str, dt, reduction: str, loss_out, part, scal, div: float):
-    """The loss to return: per-position losses, or the 0-d reduction of the block partials."""
+def _outputs(reduction: str, dt, n: int, inner: int):
+    """``(loss_out, out)``: per-position losses or the 0-d reduced loss."""
     if reduction == "none":
-        return loss_out
-    out = cupy.empty((), dt)
-    L.launch(src, dt, K.loss_finalize(K.ctype_of(dt.name)), 1, K.FINAL_BLOCK,
-             (part, L.i32(part.size), L.ptr(scal), L.f64(div), out))
-    return out
+        return cupy.empty((n, inner), dt), None
+    return None, cupy.empty((), dt)
+
+
+def _fill_lse_empty(lse_out) -> None:
+    # No classes: logsumexp of nothing is -inf (positions exist only when C == 0).
+    if lse_out is not None and lse_out.size:
+        lse_out.fill(-math.inf)
 
 
 # ----------------------------------------------------------------------------- cross-entropy
 @L.on_input_device
 def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, want_grad,
-                  grad_output, grad_buffer):
-    """Cross-entropy with class-index targets (kernel protocol in :mod:`nblosses.backends`)."""
+                  grad_output, grad_buffer, z_loss=0.0, softcap=0.0, lse_out=None):
+    """Cross-entropy with class-index targets (kernel protocol in :mod:`nblosses.backends`).
+
+    ``z_loss``, ``softcap`` and ``lse_out`` select the EXT instantiations; the defaults run the
+    plain ones.
+    """
     n, C, inner = x3.shape
     dt = x3.dtype
     ct = K.ctype_of(dt.name)
     gx = _grad_array(x3, want_grad, grad_buffer)
     if x3.size == 0:
+        _fill_lse_empty(lse_out)
         return _empty_loss(reduction, dt, n, inner, math.nan), gx
     ignore = _ignore(ignore_index)
     eps = float(label_smoothing)
+    ext = int(float(z_loss) != 0.0 or float(softcap) != 0.0 or lse_out is not None)
     g_scalar = _g_scalar(want_grad, reduction, grad_output)
-    scal = (mean_scalars(SRC_CE, dt, t2, weight, ignore, C, g_scalar)
-            if reduction == "mean" else None)
-    g_rows = grad_output if want_grad and reduction == "none" else None
-    g_dev = scal[1:] if want_grad and reduction == "mean" else None
-    wsum_dev = weight.sum(dtype=cupy.float64) if weight is not None and eps > 0 else None
-    loss_out = cupy.empty((n, inner), dt) if reduction == "none" else None
+    stream = cupy.cuda.get_current_stream()
+    with_w = weight is not None and eps > 0
+    prep = (reduction == "mean" and want_grad) or with_w
+    scr = S.scratch(stream, L.sm_count()) if prep or reduction != "none" else None
+    if prep:
+        class_prep(SRC_CE, dt, t2, weight, ignore=ignore, n_classes=C, g=g_scalar,
+                   with_w=with_w, scr=scr)
+    loss_out, out = _outputs(reduction, dt, n, inner)
     if inner == 1:
         vec = row_vec(ct, C, x3, gx)
-        name, grid, block = rows_launch(n, C, ct, vec, K.ce_cached, K.ce_looped)
+        name, grid, block = rows_launch(n, C, ct, vec,
+                                        lambda *a: K.ce_cached(*a, ext=ext),
+                                        lambda *a: K.ce_looped(*a, ext=ext))
     else:
         block = K.COL_BLOCK
         grid = L.grid_for(n * inner, block, block)
-        name = K.ce_cols(ct)
-    part = cupy.empty(grid, cupy.float64) if reduction != "none" else None
-    L.launch(SRC_CE, dt, name, grid, block,
-             (x3, t2, L.i64(n), L.i64(C), L.i64(inner), L.ptr(weight), L.ptr(wsum_dev),
-              L.f64(C), L.i64(ignore), L.f64(eps), L.i32(1 if want_grad else 0), L.ptr(g_rows),
-              L.ptr(g_dev), L.f64(g_scalar), L.ptr(gx), L.ptr(loss_out), L.ptr(part)))
-    return finish_loss(SRC_CE, dt, reduction, loss_out, part, scal, 1.0), gx
+        name = K.ce_cols(ct, ext)
+    err = E.record_for_launch(stream)
+    L.launch(SRC_CE, dt, name, grid, block, K.pack(
+        "ce", x=x3, t=t2, nrows=n, C=C, inner=inner, w=weight, wsum=float(C), ignore=ignore,
+        eps=eps, want_grad=int(want_grad),
+        g_rows=grad_output if want_grad and reduction == "none" else None, g_scalar=g_scalar,
+        gx=gx, loss_out=loss_out, z_loss=float(z_loss), softcap=float(softcap), lse_out=lse_out,
+        **reduce_args(scr, out, rmode=int(reduction == "mean"), scal=prep, err=err)))
+    E.after_launch(stream)
+    return (loss_out if out is None else out), gx
 
 
 # ----------------------------------------------------------------------------- probabilities
 @L.on_input_device
 def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad, grad_output,
-                        grad_buffer):
+                        grad_buffer, z_loss=0.0, softcap=0.0, lse_out=None):
     """Cross-entropy with class-probability targets (``mean`` divides by ``N * inner``)."""
     n, C, inner = x3.shape
     dt = x3.dtype
@@ -137,25 +160,29 @@ def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad
     npos = n * inner
     denom = float(npos) if reduction == "mean" else 1.0
     if x3.size == 0:  # C == 0 with positions: every row loss is 0 (as the CPU backend)
+        _fill_lse_empty(lse_out)
         return _empty_loss(reduction, dt, n, inner, 0.0 if npos else math.nan), gx
-    g_scalar = _g_scalar(want_grad, reduction, grad_output) / denom
-    g_rows = grad_output if want_grad and reduction == "none" else None
-    loss_out = cupy.empty((n, inner), dt) if reduction == "none" else None
+    ext = int(float(z_loss) != 0.0 or float(softcap) != 0.0 or lse_out is not None)
+    stream = cupy.cuda.get_current_stream()
+    scr = S.scratch(stream, L.sm_count()) if reduction != "none" else None
+    loss_out, out = _outputs(reduction, dt, n, inner)
     if inner == 1:
         vec = row_vec(ct, C, x3, p3, gx)
         g, block = K.looped_config(C // vec)
         grid = L.grid_for(n, K.rows_per_block(g, block), block)
-        name = K.probs_rows(ct, vec, g, block)
+        name = K.probs_rows(ct, vec, g, block, ext)
     else:
         block = K.COL_BLOCK
         grid = L.grid_for(npos, block, block)
-        name = K.probs_cols(ct)
-    part = cupy.empty(grid, cupy.float64) if reduction != "none" else None
-    L.launch(SRC_PROBS, dt, name, grid, block,
-             (x3, p3, L.i64(n), L.i64(C), L.i64(inner), L.ptr(weight),
-              L.f64(float(label_smoothing)), L.i32(1 if want_grad else 0), L.ptr(g_rows),
-              L.f64(g_scalar), L.ptr(gx), L.ptr(loss_out), L.ptr(part)))
-    return finish_loss(SRC_PROBS, dt, reduction, loss_out, part, None, denom), gx
+        name = K.probs_cols(ct, ext)
+    L.launch(SRC_PROBS, dt, name, grid, block, K.pack(
+        "probs", x=x3, p=p3, nrows=n, C=C, inner=inner, w=weight, eps=float(label_smoothing),
+        want_grad=int(want_grad),
+        g_rows=grad_output if want_grad and reduction == "none" else None,
+        g_scalar=_g_scalar(want_grad, reduction, grad_output) / denom, gx=gx,
+        loss_out=loss_out, z_loss=float(z_loss), softcap=float(softcap), lse_out=lse_out,
+        **reduce_args(scr, out, div=denom)))
+    return (loss_out if out is None else out), gx
 
 
 # ----------------------------------------------------------------------------- nll
@@ -164,28 +191,36 @@ def nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output,
     """NLL on log-probabilities; the gradient is zero but at the target classes."""
     n, C, inner = x3.shape
     dt = x3.dtype
-    ct = K.ctype_of(dt.name)
     gx = _grad_array(x3, want_grad, grad_buffer)
     if x3.size == 0:
         return _empty_loss(reduction, dt, n, inner, math.nan), gx
     ignore = _ignore(ignore_index)
-    npos = n * inner
     g_scalar = _g_scalar(want_grad, reduction, grad_output)
-    scal = (mean_scalars(SRC_NLL, dt, t2, weight, ignore, C, g_scalar)
-            if reduction == "mean" else None)
-    loss_out = cupy.empty((n, inner), dt) if reduction == "none" else None
+    stream = cupy.cuda.get_current_stream()
+    prep = reduction == "mean" and want_grad
+    scr = S.scratch(stream, L.sm_count()) if prep or reduction != "none" else None
+    if prep:
+        class_prep(SRC_NLL, dt, t2, weight, ignore=ignore, n_classes=C, g=g_scalar,
+                   with_w=False, scr=scr)
+    loss_out, out = _outputs(reduction, dt, n, inner)
+    err = E.record_for_launch(stream)
+    rmode = int(reduction == "mean")
+    common = dict(x=x3, t=t2, nrows=n, C=C, inner=inner, w=weight, ignore=ignore,
+                  g_rows=grad_output if want_grad and reduction == "none" else None,
+                  g_scalar=g_scalar, gx=gx, loss_out=loss_out)
     block = K.COL_BLOCK
-    grid = L.grid_for(npos, block, block)
-    part = cupy.empty(grid, cupy.float64) if reduction != "none" else None
-    L.launch(SRC_NLL, dt, K.nll_fwd(ct), grid, block,
-             (x3, t2, L.i64(n), L.i64(C), L.i64(inner), L.ptr(weight), L.i64(ignore),
-              L.ptr(loss_out), L.ptr(part)))
-    if want_grad:
-        # Stream order: nll_fwd has read x before the memset, so gx may be x itself.
+    grid = L.grid_for(n * inner, block, block)
+    name = K.nll_fused(K.ctype_of(dt.name))
+    in_place = want_grad and gx.data.ptr == x3.data.ptr
+    if want_grad and not in_place:
         gx.data.memset_async(0, gx.nbytes)
-        g_rows = grad_output if reduction == "none" else None
-        g_dev = scal[1:] if reduction == "mean" else None
-        L.launch(SRC_NLL, dt, K.nll_grad(ct), grid, block,
-                 (t2, L.i64(n), L.i64(C), L.i64(inner), L.ptr(weight), L.i64(ignore),
-                  L.ptr(g_rows), L.ptr(g_dev), L.f64(g_scalar), gx))
-    return finish_loss(SRC_NLL, dt, reduction, loss_out, part, scal, 1.0), gx
+    L.launch(SRC_NLL, dt, name, grid, block, K.pack(
+        "nll", want_loss=1, want_grad=int(want_grad and not in_place), **common,
+        **reduce_args(scr, out, rmode=rmode, scal=prep, err=err)))
+    if in_place:  # stream order: the loss launch has read x before the memset clears it
+        gx.data.memset_async(0, gx.nbytes)
+        L.launch(SRC_NLL, dt, name, grid, block, K.pack(
+            "nll", want_loss=0, want_grad=1, **common,
+            **reduce_args(scr, None, rmode=rmode, scal=prep, err=err)))
+    E.after_launch(stream)
+    return (loss_out if out is None else out), gx

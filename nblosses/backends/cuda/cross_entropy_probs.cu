@@ -1,12 +1,15 @@
 // Cross-entropy with class-probability targets p (same shape as the logits x).
-//     y'_c = p_c (1 - eps) + eps / C,  A = sum_c w_c y'_c,  B = sum_c w_c y'_c x_c
-//     loss = A (m + log(s)) - B                       (= -sum_c w_c y'_c log_softmax(x)_c)
-//     dL/dx_c = scale (A exp(x_c - m) / s - w_c y'_c)
+//     x'_c = softcap(x_c) (EXT and softcap > 0, else x_c),  lse = m + log(s) over x',
+//     y'_c = p_c (1 - eps) + eps / C,  A = sum_c w_c y'_c,  B = sum_c w_c y'_c x'_c
+//     loss = A lse - B + z lse^2          (= -sum_c w_c y'_c log_softmax(x')_c + z-loss)
+//     dL/dx'_c = scale ((A + 2 z lse) exp(x'_c - m) / s - w_c y'_c),
+//     dL/dx_c = dL/dx'_c (1 - (x'_c / cap)^2)
 // scale = g_rows[i] ("none") or g_scalar (the host knows the ``mean`` denominator N * inner).
 // probs_rows (inner == 1): a group of G threads per row, pass 1 online (m, s) with A and B,
 // pass 2 (gradient only) re-reads x and p and writes. probs_cols (inner > 1): a thread per
 // position. The gradient may be written into the logits (gx == x): each element is read by the
-// thread that writes it, before writing it, and after the row's reduction.
+// thread that writes it, before writing it, and after the row's reduction. Reduced losses end
+// in the same launch (finish_loss). lse_out (EXT): lse of every position.
 
 //: w_c y'_c of one element: the class weight (1 without weights) times the smoothed target.
 template <typename T, typename A>
@@ -14,13 +17,38 @@ __device__ __forceinline__ A probs_wy(const T* w, i64 c, A pc, A keep, A spread)
     return (w ? to_acc(w[c]) : A(1)) * (pc * keep + spread);
 }
 
-template <typename T, int VEC, int G, int BLOCK>
-__global__ void __launch_bounds__(BLOCK)
-probs_rows(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
-           const T* __restrict__ w, double eps_, int want_grad, const T* __restrict__ g_rows,
-           double g_scalar, T* gx, T* __restrict__ loss_out, double* __restrict__ loss_part) {
-    typedef typename AccT<T>::type A;
-    constexpr int R = BLOCK / G;
+//: Loss and gradient coefficient of one position from A, B and the row statistics; stores the
+//: loss (or adds it to the partial) and lse when ``leader``.
+template <int EXT, typename T, typename A>
+__device__ __forceinline__ A probs_finish_row(bool leader, i64 pos, A sa, A sb, A m, A s, A z,
+                                              A scale, T* loss_out, T* lse_out, double& acc) {
+    const A lse = m + nbl_log(s);
+    A loss = sa * lse - sb;
+    A zc = A(0);
+    if (EXT) {
+        loss += z * lse * lse;
+        zc = A(2) * z * lse;
+    }
+    if (leader) {
+        if (loss_out) loss_out[pos] = from_acc<T>(loss);
+        else acc += (double)loss;
+        if (EXT && lse_out) lse_out[pos] = from_acc<T>(lse);
+    }
+    return scale * (sa + zc) / s;
+}
+
+#define NBL_PROBS_PROLOGUE                                                              \
+    typedef typename AccT<T>::type A;                                                   \
+    const Reduce R{part, counter, out, rmode, div, scal, err};                          \
+    const A keep = A(1) - (A)eps;                                                       \
+    const A spread = (A)eps / (A)C;                                                     \
+    const A cap = (A)softcap, z = (A)z_loss;                                            \
+    double acc = 0.0
+
+template <typename T, int EXT, int VEC, int G, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) probs_rows(NBL_PARAMS_PROBS) {
+    NBL_PROBS_PROLOGUE;
+    constexpr int RB = BLOCK / G;
     constexpr int U = NBL_UNROLL2;
     __shared__ A sbuf[2][4][32];
     Reducer<G, A> red(sbuf);
@@ -28,10 +56,7 @@ probs_rows(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
     const int lane = threadIdx.x % G;
     const int grp = threadIdx.x / G;
     const i64 chunk = (i64)G * U;
-    const A keep = A(1) - (A)eps_;
-    const A spread = (A)eps_ / (A)C;
-    double acc = 0.0;
-    for (i64 r0 = (i64)blockIdx.x * R; r0 < nrows; r0 += (i64)gridDim.x * R) {
+    for (i64 r0 = (i64)blockIdx.x * RB; r0 < nrows; r0 += (i64)gridDim.x * RB) {
         const i64 row = r0 + grp;
         const bool active = row < nrows;
         const i64 off = active ? row * C : 0;
@@ -50,6 +75,7 @@ probs_rows(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
 #pragma unroll
                     for (int i = 0; i < VEC; ++i) {
                         a[i] = to_acc(xb[u].v[i]);
+                        if (EXT) a[i] = apply_softcap(a[i], cap);
                         const A wy =
                             probs_wy<T, A>(w, vi * VEC + i, to_acc(pb[u].v[i]), keep, spread);
                         ab[0] += wy;
@@ -60,14 +86,11 @@ probs_rows(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
             }
         }
         red.ms(m, s, ab);
-        const A loss = ab[0] * (m + nbl_log(s)) - ab[1];
-        if (active && lane == 0) {
-            if (loss_out) loss_out[row] = from_acc<T>(loss);
-            else acc += (double)loss;
-        }
+        const A scale = want_grad ? upstream<T, A>(g_rows, row, active, 0, nullptr, g_scalar)
+                                  : A(0);
+        const A coef = probs_finish_row<EXT>(active && lane == 0, row, ab[0], ab[1], m, s, z,
+                                             scale, loss_out, lse_out, acc);
         if (want_grad && active) {
-            const A scale = g_rows ? to_acc(g_rows[row]) : (A)g_scalar;
-            const A coef = scale * ab[0] / s;
             T* gr = gx + off;
             for (i64 b = lane; b < nvec; b += chunk) {
                 Vec<T, VEC> xb[U], pb[U];
@@ -81,8 +104,11 @@ probs_rows(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
                         for (int i = 0; i < VEC; ++i) {
                             const A wy =
                                 probs_wy<T, A>(w, vi * VEC + i, to_acc(pb[u].v[i]), keep, spread);
-                            o.v[i] = from_acc<T>(coef * nbl_exp(to_acc(xb[u].v[i]) - m) -
-                                                 scale * wy);
+                            const A xc = EXT ? apply_softcap(to_acc(xb[u].v[i]), cap)
+                                             : to_acc(xb[u].v[i]);
+                            A gv = coef * nbl_exp(xc - m) - scale * wy;
+                            if (EXT) gv *= softcap_grad(xc, cap);
+                            o.v[i] = from_acc<T>(gv);
                         }
                         store_vec<T, VEC>(gr, vi, o);
                     }
@@ -90,21 +116,15 @@ probs_rows(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
             }
         }
     }
-    if (loss_part) write_partial<BLOCK>(acc, loss_part);
+    if (out) finish_loss<T, BLOCK>(acc, 0.0, R);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(256)
-probs_cols(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
-           const T* __restrict__ w, double eps_, int want_grad, const T* __restrict__ g_rows,
-           double g_scalar, T* gx, T* __restrict__ loss_out, double* __restrict__ loss_part) {
-    typedef typename AccT<T>::type A;
+template <typename T, int EXT>
+__global__ void __launch_bounds__(256) probs_cols(NBL_PARAMS_PROBS) {
+    NBL_PROBS_PROLOGUE;
     const i64 npos = nrows * inner;
     const i64 plane = C * inner;
     const i64 stride = (i64)gridDim.x * 256;
-    const A keep = A(1) - (A)eps_;
-    const A spread = (A)eps_ / (A)C;
-    double acc = 0.0;
     for (i64 q = (i64)blockIdx.x * 256 + threadIdx.x; q < npos; q += stride) {
         const i64 o = q / inner;
         const i64 base = o * plane + (q - o * inner);
@@ -112,23 +132,26 @@ probs_cols(const T* x, const T* __restrict__ p, i64 nrows, i64 C, i64 inner,
         for (i64 c = 0; c < C; ++c) {
             const i64 e = base + c * inner;
             A a[1] = {to_acc(x[e])};
+            if (EXT) a[0] = apply_softcap(a[0], cap);
             const A wy = probs_wy<T, A>(w, c, to_acc(p[e]), keep, spread);
             sa += wy;
             sb += wy * a[0];
             ms_update<1>(m, s, a);
         }
-        const A loss = sa * (m + nbl_log(s)) - sb;
-        if (loss_out) loss_out[q] = from_acc<T>(loss);
-        else acc += (double)loss;
+        const A scale =
+            want_grad ? upstream<T, A>(g_rows, q, true, 0, nullptr, g_scalar) : A(0);
+        const A coef =
+            probs_finish_row<EXT>(true, q, sa, sb, m, s, z, scale, loss_out, lse_out, acc);
         if (want_grad) {
-            const A scale = g_rows ? to_acc(g_rows[q]) : (A)g_scalar;
-            const A coef = scale * sa / s;
             for (i64 c = 0; c < C; ++c) {
                 const i64 e = base + c * inner;
                 const A wy = probs_wy<T, A>(w, c, to_acc(p[e]), keep, spread);
-                gx[e] = from_acc<T>(coef * nbl_exp(to_acc(x[e]) - m) - scale * wy);
+                const A xc = EXT ? apply_softcap(to_acc(x[e]), cap) : to_acc(x[e]);
+                A gv = coef * nbl_exp(xc - m) - scale * wy;
+                if (EXT) gv *= softcap_grad(xc, cap);
+                gx[e] = from_acc<T>(gv);
             }
         }
     }
-    if (loss_part) write_partial<256>(acc, loss_part);
+    if (out) finish_loss<T, 256>(acc, 0.0, R);
 }

@@ -1,51 +1,43 @@
 // nll_loss on log-probabilities x of shape (N, C, inner), targets t of shape (N, inner).
-// nll_fwd: per position p = (n, j): loss = -w_t x[n, t, j] (0 for ignore_index, NaN for a target
-// outside [0, C), which _args.check_targets rejects before any kernel; never used as an address).
-// nll_grad: writes -w_t * scale at (n, t, j) for the valid positions; the caller zero-fills the
-// gradient first (cudaMemsetAsync on the same stream), after nll_fwd has read x, so the gradient
-// may be written into x itself.
+// nll_fused, one thread per position p = (n, j):
+// - want_loss: loss = -w_t x[n, t, j] (0 for ignore_index), summed with its denominator w_t into
+//   the single-launch reduction, or stored per position;
+// - want_grad: writes -w_t * scale at (n, t, j); the caller zero-fills the gradient first
+//   (cudaMemsetAsync on the same stream). With the gradient written into x itself the host runs
+//   the loss launch, the memset, then a gradient-only launch (x read before it is cleared).
+// A target outside [0, C) that is not ignore_index is never used as an address: loss NaN, the
+// position's whole gradient column NaN, recorded in the device error record.
 
 template <typename T>
-__global__ void __launch_bounds__(256)
-nll_fwd(const T* x, const i64* __restrict__ t, i64 nrows, i64 C, i64 inner,
-        const T* __restrict__ w, i64 ignore, T* __restrict__ loss_out,
-        double* __restrict__ loss_part) {
+__global__ void __launch_bounds__(256) nll_fused(NBL_PARAMS_NLL) {
     typedef typename AccT<T>::type A;
+    const Reduce R{part, counter, out, rmode, div, scal, err};
     const i64 npos = nrows * inner;
     const i64 stride = (i64)gridDim.x * 256;
-    double acc = 0.0;
+    double acc = 0.0, den = 0.0;
     for (i64 p = (i64)blockIdx.x * 256 + threadIdx.x; p < npos; p += stride) {
-        const i64 ti = t[p];
-        A l = A(0);
-        if (ti != ignore) {
-            if (ti >= 0 && ti < C) {
-                const i64 o = p / inner;
-                const A xt = to_acc(x[(o * C + ti) * inner + (p - o * inner)]);
-                l = -(w ? to_acc(w[ti]) : A(1)) * xt;
+        const Target tg = load_target(t, p, true, ignore, C, err, true);
+        const i64 o = p / inner;
+        const i64 j = p - o * inner;
+        const i64 at = (o * C + (tg.valid ? tg.t : 0)) * inner + j;
+        const A wt = tg.valid ? (w ? to_acc(w[tg.t]) : A(1)) : A(0);
+        if (want_loss) {
+            const A l = tg.valid ? -wt * to_acc(x[at]) : (tg.bad ? nan_value<A>() : A(0));
+            if (loss_out) {
+                loss_out[p] = from_acc<T>(l);
             } else {
-                l = nan_value<A>();
+                acc += (double)l;
+                den += (double)wt;
             }
         }
-        if (loss_out) loss_out[p] = from_acc<T>(l);
-        else acc += (double)l;
+        if (want_grad) {
+            if (tg.valid) {
+                const A scale = upstream<T, A>(g_rows, p, true, rmode, scal, g_scalar);
+                gx[at] = from_acc<T>(-wt * scale);
+            } else if (tg.bad) {
+                for (i64 c = 0; c < C; ++c) gx[(o * C + c) * inner + j] = from_acc<T>(nan_value<A>());
+            }
+        }
     }
-    if (loss_part) write_partial<256>(acc, loss_part);
-}
-
-template <typename T>
-__global__ void __launch_bounds__(256)
-nll_grad(const i64* __restrict__ t, i64 nrows, i64 C, i64 inner, const T* __restrict__ w,
-         i64 ignore, const T* __restrict__ g_rows, const double* __restrict__ g_dev,
-         double g_scalar, T* __restrict__ gx) {
-    typedef typename AccT<T>::type A;
-    const i64 npos = nrows * inner;
-    const i64 stride = (i64)gridDim.x * 256;
-    for (i64 p = (i64)blockIdx.x * 256 + threadIdx.x; p < npos; p += stride) {
-        const i64 ti = t[p];
-        if (ti == ignore || ti < 0 || ti >= C) continue;
-        const A scale = g_rows ? to_acc(g_rows[p]) : (g_dev ? (A)g_dev[0] : (A)g_scalar);
-        const i64 o = p / inner;
-        gx[(o * C + ti) * inner + (p - o * inner)] =
-            from_acc<T>(-(w ? to_acc(w[ti]) : A(1)) * scale);
-    }
+    if (out) finish_loss<T, 256>(acc, den, R);
 }

@@ -13,19 +13,18 @@
 
 template <typename T, int VEC, int G, int NV, int BLOCK>
 __global__ void __launch_bounds__(BLOCK)
-softmax_cached(const T* __restrict__ x, T* __restrict__ y, i64 nrows, i64 C_, int log_mode) {
+softmax_cached(NBL_PARAMS_SOFTMAX_ROWS) {
     typedef typename AccT<T>::type A;
     constexpr int R = BLOCK / G;
     __shared__ A sbuf[2][4][32];
     Reducer<G, A> red(sbuf);
-    const int C = (int)C_;
-    const int nvec = C / VEC;
+    const int nvec = (int)C / VEC;
     const int lane = threadIdx.x % G;
     const int grp = threadIdx.x / G;
     for (i64 r0 = (i64)blockIdx.x * R; r0 < nrows; r0 += (i64)gridDim.x * R) {
         const i64 row = r0 + grp;
         const bool active = row < nrows;
-        const i64 off = active ? row * (i64)C : 0;
+        const i64 off = active ? row * C : 0;
         A v[NV][VEC];
         A m = load_row_max<T, VEC, G, NV>(x, off, nvec, lane, active, v);
         m = red.max(m);
@@ -60,7 +59,7 @@ softmax_cached(const T* __restrict__ x, T* __restrict__ y, i64 nrows, i64 C_, in
 
 template <typename T, int VEC, int G, int BLOCK>
 __global__ void __launch_bounds__(BLOCK)
-softmax_looped(const T* __restrict__ x, T* __restrict__ y, i64 nrows, i64 C, int log_mode) {
+softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
     typedef typename AccT<T>::type A;
     constexpr int R = BLOCK / G;
     constexpr int U = NBL_UNROLL;
@@ -116,8 +115,7 @@ softmax_looped(const T* __restrict__ x, T* __restrict__ y, i64 nrows, i64 C, int
 
 template <typename T>
 __global__ void __launch_bounds__(256)
-softmax_cols(const T* __restrict__ x, T* __restrict__ y, i64 outer, i64 C, i64 inner,
-             int log_mode) {
+softmax_cols(NBL_PARAMS_SOFTMAX_COLS) {
     typedef typename AccT<T>::type A;
     const i64 npos = outer * inner;
     const i64 plane = C * inner;

@@ -56,16 +56,17 @@ def _forward(x3, log: bool):
         return y3
     dt = x3.dtype
     ct = K.ctype_of(dt.name)
-    mode = L.i32(1 if log else 0)
+    mode = 1 if log else 0
     if inner == 1:
         vec = row_vec(ct, C, x3, y3)
         name, grid, block = rows_launch(outer, C, ct, vec, K.softmax_cached, K.softmax_looped)
-        L.launch(SRC, dt, name, grid, block, (x3, y3, L.i64(outer), L.i64(C), mode))
+        L.launch(SRC, dt, name, grid, block,
+                 K.pack("softmax_rows", x=x3, y=y3, nrows=outer, C=C, log_mode=mode))
     else:
         block = K.COL_BLOCK
         grid = L.grid_for(outer * inner, block, block)
         L.launch(SRC, dt, K.softmax_cols(ct), grid, block,
-                 (x3, y3, L.i64(outer), L.i64(C), L.i64(inner), mode))
+                 K.pack("softmax_cols", x=x3, y=y3, outer=outer, C=C, inner=inner, log_mode=mode))
     return y3
 
 
@@ -88,18 +89,20 @@ def _backward(g3, y3, log: bool):
         return gx
     dt = y3.dtype
     ct = K.ctype_of(dt.name)
-    mode = L.i32(1 if log else 0)
+    mode = 1 if log else 0
     if inner == 1:
         vec = row_vec(ct, C, g3, y3, gx)
         g, block = K.looped_config(C // vec)
         grid = L.grid_for(outer, K.rows_per_block(g, block), block)
         L.launch(SRC_BWD, dt, K.softmax_bwd_rows(ct, vec, g, block), grid, block,
-                 (g3, y3, gx, L.i64(outer), L.i64(C), mode))
+                 K.pack("softmax_bwd", g=g3, y=y3, gx=gx, outer=outer, C=C, inner=1,
+                        log_mode=mode))
     else:
         block = K.COL_BLOCK
         grid = L.grid_for(outer * inner, block, block)
         L.launch(SRC_BWD, dt, K.softmax_bwd_cols(ct), grid, block,
-                 (g3, y3, gx, L.i64(outer), L.i64(C), L.i64(inner), mode))
+                 K.pack("softmax_bwd", g=g3, y=y3, gx=gx, outer=outer, C=C, inner=inner,
+                        log_mode=mode))
     return gx
 
 
@@ -127,7 +130,7 @@ def sigmoid(x):
     block = K.COL_BLOCK
     grid = L.grid_for(-(-n // vec), block, block)
     L.launch(SRC_EW, x.dtype, K.elementwise("sigmoid_fwd", ct, vec), grid, block,
-             (x, y, L.i64(n)))
+             K.pack("ew1", x=x, y=y, n=n))
     return y
 
 
@@ -143,5 +146,5 @@ def sigmoid_backward(g, y):
     block = K.COL_BLOCK
     grid = L.grid_for(-(-n // vec), block, block)
     L.launch(SRC_EW, y.dtype, K.elementwise("sigmoid_bwd", ct, vec), grid, block,
-             (g, y, gx, L.i64(n)))
+             K.pack("ew2", g=g, y=y, gx=gx, n=n))
     return gx

@@ -7,8 +7,8 @@
 
 template <typename T, int VEC, int G, int BLOCK>
 __global__ void __launch_bounds__(BLOCK)
-softmax_bwd_rows(const T* __restrict__ g, const T* __restrict__ y, T* __restrict__ gx, i64 nrows,
-                 i64 C, int log_mode) {
+softmax_bwd_rows(NBL_PARAMS_SOFTMAX_BWD) {  // inner == 1: outer rows
+    const i64 nrows = outer;
     typedef typename AccT<T>::type A;
     constexpr int R = BLOCK / G;
     constexpr int U = NBL_UNROLL2;
@@ -67,8 +67,7 @@ softmax_bwd_rows(const T* __restrict__ g, const T* __restrict__ y, T* __restrict
 
 template <typename T>
 __global__ void __launch_bounds__(256)
-softmax_bwd_cols(const T* __restrict__ g, const T* __restrict__ y, T* __restrict__ gx, i64 outer,
-                 i64 C, i64 inner, int log_mode) {
+softmax_bwd_cols(NBL_PARAMS_SOFTMAX_BWD) {
     typedef typename AccT<T>::type A;
     const i64 npos = outer * inner;
     const i64 plane = C * inner;

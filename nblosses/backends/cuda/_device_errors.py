@@ -1,0 +1,149 @@
+"""Class-index errors found on the device, reported without waiting for it.
+
+The class-loss kernels check every target themselves: a target outside ``[0, C)`` that is not
+``ignore_index`` is never used as an address, its position's loss and gradient become NaN, and
+the first such target is written to a small *error record* in device memory (4 int64: state,
+flat position, value, number of classes; one record per device, allocated and zeroed once).
+
+The host learns about it without a synchronisation:
+
+- after each launch that can record (:func:`after_launch`), an asynchronous copy of the record
+  into pinned host memory and an event are queued on the current stream;
+- :func:`poll_errors` (the front end calls it at the start of every call on this backend)
+  asks the event whether that copy is done (``cudaEventQuery``, never blocking); if it is and
+  the record is set, the record is cleared and ``IndexError`` is raised;
+- :func:`synchronize` waits for the device, then raises the same way.
+
+So a bad target raises at the next call (or at :func:`synchronize`), not at the call that had
+it, like an asynchronous CUDA error; ``validate="sync"`` in the front end keeps the eager check.
+
+Stream capture (CUDA graphs): nothing here touches the host while the current stream is
+capturing: kernels still record into the device record when the graph is replayed, and the next
+call outside the capture copies it back. The record of a device is allocated by the first call
+on that device; if that call is being captured, the launch gets no record (run one call before
+capturing, as CUDA graphs need anyway for the compile).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+#: int64 words of the record: state (0 clean, 1 being written, 2 complete), position, value, C.
+RECORD_WORDS = 4
+COMPLETE = 2
+_NBYTES = RECORD_WORDS * 8
+_D2H = 2  # cudaMemcpyDeviceToHost
+
+_LOCK = threading.Lock()
+_STATES: dict[int, "DeviceRecord"] = {}
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+class DeviceRecord:
+    """The error record of one device: device words, pinned host copy, completion event."""
+
+    __slots__ = ("device", "record", "host", "_pinned", "event", "pending")
+
+    def __init__(self, device: int) -> None:
+        cupy = _cupy()
+        self.device = device
+        self.record = cupy.zeros(RECORD_WORDS, cupy.int64)
+        self._pinned = cupy.cuda.alloc_pinned_memory(_NBYTES)
+        self.host = np.frombuffer(self._pinned, np.int64, RECORD_WORDS)
+        self.host[:] = 0
+        self.event = cupy.cuda.Event(block=False, disable_timing=True)
+        self.pending = False
+
+    def queue_copy(self, stream: Any) -> None:
+        """Queue the record's copy to the host and the event that says it is done."""
+        cupy = _cupy()
+        cupy.cuda.runtime.memcpyAsync(self.host.ctypes.data, self.record.data.ptr, _NBYTES,
+                                      _D2H, stream.ptr)
+        self.event.record(stream)
+        self.pending = True
+
+    def take(self, words) -> IndexError | None:
+        """The error described by ``words`` (clearing the record), or ``None`` if clean."""
+        if int(words[0]) != COMPLETE:
+            return None
+        value, n_classes = int(words[2]), int(words[3])
+        self.record.data.memset_async(0, _NBYTES)
+        self.host[:] = 0
+        self.pending = False
+        return IndexError(f"Target {value} is out of bounds (number of classes: {n_classes}).")
+
+
+def _capturing(stream: Any) -> bool:
+    try:
+        return bool(stream.is_capturing())
+    except Exception:  # querying is itself illegal in some capture modes: treat as capturing
+        return True
+
+
+def record_for_launch(stream: Any) -> Any:
+    """The current device's record (an int64 device array) for a kernel's ``err`` argument, or
+    ``None`` when it does not exist yet and ``stream`` is capturing."""
+    cupy = _cupy()
+    dev = cupy.cuda.runtime.getDevice()
+    st = _STATES.get(dev)
+    if st is None:
+        if _capturing(stream):
+            return None
+        with _LOCK:
+            st = _STATES.get(dev)
+            if st is None:
+                st = _STATES[dev] = DeviceRecord(dev)
+    return st.record
+
+
+def after_launch(stream: Any) -> None:
+    """Queue the non-blocking copy-back after a launch that may record (skipped in capture)."""
+    st = _STATES.get(_cupy().cuda.runtime.getDevice())
+    if st is not None and not _capturing(stream):
+        st.queue_copy(stream)
+
+
+def poll_errors() -> None:
+    """Raise ``IndexError`` for a bad class index a kernel recorded, if the device already said
+    so; never waits, and does nothing while the current stream is capturing."""
+    if not _STATES:
+        return
+    pending = [st for st in _STATES.values() if st.pending]
+    if not pending:
+        return
+    cupy = _cupy()
+    if _capturing(cupy.cuda.get_current_stream()):
+        return
+    for st in pending:
+        with cupy.cuda.Device(st.device):
+            if not st.event.done:
+                continue
+            st.pending = False
+            err = st.take(st.host)
+        if err is not None:
+            raise err
+
+
+def synchronize() -> None:
+    """Wait for every device that ran a class-loss kernel, then raise any recorded error."""
+    cupy = _cupy()
+    for st in list(_STATES.values()):
+        with cupy.cuda.Device(st.device):
+            cupy.cuda.Device(st.device).synchronize()
+            err = st.take(st.record.get())
+        if err is not None:
+            raise err
+
+
+def reset() -> None:
+    """Forget every record (tests)."""
+    with _LOCK:
+        _STATES.clear()
