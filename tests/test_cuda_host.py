@@ -1,0 +1,228 @@
+"""Host-side logic of the CUDA backend, tested without a device (fakes for CuPy's calls).
+
+- The deferred class-index error (``_device_errors``): a kernel's record reaches the host by an
+  asynchronous copy; ``poll_errors`` raises once that copy is done (never waiting), and
+  ``synchronize`` waits first; both clear the record after raising; nothing is queued or
+  queried while the stream is capturing.
+- The per-stream scratch of the single-launch reductions (``_scratch``): one zeroed buffer per
+  (device, stream), a fresh one per launch under capture.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import types
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cupy")
+
+from nblosses.backends.cuda import _device_errors as E  # noqa: E402
+from nblosses.backends.cuda import _scratch as S  # noqa: E402
+
+
+class FakeGPU:
+    """A queue of device work that runs only when told (``run``), like an asynchronous device."""
+
+    def __init__(self) -> None:
+        self.queue: list = []
+        self.done_ticks = 0
+        self.ticks = 0
+        self.capturing = False
+        self.syncs = 0
+        self.queries = 0
+
+    def enqueue(self, fn) -> int:
+        self.ticks += 1
+        self.queue.append(fn)
+        return self.ticks
+
+    def run(self) -> None:
+        for fn in self.queue:
+            fn()
+        self.queue.clear()
+        self.done_ticks = self.ticks
+
+
+class FakeDeviceArray:
+    def __init__(self, gpu: FakeGPU, n: int, dtype) -> None:
+        self.mem = np.zeros(n, dtype)
+        self.nbytes = self.mem.nbytes
+        gpu_ = gpu
+
+        class Data:
+            ptr = self.mem.ctypes.data
+
+            @staticmethod
+            def memset_async(value, size, stream=None):
+                gpu_.enqueue(lambda: ctypes.memset(self.mem.ctypes.data, value, size))
+
+        self.data = Data()
+
+    def get(self):
+        return self.mem.copy()
+
+
+def fake_cupy(gpu: FakeGPU):
+    stream = types.SimpleNamespace(ptr=7, is_capturing=lambda: gpu.capturing)
+
+    class Event:
+        def __init__(self, block=False, disable_timing=True) -> None:
+            self.tick = 0
+
+        def record(self, stream=None) -> None:
+            self.tick = gpu.ticks
+
+        @property
+        def done(self) -> bool:
+            assert not gpu.capturing, "event queried during capture"
+            gpu.queries += 1
+            return gpu.done_ticks >= self.tick
+
+    def memcpy_async(dst, src, n, kind, stream_ptr):
+        assert kind == 2
+        gpu.enqueue(lambda: ctypes.memmove(dst, src, n))
+
+    class Device:
+        def __init__(self, i=0) -> None:
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def synchronize(self):
+            gpu.syncs += 1
+            gpu.run()
+
+    runtime = types.SimpleNamespace(getDevice=lambda: 0, memcpyAsync=memcpy_async)
+    cuda = types.SimpleNamespace(runtime=runtime, Event=Event, Device=Device,
+                                 alloc_pinned_memory=lambda n: bytearray(n),
+                                 get_current_stream=lambda: stream)
+    return types.SimpleNamespace(
+        int64=np.int64, float64=np.float64, cuda=cuda,
+        zeros=lambda n, dt: FakeDeviceArray(gpu, n, dt),
+        empty=lambda n, dt: FakeDeviceArray(gpu, n, dt)), stream
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    g = FakeGPU()
+    cp, stream = fake_cupy(g)
+    monkeypatch.setattr(E, "_cupy", lambda: cp)
+    E.reset()
+    g.cupy, g.stream = cp, stream
+    yield g
+    E.reset()
+
+
+def kernel_records(gpu: FakeGPU, record, state=E.COMPLETE, pos=5, value=-3, C=10) -> None:
+    """A launch that finds a bad target: queued, runs with the device."""
+    def write():
+        record.mem[:] = (state, pos, value, C)
+    gpu.enqueue(write)
+
+
+def launch(gpu: FakeGPU, bad: bool, **kw):
+    rec = E.record_for_launch(gpu.stream)
+    if bad:
+        kernel_records(gpu, rec, **kw)
+    E.after_launch(gpu.stream)
+    return rec
+
+
+def test_poll_raises_after_the_device_ran_and_never_waits(gpu):
+    launch(gpu, bad=True)
+    E.poll_errors()  # the device has not run: nothing known yet, and no wait
+    assert gpu.syncs == 0 and gpu.queries == 1
+    gpu.run()
+    with pytest.raises(IndexError, match=r"Target -3 is out of bounds \(number of classes: 10\)"):
+        E.poll_errors()
+    gpu.run()  # the reset queued by the raise
+    E.poll_errors()  # raised once only
+    launch(gpu, bad=False)
+    gpu.run()
+    E.poll_errors()
+
+
+def test_clean_launches_stop_querying(gpu):
+    launch(gpu, bad=False)
+    gpu.run()
+    E.poll_errors()
+    q = gpu.queries
+    E.poll_errors()
+    assert gpu.queries == q  # nothing pending: no event query at all
+
+
+def test_synchronize_waits_then_raises_and_clears(gpu):
+    launch(gpu, bad=True, value=12, C=4)
+    with pytest.raises(IndexError, match=r"Target 12 is out of bounds \(number of classes: 4\)"):
+        E.synchronize()
+    assert gpu.syncs == 1
+    E.synchronize()  # the record was cleared
+    gpu.run()
+    E.poll_errors()
+
+
+def test_a_record_being_written_is_not_reported(gpu):
+    launch(gpu, bad=True, state=1)
+    gpu.run()
+    E.poll_errors()
+
+
+def test_nothing_touches_the_host_while_capturing(gpu):
+    rec = launch(gpu, bad=False)
+    gpu.run()
+    E.poll_errors()
+    gpu.capturing = True
+    kernel_records(gpu, rec)
+    E.after_launch(gpu.stream)  # no copy queued under capture
+    E.poll_errors()  # no query (the fake event asserts)
+    gpu.run()
+    gpu.capturing = False
+    E.poll_errors()  # no copy was queued: nothing known yet
+    launch(gpu, bad=False)  # the next launch outside the capture copies the record back
+    gpu.run()
+    with pytest.raises(IndexError):
+        E.poll_errors()
+
+
+def test_first_launch_under_capture_gets_no_record(gpu):
+    gpu.capturing = True
+    assert E.record_for_launch(gpu.stream) is None
+    gpu.capturing = False
+    assert E.record_for_launch(gpu.stream) is not None
+
+
+# ----------------------------------------------------------------------------- scratch
+@pytest.fixture
+def scratch_cupy(monkeypatch):
+    import cupy
+
+    g = FakeGPU()
+    cp, _ = fake_cupy(g)
+    monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 0)
+    monkeypatch.setattr(cupy, "empty", cp.empty)
+    monkeypatch.setattr(S, "_BUFFERS", {})
+    monkeypatch.setattr(S, "_CAPTURED", [])
+    return g
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_scratch_per_stream(scratch_cupy, capturing):
+    g = scratch_cupy
+    s1 = types.SimpleNamespace(ptr=1, is_capturing=lambda: capturing)
+    s2 = types.SimpleNamespace(ptr=2, is_capturing=lambda: capturing)
+    a, b, a2 = S.scratch(s1, 4), S.scratch(s2, 4), S.scratch(s1, 4)
+    assert a is not b
+    assert (a is a2) != capturing  # under capture every launch gets its own buffer
+    g.run()  # the zero-fill is queued on the stream (captured into the graph under capture)
+    assert not a.buf.mem.any()
+    blocks = S.max_blocks(4)
+    assert a.buf.nbytes >= 8 * (2 * blocks + 5)
+    assert int(a.scal) - int(a.part) == 16 * blocks
+    assert int(a.counter) + 4 <= int(a.part) + a.buf.nbytes
+    assert len(S._CAPTURED) == (3 if capturing else 0)
