@@ -681,3 +681,142 @@ def test_device_binary_loss_paths(dtype):
                 _close(got[0], want[0], dtype, f"bcel {shape} {reduction} loss")
                 _close(got[1], want[1], dtype, f"bcel {shape} {reduction} grad")
 
+
+
+def _ce_kernel(x, t, weight=None, **kw):
+    from nblosses.backends.cuda import class_losses
+
+    args = dict(ignore_index=-100, label_smoothing=0.0, reduction="mean", want_grad=True,
+                grad_output=1.0, grad_buffer=None)
+    args.update(kw)
+    return class_losses.cross_entropy(x, t, weight, **args)
+
+
+@pytest.mark.cuda
+@needs_device
+def test_device_cross_entropy_graph_capture_and_replay():
+    """cross_entropy with a gradient buffer is captured by CuPy's stream capture and replayed:
+    no host synchronisation, no device-to-host copy inside the call."""
+    from nblosses.backends.cuda import _device_errors
+
+    rng = np.random.default_rng(7)
+    n, C = 64, 1000
+    xs = [rng.standard_normal((n, C, 1)).astype(np.float32) for _ in range(3)]
+    t_host = rng.integers(0, C, (n, 1))
+    t_host[0] = -100
+    x = cupy.asarray(xs[0])
+    t = cupy.asarray(t_host)
+    gbuf = cupy.empty_like(x)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        _ce_kernel(x, t, grad_buffer=gbuf)  # compile, scratch and error record before capture
+        stream.synchronize()
+        stream.begin_capture()
+        _device_errors.poll_errors()  # the front end's per-call poll: a no-op under capture
+        loss, g = _ce_kernel(x, t, grad_buffer=gbuf)
+        graph = stream.end_capture()
+    assert g is gbuf
+    for xh in xs[1:]:
+        x.set(xh)
+        graph.launch(stream=stream)
+        stream.synchronize()
+        want = nblosses.functional.cross_entropy(xh[..., 0], t_host[:, 0], return_grad=True,
+                                                 backend="cpu")
+        _close(loss, want[0], np.float32, "graph loss")
+        _close(gbuf[..., 0], want[1], np.float32, "graph grad")
+    _device_errors.synchronize()
+
+
+@pytest.mark.parametrize("shape", [(8, 10, 1), (4, 40000, 1), (3, 7, 5)])
+@pytest.mark.cuda
+@needs_device
+def test_device_bad_target_is_deferred(shape):
+    """A class index outside [0, C): NaN loss and gradient at its position, IndexError at the
+    next poll once the device is done (and at synchronize), raised once."""
+    from nblosses.backends.cuda import _device_errors, class_losses
+
+    _device_errors.synchronize()
+    n, C, inner = shape
+    rng = np.random.default_rng(8)
+    x = cupy.asarray(rng.standard_normal(shape).astype(np.float32))
+    t_host = rng.integers(0, C, (n, inner))
+    t_host[1, 0] = C + 5
+    t = cupy.asarray(t_host)
+    loss, g = _ce_kernel(x, t, reduction="none")
+    cupy.cuda.get_current_stream().synchronize()
+    assert bool(cupy.isnan(loss[1, 0])) and int(cupy.isnan(loss).sum()) == 1
+    assert bool(cupy.isnan(g[1, :, 0]).all()) and int(cupy.isnan(g).sum()) == C
+    with pytest.raises(IndexError, match=rf"Target {C + 5} is out of bounds"):
+        _device_errors.poll_errors()
+    _device_errors.poll_errors()  # once only
+    loss, _ = class_losses.nll_loss(x, t, None, ignore_index=-100, reduction="mean",
+                                    want_grad=True, grad_output=1.0, grad_buffer=None)
+    with pytest.raises(IndexError, match=rf"Target {C + 5} is out of bounds"):
+        _device_errors.synchronize()
+    assert bool(cupy.isnan(loss))
+    _device_errors.synchronize()
+
+
+def _torch_reference(x, t, weight, eps, reduction, z, cap, probs):
+    torch = pytest.importorskip("torch")
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    xc = cap * torch.tanh(xt / cap) if cap else xt
+    lse = torch.logsumexp(xc, dim=1)
+    w = None if weight is None else torch.tensor(weight, dtype=torch.float64)
+    tt = torch.tensor(t) if not probs else torch.tensor(t, dtype=torch.float64)
+    ce = torch.nn.functional.cross_entropy(xc, tt, w, ignore_index=-100, label_smoothing=eps,
+                                           reduction="none")
+    valid = torch.ones_like(lse) if probs else (tt != -100).double()
+    per = ce + z * lse ** 2 * valid
+    if reduction == "none":
+        loss = per
+    elif reduction == "sum":
+        loss = per.sum()
+    else:
+        if probs:
+            d = float(per.numel())
+        else:
+            d = (valid * (w[tt.clamp(min=0)] if w is not None else 1.0)).sum()
+        loss = per.sum() / d
+    loss.backward(torch.ones_like(loss))
+    return loss.detach().numpy(), xt.grad.numpy(), lse.detach().numpy()
+
+
+@pytest.mark.parametrize("shape", [(16, 10, 1), (8, 1000, 1), (4, 40000, 1), (3, 6, 5)])
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.cuda
+@needs_device
+def test_device_cross_entropy_options(shape, probs):
+    """z_loss, softcap and lse_out against torch composites in float64 (the contract's
+    reference), for every kernel path, reduction, weights and label smoothing."""
+    from nblosses.backends.cuda import class_losses
+
+    rng = np.random.default_rng(9)
+    n, C, inner = shape
+    x = (rng.standard_normal(shape) * 4).astype(np.float64)
+    if probs:
+        t = rng.random(shape)
+        t /= t.sum(axis=1, keepdims=True)
+    else:
+        t = rng.integers(0, C, (n, inner))
+        t[0, 0] = -100
+    w = rng.random(C) + 0.5
+    for reduction in ("mean", "sum", "none"):
+        for weight in (None, w):
+            for eps, z, cap in ((0.0, 1e-3, 0.0), (0.1, 0.0, 5.0), (0.1, 2e-3, 3.0)):
+                lse = cupy.empty((n, inner), np.float64)
+                kw = dict(label_smoothing=eps, reduction=reduction, want_grad=True,
+                          grad_output=(cupy.ones((n, inner)) if reduction == "none" else 1.0),
+                          grad_buffer=None, z_loss=z, softcap=cap, lse_out=lse)
+                cw = None if weight is None else cupy.asarray(weight)
+                if probs:
+                    loss, g = class_losses.cross_entropy_probs(cupy.asarray(x), cupy.asarray(t),
+                                                               cw, **kw)
+                else:
+                    loss, g = class_losses.cross_entropy(cupy.asarray(x), cupy.asarray(t), cw,
+                                                         ignore_index=-100, **kw)
+                want = _torch_reference(x, t, weight, eps, reduction, z, cap, probs)
+                what = f"{shape} probs={probs} {reduction} w={weight is not None} {eps, z, cap}"
+                _close(loss, want[0], np.float64, what + " loss")
+                _close(g, want[1], np.float64, what + " grad")
+                _close(lse, want[2], np.float64, what + " lse")
