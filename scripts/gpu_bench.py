@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""nblosses (backend "cuda") against torch on one GPU, for the shapes of /work/shared/anchors.md.
+"""nblosses (backend "cuda") against torch on one GPU, for the project's anchor shapes.
 
 Timing: CUDA events around each call on the default stream, 3 warm-up calls, median of
 ``--iters`` timed calls; every input is larger than the L2 cache. "% copy" = effective bytes /
-time against a measured device-to-device copy (bytes read + written), as in anchors.md:
+time against a measured device-to-device copy (bytes read + written):
 softmax reads and writes the array, cross-entropy forward reads the logits, forward+backward
 ideally reads the logits once and writes the gradient once, BCE-with-logits reads input and
 target.
@@ -13,7 +13,10 @@ Rows for nblosses:
   indices syncs once per call in ``_args.check_targets`` to validate the targets);
 - ``kernel``: the registered cuda kernel called with canonical arguments (no checks, no sync);
 - ``in-place``: forward+backward with ``grad_buffer=`` the logits (no extra memory).
-CuPy 14 has no bfloat16 arrays, so nblosses runs the bf16 anchors in float16 (same bytes).
+bfloat16 inputs reach nblosses through DLPack (``cupy.from_dlpack`` of a torch bfloat16 tensor,
+CuPy >= 14.2 with ml_dtypes); where that fails the row runs float16 (same bytes) and says so.
+``host`` rows: host time of one call queued behind ~100 ms of GPU work (``torch.cuda._sleep``):
+about 0 when the call does not wait for the GPU.
 
 Usage: python scripts/gpu_bench.py [--iters 15] [--quick]
 """
@@ -81,7 +84,15 @@ def copy_bandwidth(iters: int) -> float:
 
 
 TORCH_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CUPY_DT = {"fp32": cupy.float32, "bf16": cupy.float16, "fp16": cupy.float16}
+
+
+def nbl_array(shape, dt):
+    """A standard-normal CuPy array of ``dt`` and the dtype label nblosses really runs."""
+    xt = torch.randn(shape, device="cuda", dtype=TORCH_DT[dt])
+    try:
+        return cupy.from_dlpack(xt), dt
+    except Exception:  # no bfloat16 in this CuPy: same bytes in float16
+        return cupy.asarray(xt.float().cpu().numpy()).astype(cupy.float16), "fp16"
 
 
 def cases(quick: bool):
@@ -120,10 +131,10 @@ def bench_softmax(shape, dt, iters, bw):
     xt = torch.randn(shape, device="cuda", dtype=TORCH_DT[dt])
     t_ms = safe(lambda: time_torch(lambda: torch.softmax(xt, dim=1), iters))
     del xt
-    xc = cupy.random.standard_normal(shape, dtype=cupy.float32).astype(CUPY_DT[dt])
+    xc, ndt = nbl_array(shape, dt)
     n_ms = safe(lambda: time_cupy(lambda: F.softmax(xc, dim=1), iters))
     nbytes = 2 * xc.nbytes
-    row("softmax", shape, dt, "fp16" if dt == "bf16" else dt, t_ms, n_ms, nbytes, bw)
+    row("softmax", shape, dt, ndt, t_ms, n_ms, nbytes, bw)
     del xc
     _free()
 
@@ -146,22 +157,26 @@ def bench_ce(kind, shape, dt, ls, iters, bw):
         del xr
     del xt, tt
     torch.cuda.empty_cache()
-    xc = cupy.random.standard_normal(shape, dtype=cupy.float32).astype(CUPY_DT[dt])
+    xc, ndt = nbl_array(shape, dt)
     tc = cupy.random.randint(0, c, (n,)).astype(cupy.int64)
     want = kind != "fwd"
     nbytes = xc.nbytes * (2 if want else 1)
-    ndt = "fp16" if dt == "bf16" else dt
     label = f"cross_entropy {kind}" + (f" ls={ls}" if ls else "")
     api = safe(lambda: time_cupy(lambda: F.cross_entropy(xc, tc, label_smoothing=ls,
                                                          return_grad=want), iters))
     row(label + " (api)", shape, dt, ndt, t_ms, api, nbytes, bw)
-    kern = R.get_kernel("cross_entropy", "cuda")
+    kern = R.load("cuda").kernel("cross_entropy")
     x3, t2 = xc.reshape(n, c, 1), tc.reshape(n, 1)
-    k_ms = safe(lambda: time_cupy(lambda: kern(x3, t2, None, ignore_index=-100,
-                                               label_smoothing=ls, reduction="mean",
-                                               want_grad=want, grad_output=1.0 if want else None,
-                                               grad_buffer=None), iters))
+    base = dict(ignore_index=-100, label_smoothing=ls, reduction="mean", want_grad=want,
+                grad_output=1.0 if want else None, grad_buffer=None)
+    k_ms = safe(lambda: time_cupy(lambda: kern(x3, t2, None, **base), iters))
     row(label + " (kernel)", shape, dt, ndt, t_ms, k_ms, nbytes, bw)
+    if want and not ls:  # the EXT instantiation: z-loss, softcap and lse_out fused
+        lse = cupy.empty((n, 1), xc.dtype)
+        e_ms = safe(lambda: time_cupy(lambda: kern(x3, t2, None, z_loss=1e-4, softcap=30.0,
+                                                   lse_out=lse, **base), iters))
+        row(label + " z+cap+lse (kernel)", shape, dt, ndt, t_ms, e_ms, nbytes, bw)
+        del lse
     if want:
         xi = xc.copy()  # overwritten by its gradient at every call: same work, no extra memory
         i_ms = safe(lambda: time_cupy(lambda: F.cross_entropy(xi, tc, label_smoothing=ls,
@@ -185,6 +200,30 @@ def bench_bce_logits(shape, iters, bw):
     row("bce_with_logits fwd (api)", shape, "fp32", "fp32", t_ms, n_ms, 2 * xc.nbytes, bw)
     del xc, yc
     _free()
+
+
+def host_behind_queue():
+    """Host ms of one call queued behind ~100 ms of GPU work (0-ish: asynchronous)."""
+    x = cupy.random.standard_normal((32, 1000), dtype=cupy.float32)
+    t = cupy.random.randint(0, 1000, (32,)).astype(cupy.int64)
+    calls = {"softmax": lambda: F.softmax(x, dim=1),
+             "cross_entropy": lambda: F.cross_entropy(x, t),
+             "cross_entropy return_grad": lambda: F.cross_entropy(x, t, return_grad=True),
+             "cross_entropy kernel": lambda: R.load("cuda").kernel("cross_entropy")(
+                 x.reshape(32, 1000, 1), t.reshape(32, 1), None, ignore_index=-100,
+                 label_smoothing=0.0, reduction="mean", want_grad=False, grad_output=None,
+                 grad_buffer=None)}
+    stream = torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr)
+    for name, fn in calls.items():
+        fn()
+        cupy.cuda.Device().synchronize()
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(200_000_000)  # ~100 ms at ~2 GHz
+        t0 = time.perf_counter()
+        safe(fn)
+        host = (time.perf_counter() - t0) * 1e3
+        cupy.cuda.Device().synchronize()
+        print(f"host ms of {name} behind ~100 ms of queued GPU work: {host:.2f}")
 
 
 def _free():
@@ -240,7 +279,7 @@ def main():
         bench_ce(kind, shape, dt, ls, args.iters, bw)
     if not args.quick:
         bench_bce_logits((8192, 32768), args.iters, bw)
-    print("(nbl dtype fp16 where torch runs bf16: CuPy 14 has no bfloat16 arrays)")
+    safe(host_behind_queue)
     try:
         first_call()
     except Exception as exc:

@@ -237,3 +237,4 @@ def warm_cache(dtypes=("float16", "float32", "float64"), sources=K.SOURCES,
     chunks = [tasks[i::jobs] for i in range(jobs)]  # round robin: heavy kernels spread out
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         return sum(pool.map(_warm_chunk, chunks))
+
