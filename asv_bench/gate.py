@@ -8,12 +8,12 @@ continuous -f 1.2 -b '^gate\\.' A B`` compares two commits with the settings bel
 
 # ruff: noqa: RUF012  (asv reads params / param_names as plain class-level lists)
 
-from .common import LAYOUTS
-from .layouts import LAYOUT_OPS, Layouts
+# The module, not the class: asv would list a class imported here as gate.Layouts too.
+from . import layouts
 
 
-class Gate(Layouts):
-    params = [LAYOUT_OPS, list(LAYOUTS), ["float32"]]
+class Gate(layouts.Layouts):
+    params = [layouts.LAYOUT_OPS, list(layouts.LAYOUTS), ["float32"]]
     # A sample lasts >= 20 ms; 3-8 samples in each of 2 rounds, at most ~1 s per benchmark.
     sample_time = 0.02
     repeat = (3, 8, 1.0)
