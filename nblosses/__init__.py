@@ -15,10 +15,14 @@ from ._registry import (
     Runtime,
     available_backends,
     get_backend,
+    get_validation,
     register_backend,
     set_backend,
+    set_validation,
+    synchronize,
     unregister_backend,
     use_backend,
+    use_validation,
 )
 from .errors import BackendUnavailableError, UnknownBackendError, UnsupportedOpError
 
@@ -33,9 +37,13 @@ __all__ = [
     "available_backends",
     "functional",
     "get_backend",
+    "get_validation",
     "nn",
     "register_backend",
     "set_backend",
+    "set_validation",
+    "synchronize",
     "unregister_backend",
     "use_backend",
+    "use_validation",
 ]

@@ -1,8 +1,10 @@
 """Argument validation and canonical forms, shared by every backend.
 
-Everything torch checks before computing is checked here, once, with the exceptions of
-design.md's error table; backends receive only canonical arguments (see
-:mod:`nblosses.backends`). Nothing here writes to a caller's array.
+Everything torch checks before computing is checked here, once, with torch's exceptions and
+wording; backends receive only canonical arguments (see :mod:`nblosses.backends`). The option
+checks (``check_*``) are named by the op table (:mod:`nblosses._ops`) and run once per call; the
+shape and dtype checks need only array metadata, so the Dask front end runs the same ones on
+lazy arrays. Nothing here writes to a caller's array.
 """
 
 from __future__ import annotations
@@ -16,22 +18,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._registry import Runtime as Backend
+from ._registry import get_validation
 
 REDUCTIONS = ("none", "mean", "sum")
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# Frames of the package's files and of the functions generated from the op table.
+_OWN_FILES = (os.path.dirname(os.path.abspath(__file__)) + os.sep, "<nblosses.")
 
 
 def warn_at_caller(message: str) -> None:
     """``UserWarning`` attributed to the first frame outside nblosses (the user's line), however
     deep inside the package (wrappers, modules, dask) it is raised."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_FILES):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
 
 
 # ----------------------------------------------------------------------------- dtypes
-def _is_float(dtype: Any) -> bool:
+def is_float(dtype: Any) -> bool:
+    """Whether ``dtype`` is a floating-point dtype (bfloat16 from ml_dtypes included)."""
     # kind first: dtype.name is slow (it is rebuilt on every access)
     return dtype.kind == "f" or (dtype.kind == "V" and dtype.name == "bfloat16")
 
@@ -45,7 +50,7 @@ def compute_dtype(be: Backend, dtype: Any, what: str = "input") -> Any:
         return _COMPUTE[be.native_dtypes, dtype]
     except KeyError:
         pass
-    if not _is_float(dtype):
+    if not is_float(dtype):
         raise TypeError(f"{what} must be a floating-point array, got dtype {dtype.name}")
     result = dtype if dtype.name in be.native_dtypes else be.xp.dtype("float32")
     _COMPUTE[be.native_dtypes, dtype] = result
@@ -89,6 +94,67 @@ def reduction_from(size_average: Any, reduce: Any, reduction: str) -> str:
     return reduction
 
 
+# ----------------------------------------------------------------------------- option checks
+def check_ignore_index(op: str, value: Any) -> int:
+    """``ignore_index`` as a Python int (any integer type; not bool)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: ignore_index must be an integer, got {value!r}") from None
+
+
+def _real(op: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)  # NumPy / 0-d array scalars
+        except (TypeError, ValueError):
+            raise TypeError(f"{op}: {name} must be a real number, got {value!r}") from None
+    return float(value)
+
+
+def check_label_smoothing(op: str, value: Any) -> float:
+    """``label_smoothing`` in ``[0, 1]`` as a float."""
+    eps = _real(op, "label_smoothing", value)
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {value}")
+    return eps
+
+
+def check_z_loss(op: str, value: Any) -> float:
+    """``z_loss``: a finite float >= 0."""
+    z = _real(op, "z_loss", value)
+    if not (math.isfinite(z) and z >= 0.0):
+        raise ValueError(f"{op}: z_loss must be a finite number >= 0, got {value!r}")
+    return z
+
+
+def check_softcap(op: str, value: Any) -> float:
+    """``softcap``: ``None`` (off, 0.0 for the kernels) or a finite float > 0."""
+    if value is None:
+        return 0.0
+    c = _real(op, "softcap", value)
+    if not (math.isfinite(c) and c > 0.0):
+        raise ValueError(f"{op}: softcap must be None or a finite number > 0, got {value!r}")
+    return c
+
+
+VALIDATION_MODES = ("async", "sync")
+
+
+def check_validate(op: str, value: Any) -> str:
+    """``validate``: ``"async"`` or ``"sync"``; ``None`` means the current default."""
+    if value is None:
+        return get_validation()
+    if value not in VALIDATION_MODES:
+        raise ValueError(f"{op}: validate must be one of {', '.join(VALIDATION_MODES)} or None, "
+                         f"got {value!r}")
+    return value
+
+
 # ----------------------------------------------------------------------------- softmax family
 def implicit_dim(ndim: int) -> int:
     """torch's legacy softmax axis when ``dim`` is not given: 0 for ndim 0, 1, 3, else 1."""
@@ -122,69 +188,93 @@ def split_shape(shape: tuple[int, ...], dim: int) -> tuple[int, int, int]:
     return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
 
 
-@dataclass
-class SoftmaxArgs:
-    """Canonical softmax-family call: ``x3`` is ``(outer, C, inner)``."""
+@dataclass(frozen=True)
+class ArrayArgs:
+    """Canonical arrays of an activation-type call, with the shape and dtype to return."""
 
-    x3: Any
+    arrays: tuple[Any, ...]  # (outer, C, inner) views for the softmax family, flat otherwise
     shape: tuple[int, ...]
-    out_dtype: Any
+    dtype: Any
 
 
-def softmax_args(be: Backend, name: str, input: Any, dim: Any, dtype: Any) -> SoftmaxArgs:
-    """Validate and canonicalise ``softmax`` / ``log_softmax`` arguments."""
-    x = as_array(be, input, "input")
-    if dtype is not None:
-        dtype = be.xp.dtype(dtype)
-        x = x.astype(dtype, copy=False)
-    if not _is_float(x.dtype):
+def check_softmax_input(be: Backend, name: str, x: Any, dim: Any) -> int:
+    """Metadata checks of a softmax-family input; returns the normalised ``dim``."""
+    if not is_float(x.dtype):
         raise TypeError(f"{name}: input must be a floating-point array (or pass dtype=), "
                         f"got dtype {x.dtype.name}")
     d = softmax_dim(name, x.ndim, dim)
-    cdt = compute_dtype(be, x.dtype)
-    x3 = to_compute(be, x, cdt).reshape(split_shape(x.shape, d))
-    return SoftmaxArgs(x3, x.shape, x.dtype)
+    compute_dtype(be, x.dtype)
+    return d
 
 
-def softmax_backward_args(be: Backend, name: str, grad_output: Any, output: Any, dim: Any):
-    """Canonical ``(g3, y3, shape, dtype)`` for the softmax-family backwards."""
+def softmax_args(be: Backend, name: str, input: Any, dim: Any, dtype: Any) -> ArrayArgs:
+    """Validate and canonicalise ``softmax`` / ``log_softmax`` arguments."""
+    x = as_array(be, input, "input")
+    if dtype is not None:
+        x = x.astype(be.xp.dtype(dtype), copy=False)
+    d = check_softmax_input(be, name, x, dim)
+    x3 = to_compute(be, x, compute_dtype(be, x.dtype)).reshape(split_shape(x.shape, d))
+    return ArrayArgs((x3,), tuple(x.shape), x.dtype)
+
+
+def check_same_shape(name: str, g: Any, y: Any, what: str = "output") -> None:
+    """ValueError naming both shapes when ``grad_output`` and ``what`` differ."""
+    if tuple(g.shape) != tuple(y.shape):
+        raise ValueError(f"{name}: grad_output shape {tuple(g.shape)} does not match {what} "
+                         f"shape {tuple(y.shape)}")
+
+
+def check_backward_dtypes(be: Backend, name: str, g: Any, y: Any) -> Any:
+    """Compute dtype of a backward call (from ``output``); ``grad_output`` must be float."""
+    cdt = compute_dtype(be, y.dtype, "output")
+    if not is_float(g.dtype):
+        raise TypeError(f"{name}: grad_output must be floating point, got {g.dtype.name}")
+    return cdt
+
+
+def softmax_backward_args(be: Backend, name: str, grad_output: Any, output: Any,
+                          dim: Any) -> ArrayArgs:
+    """Canonical ``(g3, y3)`` for the softmax-family backwards."""
     y = as_array(be, output, "output")
     g = as_array(be, grad_output, "grad_output")
-    if g.shape != y.shape:
-        raise ValueError(f"{name}: grad_output shape {tuple(g.shape)} does not match output "
-                         f"shape {tuple(y.shape)}")
-    cdt = compute_dtype(be, y.dtype, "output")
-    if not _is_float(g.dtype):
-        raise TypeError(f"{name}: grad_output must be floating point, got {g.dtype.name}")
-    d = softmax_dim(name, y.ndim, dim)
-    s3 = split_shape(y.shape, d)
-    return to_compute(be, g, cdt).reshape(s3), to_compute(be, y, cdt).reshape(s3), y.shape, y.dtype
+    check_same_shape(name, g, y)
+    cdt = check_backward_dtypes(be, name, g, y)
+    s3 = split_shape(y.shape, softmax_dim(name, y.ndim, dim))
+    return ArrayArgs((to_compute(be, g, cdt).reshape(s3), to_compute(be, y, cdt).reshape(s3)),
+                     tuple(y.shape), y.dtype)
 
 
-def elementwise_args(be: Backend, name: str, *arrays: Any):
-    """Flat compute-dtype copies of same-shaped float arrays, plus shape and dtype."""
+def elementwise_args(be: Backend, name: str, *arrays: Any) -> ArrayArgs:
+    """Flat compute-dtype arrays of same-shaped float arrays (sigmoid and its gradient)."""
     xs = [as_array(be, a, "input") for a in arrays]
-    shape, dtype = xs[0].shape, xs[0].dtype
-    cdt = compute_dtype(be, dtype)
-    for a in xs[1:]:
-        if a.shape != shape:
-            raise ValueError(f"{name}: shapes {tuple(shape)} and {tuple(a.shape)} differ")
-        compute_dtype(be, a.dtype, "grad_output")
-    return [to_compute(be, a, cdt).reshape(-1) for a in xs], shape, dtype
+    if len(xs) == 2:
+        check_same_shape(name, xs[0], xs[1])
+        cdt = check_backward_dtypes(be, name, xs[0], xs[1])
+    else:
+        cdt = compute_dtype(be, xs[0].dtype)
+    return ArrayArgs(tuple(to_compute(be, a, cdt).reshape(-1) for a in xs),
+                     tuple(xs[-1].shape), xs[-1].dtype)
 
 
 # ----------------------------------------------------------------------------- class losses
-@dataclass
+@dataclass(frozen=True)
+class ClassLossLayout:
+    """What a class-loss call's metadata says: target kind and shapes."""
+
+    probs: bool  # probability targets (the input's shape) rather than class indices
+    input_shape: tuple[int, ...]
+    shape3: tuple[int, int, int]  # the input as (N, C, inner)
+    loss_shape: tuple[int, ...]  # shape of the unreduced loss
+
+
+@dataclass(frozen=True)
 class ClassLossArgs:
-    """Canonical class-loss call (see the kernel protocol in :mod:`nblosses.backends`)."""
+    """Canonical class-loss arrays (see the kernel protocol in :mod:`nblosses.backends`)."""
 
     x3: Any
     target: Any  # (N, inner) int64, or (N, C, inner) probabilities
     weight: Any
-    probs: bool
-    reduction: str
-    input_shape: tuple[int, ...]
-    loss_shape: tuple[int, ...]  # shape of the unreduced loss
+    layout: ClassLossLayout
     dtype: Any  # the caller's input dtype: results are returned in it
 
 
@@ -194,83 +284,85 @@ def _canonical_input(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     return split_shape(input_shape, 1)
 
 
-def class_loss_args(
-    be: Backend,
-    name: str,
-    input: Any,
-    target: Any,
-    weight: Any,
-    ignore_index: Any,
-    reduction: str,
-    label_smoothing: float = 0.0,
-    allow_probs: bool = False,
-) -> ClassLossArgs:
-    """Validate ``nll_loss`` / ``cross_entropy`` arguments and bring them to canonical form."""
+def class_loss_args(be: Backend, name: str, input: Any, target: Any, weight: Any,
+                    ignore_index: int, *, allow_probs: bool, check_indices: bool) -> ClassLossArgs:
+    """Validate ``nll_loss`` / ``cross_entropy`` arrays and bring them to canonical form.
+
+    ``check_indices``: check class indices here, eagerly (a device backend whose kernels check
+    them asynchronously passes ``False`` unless the caller asked for ``validate="sync"``).
+    """
     x = as_array(be, input, "input")
     t = as_array(be, target, "target")
     w = None if weight is None else as_array(be, weight, "weight")
-    ignore_index, probs, loss_shape = check_class_loss(be, name, x, t, w, ignore_index,
-                                                       label_smoothing, allow_probs)
+    layout = check_class_loss(be, name, x, t, w, ignore_index, allow_probs)
     cdt = compute_dtype(be, x.dtype)
-    shape3 = _canonical_input(x.shape)
-    if probs:
-        target_c = to_compute(be, t, cdt).reshape(shape3)
+    if layout.probs:
+        target_c = to_compute(be, t, cdt).reshape(layout.shape3)
     else:
-        target_c = be.xp.ascontiguousarray(t.astype("int64", copy=False)).reshape(shape3[0],
-                                                                                  shape3[2])
-        check_targets(be, target_c, shape3[1], ignore_index)
+        n, c, inner = layout.shape3
+        target_c = be.xp.ascontiguousarray(t.astype("int64", copy=False)).reshape(n, inner)
+        if check_indices:
+            check_targets(be, target_c, c, ignore_index)
     if w is not None:
         w = to_compute(be, w, cdt)
-    x3 = to_compute(be, x, cdt).reshape(shape3)
-    return ClassLossArgs(x3, target_c, w, probs, reduction, tuple(x.shape), loss_shape, x.dtype)
+    x3 = to_compute(be, x, cdt).reshape(layout.shape3)
+    return ClassLossArgs(x3, target_c, w, layout, x.dtype)
 
 
-def check_class_loss(be: Backend, name: str, x: Any, t: Any, w: Any, ignore_index: Any,
-                     label_smoothing: Any, allow_probs: bool) -> tuple[int, bool, tuple]:
+def check_class_loss(be: Backend, name: str, x: Any, t: Any, w: Any, ignore_index: int,
+                     allow_probs: bool) -> ClassLossLayout:
     """Every class-loss check that needs only dtypes and shapes (so dask arrays pass through
-    it unevaluated). Returns ``(ignore_index as int, probability targets?, loss shape)``."""
-    if not _is_float(x.dtype):
+    it unevaluated)."""
+    if not is_float(x.dtype):
         raise TypeError(f"{name}: input must be a floating-point array, got dtype {x.dtype.name}")
     if x.ndim < 1:
         raise ValueError(f"{name}: input must have 1 or more dimensions (got 0)")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        try:
-            ignore_index = operator.index(ignore_index)
-        except TypeError:
-            raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}") from None
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     compute_dtype(be, x.dtype)
-    n_classes = _canonical_input(x.shape)[1]
+    shape3 = _canonical_input(tuple(x.shape))
     loss_shape = tuple(x.shape[:1] + x.shape[2:]) if x.ndim > 1 else ()
-    probs = allow_probs and tuple(t.shape) == tuple(x.shape)
+    # A target of the input's shape, or a float one of its rank, is meant as class
+    # probabilities: tell what is wrong with it in those terms.
+    probs = allow_probs and (tuple(t.shape) == tuple(x.shape)
+                             or (is_float(t.dtype) and t.ndim == x.ndim))
     if probs:
-        if not _is_float(t.dtype):
-            raise TypeError(f"{name}: expected a floating-point target for class probabilities "
-                            f"(target shape equals input shape {tuple(x.shape)}), got dtype "
-                            f"{t.dtype.name}")
-        if ignore_index >= 0:
-            raise ValueError(f"{name}: ignore_index ({ignore_index}) is not supported for "
-                             f"class-probability targets")
+        _check_probability_target(name, x, t, ignore_index)
     else:
-        if t.dtype.kind not in "iu":
-            raise TypeError(f"{name}: expected an integer target of class indices with shape "
-                            f"{loss_shape}, got dtype {t.dtype.name} with shape {tuple(t.shape)}")
-        if tuple(t.shape) != loss_shape:
-            if x.ndim <= 2:
-                batch = x.shape[0] if x.ndim == 2 else "none"
-                raise ValueError(f"{name}: expected input batch_size ({batch}) to match target "
-                                 f"batch_size; input shape {tuple(x.shape)}, target shape "
-                                 f"{tuple(t.shape)}")
-            raise ValueError(f"{name}: expected target shape {loss_shape} for input shape "
-                             f"{tuple(x.shape)}, got target shape {tuple(t.shape)}")
+        _check_index_target(name, x, t, loss_shape)
     if w is not None:
-        if w.ndim != 1 or w.shape[0] != n_classes:
-            raise ValueError(f"{name}: weight must be a 1-D array of length C = {n_classes} "
+        if w.ndim != 1 or w.shape[0] != shape3[1]:
+            raise ValueError(f"{name}: weight must be a 1-D array of length C = {shape3[1]} "
                              f"(input shape {tuple(x.shape)}), got shape {tuple(w.shape)}")
-        if not _is_float(w.dtype):
+        if not is_float(w.dtype):
             raise TypeError(f"{name}: weight must be floating point, got {w.dtype.name}")
-    return ignore_index, probs, loss_shape
+    return ClassLossLayout(probs, tuple(x.shape), shape3, loss_shape)
+
+
+def _check_probability_target(name: str, x: Any, t: Any, ignore_index: int) -> None:
+    if not is_float(t.dtype):
+        raise TypeError(f"{name}: expected a floating-point target for class probabilities "
+                        f"(target shape equals input shape {tuple(x.shape)}), got dtype "
+                        f"{t.dtype.name}")
+    if tuple(t.shape) != tuple(x.shape):
+        raise ValueError(f"{name}: probability targets must have the input's shape "
+                         f"{tuple(x.shape)}, got target shape {tuple(t.shape)} (class-index "
+                         f"targets are integers of shape {tuple(x.shape[:1] + x.shape[2:])})")
+    if ignore_index >= 0:
+        raise ValueError(f"{name}: ignore_index ({ignore_index}) is not supported for "
+                         f"class-probability targets")
+
+
+def _check_index_target(name: str, x: Any, t: Any, loss_shape: tuple[int, ...]) -> None:
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected an integer target of class indices with shape "
+                        f"{loss_shape}, got dtype {t.dtype.name} with shape {tuple(t.shape)}")
+    if tuple(t.shape) != loss_shape:
+        if x.ndim <= 2:
+            batch = x.shape[0] if x.ndim == 2 else "none"
+            raise ValueError(f"{name}: expected input batch_size ({batch}) to match target "
+                             f"batch_size; input shape {tuple(x.shape)}, target shape "
+                             f"{tuple(t.shape)}")
+        raise ValueError(f"{name}: expected target shape {loss_shape} for input shape "
+                         f"{tuple(x.shape)}, got target shape {tuple(t.shape)}")
 
 
 def check_targets(be: Backend, t2: Any, n_classes: int, ignore_index: int) -> None:
@@ -293,7 +385,7 @@ def check_targets(be: Backend, t2: Any, n_classes: int, ignore_index: int) -> No
 
 
 # ----------------------------------------------------------------------------- binary losses
-@dataclass
+@dataclass(frozen=True)
 class BinaryLossArgs:
     """Canonical binary-loss call: flat arrays of one length."""
 
@@ -301,7 +393,6 @@ class BinaryLossArgs:
     y: Any
     weight: Any
     pos_weight: Any
-    reduction: str
     shape: tuple[int, ...]
     dtype: Any
 
@@ -310,7 +401,7 @@ def _broadcast_flat(be: Backend, name: str, what: str, value: Any, shape, cdt) -
     if value is None:
         return None
     v = as_array(be, value, what)
-    if not _is_float(v.dtype):
+    if not is_float(v.dtype):
         v = v.astype(cdt)
     try:
         full = be.xp.broadcast_to(v, shape)
@@ -320,29 +411,34 @@ def _broadcast_flat(be: Backend, name: str, what: str, value: Any, shape, cdt) -
     return to_compute(be, full, cdt).reshape(-1)
 
 
+def check_binary_loss(be: Backend, name: str, x: Any, y: Any) -> Any:
+    """Metadata checks of a binary loss; returns the compute dtype."""
+    if not is_float(x.dtype):
+        raise TypeError(f"{name}: input must be a floating-point array, got dtype {x.dtype.name}")
+    if tuple(x.shape) != tuple(y.shape):
+        raise ValueError(f"{name}: target size {tuple(y.shape)} must be the same as input size "
+                         f"{tuple(x.shape)}")
+    return compute_dtype(be, x.dtype)
+
+
 def binary_loss_args(be: Backend, name: str, input: Any, target: Any, weight: Any,
-                     pos_weight: Any, reduction: str, probabilities: bool) -> BinaryLossArgs:
+                     pos_weight: Any, probabilities: bool) -> BinaryLossArgs:
     """Validate ``binary_cross_entropy`` (``probabilities=True``) or its logits variant."""
     x = as_array(be, input, "input")
     y = as_array(be, target, "target")
-    if not _is_float(x.dtype):
-        raise TypeError(f"{name}: input must be a floating-point array, got dtype {x.dtype.name}")
-    if x.shape != y.shape:
-        raise ValueError(f"{name}: target size {tuple(y.shape)} must be the same as input size "
-                         f"{tuple(x.shape)}")
-    cdt = compute_dtype(be, x.dtype)
+    cdt = check_binary_loss(be, name, x, y)
     xc = to_compute(be, x, cdt).reshape(-1)
     if probabilities and xc.size:
         lo, hi = float(xc.min()), float(xc.max())  # min/max propagate NaN
         if not (lo >= 0.0 and hi <= 1.0):
             raise ValueError(f"{name}: all elements of input should be between 0 and 1 "
                              f"(found min {lo}, max {hi})")
-    yc = to_compute(be, y if _is_float(y.dtype) else y.astype(cdt), cdt).reshape(-1)
+    yc = to_compute(be, y if is_float(y.dtype) else y.astype(cdt), cdt).reshape(-1)
     return BinaryLossArgs(
         xc, yc,
         _broadcast_flat(be, name, "weight", weight, x.shape, cdt),
         _broadcast_flat(be, name, "pos_weight", pos_weight, x.shape, cdt),
-        reduction, tuple(x.shape), x.dtype,
+        tuple(x.shape), x.dtype,
     )
 
 

@@ -1,9 +1,10 @@
 """Dask arrays for :mod:`nblosses.functional`: lazy, chunked, exact.
 
-:mod:`nblosses.functional` routes every call that has a dask array among its arguments here (the
-import is lazy: ``import nblosses`` never imports dask). Each public function of
-:mod:`nblosses.functional` has a namesake here with the same signature; it validates what the
-array metadata allows (shapes, dtypes, options) at once, and returns lazy dask arrays.
+:mod:`nblosses._dispatch` routes every call that has a dask array among its arrays here, with
+the op (:mod:`nblosses._ops`), the caller's arguments and the already checked options (the
+import is lazy: ``import nblosses`` never imports dask). :func:`call` runs the same metadata
+checks of :mod:`nblosses._args` as the eager path, at once, and returns lazy dask arrays; what
+is here is only what is Dask's own: chunk maps and merges over class chunks.
 
 How chunks are computed
 -----------------------
@@ -31,6 +32,7 @@ How chunks are computed
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
@@ -38,11 +40,10 @@ import numpy as np
 
 from . import _args
 from . import functional as F
-from ._registry import check_name, get_backend, resolve_backend
-from .functional import is_dask_array
+from ._ops import Op
+from ._registry import array_module, check_name, get_backend, resolve_backend
 
-# Same names as nblosses.functional, which routes dask arguments here.
-__all__ = list(F.__all__)
+__all__ = ["call"]
 
 Array = Any
 _F64 = np.float64
@@ -51,6 +52,11 @@ _SPATIAL = "cdefghijklmnopqrstuvwxy"
 
 
 # ----------------------------------------------------------------------------- helpers
+def is_dask_array(obj: Any) -> bool:
+    """Whether ``obj`` is a dask array."""
+    return array_module(obj) == "dask"
+
+
 def _backend_name(backend: str | None) -> str:
     """The backend name the chunk tasks use, fixed now (tasks run in other threads/processes)."""
     return check_name(backend if backend is not None else get_backend())
@@ -198,16 +204,13 @@ def _softmax_from_stats_block(xb, stb, op, axis, backend, out_dtype):
     return y.astype(out_dtype, copy=False)
 
 
-def _softmax_family(op: str, input: Array, dim: Any, dtype: Any, backend: str | None) -> Array:
-    name = _backend_name(backend)
-    x = _as_dask(input)
-    if dtype is not None:
-        x = x.astype(np.dtype(dtype))
-    if not _args._is_float(x.dtype):
-        raise TypeError(f"{op}: input must be a floating-point array (or pass dtype=), "
-                        f"got dtype {x.dtype.name}")
-    d = _args.softmax_dim(op, x.ndim, dim)
+def _softmax_family(op: str, v: dict, opts: dict) -> Array:
+    name = _backend_name(v["backend"])
+    x = _as_dask(v["input"])
+    if v["dtype"] is not None:
+        x = x.astype(np.dtype(v["dtype"]))
     be = _backend_for(name, x)
+    d = _args.check_softmax_input(be, op, x, v["dim"])
     meta = _meta(be, x.ndim, x.dtype)
     if x.ndim == 0 or x.numblocks[d] == 1 or x.size == 0:
         return x.map_blocks(_softmax_block, op, d, name, meta=meta)
@@ -223,35 +226,19 @@ def _softmax_family(op: str, input: Array, dim: Any, dtype: Any, backend: str | 
                         d, None, name, None, x.dtype, None, concatenate=False, meta=meta)
 
 
-def softmax(input: Array, dim: int | None = None, dtype: Any = None, *,
-            backend: str | None = None) -> Array:
-    """Dask version of :func:`nblosses.functional.softmax` (online merge over class chunks)."""
-    return _softmax_family("softmax", input, dim, dtype, backend)
-
-
-def log_softmax(input: Array, dim: int | None = None, dtype: Any = None, *,
-                backend: str | None = None) -> Array:
-    """Dask version of :func:`nblosses.functional.log_softmax`."""
-    return _softmax_family("log_softmax", input, dim, dtype, backend)
 
 
 def _sigmoid_block(xb, backend):
     return F.sigmoid(xb, backend=backend)
 
 
-def sigmoid(input: Array, *, backend: str | None = None) -> Array:
-    """Dask version of :func:`nblosses.functional.sigmoid` (block by block)."""
-    name = _backend_name(backend)
-    x = _as_dask(input)
+def _sigmoid(op: str, v: dict, opts: dict) -> Array:
+    """Block by block."""
+    name = _backend_name(v["backend"])
+    x = _as_dask(v["input"])
     be = _backend_for(name, x)
     _args.compute_dtype(be, x.dtype)
     return x.map_blocks(_sigmoid_block, name, meta=_meta(be, x.ndim, x.dtype))
-
-
-def _check_same_shape(name: str, g, y, what: str = "output") -> None:
-    if tuple(g.shape) != tuple(y.shape):
-        raise ValueError(f"{name}: grad_output shape {tuple(g.shape)} does not match {what} "
-                         f"shape {tuple(y.shape)}")
 
 
 def _softmax_backward_block(gb, yb, op, dim, backend):
@@ -280,16 +267,13 @@ def _softmax_backward_finish(gb, yb, tb, op, axis, backend, out_dtype):
     return out.astype(out_dtype, copy=False)
 
 
-def _softmax_backward(op: str, grad_output: Array, output: Array, dim: Any,
-                      backend: str | None) -> Array:
-    name = _backend_name(backend)
-    y, g = _as_dask(output), _as_dask(grad_output)
-    _check_same_shape(op, g, y)
+def _softmax_backward(op: str, v: dict, opts: dict) -> Array:
+    name = _backend_name(v["backend"])
+    y, g = _as_dask(v["output"]), _as_dask(v["grad_output"])
+    _args.check_same_shape(op, g, y)
     be = _backend_for(name, g, y)
-    _args.compute_dtype(be, y.dtype, "output")
-    if not _args._is_float(g.dtype):
-        raise TypeError(f"{op}: grad_output must be floating point, got {g.dtype.name}")
-    d = _args.softmax_dim(op, y.ndim, dim)
+    _args.check_backward_dtypes(be, op, g, y)
+    d = _args.softmax_dim(op, y.ndim, v["dim"])
     g = g.rechunk(y.chunks)
     ind = _letters(y.ndim)
     meta = _meta(be, y.ndim, y.dtype)
@@ -304,31 +288,18 @@ def _softmax_backward(op: str, grad_output: Array, output: Array, dim: Any,
                         None, name, None, y.dtype, None, meta=meta)
 
 
-def softmax_backward(grad_output: Array, output: Array, dim: int | None, *,
-                     backend: str | None = None) -> Array:
-    """Dask version of :func:`nblosses.functional.softmax_backward`."""
-    return _softmax_backward("softmax_backward", grad_output, output, dim, backend)
-
-
-def log_softmax_backward(grad_output: Array, output: Array, dim: int | None, *,
-                         backend: str | None = None) -> Array:
-    """Dask version of :func:`nblosses.functional.log_softmax_backward`."""
-    return _softmax_backward("log_softmax_backward", grad_output, output, dim, backend)
 
 
 def _sigmoid_backward_block(gb, yb, backend):
     return F.sigmoid_backward(gb, yb, backend=backend)
 
 
-def sigmoid_backward(grad_output: Array, output: Array, *, backend: str | None = None) -> Array:
-    """Dask version of :func:`nblosses.functional.sigmoid_backward`."""
-    name = _backend_name(backend)
-    g, y = _as_dask(grad_output), _as_dask(output)
-    if tuple(g.shape) != tuple(y.shape):
-        raise ValueError(f"sigmoid_backward: shapes {tuple(g.shape)} and {tuple(y.shape)} differ")
+def _sigmoid_backward(op: str, v: dict, opts: dict) -> Array:
+    name = _backend_name(v["backend"])
+    g, y = _as_dask(v["grad_output"]), _as_dask(v["output"])
+    _args.check_same_shape(op, g, y)
     be = _backend_for(name, g, y)
-    _args.compute_dtype(be, g.dtype)
-    _args.compute_dtype(be, y.dtype, "grad_output")
+    _args.check_backward_dtypes(be, op, g, y)
     y = y.rechunk(g.chunks)
     ind = _letters(g.ndim)
     return da.blockwise(_sigmoid_backward_block, ind, g, ind, y, ind, name, None,
@@ -592,135 +563,178 @@ def _nll_grad_block(xb, tb, offb, wtb, gb, backend, ignore_index, out_dtype):
     return gx
 
 
-def _class_loss(op, input, target, weight, size_average, ignore_index, reduce, reduction,
-                label_smoothing, return_grad, grad_output, grad_buffer, backend):
-    name = _backend_name(backend)
-    reduction = _args.reduction_from(size_average, reduce, reduction)
-    if grad_buffer is not None:
-        raise TypeError(f"{op}: grad_buffer is not supported for dask arrays (the gradient is "
-                        f"a lazy dask array; store it with dask.array.store instead)")
-    x, t, w = _as_dask(input), _as_dask(target), _as_dask(weight)
+@dataclass(frozen=True)
+class _ClassCall:
+    """A dask class-loss call after the checks: arrays in ``(N, C, *spatial)`` form and the
+    canonical options."""
+
+    op: str
+    name: str  # backend name used by the chunk tasks
+    be: Any
+    x: Any
+    t: Any
+    w: Any
+    probs: bool
+    loss_shape: tuple[int, ...]
+    squeeze: bool  # the caller's input was (C,)
+    reduction: str
+    ignore_index: int
+    eps: float
+    extra: dict  # options beyond torch's (z_loss, softcap) passed to the kernels as given
+
+    @property
+    def indices(self) -> tuple[str, str]:
+        sp = _letters(self.x.ndim - 2)
+        return _BATCH + _CLASS + sp, _BATCH + sp
+
+
+def _class_call(op: Op, v: dict, opts: dict) -> _ClassCall:
+    name = _backend_name(v["backend"])
+    reduction = _args.reduction_from(v["size_average"], v["reduce"], v["reduction"])
+    if v["grad_buffer"] is not None:
+        raise TypeError(f"{op.name}: grad_buffer is not supported for dask arrays (the gradient "
+                        f"is a lazy dask array; store it with dask.array.store instead)")
+    x, t, w = _as_dask(v["input"]), _as_dask(v["target"]), _as_dask(v["weight"])
     be = _backend_for(name, x, t, w)
-    ignore_index, probs, loss_shape = _args.check_class_loss(
-        be, op, x, t, w, ignore_index, label_smoothing, allow_probs=(op == "cross_entropy"))
-    eps = float(label_smoothing)
-    dtype = x.dtype
+    layout = _args.check_class_loss(be, op.name, x, t, w, opts["ignore_index"],
+                                    allow_probs=op.name == "cross_entropy")
     squeeze = x.ndim == 1
     if squeeze:  # (C,) -> (1, C); the target () -> (1,)
         x, t = x[None], t[None]
-    n_classes = x.shape[1]
-    sp = _letters(x.ndim - 2)
-    xi, ti = _BATCH + _CLASS + sp, _BATCH + sp
     row_chunks = (x.chunks[0],) + x.chunks[2:]
-    t = t.rechunk(x.chunks if probs else row_chunks)
-    tidx = xi if probs else ti
-    wc = None if w is None else w.rechunk((x.chunks[1],))
-    warg = (wc, _CLASS) if wc is not None else (None, None)
+    t = t.rechunk(x.chunks if layout.probs else row_chunks)
+    extra = {k: v[k] for k in op.kernel_options if v[k] != op.param(k).default}
+    return _ClassCall(op.name, name, be, x, t, w, layout.probs, layout.loss_shape, squeeze,
+                      reduction, opts["ignore_index"], opts.get("label_smoothing", 0.0), extra)
 
+
+def _class_loss(op: Op, v: dict, opts: dict) -> Any:
+    c = _class_call(op, v, opts)
+    xi, ti = c.indices
+    n_classes = c.x.shape[1]
     # Per-position w[t] (index targets; also the target range check) and the mean denominator.
     wt = None
-    if not probs:
-        wfull = (w.rechunk(-1), _CLASS) if w is not None else (None, None)
-        wt = da.blockwise(_target_weight_block, ti, t, ti, *wfull, n_classes, None,
-                          ignore_index, None, name, None, concatenate=False, align_arrays=False,
-                          meta=_meta(be, len(ti), _F64))
-    if reduction != "mean":
+    if not c.probs:
+        wfull = (c.w.rechunk(-1), _CLASS) if c.w is not None else (None, None)
+        wt = da.blockwise(_target_weight_block, ti, c.t, ti, *wfull, n_classes, None,
+                          c.ignore_index, None, c.name, None, concatenate=False,
+                          align_arrays=False, meta=_meta(c.be, len(ti), _F64))
+    if c.reduction != "mean":
         denom: Any = 1.0
-    elif probs:
-        denom = float(math.prod(loss_shape))
+    elif c.probs:
+        denom = float(math.prod(c.loss_shape))
     else:
         denom = wt.sum()
-
-    # Upstream gradient: per position for "none", else the scalar grad_output / denom.
-    if return_grad:
-        if reduction == "none":
-            garg = _grad_rows_arg(grad_output, loss_shape, row_chunks, squeeze, be)
+    gpair = None
+    if v["return_grad"]:
+        if c.reduction == "none":
+            row_chunks = (c.x.chunks[0],) + c.x.chunks[2:]
+            garg = _grad_rows_arg(v["grad_output"], c.loss_shape, row_chunks, c.squeeze, c.be)
             gpair = (garg, ti) if garg is not None else (None, None)
         else:
-            gpair = _scalar_arg(_grad_scale(grad_output, denom, be))
-    grad_meta = _meta(be, x.ndim, dtype)
+            gpair = _scalar_arg(_grad_scale(v["grad_output"], denom, c.be))
+    if c.x.numblocks[1] == 1:  # the class axis whole: the functional op on each block
+        return _class_loss_whole(c, denom, gpair, bool(v.get("return_lse")))
+    if c.extra or v.get("return_lse"):
+        raise NotImplementedError(
+            f"{c.op}: z_loss, softcap and return_lse need the class axis in one chunk for dask "
+            f"arrays (got {c.x.numblocks[1]} class chunks): rechunk it with "
+            f"x.rechunk({{1: -1}})")
+    if c.op == "nll_loss":
+        return _nll_split(c, wt, denom, gpair)
+    return _ce_split(c, wt, denom, gpair)
 
-    if x.numblocks[1] == 1:  # the class axis whole: the functional op on each block
-        opts = {"ignore_index": ignore_index}
-        if op == "cross_entropy":
-            opts["label_smoothing"] = eps
-        common = (x, xi, t, tidx, *warg)
-        if not return_grad:
-            rows = da.blockwise(_class_block, ti, *common, None, None, op, None, name, None,
-                                opts, None, False, None, probs, None, concatenate=False,
-                                align_arrays=False, meta=_meta(be, len(ti), dtype))
-            return _reduce_rows(rows, reduction, denom, dtype, be, squeeze)
-        tup = da.blockwise(_class_block, ti, *common, *gpair, op, None, name, None, opts, None,
-                           True, None, probs, None, concatenate=False, align_arrays=False,
-                           meta=np.empty((0,) * len(ti), dtype=object))
-        rows = da.blockwise(_pick_block, ti, tup, ti, 0, None, meta=_meta(be, len(ti), dtype))
-        grad = da.blockwise(_pick_block, xi, tup, ti, 1, None, new_axes={_CLASS: n_classes},
-                            meta=grad_meta)
-        loss = _reduce_rows(rows, reduction, denom, dtype, be, squeeze)
-        return loss, (grad[0] if squeeze else grad)
 
-    # Class axis in several chunks (vocabulary-parallel): per-chunk partials, merged exactly.
-    starts = np.cumsum((0,) + x.chunks[1][:-1]).astype(np.int64)
-    off = da.from_array(starts, chunks=1)
-    if op == "nll_loss":
-        part = da.blockwise(_nll_partial_block, xi, x, xi, t, ti, off, _CLASS, name, None,
-                            ignore_index, None, adjust_chunks={_CLASS: 1}, align_arrays=False,
-                            meta=_meta(be, x.ndim, _F64))
-        rows = da.blockwise(_nll_rows_block, ti, part.sum(axis=1), ti, t, ti, wt, ti,
-                            ignore_index, None, meta=_meta(be, len(ti), _F64))
-        loss = _reduce_rows(rows, reduction, denom, dtype, be, squeeze)
-        if not return_grad:
-            return loss
-        grad = da.blockwise(_nll_grad_block, xi, x, xi, t, ti, off, _CLASS, wt, ti, *gpair,
-                            name, None, ignore_index, None, dtype, None, align_arrays=False,
-                            meta=grad_meta)
-        return loss, (grad[0] if squeeze else grad)
+def _finish(c: _ClassCall, rows: Any, denom: Any, grad: Any = None, lse: Any = None) -> Any:
+    out = [_reduce_rows(rows, c.reduction, denom, c.x.dtype, c.be, c.squeeze)]
+    if grad is not None:
+        out.append(grad[0] if c.squeeze else grad)
+    if lse is not None:
+        out.append(lse[0] if c.squeeze else lse)
+    return out[0] if len(out) == 1 else tuple(out)
 
-    nf = 4 if (probs or eps > 0) else 3
-    stats = da.blockwise(_ce_stats_block, xi + _STAT, x, xi, t, tidx, *warg, off, _CLASS, name,
-                         None, n_classes, None, ignore_index, None, eps, None, probs, None,
-                         new_axes={_STAT: nf}, adjust_chunks={_CLASS: 1}, align_arrays=False,
-                         meta=_meta(be, x.ndim + 1, _F64))
-    merged = _merge_class_stats(stats, be, len(ti) + 1)
-    wsum: Any = float(n_classes)
-    if w is not None:
-        wsum = w.astype(_F64).sum()
+
+def _class_loss_whole(c: _ClassCall, denom: Any, gpair: Any, want_lse: bool) -> Any:
+    xi, ti = c.indices
+    opts = {"ignore_index": c.ignore_index, **c.extra}
+    if c.op == "cross_entropy":
+        opts["label_smoothing"] = c.eps
+        if want_lse:
+            opts["return_lse"] = True
+    warg = (c.w.rechunk((c.x.chunks[1],)), _CLASS) if c.w is not None else (None, None)
+    common = (c.x, xi, c.t, xi if c.probs else ti, *warg)
+    rows_meta = _meta(c.be, len(ti), c.x.dtype)
+    if gpair is None and not want_lse:
+        rows = da.blockwise(_class_block, ti, *common, None, None, c.op, None, c.name, None,
+                            opts, None, False, None, c.probs, None, concatenate=False,
+                            align_arrays=False, meta=rows_meta)
+        return _finish(c, rows, denom)
+    want_grad = gpair is not None
+    tup = da.blockwise(_class_block, ti, *common, *(gpair or (None, None)), c.op, None, c.name,
+                       None, opts, None, want_grad, None, c.probs, None, concatenate=False,
+                       align_arrays=False, meta=np.empty((0,) * len(ti), dtype=object))
+    rows = da.blockwise(_pick_block, ti, tup, ti, 0, None, meta=rows_meta)
+    grad = lse = None
+    if want_grad:
+        grad = da.blockwise(_pick_block, xi, tup, ti, 1, None,
+                            new_axes={_CLASS: c.x.shape[1]},
+                            meta=_meta(c.be, c.x.ndim, c.x.dtype))
+    if want_lse:
+        lse = da.blockwise(_pick_block, ti, tup, ti, 1 + want_grad, None, meta=rows_meta)
+    return _finish(c, rows, denom, grad, lse)
+
+
+def _class_offsets(c: _ClassCall) -> Any:
+    starts = np.cumsum((0,) + c.x.chunks[1][:-1]).astype(np.int64)
+    return da.from_array(starts, chunks=1)
+
+
+def _nll_split(c: _ClassCall, wt: Any, denom: Any, gpair: Any) -> Any:
+    """NLL with the class axis in several chunks: the target's log-probability from its chunk."""
+    xi, ti = c.indices
+    off = _class_offsets(c)
+    part = da.blockwise(_nll_partial_block, xi, c.x, xi, c.t, ti, off, _CLASS, c.name, None,
+                        c.ignore_index, None, adjust_chunks={_CLASS: 1}, align_arrays=False,
+                        meta=_meta(c.be, c.x.ndim, _F64))
+    rows = da.blockwise(_nll_rows_block, ti, part.sum(axis=1), ti, c.t, ti, wt, ti,
+                        c.ignore_index, None, meta=_meta(c.be, len(ti), _F64))
+    if gpair is None:
+        return _finish(c, rows, denom)
+    grad = da.blockwise(_nll_grad_block, xi, c.x, xi, c.t, ti, off, _CLASS, wt, ti, *gpair,
+                        c.name, None, c.ignore_index, None, c.x.dtype, None, align_arrays=False,
+                        meta=_meta(c.be, c.x.ndim, c.x.dtype))
+    return _finish(c, rows, denom, grad)
+
+
+def _ce_split(c: _ClassCall, wt: Any, denom: Any, gpair: Any) -> Any:
+    """Cross-entropy with the class axis in several chunks (vocabulary-parallel): per-chunk
+    statistics merged exactly, then the gradient chunk by chunk from the merged rows."""
+    xi, ti = c.indices
+    n_classes = c.x.shape[1]
+    off = _class_offsets(c)
+    warg = (c.w.rechunk((c.x.chunks[1],)), _CLASS) if c.w is not None else (None, None)
+    tidx = xi if c.probs else ti
+    nf = 4 if (c.probs or c.eps > 0) else 3
+    stats = da.blockwise(_ce_stats_block, xi + _STAT, c.x, xi, c.t, tidx, *warg, off, _CLASS,
+                         c.name, None, n_classes, None, c.ignore_index, None, c.eps, None,
+                         c.probs, None, new_axes={_STAT: nf}, adjust_chunks={_CLASS: 1},
+                         align_arrays=False, meta=_meta(c.be, c.x.ndim + 1, _F64))
+    merged = _merge_class_stats(stats, c.be, len(ti) + 1)
+    wsum: Any = float(n_classes) if c.w is None else c.w.astype(_F64).sum()
     wtpair = (wt, ti) if wt is not None else (None, None)
-    tpair = (t, ti) if not probs else (None, None)
+    tpair = (c.t, ti) if not c.probs else (None, None)
     rows = da.blockwise(_ce_rows_block, ti, merged, ti + _STAT, *tpair, *wtpair,
-                        *_scalar_arg(wsum), n_classes, None, ignore_index, None, eps, None,
-                        probs, None, concatenate=False, align_arrays=False,
-                        meta=_meta(be, len(ti), _F64))
-    loss = _reduce_rows(rows, reduction, denom, dtype, be, squeeze)
-    if not return_grad:
-        return loss
-    grad = da.blockwise(_ce_grad_block, xi, x, xi, t, tidx, *warg, off, _CLASS, stats,
+                        *_scalar_arg(wsum), n_classes, None, c.ignore_index, None, c.eps, None,
+                        c.probs, None, concatenate=False, align_arrays=False,
+                        meta=_meta(c.be, len(ti), _F64))
+    if gpair is None:
+        return _finish(c, rows, denom)
+    grad = da.blockwise(_ce_grad_block, xi, c.x, xi, c.t, tidx, *warg, off, _CLASS, stats,
                         xi + _STAT, merged, ti + _STAT, *wtpair, *gpair, *_scalar_arg(wsum),
-                        name, None, n_classes, None, ignore_index, None, eps, None, probs, None,
-                        dtype, None,
-                        concatenate=False, align_arrays=False, meta=grad_meta)
-    return loss, (grad[0] if squeeze else grad)
-
-
-def nll_loss(input: Array, target: Array, weight: Array | None = None, size_average: Any = None,
-             ignore_index: int = -100, reduce: Any = None, reduction: str = "mean", *,
-             return_grad: bool = False, grad_output: Any = None, grad_buffer: Array | None = None,
-             backend: str | None = None):
-    """Dask version of :func:`nblosses.functional.nll_loss`."""
-    return _class_loss("nll_loss", input, target, weight, size_average, ignore_index, reduce,
-                       reduction, 0.0, return_grad, grad_output, grad_buffer, backend)
-
-
-def cross_entropy(input: Array, target: Array, weight: Array | None = None,
-                  size_average: Any = None, ignore_index: int = -100, reduce: Any = None,
-                  reduction: str = "mean", label_smoothing: float = 0.0, *,
-                  return_grad: bool = False, grad_output: Any = None,
-                  grad_buffer: Array | None = None, backend: str | None = None):
-    """Dask version of :func:`nblosses.functional.cross_entropy` (vocabulary-parallel when the
-    class axis is chunked)."""
-    return _class_loss("cross_entropy", input, target, weight, size_average, ignore_index,
-                       reduce, reduction, label_smoothing, return_grad, grad_output,
-                       grad_buffer, backend)
+                        c.name, None, n_classes, None, c.ignore_index, None, c.eps, None,
+                        c.probs, None, c.x.dtype, None, concatenate=False, align_arrays=False,
+                        meta=_meta(c.be, c.x.ndim, c.x.dtype))
+    return _finish(c, rows, denom, grad)
 
 
 # ----------------------------------------------------------------------------- binary losses
@@ -752,18 +766,15 @@ def _binary_block(xb, yb, wb, pwb, gb, op, backend, want_grad):
               grad_output=_rows_grad(be, gb, tuple(xb.shape)), backend=backend, **kwargs)
 
 
-def _binary_loss(op, input, target, weight, pos_weight, size_average, reduce, reduction,
-                 return_grad, grad_output, backend):
-    name = _backend_name(backend)
-    reduction = _args.reduction_from(size_average, reduce, reduction)
-    x, y = _as_dask(input), _as_dask(target)
+def _binary_loss(op_: Op, v: dict, opts: dict) -> Any:
+    op = op_.name
+    name = _backend_name(v["backend"])
+    reduction = _args.reduction_from(v["size_average"], v["reduce"], v["reduction"])
+    weight, pos_weight = v["weight"], v.get("pos_weight")
+    return_grad, grad_output = v["return_grad"], v["grad_output"]
+    x, y = _as_dask(v["input"]), _as_dask(v["target"])
     be = _backend_for(name, x, y, _as_dask(weight), _as_dask(pos_weight))
-    if not _args._is_float(x.dtype):
-        raise TypeError(f"{op}: input must be a floating-point array, got dtype {x.dtype.name}")
-    if tuple(x.shape) != tuple(y.shape):
-        raise ValueError(f"{op}: target size {tuple(y.shape)} must be the same as input size "
-                         f"{tuple(x.shape)}")
-    _args.compute_dtype(be, x.dtype)
+    _args.check_binary_loss(be, op, x, y)
     y = y.rechunk(x.chunks)
     w = _broadcast_to_input(op, "weight", weight, x)
     pw = _broadcast_to_input(op, "pos_weight", pos_weight, x)
@@ -789,21 +800,25 @@ def _binary_loss(op, input, target, weight, pos_weight, size_average, reduce, re
     return _reduce_rows(rows, reduction, denom, dtype, be, False), grad
 
 
-def binary_cross_entropy(input: Array, target: Array, weight: Array | None = None,
-                         size_average: Any = None, reduce: Any = None, reduction: str = "mean",
-                         *, return_grad: bool = False, grad_output: Any = None,
-                         backend: str | None = None):
-    """Dask version of :func:`nblosses.functional.binary_cross_entropy` (block by block; an
-    input outside [0, 1] raises ValueError when its chunk is computed)."""
-    return _binary_loss("binary_cross_entropy", input, target, weight, None, size_average,
-                        reduce, reduction, return_grad, grad_output, backend)
+def _by_name(fn):
+    """Adapt a runner that takes the op's name."""
+    return lambda op, v, opts: fn(op.name, v, opts)
 
 
-def binary_cross_entropy_with_logits(input: Array, target: Array, weight: Array | None = None,
-                                     size_average: Any = None, reduce: Any = None,
-                                     reduction: str = "mean", pos_weight: Array | None = None, *,
-                                     return_grad: bool = False, grad_output: Any = None,
-                                     backend: str | None = None):
-    """Dask version of :func:`nblosses.functional.binary_cross_entropy_with_logits`."""
-    return _binary_loss("binary_cross_entropy_with_logits", input, target, weight, pos_weight,
-                        size_average, reduce, reduction, return_grad, grad_output, backend)
+_RUNNERS = {
+    "softmax": _by_name(_softmax_family),
+    "softmax_backward": _by_name(_softmax_backward),
+    "activation": _by_name(_sigmoid),
+    "activation_backward": _by_name(_sigmoid_backward),
+    "class_loss": _class_loss,
+    "binary_loss": _binary_loss,
+}
+
+
+def call(op: Op, values: dict, opts: dict) -> Any:
+    """Run ``op`` lazily on dask arrays (other arrays among ``values`` become one chunk)."""
+    try:
+        runner = _RUNNERS[op.family]
+    except KeyError:
+        raise NotImplementedError(f"{op.name} does not take dask arrays yet") from None
+    return runner(op, values, opts)

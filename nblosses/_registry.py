@@ -46,12 +46,16 @@ __all__ = [
     "Runtime",
     "available_backends",
     "get_backend",
+    "get_validation",
     "load",
     "register_backend",
     "resolve_backend",
     "set_backend",
+    "set_validation",
+    "synchronize",
     "unregister_backend",
     "use_backend",
+    "use_validation",
 ]
 
 
@@ -158,10 +162,6 @@ _LOCK = threading.RLock()
 _BACKENDS: dict[str, Backend] = {}
 _RUNTIMES: dict[str, Runtime] = {}
 _FAILURES: dict[str, BackendUnavailableError] = {}
-# None = "not chosen in this context": fall back to the process-wide choice of set_backend().
-_DEFAULT: contextvars.ContextVar[str | None] = contextvars.ContextVar("nblosses_backend",
-                                                                     default=None)
-_GLOBAL_DEFAULT = ["auto"]
 # Bumped by every (un)registration: keys the cached "which backend owns this array type" answer.
 _GENERATION = [0]
 
@@ -276,32 +276,94 @@ def check_name(name: Any) -> str:
     return name
 
 
+class _ContextDefault:
+    """A setting with a process-wide value and a context-local override (``with`` block)."""
+
+    def __init__(self, name: str, initial: str, check: Callable[[Any], str]) -> None:
+        self._var: contextvars.ContextVar[str | None] = contextvars.ContextVar(name, default=None)
+        self._global = initial
+        self._check = check
+
+    def get(self) -> str:
+        value = self._var.get()
+        # A thread started after set() has a fresh context: fall back to the global choice.
+        return value if value is not None else self._global
+
+    def set(self, value: Any) -> None:
+        self._global = self._check(value)
+
+    @contextlib.contextmanager
+    def use(self, value: Any) -> Iterator[str]:
+        token = self._var.set(self._check(value))
+        try:
+            yield value
+        finally:
+            self._var.reset(token)
+
+
+def _check_validation(mode: Any) -> str:
+    if mode not in ("async", "sync"):
+        raise ValueError(f"validation mode must be 'async' or 'sync', got {mode!r}")
+    return mode
+
+
+_VALIDATION = _ContextDefault("nblosses_validation", "async", _check_validation)
+_BACKEND = _ContextDefault("nblosses_backend", "auto", check_name)
+
+
 def set_backend(name: str) -> None:
     """Set the process-wide default backend: a registered name or ``"auto"``.
 
     A :func:`use_backend` block still overrides it inside the block.
     """
-    _GLOBAL_DEFAULT[0] = check_name(name)
+    _BACKEND.set(name)
 
 
 def get_backend() -> str:
     """The current default backend name (``"auto"`` unless changed)."""
-    value = _DEFAULT.get()
-    # A thread started after set_backend() has a fresh context; fall back to the global choice.
-    return value if value is not None else _GLOBAL_DEFAULT[0]
+    return _BACKEND.get()
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[str]:
+def use_backend(name: str) -> contextlib.AbstractContextManager[str]:
     """Context manager that makes ``name`` the default backend inside the ``with`` block.
 
     The choice is context-local (``contextvars``): other threads and asyncio tasks keep theirs.
     """
-    token = _DEFAULT.set(check_name(name))
-    try:
-        yield name
-    finally:
-        _DEFAULT.reset(token)
+    return _BACKEND.use(name)
+
+
+def get_validation() -> str:
+    """How device backends check class indices by default: ``"async"`` (in the kernels,
+    reported later) or ``"sync"`` (eagerly, waiting for the device)."""
+    return _VALIDATION.get()
+
+
+def set_validation(mode: str) -> None:
+    """Set the process-wide default of ``validate=`` (``"async"`` or ``"sync"``)."""
+    _VALIDATION.set(mode)
+
+
+def use_validation(mode: str) -> contextlib.AbstractContextManager[str]:
+    """Context manager: ``validate=mode`` by default inside the ``with`` block (context-local).
+
+    Examples
+    --------
+    >>> import numpy as np, nblosses
+    >>> with nblosses.use_validation("sync"):
+    ...     print(nblosses.get_validation())
+    sync
+    """
+    return _VALIDATION.use(mode)
+
+
+def synchronize() -> None:
+    """Wait for the work queued by every backend used so far, then raise any error a kernel
+    recorded (a class index out of range on a device backend: ``IndexError``).
+
+    The only call besides ``validate="sync"`` that makes the host wait for a device.
+    """
+    for runtime in list(_RUNTIMES.values()):
+        runtime.synchronize()
 
 
 @functools.lru_cache(maxsize=256)

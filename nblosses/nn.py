@@ -1,25 +1,29 @@
 """Class API: torch.nn-style modules that hold their configuration and call :mod:`.functional`.
 
-Constructors mirror torch's exactly (plus a keyword-only ``backend=``); an unknown keyword is a
-``TypeError``, as in torch. Calling a module runs its functional counterpart. Without autograd,
-each module keeps what its gradient needs from its last call, and ``backward(grad_output)``
-returns the gradient with respect to that call's input, so torch chains port directly::
+Each module is built from its op's entry in the op table (:mod:`nblosses._ops`): the
+constructor takes the op's configuration parameters in torch's order (plus nblosses'
+keyword-only ones, ``backend=`` among them); an unknown keyword is a ``TypeError``, as in torch.
+Calling a module runs its functional counterpart. Without autograd, each module keeps what its
+gradient needs from its last call, and ``backward(grad_output)`` returns the gradient with
+respect to that call's input, so torch chains port directly::
 
     logsoftmax, nll = nn.LogSoftmax(dim=1), nn.NLLLoss()
     loss = nll(logsoftmax(x), target)
     grad_x = logsoftmax.backward(nll.backward())
 
-Loss modules keep references to their inputs (not copies) and compute the fused loss+gradient
+Loss modules keep references to their inputs (not copies) and run the fused loss+gradient
 kernel on ``backward``; mutate those arrays between the call and ``backward`` and the gradient
 follows the new values.
 """
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 from . import _args
 from . import functional as F
+from ._ops import OPS, Op
 
 __all__ = [
     "BCELoss",
@@ -33,24 +37,37 @@ __all__ = [
 ]
 
 Array = Any
+_LEGACY = ("size_average", "reduce")
 
 
 class Module:
     """Base class: a callable holding configuration and the state its ``backward`` needs."""
 
-    def __init__(self, *, backend: str | None = None) -> None:
-        self.backend = backend
+    _op: Op
+
+    def __init__(self, **config: Any) -> None:
+        if "size_average" in config:  # torch resolves the legacy pair (and warns) right here
+            config["reduction"] = _args.reduction_from(config.pop("size_average"),
+                                                       config.pop("reduce"),
+                                                       config["reduction"])
+        self.__dict__.update(config)
+        self._config = tuple(config)
         self._saved: tuple | None = None
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.forward(*args, **kwargs)
+    def __call__(self, *inputs: Any) -> Any:
+        return self.forward(*inputs)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
+    def _functional(self, *inputs: Any, **kwargs: Any) -> Any:
+        """The op on ``inputs`` with this module's current configuration."""
+        config = {name: getattr(self, name) for name in self._config}
+        return getattr(F, self._op.name)(*inputs, **config, **kwargs)
+
+    def forward(self, *inputs: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def backward(self, grad_output: Any = None) -> Array:
-        """Gradient with respect to the input of the last call (see subclasses)."""
-        raise NotImplementedError  # pragma: no cover - abstract
+    def backward(self, grad_output: Any = None) -> Array:  # pragma: no cover - abstract
+        """Gradient with respect to the input of the last call."""
+        raise NotImplementedError
 
     def _need_saved(self) -> tuple:
         if self._saved is None:
@@ -59,341 +76,93 @@ class Module:
         return self._saved
 
     def extra_repr(self) -> str:
-        return ""
+        shown = [f"{n}={getattr(self, n)!r}" for n in self._config
+                 if n != "backend" and getattr(self, n) != self._op.param(n).default]
+        return ", ".join(shown)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
-# ----------------------------------------------------------------------------- activations
-def _ones_like_output(y: Array) -> Array:
-    return y * 0 + 1
-
-
-class Softmax(Module):
-    """Softmax over ``dim`` (see :func:`nblosses.functional.softmax`).
-
-    Parameters
-    ----------
-    dim : int, optional
-        Axis to normalise; ``None`` warns on each call and picks torch's legacy default.
-    backend : str, optional
-        Backend for every call of this module.
-
-    Notes
-    -----
-    Output: the input's shape and dtype. ``backward(g)`` returns ``y * (g - sum(g * y))`` along
-    ``dim`` for the last output ``y``; before a call it raises ``RuntimeError``. A bad ``dim``
-    raises ``IndexError`` and integer input ``TypeError`` when the module is called.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from nblosses import nn
-    >>> m = nn.Softmax(dim=2)
-    >>> out = m(np.random.rand(3, 4, 5, 6))
-    >>> bool(np.allclose(out.sum(axis=2), 1.0))
-    True
-    """
-
-    _op = staticmethod(F.softmax)
-    _op_backward = staticmethod(F.softmax_backward)
-
-    def __init__(self, dim: int | None = None, *, backend: str | None = None) -> None:
-        super().__init__(backend=backend)
-        self.dim = dim
+class _Activation(Module):
+    """Keeps its last output; ``backward(g)`` is the op's gradient function of it."""
 
     def forward(self, input: Array) -> Array:
-        y = self._op(input, self.dim, backend=self.backend)
-        dim = _args.implicit_dim(y.ndim) if self.dim is None else self.dim
+        y = self._functional(input)
+        dim = getattr(self, "dim", None)
+        if "dim" in self._config and dim is None:  # the legacy implicit axis, as the call chose
+            dim = _args.implicit_dim(y.ndim)
         self._saved = (y, dim)
         return y
 
     def backward(self, grad_output: Array | None = None) -> Array:
         """Gradient w.r.t. the last input, given ``grad_output`` (default: ones)."""
         y, dim = self._need_saved()
-        g = _ones_like_output(y) if grad_output is None else grad_output
-        return self._op_backward(g, y, dim, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}"
+        g = y * 0 + 1 if grad_output is None else grad_output
+        dims = () if dim is None else (dim,)
+        return getattr(F, self._op.gradient_op)(g, y, *dims, backend=self.backend)
 
 
-class LogSoftmax(Softmax):
-    """Log-softmax over ``dim`` (see :func:`nblosses.functional.log_softmax`).
-
-    Parameters
-    ----------
-    dim : int, optional
-        Axis to normalise; ``None`` warns on each call and picks torch's legacy default.
-    backend : str, optional
-        Backend for every call of this module.
-
-    Notes
-    -----
-    Output: the input's shape and dtype. ``backward(g)`` returns ``g - exp(y) * sum(g)`` along
-    ``dim`` for the last output ``y``; before a call it raises ``RuntimeError``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from nblosses import nn
-    >>> m = nn.LogSoftmax(dim=1)
-    >>> m(np.zeros((1, 2))).round(4)
-    array([[-0.6931, -0.6931]])
-    """
-
-    _op = staticmethod(F.log_softmax)
-    _op_backward = staticmethod(F.log_softmax_backward)
-
-
-class Sigmoid(Module):
-    """Elementwise logistic sigmoid (see :func:`nblosses.functional.sigmoid`).
-
-    Parameters
-    ----------
-    backend : str, optional
-        Backend for every call of this module.
-
-    Notes
-    -----
-    Output: the input's shape and dtype. ``backward(g)`` returns ``g * y * (1 - y)`` for the
-    last output ``y``; before a call it raises ``RuntimeError``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from nblosses import nn
-    >>> m = nn.Sigmoid()
-    >>> m(np.array([0.0]))
-    array([0.5])
-    >>> m.backward(np.array([1.0]))
-    array([0.25])
-    """
-
-    def __init__(self, *, backend: str | None = None) -> None:
-        super().__init__(backend=backend)
-
-    def forward(self, input: Array) -> Array:
-        y = F.sigmoid(input, backend=self.backend)
-        self._saved = (y,)
-        return y
-
-    def backward(self, grad_output: Array | None = None) -> Array:
-        """Gradient w.r.t. the last input, given ``grad_output`` (default: ones)."""
-        (y,) = self._need_saved()
-        g = _ones_like_output(y) if grad_output is None else grad_output
-        return F.sigmoid_backward(g, y, backend=self.backend)
-
-
-# ----------------------------------------------------------------------------- losses
 class _Loss(Module):
-    """Shared constructor logic of torch's ``_Loss``: legacy ``size_average`` / ``reduce``."""
+    """Keeps its last inputs; ``backward`` runs the fused loss+gradient kernel on them."""
 
-    def __init__(self, size_average: Any = None, reduce: Any = None, reduction: str = "mean",
-                 *, backend: str | None = None) -> None:
-        super().__init__(backend=backend)
-        self.reduction = _args.reduction_from(size_average, reduce, reduction)
-
-    def _functional(self, input: Array, target: Array, **kwargs: Any) -> Any:
-        raise NotImplementedError  # pragma: no cover - abstract
-
-    def forward(self, input: Array, target: Array) -> Array:
-        loss = self._functional(input, target)
-        self._saved = (input, target)
+    def forward(self, *inputs: Array) -> Any:
+        loss = self._functional(*inputs)
+        self._saved = inputs
         return loss
 
     def backward(self, grad_output: Any = None) -> Array:
         """Gradient w.r.t. the input of the last call, given ``grad_output`` (default 1, or ones
         of the loss's shape for ``reduction="none"``), from the fused loss+gradient kernel."""
-        input, target = self._need_saved()
-        _, grad = self._functional(input, target, return_grad=True, grad_output=grad_output)
-        return grad
-
-    def extra_repr(self) -> str:
-        return "" if self.reduction == "mean" else f"reduction={self.reduction!r}"
+        inputs = self._need_saved()
+        result = self._functional(*inputs, return_grad=True, grad_output=grad_output)
+        return result[1]
 
 
-class _WeightedLoss(_Loss):
-    def __init__(self, weight: Array | None = None, size_average: Any = None, reduce: Any = None,
-                 reduction: str = "mean", *, backend: str | None = None) -> None:
-        super().__init__(size_average, reduce, reduction, backend=backend)
-        self.weight = weight
+def _module_doc(op: Op, base: type) -> str:
+    what = ("``backward(g)`` returns the gradient w.r.t. the last input from the last output"
+            if base is _Activation else
+            "``backward(grad_output=None)`` runs the fused loss+gradient kernel on the last "
+            "call's arrays")
+    notes = textwrap.dedent(f"""
+        Calling the module with ``{', '.join(op.inputs)}`` runs
+        :func:`nblosses.functional.{op.name}` with this configuration and raises what it
+        raises; {what}; before a call it raises ``RuntimeError``.""")
+    doc = op.docstring(("config",)).split("\nReturns\n")[0].split("\nRaises\n")[0]
+    doc = doc.split("\nNotes\n")[0].split("\nExamples\n")[0].rstrip()
+    first, _, rest = doc.partition("\n")
+    doc = f"{first.rstrip('.')} (see :func:`nblosses.functional.{op.name}`).\n{rest}"
+    return (doc + "\n\nNotes\n-----" + notes + "\n\nExamples\n--------\n"
+            + textwrap.dedent(op.module_examples).strip() + "\n")
 
 
-class NLLLoss(_WeightedLoss):
-    """Negative log-likelihood loss (see :func:`nblosses.functional.nll_loss`).
-
-    Parameters
-    ----------
-    weight : array_like, optional
-        Per-class weights, shape ``(C,)``.
-    ignore_index : int
-        Target value that contributes neither loss nor gradient nor ``mean`` weight.
-    size_average, reduce : bool, optional
-        Deprecated (as in torch): when given they set ``reduction`` and warn.
-    reduction : {"mean", "sum", "none"}
-        How per-element losses are combined.
-    backend : str, optional
-        Backend for every call of this module; default: the current default.
-
-    Notes
-    -----
-    Shapes: input ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` of log-probabilities; target
-    ``()``, ``(N,)`` or ``(N, d1, ..., dk)`` of class indices; the loss is 0-d, or the target's
-    shape for ``reduction="none"``. Calling raises what :func:`~nblosses.functional.nll_loss`
-    raises; ``backward()`` before a call raises ``RuntimeError``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from nblosses import nn
-    >>> m, loss = nn.LogSoftmax(dim=1), nn.NLLLoss()
-    >>> x = np.zeros((3, 5)); target = np.array([1, 0, 4])
-    >>> print(loss(m(x), target).round(4))
-    1.6094
-    >>> m.backward(loss.backward()).round(3)[0]
-    array([ 0.067, -0.267,  0.067,  0.067,  0.067])
-    """
-
-    def __init__(self, weight: Array | None = None, size_average: Any = None,
-                 ignore_index: int = -100, reduce: Any = None, reduction: str = "mean", *,
-                 backend: str | None = None) -> None:
-        super().__init__(weight, size_average, reduce, reduction, backend=backend)
-        self.ignore_index = ignore_index
-
-    def _functional(self, input, target, **kwargs):
-        return F.nll_loss(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                          reduction=self.reduction, backend=self.backend, **kwargs)
+def _make_module(op: Op, base: type) -> type:
+    """The module class of ``op``: a constructor with the op's configuration parameters."""
+    sig = op.signature(("config",))
+    namespace: dict[str, Any] = {}
+    params, names, star = [], [], False
+    for p in sig.parameters.values():
+        if p.kind is p.KEYWORD_ONLY and not star:
+            params.append("*")
+            star = True
+        namespace[f"_default_{p.name}"] = p.default
+        params.append(f"{p.name}=_default_{p.name}")
+        names.append(p.name)
+    body = ", ".join(f"{n}={n}" for n in names)
+    source = (f"def __init__(self, {', '.join(params)}):\n"
+              f"    Module.__init__(self, {body})\n")
+    namespace["Module"] = Module
+    exec(compile(source, f"<nblosses.nn.{op.module}>", "exec"), namespace)
+    init = namespace["__init__"]
+    init.__qualname__ = f"{op.module}.__init__"
+    cls = type(op.module, (base,), {"__init__": init, "_op": op, "__module__": __name__,
+                                    "__doc__": _module_doc(op, base)})
+    return cls
 
 
-class CrossEntropyLoss(_WeightedLoss):
-    """Cross-entropy of logits (see :func:`nblosses.functional.cross_entropy`).
-
-    Parameters
-    ----------
-    weight : array_like, optional
-        Per-class weights, shape ``(C,)``.
-    ignore_index : int
-        Target value that contributes neither loss nor gradient (class-index targets only).
-    size_average, reduce : bool, optional
-        Deprecated (as in torch): when given they set ``reduction`` and warn.
-    reduction : {"mean", "sum", "none"}
-        How per-element losses are combined.
-    label_smoothing : float
-        In ``[0, 1]``: the target becomes ``(1 - eps) * y + eps / C``.
-    backend : str, optional
-        Backend for every call of this module; default: the current default.
-
-    Notes
-    -----
-    Shapes: input ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` of logits; target either class
-    indices (``()``, ``(N,)``, ``(N, d1, ..., dk)``) or class probabilities (the input's shape).
-    ``backward()`` runs the fused loss+gradient kernel on the last call's arrays. Calling raises
-    what :func:`~nblosses.functional.cross_entropy` raises; ``backward()`` before a call raises
-    ``RuntimeError``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from nblosses import nn
-    >>> loss = nn.CrossEntropyLoss(label_smoothing=0.1)
-    >>> print(loss(np.zeros((2, 4)), np.array([0, 3])).round(4))
-    1.3863
-    >>> loss.backward().shape
-    (2, 4)
-    """
-
-    def __init__(self, weight: Array | None = None, size_average: Any = None,
-                 ignore_index: int = -100, reduce: Any = None, reduction: str = "mean",
-                 label_smoothing: float = 0.0, *, backend: str | None = None) -> None:
-        super().__init__(weight, size_average, reduce, reduction, backend=backend)
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-
-    def _functional(self, input, target, **kwargs):
-        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                               reduction=self.reduction, label_smoothing=self.label_smoothing,
-                               backend=self.backend, **kwargs)
-
-
-class BCELoss(_WeightedLoss):
-    """Binary cross-entropy of probabilities (see
-    :func:`nblosses.functional.binary_cross_entropy`).
-
-    Parameters
-    ----------
-    weight : array_like, optional
-        Rescaling weight, broadcast to the input's shape.
-    size_average, reduce : bool, optional
-        Deprecated (as in torch): when given they set ``reduction`` and warn.
-    reduction : {"mean", "sum", "none"}
-        How per-element losses are combined.
-    backend : str, optional
-        Backend for every call of this module; default: the current default.
-
-    Notes
-    -----
-    Shapes: input (probabilities in ``[0, 1]``) and target of any one shape; the loss is 0-d or
-    that shape. Input outside ``[0, 1]`` raises ``ValueError``; ``backward()`` before a call
-    raises ``RuntimeError``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from nblosses import nn
-    >>> m, loss = nn.Sigmoid(), nn.BCELoss()
-    >>> print(loss(m(np.array([0.0, 0.0])), np.array([1.0, 0.0])).round(4))
-    0.6931
-    >>> m.backward(loss.backward())
-    array([-0.25,  0.25])
-    """
-
-    def _functional(self, input, target, **kwargs):
-        return F.binary_cross_entropy(input, target, weight=self.weight,
-                                      reduction=self.reduction, backend=self.backend, **kwargs)
-
-
-class BCEWithLogitsLoss(_Loss):
-    """Sigmoid + binary cross-entropy, fused and stable (see
-    :func:`nblosses.functional.binary_cross_entropy_with_logits`).
-
-    Parameters
-    ----------
-    weight : array_like, optional
-        Rescaling weight, broadcast to the input's shape.
-    size_average, reduce : bool, optional
-        Deprecated (as in torch): when given they set ``reduction`` and warn.
-    reduction : {"mean", "sum", "none"}
-        How per-element losses are combined.
-    pos_weight : array_like, optional
-        Weight of positive examples, broadcast along the last dimensions (e.g. ``(C,)``).
-    backend : str, optional
-        Backend for every call of this module; default: the current default.
-
-    Notes
-    -----
-    Shapes: logits and target of any one shape; the loss is 0-d or that shape.
-    ``backward()`` before a call raises ``RuntimeError``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from nblosses import nn
-    >>> loss = nn.BCEWithLogitsLoss(pos_weight=np.array([2.0]))
-    >>> print(loss(np.array([[0.0]]), np.array([[1.0]])).round(4))
-    1.3863
-    """
-
-    def __init__(self, weight: Array | None = None, size_average: Any = None, reduce: Any = None,
-                 reduction: str = "mean", pos_weight: Array | None = None, *,
-                 backend: str | None = None) -> None:
-        super().__init__(size_average, reduce, reduction, backend=backend)
-        self.weight = weight
-        self.pos_weight = pos_weight
-
-    def _functional(self, input, target, **kwargs):
-        return F.binary_cross_entropy_with_logits(input, target, weight=self.weight,
-                                                  reduction=self.reduction,
-                                                  pos_weight=self.pos_weight,
-                                                  backend=self.backend, **kwargs)
+_BASES = {"softmax": _Activation, "activation": _Activation, "class_loss": _Loss,
+          "binary_loss": _Loss}
+for _op in OPS.values():
+    if _op.module:
+        globals()[_op.module] = _make_module(_op, _BASES[_op.family])
+del _op

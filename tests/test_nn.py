@@ -176,20 +176,6 @@ ALL = ["Softmax", "LogSoftmax", "Sigmoid", "NLLLoss", "CrossEntropyLoss", "BCELo
        "BCEWithLogitsLoss"]
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_constructor_signature_mirrors_torch(name):
-    ours = [p for p in inspect.signature(getattr(nn, name)).parameters.values()
-            if p.name != "backend"]
-    theirs = [p for p in inspect.signature(getattr(torch.nn, name)).parameters.values()
-              # torch.nn.Sigmoid inherits Module.__init__(*args, **kwargs), which takes none
-              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    assert [(p.name, p.kind) for p in ours] == [(p.name, p.kind) for p in theirs]
-    for a, b in zip(ours, theirs):
-        assert a.default == b.default or (a.default is None and b.default is None), (a, b)
-    assert inspect.signature(getattr(nn, name)).parameters["backend"].kind is \
-        inspect.Parameter.KEYWORD_ONLY
-
-
 @pytest.mark.parametrize("name,kwargs", [
     ("CrossEntropyLoss", dict(dim=1)),  # the seed document's mistake
     ("NLLLoss", dict(label_smoothing=0.1)),

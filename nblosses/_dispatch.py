@@ -1,0 +1,144 @@
+"""Running one op call: option checks, backend, canonical arguments, kernel, results.
+
+Every public function of :mod:`nblosses.functional` is ``call(op, arguments)`` with its
+:class:`~nblosses._ops.Op`. Calls with a Dask array among their arrays go to
+:mod:`nblosses._dask` (imported only then). Each op family has one runner here that turns
+canonical arguments (:mod:`nblosses._args`) into one kernel call and the kernel's results into
+the caller's shapes and dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from . import _args
+from ._ops import Op
+from ._registry import Runtime, array_module, resolve_backend
+
+Values = dict[str, Any]
+_ARRAY_PARAMS = ("input", "target", "weight", "pos_weight", "grad_output", "output",
+                 "linear_weight", "linear_bias")
+
+
+def call(op: Op, values: Values) -> Any:
+    """Run ``op`` on the caller's ``values`` (parameter name -> value, every parameter)."""
+    arrays = [values[n] for n in _ARRAY_PARAMS if n in values]
+    for a in arrays:
+        if array_module(a) == "dask":
+            from . import _dask
+
+            return _dask.call(op, values, checked_options(op, values))
+    opts = checked_options(op, values)
+    be = resolve_backend(values["backend"], *arrays)
+    be.poll_errors()
+    return _RUNNERS[op.family](be, op, values, opts)
+
+
+def checked_options(op: Op, values: Values) -> Values:
+    """The op's checked options (canonical scalars), by name."""
+    return {p.name: p.check(op.name, values[p.name]) for p in op.checked}  # type: ignore[misc]
+
+
+def kernel_options(op: Op, opts: Values) -> Values:
+    """Options the kernel takes as keywords, left out while at their defaults so kernels
+    without them (third-party backends) still serve the default call."""
+    defaults = _KERNEL_DEFAULTS.get(op.name)
+    if defaults is None:
+        defaults = {p.name: p.check(op.name, p.default)  # type: ignore[misc]
+                    for p in op.params if p.kernel}
+        _KERNEL_DEFAULTS[op.name] = defaults
+    return {k: opts[k] for k, d in defaults.items() if opts[k] != d}
+
+
+_KERNEL_DEFAULTS: dict[str, Values] = {}
+
+
+# ----------------------------------------------------------------------------- activations
+def _softmax(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
+    a = _args.softmax_args(be, op.name, v["input"], v["dim"], v["dtype"])
+    return _back(be.kernel(op.name)(*a.arrays), a)
+
+
+def _softmax_backward(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
+    a = _args.softmax_backward_args(be, op.name, v["grad_output"], v["output"], v["dim"])
+    return _back(be.kernel(op.name)(*a.arrays), a)
+
+
+def _activation(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
+    a = _args.elementwise_args(be, op.name, v["input"])
+    return _back(be.kernel(op.name)(*a.arrays), a)
+
+
+def _activation_backward(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
+    a = _args.elementwise_args(be, op.name, v["grad_output"], v["output"])
+    return _back(be.kernel(op.name)(*a.arrays), a)
+
+
+def _back(result: Any, a: _args.ArrayArgs) -> Any:
+    return result.reshape(a.shape).astype(a.dtype, copy=False)
+
+
+# ----------------------------------------------------------------------------- losses
+def _class_loss(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
+    reduction = _args.reduction_from(v["size_average"], v["reduce"], v["reduction"])
+    ignore_index = opts["ignore_index"]
+    check_indices = not be.defers_index_errors or opts["validate"] == "sync"
+    a = _args.class_loss_args(be, op.name, v["input"], v["target"], v["weight"], ignore_index,
+                              allow_probs=op.name == "cross_entropy",
+                              check_indices=check_indices)
+    n, _, inner = a.layout.shape3
+    cdt = a.x3.dtype
+    want_grad = bool(v["return_grad"])
+    kw = kernel_options(op, opts)
+    if "label_smoothing" in opts:
+        kw["label_smoothing"] = opts["label_smoothing"]
+    if not a.layout.probs:
+        kw["ignore_index"] = ignore_index
+    lse = be.xp.empty((n, inner), dtype=cdt) if v.get("return_lse") else None
+    if lse is not None:
+        kw["lse_out"] = lse
+    grad_output = grad_buffer = None
+    if want_grad:
+        grad_output = _args.grad_output_arg(be, v["grad_output"], reduction, a.layout.loss_shape,
+                                            cdt, (n, inner))
+        grad_buffer = _args.grad_buffer_arg(be, v["grad_buffer"], a.layout.input_shape,
+                                            a.x3.shape, cdt)
+    kernel = be.kernel("cross_entropy_probs" if a.layout.probs else op.name)
+    loss, grad = kernel(a.x3, a.target, a.weight, reduction=reduction, want_grad=want_grad,
+                        grad_output=grad_output, grad_buffer=grad_buffer, **kw)
+    out = [_loss_back(loss, a.layout.loss_shape, a.dtype)]
+    if want_grad:
+        out.append(v["grad_buffer"] if v["grad_buffer"] is not None
+                   else grad.reshape(a.layout.input_shape).astype(a.dtype, copy=False))
+    if lse is not None:
+        out.append(lse.reshape(a.layout.loss_shape))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _binary_loss(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
+    reduction = _args.reduction_from(v["size_average"], v["reduce"], v["reduction"])
+    probabilities = op.name == "binary_cross_entropy"
+    a = _args.binary_loss_args(be, op.name, v["input"], v["target"], v["weight"],
+                               v.get("pos_weight"), probabilities)
+    want_grad = bool(v["return_grad"])
+    g = (_args.grad_output_arg(be, v["grad_output"], reduction, a.shape, a.x.dtype, a.x.shape)
+         if want_grad else None)
+    extra = () if probabilities else (a.pos_weight,)
+    loss, grad = be.kernel(op.name)(a.x, a.y, a.weight, *extra, reduction=reduction,
+                                    want_grad=want_grad, grad_output=g)
+    loss = _loss_back(loss, a.shape, a.dtype)
+    return (loss, grad.reshape(a.shape).astype(a.dtype, copy=False)) if want_grad else loss
+
+
+def _loss_back(loss: Any, loss_shape: tuple[int, ...], dtype: Any) -> Any:
+    return loss.reshape(loss_shape if loss.ndim else ()).astype(dtype, copy=False)
+
+
+_RUNNERS: dict[str, Callable[[Runtime, Op, Values, Values], Any]] = {
+    "softmax": _softmax,
+    "softmax_backward": _softmax_backward,
+    "activation": _activation,
+    "activation_backward": _activation_backward,
+    "class_loss": _class_loss,
+    "binary_loss": _binary_loss,
+}

@@ -1,0 +1,105 @@
+"""Every front end's signature against torch's and against each other, all from the op table."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+from nblosses import _ops, functional as F, nn
+
+OPS = list(_ops.OPS.values())
+MODULE_OPS = [op for op in OPS if op.module]
+
+
+def _torch_params(fn) -> list[inspect.Parameter]:
+    return [p for p in inspect.signature(fn).parameters.values()
+            # torch.nn.Sigmoid inherits Module.__init__(*args, **kwargs), which takes none
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _ours(sig: inspect.Signature, op: _ops.Op) -> list[inspect.Parameter]:
+    return [p for p in sig.parameters.values() if op.param(p.name).torch]
+
+
+def _same(ours: list[inspect.Parameter], theirs: list[inspect.Parameter], what: str) -> None:
+    assert [(p.name, p.kind) for p in ours] == [(p.name, p.kind) for p in theirs], what
+    for a, b in zip(ours, theirs):
+        assert a.default == b.default, (what, a, b)
+
+
+@pytest.mark.parametrize("op", OPS, ids=lambda op: op.name)
+def test_functional_signature_is_torchs_plus_keyword_only_extras(op):
+    sig = inspect.signature(getattr(F, op.name))
+    assert sig == op.signature()
+    torch_fn = getattr(torch.nn.functional, op.name, None)
+    if torch_fn is not None:  # the *_backward ops have no torch.nn.functional counterpart
+        _same(_ours(sig, op), _torch_params(torch_fn), op.name)
+    extras = [p for p in sig.parameters.values() if not op.param(p.name).torch]
+    assert extras and all(p.kind is p.KEYWORD_ONLY for p in extras), extras
+
+
+@pytest.mark.parametrize("op", MODULE_OPS, ids=lambda op: op.module)
+def test_module_constructor_is_torchs_plus_keyword_only_extras(op):
+    sig = inspect.signature(getattr(nn, op.module))
+    _same(_ours(sig, op), _torch_params(getattr(torch.nn, op.module)), op.module)
+    assert sig.parameters["backend"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+@pytest.mark.parametrize("op", MODULE_OPS, ids=lambda op: op.module)
+def test_module_constructor_is_the_functional_configuration(op):
+    """The constructor takes exactly the functional's non-array, per-module parameters, in the
+    functional's order, with the same defaults."""
+    ctor = list(inspect.signature(getattr(nn, op.module)).parameters.values())
+    func = [p for p in inspect.signature(getattr(F, op.name)).parameters.values()
+            if op.param(p.name).role == "config"]
+    assert [(p.name, p.kind, p.default) for p in ctor] == \
+        [(p.name, p.kind, p.default) for p in func]
+
+
+@pytest.mark.parametrize("op", OPS, ids=lambda op: op.name)
+def test_docstring_documents_every_parameter(op):
+    doc = getattr(F, op.name).__doc__
+    for p in op.params:
+        assert f"\n{p.name} : " in doc, (op.name, p.name)
+
+
+def test_dask_front_end_has_no_signatures_of_its_own():
+    """Dask arrays go through the same functions (one contract), routed by the dispatcher."""
+    pytest.importorskip("dask.array")
+    from nblosses import _dask
+
+    assert _dask.__all__ == ["call"]
+    public = [n for n in vars(_dask) if not n.startswith("_") and n in F.__all__]
+    assert public == [], public
+
+
+def test_signature_table_lists_every_op():
+    table = _ops.signature_table()
+    for op in OPS:
+        assert f"F.{op.name}(" in table
+        if op.module:
+            assert f"nn.{op.module}" in table
+
+
+def test_adding_an_option_is_one_param(monkeypatch):
+    """A keyword option added to the table reaches the function, the module and the kernel."""
+    seen = {}
+
+    def check(op_name, value):
+        seen["checked"] = value
+        return float(value)
+
+    extra = _ops.Param("temperature", 1.0, "float\n    test option", keyword_only=True,
+                       check=check, kernel=True, torch=False)
+    op = _ops.OPS["softmax"]
+    new = _ops.Op(**{**op.__dict__, "params": (*op.params, extra)})
+    fn = F._make(new)
+    assert "temperature" in inspect.signature(fn).parameters
+    kwargs = {}
+    monkeypatch.setattr("nblosses._dispatch._RUNNERS", {
+        "softmax": lambda be, op_, v, opts: kwargs.update(opts) or np.zeros(1)})
+    fn(np.zeros(3), 0, temperature=2)
+    assert seen["checked"] == 2 and kwargs["temperature"] == 2.0
