@@ -16,6 +16,8 @@ from ._ops import Op
 from ._registry import Runtime, array_module, resolve_backend
 
 Values = dict[str, Any]
+# Array modules the backends take as they are (no DLPack round trip).
+_NATIVE = frozenset({"numpy", "cupy", "builtins"})
 _ARRAY_PARAMS = ("input", "target", "weight", "pos_weight", "grad_output", "output",
                  "linear_weight", "linear_bias")
 
@@ -24,10 +26,17 @@ def call(op: Op, values: Values) -> Any:
     """Run ``op`` on the caller's ``values`` (parameter name -> value, every parameter)."""
     arrays = [values[n] for n in _ARRAY_PARAMS if n in values]
     for a in arrays:
-        if array_module(a) == "dask":
+        module = array_module(a)
+        if module in _NATIVE:
+            continue
+        if module == "dask":
             from . import _dask
 
             return _dask.call(op, values, checked_options(op, values))
+        if hasattr(a, "__dlpack__"):  # torch, JAX, array-API arrays: in and out by DLPack
+            from . import _interop
+
+            return _interop.call(op, values, call)
     opts = checked_options(op, values)
     be = resolve_backend(values["backend"], *arrays)
     be.poll_errors()
