@@ -76,6 +76,8 @@ def as_array(be: Backend, array: Any, what: str) -> Any:
 # ----------------------------------------------------------------------------- reduction
 def reduction_from(size_average: Any, reduce: Any, reduction: str) -> str:
     """Resolve torch's legacy ``size_average`` / ``reduce`` pair, or check ``reduction``."""
+    if size_average is None and reduce is None and reduction in REDUCTIONS:
+        return reduction
     if size_average is not None or reduce is not None:
         size_average = True if size_average is None else size_average
         reduce = True if reduce is None else reduce
@@ -188,7 +190,7 @@ def split_shape(shape: tuple[int, ...], dim: int) -> tuple[int, int, int]:
     return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ArrayArgs:
     """Canonical arrays of an activation-type call, with the shape and dtype to return."""
 
@@ -257,7 +259,9 @@ def elementwise_args(be: Backend, name: str, *arrays: Any) -> ArrayArgs:
 
 
 # ----------------------------------------------------------------------------- class losses
-@dataclass(frozen=True)
+# The argument records below are plain slotted dataclasses, not frozen ones: they are built on
+# every call, and a frozen dataclass's __init__ costs a microsecond or two more.
+@dataclass(slots=True)
 class ClassLossLayout:
     """What a class-loss call's metadata says: target kind and shapes."""
 
@@ -267,7 +271,7 @@ class ClassLossLayout:
     loss_shape: tuple[int, ...]  # shape of the unreduced loss
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ClassLossArgs:
     """Canonical class-loss arrays (see the kernel protocol in :mod:`nblosses.backends`)."""
 
@@ -279,8 +283,8 @@ class ClassLossArgs:
 
 
 def _canonical_input(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    if len(input_shape) == 1:
-        return 1, input_shape[0], 1
+    if len(input_shape) <= 2:  # (C,) and (N, C), the common cases, without math.prod
+        return (1, input_shape[0], 1) if len(input_shape) == 1 else (*input_shape, 1)
     return split_shape(input_shape, 1)
 
 
@@ -318,12 +322,12 @@ def check_class_loss(be: Backend, name: str, x: Any, t: Any, w: Any, ignore_inde
     if x.ndim < 1:
         raise ValueError(f"{name}: input must have 1 or more dimensions (got 0)")
     compute_dtype(be, x.dtype)
-    shape3 = _canonical_input(tuple(x.shape))
-    loss_shape = tuple(x.shape[:1] + x.shape[2:]) if x.ndim > 1 else ()
+    shape = tuple(x.shape)
+    shape3 = _canonical_input(shape)
+    loss_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
     # A target of the input's shape, or a float one of its rank, is meant as class
     # probabilities: tell what is wrong with it in those terms.
-    probs = allow_probs and (tuple(t.shape) == tuple(x.shape)
-                             or (is_float(t.dtype) and t.ndim == x.ndim))
+    probs = allow_probs and (tuple(t.shape) == shape or (is_float(t.dtype) and t.ndim == x.ndim))
     if probs:
         _check_probability_target(name, x, t, ignore_index)
     else:
@@ -334,7 +338,7 @@ def check_class_loss(be: Backend, name: str, x: Any, t: Any, w: Any, ignore_inde
                              f"(input shape {tuple(x.shape)}), got shape {tuple(w.shape)}")
         if not is_float(w.dtype):
             raise TypeError(f"{name}: weight must be floating point, got {w.dtype.name}")
-    return ClassLossLayout(probs, tuple(x.shape), shape3, loss_shape)
+    return ClassLossLayout(probs, shape, shape3, loss_shape)
 
 
 def _check_probability_target(name: str, x: Any, t: Any, ignore_index: int) -> None:
@@ -385,7 +389,7 @@ def check_targets(be: Backend, t2: Any, n_classes: int, ignore_index: int) -> No
 
 
 # ----------------------------------------------------------------------------- binary losses
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class BinaryLossArgs:
     """Canonical binary-loss call: flat arrays of one length."""
 

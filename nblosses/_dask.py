@@ -603,7 +603,7 @@ def _class_call(op: Op, v: dict, opts: dict) -> _ClassCall:
         x, t = x[None], t[None]
     row_chunks = (x.chunks[0],) + x.chunks[2:]
     t = t.rechunk(x.chunks if layout.probs else row_chunks)
-    extra = {k: v[k] for k in op.kernel_options if v[k] != op.param(k).default}
+    extra = {k: v[k] for k, _ in op.kernel_options if v[k] != op.param(k).default}
     return _ClassCall(op.name, name, be, x, t, w, layout.probs, layout.loss_shape, squeeze,
                       reduction, opts["ignore_index"], opts.get("label_smoothing", 0.0), extra)
 

@@ -18,13 +18,11 @@ from ._registry import Runtime, array_module, resolve_backend
 Values = dict[str, Any]
 # Array modules the backends take as they are (no DLPack round trip).
 _NATIVE = frozenset({"numpy", "cupy", "builtins"})
-_ARRAY_PARAMS = ("input", "target", "weight", "pos_weight", "grad_output", "output",
-                 "linear_weight", "linear_bias")
 
 
 def call(op: Op, values: Values) -> Any:
     """Run ``op`` on the caller's ``values`` (parameter name -> value, every parameter)."""
-    arrays = [values[n] for n in _ARRAY_PARAMS if n in values]
+    arrays = [values[n] for n in op.array_params]
     for a in arrays:
         module = array_module(a)
         if module in _NATIVE:
@@ -45,21 +43,19 @@ def call(op: Op, values: Values) -> Any:
 
 def checked_options(op: Op, values: Values) -> Values:
     """The op's checked options (canonical scalars), by name."""
-    return {p.name: p.check(op.name, values[p.name]) for p in op.checked}  # type: ignore[misc]
+    opts = {}
+    for p, default in op.checked:
+        value = values[p.name]
+        opts[p.name] = default if value is p.default else p.check(op.name, value)  # type: ignore[misc]
+    if "validate" in values:  # its default is context-dependent: always resolved
+        opts["validate"] = _args.check_validate(op.name, values["validate"])
+    return opts
 
 
 def kernel_options(op: Op, opts: Values) -> Values:
     """Options the kernel takes as keywords, left out while at their defaults so kernels
     without them (third-party backends) still serve the default call."""
-    defaults = _KERNEL_DEFAULTS.get(op.name)
-    if defaults is None:
-        defaults = {p.name: p.check(op.name, p.default)  # type: ignore[misc]
-                    for p in op.params if p.kernel}
-        _KERNEL_DEFAULTS[op.name] = defaults
-    return {k: opts[k] for k, d in defaults.items() if opts[k] != d}
-
-
-_KERNEL_DEFAULTS: dict[str, Values] = {}
+    return {k: opts[k] for k, default in op.kernel_options if opts[k] != default}
 
 
 # ----------------------------------------------------------------------------- activations

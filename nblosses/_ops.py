@@ -9,6 +9,7 @@ docs' signature table is printed from here. A new keyword option is one :class:`
 
 from __future__ import annotations
 
+import functools
 import inspect
 import textwrap
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from typing import Any, Callable
 from . import _args
 
 REQUIRED = inspect.Parameter.empty
+# Parameter names that hold arrays in any op.
+_ARRAY_PARAMS = frozenset({"input", "target", "weight", "pos_weight", "grad_output", "output",
+                           "grad_buffer", "linear_weight", "linear_bias"})
 
 
 @dataclass(frozen=True)
@@ -79,20 +83,29 @@ class Op:
                 return p
         raise KeyError(name)
 
-    @property
+    # Derived views of ``params``, computed once: every call reads them.
+    @functools.cached_property
     def inputs(self) -> tuple[str, ...]:
         """Names of the array arguments a module's ``forward`` takes."""
         return tuple(p.name for p in self.params if p.role == "input")
 
-    @property
-    def checked(self) -> tuple[Param, ...]:
-        """Parameters with a check (run on every call)."""
-        return tuple(p for p in self.params if p.check is not None)
+    @functools.cached_property
+    def array_params(self) -> tuple[str, ...]:
+        """Parameters that may hold arrays (they choose the backend and the array kind)."""
+        return tuple(p.name for p in self.params if p.name in _ARRAY_PARAMS)
 
-    @property
-    def kernel_options(self) -> tuple[str, ...]:
-        """Names passed through to the kernel as keywords."""
-        return tuple(p.name for p in self.params if p.kernel)
+    @functools.cached_property
+    def checked(self) -> tuple[tuple[Param, Any], ...]:
+        """``(param, canonical default)`` of each parameter with a check. A call that leaves
+        an option at its default (the object itself) skips the check."""
+        return tuple((p, p.check(self.name, p.default)) for p in self.params
+                     if p.check is not None and p.name != "validate")
+
+    @functools.cached_property
+    def kernel_options(self) -> tuple[tuple[str, Any], ...]:
+        """``(name, canonical default)`` of each option passed through to the kernel."""
+        return tuple((p.name, p.check(self.name, p.default) if p.check else p.default)
+                     for p in self.params if p.kernel)
 
     def signature(self, roles: tuple[str, ...] = ("input", "config", "call")) -> inspect.Signature:
         """The signature of the parameters with one of ``roles`` (in call order)."""
