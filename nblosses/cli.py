@@ -110,11 +110,11 @@ def _bench_config(args: argparse.Namespace) -> Any:
     bad = [dt for dt in dtypes if dt not in ("float16", "float32", "float64")]
     if bad:
         raise ValueError(f"unsupported dtype {bad[0]!r}")
-    if args.targets:
-        try:
-            K.load(args.targets)  # fail before any timing
-        except OSError as exc:
-            raise ValueError(f"cannot read --targets file: {exc}") from exc
+    try:
+        K.load(args.targets)  # fail before any timing
+    except OSError as exc:
+        what = "--targets file" if args.targets else "the packaged targets.json"
+        raise ValueError(f"cannot read {what}: {exc}") from exc
     peers = None
     if args.peers is not None:
         peers = [] if args.peers in ("", "none") else _csv(args.peers)

@@ -270,6 +270,34 @@ def write_json(out: dict[str, Any], path: str) -> None:
 _CLIP = 16.0
 
 
+def _bars(out: dict[str, Any], peer: str | None) -> tuple[list[tuple[str, float, bool]],
+                                                          list[int]]:
+    """``(label, ratio, is_geomean)`` per bar, each op's geomean last; first bar of each op."""
+    multi_dtype = len(out["meta"]["dtypes"]) > 1
+    geo = {(g["op"], g["dtype"]): g for g in out["summary"]["geomean"]}
+    bars: list[tuple[str, float, bool]] = []
+    groups: list[int] = []
+    last = None
+
+    def close(key: tuple[str, str] | None) -> None:
+        if key is not None and peer in geo.get(key, {}).get("ratio", {}):
+            bars.append((f"{key[0]} geomean", geo[key]["ratio"][peer], True))
+
+    for r in out["results"]:
+        v = r["peers"].get(peer, {}) if peer else {}
+        if "ratio" not in v:
+            continue
+        key = (r["op"], r["dtype"])
+        if key != last:
+            close(last)
+            groups.append(len(bars))
+            last = key
+        dt = f" {r['dtype']}" if multi_dtype else ""
+        bars.append((f"{r['op']}  {r['shape']}{dt}", v["ratio"], False))
+    close(last)
+    return bars, groups
+
+
 def plot(out: dict[str, Any], path: str) -> str:
     """Horizontal bars: speed ratio vs torch (or the first peer present) per op x shape.
 
@@ -284,25 +312,7 @@ def plot(out: dict[str, Any], path: str) -> str:
 
     peers = out["summary"]["peers"]
     peer = "torch" if "torch" in peers else (peers[0] if peers else None)
-    multi_dtype = len(out["meta"]["dtypes"]) > 1
-    geo = {(g["op"], g["dtype"]): g for g in out["summary"]["geomean"]}
-    bars: list[tuple[str, float, bool]] = []  # (label, ratio, is_geomean)
-    groups: list[int] = []  # index of the first bar of each op group
-    last = None
-    for r in out["results"]:
-        v = r["peers"].get(peer, {}) if peer else {}
-        if "ratio" not in v:
-            continue
-        key = (r["op"], r["dtype"])
-        if key != last:
-            if last is not None and peer in geo.get(last, {}).get("ratio", {}):
-                bars.append((f"{last[0]} geomean", geo[last]["ratio"][peer], True))
-            groups.append(len(bars))
-            last = key
-        dt = f" {r['dtype']}" if multi_dtype else ""
-        bars.append((f"{r['op']}  {r['shape']}{dt}", v["ratio"], False))
-    if last is not None and peer in geo.get(last, {}).get("ratio", {}):
-        bars.append((f"{last[0]} geomean", geo[last]["ratio"][peer], True))
+    bars, groups = _bars(out, peer)
 
     n = max(len(bars), 1)
     fig, ax = plt.subplots(figsize=(9, 1.3 + 0.23 * n))
