@@ -110,6 +110,54 @@ def test_vector_instantiations_use_16_byte_loads(ct, ld):
     assert re.search(r"st\.global\." + ld, ptx)
 
 
+def ptxas_usage(src: str, ct: str, names: list[str]) -> dict[str, tuple[int, int]]:
+    """``{name: (registers, spill store bytes)}`` from NVRTC's ptxas report for sm_90 (ptxas
+    runs inside NVRTC: no device needed)."""
+    prog = nvrtc.createProgram(L.source_for(src, ct), src, [], [])
+    try:
+        for n in names:
+            nvrtc.addNameExpression(prog, n)
+        nvrtc.compileProgram(prog, ["--gpu-architecture=sm_90", *L.options_for(ct), "-ftz=true",
+                                    "--ptxas-options=-v"])
+        log = nvrtc.getProgramLog(prog)
+        log = log.decode() if isinstance(log, bytes) else log
+        lowered = {nvrtc.getLoweredName(prog, n): n for n in names}
+    finally:
+        nvrtc.destroyProgram(prog)
+    out: dict[str, list[int]] = {}
+    entry = props = None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            entry = m.group(1)
+            out[lowered[entry]] = [0, 0]
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            props = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m and entry and props == entry:
+            out[lowered[entry]][1] = int(m.group(1))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and entry:
+            out[lowered[entry]][0] = int(m.group(1))
+    return {k: (r, sp) for k, (r, sp) in out.items()}
+
+
+@pytest.mark.parametrize("ct", ["__half", "float"])
+def test_looped_kernels_keep_half_occupancy_without_spills(ct):
+    """The looped row kernels run two 512-thread blocks per SM (50% occupancy): a 64-register
+    budget, met without spilling on the default (non-EXT) paths."""
+    checks = {"softmax.cu": [K.softmax_looped(ct, v) for v in K.vec_choices(ct)],
+              "cross_entropy.cu": [K.ce_looped(ct, v) for v in K.vec_choices(ct)],
+              "softmax_backward.cu": [K.softmax_bwd_rows(ct, v, K.LONG_ROW_G, K.LONG_ROW_G)
+                                      for v in K.vec_choices(ct)]}
+    for src, names in checks.items():
+        usage = ptxas_usage(src, ct, names)
+        assert set(usage) == set(names)
+        for n, (regs, spill) in usage.items():
+            assert regs <= 64 and spill == 0, (n, regs, spill)
+
+
 def test_sources_have_no_host_macros():
     for src in ("_common.cu", *K.SOURCES):
         text = L.read_source(src)

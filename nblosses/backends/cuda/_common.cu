@@ -21,6 +21,10 @@ typedef long long i64;
 //: read one array, and of those that read two (register budget: no spills at 512 threads).
 #define NBL_UNROLL 4
 #define NBL_UNROLL2 2
+//: Minimum resident blocks per SM of the looped row kernels (__launch_bounds__' second
+//: argument): two blocks of 512 threads = 50% occupancy, a 64-register budget per thread
+//: (float64 rows: no minimum, they would spill).
+#define NBL_MIN_BLOCKS(BLOCK, T) (sizeof(T) < 8 && 1024 / (BLOCK) > 0 ? 1024 / (BLOCK) : 1)
 
 // ----------------------------------------------------------------------------- special values
 __device__ __forceinline__ float nbl_pos_inf(float) { return __int_as_float(0x7f800000); }

@@ -163,10 +163,10 @@ __global__ void __launch_bounds__(BLOCK) ce_cached(NBL_PARAMS_CE) {
 }
 
 template <typename T, int EXT, int VEC, int G, int BLOCK>
-__global__ void __launch_bounds__(BLOCK) ce_looped(NBL_PARAMS_CE) {
+__global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_looped(NBL_PARAMS_CE) {
     NBL_CE_PROLOGUE;
     constexpr int RB = BLOCK / G;
-    constexpr int U = NBL_UNROLL;
+    constexpr int U = NBL_UNROLL2;  // 64-register budget (NBL_MIN_BLOCKS)
     __shared__ A sbuf[2][4][32];
     Reducer<G, A> red(sbuf);
     const i64 nvec = C / VEC;

@@ -58,7 +58,7 @@ softmax_cached(NBL_PARAMS_SOFTMAX_ROWS) {
 }
 
 template <typename T, int VEC, int G, int BLOCK>
-__global__ void __launch_bounds__(BLOCK)
+__global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
 softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
     typedef typename AccT<T>::type A;
     constexpr int R = BLOCK / G;

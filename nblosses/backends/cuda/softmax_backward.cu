@@ -6,7 +6,7 @@
 // y (short rows: from L1/L2) and writes. softmax_bwd_cols (inner > 1): a thread per position.
 
 template <typename T, int VEC, int G, int BLOCK>
-__global__ void __launch_bounds__(BLOCK)
+__global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
 softmax_bwd_rows(NBL_PARAMS_SOFTMAX_BWD) {  // inner == 1: outer rows
     const i64 nrows = outer;
     typedef typename AccT<T>::type A;
