@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import numpy as np
@@ -95,7 +96,7 @@ def test_adding_an_option_is_one_param(monkeypatch):
     extra = _ops.Param("temperature", 1.0, "float\n    test option", keyword_only=True,
                        check=check, kernel=True, torch=False)
     op = _ops.OPS["softmax"]
-    new = _ops.Op(**{**op.__dict__, "params": (*op.params, extra)})
+    new = dataclasses.replace(op, params=(*op.params, extra))
     fn = F._make(new)
     assert "temperature" in inspect.signature(fn).parameters
     kwargs = {}
