@@ -18,12 +18,15 @@ parameter. Anchor the module name to select one family:
 ``'^first_call\.'``   first-call latency in a fresh process, cold and warm cache
 ``'^peakmem\.'``      peak and extra memory of one call
 ``'^bench_dask\.'``   chunked (dask) cross_entropy
+``'^overhead\.'``     per-call Python cost of each function (no-op kernels)
 ====================  ==============================================================
 
 Within a family, a parameter narrows further: ``-b '^softmax\.Softmax.*float64'``.
 """
 
-#: The ``-b`` regex of each family above (tests check each selects exactly its module).
-FAMILIES = {name: rf"^{name}\." for name in (
-    "softmax", "backward", "sigmoid", "losses", "layouts", "gate", "first_call", "peakmem",
-    "bench_dask")}
+from pathlib import Path as _Path
+
+#: The ``-b`` regex of each module (tests check each selects exactly its module, and that the
+#: table above documents it).
+FAMILIES = {p.stem: rf"^{p.stem}\." for p in sorted(_Path(__file__).parent.glob("*.py"))
+            if p.stem not in ("__init__", "common")}
