@@ -19,15 +19,13 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 
 #: Flags for kernels: reassociation lets LLVM vectorise sums; no nnan/ninf, since NaN and inf
-#: inputs must give torch's results.
+#: inputs must give torch's results (max-reductions use :func:`fmax`, which needs neither).
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
-#: For max-reductions only: LLVM vectorises a float max only when it may assume no NaN. Safe here
-#: because every caller also sums exp(x - max), which turns a NaN input into a NaN result anyway.
-FASTMATH_MAX = FASTMATH | {"nnan"}
 
 JIT = dict(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 #: For loops that form ``(x - m) - log s`` and reduce nothing: without "reassoc", LLVM may not
@@ -87,6 +85,31 @@ def _exponent_from_low_bits(typingctx, value):
         return builder.bitcast(builder.shl(bits, ir.Constant(llint, shift)), llfloat)
 
     return value(value), codegen
+
+
+@intrinsic
+def fmax(typingctx, a, b):
+    """``max(a, b)`` of two float32 (float64) values as LLVM's ``llvm.maximum``: NaN when either
+    is NaN, ``+inf`` wins over any number.
+
+    Numba's ``max()`` lowers to a compare and a branch that LLVM 22 neither if-converts into a
+    vector max nor recognises as a reduction (not even with ``nnan``): ``row_max`` compiled to
+    scalar ``vmaxss``, 8x slower than the exp pass after it. ``llvm.maximum`` is vectorised
+    both elementwise and as a loop reduction (``vmaxps`` plus a NaN blend on AVX2, ``vmaxps``
+    with a mask on AVX-512), and its NaN propagation is exact, so no ``nnan`` flag is needed.
+    """
+    if a != b:
+        raise TypingError("fmax takes two values of one float type")
+    _layout(a, "fmax")
+
+    def codegen(context, builder, signature, args):
+        lltype = args[0].type
+        suffix = "f32" if lltype == ir.FloatType() else "f64"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lltype, [lltype] * 2),
+                                            f"llvm.maximum.{suffix}")
+        return builder.call(fn, args)
+
+    return a(a, b), codegen
 
 
 def _horner(coeffs, ftype):
@@ -238,12 +261,12 @@ def _like_overload(value, ref):
     return impl
 
 
-@njit(fastmath=FASTMATH_MAX, cache=True, nogil=True)
+@njit(**JIT)
 def row_max(row):
-    """Maximum of a non-empty 1-D float array, in its dtype; vectorised, NaN-oblivious."""
+    """Maximum of a non-empty 1-D float array, in its dtype (NaN if any is NaN); vectorised."""
     m = row[0]
     for i in range(1, row.size):
-        m = max(m, row[i])
+        m = fmax(m, row[i])
     return m
 
 
@@ -287,99 +310,3 @@ def sum_exp_store(row, out, m):
                 s += e
         total += s
     return total
-
-
-# ----------------------------------------------------------------------------- vector primitives
-# Small loops over contiguous 1-D slices: the middle-axis kernels call them once per class with
-# slices of one inner block. Indexing 3-D arrays with ``j0 + j`` instead would keep Numba's
-# negative-index wraparound in the loop and stop it vectorising.
-@njit(fastmath=FASTMATH_MAX, cache=True, nogil=True)
-def vmax(m, xc):
-    """``m = max(m, xc)`` elementwise."""
-    for j in range(m.size):
-        m[j] = max(m[j], xc[j])
-
-
-@njit(**JIT)
-def vsum_exp(s, xc, m):
-    """``s += exp(xc - m)``."""
-    for j in range(s.size):
-        s[j] += fast_exp(xc[j] - m[j])
-
-
-@njit(**JIT)
-def vsum_exp_store(s, xc, m, out):
-    """``out = exp(xc - m); s += out``; ``out`` may be ``xc`` (see :func:`sum_exp_store`)."""
-    if out.ctypes.data == xc.ctypes.data:
-        for j in range(s.size):
-            e = fast_exp(out[j] - m[j])
-            out[j] = e
-            s[j] += e
-    else:
-        for j in range(s.size):
-            e = fast_exp(xc[j] - m[j])
-            out[j] = e
-            s[j] += e
-
-
-@njit(**JIT_EXACT)
-def vlog(s):
-    """``s = log(s)`` in place.
-
-    Kernels keep a log-sum-exp as the pair ``(m, log s)`` and form ``(x - m) - log s``: adding
-    ``m + log s`` first would round away the low bits of ``x`` when ``|x|`` is large (float32
-    logits near 1e4 lost three digits that way).
-    """
-    for j in range(s.size):
-        s[j] = fast_log(s[j])
-
-
-@njit(fastmath=FASTMATH_MAX, cache=True, nogil=True)
-def vmax2(m, a, b):
-    """``m = max(m, a, b)`` elementwise (two classes per pass: half the loads/stores of m)."""
-    for j in range(m.size):
-        m[j] = max(m[j], max(a[j], b[j]))
-
-
-@njit(**JIT)
-def vsum_exp2(s, a, b, m):
-    """``s += exp(a - m) + exp(b - m)``."""
-    for j in range(s.size):
-        s[j] += fast_exp(a[j] - m[j]) + fast_exp(b[j] - m[j])
-
-
-@njit(fastmath=FASTMATH_MAX, cache=True, nogil=True)
-def block_max(xo, j0, w, m):
-    """Max over axis 0 of ``xo[:, j0:j0+w]`` into ``m``, two classes per pass (the running
-    ``m`` is loaded and stored half as often: 10% faster at C = 21)."""
-    n_classes = xo.shape[0]
-    m[:] = xo[0, j0:j0 + w]
-    c = 1
-    while c + 1 < n_classes:
-        vmax2(m, xo[c, j0:j0 + w], xo[c + 1, j0:j0 + w])
-        c += 2
-    if c < n_classes:
-        vmax(m, xo[c, j0:j0 + w])
-
-
-@njit(**JIT)
-def block_stats(xo, j0, w, m, s):
-    """Max and sum of exponentials over axis 0 of ``xo[:, j0:j0+w]`` into ``m``, ``s``
-    (classes two at a time, as :func:`block_max`)."""
-    n_classes = xo.shape[0]
-    block_max(xo, j0, w, m)
-    s[:] = 0
-    c = 0
-    while c + 1 < n_classes:
-        vsum_exp2(s, xo[c, j0:j0 + w], xo[c + 1, j0:j0 + w], m)
-        c += 2
-    if c < n_classes:
-        vsum_exp(s, xo[c, j0:j0 + w], m)
-
-
-def block_width(outer: int, inner: int, threads: int, widest: int = 2048) -> int:
-    """Inner positions per task: wide for long vector loops, narrow enough for all threads."""
-    width = widest
-    while width > 256 and outer * -(-inner // width) < 4 * threads:
-        width //= 2
-    return min(width, inner)

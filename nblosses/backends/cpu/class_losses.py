@@ -23,10 +23,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._math import (JIT, JIT_EXACT, block_max, block_stats, fast_exp, like, row_max, sum_exp,
-                    sum_exp_store, vlog, vsum_exp_store)
+from ._blocks import (SMALL_C, TILE, block_stats, block_stats_store, block_task, n_blocks,
+                      tile_stats, vlog, width_for)
+from ._math import JIT, JIT_EXACT, fast_exp, like, row_max, sum_exp, sum_exp_store
 from ._parallel import guarded, parallel_kernel
-from .softmax import SMALL_C, TILE, _width, tile_stats
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -196,8 +196,12 @@ def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
         # smoothing sum are then read from x, which this tile writes back to only at the end.
         r0, nr, xt, m, s = tile_stats(x, tile, gx is not None)
         ls = np.empty(TILE, x.dtype)
-        ls[:nr] = s[:nr]
-        vlog(ls[:nr])
+        vlog(s[:nr], ls[:nr])
+        # The gradient's coefficients per row: a (subtracted at the target), coef / sum
+        # (multiplies exp(x - m)), b (multiplies w_c).
+        a = np.empty(TILE if gx is not None else 0, x.dtype)
+        cs = np.empty_like(a)
+        b = np.empty_like(a)
         for r in range(nr):
             ti = t[r0 + r]
             if ti == ignore:
@@ -206,28 +210,25 @@ def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
             else:
                 swx = _weighted_sum(w, x[r0 + r]) if eps > 0 else 0.0
                 scale = g_scalar if g is None else np.float64(g[r0 + r])
-                loss, a, cf, b = _ce_point(np.float64(m[r]) + ls[r], x[r0 + r, ti], swx,
-                                           1.0 if w is None else w[ti], eps, n_classes, w_total,
-                                           scale)
+                loss, ar, cf, br = _ce_point(np.float64(m[r]) + ls[r], x[r0 + r, ti], swx,
+                                             1.0 if w is None else w[ti], eps, n_classes,
+                                             w_total, scale)
                 total += loss
                 if out is not None:
                     out[r0 + r] = loss
                 if gx is not None:
-                    # The gradient's coefficients replace statistics no longer needed, so a
-                    # gradient costs no scratch beyond the tile: a (subtracted at the target)
-                    # in m, coef / sum (multiplies exp(x - m)) in s, b (multiplies w_c) in ls.
-                    m[r], s[r], ls[r] = a, cf / s[r], b
+                    a[r], cs[r], b[r] = ar, cf / s[r], br
         if gx is not None:
             for c in range(n_classes):  # inline, as in _softmax_tiles: calls cost more here
                 wc = like(1.0 if w is None else w[c], x)
                 for r in range(nr):
-                    xt[c, r] = s[r] * xt[c, r] - ls[r] * wc
+                    xt[c, r] = cs[r] * xt[c, r] - b[r] * wc
             for r in range(nr):
                 ti = t[r0 + r]
                 if ti == ignore:
                     xt[:, r] = 0
                 else:
-                    xt[ti, r] -= m[r]
+                    xt[ti, r] -= a[r]
             for r in range(nr):
                 for c in range(n_classes):
                     gx[r0 + r, c] = xt[c, r]
@@ -245,20 +246,15 @@ def _vaxpy(acc, alpha, xc):
 @parallel_kernel(**JIT)
 def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
     n, n_classes, inner = x.shape
-    nblk = (inner + width - 1) // width
+    nblk = n_blocks(inner, width)
     total = 0.0
     for task in prange(n * nblk):
-        o = task // nblk
-        j0 = (task % nblk) * width
-        wd = min(width, inner - j0)
+        o, j0, wd = block_task(task, nblk, width, inner)
         xo = x[o]
         # x_t and sum_c w_c x_c first: an in-place gradient overwrites the logits below.
-        x_t = np.empty(wd, x.dtype)
-        for j in range(wd):
-            tj = t[o, j0 + j]
-            x_t[j] = 0 if tj == ignore else xo[tj, j0 + j]
-        # Scratch (x_t, m, s, ls; swx only with smoothing) is the only memory a loss allocates,
-        # per running task: tests/test_memory.py holds it under 1% of the logits.
+        x_t = _block_targets(xo, t[o, j0:j0 + wd], ignore, j0)
+        # Scratch (x_t, m, s, ls, swx with smoothing, a, cs, b with a gradient) is the only
+        # memory a loss allocates, per running task: O(width), not O(N C).
         swx = np.zeros(wd if eps > 0 else 0, x.dtype)
         if eps > 0:
             for c in range(n_classes):
@@ -268,13 +264,13 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
         if gx is None:
             block_stats(xo, j0, wd, m, s)
         else:  # exp(x - m) stored in the gradient: one exp per logit
-            go = gx[o]
-            block_max(xo, j0, wd, m)
-            s[:] = 0
-            for c in range(n_classes):
-                vsum_exp_store(s, xo[c, j0:j0 + wd], m, go[c, j0:j0 + wd])
-        ls = s.copy()
-        vlog(ls)
+            block_stats_store(xo, j0, wd, m, s, gx[o])
+        ls = np.empty(wd, x.dtype)
+        vlog(s, ls)
+        # The gradient's coefficients per position, as in _ce_tiles.
+        a = np.empty(wd if gx is not None else 0, x.dtype)
+        cs = np.empty_like(a)
+        b = np.empty_like(a)
         for j in range(wd):
             tj = t[o, j0 + j]
             if tj == ignore:
@@ -282,28 +278,43 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
                     out[o, j0 + j] = 0
             else:
                 scale = g_scalar if g is None else np.float64(g[o, j0 + j])
-                loss, a, cf, b = _ce_point(np.float64(m[j]) + ls[j], x_t[j],
-                                           swx[j] if eps > 0 else 0.0,
-                                           1.0 if w is None else w[tj], eps, n_classes, w_total,
-                                           scale)
+                loss, aj, cf, bj = _ce_point(np.float64(m[j]) + ls[j], x_t[j],
+                                             swx[j] if eps > 0 else 0.0,
+                                             1.0 if w is None else w[tj], eps, n_classes,
+                                             w_total, scale)
                 total += loss
                 if out is not None:
                     out[o, j0 + j] = loss
                 if gx is not None:
-                    # Coefficients replace statistics no longer needed (no more scratch): a
-                    # (subtracted at the target) in x_t, coef / sum (multiplies exp(x - m))
-                    # in s, b (multiplies w_c) in ls.
-                    x_t[j], s[j], ls[j] = a, cf / s[j], b
+                    a[j], cs[j], b[j] = aj, cf / s[j], bj
         if gx is not None:
-            for c in range(n_classes):
-                _vce_grad(go[c, j0:j0 + wd], s, ls, 1.0 if w is None else w[c])
-            for j in range(wd):
-                tj = t[o, j0 + j]
-                if tj == ignore:
-                    go[:, j0 + j] = 0
-                else:
-                    go[tj, j0 + j] -= x_t[j]
+            _block_ce_grad(gx[o], t[o, j0:j0 + wd], ignore, j0, w, a, cs, b)
     return total
+
+
+@njit(**JIT)
+def _block_targets(xo, tb, ignore, j0):
+    """``x[t_j, j0 + j]`` for the block's positions (0 where ignored)."""
+    x_t = np.empty(tb.size, xo.dtype)
+    for j in range(tb.size):
+        tj = tb[j]
+        x_t[j] = 0 if tj == ignore else xo[tj, j0 + j]
+    return x_t
+
+
+@njit(**JIT)
+def _block_ce_grad(go, tb, ignore, j0, w, a, cs, b):
+    """The gradient of one block from ``exp(x - m)`` stored in ``go``: ``cs * e - b * w_c``,
+    minus ``a`` at the target; zero at ignored positions."""
+    wd = tb.size
+    for c in range(go.shape[0]):
+        _vce_grad(go[c, j0:j0 + wd], cs, b, 1.0 if w is None else w[c])
+    for j in range(wd):
+        tj = tb[j]
+        if tj == ignore:
+            go[:, j0 + j] = 0
+        else:
+            go[tj, j0 + j] -= a[j]
 
 
 @guarded
@@ -322,7 +333,7 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
             total = rows(x3[:, :, 0], t2[:, 0], *args, _rows(k.g), k.g_scalar, _rows(k.out),
                          _rows(k.gx))
         else:
-            total = _ce_blocks(x3, t2, *args, k.g, k.g_scalar, k.out, k.gx, _width(x3))
+            total = _ce_blocks(x3, t2, *args, k.g, k.g_scalar, k.out, k.gx, width_for(x3))
     else:
         _empty_fill(k)
     return _finish(total, k.out, reduction, denom, x3.dtype), k.gx
@@ -408,37 +419,38 @@ def _vprob_grad(out, xc, yc, m, ls, coef, scale, wc, keep, spread):
 @parallel_kernel(**JIT)
 def _ce_probs_blocks(x, y, w, eps, g, g_scalar, out, gx, width):
     n, n_classes, inner = x.shape
-    nblk = (inner + width - 1) // width
+    nblk = n_blocks(inner, width)
     keep = 1.0 - eps
     spread = eps / n_classes
     total = 0.0
     for task in prange(n * nblk):
-        o = task // nblk
-        j0 = (task % nblk) * width
-        wd = min(width, inner - j0)
+        o, j0, wd = block_task(task, nblk, width, inner)
         xo = x[o]
         yo = y[o]
         m = np.empty(wd, x.dtype)
+        s = np.empty(wd, x.dtype)
+        block_stats(xo, j0, wd, m, s)
         ls = np.empty(wd, x.dtype)
-        block_stats(xo, j0, wd, m, ls)
-        vlog(ls)
-        a_sum = np.zeros(wd, x.dtype)
-        b_sum = np.zeros(wd, x.dtype)
+        vlog(s, ls)
+        a_sum = np.zeros(wd, x.dtype)  # sum_c w_c y'_c
+        b_sum = np.zeros(wd, x.dtype)  # sum_c w_c y'_c x_c
         for c in range(n_classes):
             _vprob_sums(a_sum, b_sum, xo[c, j0:j0 + wd], yo[c, j0:j0 + wd],
                         1.0 if w is None else w[c], keep, spread)
+        coef = np.empty(wd if gx is not None else 0, x.dtype)  # of exp((x - m) - ls)
+        scale = np.empty_like(coef)  # of the w y' term
         for j in range(wd):
             loss = np.float64(a_sum[j]) * (np.float64(m[j]) + ls[j]) - b_sum[j]
             total += loss
             if out is not None:
                 out[o, j0 + j] = loss
-            scale = g_scalar if g is None else np.float64(g[o, j0 + j])
-            a_sum[j] = scale * a_sum[j]  # now: coefficient of exp((x - m) - ls)
-            b_sum[j] = scale  # now: scale of the w * y' term
+            if gx is not None:
+                scale[j] = g_scalar if g is None else np.float64(g[o, j0 + j])
+                coef[j] = scale[j] * a_sum[j]
         if gx is not None:
             for c in range(n_classes):
                 _vprob_grad(gx[o, c, j0:j0 + wd], xo[c, j0:j0 + wd], yo[c, j0:j0 + wd], m, ls,
-                            a_sum, b_sum, 1.0 if w is None else w[c], keep, spread)
+                            coef, scale, 1.0 if w is None else w[c], keep, spread)
     return total
 
 
@@ -456,7 +468,7 @@ def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad
                                    _rows(k.g), k.g_scalar, _rows(k.out), _rows(k.gx))
         else:
             total = _ce_probs_blocks(x3, p3, weight, label_smoothing, k.g, k.g_scalar, k.out,
-                                     k.gx, _width(x3))
+                                     k.gx, width_for(x3))
     else:
         _empty_fill(k)
     return _finish(total, k.out, reduction, denom, x3.dtype), k.gx

@@ -4,31 +4,22 @@ Inputs arrive as ``(outer, C, inner)`` (see :mod:`nblosses.backends`). Three lay
 
 - ``inner == 1``, ``C >= SMALL_C``: each row is contiguous; rows run in parallel, each in
   three passes (max; exp, store and sum; scale) while it sits in L1/L2, as torch does.
-- ``inner == 1``, ``C < SMALL_C``: per-row loops that short do not vectorise, so tiles of
-  ``TILE`` rows are transposed into an L1 scratch ``(C, TILE)`` and processed with the rows as
-  the vectorised axis (2-4x faster than row loops at C = 10).
+- ``inner == 1``, ``C < SMALL_C``: tiles of ``TILE`` rows transposed into an L1 scratch, the
+  rows as the vectorised axis (2-4x faster than row loops at C = 10; :mod:`._blocks`).
 - ``inner > 1`` (softmax along a middle axis): no transposed copy; each task takes one ``outer``
-  index and a block of inner positions (:func:`._math.block_width`), and every pass walks ``c`` with the contiguous
-  inner block as the vectorised axis.
+  index and a block of inner positions, and every pass walks ``c`` with the contiguous inner
+  block as the vectorised axis (:mod:`._blocks`).
 """
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
-from ._math import (FASTMATH_MAX, JIT, JIT_EXACT, block_stats, block_width, fast_exp, like, row_max, sum_exp,
-                    sum_exp_store, vlog, vmax, vsum_exp_store)
+from ._blocks import (CHUNK, SMALL_C, TILE, block_stats, block_stats_store, block_task, n_blocks,
+                      tile_stats, vlog, vmul, vrecip, vshift, width_for)
+from ._math import JIT, JIT_EXACT, fast_exp, like, row_max, sum_exp, sum_exp_store
 from ._parallel import guarded, parallel_kernel
-
-#: Rows shorter than this take the transposed-tile path.
-SMALL_C = 24
-#: Rows per transposed tile.
-TILE = 128
-#: Elements per task for the elementwise ops.
-CHUNK = 16384
-
 
 
 # ----------------------------------------------------------------------------- contiguous rows
@@ -52,58 +43,25 @@ def _softmax_rows(x, y, log):
 
 
 # ----------------------------------------------------------------------------- short rows
-@njit(fastmath=FASTMATH_MAX, cache=True, nogil=True)
-def tile_stats(x, tile, store):
-    """Tile ``tile`` of ``x``: rows ``r0:r0+nr`` (at most ``TILE``) transposed into the scratch
-    ``xt[:, :nr]``, and each row's max ``m`` and ``s = sum(exp(x - max))``. With ``store``, ``xt``
-    is left holding ``exp(x - max)`` (callers that need those then compute no second exp).
-    Returns ``(r0, nr, xt, m, s)``; shared by every short-row kernel."""
-    n, n_classes = x.shape
-    r0 = tile * TILE
-    nr = min(n, r0 + TILE) - r0
-    xt = np.empty((n_classes, TILE), x.dtype)
-    m = np.empty(TILE, x.dtype)
-    s = np.empty(TILE, x.dtype)
-    for r in range(nr):
-        for c in range(n_classes):
-            xt[c, r] = x[r0 + r, c]
-    for r in range(nr):
-        m[r] = xt[0, r]
-        s[r] = 0
-    for c in range(1, n_classes):
-        for r in range(nr):
-            m[r] = max(m[r], xt[c, r])
-    if store:
-        for c in range(n_classes):
-            for r in range(nr):
-                e = fast_exp(xt[c, r] - m[r])
-                xt[c, r] = e
-                s[r] += e
-    else:
-        for c in range(n_classes):
-            for r in range(nr):
-                s[r] += fast_exp(xt[c, r] - m[r])
-    return r0, nr, xt, m, s
-
-
 @parallel_kernel(**JIT_EXACT)
 def _softmax_tiles(x, y, log):
     n, n_classes = x.shape
     for tile in prange((n + TILE - 1) // TILE):
         r0, nr, xt, m, s = tile_stats(x, tile, not log)
         if log:
-            vlog(s[:nr])
+            ls = np.empty(TILE, x.dtype)
+            vlog(s[:nr], ls[:nr])
             # A loop here, not vshift() per class: ten-odd calls per tile on 128-element
             # slices cost more than the arithmetic (9% of the kernel at C = 10).
             for c in range(n_classes):
                 for r in range(nr):
-                    xt[c, r] = (xt[c, r] - m[r]) - s[r]
+                    xt[c, r] = (xt[c, r] - m[r]) - ls[r]
         else:  # xt holds exp(x - m)
-            for r in range(nr):
-                s[r] = like(1, s) / s[r]
+            inv = np.empty(TILE, x.dtype)
+            vrecip(s[:nr], inv[:nr])
             for c in range(n_classes):
                 for r in range(nr):
-                    xt[c, r] *= s[r]
+                    xt[c, r] *= inv[r]
         for r in range(nr):  # transpose back
             for c in range(n_classes):
                 y[r0 + r, c] = xt[c, r]
@@ -112,55 +70,26 @@ def _softmax_tiles(x, y, log):
 # ----------------------------------------------------------------------------- middle axis
 @parallel_kernel(**JIT)
 def _softmax_blocks(x, y, log, width):
-    outer, _, inner = x.shape
-    nblk = (inner + width - 1) // width
+    outer, n_classes, inner = x.shape
+    nblk = n_blocks(inner, width)
     for task in prange(outer * nblk):
-        o = task // nblk
-        j0 = (task % nblk) * width
-        w = min(width, inner - j0)
+        o, j0, w = block_task(task, nblk, width, inner)
         m = np.empty(w, x.dtype)
         s = np.empty(w, x.dtype)
         xo = x[o]
         yo = y[o]
         if log:
             block_stats(xo, j0, w, m, s)
-            vlog(s)
-            for c in range(xo.shape[0]):
-                vshift(yo[c, j0:j0 + w], xo[c, j0:j0 + w], m, s)
+            ls = np.empty(w, x.dtype)
+            vlog(s, ls)
+            for c in range(n_classes):
+                vshift(yo[c, j0:j0 + w], xo[c, j0:j0 + w], m, ls)
         else:
-            m[:] = xo[0, j0:j0 + w]
-            for c in range(1, xo.shape[0]):
-                vmax(m, xo[c, j0:j0 + w])
-            s[:] = 0
-            for c in range(xo.shape[0]):
-                vsum_exp_store(s, xo[c, j0:j0 + w], m, yo[c, j0:j0 + w])
-            for j in range(w):
-                s[j] = like(1, s) / s[j]
-            for c in range(xo.shape[0]):
-                vmul(yo[c, j0:j0 + w], s)
-
-
-@njit(**JIT_EXACT)
-def vshift(out, xc, m, ls):
-    """``out = (xc - m) - ls``: log-softmax from the max and the log of the sum; ``out`` may be
-    ``xc`` (a separate loop then, see :func:`.class_losses._ce_grad_row`)."""
-    if out.ctypes.data == xc.ctypes.data:
-        for j in range(ls.size):
-            out[j] = (out[j] - m[j]) - ls[j]
-    else:
-        for j in range(ls.size):
-            out[j] = (xc[j] - m[j]) - ls[j]
-
-
-@njit(**JIT)
-def vmul(out, s):
-    """``out *= s``."""
-    for j in range(s.size):
-        out[j] *= s[j]
-
-
-def _width(x3: np.ndarray, widest: int = 2048) -> int:
-    return block_width(x3.shape[0], x3.shape[2], numba.get_num_threads(), widest)
+            block_stats_store(xo, j0, w, m, s, yo)
+            inv = np.empty(w, x.dtype)
+            vrecip(s, inv)
+            for c in range(n_classes):
+                vmul(yo[c, j0:j0 + w], inv)
 
 
 def _softmax_any(x3: np.ndarray, log: bool) -> np.ndarray:
@@ -171,7 +100,7 @@ def _softmax_any(x3: np.ndarray, log: bool) -> np.ndarray:
         rows = _softmax_tiles if x3.shape[1] < SMALL_C else _softmax_rows
         rows(x3[:, :, 0], y3[:, :, 0], log)
     else:
-        _softmax_blocks(x3, y3, log, _width(x3))
+        _softmax_blocks(x3, y3, log, width_for(x3))
     return y3
 
 
@@ -228,11 +157,9 @@ def _vbackward_write(out, gc, yc, s, log):
 @parallel_kernel(**JIT)
 def _softmax_backward_blocks(g, y, gx, log, width):
     outer, n_classes, inner = g.shape
-    nblk = (inner + width - 1) // width
+    nblk = n_blocks(inner, width)
     for task in prange(outer * nblk):
-        o = task // nblk
-        j0 = (task % nblk) * width
-        w = min(width, inner - j0)
+        o, j0, w = block_task(task, nblk, width, inner)
         s = np.zeros(w, g.dtype)
         for c in range(n_classes):
             _vbackward_sum(s, g[o, c, j0:j0 + w], y[o, c, j0:j0 + w], log)
@@ -250,7 +177,7 @@ def _backward_any(g3: np.ndarray, y3: np.ndarray, log: bool) -> np.ndarray:
         # Blocks as wide as the threads allow: the backward is memory-bound, and a whole
         # (C, inner) slab per task is one contiguous stream for the prefetcher instead of C
         # short ones (20% faster at 32x[21]x4096; the exp-bound forwards gain nothing).
-        _softmax_backward_blocks(g3, y3, gx, log, _width(y3, widest=y3.shape[2]))
+        _softmax_backward_blocks(g3, y3, gx, log, width_for(y3, widest=y3.shape[2]))
     return gx
 
 

@@ -1,0 +1,220 @@
+"""Every hot loop of the CPU kernels compiles to packed SIMD code on AVX2 and AVX-512 CPUs.
+
+A subprocess per CPU name compiles the kernels and their loop helpers for that CPU
+(``NUMBA_CPU_NAME``, ``NUMBA_CPU_FEATURES=""``: the CPU's own feature set, not the host's; a
+fresh ``NUMBA_CACHE_DIR``, so no cached host code is reused and the assembly can be inspected)
+without running them, and reports per function how many packed (``ymm``/``zmm``) and scalar
+(``ss``/``sd``) instructions of each kind its assembly holds. The checks:
+
+- each loop helper holds the packed form of the operation its loop exists for (a max-reduction
+  ``vmaxps``/``vmaxpd``, an exp or log loop packed FMAs, a scaling loop packed multiplies, ...);
+- each kernel holds the packed forms of its passes' operations (max, FMA for exp, ...).
+
+The helpers are the precise check (one loop each: the scalar ``row_max`` that Numba's ``max()``
+compiled to under LLVM 22 holds nine ``vmaxss`` and no ``vmaxps``); kernels add their inline
+loops. The probe itself is checked: code built for ``haswell`` holds no ``zmm`` register, code
+for the AVX-512 CPUs does. No such CPU is needed: code is compiled, never run. The three CPUs
+compile in parallel subprocesses. Run as a script with those variables set, this file prints
+the counts (``PROBE_ONLY=name`` compiles only matching functions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+CPUS = ("haswell", "skylake-avx512", "znver4")
+
+# Instruction kinds, as regular expressions on AT&T assembly lines (operation, then operands).
+KINDS = {
+    "max": r"vmaxp[sd]",
+    "fma": r"vf(?:n?m(?:add|sub)|maddsub|msubadd)\d+p[sd]",
+    "add": r"vaddp[sd]",
+    "sub": r"vsubp[sd]",
+    "mul": r"vmulp[sd]",
+    "div": r"vdivp[sd]",
+}
+SCALAR_MAX = r"vmaxs[sd]"
+
+# helper or kernel -> the packed kinds its loops must hold.
+_EXP = ("fma",)
+EXPECT = {
+    "_math.row_max": ("max",),
+    "_math.sum_exp": _EXP + ("add",),
+    "_math.sum_exp_store": _EXP + ("add",),
+    "_blocks.vmax": ("max",),
+    "_blocks.vmax2": ("max",),
+    "_blocks.vsum_exp": _EXP,
+    "_blocks.vsum_exp2": _EXP,
+    "_blocks.vsum_exp_store": _EXP,
+    "_blocks.vlog": ("fma", "div"),
+    "_blocks.vshift": ("sub",),
+    "_blocks.vmul": ("mul",),
+    "_blocks.vrecip": ("div",),
+    "_blocks.block_stats": ("max",) + _EXP,
+    "_blocks.block_stats_store": ("max",) + _EXP,
+    "_blocks.tile_stats": ("max",) + _EXP,
+    "softmax._softmax_rows": ("max", "fma", "mul", "sub"),
+    "softmax._softmax_tiles": ("max", "fma", "mul", "sub"),
+    "softmax._softmax_blocks": ("max", "fma", "mul", "sub"),
+    "softmax._softmax_backward_rows": ("fma",),
+    "softmax._softmax_backward_blocks": ("fma",),
+    "softmax._sigmoid": ("fma", "div"),
+    "softmax._sigmoid_backward": ("mul",),
+    "class_losses._ce_rows": ("max", "fma"),
+    "class_losses._ce_tiles": ("max", "fma"),
+    "class_losses._ce_blocks": ("max", "fma"),
+    "class_losses._ce_probs_rows": ("max", "fma"),
+    "class_losses._ce_probs_blocks": ("max", "fma"),
+    "class_losses._ce_grad_row": ("fma",),
+    "class_losses._vce_grad": ("fma",),
+    "class_losses._vprob_sums": ("fma",),
+    "class_losses._vprob_grad": ("fma",),
+    "class_losses._vaxpy": ("fma",),
+    "binary_losses._bce": ("fma", "div"),
+    "binary_losses._bce_logits": ("fma", "div"),
+}
+
+
+def _examples(dtype):
+    """Arguments per function of :data:`EXPECT` (their types select the compiled signature);
+    every optional array present, so that no loop is pruned away."""
+    import numpy as np
+
+    f = np.dtype(dtype).type
+    x2, y2, g2 = (np.ones((4, 40), dtype) for _ in range(3))
+    x3, y3, g3 = (np.ones((2, 21, 64), dtype) for _ in range(3))
+    v = np.ones(64, dtype)
+    t1, t2 = np.zeros(4, np.int64), np.zeros((2, 64), np.int64)
+    w, g1, o1 = np.ones(40, dtype), np.ones(4, dtype), np.ones(4, dtype)
+    w3, gb, ob = np.ones(21, dtype), np.ones((2, 64), dtype), np.ones((2, 64), dtype)
+    ce_rows = (x2, t1, w, -100, 0.1, 40.0, g1, 0.0, o1, g2)
+    return {
+        "_math.row_max": (v,),
+        "_math.sum_exp": (v, f(0)),
+        "_math.sum_exp_store": (v, v.copy(), f(0)),
+        "_blocks.vmax": (v, v.copy()),
+        "_blocks.vmax2": (v, v.copy(), v.copy()),
+        "_blocks.vsum_exp": (v, v.copy(), v.copy()),
+        "_blocks.vsum_exp2": (v, v.copy(), v.copy(), v.copy()),
+        "_blocks.vsum_exp_store": (v, v.copy(), v.copy(), v.copy()),
+        "_blocks.vlog": (v, v.copy()),
+        "_blocks.vshift": (v, v.copy(), v.copy(), v.copy()),
+        "_blocks.vmul": (v, v.copy()),
+        "_blocks.vrecip": (v, v.copy()),
+        "_blocks.block_stats": (x3[0], 0, 64, v, v.copy()),
+        "_blocks.block_stats_store": (x3[0], 0, 64, v, v.copy(), y3[0]),
+        "_blocks.tile_stats": (x2, 0, True),
+        "softmax._softmax_rows": (x2, y2, True),
+        "softmax._softmax_tiles": (x2, y2, True),
+        "softmax._softmax_blocks": (x3, y3, True, 64),
+        "softmax._softmax_backward_rows": (g2, y2, x2, True),
+        "softmax._softmax_backward_blocks": (g3, y3, x3, True, 64),
+        "softmax._sigmoid": (v, v.copy()),
+        "softmax._sigmoid_backward": (v, v.copy(), v.copy()),
+        "class_losses._ce_rows": ce_rows,
+        "class_losses._ce_tiles": ce_rows,
+        "class_losses._ce_blocks": (x3, t2, w3, -100, 0.1, 21.0, gb, 0.0, ob, g3, 64),
+        "class_losses._ce_probs_rows": (x2, y2, w, 0.1, g1, 0.0, o1, g2),
+        "class_losses._ce_probs_blocks": (x3, y3, w3, 0.1, gb, 0.0, ob, g3, 64),
+        "class_losses._ce_grad_row": (v, 1.0, 0.5, v.copy()),
+        "class_losses._vce_grad": (v, v.copy(), v.copy(), 1.0),
+        "class_losses._vprob_sums": (v, v.copy(), v.copy(), v.copy(), 1.0, 0.9, 0.1),
+        "class_losses._vprob_grad": (v, v.copy(), v.copy(), v.copy(), v.copy(), v.copy(),
+                                     v.copy(), 1.0, 0.9, 0.1),
+        "class_losses._vaxpy": (v, 1.0, v.copy()),
+        "binary_losses._bce": (v, v.copy(), v.copy(), v.copy(), 0.0, v.copy(), v.copy(),
+                               np.zeros(1)),
+        "binary_losses._bce_logits": (v, v.copy(), v.copy(), v.copy(), v.copy(), 0.0, v.copy(),
+                                      v.copy(), np.zeros(1)),
+    }
+
+
+def _count(asm: str) -> dict[str, int]:
+    """Packed instructions per kind (on ymm/zmm registers), scalar maxima, zmm mentions."""
+    counts = {k: len(re.findall(rf"^\s*{rx}\s[^\n]*%[yz]mm", asm, re.M))
+              for k, rx in KINDS.items()}
+    counts["scalar_max"] = len(re.findall(rf"^\s*{SCALAR_MAX}\s", asm, re.M))
+    counts["zmm"] = len(re.findall(r"%zmm", asm))
+    return counts
+
+
+def probe() -> dict[str, dict[str, dict[str, int]]]:
+    """Compile every function of :data:`EXPECT` for float32 and float64 (this process's CPU
+    settings) and count its instructions; nothing runs."""
+    import importlib
+
+    import numba
+
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    only = os.environ.get("PROBE_ONLY", "")  # a name filter, for working on one kernel
+    for dtype in ("float32", "float64"):
+        for name, args in _examples(dtype).items():
+            if only not in name:
+                continue
+            module, func = name.split(".")
+            fn = getattr(importlib.import_module(f"nblosses.backends.cpu.{module}"), func)
+            fn = getattr(fn, "serial", fn)  # a ParallelKernel: its serial build, same loops
+            sig = tuple(numba.typeof(a) for a in args)
+            fn.compile(sig)
+            out.setdefault(name, {})[dtype] = _count(fn.inspect_asm(sig))
+    return out
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory):
+    """``{cpu: counts}``, one subprocess per CPU name, all started at once."""
+    procs = {}
+    for cpu in CPUS:
+        cache = tmp_path_factory.mktemp(f"numba-cache-{cpu}")
+        env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(cache))
+        env.pop("PROBE_ONLY", None)
+        procs[cpu] = subprocess.Popen([sys.executable, __file__], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    results = {}
+    for cpu, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{cpu} probe failed:\n{stderr[-3000:]}"
+        results[cpu] = json.loads(stdout.strip().splitlines()[-1])
+    return results
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cpu", CPUS)
+def test_hot_loops_are_packed(probes, cpu, dtype):
+    failures = []
+    for name, kinds in EXPECT.items():
+        c = probes[cpu][name][dtype]
+        missing = [k for k in kinds if c[k] == 0]
+        if missing:
+            failures.append(f"{name}: no packed {', '.join(missing)} ({c})")
+    assert not failures, f"{cpu} {dtype}:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("cpu", CPUS)
+def test_probe_compiles_for_the_named_cpu(probes, cpu):
+    """The probe really targets the named CPU: AVX2-only code holds no zmm register, and
+    AVX-512 code does (otherwise the checks above would test the host's code three times)."""
+    zmm = sum(c["zmm"] for per in probes[cpu].values() for c in per.values())
+    assert (zmm == 0) if cpu == "haswell" else (zmm > 0), f"{cpu}: {zmm} zmm uses"
+
+
+def test_criterion_catches_a_scalar_max():
+    """The counts tell a scalar max-reduction (Numba's ``max()``) from a packed one."""
+    scalar = "\tvmaxss\t%xmm1, %xmm0, %xmm0\n" * 9
+    packed = "\tvmaxps\t%zmm1, %zmm0, %zmm0\n" + "\tvmaxss\t%xmm1, %xmm0, %xmm0\n"
+    assert _count(scalar)["max"] == 0 and _count(scalar)["scalar_max"] == 9
+    assert _count(packed)["max"] == 1 and _count(packed)["zmm"] == 3
+
+
+if __name__ == "__main__":
+    result = probe()
+    if sys.stdout.isatty():
+        for name, per in result.items():
+            print(name, per)
+    print(json.dumps(result))
