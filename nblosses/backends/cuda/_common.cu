@@ -217,6 +217,29 @@ __device__ __forceinline__ A load_row_max(const T* x, i64 off, int nvec, int lan
     return m;
 }
 
+// ----------------------------------------------------------------------------- row walk
+//: The walk every row kernel (inner == 1) shares: groups of G threads (lane = threadIdx.x % G),
+//: BLOCK / G rows per block iteration, grid-stride over the rows. Every thread runs every
+//: iteration (the group reductions need all lanes); past the last row ``active`` is false and
+//: ``off`` (the row's first element) is 0.
+struct RowSlot {
+    i64 row, off;
+    bool active;
+};
+
+template <int G, int BLOCK, typename F>
+__device__ __forceinline__ void for_each_row(i64 nrows, i64 C, F&& body) {
+    constexpr int RB = BLOCK / G;
+    const int grp = threadIdx.x / G;
+    for (i64 r0 = (i64)blockIdx.x * RB; r0 < nrows; r0 += (i64)gridDim.x * RB) {
+        RowSlot r;
+        r.row = r0 + grp;
+        r.active = r.row < nrows;
+        r.off = r.active ? r.row * C : 0;
+        body(r);
+    }
+}
+
 // ----------------------------------------------------------------------------- group reductions
 // All-reduce over a group of G threads; every thread of the group gets the result. For G <= 32
 // this is a butterfly of warp shuffles (all 32 lanes of the warp must execute it: callers never

@@ -22,8 +22,8 @@ from __future__ import annotations
 import functools
 import math
 
-#: dtype name -> CUDA element type. CuPy 14 has no bfloat16 arrays; the bf16 instantiations are
-#: compiled (tests/test_cuda_compile.py) so that a CuPy with bfloat16 works unchanged.
+#: dtype name -> CUDA element type. bfloat16 CuPy arrays exist with CuPy >= 14.2 and ml_dtypes
+#: (``cupy.from_dlpack`` of a torch bfloat16 tensor gives one): they reach the bf16 instantiations.
 CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
 ITEMSIZE = {"__half": 2, "__nv_bfloat16": 2, "float": 4, "double": 8}
 

@@ -102,18 +102,16 @@ __device__ __forceinline__ void ce_store(bool leader, i64 pos, const CeCoef<A>& 
 template <typename T, int EXT, int VEC, int G, int NV, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) ce_cached(NBL_PARAMS_CE) {
     NBL_CE_PROLOGUE;
-    constexpr int RB = BLOCK / G;
     __shared__ A sbuf[2][4][32];
     Reducer<G, A> red(sbuf);
     const int nvec = (int)C / VEC;
     const int lane = threadIdx.x % G;
-    const int grp = threadIdx.x / G;
-    for (i64 r0 = (i64)blockIdx.x * RB; r0 < nrows; r0 += (i64)gridDim.x * RB) {
-        const i64 row = r0 + grp;
-        const bool active = row < nrows;
+    for_each_row<G, BLOCK>(nrows, C, [&](const RowSlot& slot) {
+        const i64 row = slot.row;
+        const bool active = slot.active;
         const Target tg = load_target(t, row, active, ignore, C, err, lane == 0);
         const bool load = tg.valid || (ext_lse && active);
-        const i64 off = active ? row * C : 0;
+        const i64 off = slot.off;
         A v[NV][VEC];
         A m = load_row_max<T, VEC, G, NV>(x, off, nvec, lane, load, v);
         m = red.max(m);
@@ -158,28 +156,26 @@ __global__ void __launch_bounds__(BLOCK) ce_cached(NBL_PARAMS_CE) {
                 }
             }
         }
-    }
+    });
     if (out) finish_loss<T, BLOCK>(acc, den, R);
 }
 
 template <typename T, int EXT, int VEC, int G, int BLOCK>
 __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_looped(NBL_PARAMS_CE) {
     NBL_CE_PROLOGUE;
-    constexpr int RB = BLOCK / G;
     constexpr int U = NBL_UNROLL2;  // 64-register budget (NBL_MIN_BLOCKS)
     __shared__ A sbuf[2][4][32];
     Reducer<G, A> red(sbuf);
     const i64 nvec = C / VEC;
     const int lane = threadIdx.x % G;
-    const int grp = threadIdx.x / G;
     const i64 chunk = (i64)G * U;
     const i64 nchunk = (nvec + chunk - 1) / chunk;
-    for (i64 r0 = (i64)blockIdx.x * RB; r0 < nrows; r0 += (i64)gridDim.x * RB) {
-        const i64 row = r0 + grp;
-        const bool active = row < nrows;
+    for_each_row<G, BLOCK>(nrows, C, [&](const RowSlot& slot) {
+        const i64 row = slot.row;
+        const bool active = slot.active;
         const Target tg = load_target(t, row, active, ignore, C, err, lane == 0);
         const bool load = tg.valid || (ext_lse && active);
-        const i64 off = active ? row * C : 0;
+        const i64 off = slot.off;
         const T* xr = x + off;
         A m = neg_inf<A>(), s = A(0);
         A e2[2] = {A(0), A(0)};  // x'_t (lane 0 only), sum_c w_c x'_c
@@ -244,7 +240,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_looped(NBL
                 }
             }
         }
-    }
+    });
     if (out) finish_loss<T, BLOCK>(acc, den, R);
 }
 

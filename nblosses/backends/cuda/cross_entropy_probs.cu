@@ -48,18 +48,16 @@ __device__ __forceinline__ A probs_finish_row(bool leader, i64 pos, A sa, A sb, 
 template <typename T, int EXT, int VEC, int G, int BLOCK>
 __global__ void __launch_bounds__(BLOCK) probs_rows(NBL_PARAMS_PROBS) {
     NBL_PROBS_PROLOGUE;
-    constexpr int RB = BLOCK / G;
     constexpr int U = NBL_UNROLL2;
     __shared__ A sbuf[2][4][32];
     Reducer<G, A> red(sbuf);
     const i64 nvec = C / VEC;
     const int lane = threadIdx.x % G;
-    const int grp = threadIdx.x / G;
     const i64 chunk = (i64)G * U;
-    for (i64 r0 = (i64)blockIdx.x * RB; r0 < nrows; r0 += (i64)gridDim.x * RB) {
-        const i64 row = r0 + grp;
-        const bool active = row < nrows;
-        const i64 off = active ? row * C : 0;
+    for_each_row<G, BLOCK>(nrows, C, [&](const RowSlot& slot) {
+        const i64 row = slot.row;
+        const bool active = slot.active;
+        const i64 off = slot.off;
         const T* xr = x + off;
         const T* pr = p + off;
         A m = neg_inf<A>(), s = A(0);
@@ -115,7 +113,7 @@ __global__ void __launch_bounds__(BLOCK) probs_rows(NBL_PARAMS_PROBS) {
                 }
             }
         }
-    }
+    });
     if (out) finish_loss<T, BLOCK>(acc, 0.0, R);
 }
 

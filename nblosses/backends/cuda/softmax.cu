@@ -15,16 +15,14 @@ template <typename T, int VEC, int G, int NV, int BLOCK>
 __global__ void __launch_bounds__(BLOCK)
 softmax_cached(NBL_PARAMS_SOFTMAX_ROWS) {
     typedef typename AccT<T>::type A;
-    constexpr int R = BLOCK / G;
     __shared__ A sbuf[2][4][32];
     Reducer<G, A> red(sbuf);
     const int nvec = (int)C / VEC;
     const int lane = threadIdx.x % G;
-    const int grp = threadIdx.x / G;
-    for (i64 r0 = (i64)blockIdx.x * R; r0 < nrows; r0 += (i64)gridDim.x * R) {
-        const i64 row = r0 + grp;
-        const bool active = row < nrows;
-        const i64 off = active ? row * C : 0;
+    for_each_row<G, BLOCK>(nrows, C, [&](const RowSlot& slot) {
+        const i64 row = slot.row;
+        const bool active = slot.active;
+        const i64 off = slot.off;
         A v[NV][VEC];
         A m = load_row_max<T, VEC, G, NV>(x, off, nvec, lane, active, v);
         m = red.max(m);
@@ -54,27 +52,25 @@ softmax_cached(NBL_PARAMS_SOFTMAX_ROWS) {
                 store_vec<T, VEC>(y + off, vi, o);
             }
         }
-    }
+    });
 }
 
 template <typename T, int VEC, int G, int BLOCK>
 __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
 softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
     typedef typename AccT<T>::type A;
-    constexpr int R = BLOCK / G;
     constexpr int U = NBL_UNROLL;
     __shared__ A sbuf[2][4][32];
     Reducer<G, A> red(sbuf);
     const i64 nvec = C / VEC;
     const int lane = threadIdx.x % G;
-    const int grp = threadIdx.x / G;
     const i64 chunk = (i64)G * U;
     const i64 nchunk = (nvec + chunk - 1) / chunk;
-    for (i64 r0 = (i64)blockIdx.x * R; r0 < nrows; r0 += (i64)gridDim.x * R) {
-        const i64 row = r0 + grp;
-        const bool active = row < nrows;
-        const T* xr = x + (active ? row * C : 0);
-        T* yr = y + (active ? row * C : 0);
+    for_each_row<G, BLOCK>(nrows, C, [&](const RowSlot& slot) {
+        const i64 row = slot.row;
+        const bool active = slot.active;
+        const T* xr = x + slot.off;
+        T* yr = y + slot.off;
         A m = neg_inf<A>(), s = A(0);
         for (i64 b = active ? lane : nvec; b < nvec; b += chunk) {
             Vec<T, VEC> buf[U];
@@ -110,7 +106,7 @@ softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
                 }
             }
         }
-    }
+    });
 }
 
 template <typename T>

@@ -10,18 +10,16 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
 softmax_bwd_rows(NBL_PARAMS_SOFTMAX_BWD) {  // inner == 1: outer rows
     const i64 nrows = outer;
     typedef typename AccT<T>::type A;
-    constexpr int R = BLOCK / G;
     constexpr int U = NBL_UNROLL2;
     __shared__ A sbuf[2][4][32];
     Reducer<G, A> red(sbuf);
     const i64 nvec = C / VEC;
     const int lane = threadIdx.x % G;
-    const int grp = threadIdx.x / G;
     const i64 chunk = (i64)G * U;
-    for (i64 r0 = (i64)blockIdx.x * R; r0 < nrows; r0 += (i64)gridDim.x * R) {
-        const i64 row = r0 + grp;
-        const bool active = row < nrows;
-        const i64 off = active ? row * C : 0;
+    for_each_row<G, BLOCK>(nrows, C, [&](const RowSlot& slot) {
+        const i64 row = slot.row;
+        const bool active = slot.active;
+        const i64 off = slot.off;
         const T* gr = g + off;
         const T* yr = y + off;
         T* gxr = gx + off;
@@ -62,7 +60,7 @@ softmax_bwd_rows(NBL_PARAMS_SOFTMAX_BWD) {  // inner == 1: outer rows
                 }
             }
         }
-    }
+    });
 }
 
 template <typename T>
