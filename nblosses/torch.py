@@ -103,8 +103,8 @@ def _scaled(grad: Tensor, g: Tensor, class_axis: bool) -> Tensor:
     g = _upstream(g, grad, class_axis)
     overwrite = _may_overwrite()
     if overwrite and g.dim() == 0 and g.device.type == "cpu" and g.item() == 1.0:
-        return grad
-    return grad.mul_(g) if overwrite else grad * g
+        return grad.detach()
+    return grad.mul_(g).detach() if overwrite else grad * g
 
 
 def _register_loss(op: Any, shape: Callable[..., list[int]], class_axis: bool) -> None:
@@ -118,15 +118,20 @@ def _register_loss(op: Any, shape: Callable[..., list[int]], class_axis: bool) -
 
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
         ctx.mark_non_differentiable(output[1])
+        # No zeros of the gradient's size for the gradient output's (unused) cotangent.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(output[1])
         ctx.n_inputs = len(inputs)
 
     def backward(ctx: Any, g_loss: Tensor, _g_grad: Any) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        if grad.numel() == 0 and g_loss is not None:
+        rest = (None,) * (ctx.n_inputs - 1)
+        if g_loss is None:
+            return (None, *rest)
+        if grad.numel() == 0:
             raise RuntimeError("nblosses.torch: the gradient was not computed in the forward "
                                "pass (called under no_grad or without requires_grad)")
-        return (_scaled(grad, g_loss, class_axis),) + (None,) * (ctx.n_inputs - 1)
+        return (_scaled(grad, g_loss, class_axis), *rest)
 
     torch.library.register_fake(op, fake)
     torch.library.register_autograd(op, backward, setup_context=setup_context)
