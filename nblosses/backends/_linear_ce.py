@@ -29,8 +29,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-#: Extra memory of one call: at most this fraction of the N x V logits, ...
-BUDGET_FRACTION = 0.05
+#: Extra memory of one call: at most 5% of the N x V logits; blocks take 90% of that, the
+#: rest is left to O(rows) statistics and temporaries, ...
+BUDGET_FRACTION = 0.045
 #: ... and at most this many elements (64 MiB of float32) for large problems, ...
 MAX_BLOCK = 1 << 24
 #: ... but blocks of at least this many elements for small ones (BLAS calls of a few rows
@@ -50,9 +51,10 @@ class Plan:
     split: bool
 
 
-def plan_chunks(n: int, v: int, chunk_rows: int | None = None,
+def plan_chunks(n: int, v: int, d: int = 0, chunk_rows: int | None = None,
                 chunk_classes: int | None = None) -> Plan:
-    """The block shape for ``n`` rows and ``v`` classes.
+    """The block shape for ``n`` rows, ``v`` classes and ``d`` features (a row of the block
+    costs ``cols + d`` elements: its logits and its transposed ``grad_x``).
 
     Policy: the whole vocabulary per block (one product per logit: the three matrix products
     of the unchunked computation and no more) whenever ``MIN_ROWS`` rows of it fit the budget
@@ -65,11 +67,11 @@ def plan_chunks(n: int, v: int, chunk_rows: int | None = None,
     budget = max(MIN_BLOCK, min(int(BUDGET_FRACTION * n1 * v1), MAX_BLOCK))
     if chunk_classes is not None:
         cols = min(v1, max(1, int(chunk_classes)))
-    elif v1 * min(n1, MIN_ROWS) <= budget:
+    elif (v1 + d) * min(n1, MIN_ROWS) <= budget:
         cols = v1
     else:
-        cols = max(1, budget // min(n1, MIN_ROWS))
-    rows = chunk_rows if chunk_rows is not None else budget // cols
+        cols = max(1, budget // min(n1, MIN_ROWS) - d)
+    rows = chunk_rows if chunk_rows is not None else budget // (cols + d)
     rows = min(n1, max(1, int(rows)))
     return Plan(rows, cols, cols < v1)
 
@@ -95,7 +97,7 @@ def upstream_scale(reduction: str, grad_output: Any, denom: float) -> Any:
         return g
     if denom != 0:
         return g / denom
-    return math.nan if g == 0 or g != g else math.copysign(math.inf, g)
+    return math.nan if g == 0 or math.isnan(g) else math.copysign(math.inf, g)
 
 
 def _lse(xp: Any, m: Any, s: Any) -> Any:

@@ -37,7 +37,7 @@ def _library_candidates() -> list[str]:
                   + glob.glob(os.path.join(root, ".dylibs", pattern)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cblas_gemm(dtype: np.dtype) -> Any:
     """The ctypes function for ``dtype``'s ILP64 ``cblas_?gemm``, or None."""
     for path in _library_candidates():
