@@ -220,6 +220,21 @@ def test_configurations_are_instantiated():
     assert K.cached_config(128256 // 8, "__half", 8) is None
 
 
+def test_split_count():
+    """Long rows are split only when the rows alone leave SMs idle, into chunks of at least
+    SPLIT_MIN_VECS_PER_THREAD vectors per thread."""
+    per = K.SPLIT_MIN_VECS_PER_THREAD * K.LONG_ROW_G
+    assert K.split_count(264, 10 ** 6, 132) == 1  # a full wave of rows: the looped kernel
+    assert K.split_count(1, 10 ** 6, 132) == 264
+    assert K.split_count(64, 10 ** 6, 132) == 5
+    assert K.split_count(1, 3 * per, 132) == 3
+    assert K.split_count(2, per - 1, 132) == 1
+    for nrows in (1, 3, 50, 200):
+        for nvec in (per, 10 * per, 10 ** 5):
+            k = K.split_count(nrows, nvec, 132)
+            assert k == 1 or (nvec // k >= per and nrows * k <= 2 * 132 + nrows)
+
+
 # ----------------------------------------------------------------------------- launch arguments
 class FakeArray(np.ndarray):
     """A host array that looks enough like a CuPy array for the launch glue."""
@@ -411,6 +426,8 @@ def test_softmax_family_launches(fake_device, dtype):
             assert sm.sigmoid(flat).shape == flat.shape
             assert sm.sigmoid_backward(make(shape).reshape(-1), flat).shape == flat.shape
     check_launches(len(ROW_SHAPES) * 2 * 6)
+    kernels = {x[2].split("<")[0] for x in LAUNCHES if len(x) > 2}
+    assert {"softmax_split_stats", "softmax_split_write"} <= kernels
     # empty inputs launch nothing
     LAUNCHES.clear()
     assert sm.softmax(fa(np.zeros((0, 3, 1), dtype))).shape == (0, 3, 1)

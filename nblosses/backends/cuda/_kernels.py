@@ -140,6 +140,26 @@ def softmax_looped(ct, vec):
     return name("softmax_looped", ct, vec, LONG_ROW_G, LONG_ROW_G)
 
 
+def softmax_split(kernel, ct, vec):
+    """``softmax_split_stats`` or ``softmax_split_write``."""
+    return name(kernel, ct, vec, LONG_ROW_G)
+
+
+#: Vectors per thread and split at least (each block streams U loads per thread several times).
+SPLIT_MIN_VECS_PER_THREAD = 4
+
+
+def split_count(nrows: int, nvec: int, sm_count: int) -> int:
+    """Blocks per row for long rows (looped path): enough for one full wave of resident blocks
+    (two per SM) when the rows alone are too few, each chunk at least
+    ``SPLIT_MIN_VECS_PER_THREAD * LONG_ROW_G`` vectors; 1 = no split (the looped kernel)."""
+    wave = 2 * sm_count
+    if nrows >= wave:
+        return 1
+    by_len = nvec // (SPLIT_MIN_VECS_PER_THREAD * LONG_ROW_G)
+    return max(1, min(-(-wave // nrows), by_len))
+
+
 def softmax_cols(ct):
     return name("softmax_cols", ct)
 
@@ -185,6 +205,7 @@ def elementwise(kernel, ct, vec):
     return name(kernel, ct, vec)
 
 
+SPLIT_KERNELS = ("softmax_split_stats", "softmax_split_write")
 ELEMENTWISE = ("sigmoid_fwd", "sigmoid_bwd", "bce_fwd", "bce_logits_fwd")
 #: EXT template values of the cross-entropy kernels: 0 = plain, 1 = z_loss / softcap / lse_out.
 EXTS = (0, 1)
@@ -201,6 +222,7 @@ def _instantiations(source: str, ctype: str) -> tuple[str, ...]:
     if source == "softmax.cu":
         names = [softmax_cached(ctype, v, *cfg) for v in vecs for cfg in cached_configs(ctype, v)]
         names += [softmax_looped(ctype, v) for v in vecs]
+        names += [softmax_split(k, ctype, v) for k in SPLIT_KERNELS for v in vecs]
         names.append(softmax_cols(ctype))
     elif source == "softmax_backward.cu":
         names = [softmax_bwd_rows(ctype, v, g, b) for v in vecs for g, b in LOOPED_GS]
@@ -257,6 +279,9 @@ EXT_PARAMS = (
 PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
     "softmax_rows": (("x", "const T* __restrict__"), ("y", "T* __restrict__"), ("nrows", "i64"),
                      ("C", "i64"), ("log_mode", "int")),
+    "softmax_split": (("x", "const T* __restrict__"), ("y", "T* __restrict__"), ("C", "i64"),
+                      ("log_mode", "int"), ("nsplit", "i64"), ("chunk_vec", "i64"),
+                      ("stats", "double* __restrict__")),
     "softmax_cols": (("x", "const T* __restrict__"), ("y", "T* __restrict__"), ("outer", "i64"),
                      ("C", "i64"), ("inner", "i64"), ("log_mode", "int")),
     "softmax_bwd": (("g", "const T* __restrict__"), ("y", "const T* __restrict__"),
@@ -293,6 +318,7 @@ PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
 FAMILY = {
     "softmax_cached": "softmax_rows", "softmax_looped": "softmax_rows",
     "softmax_cols": "softmax_cols",
+    "softmax_split_stats": "softmax_split", "softmax_split_write": "softmax_split",
     "softmax_bwd_rows": "softmax_bwd", "softmax_bwd_cols": "softmax_bwd",
     "ce_cached": "ce", "ce_looped": "ce", "ce_cols": "ce",
     "probs_rows": "probs", "probs_cols": "probs",

@@ -6,6 +6,7 @@
 // softmax_looped (inner == 1, long rows): one block per row; pass 1 reads the row once for the
 // online (max, sum) statistics, pass 2 re-reads it in reverse order (the most recently read part
 // is the most likely to still be in L2) and writes.
+// softmax_split_stats / softmax_split_write (inner == 1, long rows, few rows): see below.
 // softmax_cols (inner > 1): one thread per (outer, inner) position, walking C with stride
 // ``inner`` (adjacent threads read adjacent addresses): online statistics, then a write pass.
 //
@@ -107,6 +108,83 @@ softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
             }
         }
     });
+}
+
+// Long rows, few of them (fewer rows than resident blocks): each row is split into nsplit chunks
+// of chunk_vec vectors, one block per chunk, so that every SM streams. softmax_split_stats writes
+// each chunk's online (max, sum) to stats[2 * (row * nsplit + k)]; softmax_split_write combines
+// the row's nsplit pairs (a few hundred bytes, from L2) and writes its chunk. Two launches, the
+// row read twice (as the looped kernel), with nrows * nsplit blocks instead of nrows.
+template <typename T, int VEC, int BLOCK>
+__device__ __forceinline__ void split_bounds(i64 C, i64 nsplit, i64 chunk_vec, i64& row, i64& v0,
+                                             i64& v1) {
+    row = blockIdx.x / nsplit;
+    v0 = (blockIdx.x - row * nsplit) * chunk_vec;
+    v1 = v0 + chunk_vec < C / VEC ? v0 + chunk_vec : C / VEC;
+}
+
+template <typename T, int VEC, int BLOCK>
+__global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
+softmax_split_stats(NBL_PARAMS_SOFTMAX_SPLIT) {
+    typedef typename AccT<T>::type A;
+    constexpr int U = NBL_UNROLL;
+    __shared__ A sbuf[2][4][32];
+    Reducer<BLOCK, A> red(sbuf);
+    i64 row, v0, v1;
+    split_bounds<T, VEC, BLOCK>(C, nsplit, chunk_vec, row, v0, v1);
+    const T* xr = x + row * C;
+    A m = neg_inf<A>(), s = A(0);
+    for (i64 b = v0 + threadIdx.x; b < v1; b += (i64)BLOCK * U) {
+        Vec<T, VEC> buf[U];
+        load_chunk<T, VEC, BLOCK, U>(xr, b, v1, buf);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (b + (i64)u * BLOCK < v1) {
+                A a[VEC];
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) a[i] = to_acc(buf[u].v[i]);
+                ms_update<VEC>(m, s, a);
+            }
+        }
+    }
+    A dummy[1] = {A(0)};
+    red.ms(m, s, dummy);
+    if (threadIdx.x == 0) {
+        stats[2 * blockIdx.x] = (double)m;
+        stats[2 * blockIdx.x + 1] = (double)s;
+    }
+}
+
+template <typename T, int VEC, int BLOCK>
+__global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
+softmax_split_write(NBL_PARAMS_SOFTMAX_SPLIT) {
+    typedef typename AccT<T>::type A;
+    constexpr int U = NBL_UNROLL;
+    i64 row, v0, v1;
+    split_bounds<T, VEC, BLOCK>(C, nsplit, chunk_vec, row, v0, v1);
+    A m = neg_inf<A>(), s = A(0);
+    for (i64 k = 0; k < nsplit; ++k)  // same order in every block of the row: same m, s
+        ms_combine(m, s, (A)stats[2 * (row * nsplit + k)], (A)stats[2 * (row * nsplit + k) + 1]);
+    const A logs = nbl_log(s);
+    const A inv = A(1) / s;
+    const T* xr = x + row * C;
+    T* yr = y + row * C;
+    for (i64 b = v0 + threadIdx.x; b < v1; b += (i64)BLOCK * U) {
+        Vec<T, VEC> buf[U];
+        load_chunk<T, VEC, BLOCK, U>(xr, b, v1, buf);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (b + (i64)u * BLOCK < v1) {
+                Vec<T, VEC> o;
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    const A dv = to_acc(buf[u].v[i]) - m;
+                    o.v[i] = from_acc<T>(log_mode ? dv - logs : nbl_exp(dv) * inv);
+                }
+                store_vec<T, VEC>(yr, b + (i64)u * BLOCK, o);
+            }
+        }
+    }
 }
 
 template <typename T>

@@ -49,6 +49,21 @@ def flat_vec(ct: str, *arrays) -> int:
     return K.vec_width(ct) if L.aligned(*arrays) else 1
 
 
+def _split_rows(x3, y3, ct: str, vec: int, nsplit: int, mode: int) -> None:
+    """Few long rows: ``nsplit`` blocks per row, statistics then combine-and-write (two launches;
+    the per-chunk statistics come from CuPy's memory pool)."""
+    outer, C, _ = x3.shape
+    nvec = C // vec
+    chunk = -(-nvec // nsplit)
+    nsplit = -(-nvec // chunk)  # no empty chunk
+    stats = cupy.empty(2 * outer * nsplit, cupy.float64)
+    args = K.pack("softmax_split", x=x3, y=y3, C=C, log_mode=mode, nsplit=nsplit, chunk_vec=chunk,
+                  stats=stats)
+    for kernel in K.SPLIT_KERNELS:
+        L.launch(SRC, x3.dtype, K.softmax_split(kernel, ct, vec), outer * nsplit, K.LONG_ROW_G,
+                 args)
+
+
 def _forward(x3, log: bool):
     outer, C, inner = x3.shape
     y3 = cupy.empty_like(x3)
@@ -59,6 +74,11 @@ def _forward(x3, log: bool):
     mode = 1 if log else 0
     if inner == 1:
         vec = row_vec(ct, C, x3, y3)
+        nsplit = (K.split_count(outer, C // vec, L.sm_count())
+                  if K.cached_config(C // vec, ct, vec) is None else 1)
+        if nsplit > 1:
+            _split_rows(x3, y3, ct, vec, nsplit, mode)
+            return y3
         name, grid, block = rows_launch(outer, C, ct, vec, K.softmax_cached, K.softmax_looped)
         L.launch(SRC, dt, name, grid, block,
                  K.pack("softmax_rows", x=x3, y=y3, nrows=outer, C=C, log_mode=mode))
