@@ -167,6 +167,11 @@ def test_synchronize_waits_then_raises_and_clears(gpu):
     E.poll_errors()
 
 
+def test_synchronize_waits_without_any_record(gpu):
+    E.synchronize()
+    assert gpu.syncs == 1
+
+
 def test_a_record_being_written_is_not_reported(gpu):
     launch(gpu, bad=True, state=1)
     gpu.run()

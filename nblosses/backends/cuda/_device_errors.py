@@ -133,12 +133,15 @@ def poll_errors() -> None:
 
 
 def synchronize() -> None:
-    """Wait for every device that ran a class-loss kernel, then raise any recorded error."""
+    """Wait for the current device and every device that ran a class-loss kernel, then raise
+    any recorded error."""
     cupy = _cupy()
-    for st in list(_STATES.values()):
-        with cupy.cuda.Device(st.device):
-            cupy.cuda.Device(st.device).synchronize()
-            err = st.take(st.record.get())
+    devices = {cupy.cuda.runtime.getDevice(), *_STATES}
+    for dev in sorted(devices):
+        with cupy.cuda.Device(dev):
+            cupy.cuda.Device(dev).synchronize()
+            st = _STATES.get(dev)
+            err = st.take(st.record.get()) if st is not None else None
         if err is not None:
             raise err
 
