@@ -13,6 +13,7 @@ import math
 import operator
 import os
 import sys
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,8 @@ _OWN_FILES = (os.path.dirname(os.path.abspath(__file__)) + os.sep, "<nblosses.")
 def warn_at_caller(message: str) -> None:
     """``UserWarning`` attributed to the first frame outside nblosses (the user's line), however
     deep inside the package (wrappers, modules, dask) it is raised."""
-    frame, level = sys._getframe(1), 2
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 2
     while frame is not None and frame.f_code.co_filename.startswith(_OWN_FILES):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
@@ -284,7 +286,8 @@ class ClassLossArgs:
 
 def _canonical_input(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(input_shape) <= 2:  # (C,) and (N, C), the common cases, without math.prod
-        return (1, input_shape[0], 1) if len(input_shape) == 1 else (*input_shape, 1)
+        return (1, input_shape[0], 1) if len(input_shape) == 1 else (input_shape[0],
+                                                                      input_shape[1], 1)
     return split_shape(input_shape, 1)
 
 
@@ -472,7 +475,8 @@ def grad_buffer_arg(be: Backend, buffer: Any, input_shape, canonical_shape, cdt)
     if buffer is None:
         return None
     if not be.owns(buffer):
-        raise TypeError(f"grad_buffer must be a {be.name} backend array, got {type(buffer).__name__}")
+        raise TypeError(f"grad_buffer must be a {be.name} backend array, got "
+                        f"{type(buffer).__name__}")
     if tuple(buffer.shape) != tuple(input_shape):
         raise ValueError(f"grad_buffer shape {tuple(buffer.shape)} does not match input shape "
                          f"{tuple(input_shape)}")

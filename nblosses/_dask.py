@@ -610,10 +610,10 @@ def _class_call(op: Op, v: dict, opts: dict) -> _ClassCall:
 
 def _class_loss(op: Op, v: dict, opts: dict) -> Any:
     c = _class_call(op, v, opts)
-    xi, ti = c.indices
+    _, ti = c.indices
     n_classes = c.x.shape[1]
     # Per-position w[t] (index targets; also the target range check) and the mean denominator.
-    wt = None
+    wt: Any = None
     if not c.probs:
         wfull = (c.w.rechunk(-1), _CLASS) if c.w is not None else (None, None)
         wt = da.blockwise(_target_weight_block, ti, c.t, ti, *wfull, n_classes, None,

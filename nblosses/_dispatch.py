@@ -9,7 +9,8 @@ the caller's shapes and dtype.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import _args
 from ._ops import Op

@@ -12,8 +12,9 @@ from __future__ import annotations
 import functools
 import inspect
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from . import _args
 

@@ -35,9 +35,10 @@ import contextlib
 import contextvars
 import functools
 import threading
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, cast
 
 from .errors import BackendUnavailableError, UnknownBackendError, UnsupportedOpError
 
@@ -87,11 +88,11 @@ class Backend:
     def check(self) -> None:
         """Raise :class:`BackendUnavailableError` when the backend cannot run here."""
 
-    def build(self) -> "Runtime":
+    def build(self) -> Runtime:
         """Import what the backend needs and return its :class:`Runtime` (called once)."""
         raise NotImplementedError
 
-    def load(self) -> "Runtime":
+    def load(self) -> Runtime:
         """This backend's runtime, built on first use (see :func:`load`)."""
         return load(self.name)
 
@@ -180,7 +181,8 @@ def register_backend(backend: Backend) -> Backend:
         ``backend``, so the call can be used as a decorator-like one-liner.
     """
     if not isinstance(backend, Backend):
-        raise TypeError(f"register_backend expects a Backend instance, got {type(backend).__name__}")
+        raise TypeError(f"register_backend expects a Backend instance, got "
+                        f"{type(backend).__name__}")
     if not backend.name or backend.name == "auto":
         raise ValueError("a backend needs a name other than 'auto' ('auto' means dispatch by "
                          "array type)")
@@ -367,14 +369,14 @@ def synchronize() -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _type_module(cls: type) -> str:
+def _type_module(cls: Hashable) -> str:
     # Cached per type: every call of every op asks this of each argument.
-    return cls.__module__.partition(".")[0]
+    return getattr(cls, "__module__", "").partition(".")[0]
 
 
 def array_module(array: Any) -> str:
     """Top-level module of ``array``'s type (``"numpy"``, ``"cupy"``, ...)."""
-    return _type_module(type(array))
+    return _type_module(cast(Hashable, type(array)))
 
 
 _NOT_ARRAYS = (int, float, bool, list, tuple, type(None))
@@ -395,7 +397,7 @@ def resolve_backend(requested: str | None, *arrays: Any) -> Runtime:
     for a in arrays:
         if isinstance(a, _NOT_ARRAYS):
             continue
-        this = _owner(_type_module(type(a)))
+        this = _owner(array_module(a))
         if owner is None:
             owner = this
         elif this != owner:

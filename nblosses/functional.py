@@ -13,7 +13,8 @@ generated from the op table too (``python -m nblosses._stubs``) and a test keeps
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._dispatch import call
 from ._ops import OPS, Op

@@ -25,16 +25,7 @@ from . import _args
 from . import functional as F
 from ._ops import OPS, Op
 
-__all__ = [
-    "BCELoss",
-    "BCEWithLogitsLoss",
-    "CrossEntropyLoss",
-    "LogSoftmax",
-    "Module",
-    "NLLLoss",
-    "Sigmoid",
-    "Softmax",
-]
+__all__ = sorted(["Module", *(op.module for op in OPS.values() if op.module)])
 
 Array = Any
 _LEGACY = ("size_average", "reduce")

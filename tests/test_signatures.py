@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from nblosses import _ops, functional as F, nn
+from nblosses import _ops, nn
+from nblosses import functional as F
 
 OPS = list(_ops.OPS.values())
 MODULE_OPS = [op for op in OPS if op.module]
