@@ -16,7 +16,7 @@ from typing import Any, Callable
 import cupy
 
 from ..._registry import Backend, Runtime
-from . import binary_losses, class_losses, softmax
+from . import _device_errors, binary_losses, class_losses, softmax
 
 KERNELS: dict[str, Callable[..., Any]] = {
     "softmax": softmax.softmax,
@@ -34,5 +34,12 @@ KERNELS: dict[str, Callable[..., Any]] = {
 
 
 def runtime(backend: Backend) -> Runtime:
-    """The CUDA backend's runtime (kernels compile on first use, per dtype and shape class)."""
-    return Runtime(backend, xp=cupy, asarray=cupy.asarray, kernels=KERNELS)
+    """The CUDA backend's runtime (kernels compile on first use, per dtype and shape class).
+
+    Class indices are checked inside the kernels (:mod:`._device_errors`): the front end skips
+    its eager host check unless ``validate="sync"``, polls for a recorded error at the start of
+    every call, and :func:`nblosses.synchronize` waits and raises.
+    """
+    return Runtime(backend, xp=cupy, asarray=cupy.asarray, kernels=KERNELS,
+                   defers_index_errors=True, poll_errors=_device_errors.poll_errors,
+                   synchronize=_device_errors.synchronize)
