@@ -1,12 +1,12 @@
 """The ``"cuda"`` backend: CuPy arrays, CUDA C++ kernels compiled by NVRTC at run time.
 
-Importing this package (done by :mod:`nblosses._registry` on the first call that needs the
-backend, after its device check) registers a kernel for every op of the protocol in
-:mod:`nblosses.backends` and sets the backend's array namespace. It touches neither NVRTC nor
-the device: each kernel is compiled the first time a call needs it (see :mod:`._loader`).
+Imported on the first call that needs the backend, after its device check
+(:meth:`nblosses.backends.CudaBackend.build`); :data:`KERNELS` lists a kernel for every op of
+the protocol in :mod:`nblosses.backends`. Importing touches neither NVRTC nor the device: each
+kernel is compiled the first time a call needs it (see :mod:`._loader`).
 
-Array dtypes: float16, float32 and float64. bfloat16 kernels exist and compile, but CuPy 14 has
-no bfloat16 array dtype, so a bfloat16 input cannot reach them yet.
+Array dtypes: float16, bfloat16, float32 and float64. bfloat16 arrays reach the kernels as
+CuPy arrays of ml_dtypes' ``bfloat16`` (e.g. ``cupy.from_dlpack`` of a torch bfloat16 tensor).
 """
 
 from __future__ import annotations
