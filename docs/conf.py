@@ -17,6 +17,14 @@ import sys
 sys.path.insert(0, os.path.abspath(".."))
 
 import nblosses  # noqa: E402
+from nblosses import _ops  # noqa: E402
+
+# The signature table of every op, printed from the op table that generates the front ends
+# (api.rst includes it), so the docs cannot drift from the code.
+_generated = os.path.join(os.path.dirname(__file__), "_generated")
+os.makedirs(_generated, exist_ok=True)
+with open(os.path.join(_generated, "signatures.rst"), "w") as _f:
+    _f.write(_ops.signature_table())
 
 project = "nblosses"
 author = "the nblosses developers"
@@ -35,7 +43,7 @@ extensions = [
 # No network: no intersphinx, and MathJax is loaded by the reader's browser only.
 templates_path = ["_templates"]
 # perf_table.rst is not a page of its own: performance.rst includes it.
-exclude_patterns = ["_build", "perf_table.rst", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_generated", "perf_table.rst", "Thumbs.db", ".DS_Store"]
 root_doc = "index"
 source_suffix = {".rst": "restructuredtext"}
 default_role = "code"

@@ -63,8 +63,8 @@ __all__ = [
 class Backend:
     """Description of a backend, cheap to create: subclass it and register an instance.
 
-    Class attributes
-    ----------------
+    Attributes
+    ----------
     name : str
         What users pass as ``backend=``; ``"auto"`` is reserved.
     array_modules : tuple of str
