@@ -5,8 +5,8 @@ Times ``loss = cross_entropy(x, t); loss.backward()`` on float32 logits that req
 :mod:`nblosses.torch` (and its ``inplace_grad=True`` variant), same thread count on both
 sides, and reports the minimum over repeats, the ratio torch / nblosses (> 1: nblosses is
 faster), their geometric mean, and the peak extra memory of one forward+backward (measured in
-a fresh process per case: the kernel's peak resident set size, reset after a small warm-up of
-the same layout, above the resident size then), as a multiple of the logits' size.
+a fresh process per case: the kernel's peak resident set size, reset after two warm-up steps on
+the same shape, above the resident size then), as a multiple of the logits' size.
 
 Usage::
 
@@ -41,11 +41,9 @@ def _setup(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _inputs(shape: tuple[int, ...], rows: int | None = None):
+def _inputs(shape: tuple[int, ...]):
     import torch
 
-    if rows is not None:
-        shape = (rows, *shape[1:])
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen)
     t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=gen)
@@ -87,10 +85,11 @@ def _peak_extra(impl: str, shape: tuple[int, ...]) -> float:
     import gc
 
     run = _step(impl)
-    small, ts = _inputs(shape, rows=2)
-    small.requires_grad_(True)
-    run(small, ts)
-    del small, ts
+    for _ in range(2):  # warm-up on the same shape: compilation, thread pools, caches
+        w, tw = _inputs(shape)
+        w.requires_grad_(True)
+        run(w, tw)
+        del w, tw
     x, t = _inputs(shape)
     x.requires_grad_(True)
     gc.collect()
@@ -120,8 +119,12 @@ def _memory_in_subprocess(impl: str, name: str, threads: int) -> float:
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
             "import torch_autograd_bench as b; "
             f"b._setup({threads}); print(b._peak_extra({impl!r}, b.SHAPES[{name!r}]))")
+    # A fixed mmap threshold: every large block is mapped on allocation and unmapped on free
+    # (glibc otherwise raises the threshold after a free and serves the next large block from
+    # the warm-up's freed heap, hiding it from the resident-size peak).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+                         check=True, env=env)
     return float(out.stdout.split()[-1])
 
 
