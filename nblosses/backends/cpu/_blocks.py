@@ -202,20 +202,22 @@ def tile_stats(x, tile, store):
         for c in range(n_classes):
             xt[c, r] = x[r0 + r, c]
     # Loops inline, not v*() per class: ten-odd calls per tile on 128-element slices cost
-    # more than the arithmetic at C = 10.
+    # more than the arithmetic at C = 10. Each class's row is a 1-D slice (xc), indexed from
+    # 0: 2-D indexing xt[c, r] keeps a wraparound check per element.
     for r in range(nr):
         m[r] = xt[0, r]
     for c in range(1, n_classes):
+        xc = xt[c]
         for r in range(nr):
-            m[r] = fmax(m[r], xt[c, r])
-    if store:
-        for c in range(n_classes):
+            m[r] = fmax(m[r], xc[r])
+    for c in range(n_classes):
+        xc = xt[c]
+        if store:
             for r in range(nr):
-                e = fast_exp(xt[c, r] - m[r])
-                xt[c, r] = e
+                e = fast_exp(xc[r] - m[r])
+                xc[r] = e
                 s[r] += e
-    else:
-        for c in range(n_classes):
+        else:
             for r in range(nr):
-                s[r] += fast_exp(xt[c, r] - m[r])
+                s[r] += fast_exp(xc[r] - m[r])
     return r0, nr, xt, m, s

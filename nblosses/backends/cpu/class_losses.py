@@ -221,8 +221,9 @@ def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
         if gx is not None:
             for c in range(n_classes):  # inline, as in _softmax_tiles: calls cost more here
                 wc = like(1.0 if w is None else w[c], x)
+                xc = xt[c]  # 1-D, indexed from 0: see tile_stats
                 for r in range(nr):
-                    xt[c, r] = cs[r] * xt[c, r] - b[r] * wc
+                    xc[r] = cs[r] * xc[r] - b[r] * wc
             for r in range(nr):
                 ti = t[r0 + r]
                 if ti == ignore:

@@ -54,14 +54,16 @@ def _softmax_tiles(x, y, log):
             # A loop here, not vshift() per class: ten-odd calls per tile on 128-element
             # slices cost more than the arithmetic (9% of the kernel at C = 10).
             for c in range(n_classes):
+                xc = xt[c]  # 1-D, indexed from 0: see tile_stats
                 for r in range(nr):
-                    xt[c, r] = (xt[c, r] - m[r]) - ls[r]
+                    xc[r] = (xc[r] - m[r]) - ls[r]
         else:  # xt holds exp(x - m)
             inv = np.empty(TILE, x.dtype)
             vrecip(s[:nr], inv[:nr])
             for c in range(n_classes):
+                xc = xt[c]
                 for r in range(nr):
-                    xt[c, r] *= inv[r]
+                    xc[r] *= inv[r]
         for r in range(nr):  # transpose back
             for c in range(n_classes):
                 y[r0 + r, c] = xt[c, r]
