@@ -21,10 +21,17 @@ typedef long long i64;
 //: read one array, and of those that read two (register budget: no spills at 512 threads).
 #define NBL_UNROLL 4
 #define NBL_UNROLL2 2
-//: Minimum resident blocks per SM of the looped row kernels (__launch_bounds__' second
-//: argument): two blocks of 512 threads = 50% occupancy, a 64-register budget per thread
-//: (float64 rows: no minimum, they would spill).
-#define NBL_MIN_BLOCKS(BLOCK, T) (sizeof(T) < 8 && 1024 / (BLOCK) > 0 ? 1024 / (BLOCK) : 1)
+//: Minimum resident blocks per SM (__launch_bounds__' second argument; 0 = unspecified, ptxas'
+//: own choice: 1 would let it take up to 255 registers).
+//: Looped row kernels: two blocks of 512 threads = 50% occupancy, a 64-register budget per
+//: thread (float64 rows: unspecified, they would spill). Smaller blocks: unspecified (a
+//: minimum would only raise their budget, and ptxas fills what it is given).
+#define NBL_MIN_BLOCKS(BLOCK, T) ((BLOCK) >= 512 && sizeof(T) < 8 ? 1024 / (BLOCK) : 0)
+//: The register-cached float CE kernel with 128-thread blocks holding 32 elements per thread: at
+//: least 5 blocks per SM (ptxas sm_90 then uses 77 registers, 0 spills: 37% occupancy; without
+//: the bound it picks 104 registers = 25%). Other configurations: unspecified.
+#define NBL_CACHED_MIN_BLOCKS(BLOCK, ELEMS, T) \
+    ((BLOCK) == 128 && (ELEMS) >= 32 && sizeof(T) == 4 ? 5 : 0)
 
 // ----------------------------------------------------------------------------- special values
 __device__ __forceinline__ float nbl_pos_inf(float) { return __int_as_float(0x7f800000); }
@@ -362,6 +369,10 @@ struct Reduce {
     const double* scal;
     long long* err;
 };
+
+//: The reduction parameters (REDUCE_PARAMS) of a loss kernel, gathered where they are used (at
+//: the end: built earlier, the struct would hold registers through the whole kernel).
+#define NBL_REDUCE Reduce{part, counter, out, rmode, div, scal, err}
 
 //: Sum of two doubles per thread over the block; the results are valid in every thread.
 template <int BLOCK>

@@ -142,16 +142,14 @@ __global__ void __launch_bounds__(256) sigmoid_bwd(NBL_PARAMS_EW2) {
 //: BCE on probabilities (``pw`` unused: one parameter list for both binary losses).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) bce_fwd(NBL_PARAMS_BCE) {
-    const Reduce R{part, counter, out, rmode, div, scal, err};
     BceF<T> f{x, y, w, g_rows, g_scalar, gx, loss_out, 0.0};
     ew_loop<VEC>(n, f);
-    if (out) finish_loss<T, 256>(f.acc, 0.0, R);
+    if (out) finish_loss<T, 256>(f.acc, 0.0, NBL_REDUCE);
 }
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) bce_logits_fwd(NBL_PARAMS_BCE) {
-    const Reduce R{part, counter, out, rmode, div, scal, err};
     BceLogitsF<T> f{x, y, w, pw, g_rows, g_scalar, gx, loss_out, 0.0};
     ew_loop<VEC>(n, f);
-    if (out) finish_loss<T, 256>(f.acc, 0.0, R);
+    if (out) finish_loss<T, 256>(f.acc, 0.0, NBL_REDUCE);
 }

@@ -81,26 +81,26 @@ __device__ __forceinline__ A ce_grad(const Target& tg, const CeCoef<A>& r, const
 //: position, written by one thread of its group.
 template <int EXT, typename T, typename A>
 __device__ __forceinline__ void ce_store(bool leader, i64 pos, const CeCoef<A>& r, A wt, A lse,
-                                         T* loss_out, T* lse_out, double& acc, double& den) {
+                                         T* loss_out, T* lse_out, double& acc, A& den) {
     if (!leader) return;
     if (loss_out) {
         loss_out[pos] = from_acc<T>(r.loss);
     } else {
         acc += (double)r.loss;
-        den += (double)wt;
+        den += wt;
     }
     if (EXT && lse_out) lse_out[pos] = from_acc<T>(lse);
 }
 
 #define NBL_CE_PROLOGUE                                                                   \
     typedef typename AccT<T>::type A;                                                     \
-    const Reduce R{part, counter, out, rmode, div, scal, err};                            \
     const CeParams<A> P(eps, C, w, wsum, scal, z_loss, softcap);                          \
     const bool ext_lse = EXT && lse_out != nullptr;                                       \
-    double acc = 0.0, den = 0.0
+    double acc = 0.0;                                                                     \
+    A den = A(0)  /* a few rows per thread: the accumulator type is enough */
 
 template <typename T, int EXT, int VEC, int G, int NV, int BLOCK>
-__global__ void __launch_bounds__(BLOCK) ce_cached(NBL_PARAMS_CE) {
+__global__ void __launch_bounds__(BLOCK, NBL_CACHED_MIN_BLOCKS(BLOCK, NV * VEC, T)) ce_cached(NBL_PARAMS_CE) {
     NBL_CE_PROLOGUE;
     __shared__ A sbuf[2][4][32];
     Reducer<G, A> red(sbuf);
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(BLOCK) ce_cached(NBL_PARAMS_CE) {
             }
         }
     });
-    if (out) finish_loss<T, BLOCK>(acc, den, R);
+    if (out) finish_loss<T, BLOCK>(acc, (double)den, NBL_REDUCE);
 }
 
 template <typename T, int EXT, int VEC, int G, int BLOCK>
@@ -241,7 +241,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_looped(NBL
             }
         }
     });
-    if (out) finish_loss<T, BLOCK>(acc, den, R);
+    if (out) finish_loss<T, BLOCK>(acc, (double)den, NBL_REDUCE);
 }
 
 template <typename T, int EXT>
@@ -302,5 +302,5 @@ __global__ void __launch_bounds__(256) ce_cols(NBL_PARAMS_CE) {
             }
         }
     }
-    if (out) finish_loss<T, 256>(acc, den, R);
+    if (out) finish_loss<T, 256>(acc, (double)den, NBL_REDUCE);
 }

@@ -39,7 +39,6 @@ __device__ __forceinline__ A probs_finish_row(bool leader, i64 pos, A sa, A sb, 
 
 #define NBL_PROBS_PROLOGUE                                                              \
     typedef typename AccT<T>::type A;                                                   \
-    const Reduce R{part, counter, out, rmode, div, scal, err};                          \
     const A keep = A(1) - (A)eps;                                                       \
     const A spread = (A)eps / (A)C;                                                     \
     const A cap = (A)softcap, z = (A)z_loss;                                            \
@@ -114,7 +113,7 @@ __global__ void __launch_bounds__(BLOCK) probs_rows(NBL_PARAMS_PROBS) {
             }
         }
     });
-    if (out) finish_loss<T, BLOCK>(acc, 0.0, R);
+    if (out) finish_loss<T, BLOCK>(acc, 0.0, NBL_REDUCE);
 }
 
 template <typename T, int EXT>
@@ -151,5 +150,5 @@ __global__ void __launch_bounds__(256) probs_cols(NBL_PARAMS_PROBS) {
             }
         }
     }
-    if (out) finish_loss<T, 256>(acc, 0.0, R);
+    if (out) finish_loss<T, 256>(acc, 0.0, NBL_REDUCE);
 }

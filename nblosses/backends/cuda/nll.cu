@@ -11,7 +11,6 @@
 template <typename T>
 __global__ void __launch_bounds__(256) nll_fused(NBL_PARAMS_NLL) {
     typedef typename AccT<T>::type A;
-    const Reduce R{part, counter, out, rmode, div, scal, err};
     const i64 npos = nrows * inner;
     const i64 stride = (i64)gridDim.x * 256;
     double acc = 0.0, den = 0.0;
@@ -39,5 +38,5 @@ __global__ void __launch_bounds__(256) nll_fused(NBL_PARAMS_NLL) {
             }
         }
     }
-    if (out) finish_loss<T, 256>(acc, den, R);
+    if (out) finish_loss<T, 256>(acc, den, NBL_REDUCE);
 }
