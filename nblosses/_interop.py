@@ -71,7 +71,7 @@ def call(op: Any, values: Values, native_call: NativeCall) -> Any:
     native = dict(values)
     native["backend"] = _backend_for(values["backend"], device)
     if "dtype" in values and values["dtype"] is not None:
-        native["dtype"] = adapter.native_dtype(values["dtype"])
+        native["dtype"] = adapter.native_dtype(values["dtype"], _DEVICE_BACKEND[device[0]] == "cpu")
     with adapter.kernel_context(device):
         for name, v in foreign.items():
             native[name] = _to_native(adapter, v, device, writeable=name == "grad_buffer")
@@ -134,8 +134,9 @@ def _backend_for(requested: str | None, device: tuple[int, int]) -> str:
 
 # ----------------------------------------------------------------------------- conversion
 def _to_native(adapter: Adapter, value: Any, device: tuple[int, int], writeable: bool) -> Any:
-    value = adapter.exportable(value)
-    if _DEVICE_BACKEND[device[0]] == "cpu":
+    on_cpu = _DEVICE_BACKEND[device[0]] == "cpu"
+    value = adapter.exportable(value, on_cpu, writeable)
+    if on_cpu:
         import numpy
 
         view = numpy.from_dlpack(value)
@@ -164,12 +165,12 @@ class Adapter:
     def __init__(self, namespace: Callable[[], Any]) -> None:
         self._namespace = namespace
 
-    def exportable(self, value: Any) -> Any:
+    def exportable(self, value: Any, on_cpu: bool, writeable: bool) -> Any:
         """``value`` ready for ``__dlpack__`` (or an error saying why it cannot be)."""
         return value
 
-    def native_dtype(self, dtype: Any) -> Any:
-        """The NumPy dtype for a caller's ``dtype=`` argument."""
+    def native_dtype(self, dtype: Any, on_cpu: bool) -> Any:
+        """The NumPy / CuPy dtype for a caller's ``dtype=`` argument."""
         return dtype
 
     def from_dlpack(self, array: Any) -> Any:
@@ -182,24 +183,46 @@ class Adapter:
 
 
 class TorchAdapter(Adapter):
-    """torch tensors: ``torch.from_dlpack`` back, torch dtypes accepted, torch's stream."""
+    """torch tensors: ``torch.from_dlpack`` back, torch dtypes accepted, torch's stream.
+
+    bfloat16 on the CPU (NumPy has no such dtype) is computed in float32, as the CPU backend
+    computes float16: the inputs are converted (a copy) and float results converted back.
+    """
 
     def __init__(self) -> None:
         import torch
 
         super().__init__(lambda: torch)
         self._torch = torch
+        self._restore: Any = None
 
-    def exportable(self, value: Any) -> Any:
+    def exportable(self, value: Any, on_cpu: bool, writeable: bool) -> Any:
         if value.requires_grad:
             raise TypeError("nblosses.functional does not record torch autograd: pass "
                             "tensor.detach(), or use nblosses.torch (torch.autograd versions)")
+        if on_cpu and value.dtype == self._torch.bfloat16:
+            if writeable:
+                raise TypeError("a bfloat16 grad_buffer cannot be written on the CPU (NumPy "
+                                "has no bfloat16); leave it out or pass a float32 one")
+            self._restore = value.dtype
+            return value.float()
         return value
 
-    def native_dtype(self, dtype: Any) -> Any:
+    def native_dtype(self, dtype: Any, on_cpu: bool) -> Any:
+        if dtype == self._torch.bfloat16:
+            if not on_cpu:
+                return "bfloat16"
+            self._restore = dtype
+            return "float32"
         if isinstance(dtype, self._torch.dtype):
             return self._torch.empty(0, dtype=dtype).numpy().dtype
         return dtype
+
+    def from_dlpack(self, array: Any) -> Any:
+        tensor = self._torch.from_dlpack(array)
+        if self._restore is not None and tensor.is_floating_point():
+            return tensor.to(self._restore)
+        return tensor
 
     def kernel_context(self, device: tuple[int, int]) -> contextlib.AbstractContextManager[Any]:
         if device[0] not in (CUDA, CUDA_MANAGED):

@@ -293,3 +293,29 @@ def test_importing_nblosses_imports_no_foreign_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_bfloat16_on_the_cpu_is_computed_in_float32_and_returned_as_bfloat16():
+    x = torch.randn(4, 6).bfloat16()
+    t = torch.tensor([0, 5, 2, 1])
+    loss, grad = F.cross_entropy(x, t, return_grad=True)
+    assert loss.dtype == grad.dtype == torch.bfloat16
+    ref = x.float().requires_grad_(True)
+    torch.nn.functional.cross_entropy(ref, t).backward()
+    torch.testing.assert_close(grad, ref.grad.bfloat16())
+    assert F.softmax(torch.zeros(2, 3), dim=1, dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="bfloat16 grad_buffer"):
+        F.cross_entropy(x, t, return_grad=True, grad_buffer=torch.empty_like(x))
+
+
+def test_nn_modules_take_torch_tensors():
+    x, t = torch.randn(5, 4), torch.tensor([0, 3, 1, 2, 0])
+    crit = nblosses.nn.CrossEntropyLoss(label_smoothing=0.1)
+    loss = crit(x, t)
+    grad = crit.backward()
+    ref = x.clone().requires_grad_(True)
+    want = torch.nn.functional.cross_entropy(ref, t, label_smoothing=0.1)
+    want.backward()
+    assert isinstance(loss, torch.Tensor) and isinstance(grad, torch.Tensor)
+    torch.testing.assert_close(loss, want.detach())
+    torch.testing.assert_close(grad, ref.grad)
