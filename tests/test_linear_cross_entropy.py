@@ -223,7 +223,7 @@ def test_plan_respects_budget(n, v, d):
 
 
 # ----------------------------------------------------------------------------- memory
-MEM_N, MEM_D, MEM_V = 2048, 64, 8000
+MEM_N, MEM_D, MEM_V = 1024, 32, 6000
 
 
 @pytest.mark.parametrize("probs", [False, True], ids=["index", "probs"])
@@ -256,5 +256,6 @@ def test_extra_memory_under_five_percent_of_logits(probs):
         tracemalloc.stop()
     returned = loss.nbytes + lse.nbytes + sum(g.nbytes for g in grads)
     limit = 0.05 * MEM_N * MEM_V * 4
-    assert peak - returned <= limit, f"extra {(peak - returned) / 2**20:.2f} MiB > {limit / 2**20:.2f}"
+    extra = peak - returned
+    assert extra <= limit, f"extra {extra / 2**20:.2f} MiB > {limit / 2**20:.2f} MiB"
     assert peak >= returned  # the measurement sees NumPy's allocations
