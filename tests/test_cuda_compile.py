@@ -145,17 +145,26 @@ def ptxas_usage(src: str, ct: str, names: list[str]) -> dict[str, tuple[int, int
 
 @pytest.mark.parametrize("ct", ["__half", "float"])
 def test_looped_kernels_keep_half_occupancy_without_spills(ct):
-    """The looped row kernels run two 512-thread blocks per SM (50% occupancy): a 64-register
-    budget, met without spilling on the default (non-EXT) paths."""
+    """The looped row kernels (and the vector probability-target rows) run 1024 threads per SM
+    (50% occupancy): a 64-register budget, met without spilling on the default (non-EXT)
+    paths."""
     checks = {"softmax.cu": [K.softmax_looped(ct, v) for v in K.vec_choices(ct)],
               "cross_entropy.cu": [K.ce_looped(ct, v) for v in K.vec_choices(ct)],
               "softmax_backward.cu": [K.softmax_bwd_rows(ct, v, K.LONG_ROW_G, K.LONG_ROW_G)
-                                      for v in K.vec_choices(ct)]}
+                                      for v in K.vec_choices(ct)],
+              # probability targets with 16-byte vectors: every group size
+              "cross_entropy_probs.cu": [K.probs_rows(ct, K.vec_width(ct), g, b)
+                                         for g, b in K.LOOPED_GS]}
     for src, names in checks.items():
         usage = ptxas_usage(src, ct, names)
         assert set(usage) == set(names)
         for n, (regs, spill) in usage.items():
             assert regs <= 64 and spill == 0, (n, regs, spill)
+    # the float CE rows of 32 elements per thread in 128-thread blocks: at least 5 blocks per SM
+    if ct == "float":
+        name = K.ce_cached(ct, 4, 32, 8, 128)
+        regs, spill = ptxas_usage("cross_entropy.cu", ct, [name])[name]
+        assert regs * 128 * 5 <= 65536 and spill == 0, (regs, spill)
 
 
 def test_sources_have_no_host_macros():

@@ -32,6 +32,9 @@ typedef long long i64;
 //: the bound it picks 104 registers = 25%). Other configurations: unspecified.
 #define NBL_CACHED_MIN_BLOCKS(BLOCK, ELEMS, T) \
     ((BLOCK) == 128 && (ELEMS) >= 32 && sizeof(T) == 4 ? 5 : 0)
+//: Probability-target rows with 16-byte vectors (half, float): 1024 threads per SM (50%
+//: occupancy, 64 registers, no spills at sm_90; unbounded: 72-80 registers).
+#define NBL_VEC_MIN_BLOCKS(BLOCK, VEC, T) ((VEC) > 1 && sizeof(T) < 8 ? 1024 / (BLOCK) : 0)
 
 // ----------------------------------------------------------------------------- special values
 __device__ __forceinline__ float nbl_pos_inf(float) { return __int_as_float(0x7f800000); }
@@ -395,12 +398,14 @@ __device__ __forceinline__ bool last_block(unsigned int* counter) {
     return last;
 }
 
-//: The last step of every loss kernel with a reduction (R.out non-null). ``acc``: this thread's
+//: The last step of every loss kernel with a reduction (R.out non-null). Not inlined: once per
+//: block, and inlined its registers would count against the kernel's main loop (ce_cols: 60
+//: registers instead of 48, ptxas sm_90). ``acc``: this thread's
 //: summed loss; ``den``: its summed ``mean`` denominator (class weights of valid targets).
 //: rmode 0: out = sum / div; rmode 1: out = sum / D, D = R.scal[0] when the prep kernel ran,
 //: else the summed denominators. 0 / 0 gives NaN (empty or all-ignored ``mean``), as torch.
 template <typename T, int BLOCK>
-__device__ __forceinline__ void finish_loss(double acc, double den, const Reduce& R) {
+__device__ __noinline__ void finish_loss(double acc, double den, const Reduce R) {
     __shared__ double buf[2][32];
     __syncthreads();  // shared buffers of the kernel body may still be read by slow warps
     block_sum2<BLOCK>(acc, den, buf);

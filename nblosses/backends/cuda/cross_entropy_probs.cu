@@ -45,7 +45,7 @@ __device__ __forceinline__ A probs_finish_row(bool leader, i64 pos, A sa, A sb, 
     double acc = 0.0
 
 template <typename T, int EXT, int VEC, int G, int BLOCK>
-__global__ void __launch_bounds__(BLOCK) probs_rows(NBL_PARAMS_PROBS) {
+__global__ void __launch_bounds__(BLOCK, NBL_VEC_MIN_BLOCKS(BLOCK, VEC, T)) probs_rows(NBL_PARAMS_PROBS) {
     NBL_PROBS_PROLOGUE;
     constexpr int U = NBL_UNROLL2;
     __shared__ A sbuf[2][4][32];
