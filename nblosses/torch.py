@@ -38,7 +38,10 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction
 
-from . import functional as _F
+from . import functional as _functional
+
+# Untyped on purpose: the ops' schemas carry reduction as str, the stubs as Literal.
+_F: Any = _functional
 
 __all__ = [
     "binary_cross_entropy",
@@ -311,8 +314,9 @@ def _softmax_call(input: Tensor, dim: int | None, dtype: torch.dtype | None,
     if dtype is not None:
         input = input.to(dtype)
     if dim is None:
-        dim = torch.nn.functional._get_softmax_dim("log_softmax" if log else "softmax",
-                                                   input.dim(), 3)
+        # torch's deprecation warning and choice of axis
+        dim = torch.nn.functional._get_softmax_dim(  # type: ignore[attr-defined]
+            "log_softmax" if log else "softmax", input.dim(), 3)
     return _softmax(input, dim % max(input.dim(), 1), log)
 
 
