@@ -32,9 +32,9 @@ typedef long long i64;
 //: the bound it picks 104 registers = 25%). Other configurations: unspecified.
 #define NBL_CACHED_MIN_BLOCKS(BLOCK, ELEMS, T) \
     ((BLOCK) == 128 && (ELEMS) >= 32 && sizeof(T) == 4 ? 5 : 0)
-//: Probability-target rows with 16-byte vectors (half, float): 1024 threads per SM (50%
-//: occupancy, 64 registers, no spills at sm_90; unbounded: 72-80 registers).
-#define NBL_VEC_MIN_BLOCKS(BLOCK, VEC, T) ((VEC) > 1 && sizeof(T) < 8 ? 1024 / (BLOCK) : 0)
+//: Probability-target float rows with 16-byte vectors: 1024 threads per SM (50%
+//: occupancy, 64 registers, no spills at sm_90; unbounded: 72). Half rows would spill at 64.
+#define NBL_VEC_MIN_BLOCKS(BLOCK, VEC, T) ((VEC) > 1 && sizeof(T) == 4 ? 1024 / (BLOCK) : 0)
 
 // ----------------------------------------------------------------------------- special values
 __device__ __forceinline__ float nbl_pos_inf(float) { return __int_as_float(0x7f800000); }
