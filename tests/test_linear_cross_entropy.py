@@ -259,3 +259,31 @@ def test_extra_memory_under_five_percent_of_logits(probs):
     extra = peak - returned
     assert extra <= limit, f"extra {extra / 2**20:.2f} MiB > {limit / 2**20:.2f} MiB"
     assert peak >= returned  # the measurement sees NumPy's allocations
+
+
+# ----------------------------------------------------------------------------- CUDA (no device)
+@pytest.mark.parametrize("ctype", ["float", "double"])
+def test_cuda_source_compiles(ctype):
+    """NVRTC compiles every instantiation the CUDA host side asks for (no GPU needed)."""
+    pytest.importorskip("cupy")
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    try:
+        nvrtc.getVersion()
+    except Exception as exc:  # libnvrtc not installed
+        pytest.skip(f"NVRTC is not available: {exc}")
+    from nblosses.backends.cuda import linear_ce as cu
+
+    names = cu.instantiations(ctype)
+    prog = nvrtc.createProgram(cu.source(), cu.SOURCE, [], [])
+    try:
+        for name in names:
+            nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, ["--gpu-architecture=compute_90", "--std=c++17",
+                                        "-ftz=true"])
+        except Exception as exc:
+            raise AssertionError(nvrtc.getProgramLog(prog)) from exc
+        lowered = {name: nvrtc.getLoweredName(prog, name) for name in names}
+    finally:
+        nvrtc.destroyProgram(prog)
+    assert all(lowered.values())
