@@ -130,9 +130,9 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
     loss_out, out = _outputs(reduction, dt, n, inner)
     if inner == 1:
         vec = row_vec(ct, C, x3, gx)
-        name, grid, block = rows_launch(n, C, ct, vec,
-                                        lambda *a: K.ce_cached(*a, ext=ext),
-                                        lambda *a: K.ce_looped(*a, ext=ext))
+        name, grid, block = rows_launch(
+            n, C, ct, vec, lambda c_, v, g, nv, b: K.ce_cached(c_, v, g, nv, b, ext),
+            lambda c_, v: K.ce_looped(c_, v, ext))
     else:
         block = K.COL_BLOCK
         grid = L.grid_for(n * inner, block, block)
