@@ -146,6 +146,27 @@ def check_softcap(op: str, value: Any) -> float:
     return c
 
 
+def check_optional_ignore_index(op: str, value: Any) -> int | None:
+    """``ignore_index`` that may be ``None`` (torch's linear_cross_entropy: -100 for class
+    indices, and it must stay None with probability targets)."""
+    return None if value is None else check_ignore_index(op, value)
+
+
+def check_chunking(op: str, value: Any) -> int | None:
+    """torch's ``LinearCrossEntropyOptions`` (or None): the row-chunk size it asks for, if any.
+
+    nblosses chooses its chunks itself; ``batch_chunk_size`` is honoured when given."""
+    if value is None:
+        return None
+    size = getattr(value, "batch_chunk_size", None)
+    if size is None:
+        return None
+    size = check_ignore_index(op, size)
+    if size < 1:
+        raise ValueError(f"{op}: options.batch_chunk_size must be >= 1, got {size}")
+    return size
+
+
 VALIDATION_MODES = ("async", "sync")
 
 
@@ -375,9 +396,10 @@ def _check_index_target(name: str, x: Any, t: Any, loss_shape: tuple[int, ...]) 
 def check_targets(be: Backend, t2: Any, n_classes: int, ignore_index: int) -> None:
     """IndexError naming the first class index outside ``[0, C)`` that is not ignored.
 
-    Runs before any kernel so that no backend ever uses a bad index as an address. Costs one
-    read of the targets (O(N), against the kernel's O(N*C)); on a device backend it is also the
-    one host synchronisation of a class-loss call (``int(t.min())`` waits for the GPU).
+    Runs before the kernel so that it never uses a bad index as an address. Costs one read of
+    the targets (O(N), against the kernel's O(N*C)). A device backend whose kernels check the
+    indices themselves (``defers_index_errors``) runs it only for ``validate="sync"``: reading
+    ``min`` / ``max`` on the host waits for the device.
     """
     if t2.size == 0:
         return
@@ -389,6 +411,105 @@ def check_targets(be: Backend, t2: Any, n_classes: int, ignore_index: int) -> No
     if bool(bad.any()):
         value = int(t2.reshape(-1)[int(xp.argmax(bad.reshape(-1)))])
         raise IndexError(f"Target {value} is out of bounds (number of classes: {n_classes}).")
+
+
+# ----------------------------------------------------------------------------- linear + CE
+@dataclass(slots=True)
+class LinearCELayout:
+    """What a ``linear_cross_entropy`` call's metadata says."""
+
+    probs: bool
+    squeeze: bool  # the caller's input was (d,): one row
+    n: int
+    d: int
+    v: int
+    out_features: tuple[int, ...]  # torch's K-dimensional loss: linear_weight (V, *out, d)
+
+
+def check_linear_ce(be: Backend, name: str, x: Any, w: Any, t: Any, b: Any, cw: Any,
+                    ignore_index: int | None) -> LinearCELayout:
+    """Metadata checks of ``linear_cross_entropy`` (torch 2.13's rules and wording)."""
+    if not is_float(x.dtype):
+        raise TypeError(f"{name}: input must be a floating-point array, got dtype {x.dtype.name}")
+    if not 1 <= x.ndim <= 2:
+        raise ValueError(f"{name}: expected input with dimensionality 1 or 2, got {x.ndim}")
+    if w.ndim < 2:
+        raise ValueError(f"{name}: expected linear_weight with dimensionality at least 2, got "
+                         f"{w.ndim}")
+    if x.shape[-1] != w.shape[-1]:
+        raise ValueError(f"{name}: expected equal input and linear_weight last dimensions "
+                         f"(in_features), got {x.shape[-1]} and {w.shape[-1]}, respectively")
+    compute_dtype(be, x.dtype)
+    v, out = int(w.shape[0]), tuple(w.shape[1:-1])
+    if b is not None and tuple(b.shape) != (v, *out):
+        raise ValueError(f"{name}: expected linear_bias shape {(v, *out)}, got "
+                         f"{tuple(b.shape)}")
+    if out and x.ndim == 1:
+        raise ValueError(f"{name}: K-dimensional loss defined by linear_weight shape "
+                         f"{tuple(w.shape)} requires batched input (N, {x.shape[-1]}), got "
+                         f"unbatched input with shape {tuple(x.shape)}")
+    logits_shape = (*x.shape[:-1], v, *out)
+    probs = tuple(t.shape) == logits_shape
+    if probs:
+        if ignore_index is not None:
+            raise ValueError(f"{name}: ignore_index cannot be specified when target contains "
+                             f"probabilities")
+        if not is_float(t.dtype):
+            raise TypeError(f"{name}: expected a floating-point target for class probabilities "
+                            f"(shape {logits_shape}), got dtype {t.dtype.name}")
+    else:
+        _check_index_target(name, _Shape(logits_shape), t,
+                            tuple(x.shape[:-1]) + out)
+    if cw is not None and (cw.ndim != 1 or cw.shape[0] != v):
+        raise ValueError(f"{name}: weight must be a 1-D array of length C = {v}, got shape "
+                         f"{tuple(cw.shape)}")
+    n = int(x.shape[0]) if x.ndim == 2 else 1
+    return LinearCELayout(probs, x.ndim == 1, n, int(x.shape[-1]), v, out)
+
+
+@dataclass(slots=True)
+class _Shape:
+    """Shape metadata standing in for the logits (which are never formed)."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(slots=True)
+class LinearCEArgs:
+    """Canonical ``linear_cross_entropy`` arrays: ``x2`` (N, d), ``w2`` (V, d)."""
+
+    x2: Any
+    w2: Any
+    bias: Any
+    target: Any  # (N,) int64 or (N, V) probabilities
+    weight: Any
+    layout: LinearCELayout
+    dtype: Any
+
+
+def linear_ce_args(be: Backend, name: str, input: Any, linear_weight: Any, target: Any,
+                   linear_bias: Any, weight: Any, ignore_index: int | None) -> LinearCEArgs:
+    """Validate ``linear_cross_entropy`` arrays and bring them to canonical form."""
+    x = as_array(be, input, "input")
+    w = as_array(be, linear_weight, "linear_weight")
+    t = as_array(be, target, "target")
+    b = None if linear_bias is None else as_array(be, linear_bias, "linear_bias")
+    cw = None if weight is None else as_array(be, weight, "weight")
+    lay = check_linear_ce(be, name, x, w, t, b, cw, ignore_index)
+    cdt = compute_dtype(be, x.dtype)
+    rows = (lay.n, *t.shape[x.ndim - 1:]) if lay.probs else (lay.n, *lay.out_features)
+    if lay.probs:
+        tc = to_compute(be, t, cdt).reshape(rows)
+    else:
+        tc = be.xp.ascontiguousarray(t.astype("int64", copy=False)).reshape(rows)
+        check_targets(be, tc, lay.v, -100 if ignore_index is None else ignore_index)
+    return LinearCEArgs(to_compute(be, x, cdt).reshape(lay.n, lay.d), to_compute(be, w, cdt),
+                        None if b is None else to_compute(be, b, cdt), tc,
+                        None if cw is None else to_compute(be, cw, cdt), lay, x.dtype)
 
 
 # ----------------------------------------------------------------------------- binary losses

@@ -121,6 +121,66 @@ def _class_loss(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
     return out[0] if len(out) == 1 else tuple(out)
 
 
+def _linear_ce(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
+    reduction = _args.reduction_from(None, None, v["reduction"])
+    a = _args.linear_ce_args(be, op.name, v["input"], v["linear_weight"], v["target"],
+                             v["linear_bias"], v["weight"], opts["ignore_index"])
+    lay = a.layout
+    want_grad, want_lse = bool(v["return_grad"]), bool(v["return_lse"])
+    loss_shape = () if lay.squeeze else (lay.n, *lay.out_features)
+    g = (_args.grad_output_arg(be, v["grad_output"], reduction, loss_shape, a.x2.dtype,
+                               (lay.n, *lay.out_features)) if want_grad else None)
+    ignore = -100 if opts["ignore_index"] is None else opts["ignore_index"]
+    options = dict(ignore_index=ignore, label_smoothing=opts["label_smoothing"],
+                   z_loss=opts["z_loss"], softcap=opts["softcap"], reduction=reduction,
+                   want_grad=want_grad, grad_output=g, want_lse=want_lse)
+    if lay.out_features:
+        loss, lse, grads = _linear_ce_materialised(be, a, **options)
+    else:
+        loss, lse, grads = be.kernel(op.name)(a.x2, a.w2, a.bias, a.target, a.weight,
+                                              chunk_rows=opts["options"], **options)
+    out = [_loss_back(loss, loss_shape, a.dtype)]
+    if want_grad:
+        gx, gw, gb = grads
+        gx = gx.reshape(v["input"].shape if lay.squeeze else gx.shape)
+        out.append(tuple(None if t is None else t.astype(a.dtype, copy=False)
+                         for t in (gx, gw, gb)))
+    if want_lse:
+        out.append(lse.reshape(loss_shape))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _linear_ce_materialised(be: Runtime, a: _args.LinearCEArgs, *, ignore_index: int,
+                            label_smoothing: float, z_loss: float, softcap: float,
+                            reduction: str, want_grad: bool, grad_output: Any,
+                            want_lse: bool) -> tuple[Any, Any, Any]:
+    """torch's K-dimensional loss (``linear_weight`` ``(V, o1, ..., ok, d)``): the logits
+    ``(N, V, o1, ..., ok)`` are formed (as torch does for it) and go through the fused
+    cross-entropy kernel; the gradients are two more products."""
+    from . import functional as F
+
+    lay, xp = a.layout, be.xp
+    w_flat = a.w2.reshape(-1, lay.d)
+    logits = (a.x2 @ w_flat.T).reshape(lay.n, lay.v, *lay.out_features)
+    if a.bias is not None:
+        logits += a.bias
+    result = F.cross_entropy(logits, a.target, a.weight, ignore_index=ignore_index,
+                             reduction=reduction, label_smoothing=label_smoothing,
+                             z_loss=z_loss, softcap=softcap or None, return_grad=want_grad,
+                             grad_output=grad_output, grad_buffer=logits if want_grad else None,
+                             return_lse=want_lse, backend=be.name)
+    result = result if isinstance(result, tuple) else (result,)
+    loss, lse = result[0], (result[-1] if want_lse else None)
+    grads = None
+    if want_grad:
+        g = logits.reshape(lay.n, -1)
+        gb = None if a.bias is None else g.sum(axis=0).reshape(a.bias.shape)
+        grads = (g @ w_flat, (g.T @ a.x2).reshape(a.w2.shape), gb)
+    if reduction == "none":
+        loss = loss.reshape(lay.n, *lay.out_features)
+    return loss, (None if lse is None else xp.asarray(lse)), grads
+
+
 def _binary_loss(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
     reduction = _args.reduction_from(v["size_average"], v["reduce"], v["reduction"])
     probabilities = op.name == "binary_cross_entropy"
@@ -147,4 +207,5 @@ _RUNNERS: dict[str, Callable[[Runtime, Op, Values, Values], Any]] = {
     "activation_backward": _activation_backward,
     "class_loss": _class_loss,
     "binary_loss": _binary_loss,
+    "linear_ce": _linear_ce,
 }

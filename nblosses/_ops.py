@@ -502,6 +502,63 @@ OPS: dict[str, Op] = {op.name: op for op in (
 )}
 
 
+_LINEAR_CE = Op(
+    "linear_cross_entropy", "linear_ce",
+    (_input("input", """array_like
+        Features ``(N, d)`` or ``(d,)``."""),
+     _input("linear_weight", """array_like
+        Weight of the linear layer, ``(V, d)`` (or ``(V, o1, ..., ok, d)``: torch's
+        K-dimensional loss, computed through materialised logits)."""),
+     _input("target", """array_like
+        Class indices ``(N,)`` (integers) or class probabilities ``(N, V)`` (floats)."""),
+     Param("linear_bias", None, """array_like, optional
+        Bias of the linear layer, ``(V,)`` (or ``(V, o1, ..., ok)``).""", keyword_only=True,
+           role="input"),
+     Param("weight", None, """array_like, optional
+        Per-class weights of shape ``(V,)``.""", keyword_only=True),
+     Param("reduction", "mean", """{"mean", "sum", "none"}
+        How per-row losses are combined.""", keyword_only=True),
+     Param("ignore_index", None, """int, optional
+        Target value that contributes nothing; ``None`` means -100 for class indices and must
+        stay ``None`` for probability targets (as in torch).""", keyword_only=True,
+           check=_args.check_optional_ignore_index),
+     Param("label_smoothing", 0.0, LABEL_SMOOTHING.doc, keyword_only=True,
+           check=_args.check_label_smoothing),
+     Param("options", None, """object, optional
+        torch's ``LinearCrossEntropyOptions``: accepted; its ``batch_chunk_size``, when set,
+        is the row-chunk size. nblosses always chunks (it never forms the ``(N, V)`` logits)
+        and picks the chunks itself otherwise.""", keyword_only=True,
+           check=_args.check_chunking),
+     Z_LOSS, SOFTCAP, RETURN_LSE, RETURN_GRAD, GRAD_OUTPUT, BACKEND),
+    "The final linear layer and cross-entropy in one pass: "
+    "``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without the logits.",
+    description="""The vocabulary is processed in blocks of rows (BLAS / cuBLAS products
+    for the logits of a block, a fused kernel for their statistics and, with
+    ``return_grad=True``, their gradient in place), so the extra memory stays a few percent of
+    ``N * V`` whatever the vocabulary.""",
+    returns="""
+    loss : array
+        0-d for ``mean`` / ``sum``, ``(N,)`` for ``"none"``.
+    grads : tuple of array
+        Only with ``return_grad=True``: ``(grad_input, grad_linear_weight, grad_linear_bias)``
+        (the last ``None`` without a bias).
+    lse : array
+        Only with ``return_lse=True``: the per-row logsumexp of the (soft-capped) logits.""",
+    raises=_CLASS_RAISES,
+    examples="""
+    >>> import numpy as np
+    >>> from nblosses import functional as F
+    >>> r = np.random.default_rng(0)
+    >>> x, w = r.standard_normal((4, 8)), r.standard_normal((50, 8))
+    >>> t = np.array([3, 0, 49, 7])
+    >>> loss, (gx, gw, gb) = F.linear_cross_entropy(x, w, t, return_grad=True)
+    >>> bool(np.isclose(loss, F.cross_entropy(x @ w.T, t)))
+    True
+    >>> gx.shape, gw.shape, gb is None
+    ((4, 8), (50, 8), True)""")
+OPS[_LINEAR_CE.name] = _LINEAR_CE
+
+
 def signature_table() -> str:
     """An RST table of every op: functional signature and module constructor (for the docs)."""
     rows = [("function", "module", "constructor")]

@@ -90,7 +90,8 @@ def functional_stub() -> str:
 def nn_stub() -> str:
     """The text of ``nn.pyi``."""
     modules = [op for op in OPS.values() if op.module]
-    names = sorted(["Module", *(op.module for op in modules if op.module)])
+    names = sorted(["LinearCrossEntropyLoss", "Module",
+                    *(op.module for op in modules if op.module)])
     body = [f"__all__ = {names!r}", "",
             "class Module:",
             "    def __call__(self, *inputs: Any) -> Any: ...",
@@ -100,7 +101,27 @@ def nn_stub() -> str:
     for op in modules:
         body += [f"class {op.module}(Module):",
                  f"    def __init__({_params(op, ('config',), {})}) -> None: ...", ""]
+    body += _written_class("LinearCrossEntropyLoss")
     return _HEADER + "\n" + "\n".join(body)
+
+
+def _written_class(name: str) -> list[str]:
+    """Stub of a module class written by hand in :mod:`nblosses.nn` (its own annotations)."""
+    import inspect
+
+    from . import nn
+
+    cls = getattr(nn, name)
+    params = []
+    for p in inspect.signature(cls.__init__).parameters.values():
+        text = p.name if p.annotation is p.empty else f"{p.name}: {p.annotation}"
+        if p.kind is p.KEYWORD_ONLY and "*" not in params:
+            params.append("*")
+        params.append(text if p.default is p.empty else f"{text} = {p.default!r}")
+    attrs = [f"    {n}: Array" for n in ("linear_weight", "linear_bias", "linear_weight_grad",
+                                          "linear_bias_grad")]
+    return [f"class {name}(Module):", *attrs,
+            f"    def __init__({', '.join(params)}) -> None: ...", ""]
 
 
 STUBS = {"functional.pyi": functional_stub, "nn.pyi": nn_stub}

@@ -18,14 +18,18 @@ follows the new values.
 
 from __future__ import annotations
 
+import math
 import textwrap
 from typing import Any
+
+import numpy as np
 
 from . import _args
 from . import functional as F
 from ._ops import OPS, Op
 
-__all__ = sorted(["Module", *(op.module for op in OPS.values() if op.module)])
+__all__ = sorted(["LinearCrossEntropyLoss", "Module",
+                  *(op.module for op in OPS.values() if op.module)])
 
 Array = Any
 _LEGACY = ("size_average", "reduce")
@@ -157,3 +161,121 @@ for _op in OPS.values():
     if _op.module:
         globals()[_op.module] = _make_module(_op, _BASES[_op.family])
 del _op
+
+
+class LinearCrossEntropyLoss(Module):
+    """The final linear layer and cross-entropy, holding the layer's parameters (see
+    :func:`nblosses.functional.linear_cross_entropy`).
+
+    Parameters
+    ----------
+    in_features : int
+        Size ``d`` of each input row.
+    num_classes : int
+        Number of classes ``V`` (the vocabulary of a language-model head).
+    out_features : tuple of int
+        torch's K-dimensional loss: the layer maps to ``(V, *out_features)`` per row.
+    bias : bool
+        Whether the layer has a bias.
+    device : {None, "cpu", "cuda"}
+        Where the parameters live: NumPy arrays (``None`` / ``"cpu"``) or CuPy arrays.
+    dtype : dtype, optional
+        Parameter dtype (float32 by default).
+    reduction, weight, ignore_index, label_smoothing, options
+        As :func:`~nblosses.functional.linear_cross_entropy`.
+    z_loss, softcap, return_lse, backend
+        nblosses' additions, keyword-only, as for :class:`CrossEntropyLoss`.
+
+    Attributes
+    ----------
+    linear_weight : array
+        ``(V * prod(out_features), in_features)``, initialised as torch's ``nn.Linear``
+        (uniform in ``±1/sqrt(in_features)``).
+    linear_bias : array or None
+        ``(V * prod(out_features),)``.
+    linear_weight_grad, linear_bias_grad : array or None
+        Set by :meth:`backward`: the gradients of the parameters.
+
+    Notes
+    -----
+    ``backward(grad_output=None)`` returns the gradient with respect to the last call's input
+    and stores the parameters' gradients, from one chunked pass that never forms the logits.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nblosses import nn
+    >>> head = nn.LinearCrossEntropyLoss(8, 50, bias=True)
+    >>> x, t = np.ones((4, 8), dtype=np.float32), np.array([1, 2, 3, 4])
+    >>> float(head(x, t)) > 0
+    True
+    >>> head.backward().shape, head.linear_weight_grad.shape
+    ((4, 8), (50, 8))
+    """
+
+    _op = OPS["linear_cross_entropy"]
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (),
+                 bias: bool = False, device: Any = None, dtype: Any = None,
+                 reduction: str = "mean", weight: Array | None = None,
+                 ignore_index: int | None = None, label_smoothing: float = 0.0,
+                 options: Any = None, z_loss: float = 0.0, softcap: float | None = None,
+                 return_lse: bool = False, backend: str | None = None) -> None:
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise ValueError(f"expected weight shape to be {(num_classes,)}, got "
+                             f"{tuple(weight.shape)}")
+        _args.check_label_smoothing("LinearCrossEntropyLoss", label_smoothing)
+        super().__init__(reduction=_args.reduction_from(None, None, reduction), weight=weight,
+                         ignore_index=ignore_index, label_smoothing=label_smoothing,
+                         options=options, z_loss=z_loss, softcap=softcap,
+                         return_lse=return_lse, backend=backend)
+        self.num_classes, self.out_features = num_classes, tuple(out_features)
+        self.in_features = in_features
+        rows = math.prod(self.out_features, start=num_classes)
+        xp = _array_module(device)
+        bound = 1.0 / math.sqrt(in_features) if in_features else 0.0
+        rng = np.random.default_rng()
+        dt = np.dtype(dtype or np.float32)
+        self.linear_weight = xp.asarray(rng.uniform(-bound, bound, (rows, in_features)), dt)
+        self.linear_bias = xp.asarray(rng.uniform(-bound, bound, rows), dt) if bias else None
+        self.linear_weight_grad: Array | None = None
+        self.linear_bias_grad: Array | None = None
+
+    def _functional(self, *inputs: Any, **kwargs: Any) -> Any:
+        w = self.linear_weight.reshape((self.num_classes, *self.out_features, self.in_features))
+        b = (None if self.linear_bias is None
+             else self.linear_bias.reshape((self.num_classes, *self.out_features)))
+        input, target = inputs
+        return super()._functional(input, w, target, linear_bias=b, **kwargs)
+
+    def forward(self, input: Array, target: Array) -> Any:
+        result = self._functional(input, target)
+        self._saved = (input, target)
+        return result
+
+    def backward(self, grad_output: Any = None) -> Array:
+        """Gradient w.r.t. the last call's input; stores ``linear_weight_grad`` and
+        ``linear_bias_grad``."""
+        input, target = self._need_saved()
+        result = self._functional(input, target, return_grad=True, grad_output=grad_output)
+        gx, gw, gb = result[1]
+        self.linear_weight_grad = gw.reshape(self.linear_weight.shape)
+        self.linear_bias_grad = None if gb is None else gb.reshape(-1)
+        return gx
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear_bias is not None}, "
+                f"reduction={self.reduction!r}")
+
+
+def _array_module(device: Any) -> Any:
+    """NumPy for ``None`` / ``"cpu"``, CuPy for ``"cuda"`` (imported only then)."""
+    name = str(device or "cpu").split(":")[0]
+    if name == "cpu":
+        return np
+    if name == "cuda":
+        import cupy
+
+        return cupy
+    raise ValueError(f"device must be None, 'cpu' or 'cuda', got {device!r}")

@@ -4,7 +4,7 @@ from typing import Any, Literal, overload
 
 Array = Any
 
-__all__ = ['BCELoss', 'BCEWithLogitsLoss', 'CrossEntropyLoss', 'LogSoftmax', 'Module', 'NLLLoss', 'Sigmoid', 'Softmax']
+__all__ = ['BCELoss', 'BCEWithLogitsLoss', 'CrossEntropyLoss', 'LinearCrossEntropyLoss', 'LogSoftmax', 'Module', 'NLLLoss', 'Sigmoid', 'Softmax']
 
 class Module:
     def __call__(self, *inputs: Any) -> Any: ...
@@ -31,3 +31,10 @@ class BCELoss(Module):
 
 class BCEWithLogitsLoss(Module):
     def __init__(self, weight: Any = None, size_average: bool | None = None, reduce: bool | None = None, reduction: Literal["mean", "sum", "none"] = 'mean', pos_weight: Any = None, *, backend: str | None = None) -> None: ...
+
+class LinearCrossEntropyLoss(Module):
+    linear_weight: Array
+    linear_bias: Array
+    linear_weight_grad: Array
+    linear_bias_grad: Array
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (), bias: bool = False, device: Any = None, dtype: Any = None, reduction: str = 'mean', weight: Array | None = None, ignore_index: int | None = None, label_smoothing: float = 0.0, options: Any = None, z_loss: float = 0.0, softcap: float | None = None, return_lse: bool = False, backend: str | None = None) -> None: ...

@@ -105,3 +105,12 @@ def test_adding_an_option_is_one_param(monkeypatch):
         "softmax": lambda be, op_, v, opts: kwargs.update(opts) or np.zeros(1)})
     fn(np.zeros(3), 0, temperature=2)
     assert seen["checked"] == 2 and kwargs["temperature"] == 2.0
+
+
+def test_linear_cross_entropy_module_constructor_is_torchs_plus_keyword_only_extras():
+    ours = inspect.signature(nn.LinearCrossEntropyLoss).parameters
+    theirs = _torch_params(torch.nn.LinearCrossEntropyLoss)
+    _same([ours[p.name] for p in theirs], theirs, "LinearCrossEntropyLoss")
+    extras = [p for n, p in ours.items() if n not in {q.name for q in theirs}]
+    assert {p.name for p in extras} == {"z_loss", "softcap", "return_lse", "backend"}
+    assert all(p.kind is p.KEYWORD_ONLY for p in extras)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..._registry import Backend, Runtime
 from . import _parallel  # noqa: F401  (chooses the threading layer before any kernel runs)
-from . import binary_losses, class_losses, softmax
+from . import binary_losses, class_losses, linear_ce, softmax
 
 KERNELS: dict[str, Callable[..., Any]] = {
     "softmax": softmax.softmax,
@@ -27,6 +27,7 @@ KERNELS: dict[str, Callable[..., Any]] = {
     "cross_entropy_probs": class_losses.cross_entropy_probs,
     "binary_cross_entropy": binary_losses.binary_cross_entropy,
     "binary_cross_entropy_with_logits": binary_losses.binary_cross_entropy_with_logits,
+    "linear_cross_entropy": linear_ce.linear_cross_entropy,
 }
 
 

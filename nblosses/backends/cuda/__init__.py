@@ -16,7 +16,7 @@ from typing import Any, Callable
 import cupy
 
 from ..._registry import Backend, Runtime
-from . import _device_errors, binary_losses, class_losses, softmax
+from . import _device_errors, binary_losses, class_losses, linear_ce, softmax
 
 KERNELS: dict[str, Callable[..., Any]] = {
     "softmax": softmax.softmax,
@@ -30,6 +30,7 @@ KERNELS: dict[str, Callable[..., Any]] = {
     "cross_entropy_probs": class_losses.cross_entropy_probs,
     "binary_cross_entropy": binary_losses.binary_cross_entropy,
     "binary_cross_entropy_with_logits": binary_losses.binary_cross_entropy_with_logits,
+    "linear_cross_entropy": linear_ce.linear_cross_entropy,
 }
 
 
