@@ -228,26 +228,30 @@ __device__ __forceinline__ A load_row_max(const T* x, i64 off, int nvec, int lan
 }
 
 // ----------------------------------------------------------------------------- row walk
-//: The walk every row kernel (inner == 1) shares: groups of G threads (lane = threadIdx.x % G),
-//: BLOCK / G rows per block iteration, grid-stride over the rows. Every thread runs every
-//: iteration (the group reductions need all lanes); past the last row ``active`` is false and
-//: ``off`` (the row's first element) is 0.
+// The walk every row kernel (inner == 1) shares: groups of G threads (lane = threadIdx.x % G),
+// BLOCK / G rows per block iteration, grid-stride over the rows:
+//     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
+//         const RowSlot slot = row_slot<G>(r0, nrows, C);
+// Every thread runs every iteration (the group reductions need all lanes); past the last row
+// ``active`` is false and ``off`` (the row's first element) is 0. (A plain loop, not a function
+// taking the body as a lambda: the lambda cost softmax_bwd_rows 8 registers at sm_90.)
 struct RowSlot {
     i64 row, off;
     bool active;
 };
 
-template <int G, int BLOCK, typename F>
-__device__ __forceinline__ void for_each_row(i64 nrows, i64 C, F&& body) {
-    constexpr int RB = BLOCK / G;
-    const int grp = threadIdx.x / G;
-    for (i64 r0 = (i64)blockIdx.x * RB; r0 < nrows; r0 += (i64)gridDim.x * RB) {
-        RowSlot r;
-        r.row = r0 + grp;
-        r.active = r.row < nrows;
-        r.off = r.active ? r.row * C : 0;
-        body(r);
-    }
+template <int G, int BLOCK> __device__ __forceinline__ i64 first_row() {
+    return (i64)blockIdx.x * (BLOCK / G);
+}
+template <int G, int BLOCK> __device__ __forceinline__ i64 row_stride() {
+    return (i64)gridDim.x * (BLOCK / G);
+}
+template <int G> __device__ __forceinline__ RowSlot row_slot(i64 r0, i64 nrows, i64 C) {
+    RowSlot r;
+    r.row = r0 + threadIdx.x / G;
+    r.active = r.row < nrows;
+    r.off = r.active ? r.row * C : 0;
+    return r;
 }
 
 // ----------------------------------------------------------------------------- group reductions

@@ -106,7 +106,8 @@ __global__ void __launch_bounds__(BLOCK, NBL_CACHED_MIN_BLOCKS(BLOCK, NV * VEC, 
     Reducer<G, A> red(sbuf);
     const int nvec = (int)C / VEC;
     const int lane = threadIdx.x % G;
-    for_each_row<G, BLOCK>(nrows, C, [&](const RowSlot& slot) {
+    for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
+        const RowSlot slot = row_slot<G>(r0, nrows, C);
         const i64 row = slot.row;
         const bool active = slot.active;
         const Target tg = load_target(t, row, active, ignore, C, err, lane == 0);
@@ -156,7 +157,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_CACHED_MIN_BLOCKS(BLOCK, NV * VEC, 
                 }
             }
         }
-    });
+    }
     if (out) finish_loss<T, BLOCK>(acc, (double)den, NBL_REDUCE);
 }
 
@@ -170,7 +171,8 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_looped(NBL
     const int lane = threadIdx.x % G;
     const i64 chunk = (i64)G * U;
     const i64 nchunk = (nvec + chunk - 1) / chunk;
-    for_each_row<G, BLOCK>(nrows, C, [&](const RowSlot& slot) {
+    for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
+        const RowSlot slot = row_slot<G>(r0, nrows, C);
         const i64 row = slot.row;
         const bool active = slot.active;
         const Target tg = load_target(t, row, active, ignore, C, err, lane == 0);
@@ -240,7 +242,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_looped(NBL
                 }
             }
         }
-    });
+    }
     if (out) finish_loss<T, BLOCK>(acc, (double)den, NBL_REDUCE);
 }
 

@@ -53,7 +53,8 @@ __global__ void __launch_bounds__(BLOCK, NBL_VEC_MIN_BLOCKS(BLOCK, VEC, T)) prob
     const i64 nvec = C / VEC;
     const int lane = threadIdx.x % G;
     const i64 chunk = (i64)G * U;
-    for_each_row<G, BLOCK>(nrows, C, [&](const RowSlot& slot) {
+    for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
+        const RowSlot slot = row_slot<G>(r0, nrows, C);
         const i64 row = slot.row;
         const bool active = slot.active;
         const i64 off = slot.off;
@@ -112,7 +113,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_VEC_MIN_BLOCKS(BLOCK, VEC, T)) prob
                 }
             }
         }
-    });
+    }
     if (out) finish_loss<T, BLOCK>(acc, 0.0, NBL_REDUCE);
 }
 

@@ -20,7 +20,8 @@ softmax_cached(NBL_PARAMS_SOFTMAX_ROWS) {
     Reducer<G, A> red(sbuf);
     const int nvec = (int)C / VEC;
     const int lane = threadIdx.x % G;
-    for_each_row<G, BLOCK>(nrows, C, [&](const RowSlot& slot) {
+    for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
+        const RowSlot slot = row_slot<G>(r0, nrows, C);
         const i64 row = slot.row;
         const bool active = slot.active;
         const i64 off = slot.off;
@@ -53,7 +54,7 @@ softmax_cached(NBL_PARAMS_SOFTMAX_ROWS) {
                 store_vec<T, VEC>(y + off, vi, o);
             }
         }
-    });
+    }
 }
 
 template <typename T, int VEC, int G, int BLOCK>
@@ -67,7 +68,8 @@ softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
     const int lane = threadIdx.x % G;
     const i64 chunk = (i64)G * U;
     const i64 nchunk = (nvec + chunk - 1) / chunk;
-    for_each_row<G, BLOCK>(nrows, C, [&](const RowSlot& slot) {
+    for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
+        const RowSlot slot = row_slot<G>(r0, nrows, C);
         const i64 row = slot.row;
         const bool active = slot.active;
         const T* xr = x + slot.off;
@@ -107,7 +109,7 @@ softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
                 }
             }
         }
-    });
+    }
 }
 
 // Long rows, few of them (fewer rows than resident blocks): each row is split into nsplit chunks

@@ -16,7 +16,8 @@ softmax_bwd_rows(NBL_PARAMS_SOFTMAX_BWD) {  // inner == 1: outer rows
     const i64 nvec = C / VEC;
     const int lane = threadIdx.x % G;
     const i64 chunk = (i64)G * U;
-    for_each_row<G, BLOCK>(nrows, C, [&](const RowSlot& slot) {
+    for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
+        const RowSlot slot = row_slot<G>(r0, nrows, C);
         const i64 row = slot.row;
         const bool active = slot.active;
         const i64 off = slot.off;
@@ -60,7 +61,7 @@ softmax_bwd_rows(NBL_PARAMS_SOFTMAX_BWD) {  // inner == 1: outer rows
                 }
             }
         }
-    });
+    }
 }
 
 template <typename T>
