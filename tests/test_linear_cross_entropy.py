@@ -287,3 +287,46 @@ def test_cuda_source_compiles(ctype):
     finally:
         nvrtc.destroyProgram(prog)
     assert all(lowered.values())
+
+
+# ----------------------------------------------------------------------------- dask
+DASK_ROWS, DASK_COLS = (10, 13, 14), (20, 20, 13)
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(processes=False, n_workers=2, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        yield client
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(("probs", "opts"), [(False, "all"), (False, "plain"), (True, "all")],
+                         ids=["index-all", "index-plain", "probs-all"])
+def test_dask_vocab_parallel_matches_kernel(dask_client, probs, opts, reduction):
+    """Batch chunks x vocabulary chunks on a 2-worker cluster == the eager kernel (float64)."""
+    import dask.array as da
+
+    from nblosses import _dask_linear_ce
+
+    x, w2, bias, target, weight = _data("float64", probs, opts)
+    _, _, eps, z_loss, softcap = OPTIONS[opts]
+    go = _grad_output(reduction, "float64")
+    kw = dict(ignore_index=IGNORE, label_smoothing=eps, reduction=reduction, z_loss=z_loss,
+              softcap=softcap, want_grad=True, grad_output=go, want_lse=True)
+    expected = linear_cross_entropy(x, w2, bias, target, weight, **kw)
+    t_chunks = (DASK_ROWS, DASK_COLS) if probs else (DASK_ROWS,)
+    lazy = _dask_linear_ce.linear_cross_entropy(
+        da.from_array(x, (DASK_ROWS, D)), da.from_array(w2, (DASK_COLS, D)),
+        None if bias is None else da.from_array(bias, (DASK_COLS,)),
+        da.from_array(target, t_chunks),
+        None if weight is None else da.from_array(weight, (DASK_COLS,)), **kw)
+    assert isinstance(lazy[0], da.Array)
+    got = dask_client.compute(lazy, sync=True)
+    for a, e in zip([got[0], got[1], *got[2]], [expected[0], expected[1], *expected[2]]):
+        assert (a is None) == (e is None)
+        if e is not None:
+            assert a.shape == e.shape and a.dtype == e.dtype
+            np.testing.assert_allclose(a, e, rtol=1e-10, atol=1e-13)
