@@ -3,10 +3,11 @@
 Times ``loss = cross_entropy(x, t); loss.backward()`` on float32 logits that require grad
 (class-index targets) for the six standard shapes, both with ``torch.nn.functional`` and with
 :mod:`nblosses.torch` (and its ``inplace_grad=True`` variant), same thread count on both
-sides, and reports the minimum over repeats, the ratio torch / nblosses (> 1: nblosses is
-faster), their geometric mean, and the peak extra memory of one forward+backward (measured in
-a fresh process per case: the kernel's peak resident set size, reset after two warm-up steps on
-the same shape, above the resident size then), as a multiple of the logits' size.
+sides, the implementations taking turns within each repeat. Reports the minimum over repeats,
+the ratio torch / nblosses (> 1: nblosses is faster), their geometric mean, and the peak extra
+memory of one forward+backward as a multiple of the logits' size (measured in a fresh process
+per case: the kernel's peak resident set size, reset after two warm-up steps on the same
+shape, above the resident size then).
 
 Usage::
 
@@ -67,16 +68,21 @@ def _step(impl: str):
     return run
 
 
-def _time(impl: str, shape: tuple[int, ...], repeats: int) -> float:
-    run = _step(impl)
-    x, t = _inputs(shape)
-    x.requires_grad_(True)
-    best = math.inf
-    for _ in range(repeats + 1):  # the first call warms up (compilation, page faults)
-        x.grad = None
-        t0 = time.perf_counter()
-        run(x, t)
-        best = min(best, time.perf_counter() - t0)
+def _times(shape: tuple[int, ...], repeats: int) -> dict[str, float]:
+    """Best time of each implementation; the repeats take turns (torch, nblosses, ...) so
+    that a busy spell of a shared machine hits every side alike."""
+    runs = {impl: _step(impl) for impl in IMPLS}
+    inputs = {impl: _inputs(shape) for impl in IMPLS}  # the in-place variant overwrites its own
+    best = dict.fromkeys(IMPLS, math.inf)
+    for i in range(repeats + 1):  # the first round warms up (compilation, page faults)
+        for impl, run in runs.items():
+            x, t = inputs[impl]
+            x.requires_grad_(True)
+            x.grad = None
+            t0 = time.perf_counter()
+            run(x, t)
+            if i:
+                best[impl] = min(best[impl], time.perf_counter() - t0)
     return best
 
 
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print(head + ("" if args.no_memory else "   peak extra / logits: torch  nbl  inplace"))
     logs: dict[str, list[float]] = {"nblosses": [], "nblosses_inplace": []}
     for name, shape in shapes:
-        ms = {impl: _time(impl, shape, repeats) * 1e3 for impl in IMPLS}
+        ms = {impl: sec * 1e3 for impl, sec in _times(shape, repeats).items()}
         line = f"{name:>15} {ms['torch']:9.2f}"
         for impl, values in logs.items():
             values.append(math.log(ms["torch"] / ms[impl]))
