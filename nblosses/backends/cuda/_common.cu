@@ -27,11 +27,13 @@ typedef long long i64;
 //: thread (float64 rows: unspecified, they would spill). Smaller blocks: unspecified (a
 //: minimum would only raise their budget, and ptxas fills what it is given).
 #define NBL_MIN_BLOCKS(BLOCK, T) ((BLOCK) >= 512 && sizeof(T) < 8 ? 1024 / (BLOCK) : 0)
-//: The register-cached float CE kernel with 128-thread blocks holding 32 elements per thread: at
-//: least 5 blocks per SM (ptxas sm_90 then uses 77 registers, 0 spills: 37% occupancy; without
-//: the bound it picks 104 registers = 25%). Other configurations: unspecified.
+//: The register-cached float CE kernel (ELEMS = row elements per thread), where ptxas' own
+//: choice leaves < 40% occupancy: 128 threads x 32 elements at least 5 blocks per SM (104 -> 77
+//: registers), 128 x 16: 8 blocks (69 -> 63), 256 x 32: 3 blocks (103 -> 72); 0 spills at sm_90
+//: (tests/test_cuda_compile.py). Other configurations: unspecified.
 #define NBL_CACHED_MIN_BLOCKS(BLOCK, ELEMS, T) \
-    ((BLOCK) == 128 && (ELEMS) >= 32 && sizeof(T) == 4 ? 5 : 0)
+    (sizeof(T) != 4 ? 0 : (BLOCK) == 128 ? ((ELEMS) >= 32 ? 5 : (ELEMS) == 16 ? 8 : 0) \
+                      : (BLOCK) == 256 && (ELEMS) >= 32 ? 3 : 0)
 //: Probability-target float rows with 16-byte vectors: 1024 threads per SM (50%
 //: occupancy, 64 registers, no spills at sm_90; unbounded: 72). Half rows would spill at 64.
 #define NBL_VEC_MIN_BLOCKS(BLOCK, VEC, T) ((VEC) > 1 && sizeof(T) == 4 ? 1024 / (BLOCK) : 0)
