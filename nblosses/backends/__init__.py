@@ -48,10 +48,37 @@ Both return ``(loss, grad)`` with ``loss`` 0-d or flat, ``grad`` flat or ``None`
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from typing import Any
+
 from .._registry import Backend, Runtime, register_backend
 from ..errors import BackendUnavailableError
 
-__all__ = ["CpuBackend", "CudaBackend"]
+__all__ = ["KERNEL_MODULES", "CpuBackend", "CudaBackend", "collect_kernels"]
+
+#: Each op of the kernel protocol -> the module, in every built-in backend package, that
+#: defines a function of that name.
+KERNEL_MODULES = {
+    "softmax": "softmax",
+    "log_softmax": "softmax",
+    "softmax_backward": "softmax",
+    "log_softmax_backward": "softmax",
+    "sigmoid": "softmax",
+    "sigmoid_backward": "softmax",
+    "nll_loss": "class_losses",
+    "cross_entropy": "class_losses",
+    "cross_entropy_probs": "class_losses",
+    "binary_cross_entropy": "binary_losses",
+    "binary_cross_entropy_with_logits": "binary_losses",
+    "linear_cross_entropy": "linear_ce",
+}
+
+
+def collect_kernels(package: str) -> dict[str, Callable[..., Any]]:
+    """The kernels of a built-in backend package, by op name (imports its kernel modules)."""
+    return {op: getattr(importlib.import_module(f"{package}.{module}"), op)
+            for op, module in KERNEL_MODULES.items()}
 
 
 class CpuBackend(Backend):
@@ -81,7 +108,8 @@ class CudaBackend(Backend):
         try:
             import cupy
         except ImportError as exc:
-            raise BackendUnavailableError(f"backend 'cuda' needs CuPy: {self.install_hint}") from exc
+            raise BackendUnavailableError(
+                f"backend 'cuda' needs CuPy: {self.install_hint}") from exc
         try:
             count = cupy.cuda.runtime.getDeviceCount()
         except Exception as exc:  # CUDARuntimeError when no driver is present

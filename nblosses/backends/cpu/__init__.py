@@ -7,28 +7,19 @@ them from disk instead of recompiling.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from ..._registry import Backend, Runtime
-from . import _parallel  # noqa: F401  (chooses the threading layer before any kernel runs)
-from . import binary_losses, class_losses, linear_ce, softmax
+from .. import collect_kernels
+from . import (
+    _parallel,  # noqa: F401  (chooses the threading layer before any kernel runs)
+    class_losses,
+)
 
-KERNELS: dict[str, Callable[..., Any]] = {
-    "softmax": softmax.softmax,
-    "log_softmax": softmax.log_softmax,
-    "softmax_backward": softmax.softmax_backward,
-    "log_softmax_backward": softmax.log_softmax_backward,
-    "sigmoid": softmax.sigmoid,
-    "sigmoid_backward": softmax.sigmoid_backward,
-    "nll_loss": class_losses.nll_loss,
-    "cross_entropy": class_losses.cross_entropy,
-    "cross_entropy_probs": class_losses.cross_entropy_probs,
-    "binary_cross_entropy": binary_losses.binary_cross_entropy,
-    "binary_cross_entropy_with_logits": binary_losses.binary_cross_entropy_with_logits,
-    "linear_cross_entropy": linear_ce.linear_cross_entropy,
-}
+KERNELS: dict[str, Callable[..., Any]] = collect_kernels(__name__)
 
 
 def _to_host(array: Any, dtype: Any = None) -> np.ndarray:

@@ -11,27 +11,16 @@ CuPy arrays of ml_dtypes' ``bfloat16`` (e.g. ``cupy.from_dlpack`` of a torch bfl
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import cupy
 
 from ..._registry import Backend, Runtime
-from . import _device_errors, binary_losses, class_losses, linear_ce, softmax
+from .. import collect_kernels
+from . import _device_errors
 
-KERNELS: dict[str, Callable[..., Any]] = {
-    "softmax": softmax.softmax,
-    "log_softmax": softmax.log_softmax,
-    "softmax_backward": softmax.softmax_backward,
-    "log_softmax_backward": softmax.log_softmax_backward,
-    "sigmoid": softmax.sigmoid,
-    "sigmoid_backward": softmax.sigmoid_backward,
-    "nll_loss": class_losses.nll_loss,
-    "cross_entropy": class_losses.cross_entropy,
-    "cross_entropy_probs": class_losses.cross_entropy_probs,
-    "binary_cross_entropy": binary_losses.binary_cross_entropy,
-    "binary_cross_entropy_with_logits": binary_losses.binary_cross_entropy_with_logits,
-    "linear_cross_entropy": linear_ce.linear_cross_entropy,
-}
+KERNELS: dict[str, Callable[..., Any]] = collect_kernels(__name__)
 
 
 def runtime(backend: Backend) -> Runtime:
