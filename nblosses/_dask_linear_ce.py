@@ -24,6 +24,7 @@ Routing: :mod:`nblosses._dask` sends ``linear_cross_entropy`` calls with any das
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -60,7 +61,7 @@ def _row_finish(stats: list, t, weight, denom, cfg: dict, g):
     """``(loss, lse, coef, b, a, m)`` of one row chunk (``m``: the merged max)."""
     st = _merge(stats)
     w_total = float(cfg["v"] if weight is None else weight.sum(dtype=np.float64))
-    scale = 0.0
+    scale: Any = 0.0
     if cfg["want_grad"]:
         scale = G.upstream_scale(cfg["reduction"], g, float(denom))
         if cfg["reduction"] == "none":

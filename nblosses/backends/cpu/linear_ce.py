@@ -9,6 +9,8 @@ The two never run at the same time, so each uses all cores in turn.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import numpy as np
 
 from .. import _linear_ce as G
@@ -20,7 +22,7 @@ from .linear_ce_blas import gemm
 class _CpuLinearCE(G.ChunkedLinearCE):
     """The driver's hooks: BLAS products, Numba block kernels."""
 
-    xp = np
+    xp: ClassVar[Any] = np
 
     def gemm(self, a, b, c, beta: float) -> None:
         gemm(a, b, c, beta)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any, ClassVar
 
 import cupy
 import numpy as np
@@ -63,7 +64,7 @@ def _grid(units: int, per_block: int) -> tuple[int]:
 class _CudaLinearCE(G.ChunkedLinearCE):
     """The driver's hooks on CuPy arrays."""
 
-    xp = cupy
+    xp: ClassVar[Any] = cupy
 
     def gemm(self, a, b, c, beta: float) -> None:
         from cupy import cublas  # loads libcublas: not at import (CI has no CUDA libraries)
