@@ -149,7 +149,9 @@ def test_looped_kernels_keep_half_occupancy_without_spills(ct):
     (50% occupancy): a 64-register budget, met without spilling on the default (non-EXT)
     paths."""
     checks = {"softmax.cu": [K.softmax_looped(ct, v) for v in K.vec_choices(ct)],
-              "cross_entropy.cu": [K.ce_looped(ct, v) for v in K.vec_choices(ct)],
+              "cross_entropy.cu": [K.ce_looped(ct, v) for v in K.vec_choices(ct)]
+              + [K.ce_split(k, ct, v, ext) for k in K.CE_SPLIT_KERNELS for v in K.vec_choices(ct)
+                 for ext in K.EXTS],
               "softmax_backward.cu": [K.softmax_bwd_rows(ct, v, K.LONG_ROW_G, K.LONG_ROW_G)
                                       for v in K.vec_choices(ct)],
               # float probability targets with 16-byte vectors: every group size
@@ -520,9 +522,32 @@ def test_cross_entropy_option_launches(fake_device, dtype):
                 _check_loss(loss, grad, reduction, True, (n, inner), x)
                 names = [x[2] for x in LAUNCHES if len(x) > 2 and x[0] != "memset"]
                 mains = [nm for nm in names if nm.split("<")[0] != "class_prep"]
-                assert len(mains) == 2 and all(f"{K.CTYPES[np.dtype(dtype).name]}, 1" in nm
-                                               for nm in mains), mains
+                # one CE launch (two for split rows) and one probability-target launch
+                assert len(mains) in (2, 3) and all(
+                    f"{K.CTYPES[np.dtype(dtype).name]}, 1" in nm for nm in mains), mains
                 check_launches(2)
+
+
+def test_few_long_rows_split_for_cross_entropy(fake_device):
+    """Few long rows take the split kernels: statistics, then combine + loss + gradient, the
+    reduction and the error record on the second launch only."""
+    cl = fake_device.class_losses
+    x = fa(np.random.default_rng(7).standard_normal((2, 70000, 1)).astype(np.float32))
+    t = fa(np.array([[5], [69999]], np.int64))
+    LAUNCHES.clear()
+    cl.cross_entropy(x, t, None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                     want_grad=False, grad_output=None, grad_buffer=None)
+    launches = [x for x in LAUNCHES if len(x) > 2]
+    assert [x[2].split("<")[0] for x in launches] == ["ce_split_stats", "ce_split_finish"]
+    names = [n for n, _ in K.PARAMS["ce_split"]]
+    stats_args, finish_args = (dict(zip(names, x[5])) for x in launches)
+    nsplit = int(stats_args["nsplit"])
+    assert nsplit == K.split_count(2, 70000 // 4, 132) > 1
+    assert launches[0][3] == launches[1][3] == 2 * nsplit
+    assert int(stats_args["chunk_vec"]) * nsplit >= 70000 // 4
+    assert stats_args["out"] == 0 and stats_args["err"] == 0
+    assert isinstance(finish_args["out"], FakeArray) and isinstance(finish_args["err"], FakeArray)
+    check_launches(2)
 
 
 def test_one_launch_per_reduced_call(fake_device):

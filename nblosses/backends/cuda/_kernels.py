@@ -184,6 +184,14 @@ def ce_cols(ct, ext=0):
     return name("ce_cols", ct, ext)
 
 
+def ce_split(kernel, ct, vec, ext=0):
+    """``ce_split_stats`` or ``ce_split_finish``."""
+    return name(kernel, ct, ext, vec, LONG_ROW_G)
+
+
+CE_SPLIT_KERNELS = ("ce_split_stats", "ce_split_finish")
+
+
 def probs_rows(ct, vec, g, block, ext=0):
     return name("probs_rows", ct, ext, vec, g, block)
 
@@ -231,6 +239,8 @@ def _instantiations(source: str, ctype: str) -> tuple[str, ...]:
         names = [ce_cached(ctype, v, *cfg, ext) for ext in EXTS for v in vecs
                  for cfg in cached_configs(ctype, v)]
         names += [ce_looped(ctype, v, ext) for ext in EXTS for v in vecs]
+        names += [ce_split(k, ctype, v, ext) for k in CE_SPLIT_KERNELS for ext in EXTS
+                  for v in vecs]
         names += [ce_cols(ctype, ext) for ext in EXTS]
         names.append(class_prep(ctype))
     elif source == "cross_entropy_probs.cu":
@@ -292,6 +302,12 @@ PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
            ("ignore", "i64"), ("eps", "double"), ("want_grad", "int"),
            ("g_rows", "const T* __restrict__"), ("g_scalar", "double"), ("gx", "T*"),
            ("loss_out", "T* __restrict__"), *EXT_PARAMS, *REDUCE_PARAMS),
+    "ce_split": (("x", "const T*"), ("t", "const long long* __restrict__"), ("nrows", "i64"),
+                 ("C", "i64"), ("w", "const T* __restrict__"), ("wsum", "double"),
+                 ("ignore", "i64"), ("eps", "double"), ("want_grad", "int"),
+                 ("g_rows", "const T* __restrict__"), ("g_scalar", "double"), ("gx", "T*"),
+                 ("loss_out", "T* __restrict__"), *EXT_PARAMS, ("nsplit", "i64"),
+                 ("chunk_vec", "i64"), ("stats", "double* __restrict__"), *REDUCE_PARAMS),
     "probs": (("x", "const T*"), ("p", "const T* __restrict__"), ("nrows", "i64"), ("C", "i64"),
               ("inner", "i64"), ("w", "const T* __restrict__"), ("eps", "double"),
               ("want_grad", "int"), ("g_rows", "const T* __restrict__"), ("g_scalar", "double"),
@@ -321,6 +337,7 @@ FAMILY = {
     "softmax_split_stats": "softmax_split", "softmax_split_write": "softmax_split",
     "softmax_bwd_rows": "softmax_bwd", "softmax_bwd_cols": "softmax_bwd",
     "ce_cached": "ce", "ce_looped": "ce", "ce_cols": "ce",
+    "ce_split_stats": "ce_split", "ce_split_finish": "ce_split",
     "probs_rows": "probs", "probs_cols": "probs",
     "nll_fused": "nll", "class_prep": "class_prep",
     "sigmoid_fwd": "ew1", "sigmoid_bwd": "ew2", "bce_fwd": "bce", "bce_logits_fwd": "bce",

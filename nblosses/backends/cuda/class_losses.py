@@ -9,7 +9,8 @@ be captured into a CUDA graph. Launches per call:
 
 - cross_entropy / cross_entropy_probs: one (loss, gradient and reduction fused: the kernel's
   last block sums the per-block partials in a fixed order, deterministic, and writes the 0-d
-  result). With class indices, a small prep kernel (``class_prep``) runs first only when the
+  result). Class indices with few long rows (fewer rows than resident blocks): two, each row
+  split across blocks (chunk statistics, then combine, loss and gradient), so every SM streams. With class indices, a small prep kernel (``class_prep``) runs first only when the
   main kernel needs a global scalar before it writes gradients: ``mean`` with a gradient
   (``g / D``), or label smoothing with class weights (``W = sum(weight)``).
 - nll_loss: the gradient is zero-filled (``cudaMemsetAsync``), then one fused launch (plus the
@@ -128,24 +129,45 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
         class_prep(SRC_CE, dt, t2, weight, ignore=ignore, n_classes=C, g=g_scalar,
                    with_w=with_w, scr=scr)
     loss_out, out = _outputs(reduction, dt, n, inner)
-    if inner == 1:
-        vec = row_vec(ct, C, x3, gx)
+    err = E.record_for_launch(stream)
+    args = dict(x=x3, t=t2, nrows=n, C=C, w=weight, wsum=float(C), ignore=ignore, eps=eps,
+                want_grad=int(want_grad),
+                g_rows=grad_output if want_grad and reduction == "none" else None,
+                g_scalar=g_scalar, gx=gx, loss_out=loss_out, z_loss=float(z_loss),
+                softcap=float(softcap), lse_out=lse_out,
+                **reduce_args(scr, out, rmode=int(reduction == "mean"), scal=prep, err=err))
+    vec = row_vec(ct, C, x3, gx) if inner == 1 else 1
+    nsplit = (K.split_count(n, C // vec, L.sm_count())
+              if inner == 1 and K.cached_config(C // vec, ct, vec) is None else 1)
+    if nsplit > 1:
+        _ce_split(x3, ct, vec, nsplit, ext, args)
+    elif inner == 1:
         name, grid, block = rows_launch(
             n, C, ct, vec, lambda c_, v, g, nv, b: K.ce_cached(c_, v, g, nv, b, ext),
             lambda c_, v: K.ce_looped(c_, v, ext))
+        L.launch(SRC_CE, dt, name, grid, block, K.pack("ce", inner=1, **args))
     else:
         block = K.COL_BLOCK
-        grid = L.grid_for(n * inner, block, block)
-        name = K.ce_cols(ct, ext)
-    err = E.record_for_launch(stream)
-    L.launch(SRC_CE, dt, name, grid, block, K.pack(
-        "ce", x=x3, t=t2, nrows=n, C=C, inner=inner, w=weight, wsum=float(C), ignore=ignore,
-        eps=eps, want_grad=int(want_grad),
-        g_rows=grad_output if want_grad and reduction == "none" else None, g_scalar=g_scalar,
-        gx=gx, loss_out=loss_out, z_loss=float(z_loss), softcap=float(softcap), lse_out=lse_out,
-        **reduce_args(scr, out, rmode=int(reduction == "mean"), scal=prep, err=err)))
+        L.launch(SRC_CE, dt, K.ce_cols(ct, ext), L.grid_for(n * inner, block, block), block,
+                 K.pack("ce", inner=inner, **args))
     E.after_launch(stream)
     return (loss_out if out is None else out), gx
+
+
+def _ce_split(x3, ct: str, vec: int, nsplit: int, ext: int, args: dict) -> None:
+    """Few long rows: ``nsplit`` blocks per row, chunk statistics then the combine, loss and
+    gradient (two launches; the statistics come from CuPy's memory pool). The reduction and
+    the error record belong to the second launch only."""
+    n, C, _ = x3.shape
+    nvec = C // vec
+    chunk = -(-nvec // nsplit)
+    nsplit = -(-nvec // chunk)  # no empty chunk
+    stats = cupy.empty(4 * n * nsplit, cupy.float64)
+    split = dict(nsplit=nsplit, chunk_vec=chunk, stats=stats)
+    first = dict(args, out=None, part=None, counter=None, err=None)
+    for kernel, kw in zip(K.CE_SPLIT_KERNELS, (first, args)):
+        L.launch(SRC_CE, x3.dtype, K.ce_split(kernel, ct, vec, ext), n * nsplit, K.LONG_ROW_G,
+                 K.pack("ce_split", **kw, **split))
 
 
 # ----------------------------------------------------------------------------- probabilities

@@ -306,3 +306,117 @@ __global__ void __launch_bounds__(256) ce_cols(NBL_PARAMS_CE) {
     }
     if (out) finish_loss<T, 256>(acc, (double)den, NBL_REDUCE);
 }
+
+// Few long rows (fewer rows than resident blocks): each row split into nsplit chunks of chunk_vec
+// vectors, one block per chunk, in two launches. ce_split_stats writes per chunk
+// stats[4 * (row * nsplit + k) + 0..3] = online max m, sum of exp(x' - m), sum_c w_c x'_c
+// (label smoothing) and x'_t (the chunk holding the target; else 0). ce_split_finish combines the
+// row's chunks in a fixed order (every block of the row gets the same statistics), the row's
+// first block stores its loss / lse and adds to the reduction, and each block writes its chunk
+// of the gradient. The target logit comes from the statistics, so the gradient may be written
+// into the logits: a block only overwrites the chunk it reads.
+template <typename T, int VEC>
+__device__ __forceinline__ void ce_split_bounds(i64 C, i64 nsplit, i64 chunk_vec, i64& row,
+                                                i64& v0, i64& v1) {
+    row = blockIdx.x / nsplit;
+    v0 = (blockIdx.x - row * nsplit) * chunk_vec;
+    v1 = v0 + chunk_vec < C / VEC ? v0 + chunk_vec : C / VEC;
+}
+
+template <typename T, int EXT, int VEC, int BLOCK>
+__global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_split_stats(NBL_PARAMS_CE_SPLIT) {
+    NBL_CE_PROLOGUE;
+    constexpr int U = NBL_UNROLL;
+    __shared__ A sbuf[2][4][32];
+    Reducer<BLOCK, A> red(sbuf);
+    i64 row, v0, v1;
+    ce_split_bounds<T, VEC>(C, nsplit, chunk_vec, row, v0, v1);
+    const Target tg = load_target(t, row, true, ignore, C, err, false);
+    const bool load = tg.valid || ext_lse;
+    const T* xr = x + row * C;
+    A m = neg_inf<A>(), s = A(0);
+    A e2[2] = {A(0), A(0)};  // sum_c w_c x'_c, x'_t
+    if (tg.valid && threadIdx.x == 0 && tg.t >= v0 * VEC && tg.t < v1 * VEC) {
+        const A xt = to_acc(xr[tg.t]);
+        e2[1] = EXT ? apply_softcap(xt, P.cap) : xt;
+    }
+    for (i64 b = load ? v0 + threadIdx.x : v1; b < v1; b += (i64)BLOCK * U) {
+        Vec<T, VEC> buf[U];
+        load_chunk<T, VEC, BLOCK, U>(xr, b, v1, buf);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const i64 vi = b + (i64)u * BLOCK;
+            if (vi < v1) {
+                A a[VEC];
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    a[i] = to_acc(buf[u].v[i]);
+                    if (EXT) a[i] = apply_softcap(a[i], P.cap);
+                }
+                ms_update<VEC>(m, s, a);
+                if (P.smooth) {
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i)
+                        e2[0] += (w ? to_acc(w[vi * VEC + i]) : A(1)) * a[i];
+                }
+            }
+        }
+    }
+    red.ms(m, s, e2);
+    if (threadIdx.x == 0) {
+        double* st = stats + 4 * (i64)blockIdx.x;
+        st[0] = (double)m;
+        st[1] = (double)s;
+        st[2] = (double)e2[0];
+        st[3] = (double)e2[1];
+    }
+}
+
+template <typename T, int EXT, int VEC, int BLOCK>
+__global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_split_finish(NBL_PARAMS_CE_SPLIT) {
+    NBL_CE_PROLOGUE;
+    constexpr int U = NBL_UNROLL;
+    i64 row, v0, v1;
+    ce_split_bounds<T, VEC>(C, nsplit, chunk_vec, row, v0, v1);
+    const bool first = v0 == 0;
+    const Target tg = load_target(t, row, true, ignore, C, err, first && threadIdx.x == 0);
+    A m = neg_inf<A>(), s = A(0), swx = A(0), xt = A(0);
+    for (i64 k = 0; k < nsplit; ++k) {  // same order in every block of the row
+        const double* st = stats + 4 * (row * nsplit + k);
+        ms_combine(m, s, (A)st[0], (A)st[1]);
+        swx += (A)st[2];
+        xt += (A)st[3];
+    }
+    const A lse = m + nbl_log(s);
+    const A wt = tg.valid ? (w ? to_acc(w[tg.t]) : A(1)) : A(0);
+    const A scale = want_grad ? upstream<T, A>(g_rows, row, true, rmode, scal, g_scalar) : A(0);
+    const CeCoef<A> r = ce_coef<EXT>(tg, s, xt - m, swx - P.W * m, wt, lse, P, scale, want_grad);
+    ce_store<EXT>(first && threadIdx.x == 0, row, r, wt, lse, loss_out, lse_out, acc, den);
+    if (want_grad) {
+        const T* xr = x + row * C;
+        T* gr = gx + row * C;
+        for (i64 b = v0 + threadIdx.x; b < v1; b += (i64)BLOCK * U) {
+            Vec<T, VEC> buf[U];
+            if (tg.valid) load_chunk<T, VEC, BLOCK, U>(xr, b, v1, buf);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const i64 vi = b + (i64)u * BLOCK;
+                if (vi < v1) {
+                    Vec<T, VEC> o;
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) {
+                        A xc = A(0), e = A(0);
+                        if (tg.valid) {
+                            xc = to_acc(buf[u].v[i]);
+                            if (EXT) xc = apply_softcap(xc, P.cap);
+                            e = nbl_exp(xc - m);
+                        }
+                        o.v[i] = from_acc<T>(ce_grad<EXT>(tg, r, P, e, xc, w, vi * VEC + i));
+                    }
+                    store_vec<T, VEC>(gr, vi, o);
+                }
+            }
+        }
+    }
+    if (out) finish_loss<T, BLOCK>(acc, (double)den, NBL_REDUCE);
+}
