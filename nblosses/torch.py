@@ -200,9 +200,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     inplace_grad : bool
         Write the gradient into ``input``'s memory instead of a new tensor (saves the
         gradient's memory; Liger-Kernel's trick). ``input`` then holds the gradient, so
-        nothing else may use the logits afterwards; eager mode only (not under
-        ``torch.compile``), and the compute dtype must be ``input``'s (float32 / float64 on
-        the CPU).
+        nothing else may use the logits afterwards; eager mode only (ignored under
+        ``torch.compile``, which then traces the regular op), and the compute dtype must be
+        ``input``'s (float32 / float64 on the CPU).
 
     Returns
     -------
@@ -211,7 +211,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     """
     reduction = _reduction_of(size_average, reduce, reduction)
     want_grad = _wants_grad(input, target, weight)
-    if inplace_grad and want_grad:
+    if inplace_grad and want_grad and not torch.compiler.is_compiling():
         options = {"ignore_index": ignore_index, "reduction": reduction,
                    "label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap}
         return _CrossEntropyInPlace.apply(input, target, weight, options)

@@ -214,11 +214,13 @@ def test_torch_compile_fullgraph_tiny_model():
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5))
     x, t = torch.randn(6, 8), _indices((6,), 5, ignore=-100)
 
-    def step(f):
+    def step(f, **extra):
         z = model(x)
-        return f.cross_entropy(z, t, label_smoothing=0.1) + f.log_softmax(z, 1).mean()
+        return f.cross_entropy(z, t, label_smoothing=0.1, **extra) + f.log_softmax(z, 1).mean()
 
-    compiled = torch.compile(lambda: step(nbt), fullgraph=True, backend="aot_eager")
+    # inplace_grad is ignored under compile (the regular op is traced instead)
+    compiled = torch.compile(lambda: step(nbt, inplace_grad=True), fullgraph=True,
+                             backend="aot_eager")
     got = compiled()
     got.backward()
     got_grads = [p.grad.clone() for p in model.parameters()]
