@@ -167,6 +167,24 @@ def test_synchronize_waits_then_raises_and_clears(gpu):
     E.poll_errors()
 
 
+def test_one_copy_in_flight(gpu):
+    """Calls queued ahead of the GPU add one copy-back, not one per call; an error recorded by
+    a later launch still arrives through the next copy."""
+    launch(gpu, bad=False)
+    n_queued = len(gpu.queue)
+    for _ in range(5):
+        E.poll_errors()  # not done yet: nothing consumed
+        launch(gpu, bad=False)
+    assert len(gpu.queue) == n_queued  # no further copies
+    launch(gpu, bad=True)  # recorded on the device after the only queued copy
+    gpu.run()
+    E.poll_errors()  # consumes the first (clean) copy
+    launch(gpu, bad=False)  # queues the next copy
+    gpu.run()
+    with pytest.raises(IndexError):
+        E.poll_errors()
+
+
 def test_synchronize_waits_without_any_record(gpu):
     E.synchronize()
     assert gpu.syncs == 1

@@ -105,9 +105,15 @@ def record_for_launch(stream: Any) -> Any:
 
 
 def after_launch(stream: Any) -> None:
-    """Queue the non-blocking copy-back after a launch that may record (skipped in capture)."""
+    """Queue the non-blocking copy-back after a launch that may record.
+
+    Skipped under capture, and while an earlier copy is still pending (not yet seen done by
+    :func:`poll_errors`): at most one copy in flight per device, so a loop of calls queued far
+    ahead of the GPU adds one small copy, not one per call. The record persists on the device,
+    so the next copy (queued after the poll that consumed the pending one) carries any error.
+    """
     st = _STATES.get(_cupy().cuda.runtime.getDevice())
-    if st is not None and not _capturing(stream):
+    if st is not None and not st.pending and not _capturing(stream):
         st.queue_copy(stream)
 
 
@@ -141,7 +147,10 @@ def synchronize() -> None:
         with cupy.cuda.Device(dev):
             cupy.cuda.Device(dev).synchronize()
             st = _STATES.get(dev)
-            err = st.take(st.record.get()) if st is not None else None
+            err = None
+            if st is not None:
+                st.pending = False  # the device is idle: any queued copy is done
+                err = st.take(st.record.get())
         if err is not None:
             raise err
 
