@@ -174,6 +174,31 @@ def test_without_gradient_or_lse(chunks):
     np.testing.assert_allclose(loss, full[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(reduction):
+    """N = 0: mean is NaN (0/0), sum 0, gradients of the right shapes, all zeros."""
+    go = np.zeros(0) if reduction == "none" else 1.0
+    loss, lse, (gx, gw, gb) = _run(np.zeros((0, D)), np.ones((V, D)), np.ones(V),
+                                   np.zeros(0, np.int64), None, reduction=reduction, eps=0.1,
+                                   grad_output=go)
+    assert np.isnan(loss) if reduction == "mean" else not np.any(loss)
+    assert lse.shape == (0,) and gx.shape == (0, D) and gw.shape == (V, D) and gb.shape == (V,)
+    assert not (np.any(gw) or np.any(gb))
+
+
+def test_no_features():
+    """d = 0: the logits are the bias alone (torch agrees)."""
+    x, w2 = np.zeros((N, 0)), np.zeros((V, 0))
+    bias = rng(2).standard_normal(V)
+    target = rng(3).integers(0, V, N)
+    go = _grad_output("none", "float64")
+    ours = _run(x, w2, bias, target, None, reduction="none", eps=0.1, grad_output=go)
+    ref = torch_reference(x, w2, bias, target, None, ignore_index=IGNORE, label_smoothing=0.1,
+                          reduction="none", z_loss=0.0, softcap=0.0, grad_output=go,
+                          dtype="float64")
+    _check(ours, ref, "float64")
+
+
 def test_numpy_gemm_fallback(monkeypatch):
     """Where NumPy's BLAS is not reachable by ctypes, results are the same."""
     x, w2, bias, target, weight = _data("float64", False, "all")
