@@ -6,7 +6,8 @@
 #      (python -m nblosses.backends.cuda._warm: a module, so the spawned workers can start),
 #   3. the `cuda`-marked tests (the cuda parametrisation of every parity test, tests/conftest.py,
 #      plus the device tests of tests/test_cuda_compile.py): with pytest-xdist when installed,
-#      else one pytest process per test file, JOBS at a time,
+#      else the collected test ids dealt round robin to JOBS pytest processes (one file holds
+#      40% of them: per-file processes would not fit),
 #   4. benchmark nblosses cuda against torch cuda (scripts/gpu_bench.py).
 # Budget: about 8 minutes on an H200 with 16 cores (BUDGET seconds, default 470); the non-cuda
 # half (CPU only, covered by CI) runs only with FULL=1.
@@ -50,15 +51,22 @@ if "$PY" -c "import xdist" 2>/dev/null; then
     timeout "$T" "$PY" -m pytest -q -ra -p no:cacheprovider -m cuda -n "$JOBS" tests
     record $? "cuda tests"
 else
-    echo "pytest-xdist not installed: one pytest process per file, $JOBS at a time"
+    echo "pytest-xdist not installed: the cuda test ids dealt round robin to $JOBS pytest processes"
     logs=$(mktemp -d)
-    ls tests/test_*.py | xargs -P "$JOBS" -I{} sh -c \
-        'f={}; b=$(basename $f .py); timeout '"$T"' '"$PY"' -m pytest -q -ra -p no:cacheprovider -m cuda "$f" > '"$logs"'/$b.log 2>&1; echo $? > '"$logs"'/$b.rc'
-    for rc in "$logs"/*.rc; do
-        b=$(basename "$rc" .rc); s=$(cat "$rc")
-        [ "$s" = 5 ] && continue   # no cuda-marked test in that file
-        printf '%-28s %s\n' "$b" "$(tail -n 1 "$logs/$b.log")"
-        if [ "$s" != 0 ]; then grep -E '^(FAILED|ERROR)' "$logs/$b.log" | head -n 20; record "$s" "$b"; fi
+    "$PY" -m pytest --collect-only -q -p no:cacheprovider -m cuda tests 2>/dev/null \
+        | grep '::' > "$logs/ids"
+    echo "$(wc -l < "$logs/ids") cuda tests"
+    split -n "r/$JOBS" "$logs/ids" "$logs/shard."
+    for f in "$logs"/shard.*; do
+        ( xargs -a "$f" -d '\n' timeout "$T" "$PY" -m pytest -q -ra -p no:cacheprovider -m cuda \
+              > "$f.log" 2>&1; echo $? > "$f.rc" ) &
+    done
+    wait
+    for rc in "$logs"/shard.*.rc; do
+        f=${rc%.rc}; s=$(cat "$rc")
+        printf '%-10s %s\n' "$(basename "$f")" "$(tail -n 1 "$f.log")"
+        # xargs exits 123 when pytest failed or timed out
+        if [ "$s" != 0 ]; then grep -E '^(FAILED|ERROR)' "$f.log" | head -n 20; record "$s" "$(basename "$f")"; fi
     done
 fi
 
