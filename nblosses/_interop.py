@@ -62,7 +62,8 @@ def call(op: Any, values: Values, native_call: NativeCall) -> Any:
     Returns
     -------
     object
-        ``native_call``'s result with each array converted back (element-wise in tuples);
+        ``native_call``'s result with each array converted back (element-wise in tuples,
+        nested ones included);
         a ``grad_buffer`` the caller passed comes back as the caller's own object.
     """
     foreign = {name: v for name, v in values.items() if is_foreign(v)}
@@ -76,10 +77,7 @@ def call(op: Any, values: Values, native_call: NativeCall) -> Any:
         for name, v in foreign.items():
             native[name] = _to_native(adapter, v, device, writeable=name == "grad_buffer")
         result = native_call(op, native)
-    buffer = (native.get("grad_buffer"), values.get("grad_buffer"))
-    if isinstance(result, tuple):
-        return tuple(_from_native(adapter, r, buffer) for r in result)
-    return _from_native(adapter, result, buffer)
+    return _from_native(adapter, result, (native.get("grad_buffer"), values.get("grad_buffer")))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -151,6 +149,9 @@ def _to_native(adapter: Adapter, value: Any, device: tuple[int, int], writeable:
 
 
 def _from_native(adapter: Adapter, result: Any, buffer: tuple[Any, Any]) -> Any:
+    """``result`` with every NumPy / CuPy array (in nested tuples too) converted back."""
+    if isinstance(result, tuple):
+        return tuple(_from_native(adapter, r, buffer) for r in result)
     if buffer[0] is not None and result is buffer[0]:
         return buffer[1]
     if array_module(result) in ("numpy", "cupy"):
