@@ -245,6 +245,9 @@ def test_split_count():
     assert K.split_count(64, 10 ** 6, 132) == 5
     assert K.split_count(1, 3 * per, 132) == 3
     assert K.split_count(2, per - 1, 132) == 1
+    for nvec, want in ((10, 3), (9, 3), (7, 3), (8000, 3)):
+        nsplit, chunk = K.split_chunks(nvec, want)
+        assert (nsplit - 1) * chunk < nvec <= nsplit * chunk and nsplit <= want
     for nrows in (1, 3, 50, 200):
         for nvec in (per, 10 * per, 10 ** 5):
             k = K.split_count(nrows, nvec, 132)

@@ -256,6 +256,16 @@ template <int G> __device__ __forceinline__ RowSlot row_slot(i64 r0, i64 nrows, 
     return r;
 }
 
+//: Split rows (few long rows, one block per chunk of chunk_vec vectors): this block's row and
+//: its vector range [v0, v1).
+template <int VEC>
+__device__ __forceinline__ void split_bounds(i64 C, i64 nsplit, i64 chunk_vec, i64& row, i64& v0,
+                                             i64& v1) {
+    row = blockIdx.x / nsplit;
+    v0 = (blockIdx.x - row * nsplit) * chunk_vec;
+    v1 = v0 + chunk_vec < C / VEC ? v0 + chunk_vec : C / VEC;
+}
+
 // ----------------------------------------------------------------------------- group reductions
 // All-reduce over a group of G threads; every thread of the group gets the result. For G <= 32
 // this is a butterfly of warp shuffles (all 32 lanes of the warp must execute it: callers never

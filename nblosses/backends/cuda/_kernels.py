@@ -160,6 +160,13 @@ def split_count(nrows: int, nvec: int, sm_count: int) -> int:
     return max(1, min(-(-wave // nrows), by_len))
 
 
+def split_chunks(nvec: int, nsplit: int) -> tuple[int, int]:
+    """``(nsplit, chunk_vec)`` for rows of ``nvec`` vectors split about ``nsplit`` ways: chunks
+    of equal size, none empty."""
+    chunk = -(-nvec // nsplit)
+    return -(-nvec // chunk), chunk
+
+
 def softmax_cols(ct):
     return name("softmax_cols", ct)
 

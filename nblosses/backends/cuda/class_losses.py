@@ -159,9 +159,7 @@ def _ce_split(x3, ct: str, vec: int, nsplit: int, ext: int, args: dict) -> None:
     gradient (two launches; the statistics come from CuPy's memory pool). The reduction and
     the error record belong to the second launch only."""
     n, C, _ = x3.shape
-    nvec = C // vec
-    chunk = -(-nvec // nsplit)
-    nsplit = -(-nvec // chunk)  # no empty chunk
+    nsplit, chunk = K.split_chunks(C // vec, nsplit)
     stats = cupy.empty(4 * n * nsplit, cupy.float64)
     split = dict(nsplit=nsplit, chunk_vec=chunk, stats=stats)
     first = dict(args, out=None, part=None, counter=None, err=None)

@@ -315,14 +315,6 @@ __global__ void __launch_bounds__(256) ce_cols(NBL_PARAMS_CE) {
 // first block stores its loss / lse and adds to the reduction, and each block writes its chunk
 // of the gradient. The target logit comes from the statistics, so the gradient may be written
 // into the logits: a block only overwrites the chunk it reads.
-template <typename T, int VEC>
-__device__ __forceinline__ void ce_split_bounds(i64 C, i64 nsplit, i64 chunk_vec, i64& row,
-                                                i64& v0, i64& v1) {
-    row = blockIdx.x / nsplit;
-    v0 = (blockIdx.x - row * nsplit) * chunk_vec;
-    v1 = v0 + chunk_vec < C / VEC ? v0 + chunk_vec : C / VEC;
-}
-
 template <typename T, int EXT, int VEC, int BLOCK>
 __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_split_stats(NBL_PARAMS_CE_SPLIT) {
     NBL_CE_PROLOGUE;
@@ -330,7 +322,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_split_stat
     __shared__ A sbuf[2][4][32];
     Reducer<BLOCK, A> red(sbuf);
     i64 row, v0, v1;
-    ce_split_bounds<T, VEC>(C, nsplit, chunk_vec, row, v0, v1);
+    split_bounds<VEC>(C, nsplit, chunk_vec, row, v0, v1);
     const Target tg = load_target(t, row, true, ignore, C, err, false);
     const bool load = tg.valid || ext_lse;
     const T* xr = x + row * C;
@@ -377,7 +369,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_split_fini
     NBL_CE_PROLOGUE;
     constexpr int U = NBL_UNROLL;
     i64 row, v0, v1;
-    ce_split_bounds<T, VEC>(C, nsplit, chunk_vec, row, v0, v1);
+    split_bounds<VEC>(C, nsplit, chunk_vec, row, v0, v1);
     const bool first = v0 == 0;
     const Target tg = load_target(t, row, true, ignore, C, err, first && threadIdx.x == 0);
     A m = neg_inf<A>(), s = A(0), swx = A(0), xt = A(0);

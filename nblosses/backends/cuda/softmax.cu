@@ -118,14 +118,6 @@ softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
 // the row's nsplit pairs (a few hundred bytes, from L2) and writes its chunk. Two launches, the
 // row read twice (as the looped kernel), with nrows * nsplit blocks instead of nrows.
 template <typename T, int VEC, int BLOCK>
-__device__ __forceinline__ void split_bounds(i64 C, i64 nsplit, i64 chunk_vec, i64& row, i64& v0,
-                                             i64& v1) {
-    row = blockIdx.x / nsplit;
-    v0 = (blockIdx.x - row * nsplit) * chunk_vec;
-    v1 = v0 + chunk_vec < C / VEC ? v0 + chunk_vec : C / VEC;
-}
-
-template <typename T, int VEC, int BLOCK>
 __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
 softmax_split_stats(NBL_PARAMS_SOFTMAX_SPLIT) {
     typedef typename AccT<T>::type A;
@@ -133,7 +125,7 @@ softmax_split_stats(NBL_PARAMS_SOFTMAX_SPLIT) {
     __shared__ A sbuf[2][4][32];
     Reducer<BLOCK, A> red(sbuf);
     i64 row, v0, v1;
-    split_bounds<T, VEC, BLOCK>(C, nsplit, chunk_vec, row, v0, v1);
+    split_bounds<VEC>(C, nsplit, chunk_vec, row, v0, v1);
     const T* xr = x + row * C;
     A m = neg_inf<A>(), s = A(0);
     for (i64 b = v0 + threadIdx.x; b < v1; b += (i64)BLOCK * U) {
@@ -163,7 +155,7 @@ softmax_split_write(NBL_PARAMS_SOFTMAX_SPLIT) {
     typedef typename AccT<T>::type A;
     constexpr int U = NBL_UNROLL;
     i64 row, v0, v1;
-    split_bounds<T, VEC, BLOCK>(C, nsplit, chunk_vec, row, v0, v1);
+    split_bounds<VEC>(C, nsplit, chunk_vec, row, v0, v1);
     A m = neg_inf<A>(), s = A(0);
     for (i64 k = 0; k < nsplit; ++k)  // same order in every block of the row: same m, s
         ms_combine(m, s, (A)stats[2 * (row * nsplit + k)], (A)stats[2 * (row * nsplit + k) + 1]);

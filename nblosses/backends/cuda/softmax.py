@@ -53,9 +53,7 @@ def _split_rows(x3, y3, ct: str, vec: int, nsplit: int, mode: int) -> None:
     """Few long rows: ``nsplit`` blocks per row, statistics then combine-and-write (two launches;
     the per-chunk statistics come from CuPy's memory pool)."""
     outer, C, _ = x3.shape
-    nvec = C // vec
-    chunk = -(-nvec // nsplit)
-    nsplit = -(-nvec // chunk)  # no empty chunk
+    nsplit, chunk = K.split_chunks(C // vec, nsplit)
     stats = cupy.empty(2 * outer * nsplit, cupy.float64)
     args = K.pack("softmax_split", x=x3, y=y3, C=C, log_mode=mode, nsplit=nsplit, chunk_vec=chunk,
                   stats=stats)
