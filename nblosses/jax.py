@@ -68,7 +68,7 @@ def _ce_callback(x: Any, target: Any, weight: Any, options: tuple, want_grad: bo
 
     loss = _struct(_loss_shape(x, reduction), x.dtype)
     shapes = (loss, _struct(x.shape, x.dtype)) if want_grad else loss
-    return jax.pure_callback(host, shapes, x, target, weight)
+    return jax.pure_callback(host, shapes, x, target, weight, vmap_method="sequential")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -123,7 +123,8 @@ def _call(fn: Any, shape_like: Any, *arrays: Any, dim: int) -> Any:
     def host(*arrays: np.ndarray) -> np.ndarray:
         return np.asarray(fn(*arrays, dim=dim, backend="cpu"))
 
-    return jax.pure_callback(host, _struct(shape_like.shape, shape_like.dtype), *arrays)
+    return jax.pure_callback(host, _struct(shape_like.shape, shape_like.dtype), *arrays,
+                             vmap_method="sequential")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))

@@ -92,3 +92,13 @@ def test_softmax_family_value_and_grad(log, dim):
     want, want_grad = jax.value_and_grad(lambda x: (ref_fn(x, axis=dim) * v).sum())(x)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-5)
     np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_vmap_runs_the_callback_per_batch_element():
+    x = _x((3, 4, 5))
+    t = jnp.asarray(np.random.default_rng(4).integers(0, 5, (3, 4)))
+    got = jax.vmap(nbj.cross_entropy)(x, t)
+    want = jnp.stack([nbj.cross_entropy(x[i], t[i]) for i in range(3)])
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+    sm = jax.vmap(lambda a: nbj.softmax(a, 1))(x)
+    np.testing.assert_allclose(sm, jax.nn.softmax(x, axis=2), rtol=RTOL, atol=ATOL)
