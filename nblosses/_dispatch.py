@@ -116,9 +116,14 @@ def _class_loss(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
     if want_grad:
         out.append(v["grad_buffer"] if v["grad_buffer"] is not None
                    else grad.reshape(a.layout.input_shape).astype(a.dtype, copy=False))
-    if lse is not None:
-        out.append(lse.reshape(a.layout.loss_shape))
+    if lse is not None:  # float32 at least: a half-precision logsumexp loses the z-loss
+        out.append(lse.reshape(a.layout.loss_shape).astype(_at_least_float32(lse.dtype),
+                                                           copy=False))
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def _at_least_float32(dtype: Any) -> Any:
+    return dtype if dtype.itemsize >= 4 else "float32"
 
 
 def _linear_ce(be: Runtime, op: Op, v: Values, opts: Values) -> Any:

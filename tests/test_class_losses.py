@@ -196,9 +196,9 @@ def test_float16_input_computed_in_float32(backend, op, shape, reduction):
     if op == "cross_entropy":
         kw["label_smoothing"] = 0.1
     loss = getattr(F, op)(*to_backend_all(backend, x, t), backend=backend,
-                          **{k: to_backend(v, backend) for k, v in kw.items()})
+                          **dict(kw, weight=to_backend(w, backend)))
     loss2, grad = getattr(F, op)(*to_backend_all(backend, x, t), backend=backend, return_grad=True,
-                                 **{k: to_backend(v, backend) for k, v in kw.items()})
+                                 **dict(kw, weight=to_backend(w, backend)))
     ref, ref_grad = _ref(op, x, t, "float16", **kw)
     assert loss.dtype == np.float16 and grad.dtype == np.float16
     assert_close(loss, ref.astype(np.float16), "float16", f"{op} fp16 {reduction}")

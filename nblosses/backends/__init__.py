@@ -24,17 +24,33 @@ Class losses (``x3`` is ``(N, C, inner)``; a ``(C,)`` input arrives as ``(1, C, 
 
     nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output, grad_buffer)
     cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, want_grad,
-                  grad_output, grad_buffer)
+                  grad_output, grad_buffer, z_loss=0.0, softcap=0.0, lse_out=None)
     cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad, grad_output,
-                        grad_buffer)
+                        grad_buffer, z_loss=0.0, softcap=0.0, lse_out=None)
 
-``t2`` is ``(N, inner)`` int64, every value in ``[0, C)`` or equal to ``ignore_index``; ``p3``
-holds class probabilities, same shape and dtype as ``x3``. ``weight`` is ``(C,)`` or ``None``.
-``grad_output`` is ``None`` unless ``want_grad``; then a Python float for reduced losses, an
-``(N, inner)`` array for ``"none"``. ``grad_buffer`` is ``None`` or an ``(N, C, inner)`` array
-the gradient is written into; it may be ``x3`` itself (the kernel must then read each logit
-before overwriting it). Return ``(loss, grad)``: ``loss`` 0-d or ``(N, inner)``; ``grad``
-``(N, C, inner)`` or ``None``.
+``t2`` is ``(N, inner)`` int64; every value is in ``[0, C)`` or equal to ``ignore_index``, unless
+the runtime says ``defers_index_errors``: then its kernels meet unchecked values, must never
+use one as an address, give that position a NaN loss and gradient, and record it for the
+runtime's ``poll_errors`` / ``synchronize``. ``p3`` holds class probabilities, same shape and
+dtype as ``x3``. ``weight`` is ``(C,)`` or ``None``. ``grad_output`` is ``None`` unless
+``want_grad``; then a Python float for reduced losses, an ``(N, inner)`` array for ``"none"``.
+``grad_buffer`` is ``None`` or an ``(N, C, inner)`` array the gradient is written into; it may
+be ``x3`` itself (the kernel must then read each logit before overwriting it). The options
+beyond torch are passed only when not at their defaults: ``softcap`` ``c > 0`` replaces each
+logit by ``c * tanh(x / c)`` first; ``z_loss`` ``z`` adds ``z * lse**2`` to each non-ignored
+position's loss (not class-weighted, reduced like the loss); ``lse_out``, an ``(N, inner)``
+array of the compute dtype, receives every position's logsumexp. Return ``(loss, grad)``:
+``loss`` 0-d or ``(N, inner)``; ``grad`` ``(N, C, inner)`` or ``None``.
+
+Linear layer + cross-entropy (``x2`` ``(N, d)``, ``w2`` ``(V, d)``, never forming ``(N, V)``)::
+
+    linear_cross_entropy(x2, w2, bias, target, weight, *, ignore_index, label_smoothing,
+                         reduction, z_loss, softcap, want_grad, grad_output, want_lse,
+                         chunk_rows=None)
+
+``target`` is ``(N,)`` int64 (checked as above) or ``(N, V)`` probabilities. Return
+``(loss, lse, grads)``: ``lse`` ``(N,)`` or ``None``; ``grads`` ``(grad_x, grad_w, grad_bias)``
+(``grad_bias`` ``None`` without a bias) or ``None``.
 
 Binary losses (flat arrays of equal length; ``weight`` / ``pos_weight`` flat of that length or
 ``None``)::
