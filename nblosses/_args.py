@@ -398,8 +398,8 @@ def check_targets(be: Backend, t2: Any, n_classes: int, ignore_index: int) -> No
 
     Runs before the kernel so that it never uses a bad index as an address. Costs one read of
     the targets (O(N), against the kernel's O(N*C)). A device backend whose kernels check the
-    indices themselves (``defers_index_errors``) runs it only for ``validate="sync"``: reading
-    ``min`` / ``max`` on the host waits for the device.
+    indices themselves (``"class_index"`` in its ``kernel_checks``) runs it only for
+    ``validate="sync"``: reading ``min`` / ``max`` on the host waits for the device.
     """
     if t2.size == 0:
         return
@@ -550,13 +550,18 @@ def check_binary_loss(be: Backend, name: str, x: Any, y: Any) -> Any:
 
 
 def binary_loss_args(be: Backend, name: str, input: Any, target: Any, weight: Any,
-                     pos_weight: Any, probabilities: bool) -> BinaryLossArgs:
-    """Validate ``binary_cross_entropy`` (``probabilities=True``) or its logits variant."""
+                     pos_weight: Any, probabilities: bool,
+                     check_range: bool = True) -> BinaryLossArgs:
+    """Validate ``binary_cross_entropy`` (``probabilities=True``) or its logits variant.
+
+    ``check_range``: check here that probabilities lie in ``[0, 1]`` (reads the input's min and
+    max: a device backend whose kernel checks them passes ``False`` unless ``validate="sync"``).
+    """
     x = as_array(be, input, "input")
     y = as_array(be, target, "target")
     cdt = check_binary_loss(be, name, x, y)
     xc = to_compute(be, x, cdt).reshape(-1)
-    if probabilities and xc.size:
+    if probabilities and check_range and xc.size:
         lo, hi = float(xc.min()), float(xc.max())  # min/max propagate NaN
         if not (lo >= 0.0 and hi <= 1.0):
             raise ValueError(f"{name}: all elements of input should be between 0 and 1 "

@@ -88,7 +88,7 @@ def _back(result: Any, a: _args.ArrayArgs) -> Any:
 def _class_loss(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
     reduction = _args.reduction_from(v["size_average"], v["reduce"], v["reduction"])
     ignore_index = opts["ignore_index"]
-    check_indices = not be.defers_index_errors or opts["validate"] == "sync"
+    check_indices = "class_index" not in be.kernel_checks or opts["validate"] == "sync"
     a = _args.class_loss_args(be, op.name, v["input"], v["target"], v["weight"], ignore_index,
                               allow_probs=op.name == "cross_entropy",
                               check_indices=check_indices)
@@ -189,8 +189,10 @@ def _linear_ce_materialised(be: Runtime, a: _args.LinearCEArgs, *, ignore_index:
 def _binary_loss(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
     reduction = _args.reduction_from(v["size_average"], v["reduce"], v["reduction"])
     probabilities = op.name == "binary_cross_entropy"
+    check_range = ("probability_range" not in be.kernel_checks
+                   or opts.get("validate") == "sync")
     a = _args.binary_loss_args(be, op.name, v["input"], v["target"], v["weight"],
-                               v.get("pos_weight"), probabilities)
+                               v.get("pos_weight"), probabilities, check_range)
     want_grad = bool(v["return_grad"])
     g = (_args.grad_output_arg(be, v["grad_output"], reduction, a.shape, a.x.dtype, a.x.shape)
          if want_grad else None)

@@ -266,6 +266,13 @@ def _class_loss_op(name: str, input_doc: str, target_doc: str, extra: tuple[Para
               **docs)
 
 
+BCE_VALIDATE = Param("validate", None, """{"async", "sync"}, optional
+    How a device backend checks that the input lies in ``[0, 1]``: ``"async"`` inside the
+    kernel (``ValueError`` raised by a later call or :func:`nblosses.synchronize`), ``"sync"``
+    before it (waits for the device). Default: :func:`nblosses.get_validation`. The CPU backend
+    always checks eagerly.""", keyword_only=True, check=_args.check_validate, torch=False)
+
+
 def _binary_loss_op(name: str, extra: tuple[Param, ...], summary: str, **docs: Any) -> Op:
     params = (_input("input", docs.pop("input_doc")), _input("target", """array_like
         Same shape as ``input`` (usually 0/1; any value is allowed)."""),
@@ -274,7 +281,7 @@ def _binary_loss_op(name: str, extra: tuple[Param, ...], summary: str, **docs: A
               SIZE_AVERAGE, REDUCE,
               Param("reduction", "mean", """{"mean", "sum", "none"}
         How per-element losses are combined; ``mean`` divides by the number of elements."""),
-              *extra, *_LOSS_TAIL, BACKEND)
+              *extra, *_LOSS_TAIL, *docs.pop("validate", ()), BACKEND)
     return Op(name, "binary_loss", params, summary, **docs)
 
 
@@ -445,6 +452,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
         r"Binary cross-entropy of probabilities: :math:`-w[y \log x + (1-y)\log(1-x)]`.",
         input_doc="""array_like
             Probabilities in ``[0, 1]``, any shape.""",
+        validate=(BCE_VALIDATE,),
         description="""Each log is clamped at -100, as in torch, so ``x = 0`` or ``1`` gives a
         finite loss.""",
         returns="""

@@ -121,9 +121,11 @@ class Runtime:
     index_range : callable, optional
         ``(min, max)`` of an int64 array in one pass, for the eager class-index check
         (default: ``xp``'s ``min`` and ``max``).
-    defers_index_errors : bool
-        The class-loss kernels check class indices themselves, on the device, and report a bad
-        one later through ``poll_errors`` / ``synchronize`` instead of the eager host check.
+    kernel_checks : frozenset of str
+        Value checks the kernels make themselves, on the device, reporting a failure later
+        through ``poll_errors`` / ``synchronize`` instead of the eager host check (which would
+        wait for the device): ``"class_index"`` (class losses: index in ``[0, C)`` or
+        ignored), ``"probability_range"`` (``binary_cross_entropy``: input in ``[0, 1]``).
     poll_errors : callable
         Raises an error a kernel recorded earlier, once it is known, without waiting for the
         device. Called at the start of every call on this backend.
@@ -136,7 +138,7 @@ class Runtime:
     asarray: Callable[..., Any]
     kernels: Mapping[str, Callable[..., Any]]
     index_range: Callable[[Any], tuple[int, int]] | None = None
-    defers_index_errors: bool = False
+    kernel_checks: frozenset[str] = frozenset()
     poll_errors: Callable[[], None] = _no_op
     synchronize: Callable[[], None] = _no_op
     name: str = field(init=False)
@@ -146,6 +148,7 @@ class Runtime:
         object.__setattr__(self, "name", self.backend.name)
         object.__setattr__(self, "native_dtypes", tuple(self.backend.native_dtypes))
         object.__setattr__(self, "kernels", MappingProxyType(dict(self.kernels)))
+        object.__setattr__(self, "kernel_checks", frozenset(self.kernel_checks))
 
     def kernel(self, op: str) -> Callable[..., Any]:
         """This backend's kernel for ``op``."""

@@ -103,10 +103,10 @@ class FakeDevice(nblosses.Backend):
         kernels = {op: _same for op in ("softmax", "log_softmax", "softmax_backward",
                                         "log_softmax_backward", "sigmoid", "sigmoid_backward")}
         kernels.update({op: _loss_kernel for op in (
-            "nll_loss", "cross_entropy", "cross_entropy_probs",
+            "nll_loss", "cross_entropy", "cross_entropy_probs", "binary_cross_entropy",
             "binary_cross_entropy_with_logits")})
         return nblosses.Runtime(self, xp=XP, asarray=_asarray, kernels=kernels,
-                                defers_index_errors=True)
+                                kernel_checks={"class_index", "probability_range"})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -143,6 +143,8 @@ CALLS = {
     "cross_entropy grad_buffer": lambda: F.cross_entropy(dev(X), dev(T), return_grad=True,
                                                          grad_buffer=dev(np.zeros_like(X))),
     "cross_entropy probs": lambda: F.cross_entropy(dev(X), dev(P), return_grad=True),
+    "bce": lambda: F.binary_cross_entropy(dev(P), dev(P), weight=dev(np.ones(3)),
+                                          return_grad=True),
     "bce_with_logits": lambda: F.binary_cross_entropy_with_logits(
         dev(X), dev(P), pos_weight=dev(np.ones(3)), return_grad=True),
 }
@@ -158,6 +160,8 @@ def test_sync_validation_is_the_one_that_reads():
         F.cross_entropy(dev(X), dev(T), validate="sync")
     with nblosses.use_validation("sync"), pytest.raises(HostSync):
         F.nll_loss(dev(X), dev(T))
+    with pytest.raises(HostSync):
+        F.binary_cross_entropy(dev(P), dev(P), validate="sync")
 
 
 def test_the_fake_catches_a_host_read():

@@ -31,5 +31,5 @@ def runtime(backend: Backend) -> Runtime:
     every call, and :func:`nblosses.synchronize` waits and raises.
     """
     return Runtime(backend, xp=cupy, asarray=cupy.asarray, kernels=KERNELS,
-                   defers_index_errors=True, poll_errors=_device_errors.poll_errors,
+                   kernel_checks={"class_index"}, poll_errors=_device_errors.poll_errors,
                    synchronize=_device_errors.synchronize)
