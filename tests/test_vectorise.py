@@ -93,7 +93,8 @@ def _examples(dtype):
     t1, t2 = np.zeros(4, np.int64), np.zeros((2, 64), np.int64)
     w, g1, o1 = np.ones(40, dtype), np.ones(4, dtype), np.ones(4, dtype)
     w3, gb, ob = np.ones(21, dtype), np.ones((2, 64), dtype), np.ones((2, 64), dtype)
-    ce_rows = (x2, t1, w, -100, 0.1, 40.0, g1, 0.0, o1, g2)
+    # the default path: z_loss 0.0, no soft cap, no lse output
+    ce_rows = (x2, t1, w, -100, 0.1, 40.0, g1, 0.0, o1, g2, 0.0, None, None)
     return {
         "_math.row_max": (v,),
         "_math.sum_exp": (v, f(0)),
@@ -108,8 +109,8 @@ def _examples(dtype):
         "_blocks.vmul": (v, v.copy()),
         "_blocks.vrecip": (v, v.copy()),
         "_blocks.block_stats": (x3[0], 0, 64, v, v.copy()),
-        "_blocks.block_stats_store": (x3[0], 0, 64, v, v.copy(), y3[0]),
-        "_blocks.tile_stats": (x2, 0, True),
+        "_blocks.block_stats_store": (x3[0], 0, 64, v, v.copy(), y3[0], 0),
+        "_blocks.tile_stats": (x2, 0, True, None),
         "softmax._softmax_rows": (x2, y2, True),
         "softmax._softmax_tiles": (x2, y2, True),
         "softmax._softmax_blocks": (x3, y3, True, 64),
@@ -119,9 +120,10 @@ def _examples(dtype):
         "softmax._sigmoid_backward": (v, v.copy(), v.copy()),
         "class_losses._ce_rows": ce_rows,
         "class_losses._ce_tiles": ce_rows,
-        "class_losses._ce_blocks": (x3, t2, w3, -100, 0.1, 21.0, gb, 0.0, ob, g3, 64),
-        "class_losses._ce_probs_rows": (x2, y2, w, 0.1, g1, 0.0, o1, g2),
-        "class_losses._ce_probs_blocks": (x3, y3, w3, 0.1, gb, 0.0, ob, g3, 64),
+        "class_losses._ce_blocks": (x3, t2, w3, -100, 0.1, 21.0, gb, 0.0, ob, g3, 64, 0.0, None,
+                                    None),
+        "class_losses._ce_probs_rows": (x2, y2, w, 0.1, g1, 0.0, o1, g2, 0.0, None, None),
+        "class_losses._ce_probs_blocks": (x3, y3, w3, 0.1, gb, 0.0, ob, g3, 64, 0.0, None, None),
         "class_losses._ce_grad_row": (v, 1.0, 0.5, v.copy()),
         "class_losses._vce_grad": (v, v.copy(), v.copy(), 1.0),
         "class_losses._vprob_sums": (v, v.copy(), v.copy(), v.copy(), 1.0, 0.9, 0.1),

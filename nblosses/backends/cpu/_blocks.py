@@ -20,7 +20,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from ._math import JIT, JIT_EXACT, fast_exp, fast_log, fmax, like
+from ._math import JIT, JIT_EXACT, fast_exp, fast_log, fmax, like, softcapped
 
 #: Rows shorter than this take the transposed-tile path.
 SMALL_C = 24
@@ -171,12 +171,13 @@ def block_stats(xo, j0, w, m, s):
 
 
 @njit(**JIT)
-def block_stats_store(xo, j0, w, m, s, eo):
-    """As :func:`block_stats`, and ``eo[:, j0:j0+w] = exp(x - m)`` (``eo`` may be ``xo``)."""
+def block_stats_store(xo, j0, w, m, s, eo, ej0):
+    """As :func:`block_stats`, and ``eo[:, ej0:ej0+w] = exp(x - m)`` (``eo`` may be ``xo``,
+    with ``ej0 == j0``)."""
     block_max(xo, j0, w, m)
     s[:] = 0
     for c in range(xo.shape[0]):
-        vsum_exp_store(s, xo[c, j0:j0 + w], m, eo[c, j0:j0 + w])
+        vsum_exp_store(s, xo[c, j0:j0 + w], m, eo[c, ej0:ej0 + w])
 
 
 # ----------------------------------------------------------------------------- short rows
@@ -188,11 +189,13 @@ def tile_rows(n, tile):
 
 
 @njit(**JIT)
-def tile_stats(x, tile, store):
+def tile_stats(x, tile, store, cap):
     """Tile ``tile`` of ``x`` (rows ``r0:r0+nr``, see :func:`tile_rows`) transposed into a fresh
     scratch ``xt[:, :nr]``, and each row's max ``m`` and ``s = sum(exp(x - max))``. With
     ``store``, ``xt`` is left holding ``exp(x - max)`` (callers that need those then compute
-    no second exp). Returns ``(r0, nr, xt, m, s)``; shared by every short-row kernel."""
+    no second exp). ``cap``: None, or the logit soft cap applied to ``x`` first (see
+    :func:`._math.softcapped`). Returns ``(r0, nr, xt, m, s)``; shared by every short-row
+    kernel."""
     n, n_classes = x.shape
     r0, nr = tile_rows(n, tile)
     xt = np.empty((n_classes, TILE), x.dtype)
@@ -200,7 +203,7 @@ def tile_stats(x, tile, store):
     s = np.zeros(TILE, x.dtype)
     for r in range(nr):
         for c in range(n_classes):
-            xt[c, r] = x[r0 + r, c]
+            xt[c, r] = softcapped(x[r0 + r, c], cap)
     # Loops inline, not v*() per class: ten-odd calls per tile on 128-element slices cost
     # more than the arithmetic at C = 10. Each class's row is a 1-D slice (xc), indexed from
     # 0: 2-D indexing xt[c, r] keeps a wraparound check per element.

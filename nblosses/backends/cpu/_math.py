@@ -316,3 +316,22 @@ def sum_exp_store(row, out, m):
                 s += e
         total += s
     return total
+
+
+@njit(**JIT)
+def softcapped(v, cap):
+    """``cap * tanh(v / cap)`` (the logit soft cap), or ``v`` itself when ``cap`` is None
+    (compile-time: the branch is pruned). ``math.tanh`` is a libm call: the soft cap is an
+    option, the default path never reaches it."""
+    if cap is None:
+        return v
+    c = like(cap, v)
+    return c * math.tanh(v / c)
+
+
+@njit(**JIT)
+def softcap_slope(v, cap):
+    """``d softcapped(v) / dv = 1 - tanh(v / cap)**2`` for the original logit ``v``."""
+    c = like(cap, v)
+    t = math.tanh(v / c)
+    return like(1, v) - t * t

@@ -25,7 +25,8 @@ from numba import njit, prange
 
 from ._blocks import (SMALL_C, TILE, block_stats, block_stats_store, block_task, n_blocks,
                       tile_stats, vlog, width_for)
-from ._math import JIT, JIT_EXACT, fast_exp, like, row_max, sum_exp, sum_exp_store
+from ._math import (JIT, JIT_EXACT, fast_exp, like, row_max, softcap_slope, softcapped, sum_exp,
+                    sum_exp_store)
 from ._parallel import guarded, parallel_kernel
 
 
@@ -114,14 +115,19 @@ def _rows(a):
 # Every layout reduces a position to (m, ls = log sum exp(x - m), x_t, sum_c w_c x_c); _ce_point
 # turns those into the loss (float64, lse = m + ls) and the gradient's coefficients:
 # g_c = coef * exp((x_c - m) - ls) - b * w_c, then g_t -= a.
+#
+# Options (compile-time where they touch every logit): ``cap`` is None or the logit soft cap
+# (x' = cap tanh(x / cap) replaces x everywhere; the gradient is then multiplied by
+# 1 - tanh(x / cap)^2); ``z`` (a float, 0 = off) adds z lse^2 per kept position and
+# 2 z lse softmax to its gradient; ``lse_out`` is None or receives lse for every position.
 @njit(**JIT)
-def _ce_point(lse, x_t, swx, wt, eps, n_classes, w_total, scale):
-    loss = (1.0 - eps) * wt * (lse - x_t)
+def _ce_point(lse, x_t, swx, wt, eps, n_classes, w_total, scale, z):
+    loss = (1.0 - eps) * wt * (lse - x_t) + z * lse * lse
     if eps > 0:
         loss += eps / n_classes * (lse * w_total - swx)
     a = scale * (1.0 - eps) * wt
     b = scale * eps / n_classes
-    return loss, a, a + b * w_total, b
+    return loss, a, a + b * w_total + 2.0 * z * lse * scale, b
 
 
 @njit(**JIT)
@@ -153,48 +159,100 @@ def _vce_grad(out, scale, b, wc):
         out[j] = scale[j] * out[j] - b[j] * wc
 
 
+@njit(**JIT)
+def _capped_row(xr, cap):
+    """A fresh row ``cap * tanh(xr / cap)``."""
+    out = np.empty(xr.size, xr.dtype)
+    for c in range(xr.size):
+        out[c] = softcapped(xr[c], cap)
+    return out
+
+
+@njit(**JIT)
+def _capped_block(xb, cap):
+    """A fresh ``(C, width)`` block ``cap * tanh(xb / cap)``."""
+    out = np.empty(xb.shape, xb.dtype)
+    for c in range(xb.shape[0]):
+        out[c] = _capped_row(xb[c], cap)
+    return out
+
+
+@njit(**JIT)
+def _vcap_slope(gc, xcap, cap):
+    """``gc *= 1 - (xcap / cap)^2``: the soft cap's slope from the capped logits."""
+    c = like(cap, gc)
+    one = like(1, gc)
+    for j in range(gc.size):
+        t = xcap[j] / c
+        gc[j] *= one - t * t
+
+
+@njit(**JIT)
+def _ce_row(row, ti, ignore, w, eps, w_total, scale, z, cap, go):
+    """One row (``row`` already soft-capped): ``(loss, lse)``, the gradient into ``go`` (None:
+    no gradient; ``go`` may be ``row``: x_t and the smoothing sum are read first)."""
+    kept = ti != ignore
+    x_t = np.float64(row[ti]) if kept else 0.0
+    swx = _weighted_sum(w, row) if eps > 0 and kept else 0.0
+    m = row_max(row)
+    # With a gradient, exp(x - m) is stored in its row (one exp per logit, not two).
+    if go is None:
+        s = sum_exp(row, m)
+    elif kept:
+        s = sum_exp_store(row, go, m)
+    else:
+        s = sum_exp(row, m)
+        go[:] = 0
+    lse = m + np.log(s)
+    if not kept:
+        return 0.0, lse
+    loss, a, coef, b = _ce_point(lse, x_t, swx, 1.0 if w is None else w[ti], eps, row.size,
+                                 w_total, scale, z)
+    if go is not None:
+        _ce_grad_row(go, coef / s, b, w)
+        go[ti] -= like(a, row)
+        if cap is not None:
+            _vcap_slope(go, row, cap)
+    return loss, lse
+
+
 @parallel_kernel(**JIT)
-def _ce_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
-    n, n_classes = x.shape
+def _ce_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_out):
     total = 0.0
-    for i in prange(n):
+    for i in prange(x.shape[0]):
         ti = t[i]
-        if ti == ignore:
+        if ti == ignore and lse_out is None:  # nothing to compute
             if out is not None:
                 out[i] = 0
             if gx is not None:
                 gx[i, :] = 0
         else:
-            row = x[i]
-            # x_t and sum_c w_c x_c first: with an in-place gradient, gx[i] is row and the
-            # exponentials below overwrite it.
-            x_t = np.float64(row[ti])
-            swx = _weighted_sum(w, row) if eps > 0 else 0.0
-            m = row_max(row)
-            # With a gradient, exp(x - m) is stored in its row (one exp per logit, not two).
-            s = sum_exp(row, m) if gx is None else sum_exp_store(row, gx[i], m)
-            ls = np.log(s)
             scale = g_scalar if g is None else np.float64(g[i])
-            loss, a, coef, b = _ce_point(m + ls, x_t, swx, 1.0 if w is None else w[ti], eps,
-                                         n_classes, w_total, scale)
+            if cap is None:
+                row = x[i]
+            else:  # one capped row per task: O(C) scratch
+                row = _capped_row(x[i], cap)
+            if gx is None:
+                loss, lse = _ce_row(row, ti, ignore, w, eps, w_total, scale, z, cap, None)
+            else:
+                loss, lse = _ce_row(row, ti, ignore, w, eps, w_total, scale, z, cap, gx[i])
             total += loss
             if out is not None:
                 out[i] = loss
-            if gx is not None:
-                _ce_grad_row(gx[i], coef / s, b, w)
-                gx[i, ti] -= like(a, row)
+            if lse_out is not None:
+                lse_out[i] = lse
     return total
 
 
 @parallel_kernel(**JIT)
-def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
+def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_out):
     """Short rows (C < SMALL_C): statistics, and the gradient, on transposed tiles."""
     n, n_classes = x.shape
     total = 0.0
     for tile in prange((n + TILE - 1) // TILE):
         # With a gradient, xt is left holding exp(x - m) (one exp per logit); x_t and the
         # smoothing sum are then read from x, which this tile writes back to only at the end.
-        r0, nr, xt, m, s = tile_stats(x, tile, gx is not None)
+        r0, nr, xt, m, s = tile_stats(x, tile, gx is not None, cap)
         ls = np.empty(TILE, x.dtype)
         vlog(s[:nr], ls[:nr])
         # The gradient's coefficients per row: a (subtracted at the target), coef / sum
@@ -204,36 +262,59 @@ def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx):
         b = np.empty_like(a)
         for r in range(nr):
             ti = t[r0 + r]
+            lse = np.float64(m[r]) + ls[r]
+            if lse_out is not None:
+                lse_out[r0 + r] = lse
             if ti == ignore:
                 if out is not None:
                     out[r0 + r] = 0
             else:
-                swx = _weighted_sum(w, x[r0 + r]) if eps > 0 else 0.0
+                swx = _tile_weighted_sum(w, x[r0 + r], cap) if eps > 0 else 0.0
                 scale = g_scalar if g is None else np.float64(g[r0 + r])
-                loss, ar, cf, br = _ce_point(np.float64(m[r]) + ls[r], x[r0 + r, ti], swx,
+                loss, ar, cf, br = _ce_point(lse, softcapped(x[r0 + r, ti], cap), swx,
                                              1.0 if w is None else w[ti], eps, n_classes,
-                                             w_total, scale)
+                                             w_total, scale, z)
                 total += loss
                 if out is not None:
                     out[r0 + r] = loss
                 if gx is not None:
                     a[r], cs[r], b[r] = ar, cf / s[r], br
         if gx is not None:
-            for c in range(n_classes):  # inline, as in _softmax_tiles: calls cost more here
-                wc = like(1.0 if w is None else w[c], x)
-                xc = xt[c]  # 1-D, indexed from 0: see tile_stats
-                for r in range(nr):
-                    xc[r] = cs[r] * xc[r] - b[r] * wc
-            for r in range(nr):
-                ti = t[r0 + r]
-                if ti == ignore:
-                    xt[:, r] = 0
-                else:
-                    xt[ti, r] -= a[r]
-            for r in range(nr):
-                for c in range(n_classes):
-                    gx[r0 + r, c] = xt[c, r]
+            _tile_ce_grad(x, t, w, ignore, cap, gx, r0, nr, xt, a, cs, b)
     return total
+
+
+@njit(**JIT)
+def _tile_weighted_sum(w, row, cap):
+    """:func:`_weighted_sum` of the soft-capped row (a short row: no scratch)."""
+    s = 0.0
+    for c in range(row.size):
+        v = softcapped(row[c], cap)
+        s += v if w is None else w[c] * v
+    return s
+
+
+@njit(**JIT)
+def _tile_ce_grad(x, t, w, ignore, cap, gx, r0, nr, xt, a, cs, b):
+    """The gradient of one tile from ``exp(x - m)`` in ``xt``, written back transposed (each
+    logit is read, for the soft cap's slope, before its slot of ``gx`` is written)."""
+    for c in range(xt.shape[0]):  # inline, as in _softmax_tiles: calls cost more here
+        wc = like(1.0 if w is None else w[c], x)
+        xc = xt[c]  # 1-D, indexed from 0: see tile_stats
+        for r in range(nr):
+            xc[r] = cs[r] * xc[r] - b[r] * wc
+    for r in range(nr):
+        ti = t[r0 + r]
+        if ti == ignore:
+            xt[:, r] = 0
+        else:
+            xt[ti, r] -= a[r]
+    for r in range(nr):
+        for c in range(xt.shape[0]):
+            if cap is None:
+                gx[r0 + r, c] = xt[c, r]
+            else:
+                gx[r0 + r, c] = xt[c, r] * softcap_slope(x[r0 + r, c], cap)
 
 
 @njit(**JIT)
@@ -245,27 +326,31 @@ def _vaxpy(acc, alpha, xc):
 
 
 @parallel_kernel(**JIT)
-def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
+def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width, z, cap, lse_out):
     n, n_classes, inner = x.shape
     nblk = n_blocks(inner, width)
     total = 0.0
     for task in prange(n * nblk):
         o, j0, wd = block_task(task, nblk, width, inner)
-        xo = x[o]
+        # src[:, sj0:sj0+wd]: the block's logits, or their soft-capped copy ((C, wd) scratch).
+        if cap is None:
+            src, sj0 = x[o], j0
+        else:
+            src, sj0 = _capped_block(x[o, :, j0:j0 + wd], cap), 0
         # x_t and sum_c w_c x_c first: an in-place gradient overwrites the logits below.
-        x_t = _block_targets(xo, t[o, j0:j0 + wd], ignore, j0)
+        x_t = _block_targets(src, t[o, j0:j0 + wd], ignore, sj0)
         # Scratch (x_t, m, s, ls, swx with smoothing, a, cs, b with a gradient) is the only
         # memory a loss allocates, per running task: O(width), not O(N C).
         swx = np.zeros(wd if eps > 0 else 0, x.dtype)
         if eps > 0:
             for c in range(n_classes):
-                _vaxpy(swx, 1.0 if w is None else w[c], xo[c, j0:j0 + wd])
+                _vaxpy(swx, 1.0 if w is None else w[c], src[c, sj0:sj0 + wd])
         m = np.empty(wd, x.dtype)
         s = np.empty(wd, x.dtype)
         if gx is None:
-            block_stats(xo, j0, wd, m, s)
+            block_stats(src, sj0, wd, m, s)
         else:  # exp(x - m) stored in the gradient: one exp per logit
-            block_stats_store(xo, j0, wd, m, s, gx[o])
+            block_stats_store(src, sj0, wd, m, s, gx[o], j0)
         ls = np.empty(wd, x.dtype)
         vlog(s, ls)
         # The gradient's coefficients per position, as in _ce_tiles.
@@ -274,15 +359,17 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
         b = np.empty_like(a)
         for j in range(wd):
             tj = t[o, j0 + j]
+            lse = np.float64(m[j]) + ls[j]
+            if lse_out is not None:
+                lse_out[o, j0 + j] = lse
             if tj == ignore:
                 if out is not None:
                     out[o, j0 + j] = 0
             else:
                 scale = g_scalar if g is None else np.float64(g[o, j0 + j])
-                loss, aj, cf, bj = _ce_point(np.float64(m[j]) + ls[j], x_t[j],
-                                             swx[j] if eps > 0 else 0.0,
+                loss, aj, cf, bj = _ce_point(lse, x_t[j], swx[j] if eps > 0 else 0.0,
                                              1.0 if w is None else w[tj], eps, n_classes,
-                                             w_total, scale)
+                                             w_total, scale, z)
                 total += loss
                 if out is not None:
                     out[o, j0 + j] = loss
@@ -290,6 +377,9 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width):
                     a[j], cs[j], b[j] = aj, cf / s[j], bj
         if gx is not None:
             _block_ce_grad(gx[o], t[o, j0:j0 + wd], ignore, j0, w, a, cs, b)
+            if cap is not None:
+                for c in range(n_classes):
+                    _vcap_slope(gx[o, c, j0:j0 + wd], src[c], cap)
     return total
 
 
@@ -318,45 +408,59 @@ def _block_ce_grad(go, tb, ignore, j0, w, a, cs, b):
             go[tj, j0 + j] -= a[j]
 
 
+def _options(z_loss: float, softcap: float, lse_out, inner: int):
+    """``(z, cap, lse)`` as the kernels take them: cap None when off (compile-time), lse_out
+    without its unit inner axis for the row layouts."""
+    cap = float(softcap) if softcap else None
+    return float(z_loss), cap, (_rows(lse_out) if inner == 1 else lse_out)
+
+
 @guarded
 def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, want_grad,
-                  grad_output, grad_buffer):
+                  grad_output, grad_buffer, z_loss=0.0, softcap=0.0, lse_out=None):
     """Cross-entropy with class-index targets (kernel protocol in :mod:`nblosses.backends`)."""
-    n, n_classes, inner = x3.shape
+    _, n_classes, inner = x3.shape
     denom = _denominator(t2, weight, ignore_index, reduction)
     w_total = float(n_classes if weight is None else weight.sum(dtype=np.float64))
     k = _Call(x3, reduction, want_grad, grad_output, grad_buffer, denom)
+    opts = _options(z_loss, softcap, lse_out, inner)
     total = 0.0
     if x3.size:
         args = (weight, ignore_index, label_smoothing, w_total)
         if inner == 1:
             rows = _ce_tiles if n_classes < SMALL_C else _ce_rows
             total = rows(x3[:, :, 0], t2[:, 0], *args, _rows(k.g), k.g_scalar, _rows(k.out),
-                         _rows(k.gx))
+                         _rows(k.gx), *opts)
         else:
-            total = _ce_blocks(x3, t2, *args, k.g, k.g_scalar, k.out, k.gx, width_for(x3))
+            total = _ce_blocks(x3, t2, *args, k.g, k.g_scalar, k.out, k.gx, width_for(x3),
+                               *opts)
     else:
-        _empty_fill(k)
+        _empty_fill(k, lse_out)
     return _finish(total, k.out, reduction, denom, x3.dtype), k.gx
 
 
-def _empty_fill(k: _Call) -> None:
-    """No logits to read (N = 0 or C = 0): losses and gradient are zeros."""
+def _empty_fill(k: _Call, lse_out=None) -> None:
+    """No logits to read (N = 0 or C = 0): losses and gradient are zeros; lse is -inf."""
     if k.out is not None:
         k.out[...] = 0
     if k.gx is not None:
         k.gx[...] = 0
+    if lse_out is not None:
+        lse_out[...] = -np.inf
 
 
 # ----------------------------------------------------------------------------- probabilities
 @parallel_kernel(**JIT)
-def _ce_probs_rows(x, y, w, eps, g, g_scalar, out, gx):
+def _ce_probs_rows(x, y, w, eps, g, g_scalar, out, gx, z, cap, lse_out):
     n, n_classes = x.shape
     keep = 1.0 - eps
     spread = eps / n_classes
     total = 0.0
     for i in prange(n):
-        row = x[i]
+        if cap is None:
+            row = x[i]
+        else:  # one capped row per task: O(C) scratch
+            row = _capped_row(x[i], cap)
         yr = y[i]
         m = row_max(row)
         s = sum_exp(row, m)
@@ -367,14 +471,19 @@ def _ce_probs_rows(x, y, w, eps, g, g_scalar, out, gx):
             wy = (1.0 if w is None else w[c]) * (yr[c] * keep + spread)
             a_sum += wy
             b_sum += wy * row[c]
-        loss = a_sum * lse - b_sum
+        loss = a_sum * lse - b_sum + z * lse * lse
         total += loss
         if out is not None:
             out[i] = loss
+        if lse_out is not None:
+            lse_out[i] = lse
         if gx is not None:
             scale = g_scalar if g is None else np.float64(g[i])
-            _vprob_grad_row(gx[i], row, yr, m, like(scale * a_sum / s, row), like(scale, row), w,
+            coef = scale * (a_sum + 2.0 * z * lse) / s
+            _vprob_grad_row(gx[i], row, yr, m, like(coef, row), like(scale, row), w,
                             like(keep, row), like(spread, row))
+            if cap is not None:
+                _vcap_slope(gx[i], row, cap)
     return total
 
 
@@ -418,7 +527,7 @@ def _vprob_grad(out, xc, yc, m, ls, coef, scale, wc, keep, spread):
 
 
 @parallel_kernel(**JIT)
-def _ce_probs_blocks(x, y, w, eps, g, g_scalar, out, gx, width):
+def _ce_probs_blocks(x, y, w, eps, g, g_scalar, out, gx, width, z, cap, lse_out):
     n, n_classes, inner = x.shape
     nblk = n_blocks(inner, width)
     keep = 1.0 - eps
@@ -426,52 +535,63 @@ def _ce_probs_blocks(x, y, w, eps, g, g_scalar, out, gx, width):
     total = 0.0
     for task in prange(n * nblk):
         o, j0, wd = block_task(task, nblk, width, inner)
-        xo = x[o]
+        # src[:, sj0:sj0+wd]: the block's logits, or their soft-capped copy (as in _ce_blocks).
+        if cap is None:
+            src, sj0 = x[o], j0
+        else:
+            src, sj0 = _capped_block(x[o, :, j0:j0 + wd], cap), 0
         yo = y[o]
         m = np.empty(wd, x.dtype)
         s = np.empty(wd, x.dtype)
-        block_stats(xo, j0, wd, m, s)
+        block_stats(src, sj0, wd, m, s)
         ls = np.empty(wd, x.dtype)
         vlog(s, ls)
         a_sum = np.zeros(wd, x.dtype)  # sum_c w_c y'_c
         b_sum = np.zeros(wd, x.dtype)  # sum_c w_c y'_c x_c
         for c in range(n_classes):
-            _vprob_sums(a_sum, b_sum, xo[c, j0:j0 + wd], yo[c, j0:j0 + wd],
+            _vprob_sums(a_sum, b_sum, src[c, sj0:sj0 + wd], yo[c, j0:j0 + wd],
                         1.0 if w is None else w[c], keep, spread)
         coef = np.empty(wd if gx is not None else 0, x.dtype)  # of exp((x - m) - ls)
         scale = np.empty_like(coef)  # of the w y' term
         for j in range(wd):
-            loss = np.float64(a_sum[j]) * (np.float64(m[j]) + ls[j]) - b_sum[j]
+            lse = np.float64(m[j]) + ls[j]
+            loss = np.float64(a_sum[j]) * lse - b_sum[j] + z * lse * lse
             total += loss
             if out is not None:
                 out[o, j0 + j] = loss
+            if lse_out is not None:
+                lse_out[o, j0 + j] = lse
             if gx is not None:
                 scale[j] = g_scalar if g is None else np.float64(g[o, j0 + j])
-                coef[j] = scale[j] * a_sum[j]
+                coef[j] = scale[j] * (a_sum[j] + 2.0 * z * lse)
         if gx is not None:
             for c in range(n_classes):
-                _vprob_grad(gx[o, c, j0:j0 + wd], xo[c, j0:j0 + wd], yo[c, j0:j0 + wd], m, ls,
-                            coef, scale, 1.0 if w is None else w[c], keep, spread)
+                gc = gx[o, c, j0:j0 + wd]
+                _vprob_grad(gc, src[c, sj0:sj0 + wd], yo[c, j0:j0 + wd], m, ls, coef, scale,
+                            1.0 if w is None else w[c], keep, spread)
+                if cap is not None:
+                    _vcap_slope(gc, src[c], cap)
     return total
 
 
 @guarded
 def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad, grad_output,
-                        grad_buffer):
+                        grad_buffer, z_loss=0.0, softcap=0.0, lse_out=None):
     """Cross-entropy with class-probability targets (``mean`` divides by ``N * inner``)."""
     n, _, inner = x3.shape
     denom = float(n * inner) if reduction == "mean" else 1.0
     k = _Call(x3, reduction, want_grad, grad_output, grad_buffer, denom)
+    opts = _options(z_loss, softcap, lse_out, inner)
     total = 0.0
     if x3.size:
         if inner == 1:
             total = _ce_probs_rows(x3[:, :, 0], p3[:, :, 0], weight, label_smoothing,
-                                   _rows(k.g), k.g_scalar, _rows(k.out), _rows(k.gx))
+                                   _rows(k.g), k.g_scalar, _rows(k.out), _rows(k.gx), *opts)
         else:
             total = _ce_probs_blocks(x3, p3, weight, label_smoothing, k.g, k.g_scalar, k.out,
-                                     k.gx, width_for(x3))
+                                     k.gx, width_for(x3), *opts)
     else:
-        _empty_fill(k)
+        _empty_fill(k, lse_out)
     return _finish(total, k.out, reduction, denom, x3.dtype), k.gx
 
 

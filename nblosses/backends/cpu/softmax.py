@@ -47,7 +47,7 @@ def _softmax_rows(x, y, log):
 def _softmax_tiles(x, y, log):
     n, n_classes = x.shape
     for tile in prange((n + TILE - 1) // TILE):
-        r0, nr, xt, m, s = tile_stats(x, tile, not log)
+        r0, nr, xt, m, s = tile_stats(x, tile, not log, None)
         if log:
             ls = np.empty(TILE, x.dtype)
             vlog(s[:nr], ls[:nr])
@@ -87,7 +87,7 @@ def _softmax_blocks(x, y, log, width):
             for c in range(n_classes):
                 vshift(yo[c, j0:j0 + w], xo[c, j0:j0 + w], m, ls)
         else:
-            block_stats_store(xo, j0, w, m, s, yo)
+            block_stats_store(xo, j0, w, m, s, yo, j0)
             inv = np.empty(w, x.dtype)
             vrecip(s, inv)
             for c in range(n_classes):
