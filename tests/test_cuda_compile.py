@@ -308,7 +308,7 @@ def fake_device(monkeypatch):
         monkeypatch.setattr(mod, "cupy", FAKE_CUPY)
     monkeypatch.setattr(L, "sm_count", lambda: 132)
     monkeypatch.setattr(S, "scratch", lambda stream, sm: FAKE_SCRATCH)
-    record_array = fa(np.zeros(4, np.int64))
+    record_array = fa(np.zeros(E.RECORD_WORDS, np.int64))
     monkeypatch.setattr(E, "record_for_launch", lambda stream: record_array)
     monkeypatch.setattr(E, "after_launch", lambda stream: LAUNCHES.append(("poll",)))
 
@@ -642,6 +642,41 @@ def test_binary_loss_launches(fake_device, dtype):
     check_launches(100)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_bce_passes_the_error_record(fake_device, reduction):
+    """binary_cross_entropy hands its kernel the error record and queues the copy-back after
+    the launch; the logits variant checks nothing."""
+    bl = fake_device.binary_losses
+    x = fa(np.full(10, 0.5, np.float32))
+    names = [n for n, _ in K.PARAMS["bce"]]
+    for fn, checked in ((bl.binary_cross_entropy, True),
+                        (bl.binary_cross_entropy_with_logits, False)):
+        LAUNCHES.clear()
+        extra = () if checked else (None,)
+        fn(x, x, None, *extra, reduction=reduction, want_grad=True,
+           grad_output=fa(np.ones(10, np.float32)) if reduction == "none" else 1.0)
+        (launch,) = [x for x in LAUNCHES if x[0] == "binary.cu"]
+        err = launch[5][names.index("err")]
+        assert isinstance(err, FakeArray) == checked and (checked or err == 0)
+        assert (LAUNCHES[-1] == ("poll",)) == checked
+        check_launches(1)
+
+
+def test_bce_probability_check_in_ptx():
+    """The BCE kernel records bad inputs through an out-of-line call (the loop keeps its
+    registers) and the logits kernel never records."""
+    ptx, lowered = compiled("binary.cu", "float", debug=False)
+
+    def body(kernel):
+        name = lowered[K.elementwise(kernel, "float", 4)]
+        b = ptx[ptx.index(".entry " + name):]
+        return b[:b.index("\n}\n")]
+
+    assert re.search(r"call(\.uni)?\s.*record_bad_probability", body("bce_fwd"), re.S)
+    assert "record_bad_probability" not in body("bce_logits_fwd")
+    assert "atom.global.cas.b64" in ptx
+
+
 def _copy_unaligned(a):
     u = _unaligned(a.shape, a.dtype)
     u[...] = a
@@ -788,6 +823,39 @@ def test_device_binary_loss_paths(dtype):
                 _close(got[0], want[0], dtype, f"bcel {shape} {reduction} loss")
                 _close(got[1], want[1], dtype, f"bcel {shape} {reduction} grad")
 
+
+
+@pytest.mark.parametrize("dtype,bad,shown", [(np.float32, 1.5, "1.5"), (np.float32, -0.25,
+                                                                          "-0.25"),
+                                              (np.float64, np.nan, "nan"),
+                                              (np.float16, 2.0, "2.0")])
+@pytest.mark.cuda
+@needs_device
+def test_device_bce_bad_probability_is_deferred(dtype, bad, shown):
+    """An input outside [0, 1]: NaN loss and gradient at its position, ValueError naming the
+    value and position at the next poll (once), nothing read on the host by the call."""
+    from nblosses.backends.cuda import _device_errors, binary_losses
+
+    _device_errors.synchronize()
+    n = 5000
+    xh = np.random.default_rng(9).random(n).astype(dtype)
+    xh[4321] = bad
+    x = cupy.asarray(xh)
+    y = cupy.asarray(np.full(n, 0.5, dtype))
+    loss, g = binary_losses.binary_cross_entropy(x, y, None, reduction="none", want_grad=True,
+                                                 grad_output=cupy.ones(n, dtype))
+    cupy.cuda.get_current_stream().synchronize()
+    assert bool(cupy.isnan(loss[4321])) and int(cupy.isnan(loss).sum()) == 1
+    assert bool(cupy.isnan(g[4321])) and int(cupy.isnan(g).sum()) == 1
+    msg = rf"between 0 and 1 \(found {shown} at position 4321\)"
+    with pytest.raises(ValueError, match=msg):
+        _device_errors.poll_errors()
+    _device_errors.poll_errors()  # once only
+    loss, _ = binary_losses.binary_cross_entropy(x, y, None, reduction="mean", want_grad=False,
+                                                 grad_output=None)
+    with pytest.raises(ValueError, match=msg):
+        _device_errors.synchronize()
+    assert bool(cupy.isnan(loss))
 
 
 def _ce_kernel(x, t, weight=None, **kw):

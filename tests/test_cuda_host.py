@@ -1,6 +1,7 @@
 """Host-side logic of the CUDA backend, tested without a device (fakes for CuPy's calls).
 
-- The deferred class-index error (``_device_errors``): a kernel's record reaches the host by an
+- The deferred errors (``_device_errors``: bad class index -> IndexError, binary_cross_entropy
+  input outside [0, 1] -> ValueError): a kernel's record reaches the host by an
   asynchronous copy; ``poll_errors`` raises once that copy is done (never waiting), and
   ``synchronize`` waits first; both clear the record after raising; nothing is queued or
   queried while the stream is capturing.
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import ctypes
+import re
 import types
 
 import numpy as np
@@ -119,11 +121,18 @@ def gpu(monkeypatch):
     E.reset()
 
 
-def kernel_records(gpu: FakeGPU, record, state=E.COMPLETE, pos=5, value=-3, C=10) -> None:
-    """A launch that finds a bad target: queued, runs with the device."""
+def kernel_records(gpu: FakeGPU, record, state=E.COMPLETE, pos=5, value=-3, C=10,
+                   kind=E.KIND_CLASS_INDEX) -> None:
+    """A launch that finds a bad element (a class index by default; ``C`` is the record's
+    detail word): queued, runs with the device."""
     def write():
-        record.mem[:] = (state, pos, value, C)
+        record.mem[:] = (state, pos, value, C, kind)
     gpu.enqueue(write)
+
+
+def bits(x: float) -> int:
+    """A float64's bit pattern as the kernel stores it (``__double_as_longlong``)."""
+    return int(np.float64(x).view(np.int64))
 
 
 def launch(gpu: FakeGPU, bad: bool, **kw):
@@ -182,6 +191,41 @@ def test_one_copy_in_flight(gpu):
     launch(gpu, bad=False)  # queues the next copy
     gpu.run()
     with pytest.raises(IndexError):
+        E.poll_errors()
+
+
+PROB_MSG = r"binary_cross_entropy: all elements of input should be between 0 and 1 "
+
+
+@pytest.mark.parametrize("value,width,shown", [
+    (1.5, 32, "1.5"), (float(np.float32(1.1)), 32, "1.1"), (-0.25, 64, "-0.25"),
+    (0.1 + 1.0, 64, "1.1"), (2.0, 16, "2.0"), (-2.0 ** -130, 0, repr(-2.0 ** -130)),
+    (1.0078125, 0, "1.0078125"), (np.nan, 64, "nan"), (-np.inf, 32, "-inf")])
+def test_probability_error_names_value_and_position(gpu, value, width, shown):
+    """A bad binary_cross_entropy input is raised as ValueError with the value as its element
+    type prints it (bfloat16, width 0, as the exact float64) and its flat position."""
+    launch(gpu, bad=True, pos=4321, value=bits(value), C=width, kind=E.KIND_PROBABILITY)
+    gpu.run()
+    msg = PROB_MSG + rf"\(found {re.escape(shown)} at position 4321\)$"
+    with pytest.raises(ValueError, match=msg):
+        E.poll_errors()
+    gpu.run()
+    E.poll_errors()  # raised once; the record was cleared
+    launch(gpu, bad=True, pos=3, value=bits(value), C=width, kind=E.KIND_PROBABILITY)
+    with pytest.raises(ValueError, match=PROB_MSG + r"\(found .* at position 3\)$"):
+        E.synchronize()
+
+
+def test_first_error_of_either_kind_is_reported(gpu):
+    """Class indices and probabilities share one record: the kind word picks the exception."""
+    launch(gpu, bad=True, value=bits(3.0), C=32, kind=E.KIND_PROBABILITY)
+    gpu.run()
+    with pytest.raises(ValueError):
+        E.poll_errors()
+    gpu.run()
+    launch(gpu, bad=True, value=7, C=4)
+    gpu.run()
+    with pytest.raises(IndexError, match=r"Target 7 is out of bounds \(number of classes: 4\)"):
         E.poll_errors()
 
 

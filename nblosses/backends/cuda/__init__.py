@@ -26,10 +26,12 @@ KERNELS: dict[str, Callable[..., Any]] = collect_kernels(__name__)
 def runtime(backend: Backend) -> Runtime:
     """The CUDA backend's runtime (kernels compile on first use, per dtype and shape class).
 
-    Class indices are checked inside the kernels (:mod:`._device_errors`): the front end skips
-    its eager host check unless ``validate="sync"``, polls for a recorded error at the start of
-    every call, and :func:`nblosses.synchronize` waits and raises.
+    Class indices and ``binary_cross_entropy``'s probabilities are checked inside the kernels
+    (:mod:`._device_errors`): the front end skips its eager host checks unless
+    ``validate="sync"``, polls for a recorded error at the start of every call, and
+    :func:`nblosses.synchronize` waits and raises.
     """
     return Runtime(backend, xp=cupy, asarray=cupy.asarray, kernels=KERNELS,
-                   kernel_checks={"class_index"}, poll_errors=_device_errors.poll_errors,
+                   kernel_checks={"class_index", "probability_range"},
+                   poll_errors=_device_errors.poll_errors,
                    synchronize=_device_errors.synchronize)

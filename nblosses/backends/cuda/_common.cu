@@ -445,19 +445,30 @@ __device__ __noinline__ void finish_loss(double acc, double den, const Reduce R)
 }
 
 // ----------------------------------------------------------------------------- class targets
-// Device error record (4 x int64, one per device, zeroed once by the host): [state, flat position,
-// target value, number of classes]. state 0: clean; 1: being written; 2: complete. The first bad
-// target of any kernel claims it; the host copies it back without waiting (see
-// _device_errors.py) and raises IndexError at its next call or at synchronize().
-__device__ __forceinline__ void record_bad_target(long long* err, i64 pos, i64 value, i64 C) {
+// Device error record (5 x int64, one per device, zeroed once by the host): [state, flat position,
+// value, detail, kind]. state 0: clean; 1: being written; 2: complete. kind 0 (NBL_ERR_CLASS): a
+// bad class index, value = the target, detail = number of classes; kind 1 (NBL_ERR_PROB): a
+// binary_cross_entropy input outside [0, 1] or NaN, value = its bit pattern as a double, detail =
+// the element type's width in bits (16 float16, 32 float32, 64 float64; 0 bfloat16) for the
+// message. The first bad element of any kernel and kind claims it; the host copies it back
+// without waiting (see _device_errors.py) and raises at its next call or at synchronize().
+#define NBL_ERR_CLASS 0
+#define NBL_ERR_PROB 1
+__device__ __forceinline__ void record_error(long long* err, int kind, i64 pos, i64 value,
+                                             i64 detail) {
     if (!err) return;
     if (atomicCAS(reinterpret_cast<unsigned long long*>(err), 0ull, 1ull) == 0ull) {
         err[1] = pos;
         err[2] = value;
-        err[3] = C;
+        err[3] = detail;
+        err[4] = kind;
         __threadfence();
         atomicExch(reinterpret_cast<unsigned long long*>(err), 2ull);
     }
+}
+
+__device__ __forceinline__ void record_bad_target(long long* err, i64 pos, i64 value, i64 C) {
+    record_error(err, NBL_ERR_CLASS, pos, value, C);
 }
 
 //: A position's class index, read once and classified (the shared prologue of every kernel

@@ -1,9 +1,15 @@
-"""Class-index errors found on the device, reported without waiting for it.
+"""Errors found by the kernels on the device, reported without waiting for it.
 
-The class-loss kernels check every target themselves: a target outside ``[0, C)`` that is not
-``ignore_index`` is never used as an address, its position's loss and gradient become NaN, and
-the first such target is written to a small *error record* in device memory (4 int64: state,
-flat position, value, number of classes; one record per device, allocated and zeroed once).
+Two checks run inside the kernels:
+
+- class indices (the class losses): a target outside ``[0, C)`` that is not ``ignore_index`` is
+  never used as an address, its position's loss and gradient become NaN;
+- probabilities (``binary_cross_entropy``): an input outside ``[0, 1]`` or NaN gets a NaN loss
+  and gradient.
+
+The first bad element of either kind is written to a small *error record* in device memory
+(5 int64: state, flat position, value, detail, kind; one record per device, allocated and
+zeroed once; the layout is ``record_error`` in ``_common.cu``).
 
 The host learns about it without a synchronisation:
 
@@ -11,7 +17,8 @@ The host learns about it without a synchronisation:
   into pinned host memory and an event are queued on the current stream;
 - :func:`poll_errors` (the front end calls it at the start of every call on this backend)
   asks the event whether that copy is done (``cudaEventQuery``, never blocking); if it is and
-  the record is set, the record is cleared and ``IndexError`` is raised;
+  the record is set, the record is cleared and the error is raised (``IndexError`` for a class
+  index, ``ValueError`` for a probability, the messages of the front end's eager checks);
 - :func:`synchronize` waits for the device, then raises the same way.
 
 So a bad target raises at the next call (or at :func:`synchronize`), not at the call that had
@@ -31,9 +38,15 @@ from typing import Any
 
 import numpy as np
 
-#: int64 words of the record: state (0 clean, 1 being written, 2 complete), position, value, C.
-RECORD_WORDS = 4
+#: int64 words of the record: state (0 clean, 1 being written, 2 complete), position, value,
+#: detail, kind.
+RECORD_WORDS = 5
 COMPLETE = 2
+#: Kinds (``NBL_ERR_*`` in ``_common.cu``): value = the target, detail = number of classes ...
+KIND_CLASS_INDEX = 0
+#: ... value = the input's bits as a float64, detail = its type's width in bits (0: bfloat16).
+KIND_PROBABILITY = 1
+_WIDTHS = {16: np.float16, 32: np.float32, 64: np.float64}
 _NBYTES = RECORD_WORDS * 8
 _D2H = 2  # cudaMemcpyDeviceToHost
 
@@ -70,15 +83,26 @@ class DeviceRecord:
         self.event.record(stream)
         self.pending = True
 
-    def take(self, words) -> IndexError | None:
+    def take(self, words) -> Exception | None:
         """The error described by ``words`` (clearing the record), or ``None`` if clean."""
         if int(words[0]) != COMPLETE:
             return None
-        value, n_classes = int(words[2]), int(words[3])
+        err = describe(words)
         self.record.data.memset_async(0, _NBYTES)
         self.host[:] = 0
         self.pending = False
-        return IndexError(f"Target {value} is out of bounds (number of classes: {n_classes}).")
+        return err
+
+
+def describe(words) -> Exception:
+    """The exception for a complete record's words (the front end's eager checks' messages)."""
+    pos, value, detail, kind = (int(w) for w in words[1:RECORD_WORDS])
+    if kind == KIND_PROBABILITY:
+        x = float(np.int64(value).view(np.float64))
+        shown = str(_WIDTHS[detail](x)) if detail in _WIDTHS else repr(x)  # as numpy prints it
+        return ValueError("binary_cross_entropy: all elements of input should be between 0 and 1 "
+                          f"(found {shown} at position {pos})")
+    return IndexError(f"Target {value} is out of bounds (number of classes: {detail}).")
 
 
 def _capturing(stream: Any) -> bool:
@@ -118,8 +142,9 @@ def after_launch(stream: Any) -> None:
 
 
 def poll_errors() -> None:
-    """Raise ``IndexError`` for a bad class index a kernel recorded, if the device already said
-    so; never waits, and does nothing while the current stream is capturing."""
+    """Raise the error a kernel recorded (``IndexError``: class index; ``ValueError``:
+    probability), if the device already said so; never waits, and does nothing while the current
+    stream is capturing."""
     if not _STATES:
         return
     pending = [st for st in _STATES.values() if st.pending]
@@ -139,7 +164,7 @@ def poll_errors() -> None:
 
 
 def synchronize() -> None:
-    """Wait for the current device and every device that ran a class-loss kernel, then raise
+    """Wait for the current device and every device that ran a checking kernel, then raise
     any recorded error."""
     cupy = _cupy()
     devices = {cupy.cuda.runtime.getDevice(), *_STATES}

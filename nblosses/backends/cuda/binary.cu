@@ -51,6 +51,20 @@ template <typename T> struct SigmoidBwdF {
 //: -ftz would flush a subnormal probability to 0 and give 100 instead of torch's 92.1 for 1e-40,
 //: see Widen in _common.cu). eps is torch's
 //: EPSILON, the float 1e-12f (9.99999996e-13), also for float64, as torch computes it.
+//: x outside [0, 1] or NaN (the front end does not read the input: "probability_range" in the
+//: runtime's kernel_checks): loss and gradient NaN, and the first such element recorded
+//: (NBL_ERR_PROB; the host raises ValueError later, see _device_errors.py).
+template <typename T> struct WidthBits { enum { value = int(sizeof(T)) * 8 }; };
+#ifdef NBL_HAS_BF16
+template <> struct WidthBits<__nv_bfloat16> { enum { value = 0 }; };  // 16 means float16
+#endif
+
+//: Record a probability outside [0, 1] (rare: kept out of line, off the loop's registers).
+template <typename T>
+__device__ __noinline__ void record_bad_probability(long long* err, i64 pos, double v) {
+    record_error(err, NBL_ERR_PROB, pos, __double_as_longlong(v), WidthBits<T>::value);
+}
+
 template <typename T> struct BceF {
     const T* x;
     const T* y;
@@ -59,6 +73,7 @@ template <typename T> struct BceF {
     double g_scalar;
     T* gx;
     T* out;
+    long long* err;
     double acc;
     template <int N> __device__ __forceinline__ void apply(i64 vi) {
         typedef typename WideT<T>::type B;
@@ -70,15 +85,17 @@ template <typename T> struct BceF {
         for (int i = 0; i < N; ++i) {
             const B xi = Widen<B>::of(to_acc(xv.v[i])), yi = Widen<B>::of(to_acc(yv.v[i]));
             const B wi = w ? Widen<B>::of(to_acc(wv.v[i])) : B(1);
+            const bool bad = !(xi >= B(0) && xi <= B(1));  // NaN included
+            if (bad) record_bad_probability<T>(err, vi * N + i, Widen<double>::of(xi));
             const B lx = nbl_max(nbl_log(xi), B(-100));
             const B l1x = nbl_max(nbl_log1p(-xi), B(-100));
-            const B l = -wi * (yi * lx + (B(1) - yi) * l1x);
+            const B l = bad ? nan_value<B>() : -wi * (yi * lx + (B(1) - yi) * l1x);
             if (out) ov.v[i] = from_acc<T>(l);
             else acc += (double)l;
             if (gx) {
                 const B gi = g ? Widen<B>::of(to_acc(gv.v[i])) : (B)g_scalar;
-                gxv.v[i] = from_acc<T>(gi * wi * (xi - yi) /
-                                       nbl_max(xi * (B(1) - xi), (B)1e-12f));
+                const B gr = gi * wi * (xi - yi) / nbl_max(xi * (B(1) - xi), (B)1e-12f);
+                gxv.v[i] = from_acc<T>(bad ? nan_value<B>() : gr);
             }
         }
         if (out) store_vec<T, N>(out, vi, ov);
@@ -139,10 +156,11 @@ __global__ void __launch_bounds__(256) sigmoid_bwd(NBL_PARAMS_EW2) {
     ew_loop<VEC>(n, f);
 }
 
-//: BCE on probabilities (``pw`` unused: one parameter list for both binary losses).
+//: BCE on probabilities (``pw`` unused: one parameter list for both binary losses; ``err``: the
+//: device error record for inputs outside [0, 1], or null).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) bce_fwd(NBL_PARAMS_BCE) {
-    BceF<T> f{x, y, w, g_rows, g_scalar, gx, loss_out, 0.0};
+    BceF<T> f{x, y, w, g_rows, g_scalar, gx, loss_out, err, 0.0};
     ew_loop<VEC>(n, f);
     if (out) finish_loss<T, 256>(f.acc, 0.0, NBL_REDUCE);
 }

@@ -5,8 +5,12 @@ loss (``"none"``) or the 0-d reduced loss, and the gradient when asked: the redu
 same launch (the last block sums the per-block partials in a fixed order: deterministic; scratch
 per device and stream, :mod:`._scratch`). The ``mean`` denominator is the element count, known on
 the host, so nothing here synchronises with the device.
-(:func:`nblosses._args.binary_loss_args` reads the input's min/max back once per
-``binary_cross_entropy`` call to reject inputs outside [0, 1]: one sync there.)
+
+``binary_cross_entropy`` checks its input on the device (``"probability_range"`` in the
+runtime's ``kernel_checks``, so the front end does not read the input's min/max back): an
+element outside ``[0, 1]`` or NaN gets a NaN loss and gradient, and the first one is recorded
+in the device error record and raised as ``ValueError`` by the next call or by
+``synchronize`` (:mod:`._device_errors`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 
 import cupy
 
+from . import _device_errors as E
 from . import _kernels as K
 from . import _loader as L
 from . import _scratch as S
@@ -43,11 +48,16 @@ def _binary(kernel: str, x, y, extra, *, reduction, want_grad, grad_output):
     block = K.COL_BLOCK
     grid = L.grid_for(-(-n // vec), block, block)
     red = None if keep else cupy.empty((), dt)
-    scr = None if keep else S.scratch(cupy.cuda.get_current_stream(), L.sm_count())
+    stream = cupy.cuda.get_current_stream()
+    scr = None if keep else S.scratch(stream, L.sm_count())
     w, pw = (*extra, None)[:2]
+    # Only the probability kernel checks its input (logits take any value).
+    err = E.record_for_launch(stream) if kernel == "bce_fwd" else None
     L.launch(SRC, dt, K.elementwise(kernel, ct, vec), grid, block, K.pack(
         "bce", x=x, y=y, w=w, pw=pw, n=n, g_rows=g_arr, g_scalar=g_scalar, gx=gx, loss_out=out,
-        **reduce_args(scr, red, div=float(n) if reduction == "mean" else 1.0)))
+        **reduce_args(scr, red, div=float(n) if reduction == "mean" else 1.0, err=err)))
+    if err is not None:
+        E.after_launch(stream)
     return (out if keep else red), gx
 
 
