@@ -19,6 +19,7 @@ parameter. Anchor the module name to select one family:
 ``'^peakmem\.'``      peak and extra memory of one call
 ``'^bench_dask\.'``   chunked (dask) cross_entropy
 ``'^overhead\.'``     per-call Python cost of each function (no-op kernels)
+``'^linear_ce\.'``    linear_cross_entropy forward and gradients (nblosses, torch)
 ====================  ==============================================================
 
 Within a family, a parameter narrows further: ``-b '^softmax\.Softmax.*float64'``.

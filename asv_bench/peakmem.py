@@ -2,8 +2,8 @@
 ``track_extra_peak`` (memory one call adds beyond its outputs, % of the input; on the CPU the
 rise of the RSS high-water mark, on CUDA the CuPy pool / torch allocator peak).
 
-Targets (nblosses/_bench/targets.json): cross_entropy forward <= 1% of the logits; forward+gradient <= the
-gradient + 1% (``track_extra_peak`` excludes outputs, so <= 1% for both).
+Targets (nblosses/_bench/targets.json): cross_entropy forward <= 1% of the logits;
+forward+gradient <= the gradient + 1% (``track_extra_peak`` excludes outputs, so <= 1% for both).
 """
 
 # ruff: noqa: RUF012  (asv reads params / param_names as plain class-level lists)

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import nblosses  # noqa: E402
+import nblosses
 
 try:
     from hypothesis import HealthCheck, settings

@@ -2,16 +2,17 @@
 references.
 
 Every parity test compares an nblosses result with torch's, computed from the *same* data
-(``torch.from_numpy``, upcast to float64: see ``REF_DTYPE``), in NumPy. Tolerances live in one table, per dtype, for values and for
-gradients; tests that need looser bounds for a documented reason (values of magnitude ~1e4)
-scale ``atol`` explicitly with ``scale=``.
+(``torch.from_numpy``, upcast to float64: see ``REF_DTYPE``), in NumPy. Tolerances live in one
+table, per dtype, for values and for gradients; tests that need looser bounds for a documented
+reason (values of magnitude ~1e4) scale ``atol`` explicitly with ``scale=``.
 """
 
 from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,8 +87,8 @@ def assert_close(actual: Any, expected: Any, dtype: Any, what: str = "", *, kind
     finite elements must satisfy ``|a - e| <= atol * scale + rtol * |e|``. ``actual`` must have
     ``dtype`` unless ``check_dtype=False``. ``scale`` / ``rscale`` multiply ``atol`` / ``rtol``
     where a test documents why (cancellation of terms of size ``scale``; long float32 sums,
-    where torch's own float32 result carries the same error). On failure the message names the worst element
-    (index, both values, absolute and relative error) and counts the mismatches.
+    where torch's own float32 result carries the same error). On failure the message names the
+    worst element (index, both values, absolute and relative error) and counts the mismatches.
     """
     a_raw = to_numpy(actual)
     e_raw = to_numpy(expected)

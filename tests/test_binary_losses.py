@@ -4,14 +4,22 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch.nn.functional as TF
-
 from helpers import (
-    assert_close, is_backend_array, LEGACY, param_id, rng, to_backend, to_backend_all, torch_loss_and_grad, tt, with_warnings,
+    LEGACY,
+    assert_close,
+    is_backend_array,
+    param_id,
+    rng,
+    to_backend,
+    to_backend_all,
+    torch_loss_and_grad,
+    tt,
+    with_warnings,
 )
+
 from nblosses import functional as F
 
 REDUCTIONS = ["none", "mean", "sum"]
@@ -69,7 +77,8 @@ def test_bce_matches_torch(backend, dtype, reduction, soft, shape, wshape):
     loss = F.binary_cross_entropy(*to_backend_all(backend, x, y), weight=to_backend(w, backend),
                                   reduction=reduction, backend=backend)
     go = _grad_output(reduction, shape)
-    loss2, grad = F.binary_cross_entropy(*to_backend_all(backend, x, y), weight=to_backend(w, backend),
+    loss2, grad = F.binary_cross_entropy(*to_backend_all(backend, x, y),
+                                         weight=to_backend(w, backend),
                                          reduction=reduction, return_grad=True,
                                          grad_output=to_backend(np.asarray(go), backend),
                                          backend=backend)
@@ -120,19 +129,21 @@ def _logit_data(shape, dtype, seed, scale=3.0):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype,shape,wshape,pwshape", _not_fp16_overflow(LOGIT_CASES), ids=param_id)
+@pytest.mark.parametrize("dtype,shape,wshape,pwshape", _not_fp16_overflow(LOGIT_CASES),
+                         ids=param_id)
 def test_bce_with_logits_matches_torch(backend, dtype, reduction, shape, wshape, pwshape):
     x, y = _logit_data(shape, dtype, seed=len(shape) + 3)
     w = None if wshape is None else rng(4).uniform(0.2, 2, wshape).astype(dtype)
     pw = None if pwshape is None else rng(5).uniform(0.2, 4, pwshape).astype(dtype)
-    loss = F.binary_cross_entropy_with_logits(*to_backend_all(backend, x, y), weight=to_backend(w, backend),
+    loss = F.binary_cross_entropy_with_logits(*to_backend_all(backend, x, y),
+                                              weight=to_backend(w, backend),
                                               pos_weight=to_backend(pw, backend),
                                               reduction=reduction, backend=backend)
     go = _grad_output(reduction, shape)
     loss2, grad = F.binary_cross_entropy_with_logits(
-        *to_backend_all(backend, x, y), weight=to_backend(w, backend), pos_weight=to_backend(pw, backend),
-        reduction=reduction, return_grad=True, grad_output=to_backend(np.asarray(go), backend),
-        backend=backend)
+        *to_backend_all(backend, x, y), weight=to_backend(w, backend),
+        pos_weight=to_backend(pw, backend), reduction=reduction, return_grad=True,
+        grad_output=to_backend(np.asarray(go), backend), backend=backend)
     ref, ref_grad = _ref("binary_cross_entropy_with_logits", x, y, dtype, grad_output=go,
                          weight=w, pos_weight=pw, reduction=reduction)
     what = f"bce_with_logits {shape} w={wshape} pw={pwshape} {reduction}"
@@ -164,7 +175,8 @@ def test_bce_with_logits_large_logits(backend, dtype, reduction, magnitude, with
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_bce_with_logits_empty(backend, reduction):
     x = np.zeros((0, 3))
-    loss, grad = F.binary_cross_entropy_with_logits(*to_backend_all(backend, x, x), reduction=reduction,
+    loss, grad = F.binary_cross_entropy_with_logits(*to_backend_all(backend, x, x),
+                                                    reduction=reduction,
                                                     pos_weight=to_backend(np.ones(3), backend),
                                                     return_grad=True, backend=backend)
     ref, ref_grad = _ref("binary_cross_entropy_with_logits", x, x, "float64",
@@ -220,7 +232,8 @@ def test_bce_tiny_and_near_one_inputs(backend, dtype):
     y = np.tile(np.array([1.0, 0.0], dtype), 5)
     y2 = 1 - y
     for target in (y, y2):
-        loss = F.binary_cross_entropy(*to_backend_all(backend, x, target), reduction="none", backend=backend)
+        loss = F.binary_cross_entropy(*to_backend_all(backend, x, target), reduction="none",
+                                      backend=backend)
         ref, _ = _ref("binary_cross_entropy", x, target, dtype, reduction="none")
         assert np.isfinite(ref).all()
         assert_close(loss, ref.astype(dtype), dtype, f"bce tiny/near-one inputs {dtype}")

@@ -10,10 +10,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-
 from helpers import (
-    assert_close, is_backend_array, LEGACY, param_id, rng, to_backend, to_numpy, torch_loss_and_grad, tt, with_warnings,
+    LEGACY,
+    assert_close,
+    is_backend_array,
+    param_id,
+    rng,
+    to_backend,
+    to_numpy,
+    torch_loss_and_grad,
+    tt,
+    with_warnings,
 )
+
 from nblosses import functional as F
 
 C = 5
@@ -121,8 +130,8 @@ def _assert_ignored_grad_zero(grad, t, ignore_index, what):
 def test_nll_loss_forward_and_grad(backend, dtype, shape, weighted, ignore, reduction):
     x, t, w, ii = make_case(shape, dtype, weighted, ignore, seed=len(shape) + 1)
     logp = torch.log_softmax(torch.from_numpy(x), dim=0 if len(shape) == 1 else 1).numpy()
-    loss = F.nll_loss(*to_backend_all(backend, logp, t), weight=to_backend(w, backend), ignore_index=ii,
-                      reduction=reduction, backend=backend)
+    loss = F.nll_loss(*to_backend_all(backend, logp, t), weight=to_backend(w, backend),
+                      ignore_index=ii, reduction=reduction, backend=backend)
     go = grad_output_for(reduction, _target_shape(shape))
     loss2, grad = F.nll_loss(*to_backend_all(backend, logp, t), weight=to_backend(w, backend),
                              ignore_index=ii, reduction=reduction, return_grad=True,
@@ -210,8 +219,8 @@ def test_float16_input_computed_in_float32(backend, op, shape, reduction):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_float16_probability_targets(backend, shape, reduction):
     x, p = make_probs(shape, "float16", seed=7)
-    loss, grad = F.cross_entropy(*to_backend_all(backend, x, p), reduction=reduction, return_grad=True,
-                                 backend=backend)
+    loss, grad = F.cross_entropy(*to_backend_all(backend, x, p), reduction=reduction,
+                                 return_grad=True, backend=backend)
     ref, ref_grad = _ref("cross_entropy", x, p, "float16", reduction=reduction)
     assert_close(loss, ref.astype(np.float16), "float16", f"ce probs fp16 {reduction}")
     assert_close(grad, ref_grad.astype(np.float16), "float16", "ce probs fp16 grad", kind="grad")
@@ -264,8 +273,8 @@ def test_empty_batch(backend, case, reduction):
         t = np.zeros(_target_shape(shape), np.int64)
     op = "nll_loss" if case == "nll_loss" else "cross_entropy"
     loss = getattr(F, op)(*to_backend_all(backend, x, t), reduction=reduction, backend=backend)
-    loss2, grad = getattr(F, op)(*to_backend_all(backend, x, t), reduction=reduction, return_grad=True,
-                                 backend=backend)
+    loss2, grad = getattr(F, op)(*to_backend_all(backend, x, t), reduction=reduction,
+                                 return_grad=True, backend=backend)
     ref, ref_grad = _ref(op, x, t, "float64", reduction=reduction)
     assert_close(loss, ref, "float64", f"{case} N=0 {reduction}")
     assert_close(loss2, ref, "float64", f"{case} N=0 {reduction} (return_grad)")
@@ -301,8 +310,8 @@ def test_legacy_size_average_reduce(backend, op, size_average, reduce):
 @pytest.mark.parametrize("tdtype", ["int32", "int16", "uint8", "int64"])
 def test_integer_target_dtypes(backend, op, tdtype):
     x, t, w, _ = make_case((6, C, 2), "float64", True, "none", seed=12)
-    loss, grad = getattr(F, op)(*to_backend_all(backend, x, t.astype(tdtype)), weight=to_backend(w, backend),
-                                return_grad=True, backend=backend)
+    loss, grad = getattr(F, op)(*to_backend_all(backend, x, t.astype(tdtype)),
+                                weight=to_backend(w, backend), return_grad=True, backend=backend)
     ref, ref_grad = _ref(op, x, t, "float64", weight=w)  # torch takes int64 only
     assert_close(loss, ref, "float64", f"{op} {tdtype} target")
     assert_close(grad, ref_grad, "float64", f"{op} {tdtype} target grad", kind="grad")
@@ -400,8 +409,8 @@ def test_cross_entropy_special_logits(backend, dtype, shape, reduction, eps):
     """NaN / +inf logits make their row NaN; a masked (-inf) logit is fine without smoothing and
     makes the loss inf with it (torch: -sum(logp) over all classes)."""
     x, t = _special_logits(shape, dtype)
-    loss, grad = F.cross_entropy(*to_backend_all(backend, x, t), reduction=reduction, label_smoothing=eps,
-                                 return_grad=True, backend=backend)
+    loss, grad = F.cross_entropy(*to_backend_all(backend, x, t), reduction=reduction,
+                                 label_smoothing=eps, return_grad=True, backend=backend)
     ref, ref_grad = _ref("cross_entropy", x, t, dtype, reduction=reduction, label_smoothing=eps)
     assert_close(loss, ref.astype(dtype), dtype, f"ce special {reduction} eps={eps}")
     assert_close(grad, ref_grad.astype(dtype), dtype, f"ce special grad eps={eps}", kind="grad")
@@ -428,8 +437,8 @@ def test_probability_targets_special_logits(backend, dtype, shape, reduction):
     x, _ = _special_logits(shape, dtype)
     _, p = make_probs(shape, dtype, seed=31)
     p[0, 1] = 0
-    loss, grad = F.cross_entropy(*to_backend_all(backend, x, p), reduction=reduction, return_grad=True,
-                                 backend=backend)
+    loss, grad = F.cross_entropy(*to_backend_all(backend, x, p), reduction=reduction,
+                                 return_grad=True, backend=backend)
     ref, ref_grad = _ref("cross_entropy", x, p, dtype, reduction=reduction)
     assert_close(loss, ref.astype(dtype), dtype, f"ce probs special {reduction}")
     assert_close(grad, ref_grad.astype(dtype), dtype, "ce probs special grad", kind="grad")
@@ -498,8 +507,8 @@ def test_non_contiguous_inputs(backend, op, view):
 @pytest.mark.parametrize("go", [0.25, 3, np.float32(-2.0), np.array([1.5])], ids=repr)
 def test_grad_output_scalar_forms(backend, op, go):
     x, t, w, ii = make_case((6, C), "float64", True, "class2", seed=35)
-    _, grad = getattr(F, op)(*to_backend_all(backend, x, t), weight=to_backend(w, backend), ignore_index=ii,
-                             return_grad=True, grad_output=go, backend=backend)
+    _, grad = getattr(F, op)(*to_backend_all(backend, x, t), weight=to_backend(w, backend),
+                             ignore_index=ii, return_grad=True, grad_output=go, backend=backend)
     _, ref_grad = _ref(op, x, t, "float64", grad_output=float(np.asarray(go).reshape(())),
                        weight=w, ignore_index=ii)
     assert_close(grad, ref_grad, "float64", f"{op} grad_output={go!r}", kind="grad")

@@ -446,7 +446,7 @@ def test_cupy_chunks():
         pytest.skip("backend 'cuda' not available here (no CuPy or no CUDA device)")
     import cupy
 
-    x, t, w, p = class_inputs((64, 50))
+    x, t, w, _ = class_inputs((64, 50))
     x32 = x.astype(np.float32)
     for chunks in ((16, 50), (16, 13)):
         dx = da.from_array(cupy.asarray(x32), chunks=chunks)

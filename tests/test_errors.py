@@ -8,9 +8,9 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import rng, to_backend, to_numpy
 
 import nblosses
-from helpers import rng, to_backend, to_numpy
 from nblosses import functional as F
 from nblosses import nn
 

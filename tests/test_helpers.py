@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import TOLERANCES, assert_close, tolerance
 
 

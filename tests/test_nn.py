@@ -4,14 +4,13 @@ before a call, and port torch autograd chains as ``m.backward(loss.backward())``
 
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import numpy as np
 import pytest
 import torch
-
 from helpers import assert_close, rng, to_backend, to_numpy, tt
+
 from nblosses import functional as F
 from nblosses import nn
 
@@ -188,7 +187,7 @@ ALL = ["Softmax", "LogSoftmax", "Sigmoid", "NLLLoss", "CrossEntropyLoss", "BCELo
 def test_constructor_rejects_unknown_keyword(name, kwargs):
     with pytest.raises(TypeError):
         getattr(torch.nn, name)(**kwargs)  # torch rejects it too
-    with pytest.raises(TypeError, match=list(kwargs)[0]):
+    with pytest.raises(TypeError, match=next(iter(kwargs))):
         getattr(nn, name)(**kwargs)
 
 

@@ -12,11 +12,11 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as TF
+from helpers import assert_close, to_backend, to_numpy, torch_loss_and_grad, tt
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from helpers import assert_close, to_backend, to_numpy, torch_loss_and_grad, tt
 from nblosses import functional as F
 
 DTYPES = st.sampled_from(["float32", "float64"])

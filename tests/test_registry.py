@@ -9,12 +9,11 @@ import threading
 
 import numpy as np
 import pytest
+from helpers import assert_close, rng
 
 import nblosses
-from helpers import assert_close, rng
-from nblosses import _registry
+from nblosses import _registry, nn
 from nblosses import functional as F
-from nblosses import nn
 
 
 # ----------------------------------------------------------------------------- imports
@@ -181,7 +180,7 @@ _FakeCupyArray.__module__ = "cupy"
     lambda fake: F.cross_entropy(np.zeros((4, 3)), np.zeros(4, np.int64), weight=fake),
 ], ids=["ce", "nll", "bce", "softmax_backward", "weight"])
 def test_mixed_numpy_cupy_under_auto_is_type_error(call):
-    with pytest.raises(TypeError, match="cpu.*cuda|cuda.*cpu"):
+    with pytest.raises(TypeError, match=r"cpu.*cuda|cuda.*cpu"):
         call(_FakeCupyArray())
 
 
@@ -230,7 +229,7 @@ ToyArray.__module__ = "toy_mod"
 
 
 def test_third_party_backend_reaches_kernel(toy_backend):
-    be, calls = toy_backend
+    _, calls = toy_backend
     assert "toy" in nblosses.available_backends()
     x = rng(1).standard_normal((3, 4, 2))
     out = F.softmax(x, dim=1, backend="toy")

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn as tnn
 import torch.nn.functional as TF
+from helpers import assert_close, rng, to_backend, to_numpy, tt
 
 import nblosses.functional as F
 import nblosses.nn as nn
-from helpers import assert_close, rng, to_backend, to_numpy, tt
 
 
 def _quiet(fn):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-
 from helpers import assert_close, is_backend_array, rng, to_backend, tt
+
 from nblosses import functional as F
 
 OPS = ["softmax", "log_softmax"]
