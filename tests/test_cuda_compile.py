@@ -295,7 +295,7 @@ C_NAMES = {"float16": "__half", "float32": "float", "float64": "double", "int64"
 #: kernels without a BLOCK template parameter and the block size their launch bounds fix
 FIXED_BLOCKS = {"softmax_cols": 256, "softmax_bwd_cols": 256, "ce_cols": 256, "probs_cols": 256,
                 "nll_fused": 256, "class_prep": 256, "sigmoid_fwd": 256, "sigmoid_bwd": 256,
-                "bce_fwd": 256, "bce_logits_fwd": 256}
+                "bce_fwd": 256, "bce_logits_fwd": 256, "lce_grad": 256, "lce_col_sums": 256}
 
 
 @pytest.fixture
@@ -378,7 +378,9 @@ def _check_arg(param: str, arg, where: str):
             assert arg == 0 or where.split()[-1] in SCRATCH_PARAMS, where
             return
         assert isinstance(arg, FakeArray), f"{where}: {param} <- {type(arg).__name__}"
-        assert arg.flags.c_contiguous, where
+        # linear cross-entropy's probability block: rows of stride ldy, contiguous columns
+        row_strided = where.startswith("lce_") and where.endswith(" y")
+        assert arg.flags.c_contiguous or (row_strided and arg.strides[-1] == arg.itemsize), where
         base = param[:-1].replace("const", "").strip()
         assert C_NAMES[arg.dtype.name] == base, f"{where}: {param} <- {arg.dtype}"
     elif param == "long long":
@@ -677,6 +679,68 @@ def test_bce_probability_check_in_ptx():
     assert "atom.global.cas.b64" in ptx
 
 
+def _fake_xp():
+    """NumPy standing in for CuPy in the linear cross-entropy driver: arrays it makes are
+    FakeArrays (launch arguments), arithmetic runs on the host (the kernels do not run)."""
+    def wrap(fn):
+        def f(*a, **k):
+            r = fn(*a, **k)
+            return r.view(FakeArray) if isinstance(r, np.ndarray) else r
+        return f
+
+    names = ("empty", "zeros", "ones", "where", "log", "asarray", "full")
+    return types.SimpleNamespace(float64=np.float64, float32=np.float32,
+                                 cuda=FAKE_CUPY.cuda, **{n: wrap(getattr(np, n)) for n in names})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # host algebra on statistics never filled
+def test_linear_ce_launches(fake_device, monkeypatch, dtype, probs, reduction):
+    """Every linear cross-entropy launch matches its kernel's parameter table; the class-index
+    record goes to lce_stats with the row offset and the copy-back is queued; the ``mean``
+    denominator and the summed class weights are never read back (0-d arrays)."""
+    from nblosses.backends import _linear_ce as G
+    from nblosses.backends.cuda import linear_ce
+
+    xp = _fake_xp()
+    monkeypatch.setattr(linear_ce, "cupy", xp)
+    monkeypatch.setattr(linear_ce._CudaLinearCE, "xp", xp)
+    monkeypatch.setattr(linear_ce._CudaLinearCE, "gemm",
+                        lambda self, a, b, c, beta: c.__setitem__(..., a @ b + beta * c))
+    reads = []
+    monkeypatch.setattr(G, "mean_of", lambda xp_, total, denom: reads.append(denom) or total)
+    rng = np.random.default_rng(3)
+    n, d, v = 40, 8, 50
+    x = fa(rng.standard_normal((n, d)).astype(dtype))
+    w2 = fa(rng.standard_normal((v, d)).astype(dtype))
+    bias, weight = fa(rng.random(v).astype(dtype)), fa(rng.random(v).astype(dtype))
+    target = fa(rng.random((n, v)).astype(dtype)) if probs else fa(rng.integers(0, v, n))
+    g = fa(np.ones(n, dtype)) if reduction == "none" else 1.0
+    loss, lse, grads = linear_ce.linear_cross_entropy(
+        x, w2, bias, target, weight, ignore_index=-100, label_smoothing=0.1,
+        reduction=reduction, z_loss=1e-4, softcap=30.0, want_grad=True, grad_output=g,
+        want_lse=True, chunk_rows=16, chunk_classes=20)
+    assert [a.shape for a in grads] == [(n, d), (v, d), (v,)]
+    assert lse.shape == (n,) and loss.shape == ((n,) if reduction == "none" else ())
+    check_launches(3 * 3 * 3)
+    stats = [a for src, _, nm, _, _, a in (x for x in LAUNCHES if x[0] == "linear_ce.cu")
+             if nm.startswith("lce_stats")]
+    names = [nm for nm, _ in K.PARAMS["lce_stats"]]
+    row0 = sorted({int(a[names.index("row0")]) for a in stats})
+    assert row0 == [0, 16, 32]
+    if probs:  # the probability block is a strided view: its row stride is ldy
+        for a in stats:
+            y = a[names.index("y")]
+            assert int(a[names.index("ldy")]) * y.itemsize == y.strides[0]
+    errs = [a[names.index("err")] for a in stats]
+    assert all(isinstance(e, FakeArray) != probs for e in errs)
+    assert (LAUNCHES[-1] == ("poll",)) != probs
+    if reduction == "mean":
+        assert len(reads) == 1 and (probs or isinstance(reads[0], np.ndarray))
+
+
 def _copy_unaligned(a):
     u = _unaligned(a.shape, a.dtype)
     u[...] = a
@@ -856,6 +920,48 @@ def test_device_bce_bad_probability_is_deferred(dtype, bad, shown):
     with pytest.raises(ValueError, match=msg):
         _device_errors.synchronize()
     assert bool(cupy.isnan(loss))
+
+
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("chunks", [(None, None), (16, 20)])
+@pytest.mark.cuda
+@needs_device
+def test_device_linear_ce_matches_cpu(probs, chunks):
+    """linear_cross_entropy's CUDA kernel against the CPU kernel (float64, every option), in one
+    block and in row x vocabulary chunks; then a bad class index: NaN row, IndexError later."""
+    from nblosses.backends.cpu import linear_ce as cpu
+    from nblosses.backends.cuda import _device_errors
+    from nblosses.backends.cuda import linear_ce as cu
+
+    _device_errors.synchronize()
+    rng = np.random.default_rng(11)
+    n, d, v = 40, 8, 50
+    x, w2 = rng.standard_normal((n, d)), rng.standard_normal((v, d))
+    bias, weight = rng.random(v), rng.random(v) + 0.5
+    target = rng.random((n, v)) if probs else rng.integers(0, v, n)
+    if not probs:
+        target[3] = -100
+    kw = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, want_grad=True,
+              want_lse=True, chunk_rows=chunks[0], chunk_classes=chunks[1])
+    for reduction in ("mean", "none"):
+        g = np.ones(n) if reduction == "none" else 0.5
+        want = cpu.linear_cross_entropy(x, w2, bias, target, weight, reduction=reduction,
+                                        grad_output=g, **kw)
+        dev = [cupy.asarray(a) for a in (x, w2, bias, target, weight)]
+        got = cu.linear_cross_entropy(*dev, reduction=reduction, grad_output=(
+            cupy.asarray(g) if reduction == "none" else g), **kw)
+        for gi, wi, what in zip((got[0], got[1], *got[2]), (want[0], want[1], *want[2]),
+                                ("loss", "lse", "gx", "gw", "gb")):
+            _close(gi, wi, np.float64, f"linear ce {reduction} {what}")
+    if probs:
+        return
+    bad = cupy.asarray(target)
+    bad[5] = v + 2
+    loss, _, _ = cu.linear_cross_entropy(*dev[:3], bad, dev[4], reduction="none",
+                                         grad_output=cupy.ones(n), **kw)
+    assert bool(cupy.isnan(loss[5])) and int(cupy.isnan(loss).sum()) == 1
+    with pytest.raises(IndexError, match=rf"Target {v + 2} is out of bounds"):
+        _device_errors.synchronize()
 
 
 def _ce_kernel(x, t, weight=None, **kw):

@@ -293,3 +293,37 @@ def test_scratch_per_stream(scratch_cupy, capturing):
     assert int(a.scal) - int(a.part) == 16 * blocks
     assert int(a.counter) + 4 <= int(a.part) + a.buf.nbytes
     assert len(S._CAPTURED) == (3 if capturing else 0)
+
+
+# ----------------------------------------------------------------------------- linear CE algebra
+def test_linear_ce_bad_class_index_rows_are_nan_and_never_indexed():
+    """The per-row algebra shared with the CUDA linear cross-entropy: a class index outside
+    [0, V) (left to the device check) is never used as an index, and its row's loss and
+    gradient coefficient are NaN; ignored rows stay 0."""
+    from nblosses.backends import _linear_ce as G
+
+    v = 5
+    t = np.array([1, 7, -100, -1, 4])
+    weight = np.linspace(0.5, 1.5, v)
+    st = {"m": np.zeros(5), "s": np.full(5, 2.0), "xt": np.full(5, 0.3), "swx": np.ones(5)}
+    loss, _, coef, _, _ = G.finish_class(np, st, t, weight, -100, 0.1, v, weight.sum(), 0.0,
+                                           1.0, True)
+    assert np.isnan(loss[[1, 3]]).all() and np.isnan(coef[[1, 3]]).all()
+    assert np.isfinite(loss[[0, 4]]).all() and loss[2] == 0 and coef[2] == 0
+    d = G.mean_denominator(np, t, weight, -100, to_host=False)
+    assert np.shape(d) == ()  # a 0-d array of xp (NumPy returns its scalar)
+    assert float(d) == weight[1] + weight[4] + 2 * weight[0]  # bad rows count as class 0
+
+
+@pytest.mark.parametrize("g,denom,want", [(2.0, 4.0, 0.5), (0.0, 0.0, np.nan),
+                                          (1.0, 0.0, np.inf), (-1.0, 0.0, -np.inf)])
+def test_linear_ce_device_scalars_match_host_scalars(g, denom, want):
+    """A 0-d ``mean`` denominator (kept on the device) gives the host float path's results."""
+    from nblosses.backends import _linear_ce as G
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dev = G.upstream_scale("mean", g, np.array(denom))  # 0-d ndarray: not a float
+        host = G.upstream_scale("mean", g, denom)
+        mean_dev = G.mean_of(np, 3.0 * (denom != 0), np.array(denom))
+    np.testing.assert_equal([float(dev), host], [want, want])
+    np.testing.assert_equal(float(mean_dev), G.mean_of(np, 3.0 * (denom != 0), denom))

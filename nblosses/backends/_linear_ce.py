@@ -91,25 +91,43 @@ def plan_chunks(n: int, v: int, d: int = 0, chunk_rows: int | None = None,
     return Plan(rows, cols, cols < v1)
 
 
-def mean_denominator(xp: Any, t: Any, weight: Any, ignore_index: int | None) -> float:
+def _kept(xp: Any, t: Any, ignore_index: int, v: int) -> tuple[Any, Any]:
+    """``(valid, bad)``: targets not ``ignore_index``, and those of them outside ``[0, v)``
+    (possible only where the front end leaves the check to the device: they are never used
+    as an index, and their rows' loss and gradient are NaN)."""
+    valid = t != ignore_index
+    return valid, valid & ((t < 0) | (t >= v))
+
+
+def mean_denominator(xp: Any, t: Any, weight: Any, ignore_index: int | None, *,
+                     to_host: bool = True) -> Any:
     """torch's ``mean`` denominator: summed ``w[t]`` of kept class targets (their count without
-    weights); ``N`` for probability targets (``t`` of shape ``(N, V)``, ``ignore_index`` None)."""
+    weights); ``N`` for probability targets (``t`` of shape ``(N, V)``, ``ignore_index`` None).
+
+    A float; with ``to_host=False`` and class targets, a 0-d float64 array of ``xp`` instead
+    (a device backend then never reads it back).
+    """
     if ignore_index is None:
         return float(t.shape[0])
-    valid = t != ignore_index
     if weight is None:
-        return float(valid.sum())
-    return float(xp.where(valid, weight[xp.where(valid, t, 0)], 0).sum(dtype=xp.float64))
+        d = (t != ignore_index).sum(dtype=xp.float64)
+    else:
+        valid, bad = _kept(xp, t, ignore_index, weight.shape[0])
+        d = xp.where(valid, weight[xp.where(valid & ~bad, t, 0)], 0).sum(dtype=xp.float64)
+    return float(d) if to_host else d
 
 
-def upstream_scale(reduction: str, grad_output: Any, denom: float) -> Any:
+def upstream_scale(reduction: str, grad_output: Any, denom: Any) -> Any:
     """Per-row upstream gradient: the array for ``"none"``, else a float (over ``denom`` for
-    ``mean``; 0/0 gives NaN, x/0 a signed infinity, as IEEE)."""
+    ``mean``; 0/0 gives NaN, x/0 a signed infinity, as IEEE). A 0-d array ``denom`` (see
+    :func:`mean_denominator`) gives a 0-d array, divided where it lives (IEEE there too)."""
     if reduction == "none":
         return grad_output
     g = float(grad_output)
     if reduction == "sum":
         return g
+    if not isinstance(denom, (int, float)):
+        return g / denom
     if denom != 0:
         return g / denom
     return math.nan if g == 0 or math.isnan(g) else math.copysign(math.inf, g)
@@ -117,6 +135,14 @@ def upstream_scale(reduction: str, grad_output: Any, denom: float) -> Any:
 
 def _lse(xp: Any, m: Any, s: Any) -> Any:
     return m + xp.log(s)
+
+
+def mean_of(xp: Any, total: Any, denom: Any) -> Any:
+    """``total / denom``, NaN when ``denom`` is 0 (no kept row: 0 / 0, as torch); a 0-d array
+    ``denom`` stays where it is (no read back)."""
+    if isinstance(denom, (int, float)):
+        return total / denom if denom != 0 else math.nan
+    return xp.where(denom != 0, total / denom, math.nan)
 
 
 def finish_class(xp: Any, st: dict, t: Any, weight: Any, ignore_index: int, eps: float, v: int,
@@ -128,8 +154,9 @@ def finish_class(xp: Any, st: dict, t: Any, weight: Any, ignore_index: int, eps:
     """
     m, s = st["m"], st["s"]
     lse = _lse(xp, m, s)
-    valid = t != ignore_index
-    wt = xp.ones(t.shape, xp.float64) if weight is None else weight[xp.where(valid, t, 0)]
+    valid, bad = _kept(xp, t, ignore_index, v)
+    wt = (xp.ones(t.shape, xp.float64) if weight is None
+          else weight[xp.where(valid & ~bad, t, 0)])
     wt = xp.where(valid, wt, 0.0)
     keep = 1.0 - eps
     loss = keep * wt * (lse - st["xt"])
@@ -137,11 +164,12 @@ def finish_class(xp: Any, st: dict, t: Any, weight: Any, ignore_index: int, eps:
         loss += eps / v * (lse * w_total - st["swx"])
     if z_loss > 0:
         loss += z_loss * lse * lse
-    loss = xp.where(valid, loss, 0.0)
+    loss = xp.where(bad, math.nan, xp.where(valid, loss, 0.0))
     if not want_grad:
         return loss, lse, None, None, None
     sc = xp.where(valid, scale, 0.0)  # ignored rows: no gradient (and no inf * 0)
     coef = sc * (keep * wt + eps / v * w_total + 2.0 * z_loss * lse) / s
+    coef = xp.where(bad, math.nan, coef)  # a NaN row of dL/dz
     return loss, lse, coef, sc * (eps / v), sc * keep * wt
 
 
@@ -168,6 +196,9 @@ class ChunkedLinearCE:
     """One call: configuration, reused buffers and running statistics; backends subclass it."""
 
     xp: ClassVar[Any] = None
+    #: Whether the call's scalars (``mean`` denominator, summed class weights) are read back as
+    #: floats (CPU) or stay 0-d arrays of ``xp`` (a device backend: no synchronisation).
+    host_scalars: ClassVar[bool] = True
 
     def __init__(self, x2, w2, bias, target, weight, ignore_index, eps: float, z_loss: float,
                  softcap: float, plan: Plan) -> None:
@@ -177,7 +208,8 @@ class ChunkedLinearCE:
         self.ignore, self.eps, self.z_loss, self.cap = ignore_index, eps, z_loss, softcap
         self.plan = plan
         self.v, self.d = w2.shape
-        self.w_total = float(self.v if weight is None else weight.sum(dtype=xp.float64))
+        w_total = self.v if weight is None else weight.sum(dtype=xp.float64)
+        self.w_total = float(w_total) if self.host_scalars else w_total
         self.block = xp.empty(plan.rows * plan.cols, x2.dtype)
         self.gx_t = xp.empty(plan.rows * self.d, x2.dtype)
         names = _PROB_STATS if self.probs else _CLASS_STATS
@@ -235,7 +267,8 @@ class ChunkedLinearCE:
     def finish(self, st: dict, r0: int, r1: int, scale: Any, want_grad: bool):
         """``(loss, lse, coef, b, a)`` of rows ``r0:r1``."""
         xp = self.xp
-        sc = scale if isinstance(scale, float) else xp.asarray(scale[r0:r1], xp.float64)
+        sc = (scale if getattr(scale, "ndim", 0) == 0  # a float or a 0-d device scalar
+              else xp.asarray(scale[r0:r1], xp.float64))
         if self.probs:
             return finish_probs(xp, st, self.z_loss, sc, want_grad)
         return finish_class(xp, st, self.target[r0:r1], self.weight, self.ignore, self.eps,
@@ -289,7 +322,8 @@ def run(cls: type[ChunkedLinearCE], x2, w2, bias, target, weight, *, ignore_inde
     n, d = x2.shape
     v = w2.shape[0]
     ignore = None if target.ndim == 2 else int(ignore_index)
-    denom = mean_denominator(xp, target, weight, ignore) if reduction == "mean" else 1.0
+    denom = (mean_denominator(xp, target, weight, ignore, to_host=cls.host_scalars)
+             if reduction == "mean" else 1.0)
     scale = upstream_scale(reduction, grad_output, denom) if want_grad else 0.0
     out, lse_out, grads = _outputs(xp, n, d, v, x2.dtype, reduction, want_grad, want_lse,
                                    bias is not None)
@@ -309,6 +343,6 @@ def run(cls: type[ChunkedLinearCE], x2, w2, bias, target, weight, *, ignore_inde
             call.backward(r0, r1, st, coefs, grads)
     if reduction == "none":
         return out, lse_out, grads
-    if reduction == "mean":  # no kept row: 0 / 0 = NaN, as torch
-        total = total / denom if denom != 0 else math.nan
+    if reduction == "mean":
+        total = mean_of(xp, total, denom)
     return xp.asarray(total, dtype=x2.dtype), lse_out, grads

@@ -46,7 +46,12 @@ SOURCES = (
     "cross_entropy_probs.cu",
     "nll.cu",
     "binary.cu",
+    "linear_ce.cu",
 )
+#: Element types of the linear cross-entropy kernels (half inputs are computed in float32).
+LCE_CTYPES = ("float", "double")
+#: Threads per block of ``lce_stats`` (one block per row).
+LCE_STATS_BLOCK = 256
 
 
 def next_pow2(n: int) -> int:
@@ -220,6 +225,12 @@ def elementwise(kernel, ct, vec):
     return name(kernel, ct, vec)
 
 
+def lce(kernel, ct):
+    """``lce_stats``, ``lce_grad`` or ``lce_col_sums`` (linear cross-entropy blocks)."""
+    return name(kernel, ct, LCE_STATS_BLOCK) if kernel == "lce_stats" else name(kernel, ct)
+
+
+LCE_KERNELS = ("lce_stats", "lce_grad", "lce_col_sums")
 SPLIT_KERNELS = ("softmax_split_stats", "softmax_split_write")
 ELEMENTWISE = ("sigmoid_fwd", "sigmoid_bwd", "bce_fwd", "bce_logits_fwd")
 #: EXT template values of the cross-entropy kernels: 0 = plain, 1 = z_loss / softcap / lse_out.
@@ -258,6 +269,8 @@ def _instantiations(source: str, ctype: str) -> tuple[str, ...]:
         names = [nll_fused(ctype), class_prep(ctype)]
     elif source == "binary.cu":
         names = [elementwise(k, ctype, v) for k in ELEMENTWISE for v in vecs]
+    elif source == "linear_ce.cu":
+        names = [lce(k, ctype) for k in LCE_KERNELS] if ctype in LCE_CTYPES else []
     else:
         raise KeyError(source)
     return tuple(names)
@@ -335,6 +348,27 @@ PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
             ("w", "const T* __restrict__"), ("pw", "const T* __restrict__"), ("n", "i64"),
             ("g_rows", "const T* __restrict__"), ("g_scalar", "double"),
             ("gx", "T* __restrict__"), ("loss_out", "T* __restrict__"), *REDUCE_PARAMS),
+    # linear cross-entropy, one (rows, cols) logits block z at vocabulary offset c0 (the row
+    # statistics m, s, xt, sa, sb and coefficients coef, b, a are float64 per block row)
+    "lce_stats": (("z", "T* __restrict__"), ("rows", "i64"), ("cols", "i64"),
+                  ("bias", "const T* __restrict__"), ("cap", "double"),
+                  ("t", "const long long* __restrict__"), ("c0", "i64"),
+                  ("w", "const T* __restrict__"), ("smoothing", "int"),
+                  ("y", "const T* __restrict__"), ("ldy", "i64"), ("keep", "double"),
+                  ("spread", "double"), ("m", "double* __restrict__"),
+                  ("s", "double* __restrict__"), ("xt", "double* __restrict__"),
+                  ("sa", "double* __restrict__"), ("sb", "double* __restrict__"),
+                  ("row0", "i64"), ("n_classes", "i64"), ("ignore", "i64"),
+                  ("err", "long long*")),
+    "lce_grad": (("z", "T* __restrict__"), ("rows", "i64"), ("cols", "i64"),
+                 ("bias", "const T* __restrict__"), ("cap", "double"), ("raw", "int"),
+                 ("t", "const long long* __restrict__"), ("c0", "i64"), ("ignore", "i64"),
+                 ("w", "const T* __restrict__"), ("y", "const T* __restrict__"), ("ldy", "i64"),
+                 ("keep", "double"), ("spread", "double"), ("m", "const double* __restrict__"),
+                 ("coef", "const double* __restrict__"), ("b", "const double* __restrict__"),
+                 ("a", "const double* __restrict__")),
+    "lce_col_sums": (("z", "const T* __restrict__"), ("rows", "i64"), ("cols", "i64"),
+                     ("out", "T* __restrict__")),
 }
 
 #: Kernel (template name) -> parameter family.
@@ -348,6 +382,7 @@ FAMILY = {
     "probs_rows": "probs", "probs_cols": "probs",
     "nll_fused": "nll", "class_prep": "class_prep",
     "sigmoid_fwd": "ew1", "sigmoid_bwd": "ew2", "bce_fwd": "bce", "bce_logits_fwd": "bce",
+    "lce_stats": "lce_stats", "lce_grad": "lce_grad", "lce_col_sums": "lce_col_sums",
 }
 
 _SCALAR_CTYPES = {"i64": "long long", "int": "int", "double": "double"}

@@ -1,10 +1,13 @@
 // Chunked linear cross-entropy: statistics and gradient of one logits block (see
 // nblosses/backends/_linear_ce.py for the algorithm and nblosses/backends/cuda/linear_ce.py for
-// the host side). Self-contained (compiled without _common.cu). T: float or double (half inputs
-// are computed in float32 by the host). A block z is (rows, cols), C-contiguous, columns
-// c0:c0+cols of the vocabulary; per-row running statistics are double.
-
-typedef long long i64;
+// the host side). Compiled by the loader like every source (_common.cu and the NBL_PARAMS_*
+// macros of _kernels.PARAMS come first). T: float or double (half inputs are computed in float32
+// by the host). A block z is (rows, cols), C-contiguous, rows row0:row0+rows of the batch and
+// columns c0:c0+cols of the vocabulary; per-row running statistics are double.
+//
+// Class indices are never used as addresses here (only compared with column numbers); a target
+// outside [0, n_classes) that is not ignore is recorded in the device error record by lce_stats
+// (its row's loss and gradient are made NaN by the host's per-row algebra).
 
 __device__ __forceinline__ float lce_exp(float x) { return expf(x); }
 __device__ __forceinline__ double lce_exp(double x) { return exp(x); }
@@ -38,15 +41,16 @@ __device__ __forceinline__ double lce_block_reduce(double v, double* buf) {
 // One block per row (grid-stride over rows): prepare the row in place, then merge its max, sum
 // of exponentials, target logit (t != null), smoothing sum (smoothing) or probability sums
 // (y != null, row stride ldy) into m, s, xt, sa (swx or a_sum), sb (b_sum).
+// The first vocabulary block (c0 == 0) records a bad class index of each row.
 template <typename T, int BLOCK>
-__global__ void __launch_bounds__(BLOCK)
-lce_stats(T* z, i64 rows, i64 cols, const T* bias, double cap, const i64* t, i64 c0,
-          const T* w, int smoothing, const T* y, i64 ldy, double keep, double spread,
-          double* m, double* s, double* xt, double* sa, double* sb) {
+__global__ void __launch_bounds__(BLOCK) lce_stats(NBL_PARAMS_LCE_STATS) {
     __shared__ double buf[BLOCK / 32];
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         T* row = z + r * cols;
-        const i64 tc = t ? t[r] - c0 : -1;
+        const i64 tr = t ? t[r] : ignore;
+        if (c0 == 0 && threadIdx.x == 0 && tr != ignore && (tr < 0 || tr >= n_classes))
+            record_bad_target(err, row0 + r, tr, n_classes);
+        const i64 tc = t ? tr - c0 : -1;
         double lmax = -__longlong_as_double(0x7ff0000000000000LL), wsum = 0.0, pa = 0.0, pb = 0.0;
         for (i64 c = threadIdx.x; c < cols; c += BLOCK) {
             const T v = lce_prepare(row[c], bias, c, cap);
@@ -88,10 +92,7 @@ lce_stats(T* z, i64 rows, i64 cols, const T* bias, double cap, const i64* t, i64
 // at the target, times the softcap's derivative 1 - (z / cap)^2; rows whose target is ignore
 // become zero. raw: z holds products not yet prepared.
 template <typename T>
-__global__ void lce_grad(T* z, i64 rows, i64 cols, const T* bias, double cap, int raw,
-                         const i64* t, i64 c0, i64 ignore, const T* w, const T* y, i64 ldy,
-                         double keep, double spread, const double* m, const double* coef,
-                         const double* b, const double* a) {
+__global__ void __launch_bounds__(256) lce_grad(NBL_PARAMS_LCE_GRAD) {
     const i64 n = rows * cols;
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n;
          i += (i64)gridDim.x * blockDim.x) {
@@ -116,7 +117,7 @@ __global__ void lce_grad(T* z, i64 rows, i64 cols, const T* bias, double cap, in
 
 // out[c] += sum_r z[r, c], one thread per column (coalesced across the warp), double sums.
 template <typename T>
-__global__ void lce_col_sums(const T* z, i64 rows, i64 cols, T* out) {
+__global__ void __launch_bounds__(256) lce_col_sums(NBL_PARAMS_LCE_COL_SUMS) {
     for (i64 c = blockIdx.x * (i64)blockDim.x + threadIdx.x; c < cols;
          c += (i64)gridDim.x * blockDim.x) {
         double acc = 0.0;
