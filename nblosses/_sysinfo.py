@@ -35,7 +35,7 @@ def _version(module: str) -> str | None:
         if importlib.util.find_spec(module) is None:
             return None
         return str(getattr(importlib.import_module(module), "__version__", "?"))
-    except Exception as exc:  # noqa: BLE001 - a report never fails on a broken optional package
+    except Exception as exc:  # a report never fails on a broken optional package
         return f"unusable ({type(exc).__name__}: {exc})"
 
 
@@ -90,11 +90,12 @@ def _numba_target() -> dict[str, Any]:
         import llvmlite.binding as llvm
         import numba
 
+        config: Any = numba.core.config  # set from the environment at import; untyped
         features = llvm.get_host_cpu_features()
-        return {"numba_cpu_name": numba.core.config.CPU_NAME or llvm.get_host_cpu_name(),
+        return {"numba_cpu_name": config.CPU_NAME or llvm.get_host_cpu_name(),
                 "numba_avx512f": bool(features.get("avx512f", False)),
                 "numba_avx2": bool(features.get("avx2", False))}
-    except Exception as exc:  # noqa: BLE001 - a report never fails on a broken optional package
+    except Exception as exc:  # a report never fails on a broken optional package
         return {"numba_cpu_name": f"unknown ({type(exc).__name__})"}
 
 
@@ -106,7 +107,7 @@ def _torch_capability() -> str | None:
         import torch
 
         return str(torch.backends.cpu.get_cpu_capability())
-    except Exception as exc:  # noqa: BLE001 - a report never fails on a broken optional package
+    except Exception as exc:  # a report never fails on a broken optional package
         return f"unknown ({type(exc).__name__})"
 
 
@@ -149,7 +150,7 @@ def _why_unavailable(name: str) -> str:
 
         n = cupy.cuda.runtime.getDeviceCount()
         return f"CuPy sees {n} CUDA device(s)"
-    except Exception as exc:  # noqa: BLE001 - a report never fails on a broken optional package
+    except Exception as exc:  # a report never fails on a broken optional package
         return f"{type(exc).__name__}: {exc}".strip()[:200]
 
 
@@ -157,13 +158,15 @@ def _numba_cache_dir() -> str:
     """Where Numba stores nblosses' compiled CPU kernels."""
     import numba
 
-    if numba.config.CACHE_DIR:
-        return f"{numba.config.CACHE_DIR} (NUMBA_CACHE_DIR)"
+    config: Any = numba.config  # set from the environment at import; untyped
+    if config.CACHE_DIR:
+        return f"{config.CACHE_DIR} (NUMBA_CACHE_DIR)"
     try:
         from nblosses.backends.cpu import _parallel
 
-        return str(_parallel._touch._cache._cache_path)
-    except Exception:  # noqa: BLE001 - a report never fails on a broken optional package
+        touch: Any = _parallel._touch  # the Dispatcher's on-disk cache is not in its stubs
+        return str(touch._cache._cache_path)
+    except Exception:  # a report never fails on a broken optional package
         return "unknown"
 
 
@@ -175,7 +178,8 @@ def _threads(info: dict[str, Any]) -> None:
 
     info["numba_threading_layer"] = _parallel.threading_layer()
     info["numba_threads"] = numba.get_num_threads()
-    info["numba_max_threads"] = numba.config.NUMBA_NUM_THREADS
+    config: Any = numba.config  # set from the environment at import; untyped
+    info["numba_max_threads"] = config.NUMBA_NUM_THREADS
     info["numba_cache_dir"] = _numba_cache_dir()
     if info["torch"] and not str(info["torch"]).startswith("unusable"):
         import torch
@@ -194,7 +198,7 @@ def _cuda_device(info: dict[str, Any]) -> None:
         info["cuda_device"] = name.decode() if isinstance(name, bytes) else str(name)
         info["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
         info["cuda_driver"] = cupy.cuda.runtime.driverGetVersion()
-    except Exception as exc:  # noqa: BLE001 - a report never fails on a broken optional package
+    except Exception as exc:  # a report never fails on a broken optional package
         info["cuda_device"] = f"unknown ({exc})"
 
 

@@ -9,8 +9,8 @@ CPU, copy bandwidth), times every op on the standard shapes on one backend again
 installed peer (torch with Numba's thread count, scipy.special, cupyx), then measures extra peak
 memory and first-call latency, prints Markdown tables (progress bar on stderr) and evaluates
 the performance targets of the benchmark configuration. ``--check`` turns a failed target into
-exit status 1. See ``nblosses bench --help``. Needs the ``bench`` extra: ``pip install 'nblosses[bench]'``; torch is
-optional.
+exit status 1. See ``nblosses bench --help``. Needs the ``bench`` extra:
+``pip install 'nblosses[bench]'``; torch is optional.
 
 ``nblosses info`` needs only the library (:mod:`nblosses._sysinfo`), never the benchmark
 harness. Heavy packages (numba kernels, torch, scipy, cupy, matplotlib, tqdm) are imported only

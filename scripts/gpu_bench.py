@@ -72,13 +72,17 @@ def time_torch(fn, iters: int) -> float:
     return statistics.median(ts)
 
 
+def _copy_ms(n: int, iters: int) -> float:
+    """Median ms of an ``n``-byte device-to-device copy; the buffers are freed on return."""
+    a = cupy.ones(n, cupy.uint8)
+    b = cupy.empty_like(a)
+    return time_cupy(lambda: b.data.copy_from_device_async(a.data, n), iters)
+
+
 def copy_bandwidth(iters: int) -> float:
     """Bytes read + written per second by a 1 GiB device-to-device copy."""
     n = 1 << 30
-    a = cupy.ones(n, cupy.uint8)
-    b = cupy.empty_like(a)
-    ms = time_cupy(lambda: b.data.copy_from_device_async(a.data, n), iters)
-    del a, b
+    ms = _copy_ms(n, iters)
     cupy.get_default_memory_pool().free_all_blocks()
     return 2 * n / (ms * 1e-3)
 
@@ -127,36 +131,50 @@ def safe(fn):
         return float("nan")
 
 
-def bench_softmax(shape, dt, iters, bw):
+# The bench_* functions time torch and nblosses in separate helpers: each helper's arrays are
+# freed when it returns, before the next one allocates (and before ``_free`` empties the pools).
+def _torch_softmax_ms(shape, dt, iters):
     xt = torch.randn(shape, device="cuda", dtype=TORCH_DT[dt])
-    t_ms = safe(lambda: time_torch(lambda: torch.softmax(xt, dim=1), iters))
-    del xt
+    return safe(lambda: time_torch(lambda: torch.softmax(xt, dim=1), iters))
+
+
+def _nbl_softmax(shape, dt, iters, bw, t_ms):
     xc, ndt = nbl_array(shape, dt)
     n_ms = safe(lambda: time_cupy(lambda: F.softmax(xc, dim=1), iters))
     nbytes = 2 * xc.nbytes
     row("softmax", shape, dt, ndt, t_ms, n_ms, nbytes, bw)
-    del xc
+
+
+def bench_softmax(shape, dt, iters, bw):
+    _nbl_softmax(shape, dt, iters, bw, _torch_softmax_ms(shape, dt, iters))
     _free()
 
 
-def bench_ce(kind, shape, dt, ls, iters, bw):
+def _torch_ce_ms(kind, shape, dt, ls, iters):
     n, c = shape
     xt = torch.randn(shape, device="cuda", dtype=TORCH_DT[dt])
     tt = torch.randint(0, c, (n,), device="cuda")
     if kind == "fwd":
-        t_ms = safe(lambda: time_torch(lambda: TF.cross_entropy(xt, tt, label_smoothing=ls),
+        return safe(lambda: time_torch(lambda: TF.cross_entropy(xt, tt, label_smoothing=ls),
                                        iters))
-    else:
-        xr = xt.clone().requires_grad_()
+    xr = xt.clone().requires_grad_()
 
-        def step():
-            xr.grad = None
-            TF.cross_entropy(xr, tt, label_smoothing=ls).backward()
+    def step():
+        xr.grad = None
+        TF.cross_entropy(xr, tt, label_smoothing=ls).backward()
 
-        t_ms = safe(lambda: time_torch(step, iters))
-        del xr
-    del xt, tt
+    return safe(lambda: time_torch(step, iters))
+
+
+def bench_ce(kind, shape, dt, ls, iters, bw):
+    t_ms = _torch_ce_ms(kind, shape, dt, ls, iters)
     torch.cuda.empty_cache()
+    _nbl_ce(kind, shape, dt, ls, iters, bw, t_ms)
+    _free()
+
+
+def _nbl_ce(kind, shape, dt, ls, iters, bw, t_ms):
+    n, c = shape
     xc, ndt = nbl_array(shape, dt)
     tc = cupy.random.randint(0, c, (n,)).astype(cupy.int64)
     want = kind != "fwd"
@@ -184,21 +202,25 @@ def bench_ce(kind, shape, dt, ls, iters, bw):
                                       iters))
         row(label + " (in-place)", shape, dt, ndt, t_ms, i_ms, nbytes, bw)
         del xi
-    del xc, tc
-    _free()
 
 
-def bench_bce_logits(shape, iters, bw):
+def _torch_bce_logits_ms(shape, iters):
     xt = torch.randn(shape, device="cuda")
     yt = torch.rand(shape, device="cuda")
-    t_ms = safe(lambda: time_torch(lambda: TF.binary_cross_entropy_with_logits(xt, yt), iters))
-    del xt, yt
-    torch.cuda.empty_cache()
+    return safe(lambda: time_torch(lambda: TF.binary_cross_entropy_with_logits(xt, yt), iters))
+
+
+def _nbl_bce_logits(shape, iters, bw, t_ms):
     xc = cupy.random.standard_normal(shape, dtype=cupy.float32)
     yc = cupy.random.random(shape, dtype=cupy.float32)
     n_ms = safe(lambda: time_cupy(lambda: F.binary_cross_entropy_with_logits(xc, yc), iters))
     row("bce_with_logits fwd (api)", shape, "fp32", "fp32", t_ms, n_ms, 2 * xc.nbytes, bw)
-    del xc, yc
+
+
+def bench_bce_logits(shape, iters, bw):
+    t_ms = _torch_bce_logits_ms(shape, iters)
+    torch.cuda.empty_cache()
+    _nbl_bce_logits(shape, iters, bw, t_ms)
     _free()
 
 

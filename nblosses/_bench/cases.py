@@ -314,22 +314,22 @@ def nblosses_callable(inputs: Inputs, backend: str = "cpu") -> Callable[[], Any]
     from nblosses import functional as F
 
     a, d, name = inputs.arrays, inputs.dim, inputs.op.name
-    kw = {"backend": backend}
+    b = backend
     table: dict[str, Callable[[], Any]] = {
-        "softmax": lambda: F.softmax(a["x"], d, **kw),
-        "log_softmax": lambda: F.log_softmax(a["x"], d, **kw),
-        "sigmoid": lambda: F.sigmoid(a["x"], **kw),
-        "softmax_backward": lambda: F.softmax_backward(a["g"], a["y"], d, **kw),
-        "log_softmax_backward": lambda: F.log_softmax_backward(a["g"], a["y"], d, **kw),
-        "sigmoid_backward": lambda: F.sigmoid_backward(a["g"], a["y"], **kw),
-        "cross_entropy": lambda: F.cross_entropy(a["x"], a["t"], **kw),
-        "cross_entropy_grad": lambda: F.cross_entropy(a["x"], a["t"], return_grad=True, **kw),
-        "nll_loss": lambda: F.nll_loss(a["x"], a["t"], **kw),
-        "nll_loss_grad": lambda: F.nll_loss(a["x"], a["t"], return_grad=True, **kw),
-        "bce": lambda: F.binary_cross_entropy(a["x"], a["y"], **kw),
-        "bce_grad": lambda: F.binary_cross_entropy(a["x"], a["y"], return_grad=True, **kw),
-        "bce_with_logits": lambda: F.binary_cross_entropy_with_logits(a["x"], a["y"], **kw),
+        "softmax": lambda: F.softmax(a["x"], d, backend=b),
+        "log_softmax": lambda: F.log_softmax(a["x"], d, backend=b),
+        "sigmoid": lambda: F.sigmoid(a["x"], backend=b),
+        "softmax_backward": lambda: F.softmax_backward(a["g"], a["y"], d, backend=b),
+        "log_softmax_backward": lambda: F.log_softmax_backward(a["g"], a["y"], d, backend=b),
+        "sigmoid_backward": lambda: F.sigmoid_backward(a["g"], a["y"], backend=b),
+        "cross_entropy": lambda: F.cross_entropy(a["x"], a["t"], backend=b),
+        "cross_entropy_grad": lambda: F.cross_entropy(a["x"], a["t"], return_grad=True, backend=b),
+        "nll_loss": lambda: F.nll_loss(a["x"], a["t"], backend=b),
+        "nll_loss_grad": lambda: F.nll_loss(a["x"], a["t"], return_grad=True, backend=b),
+        "bce": lambda: F.binary_cross_entropy(a["x"], a["y"], backend=b),
+        "bce_grad": lambda: F.binary_cross_entropy(a["x"], a["y"], return_grad=True, backend=b),
+        "bce_with_logits": lambda: F.binary_cross_entropy_with_logits(a["x"], a["y"], backend=b),
         "bce_with_logits_grad": lambda: F.binary_cross_entropy_with_logits(
-            a["x"], a["y"], return_grad=True, **kw),
+            a["x"], a["y"], return_grad=True, backend=b),
     }
     return table[name]

@@ -252,7 +252,7 @@ def _peer_calls(inputs: C.Inputs, ctx: _Ctx, rec: dict[str, Any]) -> tuple[dict,
                 continue
             psync = P.peer_sync(peer, ctx.backend)
             out, _ = _first_call(fn, psync)
-        except Exception as exc:  # noqa: BLE001 - a failing case is recorded, the run goes on
+        except Exception as exc:  # a failing case is recorded, the run goes on
             rec["peers"][peer] = {"error": _error_text(exc)}
             continue
         fns[peer] = (fn, psync)
@@ -272,7 +272,7 @@ def _run_case(op: str, shape: C.Shape, dtype: str, ctx: _Ctx) -> dict[str, Any]:
         rec["bytes_moved"], rec["input_bytes"] = inputs.nbytes_moved, inputs.nbytes_input
         ours = C.nblosses_callable(inputs, ctx.backend)
         ours_out, rec["first_call_in_process_s"] = _first_call(ours, ctx.sync)
-    except Exception as exc:  # noqa: BLE001 - a failing case is recorded, the run goes on
+    except Exception as exc:  # a failing case is recorded, the run goes on
         rec["error"] = _error_text(exc)
         ctx.bar.write(f"nblosses {op} {shape.label} {dtype}: {rec['error']}")
         return rec
@@ -285,7 +285,7 @@ def _run_case(op: str, shape: C.Shape, dtype: str, ctx: _Ctx) -> dict[str, Any]:
     try:
         times = timing.measure({"nblosses": (ours, ctx.sync), **fns}, repeat=config.repeat,
                                min_sample=config.min_sample, budget=config.budget)
-    except Exception as exc:  # noqa: BLE001 - a failing case is recorded, the run goes on
+    except Exception as exc:  # a failing case is recorded, the run goes on
         rec["error"] = _error_text(exc)
         return rec
     t = times.pop("nblosses")
@@ -309,7 +309,7 @@ def _run_memory(op: str, shape: C.Shape, dtype: str, ctx: _Ctx) -> dict[str, Any
         rec["input_bytes"] = inputs.nbytes_input
         rec["nblosses"] = memory.extra_peak(C.nblosses_callable(inputs, ctx.backend),
                                             backend=ctx.backend, sync=ctx.sync)
-    except Exception as exc:  # noqa: BLE001 - a failing case is recorded, the run goes on
+    except Exception as exc:  # a failing case is recorded, the run goes on
         rec["error"] = _error_text(exc)
         return rec
     if "torch" in ctx.peers:
@@ -317,7 +317,7 @@ def _run_memory(op: str, shape: C.Shape, dtype: str, ctx: _Ctx) -> dict[str, Any
             fn = P.peer_callable("torch", inputs, ctx.backend, ctx.cfg)
             if fn is not None:
                 rec["torch"] = memory.extra_peak(fn, backend=ctx.backend, peer="torch")
-        except Exception as exc:  # noqa: BLE001 - a failing case is recorded, the run goes on
+        except Exception as exc:  # a failing case is recorded, the run goes on
             rec["torch"] = {"error": _error_text(exc)}
     return rec
 
@@ -325,7 +325,7 @@ def _run_memory(op: str, shape: C.Shape, dtype: str, ctx: _Ctx) -> dict[str, Any
 def _run_first_call(op: str, ctx: _Ctx) -> dict[str, Any]:
     try:
         return firstcall.first_call(op, backend=ctx.backend)
-    except Exception as exc:  # noqa: BLE001 - a failing case is recorded, the run goes on
+    except Exception as exc:  # a failing case is recorded, the run goes on
         return {"op": op, "error": _error_text(exc)}
 
 
