@@ -162,8 +162,9 @@ def _linear_ce_materialised(be: Runtime, a: _args.LinearCEArgs, *, ignore_index:
     """torch's K-dimensional loss (``linear_weight`` ``(V, o1, ..., ok, d)``): the logits
     ``(N, V, o1, ..., ok)`` are formed (as torch does for it) and go through the fused
     cross-entropy kernel; the gradients are two more products."""
-    from . import functional as F
+    from . import functional
 
+    F: Any = functional  # called with canonical (already checked) arguments, typed as str
     lay, xp = a.layout, be.xp
     w_flat = a.w2.reshape(-1, lay.d)
     logits = (a.x2 @ w_flat.T).reshape(lay.n, lay.v, *lay.out_features)
