@@ -32,8 +32,9 @@ Class losses (``x3`` is ``(N, C, inner)``; a ``(C,)`` input arrives as ``(1, C, 
 the runtime's ``kernel_checks`` holds ``"class_index"``: then its kernels meet unchecked
 values, must never use one as an address, give that position a NaN loss and gradient, and
 record it for the runtime's ``poll_errors`` / ``synchronize``. ``p3`` holds class
-probabilities, same shape and dtype as ``x3``. ``weight`` is ``(C,)`` or ``None``. ``grad_output`` is ``None`` unless
-``want_grad``; then a Python float for reduced losses, an ``(N, inner)`` array for ``"none"``.
+probabilities, same shape and dtype as ``x3``. ``weight`` is ``(C,)`` or ``None``.
+``grad_output`` is ``None`` unless ``want_grad``; then a Python float for reduced losses, an
+``(N, inner)`` array for ``"none"``.
 ``grad_buffer`` is ``None`` or an ``(N, C, inner)`` array the gradient is written into; it may
 be ``x3`` itself (the kernel must then read each logit before overwriting it). The options
 beyond torch are passed only when not at their defaults: ``softcap`` ``c > 0`` replaces each
