@@ -32,6 +32,6 @@ def runtime(backend: Backend) -> Runtime:
     :func:`nblosses.synchronize` waits and raises.
     """
     return Runtime(backend, xp=cupy, asarray=cupy.asarray, kernels=KERNELS,
-                   kernel_checks={"class_index", "probability_range"},
+                   kernel_checks=frozenset({"class_index", "probability_range"}),
                    poll_errors=_device_errors.poll_errors,
                    synchronize=_device_errors.synchronize)
