@@ -12,7 +12,7 @@ import pytest
 
 numba = pytest.importorskip("numba")
 
-from nblosses.backends.cpu._math import JIT, fast_exp, fast_log  # noqa: E402
+from nblosses.backends.cpu._math import JIT, fast_exp, fast_log, fast_tanh  # noqa: E402
 
 
 @numba.njit(**JIT)
@@ -25,6 +25,12 @@ def _exp_all(x, out):
 def _log_all(x, out):
     for i in range(x.size):
         out[i] = fast_log(x[i])
+
+
+@numba.njit(**JIT)
+def _tanh_all(x, out):
+    for i in range(x.size):
+        out[i] = fast_tanh(x[i])
 
 
 def _ulps(actual, expected, dtype):
@@ -75,3 +81,24 @@ def test_fast_log_near_one_and_edges(dtype):
     edges = np.array([1.0, np.inf, np.nan], dtype)
     _log_all(edges, edges)
     assert edges[0] == 0.0 and edges[1] == np.inf and np.isnan(edges[2])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_tanh_within_four_ulp(dtype):
+    """Both sides of the switch from the series to (1 - e) / (1 + e) at |y| = 1/16."""
+    small = np.geomspace(1e-30, 30, 200_001)
+    x = np.concatenate([np.linspace(-30, 30, 400_001), small, -small]).astype(dtype)
+    out = np.empty_like(x)
+    _tanh_all(x, out)
+    ulps = _ulps(out, np.tanh(x.astype(np.float64)), dtype)
+    worst = int(np.argmax(ulps))
+    assert ulps[worst] <= 4.0, f"tanh({x[worst]!r}) = {out[worst]!r}: {ulps[worst]:.2f} ulp"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_tanh_edges(dtype):
+    x = np.array([np.inf, -np.inf, np.nan, 0.0, 1000.0, -1000.0], dtype)
+    out = np.empty_like(x)
+    _tanh_all(x, out)
+    assert out[0] == 1 and out[1] == -1 and np.isnan(out[2]) and out[3] == 0
+    assert out[4] == 1 and out[5] == -1

@@ -76,6 +76,7 @@ EXPECT = {
     "class_losses._vprob_sums": ("fma",),
     "class_losses._vprob_grad": ("fma",),
     "class_losses._vaxpy": ("fma",),
+    "class_losses._capped_row": ("fma", "div"),
     "binary_losses._bce": ("fma", "div"),
     "binary_losses._bce_logits": ("fma", "div"),
 }
@@ -130,6 +131,7 @@ def _examples(dtype):
         "class_losses._vprob_grad": (v, v.copy(), v.copy(), v.copy(), v.copy(), v.copy(),
                                      v.copy(), 1.0, 0.9, 0.1),
         "class_losses._vaxpy": (v, 1.0, v.copy()),
+        "class_losses._capped_row": (v, 5.0),
         "binary_losses._bce": (v, v.copy(), v.copy(), v.copy(), 0.0, v.copy(), v.copy(),
                                np.zeros(1)),
         "binary_losses._bce_logits": (v, v.copy(), v.copy(), v.copy(), v.copy(), 0.0, v.copy(),
