@@ -236,15 +236,18 @@ def test_gemm_uses_numpys_blas():
 
 
 @pytest.mark.parametrize(("n", "v", "d"), [(4096, 32000, 1024), (1024, 128256, 1024),
-                                           (10, 20, 3), (64, 4_000_000, 16)])
+                                           (10, 20, 3), (64, 4_000_000, 16),
+                                           (8192, 256_000, 8192), (1, 10, 4)])
 def test_plan_respects_budget(n, v, d):
     plan = G.plan_chunks(n, v, d)
     budget = max(G.MIN_BLOCK, min(G.BUDGET_FRACTION * n * v, G.MAX_BLOCK))
     assert 1 <= plan.rows <= n and 1 <= plan.cols <= v
     assert plan.rows * (plan.cols + d) <= budget or plan.rows == 1
     assert plan.split == (plan.cols < v)
-    if v * G.MIN_ROWS < budget / 2:
-        assert not plan.split  # one product per logit whenever the vocabulary fits
+    # one product per logit whenever enough rows of the whole vocabulary fit
+    assert plan.split == (budget // (v + d) < min(n, G.SPLIT_BELOW_ROWS))
+    if plan.split:
+        assert plan.rows == min(n, G.SPLIT_ROWS) or plan.cols >= G.MIN_SPLIT_COLS
 
 
 # ----------------------------------------------------------------------------- memory

@@ -52,8 +52,12 @@ MAX_BLOCK = 1 << 24
 #: ... but blocks of at least this many elements for small ones (BLAS calls of a few rows
 #: cost more in overhead than the memory saved).
 MIN_BLOCK = 1 << 16
-#: Rows a block should hold before the vocabulary is split into chunks too.
-MIN_ROWS = 16
+#: Fewer rows of the whole vocabulary than this per block: split the vocabulary instead ...
+SPLIT_BELOW_ROWS = 128
+#: ... into blocks of at most this many rows ...
+SPLIT_ROWS = 1024
+#: ... and at least this many columns (fewer rows for a very wide ``d``).
+MIN_SPLIT_COLS = 1024
 
 
 @dataclass(frozen=True)
@@ -72,20 +76,31 @@ def plan_chunks(n: int, v: int, d: int = 0, chunk_rows: int | None = None,
     costs ``cols + d`` elements: its logits and its transposed ``grad_x``).
 
     Policy: the whole vocabulary per block (one product per logit: the three matrix products
-    of the unchunked computation and no more) whenever ``MIN_ROWS`` rows of it fit the budget
-    ``clip(BUDGET_FRACTION * n * v, MIN_BLOCK, MAX_BLOCK)`` elements; then as many rows as fit.
-    Otherwise (huge vocabularies) ``MIN_ROWS`` rows and vocabulary chunks: the logits are then
-    computed twice (statistics pass, gradient pass). Explicit ``chunk_rows`` /
-    ``chunk_classes`` override either choice (clipped to ``[1, n]`` / ``[1, v]``).
+    of the unchunked computation and no more) whenever ``SPLIT_BELOW_ROWS`` rows of it (or
+    all ``n``) fit the budget ``clip(BUDGET_FRACTION * n * v, MIN_BLOCK, MAX_BLOCK)``
+    elements; then as many rows as fit. Otherwise ``SPLIT_ROWS`` rows (at most) and vocabulary
+    chunks: the logits are computed twice (statistics pass, gradient pass), but each product
+    has many rows and ``W`` / ``grad_W`` are streamed once per pass instead of once per small
+    row block. Measured (float32, 2 threads, OpenBLAS): at ``n=1024, d=1024, v=128256``
+    (45 rows of the whole vocabulary fit) 1024 rows x 4747 columns took 5.95 s against 8.34 s
+    for 45 rows x the whole vocabulary; at ``n=4096, d=1024, v=32000`` (178 rows fit) the
+    whole vocabulary per block is within 1.1x of torch's unchunked reference. Explicit
+    ``chunk_rows`` / ``chunk_classes`` override either choice (clipped to ``[1, n]`` /
+    ``[1, v]``).
     """
     n1, v1 = max(1, n), max(1, v)
     budget = max(MIN_BLOCK, min(int(BUDGET_FRACTION * n1 * v1), MAX_BLOCK))
     if chunk_classes is not None:
         cols = min(v1, max(1, int(chunk_classes)))
-    elif (v1 + d) * min(n1, MIN_ROWS) <= budget:
+    elif budget // (v1 + d) >= min(n1, SPLIT_BELOW_ROWS):
         cols = v1
     else:
-        cols = max(1, budget // min(n1, MIN_ROWS) - d)
+        # Few rows of the whole vocabulary fit: every row block would stream all of W (and
+        # read and write all of grad_W) once more. Many rows and vocabulary chunks instead.
+        rows = min(n1, SPLIT_ROWS, max(1, budget // (d + MIN_SPLIT_COLS)))
+        cols = min(v1, max(1, budget // rows - d))
+        if chunk_rows is None:
+            return Plan(rows, cols, cols < v1)
     rows = chunk_rows if chunk_rows is not None else budget // (cols + d)
     rows = min(n1, max(1, int(rows)))
     return Plan(rows, cols, cols < v1)
