@@ -21,7 +21,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._math import JIT, SUM_BLOCK, fast_exp, like, row_max, sum_exp
+from ._math import JIT, SUM_BLOCK, fast_exp, fast_tanh, like, row_max, sum_exp
 from ._parallel import parallel_kernel
 
 #: Columns per task of the column-sum (bias gradient) kernel.
@@ -38,7 +38,7 @@ def _prepare_row(row, bias, cap):
         capf = like(cap, row)
         inv = like(1.0 / cap, row)
         for c in range(row.size):
-            row[c] = capf * math.tanh(row[c] * inv)
+            row[c] = capf * fast_tanh(row[c] * inv)
 
 
 @njit(**JIT)
