@@ -128,7 +128,7 @@ def test_defaults_unchanged(layout):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_lse_out_without_gradient(layout):
     """lse_out is filled on the forward-only path too, and the loss is unaffected by asking."""
-    x, t, w = _data(LAYOUTS[layout], np.float64, weighted=False, probs=False)
+    x, t, _ = _data(LAYOUTS[layout], np.float64, weighted=False, probs=False)
     lse = np.empty(t.shape)
     common = dict(ignore_index=IGNORE, label_smoothing=0.0, reduction="sum", want_grad=False,
                   grad_output=None, grad_buffer=None)

@@ -176,7 +176,8 @@ def probes(tmp_path_factory):
     procs = {}
     for cpu in CPUS:
         cache = tmp_path_factory.mktemp(f"numba-cache-{cpu}")
-        env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(cache))
+        env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="",
+                   NUMBA_CACHE_DIR=str(cache))
         env.pop("PROBE_ONLY", None)
         procs[cpu] = subprocess.Popen([sys.executable, __file__], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)

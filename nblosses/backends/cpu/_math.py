@@ -123,7 +123,7 @@ def _horner(coeffs, ftype):
     expr = f"c{len(coeffs) - 1}"
     for k in reversed(range(len(coeffs) - 1)):
         expr = f"c{k} + r * ({expr})"
-    exec(f"def horner(r):\n    return {expr}\n", consts)  # noqa: S102 - source built above
+    exec(f"def horner(r):\n    return {expr}\n", consts)
     # Not inline="always": Numba-level inlining would compile it under the caller's flags
     # (reassociation would reorder Horner's rule); LLVM still inlines it, keeping these flags.
     return njit(fastmath={"contract"}, error_model="numpy")(consts["horner"])

@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import threading
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numba
 
 # Must be set before the first parallel kernel runs; an explicit NUMBA_THREADING_LAYER wins.
-if numba.config.THREADING_LAYER == "default":
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+if numba.config.THREADING_LAYER == "default":  # type: ignore[attr-defined]
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]  # type: ignore[attr-defined]
 
 _LOCK = threading.Lock()
 _NEEDS_LOCK: list[bool | None] = [None]

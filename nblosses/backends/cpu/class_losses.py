@@ -23,10 +23,28 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._blocks import (SMALL_C, TILE, block_stats, block_stats_store, block_task, n_blocks,
-                      tile_stats, vlog, width_for)
-from ._math import (JIT, JIT_EXACT, fast_exp, like, row_max, softcap_slope, softcapped, sum_exp,
-                    sum_exp_store)
+from ._blocks import (
+    SMALL_C,
+    TILE,
+    block_stats,
+    block_stats_store,
+    block_task,
+    n_blocks,
+    tile_stats,
+    vlog,
+    width_for,
+)
+from ._math import (
+    JIT,
+    JIT_EXACT,
+    fast_exp,
+    like,
+    row_max,
+    softcap_slope,
+    softcapped,
+    sum_exp,
+    sum_exp_store,
+)
 from ._parallel import guarded, parallel_kernel
 
 

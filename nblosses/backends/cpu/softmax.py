@@ -16,8 +16,21 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._blocks import (CHUNK, SMALL_C, TILE, block_stats, block_stats_store, block_task, n_blocks,
-                      tile_stats, vlog, vmul, vrecip, vshift, width_for)
+from ._blocks import (
+    CHUNK,
+    SMALL_C,
+    TILE,
+    block_stats,
+    block_stats_store,
+    block_task,
+    n_blocks,
+    tile_stats,
+    vlog,
+    vmul,
+    vrecip,
+    vshift,
+    width_for,
+)
 from ._math import JIT, JIT_EXACT, fast_exp, like, row_max, sum_exp, sum_exp_store
 from ._parallel import guarded, parallel_kernel
 
