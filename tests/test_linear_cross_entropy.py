@@ -254,9 +254,11 @@ def test_plan_respects_budget(n, v, d):
 MEM_N, MEM_D, MEM_V = 1024, 32, 6000
 
 
+@pytest.mark.parametrize("chunk_classes", [None, MEM_V], ids=["auto-split", "whole-vocab"])
 @pytest.mark.parametrize("probs", [False, True], ids=["index", "probs"])
-def test_extra_memory_under_five_percent_of_logits(probs):
-    """Peak traced allocation minus the returned arrays <= 5% of the N x V float32 logits."""
+def test_extra_memory_under_five_percent_of_logits(probs, chunk_classes):
+    """Peak traced allocation minus the returned arrays <= 5% of the N x V float32 logits
+    (at this shape the plan splits the vocabulary; forcing whole-vocabulary blocks too)."""
     r = rng(7)
     x = r.standard_normal((MEM_N, MEM_D), dtype=np.float32)
     w2 = r.standard_normal((MEM_V, MEM_D), dtype=np.float32) * 0.1
@@ -271,7 +273,8 @@ def test_extra_memory_under_five_percent_of_logits(probs):
         return linear_cross_entropy(x, w2, bias, target, None, ignore_index=IGNORE,
                                     label_smoothing=0.1, reduction="none", z_loss=1e-3,
                                     softcap=0.0, want_grad=True,
-                                    grad_output=np.ones(MEM_N, np.float32), want_lse=True)
+                                    grad_output=np.ones(MEM_N, np.float32), want_lse=True,
+                                    chunk_classes=chunk_classes)
 
     call()  # compile outside the measurement
     tracemalloc.start()
