@@ -20,8 +20,8 @@ import pytest
 
 pytest.importorskip("cupy")
 
-from nblosses.backends.cuda import _device_errors as E  # noqa: E402
-from nblosses.backends.cuda import _scratch as S  # noqa: E402
+from nblosses.backends.cuda import _device_errors as E
+from nblosses.backends.cuda import _scratch as S
 
 
 class FakeGPU:

@@ -51,7 +51,7 @@ _NBYTES = RECORD_WORDS * 8
 _D2H = 2  # cudaMemcpyDeviceToHost
 
 _LOCK = threading.Lock()
-_STATES: dict[int, "DeviceRecord"] = {}
+_STATES: dict[int, DeviceRecord] = {}
 
 
 def _cupy():
@@ -63,7 +63,7 @@ def _cupy():
 class DeviceRecord:
     """The error record of one device: device words, pinned host copy, completion event."""
 
-    __slots__ = ("device", "record", "host", "_pinned", "event", "pending")
+    __slots__ = ("_pinned", "device", "event", "host", "pending", "record")
 
     def __init__(self, device: int) -> None:
         cupy = _cupy()

@@ -105,7 +105,7 @@ def cached_config(nvec: int, ctype: str, vec: int) -> tuple[int, int, int] | Non
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_configs(ctype: str, vec: int) -> tuple[tuple[int, int, int], ...]:
     """Every configuration :func:`cached_config` can return for this type and width."""
     top = nv_max(ctype, vec)
@@ -242,7 +242,7 @@ def instantiations(source: str, ctype: str) -> list[str]:
     return list(_instantiations(source, ctype))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _instantiations(source: str, ctype: str) -> tuple[str, ...]:
     vecs = vec_choices(ctype)
     if source == "softmax.cu":
@@ -403,7 +403,7 @@ def param_kinds(family: str) -> tuple[str, ...]:
     return tuple("ptr" if "*" in ty else ty for _, ty in PARAMS[family])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _packer(family: str):
     import numpy as np
 

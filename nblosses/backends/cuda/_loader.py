@@ -31,8 +31,8 @@ from . import _kernels as K
 
 _DIR = Path(__file__).resolve().parent
 _LOCK = threading.RLock()
-_MODULES: dict[tuple[int, str, str, str], "cupy.RawModule"] = {}
-_KERNELS: dict[tuple[int, str, str, str], "cupy.RawKernel"] = {}
+_MODULES: dict[tuple[int, str, str, str], cupy.RawModule] = {}
+_KERNELS: dict[tuple[int, str, str, str], cupy.RawKernel] = {}
 
 _HALF_PRELUDE = {
     "__half": "#include <cuda_fp16.h>\n#define NBL_HAS_HALF 1\n",
@@ -41,7 +41,7 @@ _HALF_PRELUDE = {
 
 
 # ----------------------------------------------------------------------------- sources
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def read_source(filename: str) -> str:
     return (_DIR / filename).read_text()
 
@@ -65,7 +65,7 @@ def _nvrtc_major() -> int | None:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def include_dirs() -> tuple[str, ...]:
     """Folders holding ``cuda_fp16.h`` and ``cuda_bf16.h`` for the NVRTC in use."""
     env = os.environ.get("NBLOSSES_CUDA_INCLUDE")
@@ -135,7 +135,7 @@ def nvrtc_compile(filename: str, ctype: str, arch: str = "compute_90",
 
 
 # ----------------------------------------------------------------------------- runtime
-def _module(filename: str, dtype_name: str, name: str) -> "cupy.RawModule":
+def _module(filename: str, dtype_name: str, name: str) -> cupy.RawModule:
     ctype = K.ctype_of(dtype_name)
     if name not in K.instantiations(filename, ctype):
         raise KeyError(f"{name} is not an instantiation of {filename}")
@@ -143,7 +143,7 @@ def _module(filename: str, dtype_name: str, name: str) -> "cupy.RawModule":
                           name_expressions=[name])
 
 
-def kernel(filename: str, dtype, name: str) -> "cupy.RawKernel":
+def kernel(filename: str, dtype, name: str) -> cupy.RawKernel:
     """The compiled kernel ``name`` of ``filename`` for ``dtype`` on the current device.
 
     Compiled on first use, one instantiation per RawModule: NVRTC then spends 0.2-2 s on the
@@ -192,7 +192,7 @@ def launch(filename: str, dtype, name: str, grid: int, block: int, args: tuple) 
     kernel(filename, dtype, name)((int(grid),), (int(block),), args)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: int) -> int:
     return int(cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
 

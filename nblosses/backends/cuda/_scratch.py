@@ -23,8 +23,8 @@ import numpy as np
 from . import _kernels as K
 
 _LOCK = threading.Lock()
-_BUFFERS: dict[tuple[int, int], "Scratch"] = {}
-_CAPTURED: list["Scratch"] = []  # buffers referenced by captured graphs: never freed
+_BUFFERS: dict[tuple[int, int], Scratch] = {}
+_CAPTURED: list[Scratch] = []  # buffers referenced by captured graphs: never freed
 
 
 def max_blocks(sm_count: int) -> int:
@@ -35,7 +35,7 @@ def max_blocks(sm_count: int) -> int:
 class Scratch:
     """Device addresses of the partials, the prep scalars and the counter of one buffer."""
 
-    __slots__ = ("buf", "part", "scal", "counter")
+    __slots__ = ("buf", "counter", "part", "scal")
 
     def __init__(self, cupy: Any, blocks: int, stream: Any) -> None:
         words = 2 * blocks + 4 + 1  # partial pairs, scal[0:3] (+1 pad), counter (low 4 bytes)

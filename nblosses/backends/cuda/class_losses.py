@@ -10,7 +10,8 @@ be captured into a CUDA graph. Launches per call:
 - cross_entropy / cross_entropy_probs: one (loss, gradient and reduction fused: the kernel's
   last block sums the per-block partials in a fixed order, deterministic, and writes the 0-d
   result). Class indices with few long rows (fewer rows than resident blocks): two, each row
-  split across blocks (chunk statistics, then combine, loss and gradient), so every SM streams. With class indices, a small prep kernel (``class_prep``) runs first only when the
+  split across blocks (chunk statistics, then combine, loss and gradient), so every SM
+  streams. With class indices, a small prep kernel (``class_prep``) runs first only when the
   main kernel needs a global scalar before it writes gradients: ``mean`` with a gradient
   (``g / D``), or label smoothing with class weights (``W = sum(weight)``).
 - nll_loss: the gradient is zero-filled (``cudaMemsetAsync``), then one fused launch (plus the
