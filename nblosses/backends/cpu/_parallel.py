@@ -69,11 +69,13 @@ GRAIN = 32768
 class ParallelKernel:
     """A kernel compiled twice from one Python function: serially and with ``parallel=True``.
 
-    Calls run the parallel build when the first argument has at least ``GRAIN`` elements,
+    Calls run the parallel build when the first argument has at least ``grain`` elements,
     else the serial one (``prange`` is a plain ``range`` there).
     """
 
-    def __init__(self, py_func: Callable[..., Any], options: dict[str, Any]) -> None:
+    def __init__(self, py_func: Callable[..., Any], options: dict[str, Any],
+                 grain: int = GRAIN) -> None:
+        self.grain = grain
         serial_opts = {k: v for k, v in options.items() if k != "parallel"}
         self.parallel = numba.njit(**dict(serial_opts, parallel=True))(py_func)
         # Numba's on-disk cache keys entries by qualified name and bytecode, not by flags:
@@ -86,14 +88,16 @@ class ParallelKernel:
         functools.update_wrapper(self, py_func)
 
     def __call__(self, *args: Any) -> Any:
-        build = self.parallel if args[0].size >= GRAIN else self.serial
+        build = self.parallel if args[0].size >= self.grain else self.serial
         return build(*args)
 
 
-def parallel_kernel(**options: Any) -> Callable[[Callable[..., Any]], ParallelKernel]:
-    """Decorator: ``@parallel_kernel(**jit_options)`` builds a :class:`ParallelKernel`."""
+def parallel_kernel(grain: int = GRAIN,
+                    **options: Any) -> Callable[[Callable[..., Any]], ParallelKernel]:
+    """Decorator: ``@parallel_kernel(**jit_options)`` builds a :class:`ParallelKernel`;
+    ``grain``: the first argument's size from which the parallel build runs."""
 
     def deco(py_func: Callable[..., Any]) -> ParallelKernel:
-        return ParallelKernel(py_func, options)
+        return ParallelKernel(py_func, options, grain)
 
     return deco

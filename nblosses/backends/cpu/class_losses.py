@@ -47,9 +47,14 @@ from ._math import (
 )
 from ._parallel import guarded, parallel_kernel
 
-
 # ----------------------------------------------------------------------------- shared pieces
-@parallel_kernel(**JIT)
+#: The passes over targets alone do a load and a compare per position: below this many the
+#: thread pool's fork and join (and, on a busy machine, waiting for the second thread to be
+#: scheduled) cost more than the pass.
+TARGET_GRAIN = 1 << 20
+
+
+@parallel_kernel(grain=TARGET_GRAIN, **JIT)
 def _target_weight_sum(t, w, ignore):
     """torch's ``mean`` denominator: the summed weights (or count) of non-ignored targets."""
     total = 0.0
@@ -60,7 +65,7 @@ def _target_weight_sum(t, w, ignore):
     return total
 
 
-@parallel_kernel(**JIT)
+@parallel_kernel(grain=TARGET_GRAIN, **JIT)
 def _index_range(t):
     """``(min, max)`` of a flat int64 array in one parallel pass."""
     lo = t[0]
