@@ -800,6 +800,54 @@ def _binary_loss(op_: Op, v: dict, opts: dict) -> Any:
     return _reduce_rows(rows, reduction, denom, dtype, be, False), grad
 
 
+def _checked_targets_block(tb, n_classes: int, ignore_index: int, backend: str):
+    """A target chunk, after the class-index range check (raises when the chunk is computed)."""
+    be = resolve_backend(backend, tb)
+    t = be.asarray(tb)
+    _args.check_targets(be, t.astype(be.xp.int64).reshape(-1), n_classes, ignore_index)
+    return tb
+
+
+def _linear_ce(op: Op, v: dict, opts: dict) -> Any:
+    """Vocabulary-parallel linear cross-entropy (:mod:`nblosses._dask_linear_ce`): ``input``
+    chunked along the batch, ``linear_weight`` along the vocabulary."""
+    from . import _dask_linear_ce
+
+    name = _backend_name(v["backend"])
+    x, w, t = _as_dask(v["input"]), _as_dask(v["linear_weight"]), _as_dask(v["target"])
+    b, cw = _as_dask(v["linear_bias"]), _as_dask(v["weight"])
+    be = _backend_for(name, x, w, t, b, cw)
+    lay = _args.check_linear_ce(be, op.name, x, w, t, b, cw, opts["ignore_index"])
+    if lay.out_features or lay.squeeze:
+        raise NotImplementedError(f"{op.name}: dask arrays take (N, d) input and a (V, d) "
+                                  f"linear_weight (no K-dimensional loss, no single row)")
+    reduction = _args.reduction_from(None, None, v["reduction"])
+    ignore = -100 if opts["ignore_index"] is None else opts["ignore_index"]
+    cdt = _args.compute_dtype(be, x.dtype)
+    if lay.probs:
+        t = t.astype(cdt)
+    else:
+        t = t.astype(np.int64).map_blocks(_checked_targets_block, lay.v, ignore, name,
+                                          dtype=np.int64)
+    want_grad, want_lse = bool(v["return_grad"]), bool(v["return_lse"])
+    g = v["grad_output"]
+    if want_grad and reduction != "none":
+        g = _grad_scale(g, 1.0, be)
+    elif want_grad:
+        g = da.ones(lay.n, chunks=x.chunks[0], dtype=cdt) if g is None else _as_dask(g)
+    loss, lse, grads = _dask_linear_ce.linear_cross_entropy(
+        x.astype(cdt), w.astype(cdt), None if b is None else b.astype(cdt), t,
+        None if cw is None else cw.astype(cdt), ignore_index=ignore,
+        label_smoothing=opts["label_smoothing"], reduction=reduction, z_loss=opts["z_loss"],
+        softcap=opts["softcap"], want_grad=want_grad, grad_output=g, want_lse=want_lse)
+    out = [loss.astype(x.dtype)]
+    if want_grad:
+        out.append(tuple(None if a is None else a.astype(x.dtype) for a in grads))
+    if want_lse:
+        out.append(lse)
+    return out[0] if len(out) == 1 else tuple(out)
+
+
 def _by_name(fn):
     """Adapt a runner that takes the op's name."""
     return lambda op, v, opts: fn(op.name, v, opts)
@@ -812,6 +860,7 @@ _RUNNERS = {
     "activation_backward": _by_name(_sigmoid_backward),
     "class_loss": _class_loss,
     "binary_loss": _binary_loss,
+    "linear_ce": _linear_ce,
 }
 
 

@@ -158,3 +158,25 @@ def test_module_matches_torch_and_keeps_parameter_gradients():
                  "bias grad", kind="grad")
     bound = 1 / np.sqrt(D)
     assert np.abs(nn.LinearCrossEntropyLoss(D, V).linear_weight).max() <= bound
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_dask_arrays_vocabulary_parallel(reduction):
+    da = pytest.importorskip("dask.array")
+    import dask
+
+    x, w, b, t = _data("float64")
+    kw = dict(linear_bias=b, reduction=reduction, label_smoothing=0.1, return_grad=True,
+              return_lse=True)
+    ref = F.linear_cross_entropy(x, w, t, **kw)
+    lazy = F.linear_cross_entropy(da.from_array(x, chunks=(3, D)),
+                                  da.from_array(w, chunks=(4, D)), t, **kw)
+    (loss, grads, lse), = dask.compute(lazy)
+    assert_close(loss, ref[0], "float64", "dask loss")
+    assert_close(lse, ref[2], "float64", "dask lse")
+    for got, want in zip(grads, ref[1]):
+        assert_close(got, want, "float64", "dask grad", kind="grad")
+    bad = t.copy()
+    bad[0] = V + 3
+    with pytest.raises(IndexError, match=f"Target {V + 3}"):
+        dask.compute(F.linear_cross_entropy(da.from_array(x, chunks=(3, D)), w, bad))
