@@ -9,41 +9,11 @@
 from __future__ import annotations
 
 from . import backends as _backends  # noqa: F401  (registers "cpu" and "cuda" by name only)
-from . import functional, nn
-from ._registry import (
-    Backend,
-    Runtime,
-    available_backends,
-    get_backend,
-    get_validation,
-    register_backend,
-    set_backend,
-    set_validation,
-    synchronize,
-    unregister_backend,
-    use_backend,
-    use_validation,
-)
-from .errors import BackendUnavailableError, UnknownBackendError, UnsupportedOpError
+from . import errors, functional, nn
+from ._registry import *  # noqa: F403  (the public names are _registry.__all__)
+from ._registry import __all__ as _registry_all
+from .errors import *  # noqa: F403  (the public exceptions are errors.__all__)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Backend",
-    "BackendUnavailableError",
-    "Runtime",
-    "UnknownBackendError",
-    "UnsupportedOpError",
-    "available_backends",
-    "functional",
-    "get_backend",
-    "get_validation",
-    "nn",
-    "register_backend",
-    "set_backend",
-    "set_validation",
-    "synchronize",
-    "unregister_backend",
-    "use_backend",
-    "use_validation",
-]
+__all__ = ["functional", "nn", *_registry_all, *errors.__all__]

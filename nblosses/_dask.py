@@ -267,12 +267,18 @@ def _softmax_backward_finish(gb, yb, tb, op, axis, backend, out_dtype):
     return out.astype(out_dtype, copy=False)
 
 
-def _softmax_backward(op: str, v: dict, opts: dict) -> Array:
+def _backward_arrays(op: str, v: dict) -> tuple[str, Any, Any, Any]:
+    """``(backend name, backend, grad_output, output)`` of a backward call, checked."""
     name = _backend_name(v["backend"])
-    y, g = _as_dask(v["output"]), _as_dask(v["grad_output"])
+    g, y = _as_dask(v["grad_output"]), _as_dask(v["output"])
     _args.check_same_shape(op, g, y)
     be = _backend_for(name, g, y)
     _args.check_backward_dtypes(be, op, g, y)
+    return name, be, g, y
+
+
+def _softmax_backward(op: str, v: dict, opts: dict) -> Array:
+    name, be, g, y = _backward_arrays(op, v)
     d = _args.softmax_dim(op, y.ndim, v["dim"])
     g = g.rechunk(y.chunks)
     ind = _letters(y.ndim)
@@ -295,11 +301,7 @@ def _sigmoid_backward_block(gb, yb, backend):
 
 
 def _sigmoid_backward(op: str, v: dict, opts: dict) -> Array:
-    name = _backend_name(v["backend"])
-    g, y = _as_dask(v["grad_output"]), _as_dask(v["output"])
-    _args.check_same_shape(op, g, y)
-    be = _backend_for(name, g, y)
-    _args.check_backward_dtypes(be, op, g, y)
+    name, be, g, y = _backward_arrays(op, v)
     y = y.rechunk(g.chunks)
     ind = _letters(g.ndim)
     return da.blockwise(_sigmoid_backward_block, ind, g, ind, y, ind, name, None,

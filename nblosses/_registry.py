@@ -42,15 +42,14 @@ from typing import Any, ClassVar, cast
 
 from .errors import BackendUnavailableError, UnknownBackendError, UnsupportedOpError
 
+# The public names (re-exported by the package); load / resolve_backend are the front end's.
 __all__ = [
     "Backend",
     "Runtime",
     "available_backends",
     "get_backend",
     "get_validation",
-    "load",
     "register_backend",
-    "resolve_backend",
     "set_backend",
     "set_validation",
     "synchronize",
