@@ -199,10 +199,12 @@ def _add_bench_parser(sub: Any) -> None:
                    help="smaller shapes, fewer repeats (CI, smoke tests)")
     p.add_argument("--dtype", default="float32",
                    help="float32 (default), float64, a comma list, or 'all'")
-    p.add_argument("--ops", default=None, help="comma list of ops and groups (default: all)")
+    p.add_argument("--ops", default=None,
+                   help="comma list of ops and groups (default: all, the slow ops excepted)")
     p.add_argument("--shapes", default=None,
                    help="shape labels, reduced axis in brackets: '4096x[1000],32x[21]x4096' "
-                        "(separate with ';' to use ',' inside labels)")
+                        "(separate with ';' to use ',' inside labels); slow ops keep their own "
+                        "NxDx[V] shapes")
     p.add_argument("--repeat", type=int, default=None,
                    help="samples per timing (default 7, --quick 3)")
     p.add_argument("--stat", choices=["median", "min"], default="median",
@@ -211,10 +213,12 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="Numba (and torch) threads (default: Numba's default)")
     p.add_argument("--peers", default=None,
-                   help="comma list among torch, scipy, cupyx, or 'none' (default: installed)")
+                   help="comma list among torch, torch_chunked, scipy, cupyx, or 'none' "
+                        "(default: installed)")
     p.add_argument("--memory", default="default", metavar="OPS",
                    help="ops to measure extra peak memory for: default "
-                        "(cross_entropy, cross_entropy_grad), all, none, or a comma list")
+                        "(cross_entropy, cross_entropy_grad, linear_cross_entropy_grad when "
+                        "selected), all, none, or a comma list")
     p.add_argument("--first-call", default="default", metavar="OPS",
                    help="ops to measure first-call latency for: default (softmax, log_softmax, "
                         "cross_entropy, cross_entropy_grad), all, none, or a comma list")
@@ -238,10 +242,12 @@ def _add_bench_parser(sub: Any) -> None:
 def _ops_help() -> str:
     """The op names and groups for ``bench --help``; the harness may be absent."""
     try:
-        from nblosses._bench.cases import OP_GROUPS, OPS
+        from nblosses._bench.cases import OP_GROUPS, OPS, SLOW_OPS
     except ImportError:
         return "(the benchmark harness nblosses._bench is not installed)"
-    return "ops: " + ", ".join(OPS) + "\ngroups: " + ", ".join(OP_GROUPS)
+    return ("ops: " + ", ".join(OPS) + "\ngroups: " + ", ".join(OP_GROUPS)
+            + "\nslow ops (seconds per call; in no group, run only when named, on their own "
+              "shapes, smaller with --quick): " + ", ".join(SLOW_OPS))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -213,6 +213,36 @@ def test_cli_imports_nothing_heavy():
     assert proc.stdout.strip() == "[]"
 
 
+def test_bench_quick_linear_cross_entropy(tmp_path):
+    """The slow op runs alone on its quick shape against both torch peers, memory included."""
+    js = tmp_path / "lce.json"
+    op = "linear_cross_entropy_grad"
+    proc = run_cli("bench", "--quick", "--ops", op, "--json", str(js), "--no-progress",
+                   timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert op in proc.stdout and "vs torch_chunked" in proc.stdout
+    out = json.loads(js.read_text())
+    quick = [s.label for s in C.SLOW_OPS[op].quick_shapes]
+    rows = out["results"]
+    assert [r["shape"] for r in rows] == quick
+    for r in rows:
+        assert "error" not in r, r
+        assert r["op"] == op and r["time_s"] > 0
+        assert set(r["peers"]) == {"torch", "torch_chunked"}, r["peers"]
+        for v in r["peers"].values():
+            assert "error" not in v and v["ratio"] == pytest.approx(v["time_s"] / r["time_s"])
+        # loss and both gradients agree with torch's reference (no bias: no bias gradient)
+        assert r["check"]["peer"] == "torch" and r["check"]["ok"], r["check"]
+    mem = out["memory"]
+    assert [m["shape"] for m in mem] == quick
+    for m in mem:
+        assert "error" not in m, m
+        assert m["nblosses"]["traced"] > 0 and "torch" in m and "torch_chunked" in m
+    names = [t["target"] for t in out["summary"]["targets"]]
+    assert len([n for n in names if n.startswith(op)]) == 3, names
+    assert not out["first_call"]  # not in the configuration's first-call ops
+
+
 # ----------------------------------------------------------------------------- pieces
 def test_shape_labels_round_trip():
     for s in (*C.SHAPES, *C.QUICK_SHAPES, *C.TINY_SHAPES):
@@ -233,6 +263,31 @@ def test_parse_ops():
     assert set(C.parse_ops("losses")) >= {"cross_entropy", "bce_grad"}
     with pytest.raises(ValueError):
         C.parse_ops("softmax,nope")
+
+
+@pytest.mark.parametrize("slow", list(C.SLOW_OPS))
+def test_slow_ops_only_when_named(slow):
+    """Seconds-per-call ops stay out of the default run and of every group, `targets` too."""
+    assert slow not in C.parse_ops(None)
+    for group in C.OP_GROUPS:
+        assert slow not in C.parse_ops(group), group
+    assert C.parse_ops(f"softmax,{slow}") == ["softmax", slow]
+    op = C.lookup_op(slow)
+    assert op.own_shapes(quick=False) and op.own_shapes(quick=True)
+    big = max(s.size for s in op.own_shapes(quick=False))
+    assert all(s.size < big for s in op.own_shapes(quick=True))
+
+
+def test_linear_inputs_layout():
+    inputs = C.make_inputs("linear_cross_entropy_grad", "6x4x[10]")
+    a = inputs.arrays
+    assert a["x"].shape == (6, 4) and a["w"].shape == (10, 4) and a["t"].shape == (6,)
+    assert 0 <= a["t"].min() and a["t"].max() < 10
+    assert inputs.nbytes_input == 6 * 10 * 4  # the N x V logits: base of memory percentages
+    loss, grads = C.nblosses_callable(inputs)()
+    assert np.isfinite(loss) and grads[0].shape == (6, 4) and grads[1].shape == (10, 4)
+    with pytest.raises(ValueError):
+        C.make_inputs("linear_cross_entropy_grad", "6x[10]")
 
 
 @pytest.mark.parametrize("op", list(C.OPS))
@@ -275,10 +330,10 @@ def test_packaged_config_is_valid():
     cfg = K.load()
     assert set(K.KINDS) == set(targets._KINDS)
     assert {t["kind"] for t in cfg["targets"]} == set(K.KINDS)
-    assert set(cfg["peers"]) == {"torch", "scipy", "cupyx"}
+    assert set(cfg["peers"]) == {"torch", "torch_chunked", "scipy", "cupyx"}
     for spec in cfg["targets"]:
         for op in spec.get("ops", []) if spec.get("ops") != "*" else []:
-            assert op in C.OPS, spec
+            assert op in C.OPS or op in C.SLOW_OPS, spec
 
 
 def _fake_run(ratios, l2=1 << 20):

@@ -16,7 +16,11 @@ How each op family uses a shape:
   axis is dim 1, so a shape whose class axis is the last of three or more dims is flattened to
   ``(-1, C)`` (``8x1024x[1024]`` -> logits ``(8192, 1024)``, targets ``(8192,)``);
   ``32x[21]x4096`` -> logits ``(32, 21, 4096)``, targets ``(32, 4096)``;
-- elementwise ops (sigmoid, binary losses): only the size matters.
+- elementwise ops (sigmoid, binary losses): only the size matters;
+- linear cross-entropy (``kind="linear"``): ``NxDx[V]`` is ``N`` rows of ``D`` features and a
+  vocabulary of ``V`` classes (input ``(N, D)``, linear weight ``(V, D)``, targets ``(N,)``).
+  These ops take seconds per call on a laptop CPU, so they are :data:`SLOW_OPS`: in no group,
+  run only when named, always on their own shapes (``Op.shapes`` / ``Op.quick_shapes``).
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ __all__ = [
     "OPS",
     "QUICK_SHAPES",
     "SHAPES",
+    "SLOW_OPS",
     "Inputs",
     "Op",
     "Shape",
+    "lookup_op",
     "make_inputs",
     "nblosses_callable",
     "parse_ops",
@@ -148,8 +154,10 @@ class Op:
     """One benchmarked operation.
 
     ``kind`` is ``"softmax"`` (reduces along the shape's axis), ``"class"`` (class-index
-    losses) or ``"elementwise"``. ``grad`` marks forward+gradient ops (``return_grad=True``,
-    compared with torch forward+backward) and the explicit backward functions.
+    losses), ``"linear"`` (linear layer + cross-entropy) or ``"elementwise"``. ``grad`` marks
+    forward+gradient ops (``return_grad=True``, compared with torch forward+backward) and the
+    explicit backward functions. ``shapes`` / ``quick_shapes``, when set, replace the run's
+    shapes for this op (its inputs are not arrays of one shape).
     """
 
     name: str
@@ -160,6 +168,12 @@ class Op:
     torch_ref: str
     scipy: bool = False
     tags: tuple[str, ...] = field(default=())
+    shapes: tuple[Shape, ...] = field(default=())
+    quick_shapes: tuple[Shape, ...] = field(default=())
+
+    def own_shapes(self, quick: bool) -> tuple[Shape, ...]:
+        """The op's own shapes (``()``: the op runs on the run's shapes)."""
+        return self.quick_shapes if quick and self.quick_shapes else self.shapes
 
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -183,6 +197,20 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("bce_with_logits_grad", "elementwise", True, "bce_with_logits fwd+grad",
        "F.binary_cross_entropy_with_logits + autograd.grad"),
 )}
+
+#: Ops run only when named in ``--ops`` (in no group): each call takes seconds.
+SLOW_OPS: dict[str, Op] = {op.name: op for op in (
+    Op("linear_cross_entropy_grad", "linear", True,
+       "linear_cross_entropy fwd+grad (mean)", "F.linear + F.cross_entropy + autograd.grad",
+       shapes=(Shape((4096, 1024, 32000), 2), Shape((1024, 1024, 128256), 2)),
+       quick_shapes=(Shape((256, 128, 4096), 2),)),
+)}
+
+
+def lookup_op(name: str) -> Op:
+    """The :class:`Op` called ``name``, default or slow (``KeyError`` when there is none)."""
+    return OPS[name] if name in OPS else SLOW_OPS[name]
+
 
 #: Named groups accepted by ``--ops`` besides single op names.
 OP_GROUPS: dict[str, tuple[str, ...]] = {
@@ -208,8 +236,9 @@ def parse_ops(text: str | None) -> list[str]:
             continue
         names = OP_GROUPS.get(item, (item,))
         for name in names:
-            if name not in OPS:
-                raise ValueError(f"unknown op {name!r}; choose from {', '.join(OPS)} or "
+            if name not in OPS and name not in SLOW_OPS:
+                raise ValueError(f"unknown op {name!r}; choose from {', '.join(OPS)}, "
+                                 f"{', '.join(SLOW_OPS)} (slow: only when named) or "
                                  f"the groups {', '.join(OP_GROUPS)}")
             if name not in out:
                 out.append(name)
@@ -250,7 +279,7 @@ def _log_softmax_np(x: np.ndarray, axis: int) -> np.ndarray:
 def make_inputs(op: str | Op, shape: str | Shape, dtype: str = "float32",
                 seed: int = 0) -> Inputs:
     """Deterministic NumPy inputs for ``op`` on ``shape``."""
-    op = OPS[op] if isinstance(op, str) else op
+    op = lookup_op(op) if isinstance(op, str) else op
     shape = parse_shape(shape)
     dt = np.dtype(dtype)
     rng = np.random.default_rng(seed)
@@ -273,6 +302,9 @@ def make_inputs(op: str | Op, shape: str | Shape, dtype: str = "float32",
         g = normal(shape.dims, 1.0)
         return Inputs(op, shape, dtype, {"g": g, "y": y.astype(dt, copy=False)}, shape.axis,
                       3 * n, n)
+
+    if op.kind == "linear":
+        return _linear_inputs(op, shape, dtype, normal, rng)
 
     if op.kind == "class":
         xshape, tshape = shape.class_layout()
@@ -308,6 +340,22 @@ def make_inputs(op: str | Op, shape: str | Shape, dtype: str = "float32",
     return Inputs(op, shape, dtype, arrays, -1, moved, n)
 
 
+def _linear_inputs(op: Op, shape: Shape, dtype: str, normal: Callable[..., np.ndarray],
+                   rng: np.random.Generator) -> Inputs:
+    """``N x D x [V]``: input ``(N, D)``, linear weight ``(V, D)``, class indices ``(N,)``."""
+    if len(shape.dims) != 3 or shape.axis != 2:
+        raise ValueError(f"linear cross-entropy shapes are NxDx[V], got {shape.label}")
+    n, d, v = shape.dims
+    x = normal((n, d), 1.0)
+    w = normal((v, d), 1.0 / math.sqrt(d))  # logits of unit scale, as after a trained layer
+    t = rng.integers(0, v, size=(n,), dtype=np.int64)
+    item = x.itemsize
+    # An ideal kernel reads input, weight and targets and writes both gradients once; the
+    # N x V logits it never stores are the base of the memory percentages.
+    moved = 2 * (x.nbytes + w.nbytes) + t.nbytes
+    return Inputs(op, shape, dtype, {"x": x, "w": w, "t": t}, 1, moved, n * v * item)
+
+
 # ----------------------------------------------------------------------------- nblosses calls
 def nblosses_callable(inputs: Inputs, backend: str = "cpu") -> Callable[[], Any]:
     """A zero-argument function that runs the op once with nblosses (public API only)."""
@@ -331,5 +379,7 @@ def nblosses_callable(inputs: Inputs, backend: str = "cpu") -> Callable[[], Any]
         "bce_with_logits": lambda: F.binary_cross_entropy_with_logits(a["x"], a["y"], backend=b),
         "bce_with_logits_grad": lambda: F.binary_cross_entropy_with_logits(
             a["x"], a["y"], return_grad=True, backend=b),
+        "linear_cross_entropy_grad": lambda: F.linear_cross_entropy(
+            a["x"], a["w"], a["t"], return_grad=True, backend=b),
     }
     return table[name]

@@ -11,6 +11,10 @@ torch runs with as many intra-op threads as Numba (:func:`match_torch_threads`),
 comparison is like for like. Gradient ops are compared with what torch users run:
 ``F.cross_entropy`` then ``torch.autograd.grad`` (forward + backward), and torch's own backward
 kernels (``aten._softmax_backward_data``...) for the explicit backward functions.
+Linear cross-entropy is compared with two torch peers: ``torch``, the reference users write
+(``F.linear`` + ``F.cross_entropy``, gradients of input and weight by autograd), and
+``torch_chunked``, torch's own ``F.linear_cross_entropy`` on its chunked path
+(``options=torch.nn.LinearCrossEntropyOptions()``), which never stores the logits.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def _installed(module: str) -> bool:
 
 def _usable(peer: str, backend: str) -> bool:
     """Whether an installed peer can run on ``backend``'s device here."""
-    if peer == "torch" and backend != "cpu":
+    if peer.startswith("torch") and backend != "cpu":
         import torch
 
         return bool(torch.cuda.is_available())
@@ -73,7 +77,7 @@ def peer_sync(peer: str, backend: str) -> Callable[[], None] | None:
     """The device synchronisation to put inside the timed region (``None`` on the CPU)."""
     if backend == "cpu":
         return None
-    if peer == "torch":
+    if peer.startswith("torch"):
         import torch
 
         return torch.cuda.synchronize
@@ -98,16 +102,56 @@ def peer_callable(peer: str, inputs: Inputs, backend: str = "cpu",
     return _CALLABLES[peer](inputs, backend)
 
 
-def _torch_callable(inputs: Inputs, backend: str) -> Callable[[], Any] | None:
+def _torch_tensors(inputs: Inputs, backend: str) -> dict[str, Any]:
+    """``inputs.arrays`` as torch tensors sharing their memory (no copies)."""
     import torch
-    import torch.nn.functional as F
 
     def tensor(a: Any) -> Any:
         if backend == "cpu":
             return torch.from_numpy(a)
         return torch.as_tensor(a, device="cuda")  # __cuda_array_interface__: no copy
 
-    a = {k: tensor(v) for k, v in inputs.arrays.items()}
+    return {k: tensor(v) for k, v in inputs.arrays.items()}
+
+
+def _linear_ce_grad(a: dict[str, Any], options: Any) -> Callable[[], Any]:
+    """Loss and the gradients of input and linear weight, by autograd.
+
+    ``options=None``: the reference ``F.linear`` + ``F.cross_entropy`` (logits materialised);
+    else ``F.linear_cross_entropy(..., options=options)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = a["x"].detach().requires_grad_(True)
+    w = a["w"].detach().requires_grad_(True)
+    t = a["t"]
+
+    def run() -> Any:
+        if options is None:
+            loss = F.cross_entropy(F.linear(x, w), t)
+        else:
+            loss = F.linear_cross_entropy(x, w, t, options=options)
+        gx, gw = torch.autograd.grad(loss, (x, w))
+        return loss.detach(), (gx, gw)
+
+    return run
+
+
+def _torch_chunked_callable(inputs: Inputs, backend: str) -> Callable[[], Any] | None:
+    import torch
+
+    if inputs.op.kind != "linear":
+        return None
+    return _linear_ce_grad(_torch_tensors(inputs, backend),
+                           torch.nn.LinearCrossEntropyOptions())
+
+
+def _torch_callable(inputs: Inputs, backend: str) -> Callable[[], Any] | None:
+    import torch
+    import torch.nn.functional as F
+
+    a = _torch_tensors(inputs, backend)
     d, name = inputs.dim, inputs.op.name
 
     def with_grad(loss_fn: Callable[[Any], Any], x: Any) -> Callable[[], Any]:
@@ -151,6 +195,8 @@ def _torch_callable(inputs: Inputs, backend: str) -> Callable[[], Any] | None:
         return lambda: F.binary_cross_entropy_with_logits(a["x"], a["y"])
     if name == "bce_with_logits_grad":
         return with_grad(lambda x: F.binary_cross_entropy_with_logits(x, a["y"]), a["x"])
+    if name == "linear_cross_entropy_grad":
+        return _linear_ce_grad(a, None)
     return None
 
 
@@ -180,5 +226,6 @@ def _cupyx_callable(inputs: Inputs, backend: str) -> Callable[[], Any] | None:
 
 #: How each peer is called; which ops and backends it covers is in the configuration.
 _CALLABLES: dict[str, Callable[[Inputs, str], Callable[[], Any] | None]] = {
-    "torch": _torch_callable, "scipy": _scipy_callable, "cupyx": _cupyx_callable,
+    "torch": _torch_callable, "torch_chunked": _torch_chunked_callable,
+    "scipy": _scipy_callable, "cupyx": _cupyx_callable,
 }

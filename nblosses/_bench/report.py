@@ -126,6 +126,9 @@ def format_memory(out: dict[str, Any]) -> str:
         header = ["op", "shape", "dtype", "input MB", "output MB", "ours extra % (device)",
                   "torch extra % (device)"]
         keys = [("nblosses", "device"), ("torch", "device")]
+    if any("torch_chunked" in m for m in mem):  # linear cross-entropy: torch's chunked path
+        header.append(f"torch_chunked extra % ({keys[-1][1]})")
+        keys.append(("torch_chunked", keys[-1][1]))
     rows = []
     for m in mem:
         if "error" in m:

@@ -73,6 +73,8 @@ def _to_numpy(a: Any) -> np.ndarray:
 
 
 def _flatten(result: Any) -> list[np.ndarray]:
+    if result is None:  # an absent output (no bias -> no bias gradient)
+        return []
     if isinstance(result, (tuple, list)):
         return [x for r in result for x in _flatten(r)]
     return [_to_numpy(result).astype(np.float64, copy=False)]
@@ -158,6 +160,11 @@ def _selected(ops: list[str] | None, default: list[str], chosen: list[str]) -> l
     return [o for o in (ops if ops is not None else default) if o in chosen]
 
 
+def _shapes_of(op: str, config: BenchConfig) -> list[C.Shape]:
+    """The op's own shapes when it has some (linear cross-entropy), else the run's."""
+    return list(C.lookup_op(op).own_shapes(config.quick)) or list(config.shapes)
+
+
 def _meta(ctx: _Ctx, info: dict[str, Any], copy: dict[str, Any]) -> dict[str, Any]:
     c = ctx.config
     machine = {k: info.get(k) for k in (
@@ -193,15 +200,17 @@ def run(config: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     copy = timing.copy_bandwidth(config.backend, config.copy_bytes)
     mem_ops = _selected(config.memory_ops, cfg["memory_ops"], config.ops)
     fc_ops = _selected(config.first_call_ops, cfg["first_call_ops"], config.ops)
-    cases = [(d, o, s) for d in config.dtypes for o in config.ops for s in config.shapes]
-    bar = _Progress(len(cases) + len(mem_ops) * len(config.shapes) + len(fc_ops), progress)
+    cases = [(d, o, s) for d in config.dtypes for o in config.ops
+             for s in _shapes_of(o, config)]
+    mems = [(o, s) for o in mem_ops for s in _shapes_of(o, config)]
+    bar = _Progress(len(cases) + len(mems) + len(fc_ops), progress)
     ctx = _Ctx(config, cfg, xp, sync, peer_names, copy["gbps"], bar)
     meta = _meta(ctx, info, copy)
     try:
         results = [_step(bar, f"{o} {s.label} {d}", _run_case, o, s, d, ctx)
                    for d, o, s in cases]
         mem = [_step(bar, f"memory {o} {s.label}", _run_memory, o, s, config.dtypes[0], ctx)
-               for o in mem_ops for s in config.shapes]
+               for o, s in mems]
         first = [_step(bar, f"first call {o} (cold + warm)", _run_first_call, o, ctx)
                  for o in fc_ops]
     finally:
@@ -312,13 +321,13 @@ def _run_memory(op: str, shape: C.Shape, dtype: str, ctx: _Ctx) -> dict[str, Any
     except Exception as exc:  # a failing case is recorded, the run goes on
         rec["error"] = _error_text(exc)
         return rec
-    if "torch" in ctx.peers:
+    for peer in (p for p in ("torch", "torch_chunked") if p in ctx.peers):
         try:
-            fn = P.peer_callable("torch", inputs, ctx.backend, ctx.cfg)
+            fn = P.peer_callable(peer, inputs, ctx.backend, ctx.cfg)
             if fn is not None:
-                rec["torch"] = memory.extra_peak(fn, backend=ctx.backend, peer="torch")
+                rec[peer] = memory.extra_peak(fn, backend=ctx.backend, peer="torch")
         except Exception as exc:  # a failing case is recorded, the run goes on
-            rec["torch"] = {"error": _error_text(exc)}
+            rec[peer] = {"error": _error_text(exc)}
     return rec
 
 
