@@ -85,9 +85,10 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _cpu_peak(fn: Callable[[], Any]) -> dict[str, Any]:
+def _cpu_peak(fn: Callable[[], Any], warmed: bool) -> dict[str, Any]:
     _fix_malloc()
-    fn()  # one-off costs out of the way
+    if not warmed:
+        fn()  # one-off costs out of the way
     gc.collect()
     started = not tracemalloc.is_tracing()
     if started:
@@ -151,10 +152,14 @@ def _torch_cuda_peak(fn: Callable[[], Any]) -> dict[str, Any]:
 
 
 def extra_peak(fn: Callable[[], Any], *, backend: str = "cpu", peer: str | None = None,
-               sync: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Peak memory one call of ``fn`` adds (bytes), measured as the module docstring says."""
+               sync: Callable[[], None] | None = None, warmed: bool = False) -> dict[str, Any]:
+    """Peak memory one call of ``fn`` adds (bytes), measured as the module docstring says.
+
+    ``warmed``: the op already ran in this process (its one-off costs are paid), so the CPU
+    measurement skips the untimed first call (for ops that take seconds per call).
+    """
     if backend == "cpu":
-        return _cpu_peak(fn)
+        return _cpu_peak(fn, warmed)
     if peer == "torch":
         return _torch_cuda_peak(fn)
     return _cupy_peak(fn, sync)
