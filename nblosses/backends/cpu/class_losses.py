@@ -201,6 +201,15 @@ def _capped_block(xb, cap):
 
 
 @njit(**JIT)
+def _block_source(x, o, j0, wd, cap):
+    """``(src, sj0)``: the block's logits are ``src[:, sj0:sj0 + wd]``: ``x[o]`` itself, or with
+    a soft cap their capped copy (a ``(C, wd)`` scratch of this task)."""
+    if cap is None:
+        return x[o], j0
+    return _capped_block(x[o, :, j0:j0 + wd], cap), 0
+
+
+@njit(**JIT)
 def _vcap_slope(gc, xcap, cap):
     """``gc *= 1 - (xcap / cap)^2``: the soft cap's slope from the capped logits."""
     c = like(cap, gc)
@@ -355,11 +364,7 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width, z, ca
     total = 0.0
     for task in prange(n * nblk):
         o, j0, wd = block_task(task, nblk, width, inner)
-        # src[:, sj0:sj0+wd]: the block's logits, or their soft-capped copy ((C, wd) scratch).
-        if cap is None:
-            src, sj0 = x[o], j0
-        else:
-            src, sj0 = _capped_block(x[o, :, j0:j0 + wd], cap), 0
+        src, sj0 = _block_source(x, o, j0, wd, cap)
         # x_t and sum_c w_c x_c first: an in-place gradient overwrites the logits below.
         x_t = _block_targets(src, t[o, j0:j0 + wd], ignore, sj0)
         # Scratch (x_t, m, s, ls, swx with smoothing, a, cs, b with a gradient) is the only
@@ -558,11 +563,7 @@ def _ce_probs_blocks(x, y, w, eps, g, g_scalar, out, gx, width, z, cap, lse_out)
     total = 0.0
     for task in prange(n * nblk):
         o, j0, wd = block_task(task, nblk, width, inner)
-        # src[:, sj0:sj0+wd]: the block's logits, or their soft-capped copy (as in _ce_blocks).
-        if cap is None:
-            src, sj0 = x[o], j0
-        else:
-            src, sj0 = _capped_block(x[o, :, j0:j0 + wd], cap), 0
+        src, sj0 = _block_source(x, o, j0, wd, cap)
         yo = y[o]
         m = np.empty(wd, x.dtype)
         s = np.empty(wd, x.dtype)
