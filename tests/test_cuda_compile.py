@@ -91,13 +91,24 @@ def test_nvrtc_compiles_optimised(src, ct):
     assert all(v in _entries(ptx) for v in lowered.values())
 
 
-@pytest.mark.parametrize("ct,ld", [("float", r"v4\.f32"), ("__half", r"v4\.(u32|b32)"),
-                                   ("double", r"v2\.f64")])
-def test_vector_instantiations_use_16_byte_loads(ct, ld):
+def _softmax_row_name(ct: str) -> tuple[str, str]:
     vec = K.vec_width(ct)
-    name = K.softmax_cached(ct, vec, 32, K.nv_max(ct, vec), K.ROW_BLOCK)
-    assert name in K.instantiations("softmax.cu", ct)
-    prog = nvrtc.createProgram(L.source_for("softmax.cu", ct), "softmax.cu", [], [])
+    return "softmax.cu", K.softmax_cached(ct, vec, 32, K.nv_max(ct, vec), K.ROW_BLOCK)
+
+
+def _packed_ce_name(ct: str) -> tuple[str, str]:
+    """The largest packed half-precision CE row (512 threads x 64 elements)."""
+    return "cross_entropy.cu", K.ce_cached(ct, K.vec_width(ct), 512, K.PACKED_NV, 512)
+
+
+@pytest.mark.parametrize("ct,ld,which", [
+    ("float", r"v4\.f32", _softmax_row_name), ("__half", r"v4\.(u32|b32)", _softmax_row_name),
+    ("double", r"v2\.f64", _softmax_row_name), ("__half", r"v4\.(u32|b32)", _packed_ce_name),
+    ("__nv_bfloat16", r"v4\.(u32|b32)", _packed_ce_name)])
+def test_vector_instantiations_use_16_byte_loads(ct, ld, which):
+    src, name = which(ct)
+    assert name in K.instantiations(src, ct)
+    prog = nvrtc.createProgram(L.source_for(src, ct), src, [], [])
     try:
         nvrtc.addNameExpression(prog, name)
         nvrtc.compileProgram(prog, ["--gpu-architecture=compute_90", *L.options_for(ct),
@@ -176,6 +187,47 @@ def test_looped_kernels_keep_half_occupancy_without_spills(ct):
             assert regs * block * blocks <= 65536 and spill == 0, (n, regs, spill)
 
 
+def packed_configs(ct: str) -> list[tuple[int, int, int]]:
+    """The cross-entropy configurations that keep half-precision rows packed (more than 32
+    elements per thread)."""
+    vec = K.vec_width(ct)
+    return [cfg for cfg in K.cached_configs(ct, vec, packed=True) if cfg[1] * vec > 32]
+
+
+@pytest.mark.parametrize("ct", ["__half", "__nv_bfloat16"])
+def test_packed_half_rows_keep_half_occupancy_without_spills(ct):
+    """Packed half-precision CE rows (256 or 512 threads): 1024 threads per SM resident (50%
+    occupancy, 4 or 2 rows in flight per SM instead of one 1024-thread row), so at most 64
+    registers, and no spills on the default (non-EXT) path."""
+    cfgs = packed_configs(ct)
+    assert {g for g, _, _ in cfgs} == set(K.PACKED_GS)
+    names = {K.ce_cached(ct, K.vec_width(ct), *cfg): cfg[2] for cfg in cfgs}
+    usage = ptxas_usage("cross_entropy.cu", ct, list(names))
+    assert set(usage) == set(names)
+    for n, block in names.items():
+        regs, spill = usage[n]
+        assert regs * K.THREADS_PER_SM // 2 <= 65536 and block < 1024 and spill == 0, \
+            (n, regs, spill)
+
+
+@pytest.mark.parametrize("ct", ["__half", "__nv_bfloat16", "float", "double"])
+@pytest.mark.parametrize("C", [8192, 16384, 32000, 32768, 40000])
+def test_packed_configuration_choice(ct, C):
+    """Cross-entropy rows of the half types take the smallest packed group that holds them;
+    softmax and float / double rows keep the plain table; which rows fit is unchanged."""
+    vec = K.vec_width(ct)
+    plain = K.cached_config(C // vec, ct, vec)
+    packed = K.cached_config(C // vec, ct, vec, packed=True)
+    assert (plain is None) == (packed is None)
+    assert K.cached_config(C // vec, ct, 1, packed=True) == K.cached_config(C // vec, ct, 1)
+    if ct in ("float", "double") or plain is None:
+        assert packed == plain
+        return
+    want = {8192: (256, 4, 256), 16384: (256, 8, 256), 32000: (512, 8, 512),
+            32768: (512, 8, 512)}[C]
+    assert packed == want and packed[0] <= plain[0]
+
+
 def test_sources_have_no_host_macros():
     for src in ("_common.cu", *K.SOURCES):
         text = L.read_source(src)
@@ -220,15 +272,19 @@ def test_configurations_are_instantiated():
             for nvec in list(range(1, 600)) + [1000, 1023, 1024, 1025, 4096, 8000, 8192, 8193,
                                                 16384, 32768, 40000, 10 ** 6]:
                 cfg = K.cached_config(nvec, ct, vec)
+                ce_cfg = K.cached_config(nvec, ct, vec, packed=True)
                 if cfg is None:
+                    assert ce_cfg is None
                     assert K.softmax_looped(ct, vec) in softmax_names
                     assert K.ce_looped(ct, vec) in ce_names
                 else:
-                    g, nv, block = cfg
-                    assert g * nv >= nvec and ((g <= 32 and block == K.ROW_BLOCK) or block == g)
-                    assert nv * vec <= K.MAX_ELEMS[ct]
+                    for (g, nv, block), top in ((cfg, K.MAX_ELEMS[ct]),
+                                                (ce_cfg, K.PACKED_NV * vec)):
+                        assert g * nv >= nvec and ((g <= 32 and block == K.ROW_BLOCK)
+                                                   or block == g)
+                        assert nv * vec <= top
                     assert K.softmax_cached(ct, vec, *cfg) in softmax_names
-                    assert K.ce_cached(ct, vec, *cfg) in ce_names
+                    assert K.ce_cached(ct, vec, *ce_cfg) in ce_names
                 g, block = K.looped_config(nvec)
                 assert K.softmax_bwd_rows(ct, vec, g, block) in bwd_names
                 assert K.probs_rows(ct, vec, g, block) in probs_names

@@ -31,8 +31,13 @@ typedef long long i64;
 //: choice leaves < 40% occupancy: 128 threads x 32 elements at least 5 blocks per SM (104 -> 77
 //: registers), 128 x 16: 8 blocks (69 -> 63), 256 x 32: 3 blocks (103 -> 72); 0 spills at sm_90
 //: (tests/test_cuda_compile.py). Other configurations: unspecified.
+//: Half-precision rows of more than 32 elements per thread are kept packed (NBL_CE_PACKED):
+//: 1024 threads per SM (50% occupancy, 64 registers: 4 rows of 256 threads or 2 of 512 in
+//: flight per SM instead of one 1024-thread row).
+#define NBL_CE_PACKED(ELEMS, T) (sizeof(T) == 2 && (ELEMS) > 32)
 #define NBL_CACHED_MIN_BLOCKS(BLOCK, ELEMS, T) \
-    (sizeof(T) != 4 ? 0 : (BLOCK) == 128 ? ((ELEMS) >= 32 ? 5 : (ELEMS) == 16 ? 8 : 0) \
+    (NBL_CE_PACKED(ELEMS, T) ? 1024 / (BLOCK) \
+     : sizeof(T) != 4 ? 0 : (BLOCK) == 128 ? ((ELEMS) >= 32 ? 5 : (ELEMS) == 16 ? 8 : 0) \
                       : (BLOCK) == 256 && (ELEMS) >= 32 ? 3 : 0)
 //: Probability-target float rows with 16-byte vectors: 1024 threads per SM (50%
 //: occupancy, 64 registers, no spills at sm_90; unbounded: 72). Half rows would spill at 64.
@@ -205,25 +210,68 @@ __device__ __forceinline__ void load_chunk2(const T* p, const T* q, bool with_q,
     }
 }
 
-//: Cached kernels: a lane's share of the row at x + off into registers, v[k] = vector
-//: k * G + lane (in A), -inf where absent (!on or past nvec). Returns the lane's max.
-template <typename T, int VEC, int G, int NV, typename A>
+//: A lane's share of a register-cached row: v[k][i] = element i of vector k * G + lane, in A.
+template <typename T, int VEC, int NV, bool PACKED> struct RowRegs {
+    typedef typename AccT<T>::type A;
+    A v[NV][VEC];
+    __device__ __forceinline__ void load(const T* x, int k, int vi) {
+        const Vec<T, VEC> t = load_vec<T, VEC>(x, vi);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[k][i] = to_acc(t.v[i]);
+    }
+    __device__ __forceinline__ void absent(int k) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[k][i] = neg_inf<A>();
+    }
+    __device__ __forceinline__ A get(int k, int i) const { return v[k][i]; }
+    __device__ __forceinline__ void set(int k, int i, A a) { v[k][i] = a; }
+};
+
+//: Two 16-bit elements per 32-bit register as loaded (half the registers of the A form; each
+//: use converts again, and set() is unavailable: packed rows recompute).
+template <typename T> __device__ __forceinline__ float unpack16(unsigned int w, int hi);
+#ifdef NBL_HAS_HALF
+template <> __device__ __forceinline__ float unpack16<__half>(unsigned int w, int hi) {
+    const __half2 h = *reinterpret_cast<const __half2*>(&w);
+    return hi ? __high2float(h) : __low2float(h);
+}
+#endif
+#ifdef NBL_HAS_BF16
+template <> __device__ __forceinline__ float unpack16<__nv_bfloat16>(unsigned int w, int hi) {
+    return __uint_as_float(hi ? w & 0xffff0000u : w << 16);  // exact, as __bfloat162float
+}
+#endif
+template <typename T, int VEC, int NV> struct RowRegs<T, VEC, NV, true> {
+    typedef float A;
+    unsigned int w[NV][VEC / 2];
+    __device__ __forceinline__ void load(const T* x, int k, int vi) {
+        const Vec<unsigned int, VEC / 2> t =
+            load_vec<unsigned int, VEC / 2>(reinterpret_cast<const unsigned int*>(x), vi);
+#pragma unroll
+        for (int i = 0; i < VEC / 2; ++i) w[k][i] = t.v[i];
+    }
+    __device__ __forceinline__ void absent(int k) {
+#pragma unroll
+        for (int i = 0; i < VEC / 2; ++i) w[k][i] = 0u;  // never read: the max skips absent
+    }
+    __device__ __forceinline__ A get(int k, int i) const { return unpack16<T>(w[k][i / 2], i & 1); }
+};
+
+//: Cached kernels: a lane's share of the row at x + off into registers (v.load), absent
+//: vectors (!on or past nvec) -inf in the A form. Returns the lane's max.
+template <typename T, int VEC, int G, int NV, bool PACKED, typename A = typename AccT<T>::type>
 __device__ __forceinline__ A load_row_max(const T* x, i64 off, int nvec, int lane, bool on,
-                                          A (&v)[NV][VEC]) {
+                                          RowRegs<T, VEC, NV, PACKED>& v) {
     A m = neg_inf<A>();
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
         const int vi = k * G + lane;
         if (on && vi < nvec) {
-            const Vec<T, VEC> t = load_vec<T, VEC>(x + off, vi);
+            v.load(x + off, k, vi);
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                v[k][i] = to_acc(t.v[i]);
-                m = nbl_max(m, v[k][i]);
-            }
+            for (int i = 0; i < VEC; ++i) m = nbl_max(m, v.get(k, i));
         } else {
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) v[k][i] = neg_inf<A>();
+            v.absent(k);
         }
     }
     return m;

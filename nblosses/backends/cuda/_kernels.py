@@ -86,9 +86,34 @@ def nv_max(ctype: str, vec: int) -> int:
     return max(1, min(MAX_NV, MAX_ELEMS[ctype] // vec))
 
 
-def cached_config(nvec: int, ctype: str, vec: int) -> tuple[int, int, int] | None:
+#: Packed half-precision rows (cross-entropy only): groups of these sizes may hold up to
+#: ``PACKED_NV`` 16-byte vectors per thread as loaded (``NBL_CE_PACKED`` in ``_common.cu``),
+#: so that a row takes a smaller block: 4 blocks of 256 or 2 of 512 threads resident per SM
+#: (64 registers) instead of one 1024-thread block.
+PACKED_GS = (256, 512)
+PACKED_NV = 8
+
+
+def cached_config(nvec: int, ctype: str, vec: int,
+                  packed: bool = False) -> tuple[int, int, int] | None:
     """``(G, NV, BLOCK)`` of the register-cached row kernels for rows of ``nvec`` vectors, or
-    ``None`` when the row does not fit (then the looped kernel runs)."""
+    ``None`` when the row does not fit (then the looped kernel runs).
+
+    ``packed``: the kernel can keep half-precision rows packed (``ce_cached``): for the half
+    types with 16-byte vectors, the smallest group of ``PACKED_GS`` holding the row in
+    ``PACKED_NV`` vectors per thread replaces a larger one. Which rows fit is unchanged.
+    """
+    cfg = _plain_cached_config(nvec, ctype, vec)
+    if cfg is None or not packed or ITEMSIZE[ctype] != 2 or vec == 1:
+        return cfg
+    for g in PACKED_GS:
+        nv = next_pow2(math.ceil(nvec / g))
+        if g < cfg[0] and nv <= PACKED_NV:
+            return g, nv, g
+    return cfg
+
+
+def _plain_cached_config(nvec: int, ctype: str, vec: int) -> tuple[int, int, int] | None:
     if nvec < 1:
         return None
     top = nv_max(ctype, vec)
@@ -106,12 +131,14 @@ def cached_config(nvec: int, ctype: str, vec: int) -> tuple[int, int, int] | Non
 
 
 @functools.cache
-def cached_configs(ctype: str, vec: int) -> tuple[tuple[int, int, int], ...]:
-    """Every configuration :func:`cached_config` can return for this type and width."""
+def cached_configs(ctype: str, vec: int,
+                   packed: bool = False) -> tuple[tuple[int, int, int], ...]:
+    """Every configuration :func:`cached_config` can return for this type, width and
+    ``packed``."""
     top = nv_max(ctype, vec)
     out = set()
     for nvec in range(1, MAX_CACHED_G[ctype] * top + 1):
-        cfg = cached_config(nvec, ctype, vec)
+        cfg = cached_config(nvec, ctype, vec, packed)
         if cfg is not None:
             out.add(cfg)
     return tuple(sorted(out))
@@ -255,7 +282,7 @@ def _instantiations(source: str, ctype: str) -> tuple[str, ...]:
         names.append(softmax_bwd_cols(ctype))
     elif source == "cross_entropy.cu":
         names = [ce_cached(ctype, v, *cfg, ext) for ext in EXTS for v in vecs
-                 for cfg in cached_configs(ctype, v)]
+                 for cfg in cached_configs(ctype, v, packed=True)]
         names += [ce_looped(ctype, v, ext) for ext in EXTS for v in vecs]
         names += [ce_split(k, ctype, v, ext) for k in CE_SPLIT_KERNELS for ext in EXTS
                   for v in vecs]

@@ -145,7 +145,7 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
     elif inner == 1:
         name, grid, block = rows_launch(
             n, C, ct, vec, lambda c_, v, g, nv, b: K.ce_cached(c_, v, g, nv, b, ext),
-            lambda c_, v: K.ce_looped(c_, v, ext))
+            lambda c_, v: K.ce_looped(c_, v, ext), packed=True)
         L.launch(SRC_CE, dt, name, grid, block, K.pack("ce", inner=1, **args))
     else:
         block = K.COL_BLOCK

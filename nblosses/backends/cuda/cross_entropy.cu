@@ -102,6 +102,8 @@ __device__ __forceinline__ void ce_store(bool leader, i64 pos, const CeCoef<A>& 
 template <typename T, int EXT, int VEC, int G, int NV, int BLOCK>
 __global__ void __launch_bounds__(BLOCK, NBL_CACHED_MIN_BLOCKS(BLOCK, NV * VEC, T)) ce_cached(NBL_PARAMS_CE) {
     NBL_CE_PROLOGUE;
+    // packed rows keep the loaded T and recompute x' and exp(x' - m) in the gradient pass
+    constexpr bool PACKED = NBL_CE_PACKED(NV * VEC, T);
     __shared__ A sbuf[2][4][32];
     Reducer<G, A> red(sbuf);
     const int nvec = (int)C / VEC;
@@ -113,7 +115,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_CACHED_MIN_BLOCKS(BLOCK, NV * VEC, 
         const Target tg = load_target(t, row, active, ignore, C, err, lane == 0);
         const bool load = tg.valid || (ext_lse && active);
         const i64 off = slot.off;
-        A v[NV][VEC];
+        RowRegs<T, VEC, NV, PACKED> v;
         A m = load_row_max<T, VEC, G, NV>(x, off, nvec, lane, load, v);
         m = red.max(m);
         if (EXT) m = apply_softcap(m, P.cap);  // monotonic: the max of the capped logits
@@ -125,13 +127,13 @@ __global__ void __launch_bounds__(BLOCK, NBL_CACHED_MIN_BLOCKS(BLOCK, NV * VEC, 
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) {
                     const int c = vi * VEC + i;
-                    const A xc = EXT ? apply_softcap(v[k][i], P.cap) : v[k][i];
+                    const A xc = EXT ? apply_softcap(v.get(k, i), P.cap) : v.get(k, i);
                     const A d = xc - m;
                     if (c == tg.t) e3[1] = d;
                     if (P.smooth) e3[2] += (w ? to_acc(w[c]) : A(1)) * d;
                     const A e = nbl_exp(d);
                     e3[0] += e;
-                    v[k][i] = EXT ? xc : e;  // EXT keeps x' for the softcap derivative
+                    if constexpr (!PACKED) v.set(k, i, EXT ? xc : e);  // EXT: x' (softcap')
                 }
             }
         }
@@ -150,8 +152,10 @@ __global__ void __launch_bounds__(BLOCK, NBL_CACHED_MIN_BLOCKS(BLOCK, NV * VEC, 
                     Vec<T, VEC> o;
 #pragma unroll
                     for (int i = 0; i < VEC; ++i) {
-                        const A e = EXT ? nbl_exp(v[k][i] - m) : v[k][i];
-                        o.v[i] = from_acc<T>(ce_grad<EXT>(tg, r, P, e, v[k][i], w, vi * VEC + i));
+                        const A kept = v.get(k, i);
+                        const A xc = PACKED && EXT ? apply_softcap(kept, P.cap) : kept;
+                        const A e = EXT || PACKED ? nbl_exp(xc - m) : kept;
+                        o.v[i] = from_acc<T>(ce_grad<EXT>(tg, r, P, e, xc, w, vi * VEC + i));
                     }
                     store_vec<T, VEC>(gx + off, vi, o);
                 }

@@ -25,8 +25,9 @@ softmax_cached(NBL_PARAMS_SOFTMAX_ROWS) {
         const i64 row = slot.row;
         const bool active = slot.active;
         const i64 off = slot.off;
-        A v[NV][VEC];
-        A m = load_row_max<T, VEC, G, NV>(x, off, nvec, lane, active, v);
+        RowRegs<T, VEC, NV, false> rr;
+        A (&v)[NV][VEC] = rr.v;
+        A m = load_row_max<T, VEC, G, NV>(x, off, nvec, lane, active, rr);
         m = red.max(m);
         A s = A(0);
 #pragma unroll

@@ -31,10 +31,11 @@ def row_vec(ct: str, C: int, *arrays) -> int:
     return v if C % v == 0 and L.aligned(*arrays) else 1
 
 
-def rows_launch(nrows: int, C: int, ct: str, vec: int, cached, looped):
+def rows_launch(nrows: int, C: int, ct: str, vec: int, cached, looped, packed: bool = False):
     """``(name, grid, block)`` of a kernel pair for ``nrows`` rows of ``C`` elements (inner == 1):
-    the ``cached`` name builder when a row fits in registers, else ``looped`` (a block per row)."""
-    cfg = K.cached_config(C // vec, ct, vec)
+    the ``cached`` name builder when a row fits in registers, else ``looped`` (a block per row).
+    ``packed``: ``cached`` keeps half-precision rows packed (see ``K.cached_config``)."""
+    cfg = K.cached_config(C // vec, ct, vec, packed)
     if cfg is not None:
         g, nv, block = cfg
         grid = L.grid_for(nrows, K.rows_per_block(g, block), block)
