@@ -10,7 +10,9 @@ Layout choices (all sizes in elements of the row's type):
 - **cached rows** (``inner == 1``, row in registers): a group of ``G`` threads per row, ``NV``
   vectors of ``VEC`` elements per thread. ``G <= 32``: part of a warp, ``ROW_BLOCK / G`` rows per
   block; ``G > 32``: the block. Capacity ``G * NV * VEC``: 32768 for float32 and the half types,
-  4096 for float64 with 16-byte vectors; 8192 (float64: 4096) with scalar access.
+  4096 for float64 with 16-byte vectors; 8192 (float64: 4096) with scalar access. The
+  cross-entropy rows of the half types may instead be kept packed (``PACKED_NV`` vectors per
+  thread in groups of ``PACKED_GS``): same capacity, smaller blocks, more rows per SM.
 - **looped rows**: rows too long for registers (``G = 512``, online max/sum then a write pass),
   and the softmax backward / probability-target cross-entropy at every length.
 - **cols** (``inner > 1``): one thread per position, walking ``C`` with stride ``inner``.
