@@ -552,6 +552,10 @@ def test_class_loss_launches(fake_device, dtype):
         cl.cross_entropy(xu, t, None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
                          want_grad=True, grad_output=1.0, grad_buffer=None)
     check_launches(100)
+    # half-precision rows of 32000: the packed 512-thread CE kernel (softmax keeps 1024 x 32)
+    ce_rows = {(x[2], x[4]) for x in LAUNCHES if len(x) > 4 and x[2].startswith("ce_cached")}
+    packed = (K.ce_cached("__half", 8, 512, K.PACKED_NV, 512), 512)
+    assert (packed in ce_rows) == (dtype == np.float16), ce_rows
     # nll with a gradient zero-fills it on the stream before scattering
     assert any(x[0] == "memset" for x in LAUNCHES)
     # empty inputs: no kernel, NaN mean
