@@ -864,8 +864,8 @@ def test_device_softmax_paths(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(8, 10), (16, 1000), (4, 1001), (2, 32000), (2, 70001),
-                                   (3, 6, 5)])
+@pytest.mark.parametrize("shape", [(8, 10), (16, 1000), (4, 1001), (4, 16000), (2, 32000),
+                                   (2, 70001), (3, 6, 5)])  # 16000, 32000: packed fp16 rows
 @pytest.mark.cuda
 @needs_device
 def test_device_class_loss_paths(shape, dtype):
