@@ -63,14 +63,17 @@ def _split_rows(x3, y3, ct: str, vec: int, nsplit: int, mode: int) -> None:
                  args)
 
 
+def _start(a):
+    """``(output like a, outer, C, inner, C type)`` of a softmax-family launch."""
+    outer, C, inner = a.shape
+    return cupy.empty_like(a), outer, C, inner, K.ctype_of(a.dtype.name)
+
+
 def _forward(x3, log: bool):
-    outer, C, inner = x3.shape
-    y3 = cupy.empty_like(x3)
+    y3, outer, C, inner, ct = _start(x3)
     if x3.size == 0:
         return y3
-    dt = x3.dtype
-    ct = K.ctype_of(dt.name)
-    mode = 1 if log else 0
+    dt, mode = x3.dtype, int(log)
     if inner == 1:
         vec = row_vec(ct, C, x3, y3)
         nsplit = (K.split_count(outer, C // vec, L.sm_count())
@@ -102,13 +105,10 @@ def log_softmax(x3):
 
 
 def _backward(g3, y3, log: bool):
-    outer, C, inner = y3.shape
-    gx = cupy.empty_like(y3)
+    gx, outer, C, inner, ct = _start(y3)
     if y3.size == 0:
         return gx
-    dt = y3.dtype
-    ct = K.ctype_of(dt.name)
-    mode = 1 if log else 0
+    dt, mode = y3.dtype, int(log)
     if inner == 1:
         vec = row_vec(ct, C, g3, y3, gx)
         g, block = K.looped_config(C // vec)
