@@ -102,6 +102,21 @@ def _fill_lse_empty(lse_out) -> None:
         lse_out.fill(-math.inf)
 
 
+def _prepare(src: str, dt, t2, weight, ignore: int, n_classes: int, reduction: str,
+             want_grad: bool, grad_output, with_w: bool):
+    """``(g scalar, stream, scratch, prep queued?)`` of a class-index launch. The prep kernel
+    is queued when the main kernel needs a global scalar first (``mean`` with a gradient, or
+    the class weights' sum for label smoothing)."""
+    g_scalar = _g_scalar(want_grad, reduction, grad_output)
+    stream = cupy.cuda.get_current_stream()
+    prep = (reduction == "mean" and want_grad) or with_w
+    scr = S.scratch(stream, L.sm_count()) if prep or reduction != "none" else None
+    if prep:
+        class_prep(src, dt, t2, weight, ignore=ignore, n_classes=n_classes, g=g_scalar,
+                   with_w=with_w, scr=scr)
+    return g_scalar, stream, scr, prep
+
+
 # ----------------------------------------------------------------------------- cross-entropy
 @L.on_input_device
 def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, want_grad,
@@ -121,14 +136,9 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
     ignore = _ignore(ignore_index)
     eps = float(label_smoothing)
     ext = int(float(z_loss) != 0.0 or float(softcap) != 0.0 or lse_out is not None)
-    g_scalar = _g_scalar(want_grad, reduction, grad_output)
-    stream = cupy.cuda.get_current_stream()
     with_w = weight is not None and eps > 0
-    prep = (reduction == "mean" and want_grad) or with_w
-    scr = S.scratch(stream, L.sm_count()) if prep or reduction != "none" else None
-    if prep:
-        class_prep(SRC_CE, dt, t2, weight, ignore=ignore, n_classes=C, g=g_scalar,
-                   with_w=with_w, scr=scr)
+    g_scalar, stream, scr, prep = _prepare(SRC_CE, dt, t2, weight, ignore, C, reduction,
+                                           want_grad, grad_output, with_w)
     loss_out, out = _outputs(reduction, dt, n, inner)
     err = E.record_for_launch(stream)
     args = dict(x=x3, t=t2, nrows=n, C=C, w=weight, wsum=float(C), ignore=ignore, eps=eps,
@@ -216,13 +226,8 @@ def nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output,
     if x3.size == 0:
         return _empty_loss(reduction, dt, n, inner, math.nan), gx
     ignore = _ignore(ignore_index)
-    g_scalar = _g_scalar(want_grad, reduction, grad_output)
-    stream = cupy.cuda.get_current_stream()
-    prep = reduction == "mean" and want_grad
-    scr = S.scratch(stream, L.sm_count()) if prep or reduction != "none" else None
-    if prep:
-        class_prep(SRC_NLL, dt, t2, weight, ignore=ignore, n_classes=C, g=g_scalar,
-                   with_w=False, scr=scr)
+    g_scalar, stream, scr, prep = _prepare(SRC_NLL, dt, t2, weight, ignore, C, reduction,
+                                           want_grad, grad_output, False)
     loss_out, out = _outputs(reduction, dt, n, inner)
     err = E.record_for_launch(stream)
     rmode = int(reduction == "mean")
