@@ -27,6 +27,18 @@ def _log_clamped(v):
 
 # Optional arrays arrive as None, not as flags: Numba prunes ``if a is None`` branches at compile
 # time, so each combination compiles to a branch-free loop (flags in the loop cost 6x here).
+@njit(**JIT)
+def _weigh_and_store(loss, gi, w, j, out):
+    """``(w[j] * loss, w[j] * gi)`` (unchanged without weights), the loss stored in ``out[j]``
+    when per-element losses are wanted."""
+    if w is not None:
+        loss *= w[j]
+        gi *= w[j]
+    if out is not None:
+        out[j] = loss
+    return loss, gi
+
+
 @parallel_kernel(**JIT)
 def _bce(x, y, w, g, g_scalar, out, gx, partial):
     n = x.size
@@ -39,15 +51,10 @@ def _bce(x, y, w, g, g_scalar, out, gx, partial):
             xi = np.float64(xs[i])
             yi = np.float64(ys[i])
             loss = -(yi * _log_clamped(xi) + (1.0 - yi) * _log_clamped(1.0 - xi))
-            if w is not None:
-                loss *= w[lo + i]
+            gi = g_scalar if g is None else np.float64(g[lo + i])
+            loss, gi = _weigh_and_store(loss, gi, w, lo + i, out)
             acc += loss
-            if out is not None:
-                out[lo + i] = loss
             if gx is not None:
-                gi = g_scalar if g is None else np.float64(g[lo + i])
-                if w is not None:
-                    gi *= w[lo + i]
                 gx[lo + i] = gi * (xi - yi) / max(xi * (1.0 - xi), _EPS)
         partial[k] = acc
 
@@ -91,15 +98,10 @@ def _bce_logits_block(x, y, w, pw, g, gs, out, gx, lo, hi):
         pwi = one if pw is None else pw[lo + i]
         lw = one + (pwi - one) * yi
         loss = (one - yi) * xi - lw * log_sig
-        if w is not None:
-            loss *= w[lo + i]
+        gi = gs if g is None else g[lo + i]
+        loss, gi = _weigh_and_store(loss, gi, w, lo + i, out)
         acc += loss
-        if out is not None:
-            out[lo + i] = loss
         if gx is not None:
-            gi = gs if g is None else g[lo + i]
-            if w is not None:
-                gi *= w[lo + i]
             sig = (one if xi >= zero else e) / (one + e)
             gx[lo + i] = gi * (lw * sig - pwi * yi)
     return acc
