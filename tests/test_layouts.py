@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-
 from helpers import (
-    assert_close, param_id, rng, to_backend, to_backend_all, torch_loss_and_grad, tt,
+    assert_close,
+    param_id,
+    rng,
+    to_backend,
+    to_backend_all,
+    torch_loss_and_grad,
+    tt,
 )
+
 from nblosses import functional as F
 
 ROWS = [1, 63, 64, 130]
@@ -110,8 +116,8 @@ def test_in_place_gradient_layouts(backend, shape, dtype):
     t = _targets(shape, 3, seed=8)
     kw = dict(ignore_index=3, label_smoothing=0.1,
               weight=to_backend(r.uniform(0.5, 2, shape[1]).astype(dtype), backend))
-    ref_loss, ref_grad = F.cross_entropy(*to_backend_all(backend, x, t), return_grad=True, backend=backend,
-                                         **kw)
+    ref_loss, ref_grad = F.cross_entropy(*to_backend_all(backend, x, t), return_grad=True,
+                                         backend=backend, **kw)
     logits = to_backend(x.copy(), backend)
     loss, grad = F.cross_entropy(logits, to_backend(t, backend), return_grad=True,
                                  grad_buffer=logits, backend=backend, **kw)
@@ -136,8 +142,9 @@ def test_binary_losses_lengths(backend, n, dtype):
             loss, grad = getattr(F, name)(*to_backend_all(backend, inp, y), reduction=reduction,
                                           return_grad=True, backend=backend, **bkw)
             ref, ref_grad = torch_loss_and_grad(
-                lambda xt: getattr(TF, name)(xt, tt(y, dtype), reduction=reduction,
-                                             **{k: tt(v, dtype) for k, v in kw.items()}),
+                lambda xt, name=name, reduction=reduction, kw=kw: getattr(TF, name)(
+                    xt, tt(y, dtype), reduction=reduction,
+                    **{k: tt(v, dtype) for k, v in kw.items()}),
                 inp, dtype)
             # with logits, (1-y)x - lw*logsigmoid(x) cancels terms of size |x| (torch's own
             # float32 result is off by as much)

@@ -66,7 +66,7 @@ def run_concurrently(n_threads: int = N_THREADS, rounds: int = ROUNDS) -> list[s
                     with lock:
                         failures.append(f"thread {i} round {k}: {', '.join(bad)}")
                     return
-        except Exception as exc:  # noqa: BLE001 - reported to the test
+        except Exception as exc:
             with lock:
                 failures.append(f"thread {i}: {type(exc).__name__}: {exc}")
 
