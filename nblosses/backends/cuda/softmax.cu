@@ -58,6 +58,48 @@ softmax_cached(NBL_PARAMS_SOFTMAX_ROWS) {
     }
 }
 
+//: Online (max, sum) update over the chunks at b0, b0 + step, ... below vend: each chunk is U
+//: vectors of VEC elements, STRIDE vectors apart. The loop lives here, not in the callers: with
+//: it, split_stats compiles to the same PTX as when it spelt the loop out.
+template <int VEC, int STRIDE, int U, typename T, typename A>
+__device__ __forceinline__ void softmax_ms_range(const T* xr, i64 b0, i64 step, i64 vend, A& m,
+                                                 A& s) {
+    for (i64 b = b0; b < vend; b += step) {
+        Vec<T, VEC> buf[U];
+        load_chunk<T, VEC, STRIDE, U>(xr, b, vend, buf);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (b + (i64)u * STRIDE < vend) {
+                A a[VEC];
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) a[i] = to_acc(buf[u].v[i]);
+                ms_update<VEC>(m, s, a);
+            }
+        }
+    }
+}
+
+//: Writes one chunk of (log-)softmax, U vectors of VEC elements STRIDE vectors apart from b
+//: (vectors >= vend skipped), from the row's max m, log(s) and 1/s.
+template <int VEC, int STRIDE, int U, typename T, typename A>
+__device__ __forceinline__ void softmax_write_chunk(const T* xr, T* yr, i64 b, i64 vend, A m,
+                                                    A logs, A inv, int log_mode) {
+    Vec<T, VEC> buf[U];
+    load_chunk<T, VEC, STRIDE, U>(xr, b, vend, buf);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        if (b + (i64)u * STRIDE < vend) {
+            Vec<T, VEC> o;
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                const A d = to_acc(buf[u].v[i]) - m;
+                o.v[i] = from_acc<T>(log_mode ? d - logs : nbl_exp(d) * inv);
+            }
+            store_vec<T, VEC>(yr, b + (i64)u * STRIDE, o);
+        }
+    }
+}
+
 template <typename T, int VEC, int G, int BLOCK>
 __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
 softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
@@ -76,39 +118,14 @@ softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
         const T* xr = x + slot.off;
         T* yr = y + slot.off;
         A m = neg_inf<A>(), s = A(0);
-        for (i64 b = active ? lane : nvec; b < nvec; b += chunk) {
-            Vec<T, VEC> buf[U];
-            load_chunk<T, VEC, G, U>(xr, b, nvec, buf);
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                if (b + (i64)u * G < nvec) {
-                    A a[VEC];
-#pragma unroll
-                    for (int i = 0; i < VEC; ++i) a[i] = to_acc(buf[u].v[i]);
-                    ms_update<VEC>(m, s, a);
-                }
-            }
-        }
+        softmax_ms_range<VEC, G, U>(xr, active ? lane : nvec, chunk, nvec, m, s);
         A dummy[1] = {A(0)};
         red.ms(m, s, dummy);
         const A logs = nbl_log(s);
         const A inv = A(1) / s;
-        for (i64 k = active ? nchunk - 1 : -1; k >= 0; --k) {
+        for (i64 k = active ? nchunk - 1 : -1; k >= 0; --k) {  // reverse: the tail is in L2
             const i64 b = k * chunk + lane;
-            Vec<T, VEC> buf[U];
-            load_chunk<T, VEC, G, U>(xr, b, nvec, buf);
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                if (b + (i64)u * G < nvec) {
-                    Vec<T, VEC> o;
-#pragma unroll
-                    for (int i = 0; i < VEC; ++i) {
-                        const A d = to_acc(buf[u].v[i]) - m;
-                        o.v[i] = from_acc<T>(log_mode ? d - logs : nbl_exp(d) * inv);
-                    }
-                    store_vec<T, VEC>(yr, b + (i64)u * G, o);
-                }
-            }
+            softmax_write_chunk<VEC, G, U>(xr, yr, b, nvec, m, logs, inv, log_mode);
         }
     }
 }
@@ -129,19 +146,7 @@ softmax_split_stats(NBL_PARAMS_SOFTMAX_SPLIT) {
     split_bounds<VEC>(C, nsplit, chunk_vec, row, v0, v1);
     const T* xr = x + row * C;
     A m = neg_inf<A>(), s = A(0);
-    for (i64 b = v0 + threadIdx.x; b < v1; b += (i64)BLOCK * U) {
-        Vec<T, VEC> buf[U];
-        load_chunk<T, VEC, BLOCK, U>(xr, b, v1, buf);
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            if (b + (i64)u * BLOCK < v1) {
-                A a[VEC];
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) a[i] = to_acc(buf[u].v[i]);
-                ms_update<VEC>(m, s, a);
-            }
-        }
-    }
+    softmax_ms_range<VEC, BLOCK, U>(xr, v0 + threadIdx.x, (i64)BLOCK * U, v1, m, s);
     A dummy[1] = {A(0)};
     red.ms(m, s, dummy);
     if (threadIdx.x == 0) {
@@ -164,22 +169,8 @@ softmax_split_write(NBL_PARAMS_SOFTMAX_SPLIT) {
     const A inv = A(1) / s;
     const T* xr = x + row * C;
     T* yr = y + row * C;
-    for (i64 b = v0 + threadIdx.x; b < v1; b += (i64)BLOCK * U) {
-        Vec<T, VEC> buf[U];
-        load_chunk<T, VEC, BLOCK, U>(xr, b, v1, buf);
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            if (b + (i64)u * BLOCK < v1) {
-                Vec<T, VEC> o;
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) {
-                    const A dv = to_acc(buf[u].v[i]) - m;
-                    o.v[i] = from_acc<T>(log_mode ? dv - logs : nbl_exp(dv) * inv);
-                }
-                store_vec<T, VEC>(yr, b + (i64)u * BLOCK, o);
-            }
-        }
-    }
+    for (i64 b = v0 + threadIdx.x; b < v1; b += (i64)BLOCK * U)
+        softmax_write_chunk<VEC, BLOCK, U>(xr, yr, b, v1, m, logs, inv, log_mode);
 }
 
 template <typename T>
