@@ -77,6 +77,34 @@ __device__ __forceinline__ A ce_grad(const Target& tg, const CeCoef<A>& r, const
     return gv;
 }
 
+//: One unrolled chunk of the streamed gradient pass: U vectors of VEC logits, STRIDE vectors
+//: apart from vector b, re-read (valid targets only) and written as dL/dx; vectors >= vend skipped.
+template <int EXT, int VEC, int STRIDE, int U, typename T, typename A>
+__device__ __forceinline__ void ce_grad_chunk(const T* xr, T* gr, i64 b, i64 vend, const Target& tg,
+                                              const CeCoef<A>& r, const CeParams<A>& P, A m,
+                                              const T* w) {
+    Vec<T, VEC> buf[U];
+    if (tg.valid) load_chunk<T, VEC, STRIDE, U>(xr, b, vend, buf);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const i64 vi = b + (i64)u * STRIDE;
+        if (vi < vend) {
+            Vec<T, VEC> o;
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                A xc = A(0), e = A(0);
+                if (tg.valid) {
+                    xc = to_acc(buf[u].v[i]);
+                    if (EXT) xc = apply_softcap(xc, P.cap);
+                    e = nbl_exp(xc - m);
+                }
+                o.v[i] = from_acc<T>(ce_grad<EXT>(tg, r, P, e, xc, w, vi * VEC + i));
+            }
+            store_vec<T, VEC>(gr, vi, o);
+        }
+    }
+}
+
 //: The row epilogue shared by the three kernels: loss (or partial and denominator) and lse of a
 //: position, written by one thread of its group.
 template <int EXT, typename T, typename A>
@@ -223,27 +251,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_looped(NBL
         if (want_grad && active) {
             T* gr = gx + off;
             for (i64 k = nchunk - 1; k >= 0; --k) {  // reverse: the row's tail is still in L2
-                const i64 b = k * chunk + lane;
-                Vec<T, VEC> buf[U];
-                if (tg.valid) load_chunk<T, VEC, G, U>(xr, b, nvec, buf);
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    const i64 vi = b + (i64)u * G;
-                    if (vi < nvec) {
-                        Vec<T, VEC> o;
-#pragma unroll
-                        for (int i = 0; i < VEC; ++i) {
-                            A xc = A(0), e = A(0);
-                            if (tg.valid) {
-                                xc = to_acc(buf[u].v[i]);
-                                if (EXT) xc = apply_softcap(xc, P.cap);
-                                e = nbl_exp(xc - m);
-                            }
-                            o.v[i] = from_acc<T>(ce_grad<EXT>(tg, r, P, e, xc, w, vi * VEC + i));
-                        }
-                        store_vec<T, VEC>(gr, vi, o);
-                    }
-                }
+                ce_grad_chunk<EXT, VEC, G, U>(xr, gr, k * chunk + lane, nvec, tg, r, P, m, w);
             }
         }
     }
@@ -391,28 +399,8 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_split_fini
     if (want_grad) {
         const T* xr = x + row * C;
         T* gr = gx + row * C;
-        for (i64 b = v0 + threadIdx.x; b < v1; b += (i64)BLOCK * U) {
-            Vec<T, VEC> buf[U];
-            if (tg.valid) load_chunk<T, VEC, BLOCK, U>(xr, b, v1, buf);
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const i64 vi = b + (i64)u * BLOCK;
-                if (vi < v1) {
-                    Vec<T, VEC> o;
-#pragma unroll
-                    for (int i = 0; i < VEC; ++i) {
-                        A xc = A(0), e = A(0);
-                        if (tg.valid) {
-                            xc = to_acc(buf[u].v[i]);
-                            if (EXT) xc = apply_softcap(xc, P.cap);
-                            e = nbl_exp(xc - m);
-                        }
-                        o.v[i] = from_acc<T>(ce_grad<EXT>(tg, r, P, e, xc, w, vi * VEC + i));
-                    }
-                    store_vec<T, VEC>(gr, vi, o);
-                }
-            }
-        }
+        for (i64 b = v0 + threadIdx.x; b < v1; b += (i64)BLOCK * U)
+            ce_grad_chunk<EXT, VEC, BLOCK, U>(xr, gr, b, v1, tg, r, P, m, w);
     }
     if (out) finish_loss<T, BLOCK>(acc, (double)den, NBL_REDUCE);
 }
