@@ -277,6 +277,19 @@ __device__ __forceinline__ A load_row_max(const T* x, i64 off, int nvec, int lan
     return m;
 }
 
+// ----------------------------------------------------------------------------- column walk
+// The walk of the kernels over axis 1 of (outer, C, inner) with inner > 1: a thread per position
+// p = o * inner + j, grid-stride in blocks of 256 threads:
+//     const i64 npos = outer * inner, plane = C * inner;  // hoisted: ptxas keeps fewer registers
+//     for (i64 p = first_pos(); p < npos; p += pos_stride()) {
+//         const i64 base = col_base(p, inner, plane);  // element (o, 0, j); class c at + c * inner
+__device__ __forceinline__ i64 first_pos() { return (i64)blockIdx.x * 256 + threadIdx.x; }
+__device__ __forceinline__ i64 pos_stride() { return (i64)gridDim.x * 256; }
+__device__ __forceinline__ i64 col_base(i64 p, i64 inner, i64 plane) {
+    const i64 o = p / inner;
+    return o * plane + (p - o * inner);
+}
+
 // ----------------------------------------------------------------------------- row walk
 // The walk every row kernel (inner == 1) shares: groups of G threads (lane = threadIdx.x % G),
 // BLOCK / G rows per block iteration, grid-stride over the rows:

@@ -120,12 +120,9 @@ __global__ void __launch_bounds__(BLOCK, NBL_VEC_MIN_BLOCKS(BLOCK, VEC, T)) prob
 template <typename T, int EXT>
 __global__ void __launch_bounds__(256) probs_cols(NBL_PARAMS_PROBS) {
     NBL_PROBS_PROLOGUE;
-    const i64 npos = nrows * inner;
-    const i64 plane = C * inner;
-    const i64 stride = (i64)gridDim.x * 256;
-    for (i64 q = (i64)blockIdx.x * 256 + threadIdx.x; q < npos; q += stride) {
-        const i64 o = q / inner;
-        const i64 base = o * plane + (q - o * inner);
+    const i64 npos = nrows * inner, plane = C * inner;
+    for (i64 q = first_pos(); q < npos; q += pos_stride()) {
+        const i64 base = col_base(q, inner, plane);
         A m = neg_inf<A>(), s = A(0), sa = A(0), sb = A(0);
         for (i64 c = 0; c < C; ++c) {
             const i64 e = base + c * inner;

@@ -68,12 +68,9 @@ template <typename T>
 __global__ void __launch_bounds__(256)
 softmax_bwd_cols(NBL_PARAMS_SOFTMAX_BWD) {
     typedef typename AccT<T>::type A;
-    const i64 npos = outer * inner;
-    const i64 plane = C * inner;
-    const i64 stride = (i64)gridDim.x * 256;
-    for (i64 p = (i64)blockIdx.x * 256 + threadIdx.x; p < npos; p += stride) {
-        const i64 o = p / inner;
-        const i64 base = o * plane + (p - o * inner);
+    const i64 npos = outer * inner, plane = C * inner;
+    for (i64 p = first_pos(); p < npos; p += pos_stride()) {
+        const i64 base = col_base(p, inner, plane);
         A s = A(0);
 #pragma unroll 4
         for (i64 c = 0; c < C; ++c) {
