@@ -294,7 +294,7 @@ __device__ __forceinline__ i64 col_base(i64 p, i64 inner, i64 plane) {
 // The walk every row kernel (inner == 1) shares: groups of G threads (lane = threadIdx.x % G),
 // BLOCK / G rows per block iteration, grid-stride over the rows:
 //     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
-//         const RowSlot slot = row_slot<G>(r0, nrows, C);
+//         const auto [row, off, active] = row_slot<G>(r0, nrows, C);
 // Every thread runs every iteration (the group reductions need all lanes); past the last row
 // ``active`` is false and ``off`` (the row's first element) is 0. (A plain loop, not a function
 // taking the body as a lambda: the lambda cost softmax_bwd_rows 8 registers at sm_90.)

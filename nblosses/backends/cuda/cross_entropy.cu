@@ -168,12 +168,9 @@ __global__ void __launch_bounds__(BLOCK, NBL_CACHED_MIN_BLOCKS(BLOCK, NV * VEC, 
     const int nvec = (int)C / VEC;
     const int lane = threadIdx.x % G;
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
-        const RowSlot slot = row_slot<G>(r0, nrows, C);
-        const i64 row = slot.row;
-        const bool active = slot.active;
+        const auto [row, off, active] = row_slot<G>(r0, nrows, C);
         const Target tg = load_target(t, row, active, ignore, C, err, lane == 0);
         const bool load = tg.valid || (ext_lse && active);
-        const i64 off = slot.off;
         RowRegs<T, VEC, NV, PACKED> v;
         A m = load_row_max<T, VEC, G, NV>(x, off, nvec, lane, load, v);
         m = red.max(m);
@@ -235,12 +232,9 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_looped(NBL
     const i64 chunk = (i64)G * U;
     const i64 nchunk = (nvec + chunk - 1) / chunk;
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
-        const RowSlot slot = row_slot<G>(r0, nrows, C);
-        const i64 row = slot.row;
-        const bool active = slot.active;
+        const auto [row, off, active] = row_slot<G>(r0, nrows, C);
         const Target tg = load_target(t, row, active, ignore, C, err, lane == 0);
         const bool load = tg.valid || (ext_lse && active);
-        const i64 off = slot.off;
         const T* xr = x + off;
         A m = neg_inf<A>(), s = A(0);
         A e2[2] = {A(0), A(0)};  // x'_t (lane 0 only), sum_c w_c x'_c

@@ -54,10 +54,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_VEC_MIN_BLOCKS(BLOCK, VEC, T)) prob
     const int lane = threadIdx.x % G;
     const i64 chunk = (i64)G * U;
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
-        const RowSlot slot = row_slot<G>(r0, nrows, C);
-        const i64 row = slot.row;
-        const bool active = slot.active;
-        const i64 off = slot.off;
+        const auto [row, off, active] = row_slot<G>(r0, nrows, C);
         const T* xr = x + off;
         const T* pr = p + off;
         A m = neg_inf<A>(), s = A(0);

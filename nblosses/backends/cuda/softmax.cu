@@ -21,10 +21,7 @@ softmax_cached(NBL_PARAMS_SOFTMAX_ROWS) {
     const int nvec = (int)C / VEC;
     const int lane = threadIdx.x % G;
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
-        const RowSlot slot = row_slot<G>(r0, nrows, C);
-        const i64 row = slot.row;
-        const bool active = slot.active;
-        const i64 off = slot.off;
+        const auto [row, off, active] = row_slot<G>(r0, nrows, C);
         RowRegs<T, VEC, NV, false> rr;
         A (&v)[NV][VEC] = rr.v;
         A m = load_row_max<T, VEC, G, NV>(x, off, nvec, lane, active, rr);
@@ -112,11 +109,9 @@ softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
     const i64 chunk = (i64)G * U;
     const i64 nchunk = (nvec + chunk - 1) / chunk;
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
-        const RowSlot slot = row_slot<G>(r0, nrows, C);
-        const i64 row = slot.row;
-        const bool active = slot.active;
-        const T* xr = x + slot.off;
-        T* yr = y + slot.off;
+        const auto [row, off, active] = row_slot<G>(r0, nrows, C);
+        const T* xr = x + off;
+        T* yr = y + off;
         A m = neg_inf<A>(), s = A(0);
         softmax_ms_range<VEC, G, U>(xr, active ? lane : nvec, chunk, nvec, m, s);
         A dummy[1] = {A(0)};

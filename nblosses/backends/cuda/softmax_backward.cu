@@ -17,10 +17,7 @@ softmax_bwd_rows(NBL_PARAMS_SOFTMAX_BWD) {  // inner == 1: outer rows
     const int lane = threadIdx.x % G;
     const i64 chunk = (i64)G * U;
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
-        const RowSlot slot = row_slot<G>(r0, nrows, C);
-        const i64 row = slot.row;
-        const bool active = slot.active;
-        const i64 off = slot.off;
+        const auto [row, off, active] = row_slot<G>(r0, nrows, C);
         const T* gr = g + off;
         const T* yr = y + off;
         T* gxr = gx + off;
