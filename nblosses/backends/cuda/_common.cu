@@ -309,6 +309,23 @@ template <int G, int BLOCK> __device__ __forceinline__ i64 first_row() {
 template <int G, int BLOCK> __device__ __forceinline__ i64 row_stride() {
     return (i64)gridDim.x * (BLOCK / G);
 }
+//: The chunking of a streamed row (looped and backward kernels): nvec vectors of VEC, the
+//: thread's lane in its group of G, chunks of U vectors per lane (chunk = G * U vectors) and
+//: their count. Bound as ``const auto [nvec, lane, chunk, nchunk] = row_chunks<VEC, G, U>(C);``.
+struct RowChunks {
+    i64 nvec;
+    int lane;
+    i64 chunk, nchunk;
+};
+template <int VEC, int G, int U> __device__ __forceinline__ RowChunks row_chunks(i64 C) {
+    RowChunks r;
+    r.nvec = C / VEC;
+    r.lane = threadIdx.x % G;
+    r.chunk = (i64)G * U;
+    r.nchunk = (r.nvec + r.chunk - 1) / r.chunk;
+    return r;
+}
+
 template <int G> __device__ __forceinline__ RowSlot row_slot(i64 r0, i64 nrows, i64 C) {
     RowSlot r;
     r.row = r0 + threadIdx.x / G;

@@ -227,10 +227,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_looped(NBL
     constexpr int U = NBL_UNROLL2;  // 64-register budget (NBL_MIN_BLOCKS)
     __shared__ A sbuf[2][4][32];
     Reducer<G, A> red(sbuf);
-    const i64 nvec = C / VEC;
-    const int lane = threadIdx.x % G;
-    const i64 chunk = (i64)G * U;
-    const i64 nchunk = (nvec + chunk - 1) / chunk;
+    const auto [nvec, lane, chunk, nchunk] = row_chunks<VEC, G, U>(C);
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
         const auto [row, off, active] = row_slot<G>(r0, nrows, C);
         const Target tg = load_target(t, row, active, ignore, C, err, lane == 0);

@@ -104,10 +104,7 @@ softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
     constexpr int U = NBL_UNROLL;
     __shared__ A sbuf[2][4][32];
     Reducer<G, A> red(sbuf);
-    const i64 nvec = C / VEC;
-    const int lane = threadIdx.x % G;
-    const i64 chunk = (i64)G * U;
-    const i64 nchunk = (nvec + chunk - 1) / chunk;
+    const auto [nvec, lane, chunk, nchunk] = row_chunks<VEC, G, U>(C);
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
         const auto [row, off, active] = row_slot<G>(r0, nrows, C);
         const T* xr = x + off;
