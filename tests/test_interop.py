@@ -327,3 +327,18 @@ def test_nn_modules_take_torch_tensors():
     assert isinstance(loss, torch.Tensor) and isinstance(grad, torch.Tensor)
     torch.testing.assert_close(loss, want.detach())
     torch.testing.assert_close(grad, ref.grad)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_jax_in_jax_out_every_op(name):
+    jnp = pytest.importorskip("jax.numpy")
+    args, kwargs = CASES[name]  # JAX holds them in float32 / int32 (x64 off by default)
+    got = getattr(F, name)(*(jnp.asarray(a) for a in args),
+                           **{k: _convert(v, jnp.asarray) for k, v in kwargs.items()})
+    want = getattr(F, name)(*args, **kwargs)
+    for g, w in zip(_as_tuple(got), _as_tuple(want)):
+        if w is None:
+            assert g is None
+            continue
+        assert type(g).__module__.startswith("jax"), (name, type(g))
+        np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=2e-6)
