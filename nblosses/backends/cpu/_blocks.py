@@ -39,9 +39,19 @@ def block_width(outer: int, inner: int, threads: int, widest: int = 2048) -> int
     return min(width, inner)
 
 
+# Per-task scratch of the block kernels: at most this many (width,) arrays of the input's dtype.
+_SCRATCH_ROWS = 8
+
+
 def width_for(x3: np.ndarray, widest: int = 2048) -> int:
-    """:func:`block_width` for an ``(outer, C, inner)`` array and Numba's thread count."""
-    return block_width(x3.shape[0], x3.shape[2], numba.get_num_threads(), widest)
+    """:func:`block_width` for an ``(outer, C, inner)`` array and Numba's thread count, also
+    narrow enough that the running tasks' scratch stays under 1% of the array (the losses
+    promise at most 1% of extra memory, whatever the shape)."""
+    threads = numba.get_num_threads()
+    budget = x3.nbytes // (100 * threads * _SCRATCH_ROWS * x3.itemsize)
+    while widest > 256 and widest > budget:
+        widest //= 2
+    return block_width(x3.shape[0], x3.shape[2], threads, widest)
 
 
 @njit(**JIT)
