@@ -198,3 +198,32 @@ def with_warnings(fn: Callable[[], Any]) -> tuple[Any, list[warnings.WarningMess
         warnings.simplefilter("always")
         out = fn()
     return out, [w for w in rec if issubclass(w.category, UserWarning)]
+
+
+def ce_options_composite(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                         *, label_smoothing: float = 0.0, reduction: str = "mean",
+                         z_loss: float = 0.0, softcap: float | None = None,
+                         ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's composite of cross-entropy with nblosses' options: ``(loss, lse)``.
+
+    ``xc = c tanh(x / c)`` (soft cap), ``lse = logsumexp(xc)`` over axis 1, per position
+    ``ce(xc) + z lse^2`` where the target is kept (every position for probability targets),
+    reduced like the loss: ``mean`` divides by the sum of ``weight[t]`` over kept positions
+    (their count without weights), or by the number of positions for probability targets.
+    """
+    xc = softcap * torch.tanh(logits / softcap) if softcap else logits
+    lse = torch.logsumexp(xc, dim=1)
+    probs = target.is_floating_point()
+    kw = {} if probs else {"ignore_index": ignore_index}
+    per = torch.nn.functional.cross_entropy(xc, target, weight, reduction="none",
+                                            label_smoothing=label_smoothing, **kw)
+    keep = torch.ones_like(lse) if probs else (target != ignore_index).to(lse.dtype)
+    per = per + z_loss * lse ** 2 * keep
+    if reduction == "none":
+        return per, lse
+    if reduction == "sum":
+        return per.sum(), lse
+    if probs:
+        return per.sum() / float(per.numel()), lse
+    kept = keep if weight is None else weight[target.clamp(min=0)] * keep
+    return per.sum() / kept.sum(), lse

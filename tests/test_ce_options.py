@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as TF
-from helpers import assert_close, param_id, rng, to_backend_all
+from helpers import assert_close, ce_options_composite, param_id, rng, to_backend_all
 
 from nblosses import functional as F
 from nblosses import nn
@@ -27,21 +26,10 @@ def _case(shape, probs, seed=0):
 
 def _reference(x, t, weight, reduction, z, cap, eps):
     xt = torch.tensor(x, requires_grad=True)
-    xc = cap * torch.tanh(xt / cap) if cap else xt
-    tt = torch.tensor(t)
-    wt = None if weight is None else torch.tensor(weight)
-    ce = TF.cross_entropy(xc, tt, wt, reduction="none", label_smoothing=eps)
-    lse = torch.logsumexp(xc, 1)
-    probs = tt.is_floating_point()
-    keep = torch.ones_like(lse) if probs else (tt != -100).double()
-    per = ce + z * lse ** 2 * keep
-    if reduction == "none":
-        loss = per
-    elif reduction == "sum":
-        loss = per.sum()
-    else:
-        denom = (keep if wt is None or probs else wt[tt.clamp(min=0)] * keep).sum()
-        loss = per.sum() / (per.new_tensor(float(per.numel())) if probs else denom)
+    loss, lse = ce_options_composite(xt, torch.tensor(t),
+                                     None if weight is None else torch.tensor(weight),
+                                     label_smoothing=eps, reduction=reduction, z_loss=z,
+                                     softcap=cap)
     loss.sum().backward()
     return loss.detach().numpy(), xt.grad.numpy(), lse.detach().numpy()
 

@@ -15,6 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 TF = torch.nn.functional
 
+from helpers import ce_options_composite  # noqa: E402
+
 from nblosses.backends.cpu import KERNELS  # noqa: E402
 
 IGNORE = -100
@@ -41,22 +43,10 @@ def _data(shape, dtype, weighted, probs, seed=0):
 def _reference(x, t, w, *, probs, smoothing, reduction, z, cap, g):
     """torch loss, gradient and lse (float64), as the kernel protocol defines them."""
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    xc = cap * torch.tanh(xt / cap) if cap else xt
-    lse = torch.logsumexp(xc, dim=1)
     tt = torch.tensor(t) if not probs else torch.tensor(t, dtype=torch.float64)
     wt = None if w is None else torch.tensor(w, dtype=torch.float64)
-    kw = {} if probs else {"ignore_index": IGNORE}
-    ce = TF.cross_entropy(xc, tt, wt, label_smoothing=smoothing, reduction="none", **kw)
-    valid = torch.ones_like(lse, dtype=torch.bool) if probs else tt != IGNORE
-    loss = ce + z * lse**2 * valid
-    if reduction == "mean":
-        if probs:
-            denom = float(lse.numel())
-        else:
-            denom = valid.sum() if wt is None else (wt[tt.clamp(min=0)] * valid).sum()
-        loss = loss.sum() / denom
-    elif reduction == "sum":
-        loss = loss.sum()
+    loss, lse = ce_options_composite(xt, tt, wt, label_smoothing=smoothing, reduction=reduction,
+                                     z_loss=z, softcap=cap, ignore_index=IGNORE)
     gout = torch.tensor(g, dtype=torch.float64) if reduction == "none" else torch.tensor(g)
     (grad,) = torch.autograd.grad(loss, xt, gout)
     return loss.detach().numpy(), grad.numpy(), lse.detach().numpy()

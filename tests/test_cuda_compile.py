@@ -1102,25 +1102,13 @@ def test_device_bad_target_is_deferred(shape):
 
 def _torch_reference(x, t, weight, eps, reduction, z, cap, probs):
     torch = pytest.importorskip("torch")
+    from helpers import ce_options_composite
+
     xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
-    xc = cap * torch.tanh(xt / cap) if cap else xt
-    lse = torch.logsumexp(xc, dim=1)
     w = None if weight is None else torch.tensor(weight, dtype=torch.float64)
     tt = torch.tensor(t) if not probs else torch.tensor(t, dtype=torch.float64)
-    ce = torch.nn.functional.cross_entropy(xc, tt, w, ignore_index=-100, label_smoothing=eps,
-                                           reduction="none")
-    valid = torch.ones_like(lse) if probs else (tt != -100).double()
-    per = ce + z * lse ** 2 * valid
-    if reduction == "none":
-        loss = per
-    elif reduction == "sum":
-        loss = per.sum()
-    else:
-        if probs:
-            d = float(per.numel())
-        else:
-            d = (valid * (w[tt.clamp(min=0)] if w is not None else 1.0)).sum()
-        loss = per.sum() / d
+    loss, lse = ce_options_composite(xt, tt, w, label_smoothing=eps, reduction=reduction,
+                                     z_loss=z, softcap=cap)
     loss.backward(torch.ones_like(loss))
     return loss.detach().numpy(), xt.grad.numpy(), lse.detach().numpy()
 

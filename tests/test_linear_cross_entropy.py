@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import assert_close, rng, tt
+from helpers import assert_close, ce_options_composite, rng, tt
 
 from nblosses.backends import _linear_ce as G
 from nblosses.backends.cpu import linear_ce_blas
@@ -70,19 +70,9 @@ def torch_reference(x, w2, bias, target, weight, *, ignore_index, label_smoothin
                                        ignore_index=None if probs else ignore_index,
                                        label_smoothing=label_smoothing)
     else:
-        kw = {} if probs else {"ignore_index": ignore_index}
-        per_row = TF.cross_entropy(xc, t, cw, reduction="none", label_smoothing=label_smoothing,
-                                   **kw)
-        valid = torch.ones_like(lse, dtype=torch.bool) if probs else t != ignore_index
-        per_row = per_row + z_loss * lse**2 * valid
-        if reduction == "none":
-            loss = per_row
-        elif reduction == "sum":
-            loss = per_row.sum()
-        else:
-            denom = (valid.sum() if cw is None else (cw[t.clamp(min=0)] * valid).sum()) \
-                if not probs else len(per_row)
-            loss = per_row.sum() / denom
+        loss, _ = ce_options_composite(logits, t, cw, label_smoothing=label_smoothing,
+                                       reduction=reduction, z_loss=z_loss,
+                                       softcap=softcap or None, ignore_index=ignore_index)
     g = torch.as_tensor(np.asarray(grad_output), dtype=loss.dtype).reshape(loss.shape)
     loss.backward(g)
     grads = [a.grad.numpy() for a in (xt, wt)] + [None if bt is None else bt.grad.numpy()]
