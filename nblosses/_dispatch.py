@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _args
-from ._ops import Op
+from ._ops import CONTEXT, Op
 from ._registry import Runtime, array_module, resolve_backend
 
 Values = dict[str, Any]
@@ -47,9 +47,10 @@ def checked_options(op: Op, values: Values) -> Values:
     opts = {}
     for p, default in op.checked:
         value = values[p.name]
-        opts[p.name] = default if value is p.default else p.check(op.name, value)  # type: ignore[misc]
-    if "validate" in values:  # its default is context-dependent: always resolved
-        opts["validate"] = _args.check_validate(op.name, values["validate"])
+        if value is p.default and default is not CONTEXT:
+            opts[p.name] = default
+        else:
+            opts[p.name] = p.check(op.name, value)  # type: ignore[misc]
     return opts
 
 

@@ -19,6 +19,8 @@ from typing import Any
 from . import _args
 
 REQUIRED = inspect.Parameter.empty
+#: Marks a checked default that depends on the context (see ``Param.context_default``).
+CONTEXT = object()
 # Parameter names that hold arrays in any op.
 _ARRAY_PARAMS = frozenset({"input", "target", "weight", "pos_weight", "grad_output", "output",
                            "grad_buffer", "linear_weight", "linear_bias"})
@@ -48,6 +50,9 @@ class Param:
         Pass the checked value to the kernel as the keyword of the same name.
     torch : bool
         Part of torch's signature (signature tests compare these with torch's).
+    context_default : bool
+        The check turns the default into a value taken from the context on every call (e.g.
+        ``validate``: the current :func:`nblosses.use_validation`), so it is never cached.
     """
 
     name: str
@@ -58,6 +63,7 @@ class Param:
     check: Callable[[str, Any], Any] | None = None
     kernel: bool = False
     torch: bool = True
+    context_default: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,9 +104,10 @@ class Op:
     @functools.cached_property
     def checked(self) -> tuple[tuple[Param, Any], ...]:
         """``(param, canonical default)`` of each parameter with a check. A call that leaves
-        an option at its default (the object itself) skips the check."""
-        return tuple((p, p.check(self.name, p.default)) for p in self.params
-                     if p.check is not None and p.name != "validate")
+        an option at its default (the object itself) skips the check, unless the default comes
+        from the context (then :data:`CONTEXT` stands for it and the check always runs)."""
+        return tuple((p, CONTEXT if p.context_default else p.check(self.name, p.default))
+                     for p in self.params if p.check is not None)
 
     @functools.cached_property
     def kernel_options(self) -> tuple[tuple[str, Any], ...]:
@@ -192,7 +199,8 @@ VALIDATE = Param("validate", None, """{"async", "sync"}, optional
     the ``IndexError`` raised by a later call or :func:`nblosses.synchronize` (the host never
     waits); ``"sync"`` before the kernel, eagerly (waits for the device). Default: the current
     default (:func:`nblosses.use_validation`), ``"async"``. The CPU backend always checks
-    eagerly.""", keyword_only=True, check=_args.check_validate, torch=False)
+    eagerly.""", keyword_only=True, check=_args.check_validate, torch=False,
+                 context_default=True)
 _LOSS_TAIL = (RETURN_GRAD, GRAD_OUTPUT)
 
 _SOFTMAX_RAISES = """
@@ -270,7 +278,8 @@ BCE_VALIDATE = Param("validate", None, """{"async", "sync"}, optional
     How a device backend checks that the input lies in ``[0, 1]``: ``"async"`` inside the
     kernel (``ValueError`` raised by a later call or :func:`nblosses.synchronize`), ``"sync"``
     before it (waits for the device). Default: :func:`nblosses.get_validation`. The CPU backend
-    always checks eagerly.""", keyword_only=True, check=_args.check_validate, torch=False)
+    always checks eagerly.""", keyword_only=True, check=_args.check_validate, torch=False,
+                     context_default=True)
 
 
 def _binary_loss_op(name: str, extra: tuple[Param, ...], summary: str, **docs: Any) -> Op:
