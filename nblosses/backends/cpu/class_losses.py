@@ -23,17 +23,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._blocks import (
-    SMALL_C,
-    TILE,
-    block_stats,
-    block_stats_store,
-    block_task,
-    n_blocks,
-    tile_stats,
-    vlog,
-    width_for,
-)
+from . import _blocks as B
 from ._math import (
     JIT,
     JIT_EXACT,
@@ -281,15 +271,15 @@ def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_o
     """Short rows (C < SMALL_C): statistics, and the gradient, on transposed tiles."""
     n, n_classes = x.shape
     total = 0.0
-    for tile in prange((n + TILE - 1) // TILE):
+    for tile in prange((n + B.TILE - 1) // B.TILE):
         # With a gradient, xt is left holding exp(x - m) (one exp per logit); x_t and the
         # smoothing sum are then read from x, which this tile writes back to only at the end.
-        r0, nr, xt, m, s = tile_stats(x, tile, gx is not None, cap)
-        ls = np.empty(TILE, x.dtype)
-        vlog(s[:nr], ls[:nr])
+        r0, nr, xt, m, s = B.tile_stats(x, tile, gx is not None, cap)
+        ls = np.empty(B.TILE, x.dtype)
+        B.vlog(s[:nr], ls[:nr])
         # The gradient's coefficients per row: a (subtracted at the target), coef / sum
         # (multiplies exp(x - m)), b (multiplies w_c).
-        a = np.empty(TILE if gx is not None else 0, x.dtype)
+        a = np.empty(B.TILE if gx is not None else 0, x.dtype)
         cs = np.empty_like(a)
         b = np.empty_like(a)
         for r in range(nr):
@@ -360,10 +350,10 @@ def _vaxpy(acc, alpha, xc):
 @parallel_kernel(**JIT)
 def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width, z, cap, lse_out):
     n, n_classes, inner = x.shape
-    nblk = n_blocks(inner, width)
+    nblk = B.n_blocks(inner, width)
     total = 0.0
     for task in prange(n * nblk):
-        o, j0, wd = block_task(task, nblk, width, inner)
+        o, j0, wd = B.block_task(task, nblk, width, inner)
         src, sj0 = _block_source(x, o, j0, wd, cap)
         # x_t and sum_c w_c x_c first: an in-place gradient overwrites the logits below.
         x_t = _block_targets(src, t[o, j0:j0 + wd], ignore, sj0)
@@ -376,11 +366,11 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width, z, ca
         m = np.empty(wd, x.dtype)
         s = np.empty(wd, x.dtype)
         if gx is None:
-            block_stats(src, sj0, wd, m, s)
+            B.block_stats(src, sj0, wd, m, s)
         else:  # exp(x - m) stored in the gradient: one exp per logit
-            block_stats_store(src, sj0, wd, m, s, gx[o], j0)
+            B.block_stats_store(src, sj0, wd, m, s, gx[o], j0)
         ls = np.empty(wd, x.dtype)
-        vlog(s, ls)
+        B.vlog(s, ls)
         # The gradient's coefficients per position, as in _ce_tiles.
         a = np.empty(wd if gx is not None else 0, x.dtype)
         cs = np.empty_like(a)
@@ -456,11 +446,11 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
     if x3.size:
         args = (weight, ignore_index, label_smoothing, w_total)
         if inner == 1:
-            rows = _ce_tiles if n_classes < SMALL_C else _ce_rows
+            rows = _ce_tiles if n_classes < B.SMALL_C else _ce_rows
             total = rows(x3[:, :, 0], t2[:, 0], *args, _rows(k.g), k.g_scalar, _rows(k.out),
                          _rows(k.gx), *opts)
         else:
-            total = _ce_blocks(x3, t2, *args, k.g, k.g_scalar, k.out, k.gx, width_for(x3),
+            total = _ce_blocks(x3, t2, *args, k.g, k.g_scalar, k.out, k.gx, B.width_for(x3),
                                *opts)
     else:
         _empty_fill(k, lse_out)
@@ -557,19 +547,19 @@ def _vprob_grad(out, xc, yc, m, ls, coef, scale, wc, keep, spread):
 @parallel_kernel(**JIT)
 def _ce_probs_blocks(x, y, w, eps, g, g_scalar, out, gx, width, z, cap, lse_out):
     n, n_classes, inner = x.shape
-    nblk = n_blocks(inner, width)
+    nblk = B.n_blocks(inner, width)
     keep = 1.0 - eps
     spread = eps / n_classes
     total = 0.0
     for task in prange(n * nblk):
-        o, j0, wd = block_task(task, nblk, width, inner)
+        o, j0, wd = B.block_task(task, nblk, width, inner)
         src, sj0 = _block_source(x, o, j0, wd, cap)
         yo = y[o]
         m = np.empty(wd, x.dtype)
         s = np.empty(wd, x.dtype)
-        block_stats(src, sj0, wd, m, s)
+        B.block_stats(src, sj0, wd, m, s)
         ls = np.empty(wd, x.dtype)
-        vlog(s, ls)
+        B.vlog(s, ls)
         a_sum = np.zeros(wd, x.dtype)  # sum_c w_c y'_c
         b_sum = np.zeros(wd, x.dtype)  # sum_c w_c y'_c x_c
         for c in range(n_classes):
@@ -613,7 +603,7 @@ def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad
                                    _rows(k.g), k.g_scalar, _rows(k.out), _rows(k.gx), *opts)
         else:
             total = _ce_probs_blocks(x3, p3, weight, label_smoothing, k.g, k.g_scalar, k.out,
-                                     k.gx, width_for(x3), *opts)
+                                     k.gx, B.width_for(x3), *opts)
     else:
         _empty_fill(k, lse_out)
     return _finish(total, k.out, reduction, denom, x3.dtype), k.gx
