@@ -125,23 +125,11 @@ def parse_shape(text: str | Shape) -> Shape:
 
 
 #: The six shapes the performance targets are stated on (targets.json).
-SHAPES: tuple[Shape, ...] = (
-    Shape((4096, 1000), 1),
-    Shape((512, 32000), 1),
-    Shape((64, 128256), 1),
-    Shape((65536, 10), 1),
-    Shape((8, 1024, 1024), -1),
-    Shape((32, 21, 4096), 1),
-)
+SHAPES: tuple[Shape, ...] = tuple(map(parse_shape, (
+    "4096x[1000]", "512x[32000]", "64x[128256]", "65536x[10]", "8x1024x[1024]", "32x[21]x4096")))
 #: Same layouts, 8-60x smaller: for ``--quick`` runs and CI.
-QUICK_SHAPES: tuple[Shape, ...] = (
-    Shape((256, 1000), 1),
-    Shape((32, 32000), 1),
-    Shape((4, 128256), 1),
-    Shape((4096, 10), 1),
-    Shape((2, 128, 1024), -1),
-    Shape((4, 21, 1024), 1),
-)
+QUICK_SHAPES: tuple[Shape, ...] = tuple(map(parse_shape, (
+    "256x[1000]", "32x[32000]", "4x[128256]", "4096x[10]", "2x128x[1024]", "4x[21]x1024")))
 #: The smallest shape of each layout: for dry runs in tests.
 TINY_SHAPES: tuple[Shape, ...] = (Shape((8, 10), 1), Shape((2, 3, 5), 1))
 

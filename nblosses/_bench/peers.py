@@ -179,22 +179,17 @@ def _torch_callable(inputs: Inputs, backend: str) -> Callable[[], Any] | None:
     if name == "sigmoid_backward":
         g, y = a["g"], a["y"]
         return lambda: torch.ops.aten.sigmoid_backward(g, y)
-    if name == "cross_entropy":
-        return lambda: F.cross_entropy(a["x"], a["t"])
-    if name == "cross_entropy_grad":
-        return with_grad(lambda x: F.cross_entropy(x, a["t"]), a["x"])
-    if name == "nll_loss":
-        return lambda: F.nll_loss(a["x"], a["t"])
-    if name == "nll_loss_grad":
-        return with_grad(lambda x: F.nll_loss(x, a["t"]), a["x"])
-    if name == "bce":
-        return lambda: F.binary_cross_entropy(a["x"], a["y"])
-    if name == "bce_grad":
-        return with_grad(lambda x: F.binary_cross_entropy(x, a["y"]), a["x"])
-    if name == "bce_with_logits":
-        return lambda: F.binary_cross_entropy_with_logits(a["x"], a["y"])
-    if name == "bce_with_logits_grad":
-        return with_grad(lambda x: F.binary_cross_entropy_with_logits(x, a["y"]), a["x"])
+    # the losses (and their "_grad" cases): torch function and the input holding the target
+    losses: dict[str, tuple[Callable[..., Any], str]] = {
+        "cross_entropy": (F.cross_entropy, "t"), "nll_loss": (F.nll_loss, "t"),
+        "bce": (F.binary_cross_entropy, "y"),
+        "bce_with_logits": (F.binary_cross_entropy_with_logits, "y")}
+    loss = losses.get(name.removesuffix("_grad"))
+    if loss is not None:
+        fn, target = loss[0], a[loss[1]]
+        if name.endswith("_grad"):
+            return with_grad(lambda x: fn(x, target), a["x"])
+        return lambda: fn(a["x"], target)
     if name == "linear_cross_entropy_grad":
         return _linear_ce_grad(a, None)
     return None
