@@ -111,8 +111,21 @@ def _torch_capability() -> str | None:
         return f"unknown ({type(exc).__name__})"
 
 
+def _blas() -> dict[str, Any]:
+    """The BLAS of the linear cross-entropy's products and an ``OPENBLAS_CORETYPE`` override."""
+    try:
+        from .backends.cpu.linear_ce_blas import blas_facts
+
+        facts: dict[str, Any] = dict(blas_facts())
+    except Exception as exc:  # a report never fails on a broken optional package
+        facts = {"blas": f"unknown ({type(exc).__name__})", "blas_core": None}
+    facts["openblas_coretype_env"] = os.environ.get("OPENBLAS_CORETYPE")
+    return facts
+
+
 def cpu_facts() -> dict[str, Any]:
-    """CPU model, ISA level, SIMD flags, L2 size, torch's and Numba's view of the CPU."""
+    """CPU model, ISA level, SIMD flags, L2 size, torch's and Numba's view of the CPU, the
+    BLAS kernel family."""
     info = _cpuinfo()
     flags = set((info.get("flags") or info.get("Features") or "").split())
     model = info.get("model name") or platform.processor() or platform.machine()
@@ -127,6 +140,7 @@ def cpu_facts() -> dict[str, Any]:
         "torch_cpu_capability": _torch_capability(),
     }
     facts.update(_numba_target())
+    facts.update(_blas())
     return facts
 
 

@@ -39,10 +39,11 @@ _INFO_ROWS = [
     ("cpu_count", "cpu count"), ("isa_level", "ISA level"), ("simd_flags", "SIMD flags"),
     ("l2_bytes", "L2 bytes (all cores)"), ("torch_cpu_capability", "torch CPU capability"),
     ("numba_cpu_name", "numba target CPU"), ("numba_avx512f", "numba host avx512f"),
-    ("numba_avx2", "numba host avx2"), ("numpy", "numpy"), ("numba", "numba"),
+    ("numba_avx2", "numba host avx2"), ("blas", "BLAS"), ("numpy", "numpy"), ("numba", "numba"),
     ("llvmlite", "llvmlite"), ("scipy", "scipy"), ("torch", "torch"), ("cupy", "cupy"),
 ]
 _INFO_OPTIONAL = [
+    ("openblas_coretype_env", "OPENBLAS_CORETYPE"),
     ("numba_threading_layer", "numba threading layer"), ("numba_threads", "numba threads"),
     ("numba_max_threads", "numba max threads"), ("numba_cache_dir", "numba cache"),
     ("torch_threads", "torch threads"), ("torch_cuda", "torch CUDA available"),

@@ -181,6 +181,13 @@ def machine_lines(meta: dict[str, Any]) -> list[str]:
            f"Numba target CPU: {m.get('numba_cpu_name', '?')} (host has {numba_isa} of "
            "avx512f, avx2)")
     lines = [cpu, isa]
+    if m.get("blas"):
+        blas = f"BLAS (linear_cross_entropy products): {m['blas']}"
+        forced = m.get("openblas_coretype_env")
+        if forced:
+            blas += (f" -- OPENBLAS_CORETYPE={forced} is set: OpenBLAS runs that kernel family "
+                     "instead of its own choice for this CPU")
+        lines.append(blas)
     copy = m.get("copy")
     if copy:
         parts = [f"{copy['copyto_gbps']:.1f} GB/s copyto ({_threads(copy['copyto_threads'])})"]

@@ -174,7 +174,8 @@ def _meta(ctx: _Ctx, info: dict[str, Any], copy: dict[str, Any]) -> dict[str, An
     c = ctx.config
     machine = {k: info.get(k) for k in (
         "cpu", "cpu_count", "isa_level", "simd_flags", "l2_bytes", "torch_cpu_capability",
-        "numba_cpu_name", "numba_avx512f", "numba_avx2")}
+        "numba_cpu_name", "numba_avx512f", "numba_avx2", "blas", "blas_core",
+        "openblas_coretype_env")}
     machine["copy"] = copy
     return {
         "backend": c.backend, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "info": info,

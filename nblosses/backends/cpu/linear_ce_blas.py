@@ -40,21 +40,53 @@ def _library_candidates() -> list[str]:
 @functools.cache
 def _cblas_gemm(dtype: np.dtype) -> Any:
     """The ctypes function for ``dtype``'s ILP64 ``cblas_?gemm``, or None."""
+    lib = _openblas()
+    for symbol in _SYMBOLS[dtype] if lib is not None else ():
+        fn = getattr(lib, symbol, None)
+        if fn is not None:
+            real, i64 = _CTYPE[dtype], ctypes.c_int64
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, real,
+                           ctypes.c_void_p, i64, ctypes.c_void_p, i64, real,
+                           ctypes.c_void_p, i64]
+            return fn
+    return None
+
+
+@functools.cache
+def _openblas() -> ctypes.CDLL | None:
+    """The first OpenBLAS next to NumPy that loads, or None."""
     for path in _library_candidates():
         try:
-            lib = ctypes.CDLL(path)
+            return ctypes.CDLL(path)
         except OSError:
             continue
-        for symbol in _SYMBOLS[dtype]:
-            fn = getattr(lib, symbol, None)
-            if fn is not None:
-                real, i64 = _CTYPE[dtype], ctypes.c_int64
-                fn.restype = None
-                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, real,
-                               ctypes.c_void_p, i64, ctypes.c_void_p, i64, real,
-                               ctypes.c_void_p, i64]
-                return fn
     return None
+
+
+def blas_facts() -> dict[str, str | None]:
+    """The BLAS the products run on: ``blas`` (OpenBLAS' build string) and ``blas_core`` (the
+    kernel family it chose, e.g. ``SkylakeX`` or ``Haswell``), None where not found.
+
+    A report prints them because they decide the speed of the linear cross-entropy: the
+    ``OPENBLAS_CORETYPE`` environment variable can force an older kernel family than the CPU
+    has (measured at 1024 x 1024 x 4747 float32 on an AVX-512 CPU: ``Haswell`` ran each
+    product at about half the speed of the kernel OpenBLAS picks itself).
+    """
+    lib = _openblas()
+    facts: dict[str, str | None] = {"blas": None, "blas_core": None}
+    if lib is None:
+        return facts
+    for key, symbol in (("blas", "get_config"), ("blas_core", "get_corename")):
+        for name in (f"scipy_openblas_{symbol}64_", f"openblas_{symbol}64_", f"openblas_{symbol}"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                fn.argtypes = []
+                value = fn()
+                facts[key] = value.decode(errors="replace").strip() if value else None
+                break
+    return facts
 
 
 def has_cblas(dtype: Any) -> bool:
