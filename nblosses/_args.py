@@ -20,6 +20,7 @@ from typing import Any
 
 from ._registry import Runtime as Backend
 from ._registry import get_validation
+from .errors import class_index_error
 
 REDUCTIONS = ("none", "mean", "sum")
 # Frames of the package's files and of the functions generated from the op table.
@@ -410,7 +411,7 @@ def check_targets(be: Backend, t2: Any, n_classes: int, ignore_index: int) -> No
     bad = ((t2 < 0) | (t2 >= n_classes)) & (t2 != ignore_index)
     if bool(bad.any()):
         value = int(t2.reshape(-1)[int(xp.argmax(bad.reshape(-1)))])
-        raise IndexError(f"Target {value} is out of bounds (number of classes: {n_classes}).")
+        raise class_index_error(value, n_classes)
 
 
 # ----------------------------------------------------------------------------- linear + CE

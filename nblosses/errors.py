@@ -19,3 +19,9 @@ class BackendUnavailableError(RuntimeError):
 
 class UnsupportedOpError(NotImplementedError):
     """The backend has no kernel for the requested op."""
+
+
+def class_index_error(value: int, n_classes: int | str) -> IndexError:
+    """The error for a class-index target outside ``[0, C)`` (torch's wording), wherever it is
+    found: the argument checks, a CPU kernel or a CUDA device error record."""
+    return IndexError(f"Target {value} is out of bounds (number of classes: {n_classes}).")

@@ -17,13 +17,15 @@ from collections.abc import Callable
 from typing import Any
 
 from ._dispatch import call
+from ._fast import MISS, PATHS
 from ._ops import OPS, Op
 
 __all__ = sorted(OPS)
 
 
 def _make(op: Op) -> Callable[..., Any]:
-    """A plain Python function with ``op``'s exact signature whose body is ``call(op, ...)``.
+    """A plain Python function with ``op``'s exact signature whose body is ``call(op, ...)``
+    (after the op's fast path, if it has one).
 
     Generated source rather than ``*args, **kwargs`` + ``Signature.bind``: binding costs a few
     microseconds per call, and a real signature gives ``help()``, ``inspect`` and error messages
@@ -42,7 +44,12 @@ def _make(op: Op) -> Callable[..., Any]:
             params.append(f"{p.name}=_default_{p.name}")
         names.append(p.name)
     body = ", ".join(f"{n!r}: {n}" for n in names)
-    source = f"def {op.name}({', '.join(params)}):\n    return _call(_op, {{{body}}})\n"
+    source = f"def {op.name}({', '.join(params)}):\n"
+    if op.name in PATHS:  # the plain NumPy call first (:mod:`nblosses._fast`)
+        namespace.update(_fast=PATHS[op.name], _MISS=MISS)
+        source += (f"    result = _fast({', '.join(names)})\n"
+                   "    if result is not _MISS:\n        return result\n")
+    source += f"    return _call(_op, {{{body}}})\n"
     exec(compile(source, f"<nblosses.functional.{op.name}>", "exec"), namespace)
     fn = namespace[op.name]
     fn.__module__ = __name__

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import class_index_error
+
 #: int64 words of the record: state (0 clean, 1 being written, 2 complete), position, value,
 #: detail, kind.
 RECORD_WORDS = 5
@@ -102,7 +104,7 @@ def describe(words) -> Exception:
         shown = str(_WIDTHS[detail](x)) if detail in _WIDTHS else repr(x)  # as numpy prints it
         return ValueError("binary_cross_entropy: all elements of input should be between 0 and 1 "
                           f"(found {shown} at position {pos})")
-    return IndexError(f"Target {value} is out of bounds (number of classes: {detail}).")
+    return class_index_error(value, detail)
 
 
 def _capturing(stream: Any) -> bool:
