@@ -261,3 +261,88 @@ def test_two_layer_training_step_matches_pure_torch():
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-12)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- linear + CE
+def _linear_case(reduction, bias, probs, weighted, dtype=torch.float64, seed=11):
+    g = _gen(seed)
+    n, d, v = 6, 4, 7
+    x = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_(True)
+    w = torch.randn(v, d, generator=g, dtype=dtype).requires_grad_(True)
+    b = torch.randn(v, generator=g, dtype=dtype).requires_grad_(True) if bias else None
+    if probs:
+        t, ignore = torch.rand(n, v, generator=g, dtype=dtype).softmax(1), None
+    else:
+        t, ignore = torch.randint(0, v, (n,), generator=g), -100
+        t[1] = -100
+    cw = (torch.rand(v, generator=g, dtype=dtype) + 0.5) if weighted else None
+    kwargs = dict(linear_bias=b, weight=cw, reduction=reduction, ignore_index=ignore,
+                  label_smoothing=0.1)
+    return (x, w, t), kwargs, [p for p in (x, w, b) if p is not None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_parity_with_torch(reduction, bias, probs, weighted, dtype):
+    args, kwargs, params = _linear_case(reduction, bias, probs, weighted, dtype)
+    got = nbt.linear_cross_entropy(*args, **kwargs)
+    want = TF.linear_cross_entropy(*args, **kwargs)
+    torch.testing.assert_close(got, want)
+    upstream = torch.randn(got.shape, generator=_gen(12), dtype=dtype)
+    for a, b in zip(torch.autograd.grad(got, params, upstream),
+                    torch.autograd.grad(want, params, upstream)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_gradcheck_float64(reduction):
+    args, kwargs, params = _linear_case(reduction, True, False, True)
+    t = args[2]
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: nbt.linear_cross_entropy(x, w, t, **dict(kwargs, linear_bias=b)),
+        tuple(params))
+
+
+def test_linear_cross_entropy_frozen_weight_and_no_grad():
+    (x, w, t), kwargs, _ = _linear_case("mean", True, False, False)
+    w = w.detach()
+    loss = nbt.linear_cross_entropy(x, w, t, **kwargs)
+    loss.backward()
+    torch.testing.assert_close(
+        x.grad, torch.autograd.grad(TF.linear_cross_entropy(x, w, t, **kwargs), x)[0])
+    assert w.grad is None and kwargs["linear_bias"].grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(nbt.linear_cross_entropy(x, w, t, **kwargs),
+                                   TF.linear_cross_entropy(x, w, t, **kwargs))
+
+
+def test_linear_cross_entropy_opcheck():
+    (x, w, t), _, _ = _linear_case("mean", True, False, False)
+    b = torch.randn(w.shape[0], dtype=w.dtype, requires_grad=True)
+    for args in ((x, w, t, b, None, -100, "mean", 0.1, 0.0, 0.0, True),
+                 (x, w, t, None, None, -100, "none", 0.0, 1e-3, 2.0, False)):
+        torch.library.opcheck(torch.ops.nblosses.linear_cross_entropy.default, args,
+                              test_utils=("test_schema", "test_autograd_registration",
+                                          "test_faketensor"))
+
+
+def test_linear_cross_entropy_torch_compile_fullgraph():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 11)
+    x, t = torch.randn(5, 8), _indices((5,), 11, ignore=-100)
+
+    def step(f):
+        return f.linear_cross_entropy(x, head.weight, t, linear_bias=head.bias)
+
+    got = torch.compile(lambda: step(nbt), fullgraph=True, backend="aot_eager")()
+    got.backward()
+    got_grads = [p.grad.clone() for p in head.parameters()]
+    head.zero_grad()
+    want = step(TF)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for g, p in zip(got_grads, head.parameters()):
+        torch.testing.assert_close(g, p.grad)
