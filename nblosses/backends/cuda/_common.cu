@@ -350,12 +350,19 @@ __device__ __forceinline__ void split_bounds(i64 C, i64 nsplit, i64 chunk_vec, i
 // branch around a reduction). For G > 32 the group is the whole block: one __syncthreads() per
 // call, with two alternating shared buffers so that consecutive calls need no second barrier
 // (a thread writes buffer k again only after passing the barrier of the call in between, which
-// every thread reaches only after reading buffer k).
+// every thread reaches only after reading buffer k). The buffers are the Reducer's own (a
+// __shared__ array of a static member function: one per <G, A>, not declared again by every
+// kernel), so a kernel holds one Reducer; with G <= 32 they are never touched and not allocated.
 template <int G, typename A> struct Reducer {
     A (*buf)[4][32];
     int ph;
 
-    __device__ __forceinline__ explicit Reducer(A (*b)[4][32]) : buf(b), ph(0) {}
+    __device__ __forceinline__ Reducer() : buf(shared_buffers()), ph(0) {}
+
+    static __device__ __forceinline__ A (*shared_buffers())[4][32] {
+        __shared__ A b[2][4][32];
+        return b;
+    }
 
     template <int K, typename Op> __device__ __forceinline__ void reduce(A (&v)[K], Op op) {
 #pragma unroll

@@ -163,8 +163,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_CACHED_MIN_BLOCKS(BLOCK, NV * VEC, 
     NBL_CE_PROLOGUE;
     // packed rows keep the loaded T and recompute x' and exp(x' - m) in the gradient pass
     constexpr bool PACKED = NBL_CE_PACKED(NV * VEC, T);
-    __shared__ A sbuf[2][4][32];
-    Reducer<G, A> red(sbuf);
+    Reducer<G, A> red;
     const int nvec = (int)C / VEC;
     const int lane = threadIdx.x % G;
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
@@ -225,8 +224,7 @@ template <typename T, int EXT, int VEC, int G, int BLOCK>
 __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_looped(NBL_PARAMS_CE) {
     NBL_CE_PROLOGUE;
     constexpr int U = NBL_UNROLL2;  // 64-register budget (NBL_MIN_BLOCKS)
-    __shared__ A sbuf[2][4][32];
-    Reducer<G, A> red(sbuf);
+    Reducer<G, A> red;
     const auto [nvec, lane, chunk, nchunk] = row_chunks<VEC, G, U>(C);
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
         const auto [row, off, active] = row_slot<G>(r0, nrows, C);
@@ -330,8 +328,7 @@ template <typename T, int EXT, int VEC, int BLOCK>
 __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_split_stats(NBL_PARAMS_CE_SPLIT) {
     NBL_CE_PROLOGUE;
     constexpr int U = NBL_UNROLL;
-    __shared__ A sbuf[2][4][32];
-    Reducer<BLOCK, A> red(sbuf);
+    Reducer<BLOCK, A> red;
     i64 row, v0, v1;
     split_bounds<VEC>(C, nsplit, chunk_vec, row, v0, v1);
     const Target tg = load_target(t, row, true, ignore, C, err, false);

@@ -16,8 +16,7 @@ template <typename T, int VEC, int G, int NV, int BLOCK>
 __global__ void __launch_bounds__(BLOCK)
 softmax_cached(NBL_PARAMS_SOFTMAX_ROWS) {
     typedef typename AccT<T>::type A;
-    __shared__ A sbuf[2][4][32];
-    Reducer<G, A> red(sbuf);
+    Reducer<G, A> red;
     const int nvec = (int)C / VEC;
     const int lane = threadIdx.x % G;
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
@@ -102,8 +101,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
 softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
     typedef typename AccT<T>::type A;
     constexpr int U = NBL_UNROLL;
-    __shared__ A sbuf[2][4][32];
-    Reducer<G, A> red(sbuf);
+    Reducer<G, A> red;
     const auto [nvec, lane, chunk, nchunk] = row_chunks<VEC, G, U>(C);
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
         const auto [row, off, active] = row_slot<G>(r0, nrows, C);
@@ -132,8 +130,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
 softmax_split_stats(NBL_PARAMS_SOFTMAX_SPLIT) {
     typedef typename AccT<T>::type A;
     constexpr int U = NBL_UNROLL;
-    __shared__ A sbuf[2][4][32];
-    Reducer<BLOCK, A> red(sbuf);
+    Reducer<BLOCK, A> red;
     i64 row, v0, v1;
     split_bounds<VEC>(C, nsplit, chunk_vec, row, v0, v1);
     const T* xr = x + row * C;

@@ -11,8 +11,7 @@ softmax_bwd_rows(NBL_PARAMS_SOFTMAX_BWD) {  // inner == 1: outer rows
     const i64 nrows = outer;
     typedef typename AccT<T>::type A;
     constexpr int U = NBL_UNROLL2;
-    __shared__ A sbuf[2][4][32];
-    Reducer<G, A> red(sbuf);
+    Reducer<G, A> red;
     const auto [nvec, lane, chunk, nchunk] = row_chunks<VEC, G, U>(C);
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
         const auto [row, off, active] = row_slot<G>(r0, nrows, C);
