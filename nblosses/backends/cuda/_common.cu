@@ -210,6 +210,40 @@ __device__ __forceinline__ void load_chunk2(const T* p, const T* q, bool with_q,
     }
 }
 
+//: The first pass of the streamed (looped and split) softmax and cross-entropy rows: online
+//: (max, sum) into m, s over the logits of the chunks at b0, b0 + step, ... below vend, each U
+//: vectors of VEC elements STRIDE vectors apart. The ops differ only in a policy F of static
+//: functions, given the op's own values args... : F::logit(x, args...) is an element's logit (x
+//: its value in A), F::add(vi, a, args...) sees vector vi's logits after the update. The args
+//: are passed by value (an accumulator as a pointer): passed by reference, or held by a lambda
+//: or a functor, they compiled to other PTX (ptxas: more registers in some rows).
+template <int VEC, int STRIDE, int U, typename F, typename T, typename A, typename... Args>
+__device__ __forceinline__ void ms_range(const T* xr, i64 b0, i64 step, i64 vend, A& m, A& s,
+                                         Args... args) {
+    for (i64 b = b0; b < vend; b += step) {
+        Vec<T, VEC> buf[U];
+        load_chunk<T, VEC, STRIDE, U>(xr, b, vend, buf);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const i64 vi = b + (i64)u * STRIDE;
+            if (vi < vend) {
+                A a[VEC];
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) a[i] = F::logit(to_acc(buf[u].v[i]), args...);
+                ms_update<VEC>(m, s, a);
+                F::add(vi, a, args...);
+            }
+        }
+    }
+}
+
+//: ms_range's policy for softmax: the logits are the values; nothing else is summed.
+struct PlainLogits {
+    template <typename A> static __device__ __forceinline__ A logit(A x) { return x; }
+    template <int VEC, typename A>
+    static __device__ __forceinline__ void add(i64, const A (&)[VEC]) {}
+};
+
 //: A lane's share of a register-cached row: v[k][i] = element i of vector k * G + lane, in A.
 template <typename T, int VEC, int NV, bool PACKED> struct RowRegs {
     typedef typename AccT<T>::type A;

@@ -77,36 +77,22 @@ __device__ __forceinline__ A ce_grad(const Target& tg, const CeCoef<A>& r, const
     return gv;
 }
 
-//: The streamed first pass over the chunks at b0, b0 + step, ... below vend (U vectors of VEC
-//: logits, STRIDE vectors apart): online (max, sum) of the capped logits x' into m, s and, with
-//: label smoothing, sum_c w_c x'_c into swx. The loop lives here, not in the callers.
-template <int EXT, int VEC, int STRIDE, int U, typename T, typename A>
-__device__ __forceinline__ void ce_ms_range(const T* xr, i64 b0, i64 step, i64 vend,
-                                            const CeParams<A>& P, const T* w, A& m, A& s,
-                                            A& swx) {
-    for (i64 b = b0; b < vend; b += step) {
-        Vec<T, VEC> buf[U];
-        load_chunk<T, VEC, STRIDE, U>(xr, b, vend, buf);
+//: ms_range's policy for cross-entropy: the logits x' (softcapped with EXT) and, with label
+//: smoothing, swx += sum_c w_c x'_c.
+template <int EXT> struct CeLogits {
+    template <typename A, typename T>
+    static __device__ __forceinline__ A logit(A x, const CeParams<A>& P, const T*, A*) {
+        return EXT ? apply_softcap(x, P.cap) : x;
+    }
+    template <int VEC, typename A, typename T>
+    static __device__ __forceinline__ void add(i64 vi, const A (&a)[VEC], const CeParams<A>& P,
+                                               const T* w, A* swx) {
+        if (P.smooth) {
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const i64 vi = b + (i64)u * STRIDE;
-            if (vi < vend) {
-                A a[VEC];
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) {
-                    a[i] = to_acc(buf[u].v[i]);
-                    if (EXT) a[i] = apply_softcap(a[i], P.cap);
-                }
-                ms_update<VEC>(m, s, a);
-                if (P.smooth) {
-#pragma unroll
-                    for (int i = 0; i < VEC; ++i)
-                        swx += (w ? to_acc(w[vi * VEC + i]) : A(1)) * a[i];
-                }
-            }
+            for (int i = 0; i < VEC; ++i) *swx += (w ? to_acc(w[vi * VEC + i]) : A(1)) * a[i];
         }
     }
-}
+};
 
 //: One unrolled chunk of the streamed gradient pass: U vectors of VEC logits, STRIDE vectors
 //: apart from vector b, re-read (valid targets only) and written as dL/dx; vectors >= vend skipped.
@@ -238,7 +224,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_looped(NBL
             e2[0] = EXT ? apply_softcap(xt, P.cap) : xt;
         }
         const i64 b0 = load ? lane : nvec;
-        ce_ms_range<EXT, VEC, G, U>(xr, b0, chunk, nvec, P, w, m, s, e2[1]);
+        ms_range<VEC, G, U, CeLogits<EXT>>(xr, b0, chunk, nvec, m, s, P, w, &e2[1]);
         red.ms(m, s, e2);
         const A lse = m + nbl_log(s);
         const A wt = tg.valid ? (w ? to_acc(w[tg.t]) : A(1)) : A(0);
@@ -341,7 +327,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_split_stat
         e2[1] = EXT ? apply_softcap(xt, P.cap) : xt;
     }
     const i64 b0 = load ? v0 + threadIdx.x : v1;
-    ce_ms_range<EXT, VEC, BLOCK, U>(xr, b0, (i64)BLOCK * U, v1, P, w, m, s, e2[0]);
+    ms_range<VEC, BLOCK, U, CeLogits<EXT>>(xr, b0, (i64)BLOCK * U, v1, m, s, P, w, &e2[0]);
     red.ms(m, s, e2);
     if (threadIdx.x == 0) {
         double* st = stats + 4 * (i64)blockIdx.x;

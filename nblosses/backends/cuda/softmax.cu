@@ -54,27 +54,6 @@ softmax_cached(NBL_PARAMS_SOFTMAX_ROWS) {
     }
 }
 
-//: Online (max, sum) update over the chunks at b0, b0 + step, ... below vend: each chunk is U
-//: vectors of VEC elements, STRIDE vectors apart. The loop lives here, not in the callers: with
-//: it, split_stats compiles to the same PTX as when it spelt the loop out.
-template <int VEC, int STRIDE, int U, typename T, typename A>
-__device__ __forceinline__ void softmax_ms_range(const T* xr, i64 b0, i64 step, i64 vend, A& m,
-                                                 A& s) {
-    for (i64 b = b0; b < vend; b += step) {
-        Vec<T, VEC> buf[U];
-        load_chunk<T, VEC, STRIDE, U>(xr, b, vend, buf);
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            if (b + (i64)u * STRIDE < vend) {
-                A a[VEC];
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) a[i] = to_acc(buf[u].v[i]);
-                ms_update<VEC>(m, s, a);
-            }
-        }
-    }
-}
-
 //: Writes one chunk of (log-)softmax, U vectors of VEC elements STRIDE vectors apart from b
 //: (vectors >= vend skipped), from the row's max m, log(s) and 1/s.
 template <int VEC, int STRIDE, int U, typename T, typename A>
@@ -108,7 +87,7 @@ softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
         const T* xr = x + off;
         T* yr = y + off;
         A m = neg_inf<A>(), s = A(0);
-        softmax_ms_range<VEC, G, U>(xr, active ? lane : nvec, chunk, nvec, m, s);
+        ms_range<VEC, G, U, PlainLogits>(xr, active ? lane : nvec, chunk, nvec, m, s);
         A dummy[1] = {A(0)};
         red.ms(m, s, dummy);
         const A logs = nbl_log(s);
@@ -135,7 +114,7 @@ softmax_split_stats(NBL_PARAMS_SOFTMAX_SPLIT) {
     split_bounds<VEC>(C, nsplit, chunk_vec, row, v0, v1);
     const T* xr = x + row * C;
     A m = neg_inf<A>(), s = A(0);
-    softmax_ms_range<VEC, BLOCK, U>(xr, v0 + threadIdx.x, (i64)BLOCK * U, v1, m, s);
+    ms_range<VEC, BLOCK, U, PlainLogits>(xr, v0 + threadIdx.x, (i64)BLOCK * U, v1, m, s);
     A dummy[1] = {A(0)};
     red.ms(m, s, dummy);
     if (threadIdx.x == 0) {
