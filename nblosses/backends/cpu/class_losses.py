@@ -31,7 +31,6 @@ from ._math import (
     fast_exp,
     like,
     row_max,
-    softcap_slope,
     softcapped,
     sum_exp,
     sum_exp_store,
@@ -332,12 +331,7 @@ def _tile_ce_grad(x, t, w, ignore, cap, gx, r0, nr, xt, a, cs, b):
             xt[:, r] = 0
         else:
             xt[ti, r] -= a[r]
-    for r in range(nr):
-        for c in range(xt.shape[0]):
-            if cap is None:
-                gx[r0 + r, c] = xt[c, r]
-            else:
-                gx[r0 + r, c] = xt[c, r] * softcap_slope(x[r0 + r, c], cap)
+    B.tile_store(gx, r0, nr, xt, None if cap is None else x, cap)
 
 
 @njit(**JIT)

@@ -25,6 +25,7 @@ from ._blocks import (
     block_task,
     n_blocks,
     tile_stats,
+    tile_store,
     vlog,
     vmul,
     vrecip,
@@ -77,9 +78,7 @@ def _softmax_tiles(x, y, log):
                 xc = xt[c]
                 for r in range(nr):
                     xc[r] *= inv[r]
-        for r in range(nr):  # transpose back
-            for c in range(n_classes):
-                y[r0 + r, c] = xt[c, r]
+        tile_store(y, r0, nr, xt, None, None)
 
 
 # ----------------------------------------------------------------------------- middle axis
