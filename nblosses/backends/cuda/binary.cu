@@ -65,10 +65,15 @@ __device__ __noinline__ void record_bad_probability(long long* err, i64 pos, dou
     record_error(err, NBL_ERR_PROB, pos, __double_as_longlong(v), WidthBits<T>::value);
 }
 
-template <typename T> struct BceF {
+//: The two binary losses, one functor (LOGITS picks the element function): x, y: inputs and
+//: targets; w, pw, g: per-element weights, pos_weight (logits only) and upstream gradients, or
+//: null (1, 1, g_scalar); gx: the gradient and out: per-element losses, or null (not wanted; the
+//: losses are then summed into acc); err: the device error record (probabilities only), or null.
+template <typename T, bool LOGITS> struct BinaryLossF {
     const T* x;
     const T* y;
     const T* w;
+    const T* pw;
     const T* g;
     double g_scalar;
     T* gx;
@@ -76,6 +81,12 @@ template <typename T> struct BceF {
     long long* err;
     double acc;
     template <int N> __device__ __forceinline__ void apply(i64 vi) {
+        if constexpr (LOGITS) logits<N>(vi);
+        else probabilities<N>(vi);
+    }
+
+    //: binary_cross_entropy (see above).
+    template <int N> __device__ __forceinline__ void probabilities(i64 vi) {
         typedef typename WideT<T>::type B;
         const Vec<T, N> xv = load_vec<T, N>(x, vi), yv = load_vec<T, N>(y, vi);
         Vec<T, N> wv, gv, ov, gxv;
@@ -101,21 +112,11 @@ template <typename T> struct BceF {
         if (out) store_vec<T, N>(out, vi, ov);
         if (gx) store_vec<T, N>(gx, vi, gxv);
     }
-};
 
-//: binary_cross_entropy_with_logits: l = w ((1 - y) x - (1 + (pw - 1) y) logsigmoid(x)),
-//: logsigmoid(x) = min(x, 0) - log1p(exp(-|x|)); dl/dx = g w ((1 + (pw - 1) y) sigmoid(x) - pw y).
-template <typename T> struct BceLogitsF {
-    const T* x;
-    const T* y;
-    const T* w;
-    const T* pw;
-    const T* g;
-    double g_scalar;
-    T* gx;
-    T* out;
-    double acc;
-    template <int N> __device__ __forceinline__ void apply(i64 vi) {
+    //: binary_cross_entropy_with_logits: l = w ((1 - y) x - (1 + (pw - 1) y) logsigmoid(x)),
+    //: logsigmoid(x) = min(x, 0) - log1p(exp(-|x|));
+    //: dl/dx = g w ((1 + (pw - 1) y) sigmoid(x) - pw y).
+    template <int N> __device__ __forceinline__ void logits(i64 vi) {
         typedef typename AccT<T>::type A;
         const Vec<T, N> xv = load_vec<T, N>(x, vi), yv = load_vec<T, N>(y, vi);
         Vec<T, N> wv, pv, gv, ov, gxv;
@@ -157,17 +158,17 @@ __global__ void __launch_bounds__(256) sigmoid_bwd(NBL_PARAMS_EW2) {
 }
 
 //: BCE on probabilities (``pw`` unused: one parameter list for both binary losses; ``err``: the
-//: device error record for inputs outside [0, 1], or null).
+//: device error record for inputs outside [0, 1], or null) and on logits (``err`` unused).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) bce_fwd(NBL_PARAMS_BCE) {
-    BceF<T> f{x, y, w, g_rows, g_scalar, gx, loss_out, err, 0.0};
+    BinaryLossF<T, false> f{x, y, w, pw, g_rows, g_scalar, gx, loss_out, err, 0.0};
     ew_loop<VEC>(n, f);
     if (out) finish_loss<T, 256>(f.acc, 0.0, NBL_REDUCE);
 }
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) bce_logits_fwd(NBL_PARAMS_BCE) {
-    BceLogitsF<T> f{x, y, w, pw, g_rows, g_scalar, gx, loss_out, 0.0};
+    BinaryLossF<T, true> f{x, y, w, pw, g_rows, g_scalar, gx, loss_out, err, 0.0};
     ew_loop<VEC>(n, f);
     if (out) finish_loss<T, 256>(f.acc, 0.0, NBL_REDUCE);
 }
