@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._registry import Runtime as Backend
-from ._registry import get_validation
+from ._registry import array_module, get_validation
 from .errors import class_index_error
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -578,15 +578,18 @@ def binary_loss_args(be: Backend, name: str, input: Any, target: Any, weight: An
 
 # ----------------------------------------------------------------------------- gradients
 def grad_output_arg(be: Backend, grad_output: Any, reduction: str, loss_shape, cdt, flat_shape):
-    """Canonical ``grad_output``: a float for reduced losses, an array for ``"none"``."""
+    """Canonical ``grad_output``: for reduced losses a float, or a 0-d array of the backend
+    when the caller's value is a device array (reading it here would wait for the device);
+    an array of ``flat_shape`` for ``"none"``."""
     if reduction != "none":
         if grad_output is None:
             return 1.0
+        host = isinstance(grad_output, (int, float)) or array_module(grad_output) == "numpy"
         g = as_array(be, grad_output, "grad_output")
         if g.size != 1:
             raise ValueError(f"grad_output for a reduced loss must be a scalar, got shape "
                              f"{tuple(g.shape)}")
-        return float(g.reshape(()))
+        return float(g.reshape(())) if host or array_module(g) == "numpy" else g.reshape(())
     if grad_output is None:
         return be.xp.ones(flat_shape, dtype=cdt)
     g = as_array(be, grad_output, "grad_output")

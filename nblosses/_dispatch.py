@@ -111,8 +111,10 @@ def _class_loss(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
         grad_buffer = _args.grad_buffer_arg(be, v["grad_buffer"], a.layout.input_shape,
                                             a.x3.shape, cdt)
     kernel = be.kernel("cross_entropy_probs" if a.layout.probs else op.name)
+    grad_output, device_scale = _device_scale(grad_output)
     loss, grad = kernel(a.x3, a.target, a.weight, reduction=reduction, want_grad=want_grad,
                         grad_output=grad_output, grad_buffer=grad_buffer, **kw)
+    _rescale(be, (grad,), device_scale)
     out = [_loss_back(loss, a.layout.loss_shape, a.dtype)]
     if want_grad:
         out.append(v["grad_buffer"] if v["grad_buffer"] is not None
@@ -121,6 +123,24 @@ def _class_loss(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
         out.append(lse.reshape(a.layout.loss_shape).astype(_at_least_float32(lse.dtype),
                                                            copy=False))
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def _device_scale(grad_output: Any) -> tuple[Any, Any]:
+    """``(grad_output for the kernel, device scale or None)``: a reduced loss's upstream
+    gradient held on the device (a 0-d array, see :func:`_args.grad_output_arg`) is never read
+    back: the kernel runs with 1.0 and :func:`_rescale` multiplies the gradients by it where
+    they are (one more pass over them, only for such calls)."""
+    if getattr(grad_output, "ndim", None) == 0:
+        return 1.0, grad_output
+    return grad_output, None
+
+
+def _rescale(be: Runtime, grads: tuple[Any, ...], scale: Any) -> None:
+    if scale is None:
+        return
+    for g in grads:
+        if g is not None:
+            be.xp.multiply(g, scale.astype(g.dtype), out=g)
 
 
 def _at_least_float32(dtype: Any) -> Any:
@@ -137,6 +157,7 @@ def _linear_ce(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
     g = (_args.grad_output_arg(be, v["grad_output"], reduction, loss_shape, a.x2.dtype,
                                (lay.n, *lay.out_features)) if want_grad else None)
     ignore = -100 if opts["ignore_index"] is None else opts["ignore_index"]
+    g, device_scale = _device_scale(g)
     options = dict(ignore_index=ignore, label_smoothing=opts["label_smoothing"],
                    z_loss=opts["z_loss"], softcap=opts["softcap"], reduction=reduction,
                    want_grad=want_grad, grad_output=g, want_lse=want_lse)
@@ -147,6 +168,7 @@ def _linear_ce(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
                                               chunk_rows=opts["options"], **options)
     out = [_loss_back(loss, loss_shape, a.dtype)]
     if want_grad:
+        _rescale(be, grads, device_scale)
         gx, gw, gb = grads
         gx = gx.reshape(v["input"].shape if lay.squeeze else gx.shape)
         out.append(tuple(None if t is None else t.astype(a.dtype, copy=False)
@@ -199,8 +221,10 @@ def _binary_loss(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
     g = (_args.grad_output_arg(be, v["grad_output"], reduction, a.shape, a.x.dtype, a.x.shape)
          if want_grad else None)
     extra = () if probabilities else (a.pos_weight,)
+    g, device_scale = _device_scale(g)
     loss, grad = be.kernel(op.name)(a.x, a.y, a.weight, *extra, reduction=reduction,
                                     want_grad=want_grad, grad_output=g)
+    _rescale(be, (grad,), device_scale)
     loss = _loss_back(loss, a.shape, a.dtype)
     return (loss, grad.reshape(a.shape).astype(a.dtype, copy=False)) if want_grad else loss
 

@@ -69,8 +69,13 @@ def _xp_function(name):
     return fn
 
 
+def _multiply(a, b, out):
+    np.multiply(_unwrap(a), _unwrap(b), out=_unwrap(out))
+    return out
+
+
 XP = types.SimpleNamespace(
-    dtype=np.dtype, float32=np.float32, float64=np.float64, int64=np.int64,
+    dtype=np.dtype, float32=np.float32, float64=np.float64, int64=np.int64, multiply=_multiply,
     **{n: _xp_function(n) for n in ("empty", "ones", "zeros", "ascontiguousarray",
                                     "broadcast_to", "argmax", "full")})
 
@@ -143,6 +148,12 @@ CALLS = {
     "cross_entropy grad_buffer": lambda: F.cross_entropy(dev(X), dev(T), return_grad=True,
                                                          grad_buffer=dev(np.zeros_like(X))),
     "cross_entropy probs": lambda: F.cross_entropy(dev(X), dev(P), return_grad=True),
+    "cross_entropy device grad_output": lambda: F.cross_entropy(
+        dev(X), dev(T), return_grad=True, grad_output=dev(np.array(2.0))),
+    "nll_loss device grad_output": lambda: F.nll_loss(
+        dev(X), dev(T), reduction="sum", return_grad=True, grad_output=dev(np.array([0.5]))),
+    "bce device grad_output": lambda: F.binary_cross_entropy(
+        dev(P), dev(P), return_grad=True, grad_output=dev(np.array(3.0))),
     "bce": lambda: F.binary_cross_entropy(dev(P), dev(P), weight=dev(np.ones(3)),
                                           return_grad=True),
     "bce_with_logits": lambda: F.binary_cross_entropy_with_logits(
@@ -162,6 +173,31 @@ def test_sync_validation_is_the_one_that_reads():
         F.nll_loss(dev(X), dev(T))
     with pytest.raises(HostSync):
         F.binary_cross_entropy(dev(P), dev(P), validate="sync")
+
+
+def test_device_grad_output_scales_the_gradient_on_the_device():
+    """A reduced loss's device ``grad_output`` reaches the kernel as 1.0; the gradient is then
+    multiplied by it on the device (the stand-in kernel's gradient is zeros: give it ones)."""
+    seen = {}
+
+    def ones_grad(x, t, w, *extra, reduction, want_grad, grad_output, grad_buffer=None, **kw):
+        seen["grad_output"] = grad_output
+        return XP.zeros((), dtype=x.dtype), XP.ones(x.shape, dtype=x.dtype)
+
+    be = nblosses.Runtime(FakeDevice(), xp=XP, asarray=_asarray,
+                          kernels={"cross_entropy": ones_grad},
+                          kernel_checks={"class_index"})
+    from nblosses import _dispatch
+    from nblosses._ops import OPS
+
+    op = OPS["cross_entropy"]
+    values = dict(op.signature().bind(dev(X), dev(T), return_grad=True,
+                                      grad_output=dev(np.array(2.5))).arguments)
+    for p in op.signature().parameters.values():
+        values.setdefault(p.name, p.default)
+    _, grad = _dispatch._RUNNERS[op.family](be, op, values, _dispatch.checked_options(op, values))
+    assert seen["grad_output"] == 1.0
+    np.testing.assert_array_equal(grad._d, np.full(X.shape, 2.5))
 
 
 def test_the_fake_catches_a_host_read():
