@@ -493,8 +493,10 @@ class LinearCEArgs:
 
 
 def linear_ce_args(be: Backend, name: str, input: Any, linear_weight: Any, target: Any,
-                   linear_bias: Any, weight: Any, ignore_index: int | None) -> LinearCEArgs:
-    """Validate ``linear_cross_entropy`` arrays and bring them to canonical form."""
+                   linear_bias: Any, weight: Any, ignore_index: int | None, *,
+                   check_indices: bool = True) -> LinearCEArgs:
+    """Validate ``linear_cross_entropy`` arrays and bring them to canonical form
+    (``check_indices`` as for :func:`class_loss_args`)."""
     x = as_array(be, input, "input")
     w = as_array(be, linear_weight, "linear_weight")
     t = as_array(be, target, "target")
@@ -507,7 +509,8 @@ def linear_ce_args(be: Backend, name: str, input: Any, linear_weight: Any, targe
         tc = to_compute(be, t, cdt).reshape(rows)
     else:
         tc = be.xp.ascontiguousarray(t.astype("int64", copy=False)).reshape(rows)
-        check_targets(be, tc, lay.v, -100 if ignore_index is None else ignore_index)
+        if check_indices:
+            check_targets(be, tc, lay.v, -100 if ignore_index is None else ignore_index)
     return LinearCEArgs(to_compute(be, x, cdt).reshape(lay.n, lay.d), to_compute(be, w, cdt),
                         None if b is None else to_compute(be, b, cdt), tc,
                         None if cw is None else to_compute(be, cw, cdt), lay, x.dtype)

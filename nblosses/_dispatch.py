@@ -149,8 +149,10 @@ def _at_least_float32(dtype: Any) -> Any:
 
 def _linear_ce(be: Runtime, op: Op, v: Values, opts: Values) -> Any:
     reduction = _args.reduction_from(None, None, v["reduction"])
+    check_indices = "class_index" not in be.kernel_checks or opts["validate"] == "sync"
     a = _args.linear_ce_args(be, op.name, v["input"], v["linear_weight"], v["target"],
-                             v["linear_bias"], v["weight"], opts["ignore_index"])
+                             v["linear_bias"], v["weight"], opts["ignore_index"],
+                             check_indices=check_indices)
     lay = a.layout
     want_grad, want_lse = bool(v["return_grad"]), bool(v["return_lse"])
     loss_shape = () if lay.squeeze else (lay.n, *lay.out_features)

@@ -546,7 +546,7 @@ _LINEAR_CE = Op(
         is the row-chunk size. nblosses always chunks (it never forms the ``(N, V)`` logits)
         and picks the chunks itself otherwise.""", keyword_only=True,
            check=_args.check_chunking),
-     Z_LOSS, SOFTCAP, RETURN_LSE, RETURN_GRAD, GRAD_OUTPUT, BACKEND),
+     Z_LOSS, SOFTCAP, RETURN_LSE, RETURN_GRAD, GRAD_OUTPUT, VALIDATE, BACKEND),
     "The final linear layer and cross-entropy in one pass: "
     "``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without the logits.",
     description="""The vocabulary is processed in blocks of rows (BLAS / cuBLAS products

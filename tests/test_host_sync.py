@@ -96,6 +96,16 @@ def _loss_kernel(x, t, w, *extra, reduction, want_grad, grad_output, grad_buffer
     return loss, grad
 
 
+def _linear_kernel(x2, w2, bias, target, weight, *, reduction, want_grad, grad_output,
+                   want_lse, **options):
+    loss = XP.zeros(() if reduction != "none" else (x2.shape[0],), dtype=x2.dtype)
+    grads = None
+    if want_grad:
+        grads = (XP.zeros(x2.shape, dtype=x2.dtype), XP.zeros(w2.shape, dtype=x2.dtype),
+                 None if bias is None else XP.zeros(bias.shape, dtype=x2.dtype))
+    return loss, (XP.zeros((x2.shape[0],), dtype=x2.dtype) if want_lse else None), grads
+
+
 def _same(x, *rest):
     return XP.zeros(x.shape, dtype=x.dtype)
 
@@ -110,6 +120,7 @@ class FakeDevice(nblosses.Backend):
         kernels.update({op: _loss_kernel for op in (
             "nll_loss", "cross_entropy", "cross_entropy_probs", "binary_cross_entropy",
             "binary_cross_entropy_with_logits")})
+        kernels["linear_cross_entropy"] = _linear_kernel
         return nblosses.Runtime(self, xp=XP, asarray=_asarray, kernels=kernels,
                                 kernel_checks={"class_index", "probability_range"})
 
@@ -154,6 +165,9 @@ CALLS = {
         dev(X), dev(T), reduction="sum", return_grad=True, grad_output=dev(np.array([0.5]))),
     "bce device grad_output": lambda: F.binary_cross_entropy(
         dev(P), dev(P), return_grad=True, grad_output=dev(np.array(3.0))),
+    "linear_cross_entropy": lambda: F.linear_cross_entropy(
+        dev(X[:, :, 0]), dev(X[0].T), dev(T[:, 0]), linear_bias=dev(np.ones(3)),
+        return_grad=True, return_lse=True, grad_output=dev(np.array(2.0))),
     "bce": lambda: F.binary_cross_entropy(dev(P), dev(P), weight=dev(np.ones(3)),
                                           return_grad=True),
     "bce_with_logits": lambda: F.binary_cross_entropy_with_logits(
@@ -173,6 +187,8 @@ def test_sync_validation_is_the_one_that_reads():
         F.nll_loss(dev(X), dev(T))
     with pytest.raises(HostSync):
         F.binary_cross_entropy(dev(P), dev(P), validate="sync")
+    with pytest.raises(HostSync):
+        F.linear_cross_entropy(dev(X[:, :, 0]), dev(X[0].T), dev(T[:, 0]), validate="sync")
 
 
 def test_device_grad_output_scales_the_gradient_on_the_device():

@@ -11,8 +11,8 @@ No read back inside a call: the ``mean`` denominator and the summed class weight
 device arrays (``host_scalars = False``). Class indices are never used as addresses by the
 kernels; one outside ``[0, V)`` that is not ``ignore_index`` gives its row a NaN loss and NaN
 ``dL/dz`` (hence NaN in ``grad_W`` and ``grad_b``) and is recorded in the device error record
-(IndexError at the next call or at ``synchronize``, :mod:`._device_errors`). The front end
-also checks class indices eagerly for this op today, so that path is a second line of defence.
+(IndexError at the next call or at ``synchronize``, :mod:`._device_errors`); the front end
+checks them before the call only for ``validate="sync"``, as for the other class losses.
 Status: compiled by NVRTC in CI, never run on a device yet.
 """
 
