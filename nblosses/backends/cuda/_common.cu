@@ -343,23 +343,6 @@ template <int G, int BLOCK> __device__ __forceinline__ i64 first_row() {
 template <int G, int BLOCK> __device__ __forceinline__ i64 row_stride() {
     return (i64)gridDim.x * (BLOCK / G);
 }
-//: The chunking of a streamed row (looped and backward kernels): nvec vectors of VEC, the
-//: thread's lane in its group of G, chunks of U vectors per lane (chunk = G * U vectors) and
-//: their count. Bound as ``const auto [nvec, lane, chunk, nchunk] = row_chunks<VEC, G, U>(C);``.
-struct RowChunks {
-    i64 nvec;
-    int lane;
-    i64 chunk, nchunk;
-};
-template <int VEC, int G, int U> __device__ __forceinline__ RowChunks row_chunks(i64 C) {
-    RowChunks r;
-    r.nvec = C / VEC;
-    r.lane = threadIdx.x % G;
-    r.chunk = (i64)G * U;
-    r.nchunk = (r.nvec + r.chunk - 1) / r.chunk;
-    return r;
-}
-
 template <int G> __device__ __forceinline__ RowSlot row_slot(i64 r0, i64 nrows, i64 C) {
     RowSlot r;
     r.row = r0 + threadIdx.x / G;
@@ -471,6 +454,26 @@ template <int G, typename A> struct Reducer {
         }
     }
 };
+
+//: The setup of the streamed row kernels (looped softmax and cross-entropy, probability targets,
+//: softmax backward): the group's Reducer and the chunking of a row: nvec vectors of VEC, the
+//: thread's lane in its group of G, chunks of U vectors per lane (chunk = G * U vectors) and
+//: their count. Bound as ``auto [red, nvec, lane, chunk, nchunk] = streamed_rows<VEC, G, U, A>(C);``.
+template <int G, typename A> struct StreamedRows {
+    Reducer<G, A> red;
+    i64 nvec;
+    int lane;
+    i64 chunk, nchunk;
+};
+template <int VEC, int G, int U, typename A>
+__device__ __forceinline__ StreamedRows<G, A> streamed_rows(i64 C) {
+    StreamedRows<G, A> r;
+    r.nvec = C / VEC;
+    r.lane = threadIdx.x % G;
+    r.chunk = (i64)G * U;
+    r.nchunk = (r.nvec + r.chunk - 1) / r.chunk;
+    return r;
+}
 
 //: Sum of one double per thread over a block of BLOCK threads (BLOCK a power of two >= 32);
 //: every thread must call it; the result is valid in every thread. One barrier; ``buf`` must

@@ -210,8 +210,7 @@ template <typename T, int EXT, int VEC, int G, int BLOCK>
 __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_looped(NBL_PARAMS_CE) {
     NBL_CE_PROLOGUE;
     constexpr int U = NBL_UNROLL2;  // 64-register budget (NBL_MIN_BLOCKS)
-    Reducer<G, A> red;
-    const auto [nvec, lane, chunk, nchunk] = row_chunks<VEC, G, U>(C);
+    auto [red, nvec, lane, chunk, nchunk] = streamed_rows<VEC, G, U, A>(C);
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
         const auto [row, off, active] = row_slot<G>(r0, nrows, C);
         const Target tg = load_target(t, row, active, ignore, C, err, lane == 0);

@@ -80,8 +80,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
 softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
     typedef typename AccT<T>::type A;
     constexpr int U = NBL_UNROLL;
-    Reducer<G, A> red;
-    const auto [nvec, lane, chunk, nchunk] = row_chunks<VEC, G, U>(C);
+    auto [red, nvec, lane, chunk, nchunk] = streamed_rows<VEC, G, U, A>(C);
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
         const auto [row, off, active] = row_slot<G>(r0, nrows, C);
         const T* xr = x + off;

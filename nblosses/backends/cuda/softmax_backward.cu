@@ -11,12 +11,10 @@ softmax_bwd_rows(NBL_PARAMS_SOFTMAX_BWD) {  // inner == 1: outer rows
     const i64 nrows = outer;
     typedef typename AccT<T>::type A;
     constexpr int U = NBL_UNROLL2;
-    Reducer<G, A> red;
-    const auto [nvec, lane, chunk, nchunk] = row_chunks<VEC, G, U>(C);
+    auto [red, nvec, lane, chunk, nchunk] = streamed_rows<VEC, G, U, A>(C);
     for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
         const auto [row, off, active] = row_slot<G>(r0, nrows, C);
-        const T* gr = g + off;
-        const T* yr = y + off;
+        const T *gr = g + off, *yr = y + off;
         T* gxr = gx + off;
         A s = A(0);
         for (i64 b = active ? lane : nvec; b < nvec; b += chunk) {
