@@ -324,6 +324,15 @@ __device__ __forceinline__ i64 col_base(i64 p, i64 inner, i64 plane) {
     return o * plane + (p - o * inner);
 }
 
+//: The column walk as a function, f(base) per position, for the kernels that keep nothing
+//: across positions (softmax_cols, softmax_bwd_cols; same registers at sm_90). The loss kernels
+//: spell the loop out: their per-thread sums would be captured by reference.
+template <typename F>
+__device__ __forceinline__ void for_each_col(i64 outer, i64 inner, i64 C, F f) {
+    const i64 npos = outer * inner, plane = C * inner;
+    for (i64 p = first_pos(); p < npos; p += pos_stride()) f(col_base(p, inner, plane));
+}
+
 // ----------------------------------------------------------------------------- row walk
 // The walk every row kernel (inner == 1) shares: groups of G threads (lane = threadIdx.x % G),
 // BLOCK / G rows per block iteration, grid-stride over the rows:

@@ -144,9 +144,7 @@ template <typename T>
 __global__ void __launch_bounds__(256)
 softmax_cols(NBL_PARAMS_SOFTMAX_COLS) {
     typedef typename AccT<T>::type A;
-    const i64 npos = outer * inner, plane = C * inner;
-    for (i64 p = first_pos(); p < npos; p += pos_stride()) {
-        const i64 base = col_base(p, inner, plane);
+    for_each_col(outer, inner, C, [=](i64 base) {
         const T* xp = x + base;
         T* yp = y + base;
         A m = neg_inf<A>(), s = A(0);
@@ -167,5 +165,5 @@ softmax_cols(NBL_PARAMS_SOFTMAX_COLS) {
             const A d = to_acc(xp[c * inner]) - m;
             yp[c * inner] = from_acc<T>(log_mode ? d - logs : nbl_exp(d) * inv);
         }
-    }
+    });
 }

@@ -60,9 +60,7 @@ template <typename T>
 __global__ void __launch_bounds__(256)
 softmax_bwd_cols(NBL_PARAMS_SOFTMAX_BWD) {
     typedef typename AccT<T>::type A;
-    const i64 npos = outer * inner, plane = C * inner;
-    for (i64 p = first_pos(); p < npos; p += pos_stride()) {
-        const i64 base = col_base(p, inner, plane);
+    for_each_col(outer, inner, C, [=](i64 base) {
         A s = A(0);
 #pragma unroll 4
         for (i64 c = 0; c < C; ++c) {
@@ -75,5 +73,5 @@ softmax_bwd_cols(NBL_PARAMS_SOFTMAX_BWD) {
             const A gv = to_acc(g[e]), yv = to_acc(y[e]);
             gx[e] = from_acc<T>(log_mode ? gv - nbl_exp(yv) * s : yv * (gv - s));
         }
-    }
+    });
 }
