@@ -467,7 +467,8 @@ template <int G, typename A> struct Reducer {
 //: The setup of the streamed row kernels (looped softmax and cross-entropy, probability targets,
 //: softmax backward): the group's Reducer and the chunking of a row: nvec vectors of VEC, the
 //: thread's lane in its group of G, chunks of U vectors per lane (chunk = G * U vectors) and
-//: their count. Bound as ``auto [red, nvec, lane, chunk, nchunk] = streamed_rows<VEC, G, U, A>(C);``.
+//: their count. Bound as
+//:     auto [red, nvec, lane, chunk, nchunk] = streamed_rows<VEC, G, U, A>(C);
 template <int G, typename A> struct StreamedRows {
     Reducer<G, A> red;
     i64 nvec;
