@@ -197,6 +197,10 @@ def machine_lines(meta: dict[str, Any]) -> list[str]:
         lines.append(f"copy bandwidth: {copy['gbps']:.1f} GB/s = % copy reference; "
                      + ", ".join(parts) + f"; {copy['bytes'] >> 20} MiB, best of "
                      f"{copy['repeat']}, bytes read + written")
+        if copy.get("fresh_gbps"):
+            lines.append(f"copy into new memory (x.copy(): page faults, pages zeroed by the OS, "
+                         f"as for any call returning a new large array): "
+                         f"{copy['fresh_gbps']:.1f} GB/s")
     return lines
 
 

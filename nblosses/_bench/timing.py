@@ -153,7 +153,8 @@ def copy_bandwidth(backend: str = "cpu", nbytes: int = 128 << 20,
     On the CPU, two copies of the same ``nbytes`` float64 array: ``np.copyto`` (one thread)
     and a Numba ``prange`` loop (``numba.get_num_threads()`` threads). ``gbps``, the
     reference for "% of copy bandwidth", is the faster of the two, so a parallel kernel is
-    not compared with a one-thread copy. On CUDA: ``cupy.copyto``.
+    not compared with a one-thread copy. ``fresh_gbps``: ``src.copy()``, a new destination
+    each time. On CUDA: ``cupy.copyto``.
     """
     xp, sync = backend_namespace(backend)
     n = max(1, nbytes // 8)
@@ -172,4 +173,8 @@ def copy_bandwidth(backend: str = "cpu", nbytes: int = 128 << 20,
         out["parallel_threads"] = numba.get_num_threads()
         if out["parallel_gbps"] > out["gbps"]:
             out["gbps"], out["threads"] = out["parallel_gbps"], out["parallel_threads"]
+        # What a call that returns a new array can reach: the copy's destination is fresh
+        # memory each time (page faults, pages zeroed by the OS). Information, not the
+        # reference.
+        out["fresh_gbps"] = _best_gbps(lambda: src.copy(), None, moved, repeat)
     return out
