@@ -188,13 +188,20 @@ __device__ __forceinline__ void store_vec(T* p, i64 vi, const Vec<T, N>& v) {
     reinterpret_cast<Vec<T, N>*>(p)[vi] = v;
 }
 
+//: The loop over the vectors of one unrolled chunk of a row pass: for each u < U_ whose vector
+//: vi = B + u * STRIDE lies below END, the statement that follows runs with u and vi. Every
+//: chunked pass has this header; it is a macro (in the manner of CUDA_KERNEL_LOOP) because each
+//: function form of it tried, a lambda or functor body, compiled to other PTX and made ptxas
+//: use more registers or spill in the row kernels.
+#define NBL_CHUNK_VECTORS(u, U_, vi, B, STRIDE, END) \
+    _Pragma("unroll") for (int u = 0; u < (U_); ++u) \
+        if (const i64 vi = (B) + (i64)u * (STRIDE); vi < (END))
+
 //: One unrolled chunk of a row pass: buf[u] = vector b + u * G of p, for each u with
 //: b + u * G < nvec (the others are left unset). U independent loads in flight per thread.
 template <typename T, int VEC, int G, int U>
 __device__ __forceinline__ void load_chunk(const T* p, i64 b, i64 nvec, Vec<T, VEC> (&buf)[U]) {
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-        if (b + (i64)u * G < nvec) buf[u] = load_vec<T, VEC>(p, b + (i64)u * G);
+    NBL_CHUNK_VECTORS(u, U, vi, b, G, nvec) buf[u] = load_vec<T, VEC>(p, vi);
 }
 
 //: load_chunk of two arrays of the same row layout, interleaved; q only when with_q.
@@ -223,16 +230,12 @@ __device__ __forceinline__ void ms_range(const T* xr, i64 b0, i64 step, i64 vend
     for (i64 b = b0; b < vend; b += step) {
         Vec<T, VEC> buf[U];
         load_chunk<T, VEC, STRIDE, U>(xr, b, vend, buf);
+        NBL_CHUNK_VECTORS(u, U, vi, b, STRIDE, vend) {
+            A a[VEC];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const i64 vi = b + (i64)u * STRIDE;
-            if (vi < vend) {
-                A a[VEC];
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) a[i] = F::logit(to_acc(buf[u].v[i]), args...);
-                ms_update<VEC>(m, s, a);
-                F::add(vi, a, args...);
-            }
+            for (int i = 0; i < VEC; ++i) a[i] = F::logit(to_acc(buf[u].v[i]), args...);
+            ms_update<VEC>(m, s, a);
+            F::add(vi, a, args...);
         }
     }
 }

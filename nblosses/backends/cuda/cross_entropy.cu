@@ -102,23 +102,19 @@ __device__ __forceinline__ void ce_grad_chunk(const T* xr, T* gr, i64 b, i64 ven
                                               const T* w) {
     Vec<T, VEC> buf[U];
     if (tg.valid) load_chunk<T, VEC, STRIDE, U>(xr, b, vend, buf);
+    NBL_CHUNK_VECTORS(u, U, vi, b, STRIDE, vend) {
+        Vec<T, VEC> o;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-        const i64 vi = b + (i64)u * STRIDE;
-        if (vi < vend) {
-            Vec<T, VEC> o;
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                A xc = A(0), e = A(0);
-                if (tg.valid) {
-                    xc = to_acc(buf[u].v[i]);
-                    if (EXT) xc = apply_softcap(xc, P.cap);
-                    e = nbl_exp(xc - m);
-                }
-                o.v[i] = from_acc<T>(ce_grad<EXT>(tg, r, P, e, xc, w, vi * VEC + i));
+        for (int i = 0; i < VEC; ++i) {
+            A xc = A(0), e = A(0);
+            if (tg.valid) {
+                xc = to_acc(buf[u].v[i]);
+                if (EXT) xc = apply_softcap(xc, P.cap);
+                e = nbl_exp(xc - m);
             }
-            store_vec<T, VEC>(gr, vi, o);
+            o.v[i] = from_acc<T>(ce_grad<EXT>(tg, r, P, e, xc, w, vi * VEC + i));
         }
+        store_vec<T, VEC>(gr, vi, o);
     }
 }
 

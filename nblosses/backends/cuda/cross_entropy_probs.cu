@@ -58,22 +58,18 @@ __global__ void __launch_bounds__(BLOCK, NBL_VEC_MIN_BLOCKS(BLOCK, VEC, T)) prob
         for (i64 b = active ? lane : nvec; b < nvec; b += chunk) {
             Vec<T, VEC> xb[U], pb[U];
             load_chunk2<T, VEC, G, U>(xr, pr, true, b, nvec, xb, pb);
+            NBL_CHUNK_VECTORS(u, U, vi, b, G, nvec) {
+                A a[VEC];
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const i64 vi = b + (i64)u * G;
-                if (vi < nvec) {
-                    A a[VEC];
-#pragma unroll
-                    for (int i = 0; i < VEC; ++i) {
-                        a[i] = to_acc(xb[u].v[i]);
-                        if (EXT) a[i] = apply_softcap(a[i], cap);
-                        const A wy =
-                            probs_wy<T, A>(w, vi * VEC + i, to_acc(pb[u].v[i]), keep, spread);
-                        ab[0] += wy;
-                        ab[1] += wy * a[i];
-                    }
-                    ms_update<VEC>(m, s, a);
+                for (int i = 0; i < VEC; ++i) {
+                    a[i] = to_acc(xb[u].v[i]);
+                    if (EXT) a[i] = apply_softcap(a[i], cap);
+                    const A wy =
+                        probs_wy<T, A>(w, vi * VEC + i, to_acc(pb[u].v[i]), keep, spread);
+                    ab[0] += wy;
+                    ab[1] += wy * a[i];
                 }
+                ms_update<VEC>(m, s, a);
             }
         }
         red.ms(m, s, ab);
@@ -86,23 +82,19 @@ __global__ void __launch_bounds__(BLOCK, NBL_VEC_MIN_BLOCKS(BLOCK, VEC, T)) prob
             for (i64 b = lane; b < nvec; b += chunk) {
                 Vec<T, VEC> xb[U], pb[U];
                 load_chunk2<T, VEC, G, U>(xr, pr, true, b, nvec, xb, pb);
+                NBL_CHUNK_VECTORS(u, U, vi, b, G, nvec) {
+                    Vec<T, VEC> o;
 #pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    const i64 vi = b + (i64)u * G;
-                    if (vi < nvec) {
-                        Vec<T, VEC> o;
-#pragma unroll
-                        for (int i = 0; i < VEC; ++i) {
-                            const A wy =
-                                probs_wy<T, A>(w, vi * VEC + i, to_acc(pb[u].v[i]), keep, spread);
-                            const A xc = EXT ? apply_softcap(to_acc(xb[u].v[i]), cap)
-                                             : to_acc(xb[u].v[i]);
-                            A gv = coef * nbl_exp(xc - m) - scale * wy;
-                            if (EXT) gv *= softcap_grad(xc, cap);
-                            o.v[i] = from_acc<T>(gv);
-                        }
-                        store_vec<T, VEC>(gr, vi, o);
+                    for (int i = 0; i < VEC; ++i) {
+                        const A wy =
+                            probs_wy<T, A>(w, vi * VEC + i, to_acc(pb[u].v[i]), keep, spread);
+                        const A xc = EXT ? apply_softcap(to_acc(xb[u].v[i]), cap)
+                                         : to_acc(xb[u].v[i]);
+                        A gv = coef * nbl_exp(xc - m) - scale * wy;
+                        if (EXT) gv *= softcap_grad(xc, cap);
+                        o.v[i] = from_acc<T>(gv);
                     }
+                    store_vec<T, VEC>(gr, vi, o);
                 }
             }
         }

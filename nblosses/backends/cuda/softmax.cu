@@ -61,17 +61,14 @@ __device__ __forceinline__ void softmax_write_chunk(const T* xr, T* yr, i64 b, i
                                                     A logs, A inv, int log_mode) {
     Vec<T, VEC> buf[U];
     load_chunk<T, VEC, STRIDE, U>(xr, b, vend, buf);
+    NBL_CHUNK_VECTORS(u, U, vi, b, STRIDE, vend) {
+        Vec<T, VEC> o;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-        if (b + (i64)u * STRIDE < vend) {
-            Vec<T, VEC> o;
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                const A d = to_acc(buf[u].v[i]) - m;
-                o.v[i] = from_acc<T>(log_mode ? d - logs : nbl_exp(d) * inv);
-            }
-            store_vec<T, VEC>(yr, b + (i64)u * STRIDE, o);
+        for (int i = 0; i < VEC; ++i) {
+            const A d = to_acc(buf[u].v[i]) - m;
+            o.v[i] = from_acc<T>(log_mode ? d - logs : nbl_exp(d) * inv);
         }
+        store_vec<T, VEC>(yr, vi, o);
     }
 }
 

@@ -40,17 +40,14 @@ softmax_bwd_rows(NBL_PARAMS_SOFTMAX_BWD) {  // inner == 1: outer rows
         for (i64 b = active ? lane : nvec; b < nvec; b += chunk) {
             Vec<T, VEC> gb[U], yb[U];
             load_chunk2<T, VEC, G, U>(gr, yr, true, b, nvec, gb, yb);
+            NBL_CHUNK_VECTORS(u, U, vi, b, G, nvec) {
+                Vec<T, VEC> o;
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                if (b + (i64)u * G < nvec) {
-                    Vec<T, VEC> o;
-#pragma unroll
-                    for (int i = 0; i < VEC; ++i) {
-                        const A gv = to_acc(gb[u].v[i]), yv = to_acc(yb[u].v[i]);
-                        o.v[i] = from_acc<T>(log_mode ? gv - nbl_exp(yv) * s : yv * (gv - s));
-                    }
-                    store_vec<T, VEC>(gxr, b + (i64)u * G, o);
+                for (int i = 0; i < VEC; ++i) {
+                    const A gv = to_acc(gb[u].v[i]), yv = to_acc(yb[u].v[i]);
+                    o.v[i] = from_acc<T>(log_mode ? gv - nbl_exp(yv) * s : yv * (gv - s));
                 }
+                store_vec<T, VEC>(gxr, vi, o);
             }
         }
     }
