@@ -327,13 +327,20 @@ __device__ __forceinline__ i64 col_base(i64 p, i64 inner, i64 plane) {
     return o * plane + (p - o * inner);
 }
 
+//: The column walk as a loop header: the statement that follows runs for each of this thread's
+//: positions p, with base its element (o, 0, j); npos and plane hoisted, as above. A macro
+//: (like NBL_CHUNK_VECTORS) for the loss kernels, whose per-thread sums a lambda would capture by
+//: reference.
+#define NBL_FOR_EACH_COL(p, base, OUTER, INNER, C_)                                         \
+    for (i64 p = first_pos(), npos_ = (OUTER) * (INNER), plane_ = (C_) * (INNER); p < npos_; \
+         p += pos_stride())                                                                  \
+        if (const i64 base = col_base(p, (INNER), plane_); true)
+
 //: The column walk as a function, f(base) per position, for the kernels that keep nothing
-//: across positions (softmax_cols, softmax_bwd_cols; same registers at sm_90). The loss kernels
-//: spell the loop out: their per-thread sums would be captured by reference.
+//: across positions (softmax_cols, softmax_bwd_cols; same registers at sm_90).
 template <typename F>
 __device__ __forceinline__ void for_each_col(i64 outer, i64 inner, i64 C, F f) {
-    const i64 npos = outer * inner, plane = C * inner;
-    for (i64 p = first_pos(); p < npos; p += pos_stride()) f(col_base(p, inner, plane));
+    NBL_FOR_EACH_COL(p, base, outer, inner, C) f(base);
 }
 
 // ----------------------------------------------------------------------------- row walk

@@ -242,9 +242,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) ce_looped(NBL
 template <typename T, int EXT>
 __global__ void __launch_bounds__(256) ce_cols(NBL_PARAMS_CE) {
     NBL_CE_PROLOGUE;
-    const i64 npos = nrows * inner, plane = C * inner;
-    for (i64 p = first_pos(); p < npos; p += pos_stride()) {
-        const i64 base = col_base(p, inner, plane);
+    NBL_FOR_EACH_COL(p, base, nrows, inner, C) {
         const T* xp = x + base;
         const Target tg = load_target(t, p, true, ignore, C, err, true);
         const bool load = tg.valid || ext_lse;

@@ -17,6 +17,18 @@ __device__ __forceinline__ A probs_wy(const T* w, i64 c, A pc, A keep, A spread)
     return (w ? to_acc(w[c]) : A(1)) * (pc * keep + spread);
 }
 
+//: dL/dx of element c of a row or column: scale ((A + 2 z lse) exp(x'_c - m) / s - w_c y'_c)
+//: (coef is scale (A + 2 z lse) / s), times the softcap's slope with EXT.
+template <int EXT, typename T, typename A>
+__device__ __forceinline__ A probs_grad(T xv, T pv, const T* w, i64 c, A keep, A spread, A cap,
+                                        A m, A coef, A scale) {
+    const A wy = probs_wy<T, A>(w, c, to_acc(pv), keep, spread);
+    const A xc = EXT ? apply_softcap(to_acc(xv), cap) : to_acc(xv);
+    A gv = coef * nbl_exp(xc - m) - scale * wy;
+    if (EXT) gv *= softcap_grad(xc, cap);
+    return gv;
+}
+
 //: Loss and gradient coefficient of one position from A, B and the row statistics; stores the
 //: loss (or adds it to the partial) and lse when ``leader``.
 template <int EXT, typename T, typename A>
@@ -85,15 +97,10 @@ __global__ void __launch_bounds__(BLOCK, NBL_VEC_MIN_BLOCKS(BLOCK, VEC, T)) prob
                 NBL_CHUNK_VECTORS(u, U, vi, b, G, nvec) {
                     Vec<T, VEC> o;
 #pragma unroll
-                    for (int i = 0; i < VEC; ++i) {
-                        const A wy =
-                            probs_wy<T, A>(w, vi * VEC + i, to_acc(pb[u].v[i]), keep, spread);
-                        const A xc = EXT ? apply_softcap(to_acc(xb[u].v[i]), cap)
-                                         : to_acc(xb[u].v[i]);
-                        A gv = coef * nbl_exp(xc - m) - scale * wy;
-                        if (EXT) gv *= softcap_grad(xc, cap);
-                        o.v[i] = from_acc<T>(gv);
-                    }
+                    for (int i = 0; i < VEC; ++i)
+                        o.v[i] = from_acc<T>(probs_grad<EXT>(xb[u].v[i], pb[u].v[i], w,
+                                                             vi * VEC + i, keep, spread, cap, m,
+                                                             coef, scale));
                     store_vec<T, VEC>(gr, vi, o);
                 }
             }
@@ -105,9 +112,7 @@ __global__ void __launch_bounds__(BLOCK, NBL_VEC_MIN_BLOCKS(BLOCK, VEC, T)) prob
 template <typename T, int EXT>
 __global__ void __launch_bounds__(256) probs_cols(NBL_PARAMS_PROBS) {
     NBL_PROBS_PROLOGUE;
-    const i64 npos = nrows * inner, plane = C * inner;
-    for (i64 q = first_pos(); q < npos; q += pos_stride()) {
-        const i64 base = col_base(q, inner, plane);
+    NBL_FOR_EACH_COL(q, base, nrows, inner, C) {
         A m = neg_inf<A>(), s = A(0), sa = A(0), sb = A(0);
         for (i64 c = 0; c < C; ++c) {
             const i64 e = base + c * inner;
@@ -125,11 +130,8 @@ __global__ void __launch_bounds__(256) probs_cols(NBL_PARAMS_PROBS) {
         if (want_grad) {
             for (i64 c = 0; c < C; ++c) {
                 const i64 e = base + c * inner;
-                const A wy = probs_wy<T, A>(w, c, to_acc(p[e]), keep, spread);
-                const A xc = EXT ? apply_softcap(to_acc(x[e]), cap) : to_acc(x[e]);
-                A gv = coef * nbl_exp(xc - m) - scale * wy;
-                if (EXT) gv *= softcap_grad(xc, cap);
-                gx[e] = from_acc<T>(gv);
+                gx[e] = from_acc<T>(
+                    probs_grad<EXT>(x[e], p[e], w, c, keep, spread, cap, m, coef, scale));
             }
         }
     }
