@@ -191,6 +191,37 @@ def block_stats_store(xo, j0, w, m, s, eo, ej0):
 
 
 # ----------------------------------------------------------------------------- short rows
+#: Tile groups per thread. A parallel task takes a group of consecutive tiles and allocates
+#: its scratch once for all of them (scratch per tile cost 15% at 65536 x [10] float32).
+TILE_GROUPS_PER_THREAD = 8
+
+
+def tile_tasks(n: int) -> int:
+    """Parallel tasks (groups of tiles) of a short-row kernel over ``n`` rows, for Numba's
+    thread count (read here, not in the kernel, which could not be cached on disk then)."""
+    return max(1, min(n_tiles(n), TILE_GROUPS_PER_THREAD * numba.get_num_threads()))
+
+
+@njit(**JIT)
+def n_tiles(n):
+    """Tiles of ``TILE`` rows covering ``n`` rows."""
+    return (n + TILE - 1) // TILE
+
+
+@njit(**JIT)
+def group_tiles(group, ngroups, ntiles):
+    """``range`` bounds of the tiles of task ``group``."""
+    return group * ntiles // ngroups, (group + 1) * ntiles // ngroups
+
+
+@njit(**JIT)
+def tile_scratch(n_classes, dtype):
+    """A task's scratch: the transposed tile ``xt`` ``(C, TILE)``, each row's max ``m`` and
+    sum of exponentials ``s`` (see :func:`tile_stats`)."""
+    return (np.empty((n_classes, TILE), dtype), np.empty(TILE, dtype),
+            np.empty(TILE, dtype))
+
+
 @njit(**JIT)
 def tile_rows(n, tile):
     """``(r0, nr)``: the first row of tile ``tile`` and its row count (at most ``TILE``)."""
@@ -216,18 +247,16 @@ def tile_store(y, r0, nr, xt, slope_of, cap):
 
 
 @njit(**JIT)
-def tile_stats(x, tile, store, cap):
-    """Tile ``tile`` of ``x`` (rows ``r0:r0+nr``, see :func:`tile_rows`) transposed into a fresh
-    scratch ``xt[:, :nr]``, and each row's max ``m`` and ``s = sum(exp(x - max))``. With
-    ``store``, ``xt`` is left holding ``exp(x - max)`` (callers that need those then compute
-    no second exp). ``cap``: None, or the logit soft cap applied to ``x`` first (see
-    :func:`._math.softcapped`). Returns ``(r0, nr, xt, m, s)``; shared by every short-row
-    kernel."""
+def tile_stats(x, tile, store, cap, xt, m, s):
+    """Tile ``tile`` of ``x`` (rows ``r0:r0+nr``, see :func:`tile_rows`) transposed into the
+    scratch ``xt[:, :nr]`` (:func:`tile_scratch`), and each row's max ``m`` and ``s =
+    sum(exp(x - max))``. With ``store``, ``xt`` is left holding ``exp(x - max)`` (callers that
+    need those then compute no second exp). ``cap``: None, or the logit soft cap applied to
+    ``x`` first (see :func:`._math.softcapped`). Returns ``(r0, nr)``; shared by every
+    short-row kernel."""
     n, n_classes = x.shape
     r0, nr = tile_rows(n, tile)
-    xt = np.empty((n_classes, TILE), x.dtype)
-    m = np.empty(TILE, x.dtype)
-    s = np.zeros(TILE, x.dtype)
+    s[:nr] = 0
     for c in range(n_classes):
         # Column by column: the strided column view becomes vector gathers (2.5x faster than
         # a row-major double loop, 65536 x 10 float32, AVX-512).
@@ -253,4 +282,4 @@ def tile_stats(x, tile, store, cap):
         else:
             for r in range(nr):
                 s[r] += fast_exp(xc[r] - m[r])
-    return r0, nr, xt, m, s
+    return r0, nr

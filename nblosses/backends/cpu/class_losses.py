@@ -267,42 +267,59 @@ def _ce_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_ou
 
 
 @parallel_kernel(**JIT)
-def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_out):
-    """Short rows (C < SMALL_C): statistics, and the gradient, on transposed tiles."""
+def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_out, ngroups):
+    """Short rows (C < SMALL_C): statistics, and the gradient, on transposed tiles, in
+    ``ngroups`` parallel tasks (:func:`._blocks.tile_tasks`)."""
     n, n_classes = x.shape
     total = 0.0
-    for tile in prange((n + B.TILE - 1) // B.TILE):
-        # With a gradient, xt is left holding exp(x - m) (one exp per logit); x_t and the
-        # smoothing sum are then read from x, which this tile writes back to only at the end.
-        r0, nr, xt, m, s = B.tile_stats(x, tile, gx is not None, cap)
-        ls = np.empty(B.TILE, x.dtype)
-        B.vlog(s[:nr], ls[:nr])
+    ntiles = B.n_tiles(n)
+    for group in prange(ngroups):
+        xt, m, s = B.tile_scratch(n_classes, x.dtype)
+        ls = np.empty(B.TILE, x.dtype)  # log s
         # The gradient's coefficients per row: a (subtracted at the target), coef / sum
         # (multiplies exp(x - m)), b (multiplies w_c).
         a = np.empty(B.TILE if gx is not None else 0, x.dtype)
         cs = np.empty_like(a)
         b = np.empty_like(a)
-        for r in range(nr):
-            ti = t[r0 + r]
-            lse = np.float64(m[r]) + ls[r]
-            if lse_out is not None:
-                lse_out[r0 + r] = lse
-            if ti == ignore:
-                if out is not None:
-                    out[r0 + r] = 0
-            else:
-                swx = _tile_weighted_sum(w, x[r0 + r], cap) if eps > 0 else 0.0
-                scale = g_scalar if g is None else np.float64(g[r0 + r])
-                loss, ar, cf, br = _ce_point(lse, softcapped(x[r0 + r, ti], cap), swx,
-                                             1.0 if w is None else w[ti], eps, n_classes,
-                                             w_total, scale, z)
-                total += loss
-                if out is not None:
-                    out[r0 + r] = loss
-                if gx is not None:
-                    a[r], cs[r], b[r] = ar, cf / s[r], br
-        if gx is not None:
-            _tile_ce_grad(x, t, w, ignore, cap, gx, r0, nr, xt, a, cs, b)
+        t0, t1 = B.group_tiles(group, ngroups, ntiles)
+        for tile in range(t0, t1):
+            # With a gradient, xt is left holding exp(x - m) (one exp per logit); x_t and the
+            # smoothing sum are then read from x, which this tile writes back to at the end.
+            r0, nr = B.tile_stats(x, tile, gx is not None, cap, xt, m, s)
+            total += _ce_tile_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z,
+                                   cap, lse_out, r0, nr, m, s, ls, a, cs, b)
+            if gx is not None:
+                _tile_ce_grad(x, t, w, ignore, cap, gx, r0, nr, xt, a, cs, b)
+    return total
+
+
+@njit(**JIT)
+def _ce_tile_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_out, r0,
+                  nr, m, s, ls, a, cs, b):
+    """Losses of one tile's rows (their sum is returned; per-row into ``out``, lse into
+    ``lse_out``) and, with ``gx``, their gradient coefficients ``a``, ``cs``, ``b``."""
+    n_classes = x.shape[1]
+    total = 0.0
+    B.vlog(s[:nr], ls[:nr])
+    for r in range(nr):
+        ti = t[r0 + r]
+        lse = np.float64(m[r]) + ls[r]
+        if lse_out is not None:
+            lse_out[r0 + r] = lse
+        if ti == ignore:
+            if out is not None:
+                out[r0 + r] = 0
+        else:
+            swx = _tile_weighted_sum(w, x[r0 + r], cap) if eps > 0 else 0.0
+            scale = g_scalar if g is None else np.float64(g[r0 + r])
+            loss, ar, cf, br = _ce_point(lse, softcapped(x[r0 + r, ti], cap), swx,
+                                         1.0 if w is None else w[ti], eps, n_classes,
+                                         w_total, scale, z)
+            total += loss
+            if out is not None:
+                out[r0 + r] = loss
+            if gx is not None:
+                a[r], cs[r], b[r] = ar, cf / s[r], br
     return total
 
 
@@ -441,9 +458,12 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
     if x3.size:
         args = (weight, ignore_index, label_smoothing, w_total)
         if inner == 1:
-            rows = _ce_tiles if n_classes < B.SMALL_C else _ce_rows
-            total = rows(x3[:, :, 0], t2[:, 0], *args, _rows(k.g), k.g_scalar, _rows(k.out),
-                         _rows(k.gx), *opts)
+            row_args = (x3[:, :, 0], t2[:, 0], *args, _rows(k.g), k.g_scalar, _rows(k.out),
+                        _rows(k.gx), *opts)
+            if n_classes < B.SMALL_C:
+                total = _ce_tiles(*row_args, B.tile_tasks(x3.shape[0]))
+            else:
+                total = _ce_rows(*row_args)
         else:
             total = _ce_blocks(x3, t2, *args, k.g, k.g_scalar, k.out, k.gx, B.width_for(x3),
                                *opts)

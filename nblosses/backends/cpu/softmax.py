@@ -23,9 +23,13 @@ from ._blocks import (
     block_stats,
     block_stats_store,
     block_task,
+    group_tiles,
     n_blocks,
+    n_tiles,
+    tile_scratch,
     tile_stats,
     tile_store,
+    tile_tasks,
     vlog,
     vmul,
     vrecip,
@@ -58,27 +62,31 @@ def _softmax_rows(x, y, log):
 
 # ----------------------------------------------------------------------------- short rows
 @parallel_kernel(**JIT_EXACT)
-def _softmax_tiles(x, y, log):
+def _softmax_tiles(x, y, log, ngroups):
     n, n_classes = x.shape
-    for tile in prange((n + TILE - 1) // TILE):
-        r0, nr, xt, m, s = tile_stats(x, tile, not log, None)
-        if log:
-            ls = np.empty(TILE, x.dtype)
-            vlog(s[:nr], ls[:nr])
-            # A loop here, not vshift() per class: ten-odd calls per tile on 128-element
-            # slices cost more than the arithmetic (9% of the kernel at C = 10).
-            for c in range(n_classes):
-                xc = xt[c]  # 1-D, indexed from 0: see tile_stats
-                for r in range(nr):
-                    xc[r] = (xc[r] - m[r]) - ls[r]
-        else:  # xt holds exp(x - m)
-            inv = np.empty(TILE, x.dtype)
-            vrecip(s[:nr], inv[:nr])
-            for c in range(n_classes):
-                xc = xt[c]
-                for r in range(nr):
-                    xc[r] *= inv[r]
-        tile_store(y, r0, nr, xt, None, None)
+    ntiles = n_tiles(n)
+    for group in prange(ngroups):
+        xt, m, s = tile_scratch(n_classes, x.dtype)
+        ls = np.empty(TILE if log else 0, x.dtype)  # log s
+        inv = np.empty(0 if log else TILE, x.dtype)  # 1 / s
+        t0, t1 = group_tiles(group, ngroups, ntiles)
+        for tile in range(t0, t1):
+            r0, nr = tile_stats(x, tile, not log, None, xt, m, s)
+            if log:
+                vlog(s[:nr], ls[:nr])
+                # A loop here, not vshift() per class: ten-odd calls per tile on 128-element
+                # slices cost more than the arithmetic (9% of the kernel at C = 10).
+                for c in range(n_classes):
+                    xc = xt[c]  # 1-D, indexed from 0: see tile_stats
+                    for r in range(nr):
+                        xc[r] = (xc[r] - m[r]) - ls[r]
+            else:  # xt holds exp(x - m)
+                vrecip(s[:nr], inv[:nr])
+                for c in range(n_classes):
+                    xc = xt[c]
+                    for r in range(nr):
+                        xc[r] *= inv[r]
+            tile_store(y, r0, nr, xt, None, None)
 
 
 # ----------------------------------------------------------------------------- middle axis
@@ -111,8 +119,11 @@ def _softmax_any(x3: np.ndarray, log: bool) -> np.ndarray:
     if x3.size == 0:
         return y3
     if x3.shape[2] == 1:
-        rows = _softmax_tiles if x3.shape[1] < SMALL_C else _softmax_rows
-        rows(x3[:, :, 0], y3[:, :, 0], log)
+        x2, y2 = x3[:, :, 0], y3[:, :, 0]
+        if x3.shape[1] < SMALL_C:
+            _softmax_tiles(x2, y2, log, tile_tasks(x2.shape[0]))
+        else:
+            _softmax_rows(x2, y2, log)
     else:
         _softmax_blocks(x3, y3, log, width_for(x3))
     return y3
