@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ._registry import get_backend
+from ._registry import get_backend, owner_of
 
 #: Returned by a fast path that does not take the call.
 MISS: Any = object()
@@ -29,9 +29,13 @@ _NDARRAY = np.ndarray
 _INT64 = np.dtype(np.int64)
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _REDUCTIONS = ("mean", "sum", "none")
-#: Backend names under which a NumPy call runs on the CPU backend.
-_CPU_NAMES = ("auto", "cpu")
 _kernels: list[Any] = []  # the CPU class-loss module, once loaded
+
+
+def _runs_on_cpu(backend: Any) -> bool:
+    """Whether a call with NumPy arrays and this ``backend=`` runs on the CPU backend."""
+    name = backend if backend is not None else get_backend()
+    return name == "cpu" or (name == "auto" and owner_of("numpy") == "cpu")
 
 
 def _cpu_class_losses() -> Any:
@@ -53,7 +57,7 @@ def nll_loss(input: Any, target: Any, weight: Any, size_average: Any, ignore_ind
             or input.ndim != 2 or target.ndim != 1 or input.dtype not in _FLOATS
             or target.dtype is not _INT64 or target.shape[0] != input.shape[0]
             or type(reduction) is not str or reduction not in _REDUCTIONS
-            or (backend if backend is not None else get_backend()) not in _CPU_NAMES):
+            or not _runs_on_cpu(backend)):
         return MISS
     return _cpu_class_losses().nll_loss_rows(input, target, ignore_index, reduction)
 

@@ -399,17 +399,17 @@ def resolve_backend(requested: str | None, *arrays: Any) -> Runtime:
     for a in arrays:
         if isinstance(a, _NOT_ARRAYS):
             continue
-        this = _owner(array_module(a))
+        this = owner_of(array_module(a))
         if owner is None:
             owner = this
         elif this != owner:
-            owners = sorted({_owner(array_module(b)) for b in arrays
+            owners = sorted({owner_of(array_module(b)) for b in arrays
                              if not isinstance(b, _NOT_ARRAYS)})
             raise TypeError(
                 "inputs live on different backends ({}); move them to one array type or pass "
                 "backend= explicitly".format(", ".join(owners))
             )
-    return load(owner or _owner(""))
+    return load(owner or owner_of(""))
 
 
 @functools.lru_cache(maxsize=64)
@@ -425,6 +425,6 @@ def _owner_cached(module: str, generation: int) -> str:
     return fallback
 
 
-def _owner(module: str) -> str:
+def owner_of(module: str) -> str:
     """The backend owning arrays of top-level module ``module`` (the fallback one if none)."""
     return _owner_cached(module, _GENERATION[0])
