@@ -234,6 +234,21 @@ def _linear_ce_shape(input: Tensor, linear_weight: Tensor, reduction: str) -> li
     return [] if reduction != "none" else [*input.shape[:-1], *linear_weight.shape[1:-1]]
 
 
+def _call_linear_ce(tensors: tuple[Any, ...], options: tuple[Any, ...],
+                    return_grad: bool, grad_output: Tensor | None = None) -> Any:
+    """nblosses' ``linear_cross_entropy`` on detached ``(input, linear_weight, target,
+    linear_bias, weight)`` with the op's ``(ignore_index, reduction, label_smoothing, z_loss,
+    softcap)``."""
+    input, linear_weight, target, linear_bias, weight = tensors
+    ignore_index, reduction, label_smoothing, z_loss, softcap = options
+    return _F.linear_cross_entropy(
+        input.detach(), linear_weight.detach(), target,
+        linear_bias=None if linear_bias is None else linear_bias.detach(), weight=weight,
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap or None, return_grad=return_grad,
+        grad_output=None if grad_output is None else grad_output.detach())
+
+
 @torch.library.custom_op("nblosses::linear_cross_entropy", mutates_args=())
 def _linear_ce(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
                weight: Tensor | None, ignore_index: int | None, reduction: str,
@@ -242,11 +257,9 @@ def _linear_ce(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias
     """``(loss, grad_input, grad_linear_weight, grad_linear_bias)``; the gradients (for an
     upstream gradient of 1) only with ``want_grad``, else empty, as is a bias gradient without
     a bias."""
-    result = _F.linear_cross_entropy(
-        input.detach(), linear_weight.detach(), target,
-        linear_bias=None if linear_bias is None else linear_bias.detach(), weight=weight,
-        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss, softcap=softcap or None, return_grad=want_grad)
+    result = _call_linear_ce((input, linear_weight, target, linear_bias, weight),
+                             (ignore_index, reduction, label_smoothing, z_loss, softcap),
+                             want_grad)
     if not want_grad:
         return result, _no_grad(input), _no_grad(input), _no_grad(input)
     loss, (gx, gw, gb) = result
@@ -267,26 +280,22 @@ def _(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor 
 def _linear_ce_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
-    ctx.reduction, ctx.options = inputs[6], inputs[5:]
+    ctx.reduction, ctx.options = inputs[6], inputs[5:10]
     if inputs[-1]:  # gradients from the forward pass: backward scales them
         ctx.save_for_backward(*output[1:])
     else:  # reduction="none": each row's upstream gradient is needed, so backward recomputes
         ctx.save_for_backward(*inputs[:5])
 
 
+#: No gradient for target, weight and the six option arguments of ``_linear_ce``.
+_NO_GRAD_TAIL = (None,) * 7
+
+
 def _linear_ce_backward(ctx: Any, g_loss: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
-    none = (None,) * 8
     if g_loss is None:
-        return (None, None, None, None, *none[:7])
+        return (None, None, None, None, *_NO_GRAD_TAIL)
     if ctx.reduction == "none":
-        input, linear_weight, target, linear_bias, weight = ctx.saved_tensors
-        ignore_index, reduction, label_smoothing, z_loss, softcap, _ = ctx.options
-        _, (gx, gw, gb) = _F.linear_cross_entropy(
-            input.detach(), linear_weight.detach(), target,
-            linear_bias=None if linear_bias is None else linear_bias.detach(), weight=weight,
-            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=softcap or None, return_grad=True,
-            grad_output=g_loss.detach())
+        _, (gx, gw, gb) = _call_linear_ce(ctx.saved_tensors, ctx.options, True, g_loss)
     else:
         gx, gw, gb = ctx.saved_tensors
         if gx.numel() == 0 and gw.numel() == 0:
@@ -296,7 +305,7 @@ def _linear_ce_backward(ctx: Any, g_loss: Tensor, *_unused: Any) -> tuple[Tensor
         gb = _scaled(gb, g_loss, False) if gb is not None and gb.numel() else None
     need = ctx.needs_input_grad
     return (gx if need[0] else None, gw if need[1] else None, None,
-            gb if gb is not None and need[3] else None, *none[:7])
+            gb if gb is not None and need[3] else None, *_NO_GRAD_TAIL)
 
 
 torch.library.register_autograd(_linear_ce, _linear_ce_backward, setup_context=_linear_ce_setup)
