@@ -587,12 +587,13 @@ def grad_output_arg(be: Backend, grad_output: Any, reduction: str, loss_shape, c
     if reduction != "none":
         if grad_output is None:
             return 1.0
-        host = isinstance(grad_output, (int, float)) or array_module(grad_output) == "numpy"
         g = as_array(be, grad_output, "grad_output")
         if g.size != 1:
             raise ValueError(f"grad_output for a reduced loss must be a scalar, got shape "
                              f"{tuple(g.shape)}")
-        return float(g.reshape(())) if host or array_module(g) == "numpy" else g.reshape(())
+        on_host = "numpy" in (array_module(grad_output), array_module(g)) or isinstance(
+            grad_output, (int, float))
+        return float(g.reshape(())) if on_host else g.reshape(())
     if grad_output is None:
         return be.xp.ones(flat_shape, dtype=cdt)
     g = as_array(be, grad_output, "grad_output")

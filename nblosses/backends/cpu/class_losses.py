@@ -661,11 +661,6 @@ def _nll_loss(t, x, inner, w, ignore, out):
     return total, w_kept, first_bad
 
 
-def _raise_bad_target(t, first_bad: int, n_classes: int) -> None:
-    if first_bad < t.size:
-        raise class_index_error(int(t[first_bad]), n_classes)
-
-
 _nll_loss_threaded = guarded(_nll_loss)
 
 
@@ -710,7 +705,8 @@ def nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output,
     total, w_kept, first_bad = _nll_loss(t2.reshape(-1), x3.reshape(n, c * inner), inner,
                                          weight, ignore_index,
                                          None if out is None else out.reshape(-1))
-    _raise_bad_target(t2.reshape(-1), first_bad, c)
+    if first_bad != t2.size:
+        raise class_index_error(int(t2.reshape(-1)[first_bad]), c)
     denom = w_kept if reduction == "mean" else 1.0
     gx = None
     if want_grad:
