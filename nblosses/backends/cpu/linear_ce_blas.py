@@ -55,12 +55,15 @@ def _cblas_gemm(dtype: np.dtype) -> Any:
 
 @functools.cache
 def _openblas() -> ctypes.CDLL | None:
-    """The first OpenBLAS next to NumPy that loads, or None."""
+    """The first OpenBLAS next to NumPy that loads and exports an ILP64 ``gemm``, or None."""
+    symbols = [name for names in _SYMBOLS.values() for name in names]
     for path in _library_candidates():
         try:
-            return ctypes.CDLL(path)
+            lib = ctypes.CDLL(path)
         except OSError:
             continue
+        if any(hasattr(lib, name) for name in symbols):
+            return lib
     return None
 
 
