@@ -16,7 +16,9 @@ CUDA: ``device``, the peak of bytes taken from CuPy's memory pool during the cal
 
 Both include the call's outputs (softmax's result, the gradient); ``out_bytes`` says how big
 they were, so reports can show the extra memory beyond the outputs. The function is called
-once untimed first, so one-off costs (compilation, thread stacks) are not counted.
+once untimed first, so one-off costs (compilation, thread stacks) are not counted. The CPU
+measurements run with :data:`nblosses.output_cache` off, so that the outputs are new
+allocations rather than blocks freed by earlier calls.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import sys
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
+
+from .._output_cache import output_cache
 
 __all__ = ["extra_peak", "nbytes_of"]
 
@@ -86,6 +90,16 @@ def _reset_hwm() -> bool:
 
 
 def _cpu_peak(fn: Callable[[], Any], warmed: bool) -> dict[str, Any]:
+    # What the call itself needs: with the output cache on, the output would reuse a block
+    # freed by an earlier call and not show up.
+    previous_limit = output_cache.set_limit(0)
+    try:
+        return _cpu_peak_uncached(fn, warmed)
+    finally:
+        output_cache.set_limit(previous_limit)
+
+
+def _cpu_peak_uncached(fn: Callable[[], Any], warmed: bool) -> dict[str, Any]:
     _fix_malloc()
     if not warmed:
         fn()  # one-off costs out of the way

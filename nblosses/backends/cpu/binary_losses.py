@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..._output_cache import empty
 from ._blocks import CHUNK
 from ._math import JIT, SUM_BLOCK, fast_exp, fast_log, like
 from ._parallel import guarded, parallel_kernel
@@ -111,8 +112,8 @@ def _binary(kernel, x, extra, *, reduction, want_grad, grad_output):
     """Run an elementwise loss kernel; optional outputs are None when not wanted."""
     n = x.size
     keep = reduction == "none"
-    out = np.empty_like(x) if keep else None
-    gx = np.empty_like(x) if want_grad else None
+    out = empty(x.shape, x.dtype) if keep else None
+    gx = empty(x.shape, x.dtype) if want_grad else None
     g, g_scalar = None, 0.0
     if want_grad:
         if keep:

@@ -23,6 +23,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ..._output_cache import empty
 from ...errors import class_index_error
 from . import _blocks as B
 from ._math import (
@@ -88,11 +89,11 @@ class _Call:
 
     def __init__(self, x3, reduction, want_grad, grad_output, grad_buffer, denom):
         n, _, inner = x3.shape
-        self.out = np.empty((n, inner), x3.dtype) if reduction == "none" else None
+        self.out = empty((n, inner), x3.dtype) if reduction == "none" else None
         self.gx = None
         self.g, self.g_scalar = None, 0.0
         if want_grad:
-            self.gx = np.empty_like(x3) if grad_buffer is None else grad_buffer
+            self.gx = empty(x3.shape, x3.dtype) if grad_buffer is None else grad_buffer
             self.g, self.g_scalar = _upstream(reduction, grad_output, denom)
 
 
@@ -700,7 +701,7 @@ def _nll_grad(gx, t, w, ignore, g, g_scalar):
 def nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output, grad_buffer):
     """NLL on log-probabilities; the gradient is zero but at the target classes."""
     n, c, inner = x3.shape
-    out = np.empty(t2.shape, x3.dtype) if reduction == "none" else None
+    out = empty(t2.shape, x3.dtype) if reduction == "none" else None
     # The losses read x before an in-place gradient buffer is cleared.
     total, w_kept, first_bad = _nll_loss(t2.reshape(-1), x3.reshape(n, c * inner), inner,
                                          weight, ignore_index,
@@ -710,6 +711,6 @@ def nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output,
     denom = w_kept if reduction == "mean" else 1.0
     gx = None
     if want_grad:
-        gx = np.empty_like(x3) if grad_buffer is None else grad_buffer
+        gx = empty(x3.shape, x3.dtype) if grad_buffer is None else grad_buffer
         _nll_grad(gx, t2, weight, ignore_index, *_upstream(reduction, grad_output, denom))
     return _finish(total, out, reduction, denom, x3.dtype), gx

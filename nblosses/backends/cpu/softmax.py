@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..._output_cache import empty
 from ._blocks import (
     CHUNK,
     SMALL_C,
@@ -115,7 +116,7 @@ def _softmax_blocks(x, y, log, width):
 
 
 def _softmax_any(x3: np.ndarray, log: bool) -> np.ndarray:
-    y3 = np.empty_like(x3)
+    y3 = empty(x3.shape, x3.dtype)
     if x3.size == 0:
         return y3
     if x3.shape[2] == 1:
@@ -193,7 +194,7 @@ def _softmax_backward_blocks(g, y, gx, log, width):
 
 
 def _backward_any(g3: np.ndarray, y3: np.ndarray, log: bool) -> np.ndarray:
-    gx = np.empty_like(y3)
+    gx = empty(y3.shape, y3.dtype)
     if y3.size == 0:
         return gx
     if y3.shape[2] == 1:
