@@ -112,6 +112,57 @@ def fmax(typingctx, a, b):
     return a(a, b), codegen
 
 
+@intrinsic
+def _prefetch(typingctx, array, offset):
+    """Hint the CPU to load the cache line holding element ``offset`` of ``array``, counted in
+    memory order from its first element (``llvm.prefetch``: read, keep in L1). A prefetch never
+    faults, and does nothing on CPUs without one."""
+    if not isinstance(array, types.Array) or not isinstance(offset, types.Integer):
+        raise TypingError("_prefetch takes an array and an integer offset")
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+            "llvm.prefetch.p0")
+        address = builder.bitcast(builder.gep(data, [offset]), i8p)
+        builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, offset), codegen
+
+
+#: Rows (tiles, blocks) up to this many bytes are prefetched whole while the one before them is
+#: computed; longer ones stream well enough through the hardware prefetcher, and a whole long
+#: row requested at once would push the current one out of L1.
+PREFETCH_BYTES = 16 << 10
+
+
+@njit(**JIT)
+def prefetch(array, count):
+    """Start loading ``count`` elements of a C-contiguous ``array``, from its first one, into L1.
+
+    The row kernels call it on the next row before computing the current one: a row of a few
+    KB is computed from L1 in a few hundred ns, during which the memory system would otherwise
+    idle. At 8192x[1024] float32 this took softmax from 23 to 41 GB/s (2 threads, the copy ran
+    at 41). Only callers that know ``count`` elements follow in memory may use it.
+    """
+    step = max(1, 64 // array.itemsize)
+    for k in range(0, count, step):
+        _prefetch(array, k)
+
+
+@njit(**JIT)
+def prefetch_next_row(a, i):
+    """:func:`prefetch` row ``i + 1`` of the C-contiguous 2-D ``a``, if it exists and is at
+    most :data:`PREFETCH_BYTES` long."""
+    if i + 1 < a.shape[0] and a.shape[1] * a.itemsize <= PREFETCH_BYTES:
+        prefetch(a[i + 1], a.shape[1])
+
+
 def _horner(coeffs, ftype):
     """A Numba function ``r -> sum(coeffs[k] * r**k)`` by Horner's rule, coefficients as literals.
 

@@ -31,6 +31,7 @@ from ._math import (
     JIT_EXACT,
     fast_exp,
     like,
+    prefetch_next_row,
     row_max,
     softcapped,
     sum_exp,
@@ -243,6 +244,7 @@ def _ce_row(row, ti, ignore, w, eps, w_total, scale, z, cap, go):
 def _ce_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_out):
     total = 0.0
     for i in prange(x.shape[0]):
+        prefetch_next_row(x, i)
         ti = t[i]
         if ti == ignore and lse_out is None:  # nothing to compute
             if out is not None:
@@ -491,6 +493,8 @@ def _ce_probs_rows(x, y, w, eps, g, g_scalar, out, gx, z, cap, lse_out):
     spread = eps / n_classes
     total = 0.0
     for i in prange(n):
+        prefetch_next_row(x, i)
+        prefetch_next_row(y, i)
         if cap is None:
             row = x[i]
         else:  # one capped row per task: O(C) scratch

@@ -37,7 +37,16 @@ from ._blocks import (
     vshift,
     width_for,
 )
-from ._math import JIT, JIT_EXACT, fast_exp, like, row_max, sum_exp, sum_exp_store
+from ._math import (
+    JIT,
+    JIT_EXACT,
+    fast_exp,
+    like,
+    prefetch_next_row,
+    row_max,
+    sum_exp,
+    sum_exp_store,
+)
 from ._parallel import guarded, parallel_kernel
 
 
@@ -58,6 +67,7 @@ def _softmax_row(x, y, log):
 @parallel_kernel(**JIT)
 def _softmax_rows(x, y, log):
     for i in prange(x.shape[0]):
+        prefetch_next_row(x, i)
         _softmax_row(x[i], y[i], log)
 
 
@@ -146,6 +156,8 @@ def log_softmax(x3: np.ndarray) -> np.ndarray:
 @parallel_kernel(**JIT)
 def _softmax_backward_rows(g, y, gx, log):
     for i in prange(g.shape[0]):
+        prefetch_next_row(g, i)
+        prefetch_next_row(y, i)
         s = like(0, g)
         if log:
             for c in range(g.shape[1]):
