@@ -12,7 +12,13 @@ import pytest
 
 numba = pytest.importorskip("numba")
 
-from nblosses.backends.cpu._math import JIT, fast_exp, fast_log, fast_tanh  # noqa: E402
+from nblosses.backends.cpu._math import (  # noqa: E402
+    JIT,
+    fast_exp,
+    fast_log,
+    fast_tanh,
+    prefetch_next_row,
+)
 
 
 @numba.njit(**JIT)
@@ -101,3 +107,21 @@ def test_fast_tanh_edges(dtype):
     _tanh_all(x, out)
     assert out[0] == 1 and out[1] == -1 and np.isnan(out[2]) and out[3] == 0
     assert out[4] == 1 and out[5] == -1
+
+
+# ----------------------------------------------------------------------------- prefetch
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_cols", [1, 10, 1000, 5000])
+def test_prefetch_next_row_is_a_hint_only(dtype, n_cols):
+    """Every row index, the last included, long rows (beyond PREFETCH_BYTES: no prefetch) and
+    short ones: nothing is written, nothing faults, and the hint is in the code."""
+    @numba.njit
+    def walk(a):
+        for i in range(a.shape[0]):
+            prefetch_next_row(a, i)
+
+    a = np.arange(3 * n_cols, dtype=dtype).reshape(3, n_cols)
+    before = a.copy()
+    walk(a)
+    np.testing.assert_array_equal(a, before)
+    assert "llvm.prefetch" in next(iter(walk.inspect_llvm().values()))

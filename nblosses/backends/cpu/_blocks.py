@@ -20,17 +20,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from ._math import (
-    JIT,
-    JIT_EXACT,
-    fast_exp,
-    fast_log,
-    fmax,
-    like,
-    prefetch,
-    softcap_slope,
-    softcapped,
-)
+from ._math import JIT, JIT_EXACT, fast_exp, fast_log, fmax, like, softcap_slope, softcapped
 
 #: Rows shorter than this take the transposed-tile path.
 SMALL_C = 24
@@ -266,8 +256,6 @@ def tile_stats(x, tile, store, cap, xt, m, s):
     short-row kernel."""
     n, n_classes = x.shape
     r0, nr = tile_rows(n, tile)
-    if r0 + nr < n:  # the next tile loads while this one is computed (see prefetch)
-        prefetch(x[r0 + nr], min(TILE, n - r0 - nr) * n_classes)
     s[:nr] = 0
     for c in range(n_classes):
         # Column by column: the strided column view becomes vector gathers (2.5x faster than

@@ -493,8 +493,6 @@ def _ce_probs_rows(x, y, w, eps, g, g_scalar, out, gx, z, cap, lse_out):
     spread = eps / n_classes
     total = 0.0
     for i in prange(n):
-        prefetch_next_row(x, i)
-        prefetch_next_row(y, i)
         if cap is None:
             row = x[i]
         else:  # one capped row per task: O(C) scratch
