@@ -63,6 +63,7 @@ EXPECT = {
     "_blocks.tile_stats": ("max",) + _EXP,
     "softmax._softmax_rows": ("max", "fma", "mul", "sub"),
     "softmax._softmax_tiles": ("max", "fma", "mul", "sub"),
+    "softmax._softmax_split_tiles": ("max", "fma", "mul", "sub"),
     "softmax._softmax_blocks": ("max", "fma", "mul", "sub"),
     "softmax._softmax_backward_rows": ("fma",),
     "softmax._softmax_backward_blocks": ("fma",),
@@ -125,6 +126,8 @@ def _examples(dtype):
         "_blocks.tile_store": (y2, 0, 4, np.ones((40, 128), dtype), None, None),
         "softmax._softmax_rows": (x2, y2, True),
         "softmax._softmax_tiles": (x2, y2, True, 2),
+        "softmax._softmax_split_tiles": (np.ones(40, dtype), np.ones(40, dtype), True, 2,
+                                         (0,) * 5, (0,) * 2),  # C = 10 = 5 x 2
         "softmax._softmax_blocks": (x3, y3, True, 64),
         "softmax._softmax_backward_rows": (g2, y2, x2, True),
         "softmax._softmax_backward_blocks": (g3, y3, x3, True, 64),
