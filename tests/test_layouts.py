@@ -64,17 +64,22 @@ def test_softmax_family_layouts(backend, op, shape, dtype):
 @pytest.mark.parametrize("n_classes", range(1, 24))
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
 def test_short_rows_every_class_count(op, n_classes, dtype):
-    """Each C below the tiles' limit: the split tiles compile per factorisation of C (10 is
-    read as 2 x 5, 21 as 3 x 7, ...) and the primes above 8 take the gathering tiles; ragged
-    tails, masked entries, and a row with a large logit."""
+    """Each C below the tiles' limit, forward and backward: the split kernels compile per
+    factorisation of C (10 is read as 2 x 5, 21 as 3 x 7, ...), the primes above 8 take the
+    gathering tiles or the row loop; ragged tails, masked entries, a row with a large logit."""
     shape = (130, n_classes)
     x = (rng(n_classes).standard_normal(shape) * 4).astype(dtype)
     x.reshape(-1)[::7] = -np.inf
     x[:, 0] = 1.0  # never a fully masked row
     x[3, -1] = 80.0
     out = getattr(F, op)(x, dim=1, backend="cpu")
-    ref = getattr(TF, op)(tt(x, dtype), dim=1).numpy()
+    ref = getattr(TF, op)(tt(x, dtype), dim=1).numpy().astype(dtype)
     assert_close(out, ref, dtype, f"{op} C={n_classes}")
+    g = rng(n_classes + 1).standard_normal(shape).astype(dtype)
+    gx = getattr(F, f"{op}_backward")(g, ref, 1, backend="cpu")
+    backward = getattr(torch.ops.aten, f"_{op}_backward_data")
+    ref_g = backward(tt(g, dtype), tt(ref, dtype), 1, torch.float64).numpy().astype(dtype)
+    assert_close(gx, ref_g, dtype, f"{op}_backward C={n_classes}", kind="grad")
 
 
 def _targets(shape, ignore_index, seed):

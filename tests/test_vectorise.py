@@ -66,6 +66,7 @@ EXPECT = {
     "softmax._softmax_split_tiles": ("max", "fma", "mul", "sub"),
     "softmax._softmax_blocks": ("max", "fma", "mul", "sub"),
     "softmax._softmax_backward_rows": ("fma",),
+    "softmax._log_softmax_backward_split": ("fma", "add"),
     "softmax._softmax_backward_blocks": ("fma",),
     "softmax._sigmoid": ("fma", "div"),
     "softmax._sigmoid_backward": ("mul",),
@@ -130,6 +131,8 @@ def _examples(dtype):
                                          (0,) * 5, (0,) * 2),  # C = 10 = 5 x 2
         "softmax._softmax_blocks": (x3, y3, True, 64),
         "softmax._softmax_backward_rows": (g2, y2, x2, True),
+        "softmax._log_softmax_backward_split": (np.ones(40, dtype), np.ones(40, dtype),
+                                                np.ones(40, dtype), 2, (0,) * 5, (0,) * 2),
         "softmax._softmax_backward_blocks": (g3, y3, x3, True, 64),
         "softmax._sigmoid": (v, v.copy()),
         "softmax._sigmoid_backward": (v, v.copy(), v.copy()),

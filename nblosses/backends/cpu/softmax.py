@@ -280,6 +280,53 @@ def _softmax_backward_rows(g, y, gx, log):
                 gx[i, c] = y[i, c] * (g[i, c] - s)
 
 
+@parallel_kernel(**JIT)
+def _log_softmax_backward_split(gf, yf, of, ngroups, part_token, n_parts_token):
+    """log_softmax's backward on short rows of ``C = part * n_parts`` classes (flat
+    ``(N * C,)`` arrays), row-major as they are: the exps as one flat loop, each row's sum of
+    ``g`` over ``n_parts`` runs of ``part``, spread back per run (``sh``), in loops of
+    compile-time length (:func:`._blocks.tile_parts`) that vectorise over runs of rows.
+
+    Used for C < 16, where it ran 1.3-3x faster than the row loop (2.5x at C = 10, float32);
+    from 16 up, and for softmax's backward (no exp), the row loop was as fast or faster."""
+    part = len(part_token)
+    n_parts = len(n_parts_token)
+    n_classes = part * n_parts
+    n = gf.size // n_classes
+    ntiles = n_tiles(n)
+    for group in prange(ngroups):
+        sh = np.empty(TILE * n_parts, gf.dtype)  # per run of part: then the row's sum
+        t0, t1 = group_tiles(group, ngroups, ntiles)
+        for tile in range(t0, t1):
+            r0, nr = tile_rows(n, tile)
+            nh = nr * n_parts
+            lo, hi = r0 * n_classes, (r0 + nr) * n_classes
+            g, y, out = gf[lo:hi], yf[lo:hi], of[lo:hi]
+            for h in range(nh):
+                acc = like(0, gf)
+                for c in range(part):
+                    acc += g[h * part + c]
+                sh[h] = acc
+            for r in range(nr):
+                acc = sh[r * n_parts]
+                for j in range(1, n_parts):
+                    acc += sh[r * n_parts + j]
+                for j in range(n_parts):
+                    sh[r * n_parts + j] = acc
+            # The exps as a flat loop first: inside the run loop they compiled badly for odd
+            # parts (5x slower at C = 21 = 3 x 7).
+            for k in range(out.size):
+                out[k] = fast_exp(y[k])
+            for h in range(nh):
+                for c in range(part):
+                    k = h * part + c
+                    out[k] = g[k] - out[k] * sh[h]
+
+
+#: log_softmax's backward takes the split kernel below this many classes (see its docstring).
+LOG_BACKWARD_SPLIT_C = 16
+
+
 @njit(**JIT)
 def _vbackward_sum(s, gc, yc, log):
     """``s += g`` (log_softmax) or ``s += g * y`` (softmax)."""
@@ -319,7 +366,12 @@ def _backward_any(g3: np.ndarray, y3: np.ndarray, log: bool) -> np.ndarray:
     if y3.size == 0:
         return gx
     if y3.shape[2] == 1:
-        _softmax_backward_rows(g3[:, :, 0], y3[:, :, 0], gx[:, :, 0], log)
+        parts = tile_parts(y3.shape[1]) if log and y3.shape[1] < LOG_BACKWARD_SPLIT_C else None
+        if parts is not None:
+            _log_softmax_backward_split(g3.reshape(-1), y3.reshape(-1), gx.reshape(-1),
+                                        tile_tasks(y3.shape[0]), *parts)
+        else:
+            _softmax_backward_rows(g3[:, :, 0], y3[:, :, 0], gx[:, :, 0], log)
     else:
         # Blocks as wide as the threads allow: the backward is memory-bound, and a whole
         # (C, inner) slab per task is one contiguous stream for the prefetcher instead of C
