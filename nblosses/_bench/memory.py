@@ -30,8 +30,6 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
-from .._output_cache import output_cache
-
 __all__ = ["extra_peak", "nbytes_of"]
 
 _MALLOC_FIXED = [False]
@@ -91,7 +89,10 @@ def _reset_hwm() -> bool:
 
 def _cpu_peak(fn: Callable[[], Any], warmed: bool) -> dict[str, Any]:
     # What the call itself needs: with the output cache on, the output would reuse a block
-    # freed by an earlier call and not show up.
+    # freed by an earlier call and not show up. (The public name, imported here: asv loads this
+    # module from the working tree, outside the package.)
+    from nblosses import output_cache
+
     previous_limit = output_cache.set_limit(0)
     try:
         return _cpu_peak_uncached(fn, warmed)

@@ -106,6 +106,17 @@ def _softmax_tiles(x, y, log, ngroups):
             tile_store(y, r0, nr, xt, None, None)
 
 
+@njit(**JIT)
+def _add_run_sums(s, e, nr, n_parts_token):
+    """``s[r] += e[r * n_parts + j]`` over the row's runs ``j`` (``n_parts`` a constant)."""
+    n_parts = len(n_parts_token)
+    for r in range(nr):
+        sr = s[r]
+        for j in range(n_parts):
+            sr += e[r * n_parts + j]
+        s[r] = sr
+
+
 @njit(**JIT_EXACT)
 def _split_log_out(dst, xt, mk, fk, nh, part_token):
     """``dst[h * part + c] = (xt[c, h] - m) - log s`` (its own function: no reassociation;
@@ -167,22 +178,16 @@ def _softmax_split_tiles(xf, yf, log, ngroups, part_token, n_parts_token):
                     mk[r * n_parts + j] = m[r]
             for c in range(part):
                 xc = xt[c]
+                # Two loops, not one over "ek if log else xc": written into xc as xc, the loop
+                # needs no overlap check (which identical arrays fail: it would run scalar).
                 if log:  # log_softmax keeps x for the output
                     for h in range(nh):
                         ek[h] = fast_exp(xc[h] - mk[h])
-                    for r in range(nr):
-                        sr = s[r]
-                        for j in range(n_parts):
-                            sr += ek[r * n_parts + j]
-                        s[r] = sr
+                    _add_run_sums(s, ek, nr, n_parts_token)
                 else:
                     for h in range(nh):
                         xc[h] = fast_exp(xc[h] - mk[h])
-                    for r in range(nr):
-                        sr = s[r]
-                        for j in range(n_parts):
-                            sr += xc[r * n_parts + j]
-                        s[r] = sr
+                    _add_run_sums(s, xc, nr, n_parts_token)
             if log:
                 vlog(s[:nr], m[:nr])  # into m (no longer needed; mk has it): out is not s,
                 for r in range(nr):   # or the loop would run scalar behind an overlap check
