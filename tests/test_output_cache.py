@@ -170,3 +170,18 @@ def test_losses_and_gradients_use_it(cache):
     assert not out.flags.owndata
     del grad, out
     assert cache.info()["blocks"] == 2
+
+
+def test_torch_and_dlpack_holders_keep_the_block(cache):
+    torch = pytest.importorskip("torch")
+    a = oc.empty(BIG, np.float32)
+    a.fill(3.0)
+    t = torch.from_numpy(a)
+    capsule_holder = np.from_dlpack(a)  # a DLPack import of it
+    del a
+    assert cache.held_bytes == 0
+    b = oc.empty(BIG, np.float32)
+    b.fill(-1.0)
+    assert bool((t == 3.0).all()) and (capsule_holder == 3.0).all()
+    del t, capsule_holder
+    assert cache.held_bytes == 4 << 20
