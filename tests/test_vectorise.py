@@ -110,7 +110,7 @@ def _examples(dtype):
     return {
         "_math.row_max": (v,),
         "_math.sum_exp": (v, f(0)),
-        "_math.sum_exp_store": (v, v.copy(), f(0)),
+        "_math.sum_exp_store": (v, v.copy(), f(0), True),
         "_blocks.vmax": (v, v.copy()),
         "_blocks.vmax2": (v, v.copy(), v.copy()),
         "_blocks.vsum_exp": (v, v.copy(), v.copy()),

@@ -146,12 +146,14 @@ def prefetch_next_row(a, i):
     """Start loading row ``i + 1`` of the C-contiguous 2-D ``a`` into L1, if it exists and is
     at most :data:`PREFETCH_BYTES` long.
 
-    For forward row kernels with one input stream, called before computing row ``i``: a row of
-    a few KB is computed from L1 in a few hundred ns, while the memory system would otherwise
-    idle. Measured (2-core Zen 5, float32, 4096x[1000], fastest of 3 processes of 40
-    interleaved calls): cross_entropy 0.73 -> 0.62 ms, with its gradient 0.94 -> 0.79 ms;
-    softmax unchanged within the noise.
-    Kernels that read two arrays per row (the backwards) got slower with it and do not use it.
+    For the cross-entropy row kernels, called before computing row ``i``: a row of a few KB
+    is computed from L1 in a few hundred ns, while the memory system would otherwise idle.
+    Measured (2-core Zen 5, float32, 4096x[1000], fastest of 3 processes of 40 interleaved
+    calls): cross_entropy 0.73 -> 0.62 ms, with its gradient 0.94 -> 0.79 ms.
+    Kernels that write a row as long as the one they read do not use it: softmax float32
+    8192x[1024] ran 1.8 ms with it, 1.3-1.4 ms without (two processes of 40 interleaved
+    calls; log_softmax and 4096x[1000] equal within the noise), and the backwards, which read
+    two arrays per row, got slower too.
     """
     if i + 1 < a.shape[0] and a.shape[1] * a.itemsize <= PREFETCH_BYTES:
         row = a[i + 1]
@@ -338,9 +340,14 @@ def sum_exp(row, m):
 
 
 @njit(**JIT)
-def sum_exp_store(row, out, m):
-    """``out = exp(row - m)``; returns the sum in float64 (float-precision blocks).
+def sum_exp_store(row, out, m, shifted=False):
+    """``out = exp(row - m)``, or ``row - m`` when ``shifted``; returns ``sum(exp(row - m))``
+    in float64 (float-precision blocks).
 
+    ``shifted`` is log_softmax's form: its last pass is then ``out -= log s`` over the one
+    array while the row is in L1, rather than ``out = (row - m) - log s`` reading the row
+    again; the output is written during the exp pass, where the stores overlap the arithmetic
+    (float64 8192x[1024], 2-core Zen 5: 4.5 -> 3.5 ms).
     ``out`` may be ``row``: that case runs a loop over the one array, since LLVM vectorises a
     two-array loop only behind a runtime overlap check, which identical arrays fail (the loop
     would run scalar, ~6x slower).
@@ -352,14 +359,16 @@ def sum_exp_store(row, out, m):
         s = like(0, row)
         if same:
             for c in range(ob.size):
-                e = fast_exp(ob[c] - m)
-                ob[c] = e
+                d = ob[c] - m
+                e = fast_exp(d)
+                ob[c] = d if shifted else e
                 s += e
         else:
             rb = row[b0:b0 + SUM_BLOCK]
             for c in range(ob.size):
-                e = fast_exp(rb[c] - m)
-                ob[c] = e
+                d = rb[c] - m
+                e = fast_exp(d)
+                ob[c] = d if shifted else e
                 s += e
         total += s
     return total
