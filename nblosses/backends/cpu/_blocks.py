@@ -74,6 +74,10 @@ def block_task(task, nblk, width, inner):
     return o, j0, min(width, inner - j0)
 
 
+# The passes over a block take classes four at a time: the running max / sum of each inner
+# position is loaded and stored once per four rows instead of once per row. Measured at
+# 32x[21]x4096 (2-core Zen 5, fastest of 40 interleaved calls): softmax float64 1.49 -> 1.32
+# ms, log_softmax 1.48 -> 1.29 ms, float32 about 25% faster; two at a time gained half that.
 @njit(**JIT)
 def vmax(m, xc):
     """``m = max(m, xc)`` elementwise (NaN propagates)."""
@@ -82,10 +86,10 @@ def vmax(m, xc):
 
 
 @njit(**JIT)
-def vmax2(m, a, b):
-    """``m = max(m, a, b)`` elementwise (two classes per pass: half the loads/stores of m)."""
+def vmax4(m, a, b, c, d):
+    """``m = max(m, a, b, c, d)`` elementwise."""
     for j in range(m.size):
-        m[j] = fmax(m[j], fmax(a[j], b[j]))
+        m[j] = fmax(m[j], fmax(fmax(a[j], b[j]), fmax(c[j], d[j])))
 
 
 @njit(**JIT)
@@ -96,27 +100,60 @@ def vsum_exp(s, xc, m):
 
 
 @njit(**JIT)
-def vsum_exp2(s, a, b, m):
-    """``s += exp(a - m) + exp(b - m)``."""
+def vsum_exp4(s, a, b, c, d, m):
+    """``s += exp(a - m) + exp(b - m) + exp(c - m) + exp(d - m)``."""
     for j in range(s.size):
-        s[j] += fast_exp(a[j] - m[j]) + fast_exp(b[j] - m[j])
+        mj = m[j]
+        s[j] += ((fast_exp(a[j] - mj) + fast_exp(b[j] - mj))
+                 + (fast_exp(c[j] - mj) + fast_exp(d[j] - mj)))
 
 
 @njit(**JIT)
-def vsum_exp_store(s, xc, m, out):
-    """``out = exp(xc - m); s += out``; ``out`` may be ``xc``: that case runs a loop over the
-    one array, since LLVM vectorises a two-array loop only behind a runtime overlap check,
-    which identical arrays fail (the loop would run scalar)."""
+def vsum_exp_store(s, xc, m, out, shifted):
+    """``out = exp(xc - m)``, or ``xc - m`` when ``shifted`` (log-softmax's form, see
+    :func:`._math.sum_exp_store`); ``s += exp(xc - m)``.
+
+    ``out`` may be ``xc``: that case runs a loop over the one array, since LLVM vectorises a
+    two-array loop only behind a runtime overlap check, which identical arrays fail (the loop
+    would run scalar).
+    """
     if out.ctypes.data == xc.ctypes.data:
         for j in range(s.size):
-            e = fast_exp(out[j] - m[j])
-            out[j] = e
+            d = out[j] - m[j]
+            e = fast_exp(d)
+            out[j] = d if shifted else e
             s[j] += e
     else:
         for j in range(s.size):
-            e = fast_exp(xc[j] - m[j])
-            out[j] = e
+            d = xc[j] - m[j]
+            e = fast_exp(d)
+            out[j] = d if shifted else e
             s[j] += e
+
+
+@njit(**JIT)
+def vsum_exp_store4(s, a, b, c, d, m, oa, ob, oc, od, shifted):
+    """:func:`vsum_exp_store` for four classes; each output may be its input, all or none."""
+    if oa.ctypes.data == a.ctypes.data:
+        for j in range(s.size):
+            mj = m[j]
+            da, db, dc, dd = oa[j] - mj, ob[j] - mj, oc[j] - mj, od[j] - mj
+            ea, eb, ec, ed = fast_exp(da), fast_exp(db), fast_exp(dc), fast_exp(dd)
+            oa[j] = da if shifted else ea
+            ob[j] = db if shifted else eb
+            oc[j] = dc if shifted else ec
+            od[j] = dd if shifted else ed
+            s[j] += (ea + eb) + (ec + ed)
+    else:
+        for j in range(s.size):
+            mj = m[j]
+            da, db, dc, dd = a[j] - mj, b[j] - mj, c[j] - mj, d[j] - mj
+            ea, eb, ec, ed = fast_exp(da), fast_exp(db), fast_exp(dc), fast_exp(dd)
+            oa[j] = da if shifted else ea
+            ob[j] = db if shifted else eb
+            oc[j] = dc if shifted else ec
+            od[j] = dd if shifted else ed
+            s[j] += (ea + eb) + (ec + ed)
 
 
 @njit(**JIT_EXACT)
@@ -132,15 +169,10 @@ def vlog(s, out):
 
 
 @njit(**JIT_EXACT)
-def vshift(out, xc, m, ls):
-    """``out = (xc - m) - ls``: log-softmax from the max and the log of the sum; ``out`` may be
-    ``xc`` (a separate loop then, see :func:`vsum_exp_store`)."""
-    if out.ctypes.data == xc.ctypes.data:
-        for j in range(ls.size):
-            out[j] = (out[j] - m[j]) - ls[j]
-    else:
-        for j in range(ls.size):
-            out[j] = (xc[j] - m[j]) - ls[j]
+def vsub(out, ls):
+    """``out -= ls``: log-softmax's last step, ``out`` holding ``x - m``."""
+    for j in range(ls.size):
+        out[j] -= ls[j]
 
 
 @njit(**JIT)
@@ -159,41 +191,48 @@ def vrecip(s, out):
 
 @njit(**JIT)
 def block_max(xo, j0, w, m):
-    """Max over axis 0 of ``xo[:, j0:j0+w]`` into ``m``, two classes per pass (the running
-    ``m`` is loaded and stored half as often: 10% faster at C = 21)."""
+    """Max over axis 0 of ``xo[:, j0:j0+w]`` into ``m``, four classes per pass."""
     n_classes = xo.shape[0]
     m[:] = xo[0, j0:j0 + w]
     c = 1
-    while c + 1 < n_classes:
-        vmax2(m, xo[c, j0:j0 + w], xo[c + 1, j0:j0 + w])
-        c += 2
-    if c < n_classes:
-        vmax(m, xo[c, j0:j0 + w])
+    while c + 3 < n_classes:
+        vmax4(m, xo[c, j0:j0 + w], xo[c + 1, j0:j0 + w], xo[c + 2, j0:j0 + w],
+              xo[c + 3, j0:j0 + w])
+        c += 4
+    for k in range(c, n_classes):
+        vmax(m, xo[k, j0:j0 + w])
 
 
 @njit(**JIT)
 def block_stats(xo, j0, w, m, s):
-    """Max and sum of exponentials over axis 0 of ``xo[:, j0:j0+w]`` into ``m``, ``s``
-    (classes two at a time, as :func:`block_max`)."""
+    """Max and sum of exponentials over axis 0 of ``xo[:, j0:j0+w]`` into ``m``, ``s``."""
     n_classes = xo.shape[0]
     block_max(xo, j0, w, m)
     s[:] = 0
     c = 0
-    while c + 1 < n_classes:
-        vsum_exp2(s, xo[c, j0:j0 + w], xo[c + 1, j0:j0 + w], m)
-        c += 2
-    if c < n_classes:
-        vsum_exp(s, xo[c, j0:j0 + w], m)
+    while c + 3 < n_classes:
+        vsum_exp4(s, xo[c, j0:j0 + w], xo[c + 1, j0:j0 + w], xo[c + 2, j0:j0 + w],
+                  xo[c + 3, j0:j0 + w], m)
+        c += 4
+    for k in range(c, n_classes):
+        vsum_exp(s, xo[k, j0:j0 + w], m)
 
 
 @njit(**JIT)
-def block_stats_store(xo, j0, w, m, s, eo, ej0):
-    """As :func:`block_stats`, and ``eo[:, ej0:ej0+w] = exp(x - m)`` (``eo`` may be ``xo``,
-    with ``ej0 == j0``)."""
+def block_stats_store(xo, j0, w, m, s, eo, ej0, shifted=False):
+    """As :func:`block_stats`, and ``eo[:, ej0:ej0+w] = exp(x - m)`` (``x - m`` when
+    ``shifted``); ``eo`` may be ``xo``, with ``ej0 == j0``."""
+    n_classes = xo.shape[0]
     block_max(xo, j0, w, m)
     s[:] = 0
-    for c in range(xo.shape[0]):
-        vsum_exp_store(s, xo[c, j0:j0 + w], m, eo[c, ej0:ej0 + w])
+    c = 0
+    while c + 3 < n_classes:
+        vsum_exp_store4(s, xo[c, j0:j0 + w], xo[c + 1, j0:j0 + w], xo[c + 2, j0:j0 + w],
+                        xo[c + 3, j0:j0 + w], m, eo[c, ej0:ej0 + w], eo[c + 1, ej0:ej0 + w],
+                        eo[c + 2, ej0:ej0 + w], eo[c + 3, ej0:ej0 + w], shifted)
+        c += 4
+    for k in range(c, n_classes):
+        vsum_exp_store(s, xo[k, j0:j0 + w], m, eo[k, ej0:ej0 + w], shifted)
 
 
 # ----------------------------------------------------------------------------- short rows

@@ -24,7 +24,6 @@ from ._blocks import (
     CHUNK,
     SMALL_C,
     TILE,
-    block_stats,
     block_stats_store,
     block_task,
     group_tiles,
@@ -39,7 +38,7 @@ from ._blocks import (
     vlog,
     vmul,
     vrecip,
-    vshift,
+    vsub,
     width_for,
 )
 from ._math import (
@@ -88,7 +87,7 @@ def _softmax_tiles(x, y, log, ngroups):
             r0, nr = tile_stats(x, tile, not log, None, xt, m, s)
             if log:
                 vlog(s[:nr], ls[:nr])
-                # A loop here, not vshift() per class: ten-odd calls per tile on 128-element
+                # A loop here, not a helper call per class: ten-odd calls per tile on 128-element
                 # slices cost more than the arithmetic (9% of the kernel at C = 10).
                 for c in range(n_classes):
                     xc = xt[c]  # 1-D, indexed from 0: see tile_stats
@@ -222,14 +221,14 @@ def _softmax_blocks(x, y, log, width):
         s = np.empty(w, x.dtype)
         xo = x[o]
         yo = y[o]
+        # y = exp(x - m), or x - m for log_softmax (as in the row kernel)
+        block_stats_store(xo, j0, w, m, s, yo, j0, log)
         if log:
-            block_stats(xo, j0, w, m, s)
             ls = np.empty(w, x.dtype)
             vlog(s, ls)
             for c in range(n_classes):
-                vshift(yo[c, j0:j0 + w], xo[c, j0:j0 + w], m, ls)
+                vsub(yo[c, j0:j0 + w], ls)
         else:
-            block_stats_store(xo, j0, w, m, s, yo, j0)
             inv = np.empty(w, x.dtype)
             vrecip(s, inv)
             for c in range(n_classes):
