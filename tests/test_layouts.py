@@ -82,6 +82,34 @@ def test_short_rows_every_class_count(op, n_classes, dtype):
     assert_close(gx, ref_g, dtype, f"{op}_backward C={n_classes}", kind="grad")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n_classes", range(1, 24))
+@pytest.mark.parametrize("case", ["plain", "weighted_smoothed", "none_reduction"])
+def test_cross_entropy_short_rows_every_class_count(case, n_classes, dtype):
+    """The cross-entropy forward on each C below the tiles' limit (the split kernels compile
+    per factorisation of C, the primes above 8 take the gathering tiles), with its options and
+    its lse output; a row with a large logit, ignored targets."""
+    shape = (130, n_classes)
+    r = rng(n_classes + 50)
+    x = (r.standard_normal(shape) * 4).astype(dtype)
+    x[3, -1] = 80.0
+    t = r.integers(0, n_classes, shape[0])
+    kw = {}
+    if case == "weighted_smoothed":
+        t[::5] = 255
+        kw = dict(weight=r.uniform(0.5, 2, n_classes).astype(dtype), label_smoothing=0.15,
+                  ignore_index=255)
+    elif case == "none_reduction":
+        t[::7] = -100
+        kw = dict(reduction="none")
+    loss, lse = F.cross_entropy(x, t, backend="cpu", return_lse=True, **kw)
+    tkw = {k: tt(v, dtype) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    ref = TF.cross_entropy(tt(x, dtype), torch.from_numpy(t), **tkw).numpy().astype(dtype)
+    assert_close(loss, ref, dtype, f"cross_entropy {case} C={n_classes}")
+    ref_lse = torch.logsumexp(tt(x, dtype), 1).numpy().astype(dtype)
+    assert_close(lse, ref_lse, dtype, f"cross_entropy lse C={n_classes}")
+
+
 def _targets(shape, ignore_index, seed):
     r = rng(seed)
     t = r.integers(0, shape[1], (shape[0],) + shape[2:])

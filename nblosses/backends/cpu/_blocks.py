@@ -244,11 +244,17 @@ TILE_GROUPS_PER_THREAD = 8
 #: Widest group of classes the split tiles (:func:`tile_parts`) transpose at once: LLVM turns
 #: a constant-count transposition of up to 8 into vector shuffles, of more into gathers.
 MAX_PART = 8
+#: ... but a group of 8 float64 (64 bytes: a cache line, an AVX-512 register) compiled to much
+#: slower code in every split kernel: at C = 8, float64 (2-core Zen 5), softmax 344 us with
+#: groups of 8 against 244 us with groups of 4, log_softmax's backward 408 against 235 us, and
+#: C = 16 likewise. float64 groups stop at 7 (groups of 5 to 7 measured as fast as 4 or faster).
+MAX_PART_BYTES = 56
 
 
-def tile_parts(n_classes: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+def tile_parts(n_classes: int, itemsize: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """Two tuples of zeros, of lengths ``part`` and ``n_parts`` with ``part * n_parts ==
-    n_classes`` and ``part <= MAX_PART`` as large as possible, for the split-tile kernels; None
+    n_classes`` and ``part`` as large as possible within :data:`MAX_PART` classes and
+    :data:`MAX_PART_BYTES` bytes (elements of ``itemsize``), for the split-tile kernels; None
     when ``n_classes`` has no such divisor (the primes 11, 13, 17, 19, 23 below ``SMALL_C``),
     which take the gathering tiles.
 
@@ -258,7 +264,8 @@ def tile_parts(n_classes: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None
     instead of one gather per class: twice as fast at C = 8, 10, 12, 16, 21 (float32, AVX-512,
     1 thread). (``numba.literally`` would do the same, but re-types every call: 40 ms each.)
     """
-    for part in range(min(MAX_PART, n_classes), 0, -1):
+    widest = min(MAX_PART, MAX_PART_BYTES // itemsize, n_classes)
+    for part in range(widest, 0, -1):
         if n_classes % part == 0 and (part > 1 or n_classes == 1):
             return (0,) * part, (0,) * (n_classes // part)
     return None
@@ -295,6 +302,68 @@ def tile_rows(n, tile):
     """``(r0, nr)``: the first row of tile ``tile`` and its row count (at most ``TILE``)."""
     r0 = tile * TILE
     return r0, min(n, r0 + TILE) - r0
+
+
+@njit(**JIT)
+def add_run_sums(s, e, nr, n_parts_token):
+    """``s[r] += e[r * n_parts + j]`` over the row's runs ``j`` (``n_parts`` a constant)."""
+    n_parts = len(n_parts_token)
+    for r in range(nr):
+        sr = s[r]
+        for j in range(n_parts):
+            sr += e[r * n_parts + j]
+        s[r] = sr
+
+
+@njit(**JIT)
+def spread_runs(dst, src, nr, n_parts_token):
+    """``dst[r * n_parts + j] = src[r]``: a row's value on each of its runs."""
+    n_parts = len(n_parts_token)
+    for r in range(nr):
+        for j in range(n_parts):
+            dst[r * n_parts + j] = src[r]
+
+
+@njit(**JIT)
+def split_stats(xt, m, s, mk, ek, nr, keep_x, part_token, n_parts_token):
+    """Row statistics of a tile of ``nr`` short rows in the split layout of
+    :func:`tile_parts`: ``xt[c, h]`` (``h = r * n_parts + j``) holds class ``j * part + c`` of
+    row ``r``. Each row's max goes to ``m[r]`` and, once per run, to ``mk[h]``; its
+    ``sum(exp(x - max))`` to ``s[r]``. The exps overwrite ``xt``, or with ``keep_x`` go to
+    ``ek`` (one class at a time) and ``xt`` keeps the logits.
+    """
+    part = len(part_token)
+    n_parts = len(n_parts_token)
+    nh = nr * n_parts
+    # Loops over 1-D rows of the scratch (2-D indexing here cost up to 30% at C = 4 and 10,
+    # float32); helpers take the tuples, so that their counts stay constants.
+    x0 = xt[0]
+    for r in range(nr):
+        mr = x0[r * n_parts]
+        for j in range(1, n_parts):
+            mr = fmax(mr, x0[r * n_parts + j])
+        m[r] = mr
+        s[r] = 0
+    for c in range(1, part):
+        xc = xt[c]
+        for r in range(nr):
+            mr = m[r]
+            for j in range(n_parts):
+                mr = fmax(mr, xc[r * n_parts + j])
+            m[r] = mr
+    spread_runs(mk, m, nr, n_parts_token)
+    for c in range(part):
+        xc = xt[c]
+        # Two loops, not one over "ek if keep_x else xc": written into xc as xc, the loop
+        # needs no overlap check (which identical arrays fail: it would run scalar).
+        if keep_x:
+            for h in range(nh):
+                ek[h] = fast_exp(xc[h] - mk[h])
+            add_run_sums(s, ek, nr, n_parts_token)
+        else:
+            for h in range(nh):
+                xc[h] = fast_exp(xc[h] - mk[h])
+            add_run_sums(s, xc, nr, n_parts_token)
 
 
 @njit(**JIT)

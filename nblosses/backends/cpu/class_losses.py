@@ -302,6 +302,39 @@ def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_o
     return total
 
 
+@parallel_kernel(**JIT)
+def _ce_split_tiles(xf, x, t, w, ignore, eps, w_total, g, g_scalar, out, z, lse_out, ngroups,
+                    part_token, n_parts_token):
+    """The forward of :func:`_ce_tiles` (no gradient, no soft cap) for ``C = part * n_parts``
+    classes, ``xf`` the logits ``x`` flat: each tile is transposed by loops of compile-time
+    length and reduced by :func:`._blocks.split_stats`, as softmax's split tiles (vector
+    shuffles where the general tiles gather)."""
+    part = len(part_token)
+    n_parts = len(n_parts_token)
+    n, n_classes = x.shape
+    total = 0.0
+    ntiles = B.n_tiles(n)
+    for group in prange(ngroups):
+        xt = np.empty((part, n_parts * B.TILE), x.dtype)
+        m = np.empty(B.TILE, x.dtype)
+        s = np.empty(B.TILE, x.dtype)
+        mk = np.empty(n_parts * B.TILE, x.dtype)
+        ls = np.empty(B.TILE, x.dtype)
+        none = np.empty(0, x.dtype)  # the gradient's coefficients: none here
+        t0, t1 = B.group_tiles(group, ngroups, ntiles)
+        for tile in range(t0, t1):
+            r0, nr = B.tile_rows(n, tile)
+            src = xf[r0 * n_classes:(r0 + nr) * n_classes]
+            # The transposition inline, as in softmax's split tiles (a helper was slower).
+            for h in range(nr * n_parts):
+                for c in range(part):
+                    xt[c, h] = src[h * part + c]
+            B.split_stats(xt, m, s, mk, none, nr, False, part_token, n_parts_token)
+            total += _ce_tile_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, None, z,
+                                   None, lse_out, r0, nr, m, s, ls, none, none, none)
+    return total
+
+
 @njit(**JIT)
 def _ce_tile_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_out, r0,
                   nr, m, s, ls, a, cs, b):
@@ -469,7 +502,13 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
         if inner == 1:
             row_args = (x3[:, :, 0], t2[:, 0], *args, _rows(k.g), k.g_scalar, _rows(k.out),
                         _rows(k.gx), *opts)
-            if n_classes < B.SMALL_C:
+            parts = B.tile_parts(n_classes, x3.itemsize) if n_classes < B.SMALL_C else None
+            if (parts is not None and k.gx is None and opts[1] is None
+                    and x3.flags.c_contiguous):
+                total = _ce_split_tiles(x3.reshape(-1), x3[:, :, 0], t2[:, 0], *args,
+                                        _rows(k.g), k.g_scalar, _rows(k.out), opts[0],
+                                        opts[2], B.tile_tasks(x3.shape[0]), *parts)
+            elif n_classes < B.SMALL_C:
                 total = _ce_tiles(*row_args, B.tile_tasks(x3.shape[0]))
             else:
                 total = _ce_rows(*row_args)

@@ -29,6 +29,8 @@ from ._blocks import (
     group_tiles,
     n_blocks,
     n_tiles,
+    split_stats,
+    spread_runs,
     tile_parts,
     tile_rows,
     tile_scratch,
@@ -45,7 +47,6 @@ from ._math import (
     JIT,
     JIT_EXACT,
     fast_exp,
-    fmax,
     like,
     row_max,
     sum_exp_store,
@@ -102,26 +103,6 @@ def _softmax_tiles(x, y, log, ngroups):
             tile_store(y, r0, nr, xt, None, None)
 
 
-@njit(**JIT)
-def _add_run_sums(s, e, nr, n_parts_token):
-    """``s[r] += e[r * n_parts + j]`` over the row's runs ``j`` (``n_parts`` a constant)."""
-    n_parts = len(n_parts_token)
-    for r in range(nr):
-        sr = s[r]
-        for j in range(n_parts):
-            sr += e[r * n_parts + j]
-        s[r] = sr
-
-
-@njit(**JIT)
-def _spread_runs(dst, src, nr, n_parts_token):
-    """``dst[r * n_parts + j] = src[r]``: a row's value on each of its runs."""
-    n_parts = len(n_parts_token)
-    for r in range(nr):
-        for j in range(n_parts):
-            dst[r * n_parts + j] = src[r]
-
-
 @njit(**JIT_EXACT)
 def _split_log_out(dst, xt, mk, fk, nh, part_token):
     """``dst[h * part + c] = (xt[c, h] - m) - log s`` (its own function: no reassociation;
@@ -139,8 +120,8 @@ def _softmax_split_tiles(xf, yf, log, ngroups, part_token, n_parts_token):
     Each tile of ``TILE`` rows is transposed into ``xt[c, h]`` (``h = r * n_parts + j`` holds
     class ``j * part + c`` of row ``r``) by a loop of compile-time length ``part``: vector
     shuffles, not gathers (:func:`._blocks.tile_parts`). Row statistics then reduce over ``c``
-    and over the ``n_parts`` neighbouring columns of each row; the result is written back
-    through the same fixed pattern.
+    and over the ``n_parts`` neighbouring columns of each row (:func:`._blocks.split_stats`);
+    the result is written back through the same fixed pattern.
     """
     part = len(part_token)  # tuples whose lengths are constants when compiling (tile_parts)
     n_parts = len(n_parts_token)
@@ -159,43 +140,16 @@ def _softmax_split_tiles(xf, yf, log, ngroups, part_token, n_parts_token):
             r0, nr = tile_rows(n, tile)
             nh = nr * n_parts
             src = xf[r0 * n_classes:(r0 + nr) * n_classes]
+            # The transposition inline: in a helper (xt an argument) it ran 7-25% slower.
             for h in range(nh):
                 for c in range(part):
                     xt[c, h] = src[h * part + c]
-            # Loops over 1-D rows of the scratch (2-D indexing here cost up to 30% at C = 4 and
-            # 10, float32); helpers take the tuples, so that their counts stay constants.
-            x0 = xt[0]
-            for r in range(nr):
-                mr = x0[r * n_parts]
-                for j in range(1, n_parts):
-                    mr = fmax(mr, x0[r * n_parts + j])
-                m[r] = mr
-                s[r] = 0
-            for c in range(1, part):
-                xc = xt[c]
-                for r in range(nr):
-                    mr = m[r]
-                    for j in range(n_parts):
-                        mr = fmax(mr, xc[r * n_parts + j])
-                    m[r] = mr
-            _spread_runs(mk, m, nr, n_parts_token)
-            for c in range(part):
-                xc = xt[c]
-                # Two loops, not one over "ek if log else xc": written into xc as xc, the loop
-                # needs no overlap check (which identical arrays fail: it would run scalar).
-                if log:  # log_softmax keeps x for the output
-                    for h in range(nh):
-                        ek[h] = fast_exp(xc[h] - mk[h])
-                    _add_run_sums(s, ek, nr, n_parts_token)
-                else:
-                    for h in range(nh):
-                        xc[h] = fast_exp(xc[h] - mk[h])
-                    _add_run_sums(s, xc, nr, n_parts_token)
+            split_stats(xt, m, s, mk, ek, nr, log, part_token, n_parts_token)
             # log s into m (no longer needed: mk has it); out is not s, or the loop would run
             # scalar behind an overlap check.
             if log:
                 vlog(s[:nr], m[:nr])
-                _spread_runs(fk, m, nr, n_parts_token)
+                spread_runs(fk, m, nr, n_parts_token)
             else:  # the division inline: vrecip into m, then spreading, was 15% slower
                 for r in range(nr):
                     inv = like(1, xf) / s[r]
@@ -241,7 +195,7 @@ def _softmax_any(x3: np.ndarray, log: bool) -> np.ndarray:
         return y3
     if x3.shape[2] == 1:
         x2, y2 = x3[:, :, 0], y3[:, :, 0]
-        parts = tile_parts(x3.shape[1]) if x3.shape[1] < SMALL_C else None
+        parts = tile_parts(x3.shape[1], x3.itemsize) if x3.shape[1] < SMALL_C else None
         if parts is not None:
             _softmax_split_tiles(x3.reshape(-1), y3.reshape(-1), log, tile_tasks(x2.shape[0]),
                                  *parts)
@@ -374,7 +328,8 @@ def _backward_any(g3: np.ndarray, y3: np.ndarray, log: bool) -> np.ndarray:
     if y3.size == 0:
         return gx
     if y3.shape[2] == 1:
-        parts = tile_parts(y3.shape[1]) if log and y3.shape[1] < LOG_BACKWARD_SPLIT_C else None
+        parts = (tile_parts(y3.shape[1], y3.itemsize)
+                 if log and y3.shape[1] < LOG_BACKWARD_SPLIT_C else None)
         if parts is not None:
             _log_softmax_backward_split(g3.reshape(-1), y3.reshape(-1), gx.reshape(-1),
                                         tile_tasks(y3.shape[0]), *parts)
