@@ -86,9 +86,9 @@ def test_short_rows_every_class_count(op, n_classes, dtype):
 @pytest.mark.parametrize("n_classes", range(1, 24))
 @pytest.mark.parametrize("case", ["plain", "weighted_smoothed", "none_reduction"])
 def test_cross_entropy_short_rows_every_class_count(case, n_classes, dtype):
-    """The cross-entropy forward on each C below the tiles' limit (the split kernels compile
-    per factorisation of C, the primes above 8 take the gathering tiles), with its options and
-    its lse output; a row with a large logit, ignored targets."""
+    """The cross-entropy on each C below the tiles' limit (the split kernels compile per
+    factorisation of C, the primes above 8 take the gathering tiles), with its options, its
+    lse output and its gradient (also in place); a row with a large logit, ignored targets."""
     shape = (130, n_classes)
     r = rng(n_classes + 50)
     x = (r.standard_normal(shape) * 4).astype(dtype)
@@ -108,6 +108,17 @@ def test_cross_entropy_short_rows_every_class_count(case, n_classes, dtype):
     assert_close(loss, ref, dtype, f"cross_entropy {case} C={n_classes}")
     ref_lse = torch.logsumexp(tt(x, dtype), 1).numpy().astype(dtype)
     assert_close(lse, ref_lse, dtype, f"cross_entropy lse C={n_classes}")
+    go = r.uniform(-1, 1, shape[0]).astype(dtype) if case == "none_reduction" else None
+    _, grad = F.cross_entropy(x, t, backend="cpu", return_grad=True, grad_output=go, **kw)
+    _, ref_grad = torch_loss_and_grad(
+        lambda xt: TF.cross_entropy(xt, torch.from_numpy(t), **tkw), x, dtype, grad_output=go)
+    assert_close(grad, ref_grad.astype(dtype), dtype, f"cross_entropy grad C={n_classes}",
+                 kind="grad")
+    buf = x.copy()
+    _, grad_in_place = F.cross_entropy(buf, t, backend="cpu", return_grad=True, grad_output=go,
+                                       grad_buffer=buf, **kw)
+    assert grad_in_place is buf
+    np.testing.assert_array_equal(buf, grad)
 
 
 def _targets(shape, ignore_index, seed):

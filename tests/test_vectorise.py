@@ -146,8 +146,9 @@ def _examples(dtype):
         "class_losses._ce_rows": ce_rows,
         "class_losses._ce_tiles": ce_rows + (2,),
         "class_losses._ce_split_tiles": (np.ones(40, dtype), np.ones((4, 10), dtype), t1,
-                                         np.ones(10, dtype), -100, 0.1, 10.0, g1, 0.0, o1, 0.0,
-                                         None, 2, (0,) * 5, (0,) * 2),  # C = 10 = 5 x 2
+                                         np.ones(10, dtype), -100, 0.1, 10.0, g1, 0.0, o1,
+                                         np.ones(40, dtype), 0.0, None, 2, (0,) * 5,
+                                         (0,) * 2),  # C = 10 = 5 x 2, with a gradient
         "class_losses._ce_blocks": (x3, t2, w3, -100, 0.1, 21.0, gb, 0.0, ob, g3, 64, 0.0, None,
                                     None),
         "class_losses._ce_probs_rows": (x2, y2, w, 0.1, g1, 0.0, o1, g2, 0.0, None, None),

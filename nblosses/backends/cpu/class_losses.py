@@ -303,36 +303,84 @@ def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_o
 
 
 @parallel_kernel(**JIT)
-def _ce_split_tiles(xf, x, t, w, ignore, eps, w_total, g, g_scalar, out, z, lse_out, ngroups,
-                    part_token, n_parts_token):
-    """The forward of :func:`_ce_tiles` (no gradient, no soft cap) for ``C = part * n_parts``
-    classes, ``xf`` the logits ``x`` flat: each tile is transposed by loops of compile-time
-    length and reduced by :func:`._blocks.split_stats`, as softmax's split tiles (vector
-    shuffles where the general tiles gather)."""
+def _ce_split_tiles(xf, x, t, w, ignore, eps, w_total, g, g_scalar, out, gf, z, lse_out,
+                    ngroups, part_token, n_parts_token):
+    """:func:`_ce_tiles` without a soft cap, for ``C = part * n_parts`` classes: ``xf`` the
+    logits ``x`` flat, ``gf`` the flat gradient or None. Each tile is transposed by loops of
+    compile-time length and reduced by :func:`._blocks.split_stats`, as softmax's split tiles
+    (vector shuffles where the general tiles gather); the gradient is formed in that layout and
+    written back through the same fixed pattern. Each logit is read (transposed, and by
+    :func:`_ce_tile_rows`) before its slot of ``gf`` is written: ``gf`` may be ``xf``."""
     part = len(part_token)
     n_parts = len(n_parts_token)
     n, n_classes = x.shape
     total = 0.0
     ntiles = B.n_tiles(n)
+    grad = gf is not None
     for group in prange(ngroups):
         xt = np.empty((part, n_parts * B.TILE), x.dtype)
         m = np.empty(B.TILE, x.dtype)
         s = np.empty(B.TILE, x.dtype)
         mk = np.empty(n_parts * B.TILE, x.dtype)
         ls = np.empty(B.TILE, x.dtype)
-        none = np.empty(0, x.dtype)  # the gradient's coefficients: none here
+        no_exps = np.empty(0, x.dtype)  # split_stats leaves the exps in xt
+        # The gradient's coefficients per row (see _ce_tiles).
+        a = np.empty(B.TILE if grad else 0, x.dtype)
+        cs = np.empty_like(a)
+        b = np.empty_like(a)
+        # w_c in the split layout: wk[c, j] = w[j * part + c] (class c of run j).
+        wk = np.empty((part if grad and w is not None else 0, n_parts), x.dtype)
+        if w is not None:  # pruned when compiling without weights
+            for c in range(wk.shape[0]):
+                for j in range(n_parts):
+                    wk[c, j] = w[j * part + c]
         t0, t1 = B.group_tiles(group, ngroups, ntiles)
         for tile in range(t0, t1):
             r0, nr = B.tile_rows(n, tile)
+            nh = nr * n_parts
             src = xf[r0 * n_classes:(r0 + nr) * n_classes]
             # The transposition inline, as in softmax's split tiles (a helper was slower).
-            for h in range(nr * n_parts):
+            for h in range(nh):
                 for c in range(part):
                     xt[c, h] = src[h * part + c]
-            B.split_stats(xt, m, s, mk, none, nr, False, part_token, n_parts_token)
-            total += _ce_tile_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, None, z,
-                                   None, lse_out, r0, nr, m, s, ls, none, none, none)
+            B.split_stats(xt, m, s, mk, no_exps, nr, False, part_token, n_parts_token)
+            total += _ce_tile_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gf, z,
+                                   None, lse_out, r0, nr, m, s, ls, a, cs, b)
+            if grad:
+                _split_ce_grad(xt, t, w, ignore, r0, nr, a, cs, b, wk,
+                               gf[r0 * n_classes:(r0 + nr) * n_classes], part_token,
+                               n_parts_token)
     return total
+
+
+@njit(**JIT)
+def _split_ce_grad(xt, t, w, ignore, r0, nr, a, cs, b, wk, dst, part_token, n_parts_token):
+    """The gradient of one split tile from ``exp(x - m)`` in ``xt``: ``cs * e - b * w_c``,
+    minus ``a`` at the target, zero for an ignored row; written to the tile's flat rows
+    ``dst``. A row's coefficients apply to its ``n_parts`` runs in a loop of constant length
+    (no spread copies: the scratch stays that of the general tiles, under 1% of the logits)."""
+    part = len(part_token)
+    n_parts = len(n_parts_token)
+    nh = nr * n_parts
+    for c in range(part):
+        xc = xt[c]
+        for r in range(nr):
+            csr = cs[r]
+            br = b[r]
+            for j in range(n_parts):
+                wcj = like(1, xc) if w is None else wk[c, j]
+                xc[r * n_parts + j] = csr * xc[r * n_parts + j] - br * wcj
+    for r in range(nr):
+        ti = t[r0 + r]
+        if ti == ignore:
+            for c in range(part):
+                for j in range(n_parts):
+                    xt[c, r * n_parts + j] = 0
+        else:
+            xt[ti % part, r * n_parts + ti // part] -= a[r]
+    for h in range(nh):
+        for c in range(part):
+            dst[h * part + c] = xt[c, h]
 
 
 @njit(**JIT)
@@ -503,10 +551,11 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
             row_args = (x3[:, :, 0], t2[:, 0], *args, _rows(k.g), k.g_scalar, _rows(k.out),
                         _rows(k.gx), *opts)
             parts = B.tile_parts(n_classes, x3.itemsize) if n_classes < B.SMALL_C else None
-            if (parts is not None and k.gx is None and opts[1] is None
-                    and x3.flags.c_contiguous):
+            flat = x3.flags.c_contiguous and (k.gx is None or k.gx.flags.c_contiguous)
+            if parts is not None and opts[1] is None and flat:
                 total = _ce_split_tiles(x3.reshape(-1), x3[:, :, 0], t2[:, 0], *args,
-                                        _rows(k.g), k.g_scalar, _rows(k.out), opts[0],
+                                        _rows(k.g), k.g_scalar, _rows(k.out),
+                                        None if k.gx is None else k.gx.reshape(-1), opts[0],
                                         opts[2], B.tile_tasks(x3.shape[0]), *parts)
             elif n_classes < B.SMALL_C:
                 total = _ce_tiles(*row_args, B.tile_tasks(x3.shape[0]))
