@@ -27,8 +27,10 @@ from nblosses import functional as F
 ROWS = [1, 63, 64, 130]
 CLASSES = [1, 2, 10, 23, 24, 25, 67]
 ROW_SHAPES = [(n, c) for n in ROWS for c in CLASSES]
-# (outer/N, C, inner): middle-axis blocks, narrow and wide, with ragged tails
-BLOCK_SHAPES = [(1, 3, 2), (300, 7, 3), (2, 7, 257), (1, 5, 5000), (3, 30, 1100), (2, 1, 9)]
+# (outer/N, C, inner): middle-axis blocks, narrow and wide, with ragged tails; (2, 70, 2001):
+# slabs too big for softmax's backward to take whole (BACKWARD_SLAB_BYTES), ragged blocks
+BLOCK_SHAPES = [(1, 3, 2), (300, 7, 3), (2, 7, 257), (1, 5, 5000), (3, 30, 1100), (2, 1, 9),
+                (2, 70, 2001)]
 
 
 
