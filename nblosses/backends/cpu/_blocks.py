@@ -133,7 +133,11 @@ def vsum_exp_store(s, xc, m, out, shifted):
 
 @njit(**JIT)
 def vsum_exp_store4(s, a, b, c, d, m, oa, ob, oc, od, shifted):
-    """:func:`vsum_exp_store` for four classes; each output may be its input, all or none."""
+    """:func:`vsum_exp_store` for four classes; each output may be its input, all or none.
+
+    Two written-out loops on purpose: the in-place one reads the outputs themselves, so it
+    needs no overlap check. Their body as a helper stayed a call per position (with
+    ``inline="always"``, array reference counting per call): both loops ran scalar."""
     if oa.ctypes.data == a.ctypes.data:
         for j in range(s.size):
             mj = m[j]
