@@ -133,31 +133,18 @@ def vsum_exp_store(s, xc, m, out, shifted):
 
 @njit(**JIT)
 def vsum_exp_store4(s, a, b, c, d, m, oa, ob, oc, od, shifted):
-    """:func:`vsum_exp_store` for four classes; each output may be its input, all or none.
-
-    Two written-out loops on purpose: the in-place one reads the outputs themselves, so it
-    needs no overlap check. Their body as a helper stayed a call per position (with
-    ``inline="always"``, array reference counting per call): both loops ran scalar."""
-    if oa.ctypes.data == a.ctypes.data:
-        for j in range(s.size):
-            mj = m[j]
-            da, db, dc, dd = oa[j] - mj, ob[j] - mj, oc[j] - mj, od[j] - mj
-            ea, eb, ec, ed = fast_exp(da), fast_exp(db), fast_exp(dc), fast_exp(dd)
-            oa[j] = da if shifted else ea
-            ob[j] = db if shifted else eb
-            oc[j] = dc if shifted else ec
-            od[j] = dd if shifted else ed
-            s[j] += (ea + eb) + (ec + ed)
-    else:
-        for j in range(s.size):
-            mj = m[j]
-            da, db, dc, dd = a[j] - mj, b[j] - mj, c[j] - mj, d[j] - mj
-            ea, eb, ec, ed = fast_exp(da), fast_exp(db), fast_exp(dc), fast_exp(dd)
-            oa[j] = da if shifted else ea
-            ob[j] = db if shifted else eb
-            oc[j] = dc if shifted else ec
-            od[j] = dd if shifted else ed
-            s[j] += (ea + eb) + (ec + ed)
+    """:func:`vsum_exp_store` for four classes, the outputs other arrays than the inputs (in
+    place, :func:`block_stats_store` goes class by class: a four-class loop would run scalar
+    behind its overlap check)."""
+    for j in range(s.size):
+        mj = m[j]
+        da, db, dc, dd = a[j] - mj, b[j] - mj, c[j] - mj, d[j] - mj
+        ea, eb, ec, ed = fast_exp(da), fast_exp(db), fast_exp(dc), fast_exp(dd)
+        oa[j] = da if shifted else ea
+        ob[j] = db if shifted else eb
+        oc[j] = dc if shifted else ec
+        od[j] = dd if shifted else ed
+        s[j] += (ea + eb) + (ec + ed)
 
 
 @njit(**JIT_EXACT)
@@ -230,7 +217,11 @@ def block_stats_store(xo, j0, w, m, s, eo, ej0, shifted=False):
     block_max(xo, j0, w, m)
     s[:] = 0
     c = 0
-    while c + 3 < n_classes:
+    # In place (the cross-entropy's gradient written into the logits) class by class: the
+    # one-class helper has a loop over the one array; four classes in place would need
+    # another written-out copy of the four-class loop.
+    in_place = eo.ctypes.data == xo.ctypes.data
+    while c + 3 < n_classes and not in_place:
         vsum_exp_store4(s, xo[c, j0:j0 + w], xo[c + 1, j0:j0 + w], xo[c + 2, j0:j0 + w],
                         xo[c + 3, j0:j0 + w], m, eo[c, ej0:ej0 + w], eo[c + 1, ej0:ej0 + w],
                         eo[c + 2, ej0:ej0 + w], eo[c + 3, ej0:ej0 + w], shifted)
