@@ -6,9 +6,9 @@ Inputs arrive as ``(outer, C, inner)`` (see :mod:`nblosses.backends`). Three lay
   three passes (max; exp, store and sum; scale) while it sits in L1/L2, as torch does.
 - ``inner == 1``, ``C < SMALL_C``: tiles of ``TILE`` rows transposed into an L1 scratch, the
   rows as the vectorised axis (2-4x faster than row loops at C = 10; :mod:`._blocks`). When C
-  has a divisor from 2 to 8 (all but 11, 13, 17, 19, 23), the forward reads each row as
-  ``C / part`` rows of ``part`` and transposes them with a loop of constant length, which LLVM
-  turns into shuffles: twice as fast again as the gathers of the general tiles.
+  has a divisor from 2 to 8 (to 7 in float64; all but 11, 13, 17, 19, 23), the forward reads
+  each row as ``C / part`` rows of ``part`` and transposes them with a loop of constant length,
+  which LLVM turns into shuffles: twice as fast again as the gathers of the general tiles.
 - ``inner > 1`` (softmax along a middle axis): no transposed copy; each task takes one ``outer``
   index and a block of inner positions, and every pass walks ``c`` with the contiguous inner
   block as the vectorised axis (:mod:`._blocks`).
