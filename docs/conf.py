@@ -17,14 +17,16 @@ import sys
 sys.path.insert(0, os.path.abspath(".."))
 
 import nblosses  # noqa: E402
-from nblosses import _ops  # noqa: E402
+from nblosses import _codegen  # noqa: E402
 
-# The signature table of every op, printed from the op table that generates the front ends
-# (api.rst includes it), so the docs cannot drift from the code.
+# The signature table and the API page's lists, printed from the op specs that generate the
+# front ends (api.rst includes them), so the docs cannot drift from the code.
 _generated = os.path.join(os.path.dirname(__file__), "_generated")
 os.makedirs(_generated, exist_ok=True)
-with open(os.path.join(_generated, "signatures.rst"), "w") as _f:
-    _f.write(_ops.signature_table())
+for _name, _text in {"signatures.rst": _codegen.signature_table(),
+                     **_codegen.api_lists()}.items():
+    with open(os.path.join(_generated, _name), "w") as _f:
+        _f.write(_text)
 
 project = "nblosses"
 author = "the nblosses developers"

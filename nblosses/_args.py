@@ -1,10 +1,11 @@
-"""Argument validation and canonical forms, shared by every backend.
+"""Argument validation and canonical forms: the pieces every op's argument builder uses.
 
-Everything torch checks before computing is checked here, once, with torch's exceptions and
-wording; backends receive only canonical arguments (see :mod:`nblosses.backends`). The option
-checks (``check_*``) are named by the op table (:mod:`nblosses._ops`) and run once per call; the
-shape and dtype checks need only array metadata, so the Dask front end runs the same ones on
-lazy arrays. Nothing here writes to a caller's array.
+Everything torch checks before computing is checked with torch's exceptions and wording, once,
+by these functions; backends receive only canonical arguments (see :mod:`nblosses.backends`).
+The option checks (``check_*``) are named by the op specs (:mod:`nblosses.ops`) and run once per
+call; the shape and dtype checks need only array metadata, so the Dask front end runs the same
+ones on lazy arrays. Each op's own argument builder (its layout checks and canonical arrays)
+lives beside its spec. Nothing here writes to a caller's array.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import sys
 import types
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 from ._registry import Runtime as Backend
@@ -214,35 +214,6 @@ def split_shape(shape: tuple[int, ...], dim: int) -> tuple[int, int, int]:
     return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
 
 
-@dataclass(slots=True)
-class ArrayArgs:
-    """Canonical arrays of an activation-type call, with the shape and dtype to return."""
-
-    arrays: tuple[Any, ...]  # (outer, C, inner) views for the softmax family, flat otherwise
-    shape: tuple[int, ...]
-    dtype: Any
-
-
-def check_softmax_input(be: Backend, name: str, x: Any, dim: Any) -> int:
-    """Metadata checks of a softmax-family input; returns the normalised ``dim``."""
-    if not is_float(x.dtype):
-        raise TypeError(f"{name}: input must be a floating-point array (or pass dtype=), "
-                        f"got dtype {x.dtype.name}")
-    d = softmax_dim(name, x.ndim, dim)
-    compute_dtype(be, x.dtype)
-    return d
-
-
-def softmax_args(be: Backend, name: str, input: Any, dim: Any, dtype: Any) -> ArrayArgs:
-    """Validate and canonicalise ``softmax`` / ``log_softmax`` arguments."""
-    x = as_array(be, input, "input")
-    if dtype is not None:
-        x = x.astype(be.xp.dtype(dtype), copy=False)
-    d = check_softmax_input(be, name, x, dim)
-    x3 = to_compute(be, x, compute_dtype(be, x.dtype)).reshape(split_shape(x.shape, d))
-    return ArrayArgs((x3,), tuple(x.shape), x.dtype)
-
-
 def check_same_shape(name: str, g: Any, y: Any, what: str = "output") -> None:
     """ValueError naming both shapes when ``grad_output`` and ``what`` differ."""
     if tuple(g.shape) != tuple(y.shape):
@@ -258,129 +229,10 @@ def check_backward_dtypes(be: Backend, name: str, g: Any, y: Any) -> Any:
     return cdt
 
 
-def softmax_backward_args(be: Backend, name: str, grad_output: Any, output: Any,
-                          dim: Any) -> ArrayArgs:
-    """Canonical ``(g3, y3)`` for the softmax-family backwards."""
-    y = as_array(be, output, "output")
-    g = as_array(be, grad_output, "grad_output")
-    check_same_shape(name, g, y)
-    cdt = check_backward_dtypes(be, name, g, y)
-    s3 = split_shape(y.shape, softmax_dim(name, y.ndim, dim))
-    return ArrayArgs((to_compute(be, g, cdt).reshape(s3), to_compute(be, y, cdt).reshape(s3)),
-                     tuple(y.shape), y.dtype)
-
-
-def elementwise_args(be: Backend, name: str, *arrays: Any) -> ArrayArgs:
-    """Flat compute-dtype arrays of same-shaped float arrays (sigmoid and its gradient)."""
-    xs = [as_array(be, a, "input") for a in arrays]
-    if len(xs) == 2:
-        check_same_shape(name, xs[0], xs[1])
-        cdt = check_backward_dtypes(be, name, xs[0], xs[1])
-    else:
-        cdt = compute_dtype(be, xs[0].dtype)
-    return ArrayArgs(tuple(to_compute(be, a, cdt).reshape(-1) for a in xs),
-                     tuple(xs[-1].shape), xs[-1].dtype)
-
-
 # ----------------------------------------------------------------------------- class losses
-# The argument records below are plain slotted dataclasses, not frozen ones: they are built on
-# every call, and a frozen dataclass's __init__ costs a microsecond or two more.
-@dataclass(slots=True)
-class ClassLossLayout:
-    """What a class-loss call's metadata says: target kind and shapes."""
-
-    probs: bool  # probability targets (the input's shape) rather than class indices
-    input_shape: tuple[int, ...]
-    shape3: tuple[int, int, int]  # the input as (N, C, inner)
-    loss_shape: tuple[int, ...]  # shape of the unreduced loss
-
-
-@dataclass(slots=True)
-class ClassLossArgs:
-    """Canonical class-loss arrays (see the kernel protocol in :mod:`nblosses.backends`)."""
-
-    x3: Any
-    target: Any  # (N, inner) int64, or (N, C, inner) probabilities
-    weight: Any
-    layout: ClassLossLayout
-    dtype: Any  # the caller's input dtype: results are returned in it
-
-
-def _canonical_input(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    if len(input_shape) <= 2:  # (C,) and (N, C), the common cases, without math.prod
-        return (1, input_shape[0], 1) if len(input_shape) == 1 else (input_shape[0],
-                                                                      input_shape[1], 1)
-    return split_shape(input_shape, 1)
-
-
-def class_loss_args(be: Backend, name: str, input: Any, target: Any, weight: Any,
-                    ignore_index: int, *, allow_probs: bool, check_indices: bool) -> ClassLossArgs:
-    """Validate ``nll_loss`` / ``cross_entropy`` arrays and bring them to canonical form.
-
-    ``check_indices``: check class indices here, eagerly (a device backend whose kernels check
-    them asynchronously passes ``False`` unless the caller asked for ``validate="sync"``).
-    """
-    x = as_array(be, input, "input")
-    t = as_array(be, target, "target")
-    w = None if weight is None else as_array(be, weight, "weight")
-    layout = check_class_loss(be, name, x, t, w, ignore_index, allow_probs)
-    cdt = compute_dtype(be, x.dtype)
-    if layout.probs:
-        target_c = to_compute(be, t, cdt).reshape(layout.shape3)
-    else:
-        n, c, inner = layout.shape3
-        target_c = be.xp.ascontiguousarray(t.astype("int64", copy=False)).reshape(n, inner)
-        if check_indices:
-            check_targets(be, target_c, c, ignore_index)
-    if w is not None:
-        w = to_compute(be, w, cdt)
-    x3 = to_compute(be, x, cdt).reshape(layout.shape3)
-    return ClassLossArgs(x3, target_c, w, layout, x.dtype)
-
-
-def check_class_loss(be: Backend, name: str, x: Any, t: Any, w: Any, ignore_index: int,
-                     allow_probs: bool) -> ClassLossLayout:
-    """Every class-loss check that needs only dtypes and shapes (so dask arrays pass through
-    it unevaluated)."""
-    if not is_float(x.dtype):
-        raise TypeError(f"{name}: input must be a floating-point array, got dtype {x.dtype.name}")
-    if x.ndim < 1:
-        raise ValueError(f"{name}: input must have 1 or more dimensions (got 0)")
-    compute_dtype(be, x.dtype)
-    shape = tuple(x.shape)
-    shape3 = _canonical_input(shape)
-    loss_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
-    # A target of the input's shape, or a float one of its rank, is meant as class
-    # probabilities: tell what is wrong with it in those terms.
-    probs = allow_probs and (tuple(t.shape) == shape or (is_float(t.dtype) and t.ndim == x.ndim))
-    if probs:
-        _check_probability_target(name, x, t, ignore_index)
-    else:
-        _check_index_target(name, x, t, loss_shape)
-    if w is not None:
-        if w.ndim != 1 or w.shape[0] != shape3[1]:
-            raise ValueError(f"{name}: weight must be a 1-D array of length C = {shape3[1]} "
-                             f"(input shape {tuple(x.shape)}), got shape {tuple(w.shape)}")
-        if not is_float(w.dtype):
-            raise TypeError(f"{name}: weight must be floating point, got {w.dtype.name}")
-    return ClassLossLayout(probs, shape, shape3, loss_shape)
-
-
-def _check_probability_target(name: str, x: Any, t: Any, ignore_index: int) -> None:
-    if not is_float(t.dtype):
-        raise TypeError(f"{name}: expected a floating-point target for class probabilities "
-                        f"(target shape equals input shape {tuple(x.shape)}), got dtype "
-                        f"{t.dtype.name}")
-    if tuple(t.shape) != tuple(x.shape):
-        raise ValueError(f"{name}: probability targets must have the input's shape "
-                         f"{tuple(x.shape)}, got target shape {tuple(t.shape)} (class-index "
-                         f"targets are integers of shape {tuple(x.shape[:1] + x.shape[2:])})")
-    if ignore_index >= 0:
-        raise ValueError(f"{name}: ignore_index ({ignore_index}) is not supported for "
-                         f"class-probability targets")
-
-
-def _check_index_target(name: str, x: Any, t: Any, loss_shape: tuple[int, ...]) -> None:
+def check_index_target(name: str, x: Any, t: Any, loss_shape: tuple[int, ...]) -> None:
+    """TypeError / ValueError unless ``t`` is an integer target of shape ``loss_shape`` (torch's
+    wording; ``x`` is the input, or shape metadata standing in for it)."""
     if t.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected an integer target of class indices with shape "
                         f"{loss_shape}, got dtype {t.dtype.name} with shape {tuple(t.shape)}")
@@ -392,6 +244,17 @@ def _check_index_target(name: str, x: Any, t: Any, loss_shape: tuple[int, ...]) 
                              f"{tuple(t.shape)}")
         raise ValueError(f"{name}: expected target shape {loss_shape} for input shape "
                          f"{tuple(x.shape)}, got target shape {tuple(t.shape)}")
+
+
+def check_class_weight(name: str, w: Any, n_classes: int, input_shape: tuple[int, ...]) -> None:
+    """ValueError / TypeError unless ``w`` is ``None`` or a float ``(C,)`` array."""
+    if w is None:
+        return
+    if w.ndim != 1 or w.shape[0] != n_classes:
+        raise ValueError(f"{name}: weight must be a 1-D array of length C = {n_classes} "
+                         f"(input shape {tuple(input_shape)}), got shape {tuple(w.shape)}")
+    if not is_float(w.dtype):
+        raise TypeError(f"{name}: weight must be floating point, got {w.dtype.name}")
 
 
 def check_targets(be: Backend, t2: Any, n_classes: int, ignore_index: int) -> None:
@@ -412,171 +275,6 @@ def check_targets(be: Backend, t2: Any, n_classes: int, ignore_index: int) -> No
     if bool(bad.any()):
         value = int(t2.reshape(-1)[int(xp.argmax(bad.reshape(-1)))])
         raise class_index_error(value, n_classes)
-
-
-# ----------------------------------------------------------------------------- linear + CE
-@dataclass(slots=True)
-class LinearCELayout:
-    """What a ``linear_cross_entropy`` call's metadata says."""
-
-    probs: bool
-    squeeze: bool  # the caller's input was (d,): one row
-    n: int
-    d: int
-    v: int
-    out_features: tuple[int, ...]  # torch's K-dimensional loss: linear_weight (V, *out, d)
-
-
-def check_linear_ce(be: Backend, name: str, x: Any, w: Any, t: Any, b: Any, cw: Any,
-                    ignore_index: int | None) -> LinearCELayout:
-    """Metadata checks of ``linear_cross_entropy`` (torch 2.13's rules and wording)."""
-    if not is_float(x.dtype):
-        raise TypeError(f"{name}: input must be a floating-point array, got dtype {x.dtype.name}")
-    if not 1 <= x.ndim <= 2:
-        raise ValueError(f"{name}: expected input with dimensionality 1 or 2, got {x.ndim}")
-    if w.ndim < 2:
-        raise ValueError(f"{name}: expected linear_weight with dimensionality at least 2, got "
-                         f"{w.ndim}")
-    if x.shape[-1] != w.shape[-1]:
-        raise ValueError(f"{name}: expected equal input and linear_weight last dimensions "
-                         f"(in_features), got {x.shape[-1]} and {w.shape[-1]}, respectively")
-    compute_dtype(be, x.dtype)
-    v, out = int(w.shape[0]), tuple(w.shape[1:-1])
-    if b is not None and tuple(b.shape) != (v, *out):
-        raise ValueError(f"{name}: expected linear_bias shape {(v, *out)}, got "
-                         f"{tuple(b.shape)}")
-    if out and x.ndim == 1:
-        raise ValueError(f"{name}: K-dimensional loss defined by linear_weight shape "
-                         f"{tuple(w.shape)} requires batched input (N, {x.shape[-1]}), got "
-                         f"unbatched input with shape {tuple(x.shape)}")
-    logits_shape = (*x.shape[:-1], v, *out)
-    probs = tuple(t.shape) == logits_shape
-    if probs:
-        if ignore_index is not None:
-            raise ValueError(f"{name}: ignore_index cannot be specified when target contains "
-                             f"probabilities")
-        if not is_float(t.dtype):
-            raise TypeError(f"{name}: expected a floating-point target for class probabilities "
-                            f"(shape {logits_shape}), got dtype {t.dtype.name}")
-    else:
-        _check_index_target(name, _Shape(logits_shape), t,
-                            tuple(x.shape[:-1]) + out)
-    if cw is not None and (cw.ndim != 1 or cw.shape[0] != v):
-        raise ValueError(f"{name}: weight must be a 1-D array of length C = {v}, got shape "
-                         f"{tuple(cw.shape)}")
-    n = int(x.shape[0]) if x.ndim == 2 else 1
-    return LinearCELayout(probs, x.ndim == 1, n, int(x.shape[-1]), v, out)
-
-
-@dataclass(slots=True)
-class _Shape:
-    """Shape metadata standing in for the logits (which are never formed)."""
-
-    shape: tuple[int, ...]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-
-@dataclass(slots=True)
-class LinearCEArgs:
-    """Canonical ``linear_cross_entropy`` arrays: ``x2`` (N, d), ``w2`` (V, d)."""
-
-    x2: Any
-    w2: Any
-    bias: Any
-    target: Any  # (N,) int64 or (N, V) probabilities
-    weight: Any
-    layout: LinearCELayout
-    dtype: Any
-
-
-def linear_ce_args(be: Backend, name: str, input: Any, linear_weight: Any, target: Any,
-                   linear_bias: Any, weight: Any, ignore_index: int | None, *,
-                   check_indices: bool = True) -> LinearCEArgs:
-    """Validate ``linear_cross_entropy`` arrays and bring them to canonical form
-    (``check_indices`` as for :func:`class_loss_args`)."""
-    x = as_array(be, input, "input")
-    w = as_array(be, linear_weight, "linear_weight")
-    t = as_array(be, target, "target")
-    b = None if linear_bias is None else as_array(be, linear_bias, "linear_bias")
-    cw = None if weight is None else as_array(be, weight, "weight")
-    lay = check_linear_ce(be, name, x, w, t, b, cw, ignore_index)
-    cdt = compute_dtype(be, x.dtype)
-    rows = (lay.n, *t.shape[x.ndim - 1:]) if lay.probs else (lay.n, *lay.out_features)
-    if lay.probs:
-        tc = to_compute(be, t, cdt).reshape(rows)
-    else:
-        tc = be.xp.ascontiguousarray(t.astype("int64", copy=False)).reshape(rows)
-        if check_indices:
-            check_targets(be, tc, lay.v, -100 if ignore_index is None else ignore_index)
-    return LinearCEArgs(to_compute(be, x, cdt).reshape(lay.n, lay.d), to_compute(be, w, cdt),
-                        None if b is None else to_compute(be, b, cdt), tc,
-                        None if cw is None else to_compute(be, cw, cdt), lay, x.dtype)
-
-
-# ----------------------------------------------------------------------------- binary losses
-@dataclass(slots=True)
-class BinaryLossArgs:
-    """Canonical binary-loss call: flat arrays of one length."""
-
-    x: Any
-    y: Any
-    weight: Any
-    pos_weight: Any
-    shape: tuple[int, ...]
-    dtype: Any
-
-
-def _broadcast_flat(be: Backend, name: str, what: str, value: Any, shape, cdt) -> Any:
-    if value is None:
-        return None
-    v = as_array(be, value, what)
-    if not is_float(v.dtype):
-        v = v.astype(cdt)
-    try:
-        full = be.xp.broadcast_to(v, shape)
-    except ValueError:
-        raise ValueError(f"{name}: {what} of shape {tuple(v.shape)} cannot be broadcast to the "
-                         f"input shape {tuple(shape)}") from None
-    return to_compute(be, full, cdt).reshape(-1)
-
-
-def check_binary_loss(be: Backend, name: str, x: Any, y: Any) -> Any:
-    """Metadata checks of a binary loss; returns the compute dtype."""
-    if not is_float(x.dtype):
-        raise TypeError(f"{name}: input must be a floating-point array, got dtype {x.dtype.name}")
-    if tuple(x.shape) != tuple(y.shape):
-        raise ValueError(f"{name}: target size {tuple(y.shape)} must be the same as input size "
-                         f"{tuple(x.shape)}")
-    return compute_dtype(be, x.dtype)
-
-
-def binary_loss_args(be: Backend, name: str, input: Any, target: Any, weight: Any,
-                     pos_weight: Any, probabilities: bool,
-                     check_range: bool = True) -> BinaryLossArgs:
-    """Validate ``binary_cross_entropy`` (``probabilities=True``) or its logits variant.
-
-    ``check_range``: check here that probabilities lie in ``[0, 1]`` (reads the input's min and
-    max: a device backend whose kernel checks them passes ``False`` unless ``validate="sync"``).
-    """
-    x = as_array(be, input, "input")
-    y = as_array(be, target, "target")
-    cdt = check_binary_loss(be, name, x, y)
-    xc = to_compute(be, x, cdt).reshape(-1)
-    if probabilities and check_range and xc.size:
-        lo, hi = float(xc.min()), float(xc.max())  # min/max propagate NaN
-        if not (lo >= 0.0 and hi <= 1.0):
-            raise ValueError(f"{name}: all elements of input should be between 0 and 1 "
-                             f"(found min {lo}, max {hi})")
-    yc = to_compute(be, y if is_float(y.dtype) else y.astype(cdt), cdt).reshape(-1)
-    return BinaryLossArgs(
-        xc, yc,
-        _broadcast_flat(be, name, "weight", weight, x.shape, cdt),
-        _broadcast_flat(be, name, "pos_weight", pos_weight, x.shape, cdt),
-        tuple(x.shape), x.dtype,
-    )
 
 
 # ----------------------------------------------------------------------------- gradients

@@ -40,8 +40,12 @@ import numpy as np
 
 from . import _args
 from . import functional as F
-from ._ops import Op
 from ._registry import array_module, check_name, get_backend, resolve_backend
+from ._spec import OpSpec as Op
+from .ops.activations import check_softmax_input
+from .ops.binary_losses import check_binary_loss
+from .ops.class_losses import check_class_loss
+from .ops.linear_ce import check_linear_ce
 
 __all__ = ["call"]
 
@@ -210,7 +214,7 @@ def _softmax_family(op: str, v: dict, opts: dict) -> Array:
     if v["dtype"] is not None:
         x = x.astype(np.dtype(v["dtype"]))
     be = _backend_for(name, x)
-    d = _args.check_softmax_input(be, op, x, v["dim"])
+    d = check_softmax_input(be, op, x, v["dim"])
     meta = _meta(be, x.ndim, x.dtype)
     if x.ndim == 0 or x.numblocks[d] == 1 or x.size == 0:
         return x.map_blocks(_softmax_block, op, d, name, meta=meta)
@@ -598,7 +602,7 @@ def _class_call(op: Op, v: dict, opts: dict) -> _ClassCall:
                         f"is a lazy dask array; store it with dask.array.store instead)")
     x, t, w = _as_dask(v["input"]), _as_dask(v["target"]), _as_dask(v["weight"])
     be = _backend_for(name, x, t, w)
-    layout = _args.check_class_loss(be, op.name, x, t, w, opts["ignore_index"],
+    layout = check_class_loss(be, op.name, x, t, w, opts["ignore_index"],
                                     allow_probs=op.name == "cross_entropy")
     squeeze = x.ndim == 1
     if squeeze:  # (C,) -> (1, C); the target () -> (1,)
@@ -776,7 +780,7 @@ def _binary_loss(op_: Op, v: dict, opts: dict) -> Any:
     return_grad, grad_output = v["return_grad"], v["grad_output"]
     x, y = _as_dask(v["input"]), _as_dask(v["target"])
     be = _backend_for(name, x, y, _as_dask(weight), _as_dask(pos_weight))
-    _args.check_binary_loss(be, op, x, y)
+    check_binary_loss(be, op, x, y)
     y = y.rechunk(x.chunks)
     w = _broadcast_to_input(op, "weight", weight, x)
     pw = _broadcast_to_input(op, "pos_weight", pos_weight, x)
@@ -819,7 +823,7 @@ def _linear_ce(op: Op, v: dict, opts: dict) -> Any:
     x, w, t = _as_dask(v["input"]), _as_dask(v["linear_weight"]), _as_dask(v["target"])
     b, cw = _as_dask(v["linear_bias"]), _as_dask(v["weight"])
     be = _backend_for(name, x, w, t, b, cw)
-    lay = _args.check_linear_ce(be, op.name, x, w, t, b, cw, opts["ignore_index"])
+    lay = check_linear_ce(be, op.name, x, w, t, b, cw, opts["ignore_index"])
     if lay.out_features or lay.squeeze:
         raise NotImplementedError(f"{op.name}: dask arrays take (N, d) input and a (V, d) "
                                   f"linear_weight (no K-dimensional loss, no single row)")
@@ -858,8 +862,8 @@ def _by_name(fn):
 _RUNNERS = {
     "softmax": _by_name(_softmax_family),
     "softmax_backward": _by_name(_softmax_backward),
-    "activation": _by_name(_sigmoid),
-    "activation_backward": _by_name(_sigmoid_backward),
+    "elementwise": _by_name(lambda op, v, opts: (_sigmoid if op == "sigmoid"
+                                                 else _sigmoid_backward)(op, v, opts)),
     "class_loss": _class_loss,
     "binary_loss": _binary_loss,
     "linear_ce": _linear_ce,
@@ -869,7 +873,7 @@ _RUNNERS = {
 def call(op: Op, values: dict, opts: dict) -> Any:
     """Run ``op`` lazily on dask arrays (other arrays among ``values`` become one chunk)."""
     try:
-        runner = _RUNNERS[op.family]
+        runner = _RUNNERS[str(op.dask)]
     except KeyError:
         raise NotImplementedError(f"{op.name} does not take dask arrays yet") from None
     return runner(op, values, opts)

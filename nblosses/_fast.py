@@ -9,13 +9,13 @@ CPU backend); anything else returns :data:`MISS` and goes through the dispatcher
 owns every error message (a fast path raises only what its kernel finds, with the same
 wording). Results equal the dispatcher's; ``tests/test_fast_paths.py`` compares the two.
 
-The generated functions of :mod:`nblosses.functional` try ``PATHS[op.name]`` first. Importing
-this module imports NumPy only: the CPU kernels load on the first call that qualifies.
+An op's spec names its fast path (``fast_path``); the generated function of
+:mod:`nblosses.functional` tries it first. Importing this module imports NumPy only: the CPU
+kernels load on the first call that qualifies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -60,7 +60,3 @@ def nll_loss(input: Any, target: Any, weight: Any, size_average: Any, ignore_ind
             or not _runs_on_cpu(backend)):
         return MISS
     return _cpu_class_losses().nll_loss_rows(input, target, ignore_index, reduction)
-
-
-#: Fast path per op name: the public function's parameters, in order, all positional.
-PATHS: dict[str, Callable[..., Any]] = {"nll_loss": nll_loss}

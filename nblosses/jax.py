@@ -39,7 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import functional as _F
+from . import functional
+
+# Untyped on purpose: the options travel as plain values (the overloads want literals).
+_F: Any = functional
 
 __all__ = ["cross_entropy", "log_softmax", "softmax"]
 

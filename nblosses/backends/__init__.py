@@ -71,29 +71,17 @@ from typing import Any
 
 from .._registry import Backend, Runtime, register_backend
 from ..errors import BackendUnavailableError
+from ..ops import kernel_modules
 
 __all__ = ["KERNEL_MODULES", "CpuBackend", "CudaBackend", "collect_kernels"]
 
-#: Each op of the kernel protocol -> the module, in every built-in backend package, that
-#: defines a function of that name.
-KERNEL_MODULES = {
-    "softmax": "softmax",
-    "log_softmax": "softmax",
-    "softmax_backward": "softmax",
-    "log_softmax_backward": "softmax",
-    "sigmoid": "softmax",
-    "sigmoid_backward": "softmax",
-    "nll_loss": "class_losses",
-    "cross_entropy": "class_losses",
-    "cross_entropy_probs": "class_losses",
-    "binary_cross_entropy": "binary_losses",
-    "binary_cross_entropy_with_logits": "binary_losses",
-    "linear_cross_entropy": "linear_ce",
-}
+#: Each kernel of the protocol -> the module, in every built-in backend package, that defines
+#: a function of that name (from the op specs: each names its kernels and their module).
+KERNEL_MODULES = kernel_modules()
 
 
 def collect_kernels(package: str) -> dict[str, Callable[..., Any]]:
-    """The kernels of a built-in backend package, by op name (imports its kernel modules)."""
+    """The kernels of a built-in backend package, by name (imports its kernel modules)."""
     return {op: getattr(importlib.import_module(f"{package}.{module}"), op)
             for op, module in KERNEL_MODULES.items()}
 

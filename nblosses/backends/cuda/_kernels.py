@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 #: dtype name -> CUDA element type. bfloat16 CuPy arrays exist with CuPy >= 14.2 and ml_dtypes
 #: (``cupy.from_dlpack`` of a torch bfloat16 tensor gives one): they reach the bf16 instantiations.
@@ -41,7 +43,9 @@ MAX_CACHED_G = {"__half": 1024, "__nv_bfloat16": 1024, "float": 1024, "double": 
 #: Blocks per SM the grid-stride kernels launch at most: enough for full occupancy.
 THREADS_PER_SM = 2048
 
-SOURCES = (
+#: Every source file: the built-in ones, then those an op's host module adds with
+#: :func:`register` (when the backend imports it).
+SOURCES = [
     "softmax.cu",
     "softmax_backward.cu",
     "cross_entropy.cu",
@@ -49,7 +53,7 @@ SOURCES = (
     "nll.cu",
     "binary.cu",
     "linear_ce.cu",
-)
+]
 #: Element types of the linear cross-entropy kernels (half inputs are computed in float32).
 LCE_CTYPES = ("float", "double")
 #: Threads per block of ``lce_stats`` (one block per row).
@@ -300,6 +304,8 @@ def _instantiations(source: str, ctype: str) -> tuple[str, ...]:
         names = [elementwise(k, ctype, v) for k in ELEMENTWISE for v in vecs]
     elif source == "linear_ce.cu":
         names = [lce(k, ctype) for k in LCE_KERNELS] if ctype in LCE_CTYPES else []
+    elif source in _REGISTERED:
+        names = list(_REGISTERED[source].instantiations(ctype))
     else:
         raise KeyError(source)
     return tuple(names)
@@ -414,7 +420,54 @@ FAMILY = {
     "lce_stats": "lce_stats", "lce_grad": "lce_grad", "lce_col_sums": "lce_col_sums",
 }
 
+_CORE_FAMILY = dict(FAMILY)
 _SCALAR_CTYPES = {"i64": "long long", "int": "int", "double": "double"}
+#: The families of the built-in sources (every source's prelude defines them).
+CORE_FAMILIES = tuple(PARAMS)
+
+
+# ----------------------------------------------------------------------------- registration
+@dataclass(frozen=True)
+class Source:
+    """The catalogue of a source file that an op adds without editing this module.
+
+    Parameters
+    ----------
+    filename : str
+        The ``.cu`` file beside this module.
+    params : dict
+        Its kernel families' parameter lists (as :data:`PARAMS`).
+    kernels : dict
+        Its kernel templates -> family (as :data:`FAMILY`).
+    instantiations : callable
+        ``instantiations(ctype) -> names``: every name expression the host module may ask
+        for, for one element type (empty for types the source does not serve).
+    """
+
+    filename: str
+    params: dict[str, tuple[tuple[str, str], ...]]
+    kernels: dict[str, str]
+    instantiations: Callable[[str], tuple[str, ...] | list[str]]
+
+
+_REGISTERED: dict[str, Source] = {}
+
+
+def register(source: Source) -> Source:
+    """Add an op's source to the catalogue (its host module calls this at import); the
+    loader, :func:`pack` and the NVRTC checks then know it as they know the built-in ones."""
+    clash = (set(source.params) & set(CORE_FAMILIES)) | (set(source.kernels) & set(_CORE_FAMILY))
+    if clash:
+        raise ValueError(f"{source.filename}: names already used by the built-in sources: "
+                         f"{sorted(clash)}")
+    _REGISTERED[source.filename] = source
+    if source.filename not in SOURCES:
+        SOURCES.append(source.filename)
+    PARAMS.update(source.params)
+    FAMILY.update(source.kernels)
+    _instantiations.cache_clear()
+    _packer.cache_clear()
+    return source
 
 
 def c_params(family: str) -> str:
@@ -422,9 +475,15 @@ def c_params(family: str) -> str:
     return ", ".join(f"{_SCALAR_CTYPES.get(ty, ty)} {nm}" for nm, ty in PARAMS[family])
 
 
-def params_prelude() -> str:
-    """``#define NBL_PARAMS_<FAMILY> ...`` for every family (prepended to every source)."""
-    return "".join(f"#define NBL_PARAMS_{fam.upper()} {c_params(fam)}\n" for fam in PARAMS)
+def params_prelude(filename: str | None = None) -> str:
+    """``#define NBL_PARAMS_<FAMILY> ...`` for the built-in families and, for a registered
+    ``filename``, its own (``None``: every family known); prepended to the source."""
+    if filename is None:
+        families: tuple[str, ...] = tuple(PARAMS)
+    else:
+        own = _REGISTERED[filename].params if filename in _REGISTERED else {}
+        families = (*CORE_FAMILIES, *own)
+    return "".join(f"#define NBL_PARAMS_{fam.upper()} {c_params(fam)}\n" for fam in families)
 
 
 def param_kinds(family: str) -> tuple[str, ...]:

@@ -54,7 +54,7 @@ def source_for(filename: str, ctype: str) -> str:
     :data:`nblosses.backends.cuda._kernels.PARAMS` (the table :func:`~._kernels.pack` follows).
     """
     return (_HALF_PRELUDE.get(ctype, "") + f"// nblosses: {filename} for {ctype}\n"
-            + K.params_prelude() + read_source("_common.cu") + "\n" + read_source(filename))
+            + K.params_prelude(filename) + read_source("_common.cu") + "\n" + read_source(filename))
 
 
 def _nvrtc_major() -> int | None:

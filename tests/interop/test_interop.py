@@ -13,7 +13,7 @@ import pytest
 import nblosses
 from nblosses import _dispatch, _interop
 from nblosses import functional as F
-from nblosses._ops import OPS
+from nblosses.ops import SPECS as OPS
 
 torch = pytest.importorskip("torch")
 

@@ -17,7 +17,7 @@ from nblosses._bench import cases as C
 from nblosses._bench import config as K
 from nblosses._bench import memory, targets, timing
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -204,14 +204,14 @@ def test_device_grad_output_scales_the_gradient_on_the_device():
                           kernels={"cross_entropy": ones_grad},
                           kernel_checks={"class_index"})
     from nblosses import _dispatch
-    from nblosses._ops import OPS
+    from nblosses.ops import SPECS
 
-    op = OPS["cross_entropy"]
+    op = SPECS["cross_entropy"]
     values = dict(op.signature().bind(dev(X), dev(T), return_grad=True,
                                       grad_output=dev(np.array(2.5))).arguments)
     for p in op.signature().parameters.values():
         values.setdefault(p.name, p.default)
-    _, grad = _dispatch._RUNNERS[op.family](be, op, values, _dispatch.checked_options(op, values))
+    _, grad = op.runner(be, op, values, _dispatch.checked_options(op, values))
     assert seen["grad_output"] == 1.0
     np.testing.assert_array_equal(grad._d, np.full(X.shape, 2.5))
 

@@ -1,5 +1,6 @@
-"""The type stubs of the generated front ends match the op table (regenerate with
-``python -m nblosses._stubs``), and a type checker reads the result arity from them."""
+"""The generated front ends (:mod:`nblosses.functional`, :mod:`nblosses.nn`) match the op specs
+(regenerate with ``python -m nblosses._codegen``), and a type checker reads the result arity
+from their annotations."""
 
 from __future__ import annotations
 
@@ -11,22 +12,35 @@ from pathlib import Path
 import pytest
 
 import nblosses
-from nblosses import _stubs
+from nblosses import _codegen
 
 PACKAGE = Path(nblosses.__file__).parent
 
 
-@pytest.mark.parametrize("name", sorted(_stubs.STUBS))
-def test_stub_is_current(name):
-    assert (PACKAGE / name).read_text() == _stubs.STUBS[name](), \
-        f"{name} is out of date: run python -m nblosses._stubs"
+@pytest.mark.parametrize("name", sorted(_codegen.GENERATED))
+def test_generated_module_is_current(name):
+    assert (PACKAGE / name).read_text() == _codegen.GENERATED[name](), \
+        f"{name} is out of date: run python -m nblosses._codegen"
 
 
-def test_stubs_declare_every_public_name():
+def test_generated_modules_define_every_public_name():
     from nblosses import functional, nn
 
-    assert all(f"def {n}(" in _stubs.functional_stub() for n in functional.__all__)
-    assert all(f"class {n}" in _stubs.nn_stub() for n in nn.__all__)
+    assert all(f"def {n}(" in _codegen.functional_source() for n in functional.__all__)
+    generated = _codegen.nn_source()
+    assert all(f"class {n}(" in generated or n in nblosses._modules.__all__ for n in nn.__all__)
+
+
+def test_no_public_function_is_built_by_exec():
+    """Every public function and module constructor is a ``def`` of a real file."""
+    from nblosses import functional, nn
+
+    for name in functional.__all__:
+        code = getattr(functional, name).__code__
+        assert code.co_filename == functional.__file__, name
+    for name in nn.__all__:
+        init = getattr(nn, name).__init__
+        assert init.__code__.co_filename in (nn.__file__, nblosses._modules.__file__), name
 
 
 @pytest.mark.skipif(shutil.which("mypy") is None

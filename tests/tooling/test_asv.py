@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 AREAS = ["softmax", "backward", "sigmoid", "losses", "layouts", "gate", "first_call", "peakmem"]
 #: Every benchmark module, the five areas and any added since (helpers excluded).
 MODULES = sorted({p.stem for p in (ROOT / "asv_bench").glob("*.py")

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.nn import _reduction
 
-from . import functional as _functional
+from .. import functional as _functional
 
 # Untyped on purpose: the ops' schemas carry reduction as str, the stubs as Literal.
 _F: Any = _functional
