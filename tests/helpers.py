@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -227,3 +228,90 @@ def ce_options_composite(logits: torch.Tensor, target: torch.Tensor, weight: tor
         return per.sum() / float(per.numel()), lse
     kept = keep if weight is None else weight[target.clamp(min=0)] * keep
     return per.sum() / kept.sum(), lse
+
+
+# ----------------------------------------------------------------------------- op specs
+# The generic tests (tests/api/test_specs.py, test_host_sync_specs.py, tests/dask/
+# test_dask_specs.py, tests/interop/test_interop_specs.py) run every spec's samples; these
+# helpers turn a Sample into calls and a call's result into its named parts.
+
+def spec_samples(spec: Any) -> list[Any]:
+    """``spec.samples(rng)`` with an rng seeded by the op's name (the same arrays in every
+    process and whatever ops come before), or ``[]`` for a spec without samples."""
+    if spec.samples is None:
+        return []
+    return list(spec.samples(np.random.default_rng(zlib.crc32(spec.name.encode()))))
+
+
+def sample_params(specs: Any, where: Callable[[Any, Any], bool] = lambda spec, s: True
+                  ) -> list[Any]:
+    """pytest parameters ``(spec, sample)``, one per sample of each spec for which
+    ``where(spec, sample)`` holds, with ids ``op-index-label``."""
+    import pytest
+
+    return [pytest.param(spec, sample, id=f"{spec.name}-{i}-{sample.label}")
+            for spec in specs.values() for i, sample in enumerate(spec_samples(spec))
+            if where(spec, sample)]
+
+
+def map_arrays(value: Any, fn: Callable[[np.ndarray], Any]) -> Any:
+    """``value`` with ``fn`` applied to every NumPy array in it (tuple-valued arguments such
+    as a top-k ``teacher=(indices, log_probs)`` included); other values unchanged."""
+    if isinstance(value, np.ndarray):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(map_arrays(v, fn) for v in value)
+    return value
+
+
+def map_call(args: tuple, kwargs: dict, fn: Callable[[np.ndarray], Any]) -> tuple[tuple, dict]:
+    """A call's ``(args, kwargs)`` (a sample's, for instance) with ``fn`` applied to every
+    array."""
+    return (tuple(map_arrays(a, fn) for a in args),
+            {k: map_arrays(v, fn) for k, v in kwargs.items()})
+
+
+def cast_float(dtype: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """Float arrays to ``dtype`` (a copy, C-contiguous); integer arrays unchanged (copied)."""
+    return lambda a: a.astype(dtype) if a.dtype.kind == "f" else a.copy()
+
+
+def to_torch_ref(a: np.ndarray) -> torch.Tensor:
+    """The reference's tensor of a (cast) sample array: float64, or int64 for integers."""
+    return torch.from_numpy(a.astype(np.int64 if a.dtype.kind in "iu" else np.float64))
+
+
+def leaves(result: Any) -> list[Any]:
+    """The arrays of a result, nested tuples flattened in order, ``None`` entries kept."""
+    if isinstance(result, tuple):
+        return [leaf for r in result for leaf in leaves(r)]
+    return [result]
+
+
+def result_parts(spec: Any, result: Any, flags: dict[str, Any]) -> dict[str, Any]:
+    """A call's result by part: ``"out"`` (the op's value), then one entry per flag of
+    ``spec.results`` that ``flags`` (the call's keywords) sets, keyed by the flag's name.
+
+    Each flag adds one result, in the order of ``spec.results`` (``cross_entropy(...,
+    return_grad=True, return_lse=True)`` is ``(loss, grad, lse)``); a lone result is not a
+    tuple. The gradient part of an LM head is itself a tuple.
+    """
+    names = ["out", *(f for f in spec.results if flags.get(f))]
+    if len(names) == 1:
+        return {"out": result}
+    assert isinstance(result, tuple) and len(result) == len(names), (
+        f"{spec.name}: expected {len(names)} results {names}, got "
+        f"{len(result) if isinstance(result, tuple) else type(result).__name__}")
+    return dict(zip(names, result))
+
+
+def assert_unwritten(call: tuple[tuple, dict], copy: tuple[tuple, dict], what: str) -> None:
+    """Every array of ``call`` (``(args, kwargs)`` after the call) equals its copy in ``copy``
+    (made before, by :func:`map_call` with ``np.copy``), bit for bit: the call wrote to none of
+    its inputs. Arrays of any kind (torch, JAX...) are compared through NumPy."""
+    after = leaves((*call[0], *call[1].values()))
+    before = leaves((*copy[0], *copy[1].values()))
+    for a, b in zip(after, before):
+        if isinstance(b, np.ndarray):
+            assert np.array_equal(to_numpy(a), b, equal_nan=b.dtype.kind == "f"), (
+                f"{what}: an input was written to")
