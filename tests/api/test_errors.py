@@ -1,5 +1,5 @@
-"""design.md's error table, row by row: the exception type and a message naming the offending
-value or shapes. Plus: inputs are never written to, and backend-name errors."""
+"""The error table of ``docs/errors.rst``, row by row: the exception type and a message naming
+the offending value or shapes. Plus: inputs are never written to, and backend-name errors."""
 
 from __future__ import annotations
 

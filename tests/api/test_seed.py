@@ -1,5 +1,5 @@
-"""Every example of the seed document (shared/seed-torch-nn-vs-functional.txt), ported to NumPy
-arrays and nblosses, compared with the torch original run on the same data.
+"""Every torch example that ``docs/functional_or_nn.rst`` ports ("torch examples, ported"),
+run with NumPy arrays and nblosses and compared with the torch original on the same data.
 
 torch's ``output.backward()`` becomes ``module.backward(...)`` chains or ``return_grad=True``
 (then the ``*_backward`` functions for the activation in front of the loss).
