@@ -1,6 +1,7 @@
 r"""asv benchmarks for nblosses, one module per family. Shared setup lives in :mod:`.common`; the
-ops and shapes come from ``nblosses/_bench/cases.py`` in this working tree, so ``nblosses bench``
-and asv measure the same cases.
+cases and shapes come from ``nblosses/_bench/cases.py`` in this working tree, which reads them
+from the op specs (each spec's ``bench``): ``nblosses bench`` and asv measure the same cases,
+and a new op's cases land in a module below by their layout, without an edit here.
 
 asv's ``-b REGEX`` is searched (``re.search``) in ``module.Class.method(param, ...)``, the
 parameters included: ``-b softmax`` also matches every benchmark with a ``'softmax'`` op
@@ -9,17 +10,17 @@ parameter. Anchor the module name to select one family:
 ====================  ==============================================================
 ``-b``                selects
 ====================  ==============================================================
-``'^softmax\.'``      softmax, log_softmax forward (nblosses, torch, SciPy, cupyx)
-``'^backward\.'``     softmax_backward, log_softmax_backward (nblosses, torch)
-``'^sigmoid\.'``      sigmoid, sigmoid_backward (nblosses, torch, SciPy, cupyx)
-``'^losses\.'``       cross_entropy, nll_loss, binary losses, forward and fused grad
-``'^layouts\.'``      softmax, log_softmax, cross_entropy(+grad) per CPU kernel path
+``'^softmax\.'``      softmax-layout forward cases (nblosses, torch, SciPy, cupyx)
+``'^backward\.'``     softmax-layout gradient cases (nblosses, torch)
+``'^sigmoid\.'``      elementwise cases that are not losses (nblosses, torch, SciPy, cupyx)
+``'^losses\.'``       class-index, elementwise, pair and top-k losses, forward and grad
+``'^layouts\.'``      the ``layouts`` group's cases per CPU kernel path
 ``'^gate\.'``         the float32 half of layouts, sampled less: CI and history runs
 ``'^first_call\.'``   first-call latency in a fresh process, cold and warm cache
 ``'^peakmem\.'``      peak and extra memory of one call
-``'^bench_dask\.'``   chunked (dask) cross_entropy
-``'^overhead\.'``     per-call Python cost of each function (no-op kernels)
-``'^linear_ce\.'``    linear_cross_entropy forward and gradients (nblosses, torch)
+``'^bench_dask\.'``   chunked (dask) class-index cases
+``'^overhead\.'``     per-call Python cost of each case (replayed kernels)
+``'^linear_ce\.'``    LM heads, forward and gradients (nblosses, torch, torch chunked)
 ====================  ==============================================================
 
 Within a family, a parameter narrows further: ``-b '^softmax\.Softmax.*float64'``.

@@ -1,15 +1,14 @@
-"""softmax_backward and log_softmax_backward (select with ``-b '^backward\\.'``); torch
-references (its backward kernels, ``aten._softmax_backward_data`` ...)."""
+"""Softmax-layout gradient cases: softmax_backward, log_softmax_backward and any op added on
+that layout (select with ``-b '^backward\\.'``); torch references (its backward kernels,
+``aten._softmax_backward_data`` ...)."""
 
 # ruff: noqa: RUF012  (asv reads params / param_names as plain class-level lists)
 
-from .common import BACKENDS, DTYPES, SHAPES, OpBenchmark, PeerBenchmark
-
-SOFTMAX_BACKWARD_OPS = ["softmax_backward", "log_softmax_backward"]
+from .common import BACKENDS, DTYPES, SHAPES, SOFTMAX_BACKWARD, CaseBenchmark, PeerBenchmark
 
 
-class SoftmaxBackward(OpBenchmark):
-    params = [SOFTMAX_BACKWARD_OPS, BACKENDS, SHAPES, DTYPES]
+class SoftmaxBackward(CaseBenchmark):
+    params = [SOFTMAX_BACKWARD, BACKENDS, SHAPES, DTYPES]
 
     def time_backward(self, op, backend, shape, dtype):
         self.run()
@@ -17,7 +16,7 @@ class SoftmaxBackward(OpBenchmark):
 
 class TorchSoftmaxBackward(PeerBenchmark):
     peer = "torch"
-    params = [SOFTMAX_BACKWARD_OPS, BACKENDS, SHAPES, DTYPES]
+    params = [SOFTMAX_BACKWARD, BACKENDS, SHAPES, DTYPES]
 
     def time_backward(self, op, device, shape, dtype):
         self.run()

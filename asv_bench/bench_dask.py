@@ -1,8 +1,9 @@
-"""Chunked (dask) cross-entropy against the same call on one NumPy array.
+"""Chunked (dask) class-index cases (cross_entropy, nll_loss, ... and their fused gradients)
+against the same call on one NumPy array.
 
 Layouts: ``numpy`` (one array, no dask), ``dask-rows`` (chunks of whole rows: each block is one
 call of the compiled kernel) and ``dask-rows-classes`` (the class axis split in 4 too:
-vocabulary-parallel, per-chunk max / sum-exp merged exactly). Threaded scheduler. Skipped when
+vocabulary-parallel, per-chunk statistics merged exactly). Threaded scheduler. Skipped when
 dask is not installed. The shape parameter uses the bracket notation of the other modules
 (``"4096x[32000]"``: the bracketed axis is the class axis).
 """
@@ -11,53 +12,39 @@ dask is not installed. The shape parameter uses the bracket notation of the othe
 
 from __future__ import annotations
 
-try:
-    from asv_runner.benchmarks.mark import SkipNotImplemented
-except ImportError:  # asv < 0.6, or running without asv
-    SkipNotImplemented = NotImplementedError
+from .common import CLASS_CASES, SkipNotImplemented, cases
 
 LAYOUTS = ["numpy", "dask-rows", "dask-rows-classes"]
-OPS = ["cross_entropy", "cross_entropy_grad"]
-
-
-def _dims(label: str) -> tuple[int, int]:
-    n, c = (int(part.strip("[]")) for part in label.replace(",", "x").split(":")[0].split("x")[:2])
-    return n, c
 
 
 class DaskCrossEntropy:
-    """Mean cross-entropy of float32 logits with class-index targets (and its gradient)."""
+    """Mean over class indices, float32 logits; the cases of :data:`.common.CLASS_CASES`."""
 
-    params = [OPS, LAYOUTS, ["4096x[32000]"]]
+    params = [CLASS_CASES, LAYOUTS, ["4096x[32000]"]]
     param_names = ["op", "layout", "shape"]
     timeout = 300
 
     def setup(self, op, layout, shape):
-        import numpy as np
-
         from nblosses import functional as F
 
-        n, c = _dims(shape)
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((n, c), dtype=np.float32)
-        t = rng.integers(0, c, n)
-        want_grad = op == "cross_entropy_grad"
+        inputs = cases.make_inputs(op, shape)
+        arrays, dim, run = inputs.arrays, inputs.dim, inputs.case.run
         if layout == "numpy":
-            self.fn = lambda: F.cross_entropy(x, t, return_grad=want_grad)
+            self.fn = lambda: run(F, arrays, dim, "cpu")
         else:
             try:
                 import dask
                 import dask.array as da
             except ImportError as exc:
                 raise SkipNotImplemented(f"dask is not installed: {exc}") from exc
-            rows = max(1, n // 4)
-            cols = c if layout == "dask-rows" else max(1, -(-c // 4))
-            dx = da.from_array(x, chunks=(rows, cols))
-            dt = da.from_array(t, chunks=rows)
+            # rows in 4 chunks; with "-classes" the class axis (dim 1) in 4 too
+            split = layout == "dask-rows-classes"
+            chunked = {k: da.from_array(a, chunks=tuple(
+                max(1, -(-n // 4)) if i == 0 or (split and i == dim) else n
+                for i, n in enumerate(a.shape))) for k, a in arrays.items()}
 
             def fn():
-                out = F.cross_entropy(dx, dt, return_grad=want_grad)
-                return dask.compute(out, scheduler="threads")
+                return dask.compute(run(F, chunked, dim, "cpu"), scheduler="threads")
 
             self.fn = fn
         self.fn()  # warm-up: JIT compilation, thread pools

@@ -1,15 +1,20 @@
 """Shared helpers for the asv benchmarks (models: pandas' asv_bench, SciPy's
 benchmarks/benchmarks/common.py).
 
-The op and shape definitions are ``nblosses/_bench/{cases,peers}.py`` *of this working tree*,
-loaded by file path under a private package name: asv installs other commits of nblosses to
-benchmark them (``asv continuous``, ``asv run HASH``), and those commits may predate or differ
-in ``nblosses._bench``. The loaded code calls only nblosses' public API.
+The benchmark harness is ``nblosses/_bench`` *of this working tree*, loaded by file path under
+a private package name: asv installs other commits of nblosses to benchmark them (``asv
+continuous``, ``asv run HASH``), and those commits may predate or differ in ``nblosses._bench``.
+The loaded code calls nblosses' public API and reads the cases from the installed op specs
+(``nblosses.ops``: each spec's ``bench``), so a new op's cases are benchmarked here without an
+edit; commits older than the specs cannot be benchmarked with these modules.
+
+Every case lands in one module, by its layout (:data:`SOFTMAX_FORWARD` ... :data:`LINEAR`):
+the op lists below are read from the case table, never written by hand.
 
 Conventions of every benchmark class here:
 
-- ``params`` hold strings: op names, backend (``"cpu"``, ``"cuda"``), shape labels with the
-  reduced axis in brackets (``"32x[21]x4096"``), dtype names;
+- ``params`` hold strings: case names (the ``op`` parameter), backend (``"cpu"``,
+  ``"cuda"``), shape labels with the reduced axis in brackets (``"32x[21]x4096"``), dtypes;
 - ``setup`` builds the inputs, raises :data:`SkipNotImplemented` when the backend (or the peer)
   is not usable here, and calls the function once: JIT compilation / NVRTC and thread-pool
   start-up happen there, never in the timed call;
@@ -51,6 +56,7 @@ def _load_bench_package():
 _pkg = _load_bench_package()
 cases = importlib.import_module(_pkg.__name__ + ".cases")
 peers = importlib.import_module(_pkg.__name__ + ".peers")
+config = importlib.import_module(_pkg.__name__ + ".config")
 memory = importlib.import_module(_pkg.__name__ + ".memory")
 firstcall = importlib.import_module(_pkg.__name__ + ".firstcall")
 
@@ -69,6 +75,24 @@ LAYOUTS = {
     "middle-axis": "16x[21]x3072",   # reduced axis in the middle (inner > 1): blocks
     "tiny-rows": "500000x[2]",       # C = 2: the degenerate short rows
 }
+
+
+#: The cases each module times, by layout; every case not slow lands in one of the first five.
+SOFTMAX_FORWARD = cases.case_names(layouts=("softmax",), grad=False)  # softmax.py
+SOFTMAX_BACKWARD = cases.case_names(layouts=("softmax",), grad=True)  # backward.py
+#: Elementwise cases that are not losses (sigmoid.py).
+ACTIVATIONS = [n for n in cases.case_names(layouts=("elementwise",))
+               if "losses" not in cases.lookup(n).groups]
+_LINEAR_LAYOUTS = ("linear", "linear_pair")
+_ELSEWHERE = {*SOFTMAX_FORWARD, *SOFTMAX_BACKWARD, *ACTIVATIONS}
+#: Class-index layouts (losses.py, on every target shape).
+CLASS_CASES = [n for n in cases.case_names(layouts=("class",)) if n not in _ELSEWHERE]
+#: Everything else but the LM heads: elementwise losses, pair and top-k layouts (losses.py,
+#: on rows).
+OTHER_CASES = [n for n in cases.case_names() if n not in _ELSEWHERE
+               and n not in CLASS_CASES and cases.lookup(n).layout not in _LINEAR_LAYOUTS]
+#: LM heads, slow or not (linear_ce.py, on their own NxDx[V] shapes).
+LINEAR = cases.case_names(layouts=_LINEAR_LAYOUTS, slow=None)
 
 
 def backend_or_skip(backend: str):
@@ -108,8 +132,9 @@ class _Callable:
         self.inputs = self.fn = None
 
 
-class OpBenchmark(_Callable):
-    """``setup(op, backend, shape, dtype)``: nblosses' op ready to call as ``self.fn``."""
+class CaseBenchmark(_Callable):
+    """``setup(op, backend, shape, dtype)``: nblosses on the case ``op``, ready to call as
+    ``self.fn``."""
 
     param_names = ["op", "backend", "shape", "dtype"]
     timeout = 180
@@ -123,7 +148,8 @@ class OpBenchmark(_Callable):
 
 
 class PeerBenchmark(_Callable):
-    """``setup(op, device, shape, dtype)``: ``self.peer``'s version of the op as ``self.fn``."""
+    """``setup(op, device, shape, dtype)``: ``self.peer``'s version of the case ``op`` as
+    ``self.fn``."""
 
     peer = "torch"
     param_names = ["op", "device", "shape", "dtype"]
@@ -146,12 +172,12 @@ class PeerBenchmark(_Callable):
 
 
 def smallest_params(params, param_names):
-    """One tiny parameter set (first values, tiny shape): for dry runs in tests."""
-    out = []
-    for values, name in zip(params, param_names, strict=True):
-        if name == "shape":
-            out.append(cases.TINY_SHAPES[0].label)
-        else:
-            out.append(values[0])
+    """One tiny parameter set (first values, the tiny shape of the first case's layout): for
+    dry runs in tests."""
+    out = [values[0] for values in params]
+    if "shape" in param_names:
+        op = out[param_names.index("op")] if "op" in param_names else None
+        shape = cases.tiny_shape(op) if op is not None else cases.TINY_SHAPES[0]
+        out[param_names.index("shape")] = shape.label
     return out
 

@@ -1,6 +1,6 @@
 """The CI gate and the subset for history runs (select with ``-b '^gate\\.'``): the float32
-half of ``layouts.Layouts`` (4 ops x 4 CPU layouts), sampled less, so a run takes about a
-minute even on a busy 2-core machine.
+half of ``layouts.Layouts`` (the ``layouts`` group's cases, 4 today, x 4 CPU layouts), sampled
+less, so a run takes about a minute even on a busy 2-core machine.
 
 ``asv run --quick`` takes one sample per benchmark (a smoke test: CI runs that); ``asv
 continuous -f 1.2 -b '^gate\\.' A B`` compares two commits with the settings below.

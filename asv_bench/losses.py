@@ -1,67 +1,53 @@
-"""Losses, forward and fused forward+gradient (``return_grad=True``); torch references
-(forward, and forward + ``torch.autograd.grad``)."""
+"""Losses and every other case not timed elsewhere, forward and fused forward+gradient
+(``return_grad=True``); torch references (forward, and forward + ``torch.autograd.grad``).
+
+Class-index layouts (cross_entropy, nll_loss, ...) run on every target shape, the class axis
+bracketed; the others (binary losses, pair and top-k layouts) on two row shapes. The cases come
+from the case table by layout (:data:`.common.CLASS_CASES`, :data:`.common.OTHER_CASES`)."""
 
 # ruff: noqa: RUF012  (asv reads params / param_names as plain class-level lists)
 
 from .common import (
     BACKENDS,
+    CLASS_CASES,
     DTYPES,
+    OTHER_CASES,
     SHAPES,
     SHAPES_SMALL_GRID,
-    OpBenchmark,
+    CaseBenchmark,
     PeerBenchmark,
 )
 
-CE_OPS = ["cross_entropy", "cross_entropy_grad"]
-NLL_OPS = ["nll_loss", "nll_loss_grad"]
-BCE_OPS = ["bce", "bce_grad", "bce_with_logits", "bce_with_logits_grad"]
-NLL_SHAPES = SHAPES_SMALL_GRID + ["32x[21]x4096"]
 
+class ClassLosses(CaseBenchmark):
+    """Class indices, mean reduction; class axis bracketed."""
 
-class CrossEntropy(OpBenchmark):
-    """cross_entropy with class indices, mean reduction; class axis bracketed."""
-
-    params = [CE_OPS, BACKENDS, SHAPES, DTYPES]
+    params = [CLASS_CASES, BACKENDS, SHAPES, DTYPES]
 
     def time_loss(self, op, backend, shape, dtype):
         self.run()
 
 
-class NLLLoss(OpBenchmark):
-    params = [NLL_OPS, BACKENDS, NLL_SHAPES, DTYPES]
+class Losses(CaseBenchmark):
+    """Elementwise, pair and top-k layouts, mean reduction."""
+
+    params = [OTHER_CASES, BACKENDS, SHAPES_SMALL_GRID, DTYPES]
 
     def time_loss(self, op, backend, shape, dtype):
         self.run()
 
 
-class BinaryCrossEntropy(OpBenchmark):
-    """binary_cross_entropy and binary_cross_entropy_with_logits (elementwise, mean)."""
-
-    params = [BCE_OPS, BACKENDS, SHAPES_SMALL_GRID, DTYPES]
-
-    def time_loss(self, op, backend, shape, dtype):
-        self.run()
-
-
-class TorchCrossEntropy(PeerBenchmark):
+class TorchClassLosses(PeerBenchmark):
     peer = "torch"
-    params = [CE_OPS, BACKENDS, SHAPES, DTYPES]
+    params = [CLASS_CASES, BACKENDS, SHAPES, DTYPES]
 
     def time_loss(self, op, device, shape, dtype):
         self.run()
 
 
-class TorchNLLLoss(PeerBenchmark):
+class TorchLosses(PeerBenchmark):
     peer = "torch"
-    params = [NLL_OPS, BACKENDS, NLL_SHAPES, DTYPES]
-
-    def time_loss(self, op, device, shape, dtype):
-        self.run()
-
-
-class TorchBinaryCrossEntropy(PeerBenchmark):
-    peer = "torch"
-    params = [BCE_OPS, BACKENDS, SHAPES_SMALL_GRID, DTYPES]
+    params = [OTHER_CASES, BACKENDS, SHAPES_SMALL_GRID, DTYPES]
 
     def time_loss(self, op, device, shape, dtype):
         self.run()

@@ -2,24 +2,29 @@
 ``track_extra_peak`` (memory one call adds beyond its outputs, % of the input; on the CPU the
 rise of the RSS high-water mark, on CUDA the CuPy pool / torch allocator peak).
 
-Targets (nblosses/_bench/targets.json): cross_entropy forward <= 1% of the logits;
-forward+gradient <= the gradient + 1% (``track_extra_peak`` excludes outputs, so <= 1% for both).
+The cases with a memory target (``memory_ops`` of nblosses/_bench/targets.json: cross_entropy
+forward <= 1% of the logits, forward+gradient <= the gradient + 1%; ``track_extra_peak``
+excludes outputs, so <= 1% for both) run on every target shape, against torch; every other case
+but the LM heads (``linear_ce.py``) on two row shapes.
 """
 
 # ruff: noqa: RUF012  (asv reads params / param_names as plain class-level lists)
 
 from .common import (
     BACKENDS,
+    LINEAR,
     SHAPES,
     SHAPES_SMALL_GRID,
-    OpBenchmark,
+    CaseBenchmark,
     PeerBenchmark,
     cases,
+    config,
     memory,
 )
 
-CE_OPS = ["cross_entropy", "cross_entropy_grad"]
-OTHER_OPS = [op for op in cases.OPS if op not in CE_OPS]
+#: The configuration's memory cases (slow ones aside: they take seconds per call).
+TARGETED = [op for op in config.load()["memory_ops"] if not cases.is_slow(op)]
+OTHER_OPS = [op for op in cases.case_names() if op not in TARGETED and op not in LINEAR]
 
 
 def _extra_pct(bench, backend, peer=None):
@@ -31,7 +36,7 @@ def _extra_pct(bench, backend, peer=None):
     return 100.0 * (used - m["out_bytes"]) / bench.inputs.nbytes_input
 
 
-class _PeakMem(OpBenchmark):
+class _PeakMem(CaseBenchmark):
     timeout = 300
 
     def peakmem_call(self, op, backend, shape, dtype):
@@ -43,17 +48,17 @@ class _PeakMem(OpBenchmark):
     track_extra_peak.unit = "% of input"
 
 
-class PeakMemCrossEntropy(_PeakMem):
-    params = [CE_OPS, BACKENDS, SHAPES, ["float32"]]
+class PeakMemTargeted(_PeakMem):
+    params = [TARGETED, BACKENDS, SHAPES, ["float32"]]
 
 
 class PeakMem(_PeakMem):
     params = [OTHER_OPS, BACKENDS, SHAPES_SMALL_GRID, ["float32"]]
 
 
-class TorchPeakMemCrossEntropy(PeerBenchmark):
+class TorchPeakMemTargeted(PeerBenchmark):
     peer = "torch"
-    params = [CE_OPS, BACKENDS, SHAPES, ["float32"]]
+    params = [TARGETED, BACKENDS, SHAPES, ["float32"]]
     timeout = 300
 
     def peakmem_call(self, op, device, shape, dtype):

@@ -1,15 +1,25 @@
-"""sigmoid and sigmoid_backward, elementwise (select with ``-b '^sigmoid\\.'``); torch, SciPy
-(``expit``) and cupyx references."""
+"""Elementwise cases that are not losses: sigmoid, sigmoid_backward and any activation added
+on that layout (select with ``-b '^sigmoid\\.'``); torch, and SciPy (``expit``) / cupyx where
+the case has a ``scipy.special`` peer."""
 
 # ruff: noqa: RUF012  (asv reads params / param_names as plain class-level lists)
 
-from .common import BACKENDS, DTYPES, SHAPES_SMALL_GRID, OpBenchmark, PeerBenchmark
+from .common import (
+    ACTIVATIONS,
+    BACKENDS,
+    DTYPES,
+    SHAPES_SMALL_GRID,
+    CaseBenchmark,
+    PeerBenchmark,
+    cases,
+)
 
-SIGMOID_OPS = ["sigmoid", "sigmoid_backward"]
+#: The activations SciPy (CPU) and cupyx (CUDA) compute too.
+SPECIAL = [n for n in ACTIVATIONS if cases.lookup(n).scipy is not None]
 
 
-class Sigmoid(OpBenchmark):
-    params = [SIGMOID_OPS, BACKENDS, SHAPES_SMALL_GRID, DTYPES]
+class Sigmoid(CaseBenchmark):
+    params = [ACTIVATIONS, BACKENDS, SHAPES_SMALL_GRID, DTYPES]
 
     def time_sigmoid(self, op, backend, shape, dtype):
         self.run()
@@ -17,27 +27,27 @@ class Sigmoid(OpBenchmark):
 
 class TorchSigmoid(PeerBenchmark):
     peer = "torch"
-    params = [SIGMOID_OPS, BACKENDS, SHAPES_SMALL_GRID, DTYPES]
+    params = [ACTIVATIONS, BACKENDS, SHAPES_SMALL_GRID, DTYPES]
 
     def time_sigmoid(self, op, device, shape, dtype):
         self.run()
 
 
 class ScipySigmoid(PeerBenchmark):
-    """scipy.special.expit (CPU only)."""
+    """scipy.special (CPU only)."""
 
     peer = "scipy"
-    params = [["sigmoid"], ["cpu"], SHAPES_SMALL_GRID, DTYPES]
+    params = [SPECIAL, ["cpu"], SHAPES_SMALL_GRID, DTYPES]
 
     def time_sigmoid(self, op, device, shape, dtype):
         self.run()
 
 
 class CupyxSigmoid(PeerBenchmark):
-    """cupyx.scipy.special.expit (CUDA only)."""
+    """cupyx.scipy.special (CUDA only)."""
 
     peer = "cupyx"
-    params = [["sigmoid"], ["cuda"], SHAPES_SMALL_GRID, DTYPES]
+    params = [SPECIAL, ["cuda"], SHAPES_SMALL_GRID, DTYPES]
 
     def time_sigmoid(self, op, device, shape, dtype):
         self.run()

@@ -20,7 +20,7 @@ import enum
 import functools
 import inspect
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -163,14 +163,14 @@ class Sample:
         return f"{shapes}[{keys}]".replace(" ", "")
 
 
-#: Shape layouts of the benchmark cases (how a shape label becomes arrays: see
-#: :mod:`nblosses._bench.cases`).
+#: Shape layouts of the benchmark cases: how a shape label becomes arrays (the keys each one
+#: makes are listed in :mod:`nblosses._bench.cases`).
 Layout = Literal["softmax", "class", "elementwise", "linear", "pair", "topk", "linear_pair"]
 
 
 @dataclass(frozen=True)
 class BenchCase:
-    """One benchmarked operation of an op (``nblosses bench``, asv).
+    """One benchmarked operation of an op (``nblosses bench``, asv, ``scripts/gpu_bench.py``).
 
     Parameters
     ----------
@@ -190,19 +190,28 @@ class BenchCase:
         ``torch(F, torch, tensors, dim) -> zero-argument callable``: the torch peer on tensors
         sharing the arrays' memory (``F`` is ``torch.nn.functional``); ``None``: no peer.
     prepare : callable, optional
-        ``prepare(arrays, dim, rng) -> arrays``: the op's own inputs from the layout's
-        ``x`` / ``t`` / ``y`` (e.g. log-probabilities for nll_loss).
-    scipy : bool
-        Compared with ``scipy.special`` too.
+        ``prepare(arrays, dim, rng) -> arrays``: the op's own inputs from the layout's arrays
+        (e.g. log-probabilities for nll_loss). It returns only the arrays the case reads: each
+        is counted once in the bytes moved.
+    scipy : callable, optional
+        ``scipy(special, arrays, dim) -> zero-argument callable``: the same op from a
+        ``scipy.special``-like module (SciPy on the CPU, ``cupyx.scipy.special`` on CUDA);
+        ``None``: no such peer.
+    torch_peers : mapping of str to callable
+        Further torch peers by their peer name in ``targets.json`` (``torch_chunked``), each
+        called as ``torch`` is.
     groups : tuple of str
-        Named groups of ``--ops`` the case belongs to (``all`` holds every case not ``slow``).
+        Named groups of ``--ops`` the case belongs to; ``"slow"`` marks a case that runs only
+        when named (seconds per call). ``all`` holds every case not ``slow``.
     shapes, quick_shapes : tuple of str
         The case's own shapes when its inputs are not arrays of the run's shapes (LM heads).
     writes : bool
-        The case writes an array of the main input's size (an output or a gradient): counted
-        in the bytes an ideal kernel moves, besides every input read once.
+        The case writes the layout's output (an array of the main input's size; the input
+        and weight gradients for the ``linear`` layouts): counted in the bytes an ideal
+        kernel moves, besides every input read once.
     moved : callable, optional
-        ``moved(arrays) -> bytes`` replacing that count (a loss that reads a few values).
+        ``moved(arrays) -> bytes`` read, replacing "every input read once" (a loss that
+        gathers a few values); ``writes`` still adds the output.
     """
 
     name: str
@@ -213,7 +222,8 @@ class BenchCase:
     run: Callable[..., Any]
     torch: Callable[..., Any] | None = None
     prepare: Callable[..., Any] | None = None
-    scipy: bool = False
+    scipy: Callable[..., Any] | None = None
+    torch_peers: Mapping[str, Callable[..., Any]] = field(default_factory=dict, hash=False)
     groups: tuple[str, ...] = ()
     shapes: tuple[str, ...] = ()
     quick_shapes: tuple[str, ...] = ()

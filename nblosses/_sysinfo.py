@@ -84,8 +84,33 @@ def _cache_bytes(level: int) -> int | None:
     return sum(seen.values()) or None
 
 
+#: x86 vector registers, widest first, and the instruction set whose integer adds use them.
+_VECTOR_REGISTERS = (("zmm", "AVX-512"), ("ymm", "AVX2"), ("xmm", "SSE"))
+#: A 16-lane integer add: LLVM emits it in the widest integer vectors the target has.
+_PROBE_IR = """define <16 x i32> @probe(<16 x i32> %a, <16 x i32> %b) {
+  %c = add <16 x i32> %a, %b
+  ret <16 x i32> %c
+}"""
+
+
+def _numba_code_isa() -> str | None:
+    """The widest vector ISA of the code Numba emits (``AVX-512``, ``AVX2``, ``SSE``), asked of
+    Numba's own target machine: the CPU name *and* features it compiles for. The features
+    matter: ``NUMBA_CPU_NAME=haswell`` alone still passes the host's, AVX-512 included, unless
+    ``NUMBA_CPU_FEATURES`` is set too. ``None`` off x86."""
+    import llvmlite.binding as llvm
+    from numba.core.registry import cpu_target
+
+    codegen: Any = cpu_target.target_context.codegen()  # its target machine is not public
+    asm = codegen._tm.emit_assembly(llvm.parse_assembly(_PROBE_IR))
+    return next((isa for reg, isa in _VECTOR_REGISTERS if reg in asm), None)
+
+
 def _numba_target() -> dict[str, Any]:
-    """The CPU Numba compiles for, and whether its host features include AVX-512F / AVX2."""
+    """The CPU Numba compiles for, the ISA of its code, whether the host features include
+    AVX-512F / AVX2, and the environment variables that override the target."""
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")
+                   if os.environ.get(k)) or None
     try:
         import llvmlite.binding as llvm
         import numba
@@ -93,10 +118,13 @@ def _numba_target() -> dict[str, Any]:
         config: Any = numba.core.config  # set from the environment at import; untyped
         features = llvm.get_host_cpu_features()
         return {"numba_cpu_name": config.CPU_NAME or llvm.get_host_cpu_name(),
+                "numba_code_isa": _numba_code_isa(),
+                "numba_cpu_env": env,
                 "numba_avx512f": bool(features.get("avx512f", False)),
                 "numba_avx2": bool(features.get("avx2", False))}
     except Exception as exc:  # a report never fails on a broken optional package
-        return {"numba_cpu_name": f"unknown ({type(exc).__name__})"}
+        return {"numba_cpu_name": f"unknown ({type(exc).__name__})", "numba_code_isa": None,
+                "numba_cpu_env": env}
 
 
 def _torch_capability() -> str | None:
@@ -124,8 +152,8 @@ def _blas() -> dict[str, Any]:
 
 
 def cpu_facts() -> dict[str, Any]:
-    """CPU model, ISA level, SIMD flags, L2 size, torch's and Numba's view of the CPU, the
-    BLAS kernel family."""
+    """CPU model, ISA level, SIMD flags, L2 size, torch's and Numba's view of the CPU (the ISA
+    of Numba's code included), the BLAS kernel family."""
     info = _cpuinfo()
     flags = set((info.get("flags") or info.get("Features") or "").split())
     model = info.get("model name") or platform.processor() or platform.machine()

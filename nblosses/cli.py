@@ -9,8 +9,10 @@ CPU, copy bandwidth), times every op on the standard shapes on one backend again
 installed peer (torch with Numba's thread count, scipy.special, cupyx), then measures extra peak
 memory and first-call latency, prints Markdown tables (progress bar on stderr) and evaluates
 the performance targets of the benchmark configuration. ``--check`` turns a failed target into
-exit status 1. See ``nblosses bench --help``. Needs the ``bench`` extra:
-``pip install 'nblosses[bench]'``; torch is optional.
+exit status 1; ``--skip-result-check`` skips comparing each result with the peer's. The cases
+are the op specs' benchmark cases (:mod:`nblosses._bench.cases`). See ``nblosses bench
+--help``. Needs the ``bench`` extra: ``pip install 'nblosses[bench]'``, which brings the pinned
+CPU build of torch.
 
 ``nblosses info`` needs only the library (:mod:`nblosses._sysinfo`), never the benchmark
 harness. Heavy packages (numba kernels, torch, scipy, cupy, matplotlib, tqdm) are imported only
@@ -29,8 +31,9 @@ __all__ = ["main"]
 
 
 _EXIT_CODES = """exit status:
-  0  every case ran and matched its peer (with --check: and no performance target failed)
-  1  a case failed or disagreed with its peer; with --check, also any FAIL target
+  0  every case ran and matched its peer's result (with --check: and no performance target
+     failed)
+  1  a case failed or disagreed with its peer's result; with --check, also any FAIL target
   2  bad arguments, an unreadable --targets file, the backend is not available here,
      or --plot without matplotlib"""
 
@@ -38,12 +41,13 @@ _INFO_ROWS = [
     ("nblosses", "nblosses"), ("python", "python"), ("platform", "platform"), ("cpu", "cpu"),
     ("cpu_count", "cpu count"), ("isa_level", "ISA level"), ("simd_flags", "SIMD flags"),
     ("l2_bytes", "L2 bytes (all cores)"), ("torch_cpu_capability", "torch CPU capability"),
-    ("numba_cpu_name", "numba target CPU"), ("numba_avx512f", "numba host avx512f"),
+    ("numba_cpu_name", "numba target CPU"), ("numba_code_isa", "numba code ISA"),
+    ("numba_avx512f", "numba host avx512f"),
     ("numba_avx2", "numba host avx2"), ("blas", "BLAS"), ("numpy", "numpy"), ("numba", "numba"),
     ("llvmlite", "llvmlite"), ("scipy", "scipy"), ("torch", "torch"), ("cupy", "cupy"),
 ]
 _INFO_OPTIONAL = [
-    ("openblas_coretype_env", "OPENBLAS_CORETYPE"),
+    ("openblas_coretype_env", "OPENBLAS_CORETYPE"), ("numba_cpu_env", "numba target set by"),
     ("numba_threading_layer", "numba threading layer"), ("numba_threads", "numba threads"),
     ("numba_max_threads", "numba max threads"), ("numba_cache_dir", "numba cache"),
     ("torch_threads", "torch threads"), ("torch_cuda", "torch CUDA available"),
@@ -71,7 +75,7 @@ def _info(args: argparse.Namespace) -> int:
         if state != "available":
             print(f"{'  ' + name:<{width}} {state}")
     for key, label in _INFO_OPTIONAL:
-        if key in info:
+        if info.get(key) is not None:
             print(f"{label:<{width}} {info[key]}")
     return 0
 
@@ -92,7 +96,7 @@ def _pick(ops: list[str], choice: str) -> list[str] | None:
         return []
     if choice == "all":
         return list(ops)
-    return C.parse_ops(choice)
+    return C.parse_cases(choice)
 
 
 def _bench_config(args: argparse.Namespace) -> Any:
@@ -101,7 +105,7 @@ def _bench_config(args: argparse.Namespace) -> Any:
     from nblosses._bench import config as K
     from nblosses._bench import runner
 
-    ops = C.parse_ops(args.ops)
+    ops = C.parse_cases(args.ops)
     if args.shapes:
         sep = ";" if ";" in args.shapes else ","
         shapes = [C.parse_shape(s) for s in args.shapes.split(sep)]
@@ -127,7 +131,7 @@ def _bench_config(args: argparse.Namespace) -> Any:
         peers=peers, threads=args.threads,
         memory_ops=_pick(ops, args.memory), first_call_ops=_pick(ops, args.first_call),
         copy_bytes=(32 << 20) if args.quick else (128 << 20),
-        check=not args.no_check, quick=args.quick, stat=args.stat,
+        result_check=not args.skip_result_check, quick=args.quick, stat=args.stat,
         targets_file=args.targets)
 
 
@@ -188,12 +192,14 @@ def _add_bench_parser(sub: Any) -> None:
         description=(
             "Time nblosses against each installed peer (torch with Numba's thread count, "
             "scipy.special, cupyx on CUDA).\n"
-            "Table columns: ms = median per call; GB/s = ideal bytes moved / time; % copy = "
-            "GB/s against this\nmachine's copyto bandwidth; vs X = X's time / nblosses' time "
-            "(> 1: nblosses faster).\nThen: extra peak memory (cross_entropy fwd and fwd+grad) "
-            "and first-call latency in a fresh\nprocess (cold and warm compile cache), and the "
-            "performance targets (PASS / FAIL / SKIP lines; goals and peers come from the "
-            "benchmark\nconfiguration, --targets).\n\n" + _ops_help()),
+            "The report starts with the machine (CPU model, ISA level, the CPU Numba compiles "
+            "for, threads).\nTable columns: ms = median per call; GB/s = ideal bytes moved / "
+            "time; % copy = GB/s against this\nmachine's copy bandwidth; vs X = X's time / "
+            "nblosses' time (> 1: nblosses faster); check = the result\nagrees with the first "
+            "peer's. Then: extra peak memory and first-call latency in a fresh process\n(cold "
+            "and warm compile cache) of the configuration's cases, and the performance targets "
+            "(PASS /\nFAIL / SKIP lines; goals and peers come from the benchmark "
+            "configuration, --targets).\n\n" + _ops_help()),
         epilog=_EXIT_CODES)
     p.add_argument("--backend", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quick", action="store_true",
@@ -201,11 +207,12 @@ def _add_bench_parser(sub: Any) -> None:
     p.add_argument("--dtype", default="float32",
                    help="float32 (default), float64, a comma list, or 'all'")
     p.add_argument("--ops", default=None,
-                   help="comma list of ops and groups (default: all, the slow ops excepted)")
+                   help="comma list of cases and groups (default: all, the slow cases "
+                        "excepted)")
     p.add_argument("--shapes", default=None,
                    help="shape labels, reduced axis in brackets: '4096x[1000],32x[21]x4096' "
-                        "(separate with ';' to use ',' inside labels); slow ops keep their own "
-                        "NxDx[V] shapes")
+                        "(separate with ';' to use ',' inside labels); slow cases keep their "
+                        "own NxDx[V] shapes")
     p.add_argument("--repeat", type=int, default=None,
                    help="samples per timing (default 7, --quick 3)")
     p.add_argument("--stat", choices=["median", "min"], default="median",
@@ -217,38 +224,43 @@ def _add_bench_parser(sub: Any) -> None:
                    help="comma list among torch, torch_chunked, scipy, cupyx, or 'none' "
                         "(default: installed)")
     p.add_argument("--memory", default="default", metavar="OPS",
-                   help="ops to measure extra peak memory for: default "
-                        "(cross_entropy, cross_entropy_grad, linear_cross_entropy_grad when "
-                        "selected), all, none, or a comma list")
+                   help="cases to measure extra peak memory for: default (the configuration's "
+                        "memory_ops among the selected cases), all, none, or a comma list")
     p.add_argument("--first-call", default="default", metavar="OPS",
-                   help="ops to measure first-call latency for: default (softmax, log_softmax, "
-                        "cross_entropy, cross_entropy_grad), all, none, or a comma list")
+                   help="cases to measure first-call latency for: default (the "
+                        "configuration's first_call_ops among the selected cases), all, none, "
+                        "or a comma list")
     p.add_argument("--format", choices=["markdown", "rst"], default="markdown",
                    help="table style: Markdown pipe tables (default) or reStructuredText "
                         "simple tables (docs/perf_table.rst)")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of speed vs torch")
     p.add_argument("--check", action="store_true",
-                   help="exit with status 1 when a performance target FAILs (a CI gate; "
-                        "without it the targets are printed and the exit status ignores them)")
+                   help="the targets decide the exit status: 1 when a performance target "
+                        "FAILs (a CI gate; without it the targets are printed and the exit "
+                        "status ignores them)")
     p.add_argument("--targets", metavar="FILE", default=None,
                    help="benchmark configuration (peers and targets, JSON) instead of the "
                         "packaged targets.json; see its _doc entry")
-    p.add_argument("--no-check", action="store_true",
-                   help="skip comparing results with the peer's (result check, not --check)")
+    p.add_argument("--skip-result-check", action="store_true",
+                   help="do not compare each case's result with the first peer's (the 'check' "
+                        "column; unrelated to --check)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_bench)
 
 
 def _ops_help() -> str:
-    """The op names and groups for ``bench --help``; the harness may be absent."""
+    """The case names and groups for ``bench --help``; the harness may be absent."""
     try:
-        from nblosses._bench.cases import OP_GROUPS, OPS, SLOW_OPS
+        from nblosses._bench import cases as C
     except ImportError:
         return "(the benchmark harness nblosses._bench is not installed)"
-    return ("ops: " + ", ".join(OPS) + "\ngroups: " + ", ".join(OP_GROUPS)
-            + "\nslow ops (seconds per call; in no group, run only when named, on their own "
-              "shapes, smaller with --quick): " + ", ".join(SLOW_OPS))
+    groups = [g for g in C.case_groups() if g != C.SLOW]
+    return ("cases (--ops; each op spec's benchmark cases): " + ", ".join(C.case_names())
+            + "\ngroups: " + ", ".join(groups)
+            + f"\nslow cases (seconds per call; in no group but '{C.SLOW}', run only when "
+              "named, on their own shapes, smaller with --quick): "
+            + ", ".join(C.case_names(slow=True)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

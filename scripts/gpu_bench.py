@@ -1,129 +1,141 @@
 #!/usr/bin/env python
-"""nblosses (backend "cuda") against torch on one GPU, for the project's anchor shapes.
+"""nblosses (backend "cuda") against torch on one GPU, for the benchmark cases of the op specs.
+
+The cases are those of ``nblosses bench`` (``nblosses/_bench/cases.py``, which reads each op
+spec's ``bench`` entries): a new op's cases appear here without an edit. Each runs on the
+GPU-sized shapes of its layout (:data:`GPU_SHAPES`, every input larger than an H100's or
+H200's L2 cache; the LM heads on their own ``NxDx[V]`` shapes), in float32 and bfloat16.
 
 Timing: CUDA events around each call on the default stream, 3 warm-up calls, median of
-``--iters`` timed calls; every input is larger than the L2 cache. "% copy" = effective bytes /
-time against a measured device-to-device copy (bytes read + written):
-softmax reads and writes the array, cross-entropy forward reads the logits, forward+backward
-ideally reads the logits once and writes the gradient once, BCE-with-logits reads input and
-target.
+``--iters`` timed calls. "% copy" = the case's ideal bytes moved (what ``nblosses bench``
+counts: every input read once, plus the output it writes) / time, against a measured
+device-to-device copy (bytes read + written). "check" compares nblosses' result with torch's
+(the tolerance of ``targets.json``; bfloat16 takes float16's).
 
-Rows for nblosses:
-- ``api``: the public functional call (argument checks included; cross_entropy with class
-  indices syncs once per call in ``_args.check_targets`` to validate the targets);
-- ``kernel``: the registered cuda kernel called with canonical arguments (no checks, no sync);
-- ``in-place``: forward+backward with ``grad_buffer=`` the logits (no extra memory).
 bfloat16 inputs reach nblosses through DLPack (``cupy.from_dlpack`` of a torch bfloat16 tensor,
-CuPy >= 14.2 with ml_dtypes); where that fails the row runs float16 (same bytes) and says so.
-``host`` rows: host time of one call queued behind ~100 ms of GPU work (``torch.cuda._sleep``):
-about 0 when the call does not wait for the GPU.
+CuPy >= 14.2 with ml_dtypes); where that fails the row runs float16 (same bytes) and says so in
+its ``ran`` column. ``host`` lines: host time of one call queued behind ~100 ms of GPU work
+(``torch.cuda._sleep``): about 0 when the call does not wait for the GPU. Last, the first call
+of the first case in a fresh process, cold and warm compile cache.
 
-Usage: python scripts/gpu_bench.py [--iters 15] [--quick]
+Usage: python scripts/gpu_bench.py [--iters 15] [--quick] [--ops all] [--dtype float32,bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
-import cupy
-import torch
-import torch.nn.functional as TF
+from nblosses._bench import cases as C
+from nblosses._bench import config as K
+from nblosses._bench import firstcall
+from nblosses._bench import peers as P
+from nblosses._bench.runner import compare
 
-from nblosses import _registry as R
-from nblosses import functional as F
+#: The shapes of every layout but the LM heads' (those take their cases' own shapes): rows of
+#: a vocabulary and short rows, each larger than the L2 cache in every dtype timed here. Two,
+#: so that every case in two dtypes fits the few minutes of a GPU check.
+GPU_SHAPES = ("4096x[32000]", "4194304x[16]")
+#: Where the host-side cost of a call is measured (small: the GPU work is not the point).
+HOST_SHAPE = "32x[1000]"
+DTYPES = ("float32", "bfloat16")
 
-MB = 1 << 20
+
+def plan(ops: str | None, quick: bool, dtypes: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """Every ``(case, shape label, dtype)`` to time, in table order."""
+    rows = []
+    for dtype in dtypes:
+        for name in C.parse_cases(ops):
+            own = C.own_shapes(name, quick)
+            shapes = [s.label for s in own] or list(GPU_SHAPES[:1] if quick else GPU_SHAPES)
+            rows += [(name, shape, dtype) for shape in shapes]
+    return rows
 
 
-def time_cupy(fn, iters: int) -> float:
+def host_shape(name: str) -> str:
+    """The shape of a case's host-cost call: small, or its smallest own shape."""
+    own = C.own_shapes(name, quick=True)
+    return own[0].label if own else HOST_SHAPE
+
+
+# ----------------------------------------------------------------------------- device
+def cuda_events_ms(fn: Callable[[], Any], iters: int, events: Any,
+                   sync: Callable[[], Any]) -> float:
+    """Median ms of ``fn`` between two CUDA events (``events()`` makes a start/end pair)."""
     for _ in range(3):
         fn()
-    cupy.cuda.get_current_stream().synchronize()
-    ts = []
+    sync()
+    times = []
     for _ in range(iters):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start, end, elapsed = events()
         start.record()
         fn()
         end.record()
         end.synchronize()
-        ts.append(cupy.cuda.get_elapsed_time(start, end))
-    return statistics.median(ts)
+        times.append(elapsed(start, end))
+    return statistics.median(times)
 
 
-def time_torch(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        ts.append(start.elapsed_time(end))
-    return statistics.median(ts)
+def cupy_timer(iters: int) -> Callable[[Callable[[], Any]], float]:
+    import cupy
+
+    def events() -> tuple[Any, Any, Any]:
+        return cupy.cuda.Event(), cupy.cuda.Event(), cupy.cuda.get_elapsed_time
+
+    sync = cupy.cuda.get_current_stream().synchronize
+    return lambda fn: cuda_events_ms(fn, iters, events, sync)
+
+
+def torch_timer(iters: int) -> Callable[[Callable[[], Any]], float]:
+    import torch
+
+    def events() -> tuple[Any, Any, Any]:
+        return (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True),
+                lambda start, end: start.elapsed_time(end))
+
+    return lambda fn: cuda_events_ms(fn, iters, events, torch.cuda.synchronize)
 
 
 def _copy_ms(n: int, iters: int) -> float:
     """Median ms of an ``n``-byte device-to-device copy; the buffers are freed on return."""
+    import cupy
+
     a = cupy.ones(n, cupy.uint8)
     b = cupy.empty_like(a)
-    return time_cupy(lambda: b.data.copy_from_device_async(a.data, n), iters)
+    return cupy_timer(iters)(lambda: b.data.copy_from_device_async(a.data, n))
 
 
 def copy_bandwidth(iters: int) -> float:
     """Bytes read + written per second by a 1 GiB device-to-device copy."""
     n = 1 << 30
     ms = _copy_ms(n, iters)
-    cupy.get_default_memory_pool().free_all_blocks()
+    free()
     return 2 * n / (ms * 1e-3)
 
 
-TORCH_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+def device_inputs(name: str, shape: str, dtype: str) -> tuple[C.Inputs, str]:
+    """The case's inputs on the GPU, and the dtype they really have. bfloat16: the float16
+    inputs (same bytes, so the same bytes moved) converted through torch and DLPack."""
+    import cupy
+    import torch
 
-
-def nbl_array(shape, dt):
-    """A standard-normal CuPy array of ``dt`` and the dtype label nblosses really runs."""
-    xt = torch.randn(shape, device="cuda", dtype=TORCH_DT[dt])
+    inputs = C.make_inputs(name, shape, "float16" if dtype == "bfloat16" else dtype)
+    inputs = inputs.to(cupy)
+    if dtype != "bfloat16":
+        return inputs, dtype
     try:
-        return cupy.from_dlpack(xt), dt
-    except Exception:  # no bfloat16 in this CuPy: same bytes in float16
-        return cupy.asarray(xt.float().cpu().numpy()).astype(cupy.float16), "fp16"
+        inputs.arrays = {k: cupy.from_dlpack(torch.from_dlpack(a).to(torch.bfloat16))
+                         if a.dtype == cupy.float16 else a for k, a in inputs.arrays.items()}
+        return inputs, dtype
+    except Exception:  # no bfloat16 in this CuPy: the float16 arrays (same bytes) instead
+        return inputs, "float16"
 
 
-def cases(quick: bool):
-    sm = [((65536, 1024), "fp32"), ((8192, 32768), "fp32"), ((1024, 262144), "fp32"),
-          ((4194304, 16), "fp32"), ((65536, 1024), "bf16"), ((8192, 32768), "bf16"),
-          ((4194304, 16), "bf16")]
-    ce = [("fwd", (8192, 32000), "fp32", 0.0), ("fwd+bwd", (8192, 32000), "fp32", 0.0),
-          ("fwd+bwd", (8192, 32000), "fp32", 0.1), ("fwd", (4096, 128256), "bf16", 0.0),
-          ("fwd+bwd", (4096, 128256), "bf16", 0.0), ("fwd+bwd", (65536, 1000), "fp32", 0.0)]
-    if quick:
-        sm, ce = sm[:1] + sm[4:5], ce[:2]
-    return sm, ce
-
-
-def row(label, shape, dt, nbl_dt, ms_torch, ms_nbl, nbytes, bw, extra=""):
-    def pct(ms):
-        return f"{100 * nbytes / (ms * 1e-3) / bw:5.1f}" if ms == ms else "  n/a"
-
-    def fmt(ms):
-        return f"{ms:8.3f}" if ms == ms else "     n/a"
-
-    speed = f"{ms_torch / ms_nbl:5.2f}x" if ms_nbl == ms_nbl and ms_torch == ms_torch else "   n/a"
-    print(f"| {label:34s} | {'x'.join(map(str, shape)):14s} | {dt:4s} | {nbl_dt:4s} | "
-          f"{fmt(ms_torch)} | {pct(ms_torch)} | {fmt(ms_nbl)} | {pct(ms_nbl)} | {speed} |{extra}")
-
-
-def safe(fn):
+def safe(fn: Callable[[], Any]) -> Any:
+    """``fn()``, or NaN after printing why it failed (the table goes on)."""
     try:
         return fn()
     except Exception as exc:  # keep the table going; report the failure
@@ -131,112 +143,67 @@ def safe(fn):
         return float("nan")
 
 
-# The bench_* functions time torch and nblosses in separate helpers: each helper's arrays are
-# freed when it returns, before the next one allocates (and before ``_free`` empties the pools).
-def _torch_softmax_ms(shape, dt, iters):
-    xt = torch.randn(shape, device="cuda", dtype=TORCH_DT[dt])
-    return safe(lambda: time_torch(lambda: torch.softmax(xt, dim=1), iters))
+def free() -> None:
+    import cupy
+    import torch
 
-
-def _nbl_softmax(shape, dt, iters, bw, t_ms):
-    xc, ndt = nbl_array(shape, dt)
-    n_ms = safe(lambda: time_cupy(lambda: F.softmax(xc, dim=1), iters))
-    nbytes = 2 * xc.nbytes
-    row("softmax", shape, dt, ndt, t_ms, n_ms, nbytes, bw)
-
-
-def bench_softmax(shape, dt, iters, bw):
-    _nbl_softmax(shape, dt, iters, bw, _torch_softmax_ms(shape, dt, iters))
-    _free()
-
-
-def _torch_ce_ms(kind, shape, dt, ls, iters):
-    n, c = shape
-    xt = torch.randn(shape, device="cuda", dtype=TORCH_DT[dt])
-    tt = torch.randint(0, c, (n,), device="cuda")
-    if kind == "fwd":
-        return safe(lambda: time_torch(lambda: TF.cross_entropy(xt, tt, label_smoothing=ls),
-                                       iters))
-    xr = xt.clone().requires_grad_()
-
-    def step():
-        xr.grad = None
-        TF.cross_entropy(xr, tt, label_smoothing=ls).backward()
-
-    return safe(lambda: time_torch(step, iters))
-
-
-def bench_ce(kind, shape, dt, ls, iters, bw):
-    t_ms = _torch_ce_ms(kind, shape, dt, ls, iters)
+    cupy.get_default_memory_pool().free_all_blocks()
     torch.cuda.empty_cache()
-    _nbl_ce(kind, shape, dt, ls, iters, bw, t_ms)
-    _free()
 
 
-def _nbl_ce(kind, shape, dt, ls, iters, bw, t_ms):
-    n, c = shape
-    xc, ndt = nbl_array(shape, dt)
-    tc = cupy.random.randint(0, c, (n,)).astype(cupy.int64)
-    want = kind != "fwd"
-    nbytes = xc.nbytes * (2 if want else 1)
-    label = f"cross_entropy {kind}" + (f" ls={ls}" if ls else "")
-    api = safe(lambda: time_cupy(lambda: F.cross_entropy(xc, tc, label_smoothing=ls,
-                                                         return_grad=want), iters))
-    row(label + " (api)", shape, dt, ndt, t_ms, api, nbytes, bw)
-    kern = R.load("cuda").kernel("cross_entropy")
-    x3, t2 = xc.reshape(n, c, 1), tc.reshape(n, 1)
-    base = dict(ignore_index=-100, label_smoothing=ls, reduction="mean", want_grad=want,
-                grad_output=1.0 if want else None, grad_buffer=None)
-    k_ms = safe(lambda: time_cupy(lambda: kern(x3, t2, None, **base), iters))
-    row(label + " (kernel)", shape, dt, ndt, t_ms, k_ms, nbytes, bw)
-    if want and not ls:  # the EXT instantiation: z-loss, softcap and lse_out fused
-        lse = cupy.empty((n, 1), xc.dtype)
-        e_ms = safe(lambda: time_cupy(lambda: kern(x3, t2, None, z_loss=1e-4, softcap=30.0,
-                                                   lse_out=lse, **base), iters))
-        row(label + " z+cap+lse (kernel)", shape, dt, ndt, t_ms, e_ms, nbytes, bw)
-        del lse
-    if want:
-        xi = xc.copy()  # overwritten by its gradient at every call: same work, no extra memory
-        i_ms = safe(lambda: time_cupy(lambda: F.cross_entropy(xi, tc, label_smoothing=ls,
-                                                              return_grad=True, grad_buffer=xi),
-                                      iters))
-        row(label + " (in-place)", shape, dt, ndt, t_ms, i_ms, nbytes, bw)
-        del xi
+HEADER = ("| case | shape | dtype | ran | torch ms | % copy | nblosses ms | % copy | speed | "
+          "check |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
 
 
-def _torch_bce_logits_ms(shape, iters):
-    xt = torch.randn(shape, device="cuda")
-    yt = torch.rand(shape, device="cuda")
-    return safe(lambda: time_torch(lambda: TF.binary_cross_entropy_with_logits(xt, yt), iters))
+def _cell(ms: float, fmt: str) -> str:
+    return fmt.format(ms) if ms == ms else "n/a"  # NaN: the call failed
 
 
-def _nbl_bce_logits(shape, iters, bw, t_ms):
-    xc = cupy.random.standard_normal(shape, dtype=cupy.float32)
-    yc = cupy.random.random(shape, dtype=cupy.float32)
-    n_ms = safe(lambda: time_cupy(lambda: F.binary_cross_entropy_with_logits(xc, yc), iters))
-    row("bce_with_logits fwd (api)", shape, "fp32", "fp32", t_ms, n_ms, 2 * xc.nbytes, bw)
+def _measure(name: str, shape: str, dtype: str, iters: int,
+             tolerance: dict[str, float]) -> tuple[str, int, float, float, str]:
+    """``(dtype run, bytes moved, torch ms, nblosses ms, check)`` of one case; its device
+    arrays are freed on return."""
+    inputs, ran = device_inputs(name, shape, dtype)
+    ours = C.nblosses_callable(inputs, "cuda")
+    theirs = P.peer_callable("torch", inputs, "cuda")
+    t_ms = safe(lambda: torch_timer(iters)(theirs)) if theirs else float("nan")
+    n_ms = safe(lambda: cupy_timer(iters)(ours))
+    check = "-"
+    if theirs is not None and n_ms == n_ms and t_ms == t_ms:
+        err = compare(ours(), theirs())
+        check = "ok" if err <= tolerance.get(ran, tolerance["float16"]) else f"MISMATCH {err:.1e}"
+    return ran, inputs.nbytes_moved, t_ms, n_ms, check
 
 
-def bench_bce_logits(shape, iters, bw):
-    t_ms = _torch_bce_logits_ms(shape, iters)
-    torch.cuda.empty_cache()
-    _nbl_bce_logits(shape, iters, bw, t_ms)
-    _free()
+def bench_row(name: str, shape: str, dtype: str, iters: int, bw: float,
+              tolerance: dict[str, float]) -> str:
+    """One table row: torch and nblosses on the same device arrays, and a result check."""
+    try:
+        ran, moved, t_ms, n_ms, check = _measure(name, shape, dtype, iters, tolerance)
+    except Exception as exc:  # e.g. out of memory: the row says so, the table goes on
+        return (f"| {name} | {shape} | {dtype} | ERROR | | | | | | "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]} |")
+    finally:
+        free()
+
+    def pct(ms: float) -> str:
+        return "n/a" if ms != ms else f"{100 * moved / (ms * 1e-3) / bw:.0f}"
+
+    speed = f"{t_ms / n_ms:.2f}x" if n_ms == n_ms and t_ms == t_ms else "n/a"
+    return (f"| {name} | {shape} | {dtype} | {ran} | {_cell(t_ms, '{:.3f}')} | {pct(t_ms)} | "
+            f"{_cell(n_ms, '{:.3f}')} | {pct(n_ms)} | {speed} | {check} |")
 
 
-def host_behind_queue():
-    """Host ms of one call queued behind ~100 ms of GPU work (0-ish: asynchronous)."""
-    x = cupy.random.standard_normal((32, 1000), dtype=cupy.float32)
-    t = cupy.random.randint(0, 1000, (32,)).astype(cupy.int64)
-    calls = {"softmax": lambda: F.softmax(x, dim=1),
-             "cross_entropy": lambda: F.cross_entropy(x, t),
-             "cross_entropy return_grad": lambda: F.cross_entropy(x, t, return_grad=True),
-             "cross_entropy kernel": lambda: R.load("cuda").kernel("cross_entropy")(
-                 x.reshape(32, 1000, 1), t.reshape(32, 1), None, ignore_index=-100,
-                 label_smoothing=0.0, reduction="mean", want_grad=False, grad_output=None,
-                 grad_buffer=None)}
+def host_behind_queue(names: list[str]) -> None:
+    """Host ms of one call of each case queued behind ~100 ms of GPU work (0-ish: the call
+    does not wait for the GPU)."""
+    import cupy
+    import torch
+
     stream = torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr)
-    for name, fn in calls.items():
+    for name in names:
+        shape = host_shape(name)
+        fn = C.nblosses_callable(device_inputs(name, shape, "float32")[0], "cuda")
         fn()
         cupy.cuda.Device().synchronize()
         with torch.cuda.stream(stream):
@@ -245,67 +212,49 @@ def host_behind_queue():
         safe(fn)
         host = (time.perf_counter() - t0) * 1e3
         cupy.cuda.Device().synchronize()
-        print(f"host ms of {name} behind ~100 ms of queued GPU work: {host:.2f}")
+        print(f"host ms of {name} {shape} behind ~100 ms of queued GPU work: {host:.2f}")
 
 
-def _free():
-    cupy.get_default_memory_pool().free_all_blocks()
-    torch.cuda.empty_cache()
+def first_call(name: str) -> None:
+    """The case's first call in a fresh process: empty kernel cache (NVRTC), then warm."""
+    shape = host_shape(name)
+    r = firstcall.first_call(name, shape=shape, backend="cuda", timeout=300)
+    print(f"first {name} call ({shape} float32) in a new process: cold cache "
+          f"{r['cold']['first_call_s']:.3f} s, warm disk cache {r['warm']['first_call_s']:.3f} "
+          f"s; second call {r['warm']['second_call_s']:.4f} s")
 
 
-FIRST_CALL = r"""
-import time, cupy
-t0 = time.perf_counter()
-from nblosses import functional as F
-x = cupy.random.standard_normal((1024, 1000), dtype=cupy.float32)
-t1 = time.perf_counter()
-F.softmax(x, dim=1); cupy.cuda.Device().synchronize()
-t2 = time.perf_counter()
-F.softmax(x, dim=1); cupy.cuda.Device().synchronize()
-t3 = time.perf_counter()
-print(f"{t2 - t1:.3f} {t3 - t2:.4f}")
-"""
-
-
-def first_call():
-    """First softmax call in a fresh process: empty kernel cache (NVRTC), then warm disk cache."""
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, CUPY_CACHE_DIR=cache)
-        out = []
-        for _ in range(2):
-            r = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, capture_output=True,
-                               text=True, timeout=120)
-            out.append(r.stdout.split() if r.returncode == 0 else ["nan", r.stderr[-200:]])
-    print(f"first softmax call (fp32 1024x1000) in a new process: cold cache {out[0][0]} s, "
-          f"warm disk cache {out[1][0]} s; second call {out[1][1]} s")
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--iters", type=int, default=15)
-    ap.add_argument("--quick", action="store_true", help="two softmax and two CE rows only")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true",
+                    help="one shape per case (the LM heads: their quick shape)")
+    ap.add_argument("--ops", default=None,
+                    help="cases and groups as in nblosses bench --ops (default: all, the slow "
+                         "cases excepted)")
+    ap.add_argument("--dtype", default=",".join(DTYPES), help="comma list (float32,bfloat16)")
+    ap.add_argument("--plan", action="store_true", help="list the rows and stop (no GPU)")
+    args = ap.parse_args(argv)
+    rows = plan(args.ops, args.quick, tuple(d.strip() for d in args.dtype.split(",")))
+    if args.plan:
+        print("\n".join(" ".join(row) for row in rows))
+        return
+    import cupy
+    import torch
+
     t0 = time.time()
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())
-    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    card = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     bw = copy_bandwidth(args.iters)
-    print(f"card: {name}; torch {torch.__version__}, cupy {cupy.__version__}; "
+    print(f"card: {card}; torch {torch.__version__}, cupy {cupy.__version__}; "
           f"device-to-device copy {bw / 1e9:.0f} GB/s (read + write)")
-    print(f"| {'op':34s} | {'shape':14s} | {'dt':4s} | {'nbl':4s} | torch ms | %copy | "
-          f"  nbl ms | %copy | speed  |")
-    print("|" + "|".join("-" * w for w in (36, 16, 6, 6, 10, 7, 10, 7, 8)) + "|")
-    sm, ce = cases(args.quick)
-    for shape, dt in sm:
-        bench_softmax(shape, dt, args.iters, bw)
-    for kind, shape, dt, ls in ce:
-        bench_ce(kind, shape, dt, ls, args.iters, bw)
-    if not args.quick:
-        bench_bce_logits((8192, 32768), args.iters, bw)
-    safe(host_behind_queue)
-    try:
-        first_call()
-    except Exception as exc:
-        print(f"first-call measurement failed: {exc}")
+    print(HEADER)
+    tolerance = K.load()["tolerance"]
+    for name, shape, dtype in rows:
+        print(bench_row(name, shape, dtype, args.iters, bw, tolerance))
+    names = list(dict.fromkeys(name for name, _, _ in rows))
+    safe(lambda: host_behind_queue(names))
+    safe(lambda: first_call(names[0]))
     print(f"benchmark wall time {time.time() - t0:.0f} s")
 
 

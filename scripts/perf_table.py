@@ -54,9 +54,10 @@ def measured_on(bench: dict[str, Any], peer: str, lit: str) -> str:
     m = meta.get("machine") or {}
     copy = m.get("copy") or {}
     isa = m.get("isa_level") or "-"
+    code = f" ({m['numba_code_isa']} code)" if m.get("numba_code_isa") else ""
     cpu = (f"{m.get('cpu', info.get('cpu', '?'))}, {m.get('cpu_count', info.get('cpu_count'))} "
            f"CPUs, ISA {isa}, torch CPU capability {m.get('torch_cpu_capability') or '-'}, "
-           f"Numba target CPU {m.get('numba_cpu_name', '?')}")
+           f"Numba target CPU {m.get('numba_cpu_name', '?')}{code}")
     if copy:
         cpu += (f", copy bandwidth {copy['gbps']:.1f} GB/s ({copy['threads']} thread"
                 f"{'s' if copy['threads'] != 1 else ''})")
@@ -95,25 +96,24 @@ def rst(header: list[str], rows: list[list[str]], bench: dict[str, Any], peer: s
 
 
 def summary(bench: dict[str, Any], lit: str) -> list[str]:
-    """The run's other results, as sentences: SciPy ratio, extra peak memory, first call."""
+    """The run's other results, as sentences: the ratios against ``scipy.special``, the worst
+    extra peak memory and the first-call latencies, of whichever cases the run measured."""
     lines = []
-    sm = next((g for g in bench["summary"]["geomean"]
-               if g["op"] == "softmax" and g["dtype"] == "float32"), None)
-    if sm and "scipy" in sm["ratio"]:
-        lines.append(f"softmax against {lit}scipy.special.softmax{lit}: "
-                     f"{sm['ratio']['scipy']:.1f}x (geomean, float32).")
+    special = [f"{lit}{g['op']}{lit} {g['ratio']['scipy']:.1f}x"
+               for g in bench["summary"]["geomean"]
+               if g["dtype"] == "float32" and "scipy" in g["ratio"]]
+    if special:
+        lines.append(f"Against {lit}scipy.special{lit} (geomean, float32): "
+                     + ", ".join(special) + ".")
     targets = bench["summary"]["targets"]
-
-    def worst(kind: str, op: str | None = None) -> float | None:
-        values = [t["value"] for t in targets if t.get("kind") == kind and t["value"] is not None
-                  and (op is None or t.get("op") == op)]
-        return max(values) if values else None
-
-    fwd, grad = worst("memory", "cross_entropy"), worst("memory", "cross_entropy_grad")
-    if fwd is not None and grad is not None:
-        lines.append(f"Extra peak memory of {lit}cross_entropy{lit}: at most {fwd:.2f}% of the "
-                     f"logits (forward) and the gradient plus at most {grad:.2f}% "
-                     "(forward+gradient).")
+    worst: dict[str, float] = {}
+    for t in targets:
+        if t.get("kind") == "memory" and t["value"] is not None:
+            worst[t["op"]] = max(worst.get(t["op"], t["value"]), t["value"])
+    if worst:
+        lines.append("Extra peak memory of one call beyond its outputs, at most: "
+                     + ", ".join(f"{lit}{op}{lit} {v:.2f}%" for op, v in worst.items())
+                     + " of the input.")
     warm = [t["value"] for t in targets if t.get("kind") == "first_call"]
     if warm:
         lines.append(f"First call in a fresh process with a warm compile cache: "

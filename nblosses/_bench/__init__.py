@@ -1,8 +1,11 @@
-"""Benchmark support for ``nblosses bench`` and ``asv_bench/`` (not public API).
+"""Benchmark support for ``nblosses bench``, ``asv_bench/`` and ``scripts/gpu_bench.py`` (not
+public API).
 
-- :mod:`.cases`: ops x shapes and their inputs (NumPy + nblosses' public API only);
+- :mod:`.cases`: the case table, read from the op specs' ``bench`` entries, the shapes, and
+  each case's inputs per layout (NumPy + nblosses' public API);
 - :mod:`.config`: peers and performance targets, read from ``targets.json`` (data, not code);
-- :mod:`.peers`: how torch / SciPy / cupyx are called, imported lazily and optional;
+- :mod:`.peers`: which peers are installed, and each case's torch / SciPy / cupyx call, made
+  on converted arrays (imported lazily, optional);
 - :mod:`.timing`: round-robin median timer with device sync, copy bandwidth;
 - :mod:`.memory`: extra peak memory of one call; :mod:`.firstcall`: fresh-process latency;
 - :mod:`.runner`: the ``nblosses bench`` run; :mod:`.targets`: the targets, evaluated;

@@ -1,52 +1,82 @@
-"""Benchmark cases: the ops and shapes shared by ``nblosses bench`` and ``asv_bench/``.
+"""Benchmark cases: the op specs' :class:`~nblosses._spec.BenchCase` entries and the shapes
+shared by ``nblosses bench``, ``asv_bench/`` and ``scripts/gpu_bench.py``.
 
-This module imports only NumPy at import time and nblosses' *public* API inside functions, and
-uses no relative imports, so it can be loaded on its own from a file path: asv loads it from the
-working tree (``asv_bench/common.py``) even when it benchmarks an older installed commit, and the
-first-call worker loads it in a fresh process without importing anything else.
+The case table is read from :data:`nblosses.ops.SPECS` (each spec's ``bench``), so a new op's
+cases reach the CLI table, asv and the GPU script without an edit here. Groups of ``--ops`` come
+from the cases' ``groups``: ``all`` is every case not marked ``slow``; a slow case (seconds per
+call) runs only when named, on its own shapes (``BenchCase.shapes`` / ``quick_shapes``).
+
+This module imports only NumPy at import time and nblosses (its public API and the specs of
+:mod:`nblosses.ops`) inside functions, and uses no relative imports, so it can be loaded on its
+own from a file path: asv loads it from the working tree (``asv_bench/common.py``) while it
+benchmarks the installed nblosses, and the first-call worker loads it in a fresh process.
 
 Shapes are written as labels with the reduced axis in brackets: ``"4096x[1000]"`` is a
 ``(4096, 1000)`` array reduced along dim 1, ``"32x[21]x4096"`` reduces the middle axis,
 ``"8x1024x[1024]"`` the last one.
 
-How each op family uses a shape:
+What each layout makes of a shape (:func:`make_inputs`; then the case's ``prepare``), keys in
+brackets:
 
-- softmax family: the array has the shape, reduced along the bracketed axis;
-- class losses (cross_entropy, nll_loss): the bracketed axis is the class axis. torch's class
-  axis is dim 1, so a shape whose class axis is the last of three or more dims is flattened to
-  ``(-1, C)`` (``8x1024x[1024]`` -> logits ``(8192, 1024)``, targets ``(8192,)``);
-  ``32x[21]x4096`` -> logits ``(32, 21, 4096)``, targets ``(32, 4096)``;
-- elementwise ops (sigmoid, binary losses): only the size matters;
-- linear cross-entropy (``kind="linear"``): ``NxDx[V]`` is ``N`` rows of ``D`` features and a
-  vocabulary of ``V`` classes (input ``(N, D)``, linear weight ``(V, D)``, targets ``(N,)``).
-  These ops take seconds per call on a laptop CPU, so they are :data:`SLOW_OPS`: in no group,
-  run only when named, always on their own shapes (``Op.shapes`` / ``Op.quick_shapes``).
+- ``softmax``: ``x`` of the shape, reduced along the bracketed axis;
+- ``class``: logits ``x`` and class indices ``t``; the bracketed axis is the class axis, moved
+  to dim 1 as torch wants it: a class axis last of three or more dims is flattened to
+  ``(-1, C)`` (``8x1024x[1024]`` -> ``x (8192, 1024)``, ``t (8192,)``), ``32x[21]x4096`` ->
+  ``x (32, 21, 4096)``, ``t (32, 4096)``;
+- ``elementwise``: ``x`` of the shape and binary targets ``y`` (0 or 1) of the same shape; only
+  the size matters;
+- ``pair``: two arrays of the shape, reduced along the bracketed axis: ``x`` (student logits,
+  or an input) and ``y`` (teacher logits, or a target);
+- ``topk``: student logits ``x`` and a top-k teacher: ``top_index`` (int64) and ``top_logp``
+  (the teacher's log-probabilities there), shaped as ``x`` with ``min(C, TOPK)`` entries on
+  the bracketed axis;
+- ``linear``: ``NxDx[V]`` is ``N`` rows of ``D`` features and ``V`` classes: input ``x (N, D)``,
+  linear weight ``w (V, D)``, class indices ``t (N,)``;
+- ``linear_pair``: ``linear``'s arrays for the student and ``tx (N, D)``, ``tw (V, D)`` for the
+  teacher's LM head.
+
+The bytes an ideal kernel moves (for GB/s): every array the case reads, once (or the case's
+``moved``), plus, for a case that ``writes``, its output: an array of the main input's size, or
+the student's input and weight gradients for the linear layouts. Memory percentages are of the
+main input (``x``; the ``N x V`` logits for the linear layouts).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:  # the installed package's spec type; never imported at run time here
+    from nblosses._spec import BenchCase
+
 __all__ = [
     "DTYPES",
-    "OPS",
+    "LAYOUTS",
     "QUICK_SHAPES",
     "SHAPES",
-    "SLOW_OPS",
+    "SLOW",
+    "TINY_SHAPES",
+    "TOPK",
     "Inputs",
-    "Op",
     "Shape",
-    "lookup_op",
+    "case_groups",
+    "case_names",
+    "case_table",
+    "is_slow",
+    "lookup",
     "make_inputs",
     "nblosses_callable",
-    "parse_ops",
+    "own_shapes",
+    "parse_cases",
     "parse_shape",
+    "tiny_shape",
 ]
 
 
@@ -136,101 +166,88 @@ TINY_SHAPES: tuple[Shape, ...] = (Shape((8, 10), 1), Shape((2, 3, 5), 1))
 DTYPES = ("float32", "float64")
 
 
-# ----------------------------------------------------------------------------- ops
-@dataclass(frozen=True)
-class Op:
-    """One benchmarked operation.
-
-    ``kind`` is ``"softmax"`` (reduces along the shape's axis), ``"class"`` (class-index
-    losses), ``"linear"`` (linear layer + cross-entropy) or ``"elementwise"``. ``grad`` marks
-    forward+gradient ops (``return_grad=True``, compared with torch forward+backward) and the
-    explicit backward functions. ``shapes`` / ``quick_shapes``, when set, replace the run's
-    shapes for this op (its inputs are not arrays of one shape).
-    """
-
-    name: str
-    kind: str
-    grad: bool
-    title: str
-    #: Name of the torch function the op is compared with (for the docs and the table).
-    torch_ref: str
-    scipy: bool = False
-    tags: tuple[str, ...] = field(default=())
-    shapes: tuple[Shape, ...] = field(default=())
-    quick_shapes: tuple[Shape, ...] = field(default=())
-
-    def own_shapes(self, quick: bool) -> tuple[Shape, ...]:
-        """The op's own shapes (``()``: the op runs on the run's shapes)."""
-        return self.quick_shapes if quick and self.quick_shapes else self.shapes
+# ----------------------------------------------------------------------------- the table
+#: The group that marks a case run only when named.
+SLOW = "slow"
 
 
-OPS: dict[str, Op] = {op.name: op for op in (
-    Op("softmax", "softmax", False, "softmax", "F.softmax", scipy=True),
-    Op("log_softmax", "softmax", False, "log_softmax", "F.log_softmax", scipy=True),
-    Op("sigmoid", "elementwise", False, "sigmoid", "torch.sigmoid", scipy=True),
-    Op("softmax_backward", "softmax", True, "softmax backward", "aten._softmax_backward_data"),
-    Op("log_softmax_backward", "softmax", True, "log_softmax backward",
-       "aten._log_softmax_backward_data"),
-    Op("sigmoid_backward", "elementwise", True, "sigmoid backward", "aten.sigmoid_backward"),
-    Op("cross_entropy", "class", False, "cross_entropy fwd (mean)", "F.cross_entropy"),
-    Op("cross_entropy_grad", "class", True, "cross_entropy fwd+grad (mean)",
-       "F.cross_entropy + autograd.grad"),
-    Op("nll_loss", "class", False, "nll_loss fwd (mean)", "F.nll_loss"),
-    Op("nll_loss_grad", "class", True, "nll_loss fwd+grad (mean)", "F.nll_loss + autograd.grad"),
-    Op("bce", "elementwise", False, "binary_cross_entropy fwd (mean)", "F.binary_cross_entropy"),
-    Op("bce_grad", "elementwise", True, "binary_cross_entropy fwd+grad",
-       "F.binary_cross_entropy + autograd.grad"),
-    Op("bce_with_logits", "elementwise", False, "bce_with_logits fwd (mean)",
-       "F.binary_cross_entropy_with_logits"),
-    Op("bce_with_logits_grad", "elementwise", True, "bce_with_logits fwd+grad",
-       "F.binary_cross_entropy_with_logits + autograd.grad"),
-)}
+@functools.cache
+def case_table() -> Mapping[str, BenchCase]:
+    """Every benchmark case of every op spec, by case name, in the specs' order."""
+    from nblosses.ops import SPECS
 
-#: Ops run only when named in ``--ops`` (in no group): each call takes seconds.
-SLOW_OPS: dict[str, Op] = {op.name: op for op in (
-    Op("linear_cross_entropy_grad", "linear", True,
-       "linear_cross_entropy fwd+grad (mean)", "F.linear + F.cross_entropy + autograd.grad",
-       shapes=(Shape((4096, 1024, 32000), 2), Shape((1024, 1024, 128256), 2)),
-       quick_shapes=(Shape((256, 128, 4096), 2),)),
-)}
+    table: dict[str, BenchCase] = {}
+    for spec in SPECS.values():
+        for case in spec.bench:
+            if case.name in table:
+                raise ValueError(f"two benchmark cases are called {case.name!r}")
+            table[case.name] = case
+    return MappingProxyType(table)
 
 
-def lookup_op(name: str) -> Op:
-    """The :class:`Op` called ``name``, default or slow (``KeyError`` when there is none)."""
-    return OPS[name] if name in OPS else SLOW_OPS[name]
+def lookup(name: str | BenchCase) -> BenchCase:
+    """The case called ``name`` (a case is returned as it is); ``ValueError`` when unknown."""
+    if not isinstance(name, str):
+        return name
+    try:
+        return case_table()[name]
+    except KeyError:
+        raise ValueError(f"unknown op {name!r}; choose from {', '.join(case_table())} or the "
+                         f"groups {', '.join(case_groups())}") from None
 
 
-#: Named groups accepted by ``--ops`` besides single op names.
-OP_GROUPS: dict[str, tuple[str, ...]] = {
-    "all": tuple(OPS),
-    "forward": tuple(n for n, o in OPS.items() if not o.grad),
-    "grad": tuple(n for n, o in OPS.items() if o.grad),
-    "softmax_family": ("softmax", "log_softmax", "softmax_backward", "log_softmax_backward"),
-    "losses": ("cross_entropy", "cross_entropy_grad", "nll_loss", "nll_loss_grad", "bce",
-               "bce_grad", "bce_with_logits", "bce_with_logits_grad"),
-    # The ops the performance targets (targets.json) measure, backwards included.
-    "targets": ("softmax", "log_softmax", "cross_entropy", "cross_entropy_grad",
-                "softmax_backward", "log_softmax_backward"),
-}
+def is_slow(case: str | BenchCase) -> bool:
+    """Whether the case runs only when named (seconds per call)."""
+    return SLOW in lookup(case).groups
 
 
-def parse_ops(text: str | None) -> list[str]:
-    """Comma-separated op names and groups (``all``, ``forward``, ``grad``, ``losses``...)."""
-    if not text:
-        return list(OPS)
+def case_names(*, layouts: tuple[str, ...] | None = None, grad: bool | None = None,
+               group: str | None = None, slow: bool | None = False) -> list[str]:
+    """Case names in table order: those of ``layouts``, with ``grad``, in ``group``; the slow
+    cases instead of the others with ``slow=True``, both with ``slow=None``."""
+    return [n for n, c in case_table().items()
+            if (slow is None or is_slow(c) == slow) and (layouts is None or c.layout in layouts)
+            and (grad is None or c.grad == grad) and (group is None or group in c.groups)]
+
+
+def case_groups() -> dict[str, tuple[str, ...]]:
+    """The groups ``--ops`` accepts besides single names: ``all`` (every case not slow), each
+    group a case names, its slow members left out, and ``slow`` (the slow cases)."""
+    groups: dict[str, list[str]] = {"all": case_names()}
+    for name, case in case_table().items():
+        for group in case.groups:
+            if group != SLOW:
+                groups.setdefault(group, []).extend([] if is_slow(case) else [name])
+    groups[SLOW] = case_names(slow=True)
+    return {g: tuple(names) for g, names in groups.items()}
+
+
+def parse_cases(text: str | None = None) -> list[str]:
+    """Comma-separated case names and groups (``all``, ``forward``, ``grad``, ``losses``...);
+    ``None`` or empty: ``all``."""
+    groups = case_groups()
     out: list[str] = []
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
-        names = OP_GROUPS.get(item, (item,))
-        for name in names:
-            if name not in OPS and name not in SLOW_OPS:
-                raise ValueError(f"unknown op {name!r}; choose from {', '.join(OPS)}, "
-                                 f"{', '.join(SLOW_OPS)} (slow: only when named) or "
-                                 f"the groups {', '.join(OP_GROUPS)}")
+    for item in (s.strip() for s in (text or "all").split(",")):
+        for name in groups.get(item, (item,) if item else ()):
+            lookup(name)  # ValueError for an unknown name
             if name not in out:
                 out.append(name)
     return out
+
+
+def own_shapes(case: str | BenchCase, quick: bool) -> tuple[Shape, ...]:
+    """The case's own shapes (``()``: it runs on the run's shapes)."""
+    c = lookup(case)
+    return tuple(map(parse_shape, c.quick_shapes if quick and c.quick_shapes else c.shapes))
+
+
+#: Tiny shapes of the linear layouts (``NxDx[V]``), for dry runs.
+_TINY_LINEAR = Shape((8, 4, 10), 2)
+
+
+def tiny_shape(case: str | BenchCase) -> Shape:
+    """The smallest shape the case's layout takes: for dry runs in tests."""
+    return _TINY_LINEAR if lookup(case).layout in ("linear", "linear_pair") else TINY_SHAPES[0]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -238,7 +255,7 @@ def parse_ops(text: str | None) -> list[str]:
 class Inputs:
     """Arrays of one case (NumPy, or CuPy after :meth:`to`), plus what the timing needs."""
 
-    op: Op
+    case: BenchCase
     shape: Shape
     dtype: str
     arrays: dict[str, Any]
@@ -253,121 +270,118 @@ class Inputs:
         if xp is np:
             return self
         arrays = {k: xp.asarray(v) for k, v in self.arrays.items()}
-        return Inputs(self.op, self.shape, self.dtype, arrays, self.dim, self.nbytes_moved,
+        return Inputs(self.case, self.shape, self.dtype, arrays, self.dim, self.nbytes_moved,
                       self.nbytes_input)
 
 
-def _log_softmax_np(x: np.ndarray, axis: int) -> np.ndarray:
-    m = x.max(axis=axis, keepdims=True)
-    z = x - m
-    z -= np.log(np.exp(z).sum(axis=axis, keepdims=True))
-    return z
+#: At most this many teacher entries per row in the ``topk`` layout.
+TOPK = 64
 
 
-def make_inputs(op: str | Op, shape: str | Shape, dtype: str = "float32",
-                seed: int = 0) -> Inputs:
-    """Deterministic NumPy inputs for ``op`` on ``shape``."""
-    op = lookup_op(op) if isinstance(op, str) else op
-    shape = parse_shape(shape)
-    dt = np.dtype(dtype)
-    rng = np.random.default_rng(seed)
-    item = dt.itemsize
+class _Maker:
+    """Deterministic arrays of one dtype from one seed."""
 
-    def normal(dims: tuple[int, ...], scale: float = 3.0) -> np.ndarray:
-        a = rng.standard_normal(dims, dtype=dt if dt.kind == "f" and item >= 4 else np.float32)
+    def __init__(self, dtype: str, seed: int) -> None:
+        self.dtype = np.dtype(dtype)
+        self.rng = np.random.default_rng(seed)
+
+    def normal(self, dims: tuple[int, ...], scale: float = 3.0) -> np.ndarray:
+        # NumPy draws float32 and float64 only: narrower dtypes are drawn in float32
+        drawn = self.dtype if self.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+        a = self.rng.standard_normal(dims, dtype=drawn)
         a *= scale
-        return a.astype(dt, copy=False)
+        return a.astype(self.dtype, copy=False)
 
-    if op.kind == "softmax":
-        x = normal(shape.dims)
-        n = x.nbytes
-        if not op.grad:
-            return Inputs(op, shape, dtype, {"x": x}, shape.axis, 2 * n, n)
-        if op.name == "softmax_backward":
-            y = np.exp(_log_softmax_np(x, shape.axis))
-        else:
-            y = _log_softmax_np(x, shape.axis)
-        g = normal(shape.dims, 1.0)
-        return Inputs(op, shape, dtype, {"g": g, "y": y.astype(dt, copy=False)}, shape.axis,
-                      3 * n, n)
-
-    if op.kind == "linear":
-        return _linear_inputs(op, shape, dtype, normal, rng)
-
-    if op.kind == "class":
-        xshape, tshape = shape.class_layout()
-        x = normal(xshape)
-        n_classes = xshape[1] if len(xshape) > 1 else xshape[0]
-        t = rng.integers(0, n_classes, size=tshape, dtype=np.int64)
-        rows = max(t.size, 1)
-        if op.name.startswith("nll_loss"):
-            x = _log_softmax_np(x, 1 if x.ndim > 1 else 0).astype(dt, copy=False)
-            moved = t.nbytes + rows * item  # the gathered log-probabilities
-        else:
-            moved = x.nbytes + t.nbytes
-        if op.grad:
-            moved += x.nbytes  # the gradient is written once
-        return Inputs(op, shape, dtype, {"x": x, "t": t}, 1, moved, x.nbytes)
-
-    # elementwise
-    x = normal(shape.dims)
-    n = x.nbytes
-    if op.name == "sigmoid":
-        return Inputs(op, shape, dtype, {"x": x}, -1, 2 * n, n)
-    if op.name == "sigmoid_backward":
-        y = (1.0 / (1.0 + np.exp(-x))).astype(dt, copy=False)
-        g = normal(shape.dims, 1.0)
-        return Inputs(op, shape, dtype, {"g": g, "y": y}, -1, 3 * n, n)
-    y = (rng.random(shape.dims) < 0.5).astype(dt)
-    if op.name.startswith("bce_with_logits"):
-        arrays = {"x": x, "y": y}
-    else:  # probabilities strictly inside (0, 1)
-        p = rng.uniform(0.01, 0.99, size=shape.dims).astype(dt)
-        arrays = {"x": p, "y": y}
-    moved = 2 * n + (n if op.grad else 0)
-    return Inputs(op, shape, dtype, arrays, -1, moved, n)
+    def classes(self, n_classes: int, dims: tuple[int, ...]) -> np.ndarray:
+        return self.rng.integers(0, n_classes, size=dims, dtype=np.int64)
 
 
-def _linear_inputs(op: Op, shape: Shape, dtype: str, normal: Callable[..., np.ndarray],
-                   rng: np.random.Generator) -> Inputs:
-    """``N x D x [V]``: input ``(N, D)``, linear weight ``(V, D)``, class indices ``(N,)``."""
+# A layout: (maker, shape) -> (arrays, dim, bytes of the main input, bytes a writing case
+# writes). The byte counts are taken before the case's ``prepare`` replaces the arrays.
+_Built = tuple[dict[str, np.ndarray], int, int, int]
+
+
+def _softmax(m: _Maker, shape: Shape) -> _Built:
+    x = m.normal(shape.dims)
+    return {"x": x}, shape.axis, x.nbytes, x.nbytes
+
+
+def _class(m: _Maker, shape: Shape) -> _Built:
+    xshape, tshape = shape.class_layout()
+    x = m.normal(xshape)
+    t = m.classes(xshape[1] if len(xshape) > 1 else xshape[0], tshape)
+    return {"x": x, "t": t}, 1, x.nbytes, x.nbytes
+
+
+def _elementwise(m: _Maker, shape: Shape) -> _Built:
+    x = m.normal(shape.dims)
+    y = (m.rng.random(shape.dims) < 0.5).astype(m.dtype)
+    return {"x": x, "y": y}, shape.axis, x.nbytes, x.nbytes
+
+
+def _pair(m: _Maker, shape: Shape) -> _Built:
+    x, y = m.normal(shape.dims), m.normal(shape.dims)
+    return {"x": x, "y": y}, shape.axis, x.nbytes, x.nbytes
+
+
+def _topk(m: _Maker, shape: Shape) -> _Built:
+    axis, k = shape.axis, min(shape.dims[shape.axis], TOPK)
+    x, teacher = m.normal(shape.dims), m.normal(shape.dims).astype(np.float64)
+    index = np.argpartition(-teacher, k - 1, axis=axis).take(range(k), axis=axis)
+    top = np.take_along_axis(teacher, index, axis=axis)
+    peak = teacher.max(axis=axis, keepdims=True)
+    logp = top - peak - np.log(np.exp(teacher - peak).sum(axis=axis, keepdims=True))
+    arrays = {"x": x, "top_index": index.astype(np.int64),
+              "top_logp": logp.astype(m.dtype)}
+    return arrays, axis, x.nbytes, x.nbytes
+
+
+def _linear_head(m: _Maker, shape: Shape) -> tuple[np.ndarray, np.ndarray]:
     if len(shape.dims) != 3 or shape.axis != 2:
-        raise ValueError(f"linear cross-entropy shapes are NxDx[V], got {shape.label}")
+        raise ValueError(f"linear layouts take NxDx[V] shapes, got {shape.label}")
     n, d, v = shape.dims
-    x = normal((n, d), 1.0)
-    w = normal((v, d), 1.0 / math.sqrt(d))  # logits of unit scale, as after a trained layer
-    t = rng.integers(0, v, size=(n,), dtype=np.int64)
-    item = x.itemsize
-    # An ideal kernel reads input, weight and targets and writes both gradients once; the
-    # N x V logits it never stores are the base of the memory percentages.
-    moved = 2 * (x.nbytes + w.nbytes) + t.nbytes
-    return Inputs(op, shape, dtype, {"x": x, "w": w, "t": t}, 1, moved, n * v * item)
+    # logits of unit scale, as after a trained layer
+    return m.normal((n, d), 1.0), m.normal((v, d), 1.0 / math.sqrt(d))
 
 
-# ----------------------------------------------------------------------------- nblosses calls
+def _linear(m: _Maker, shape: Shape) -> _Built:
+    x, w = _linear_head(m, shape)
+    n, _, v = shape.dims
+    # The N x V logits, never stored, are the base of the memory percentages.
+    return ({"x": x, "w": w, "t": m.classes(v, (n,))}, 1, n * v * x.itemsize,
+            x.nbytes + w.nbytes)
+
+
+def _linear_pair(m: _Maker, shape: Shape) -> _Built:
+    arrays, dim, logits, grads = _linear(m, shape)
+    arrays["tx"], arrays["tw"] = _linear_head(m, shape)
+    return arrays, dim, logits, grads
+
+
+#: Each layout's builder (the keys: the :data:`nblosses._spec.Layout` values).
+LAYOUTS: dict[str, Callable[[_Maker, Shape], _Built]] = {
+    "softmax": _softmax, "class": _class, "elementwise": _elementwise, "pair": _pair,
+    "topk": _topk, "linear": _linear, "linear_pair": _linear_pair,
+}
+
+
+def make_inputs(case: str | BenchCase, shape: str | Shape, dtype: str = "float32",
+                seed: int = 0) -> Inputs:
+    """Deterministic NumPy inputs of ``case`` on ``shape``: its layout's arrays, then its
+    ``prepare``."""
+    case, shape = lookup(case), parse_shape(shape)
+    maker = _Maker(dtype, seed)
+    arrays, dim, main_bytes, written = LAYOUTS[case.layout](maker, shape)
+    if case.prepare is not None:
+        arrays = case.prepare(arrays, dim, maker.rng)
+    read = case.moved(arrays) if case.moved else sum(a.nbytes for a in arrays.values())
+    return Inputs(case, shape, dtype, arrays, dim, read + (written if case.writes else 0),
+                  main_bytes)
+
+
 def nblosses_callable(inputs: Inputs, backend: str = "cpu") -> Callable[[], Any]:
-    """A zero-argument function that runs the op once with nblosses (public API only)."""
+    """A zero-argument function that runs the case once with nblosses (public API only)."""
     from nblosses import functional as F
 
-    a, d, name = inputs.arrays, inputs.dim, inputs.op.name
-    b = backend
-    table: dict[str, Callable[[], Any]] = {
-        "softmax": lambda: F.softmax(a["x"], d, backend=b),
-        "log_softmax": lambda: F.log_softmax(a["x"], d, backend=b),
-        "sigmoid": lambda: F.sigmoid(a["x"], backend=b),
-        "softmax_backward": lambda: F.softmax_backward(a["g"], a["y"], d, backend=b),
-        "log_softmax_backward": lambda: F.log_softmax_backward(a["g"], a["y"], d, backend=b),
-        "sigmoid_backward": lambda: F.sigmoid_backward(a["g"], a["y"], backend=b),
-        "cross_entropy": lambda: F.cross_entropy(a["x"], a["t"], backend=b),
-        "cross_entropy_grad": lambda: F.cross_entropy(a["x"], a["t"], return_grad=True, backend=b),
-        "nll_loss": lambda: F.nll_loss(a["x"], a["t"], backend=b),
-        "nll_loss_grad": lambda: F.nll_loss(a["x"], a["t"], return_grad=True, backend=b),
-        "bce": lambda: F.binary_cross_entropy(a["x"], a["y"], backend=b),
-        "bce_grad": lambda: F.binary_cross_entropy(a["x"], a["y"], return_grad=True, backend=b),
-        "bce_with_logits": lambda: F.binary_cross_entropy_with_logits(a["x"], a["y"], backend=b),
-        "bce_with_logits_grad": lambda: F.binary_cross_entropy_with_logits(
-            a["x"], a["y"], return_grad=True, backend=b),
-        "linear_cross_entropy_grad": lambda: F.linear_cross_entropy(
-            a["x"], a["w"], a["t"], return_grad=True, backend=b),
-    }
-    return table[name]
+    run, arrays, dim = inputs.case.run, inputs.arrays, inputs.dim
+    return lambda: run(F, arrays, dim, backend)

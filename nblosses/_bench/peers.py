@@ -1,20 +1,18 @@
-"""Reference implementations the benchmarks compare against: torch, SciPy, cupyx.
+"""The peers the benchmarks compare against: torch, SciPy, cupyx.
 
-Which peers exist, where they run and which ops they cover is benchmark configuration
-(``targets.json``, :mod:`.config`); this module holds how each one is called. Every peer is
+Which peers exist, where they run and which cases they cover is benchmark configuration
+(``targets.json``, :mod:`.config`); how each one runs a case is the case's own
+(:class:`~nblosses._spec.BenchCase`: ``torch``, ``torch_peers``, ``scipy``). Every peer is
 imported lazily, inside the functions, and is optional: :func:`available_peers` lists those
 installed (and usable on the backend's device). :func:`peer_callable` returns a
-zero-argument function running the op once on arrays *already converted* outside the timed
-region (``torch.from_numpy`` / DLPack: no copies), or ``None`` where the peer lacks the op.
+zero-argument function running the case once on arrays *already converted* outside the timed
+region (``torch.from_numpy`` / DLPack: no copies), or ``None`` where the peer lacks the case.
 
 torch runs with as many intra-op threads as Numba (:func:`match_torch_threads`), so the
-comparison is like for like. Gradient ops are compared with what torch users run:
-``F.cross_entropy`` then ``torch.autograd.grad`` (forward + backward), and torch's own backward
-kernels (``aten._softmax_backward_data``...) for the explicit backward functions.
-Linear cross-entropy is compared with two torch peers: ``torch``, the reference users write
-(``F.linear`` + ``F.cross_entropy``, gradients of input and weight by autograd), and
-``torch_chunked``, torch's own ``F.linear_cross_entropy`` on its chunked path
-(``options=torch.nn.LinearCrossEntropyOptions()``), which never stores the logits.
+comparison is like for like. Gradient cases are compared with what torch users run
+(``F.cross_entropy`` then ``torch.autograd.grad``, or torch's own backward kernels for the
+explicit backward functions); linear cross-entropy also with ``torch_chunked``, torch's own
+``F.linear_cross_entropy`` on its chunked path, which never stores the logits.
 """
 
 from __future__ import annotations
@@ -88,139 +86,49 @@ def peer_sync(peer: str, backend: str) -> Callable[[], None] | None:
 
 def peer_callable(peer: str, inputs: Inputs, backend: str = "cpu",
                   cfg: Config = None) -> Callable[[], Any] | None:
-    """A zero-argument function running ``inputs.op`` with ``peer``, or ``None``.
+    """A zero-argument function running ``inputs.case`` with ``peer``, or ``None``.
 
-    ``None`` also where the configuration does not compare ``peer`` on this op or backend.
+    ``None`` also where the configuration does not compare ``peer`` on this case or backend.
     """
     spec = (cfg or K.load())["peers"].get(peer)
-    if spec is None or peer not in _CALLABLES:
+    if spec is None:
         raise ValueError(f"unknown peer {peer!r}")
     if backend not in spec["backends"]:
         return None
-    if spec["ops"] != "all" and inputs.op.name not in spec["ops"]:
+    if spec["ops"] != "all" and inputs.case.name not in spec["ops"]:
         return None
-    return _CALLABLES[peer](inputs, backend)
+    if spec["module"] == "torch":
+        return _torch_callable(peer, inputs, backend)
+    return _special_callable(spec["module"], inputs)
 
 
 def _torch_tensors(inputs: Inputs, backend: str) -> dict[str, Any]:
     """``inputs.arrays`` as torch tensors sharing their memory (no copies)."""
     import torch
 
-    def tensor(a: Any) -> Any:
-        if backend == "cpu":
-            return torch.from_numpy(a)
-        return torch.as_tensor(a, device="cuda")  # __cuda_array_interface__: no copy
-
-    return {k: tensor(v) for k, v in inputs.arrays.items()}
+    # DLPack carries every dtype CuPy has (bfloat16 too), on the arrays' own device
+    convert = torch.from_numpy if backend == "cpu" else torch.from_dlpack
+    return {k: convert(v) for k, v in inputs.arrays.items()}
 
 
-def _linear_ce_grad(a: dict[str, Any], options: Any) -> Callable[[], Any]:
-    """Loss and the gradients of input and linear weight, by autograd.
-
-    ``options=None``: the reference ``F.linear`` + ``F.cross_entropy`` (logits materialised);
-    else ``F.linear_cross_entropy(..., options=options)``.
-    """
+def _torch_callable(peer: str, inputs: Inputs, backend: str) -> Callable[[], Any] | None:
+    """The case's ``torch`` (peer ``torch``) or its entry in ``torch_peers``."""
     import torch
     import torch.nn.functional as F
 
-    x = a["x"].detach().requires_grad_(True)
-    w = a["w"].detach().requires_grad_(True)
-    t = a["t"]
-
-    def run() -> Any:
-        if options is None:
-            loss = F.cross_entropy(F.linear(x, w), t)
-        else:
-            loss = F.linear_cross_entropy(x, w, t, options=options)
-        gx, gw = torch.autograd.grad(loss, (x, w))
-        return loss.detach(), (gx, gw)
-
-    return run
-
-
-def _torch_chunked_callable(inputs: Inputs, backend: str) -> Callable[[], Any] | None:
-    import torch
-
-    if inputs.op.kind != "linear":
+    case = inputs.case
+    make = case.torch if peer == "torch" else case.torch_peers.get(peer)
+    if make is None:
         return None
-    return _linear_ce_grad(_torch_tensors(inputs, backend),
-                           torch.nn.LinearCrossEntropyOptions())
+    fn: Callable[[], Any] = make(F, torch, _torch_tensors(inputs, backend), inputs.dim)
+    return fn
 
 
-def _torch_callable(inputs: Inputs, backend: str) -> Callable[[], Any] | None:
-    import torch
-    import torch.nn.functional as F
-
-    a = _torch_tensors(inputs, backend)
-    d, name = inputs.dim, inputs.op.name
-
-    def with_grad(loss_fn: Callable[[Any], Any], x: Any) -> Callable[[], Any]:
-        leaf = x.detach().requires_grad_(True)
-
-        def run() -> Any:
-            loss = loss_fn(leaf)
-            (gx,) = torch.autograd.grad(loss, leaf)
-            return loss.detach(), gx
-
-        return run
-
-    if name == "softmax":
-        return lambda: F.softmax(a["x"], d)
-    if name == "log_softmax":
-        return lambda: F.log_softmax(a["x"], d)
-    if name == "sigmoid":
-        return lambda: torch.sigmoid(a["x"])
-    if name == "softmax_backward":
-        g, y = a["g"], a["y"]
-        return lambda: torch._softmax_backward_data(g, y, d, y.dtype)
-    if name == "log_softmax_backward":
-        g, y = a["g"], a["y"]
-        return lambda: torch._log_softmax_backward_data(g, y, d, y.dtype)
-    if name == "sigmoid_backward":
-        g, y = a["g"], a["y"]
-        return lambda: torch.ops.aten.sigmoid_backward(g, y)
-    # the losses (and their "_grad" cases): torch function and the input holding the target
-    losses: dict[str, tuple[Callable[..., Any], str]] = {
-        "cross_entropy": (F.cross_entropy, "t"), "nll_loss": (F.nll_loss, "t"),
-        "bce": (F.binary_cross_entropy, "y"),
-        "bce_with_logits": (F.binary_cross_entropy_with_logits, "y")}
-    loss = losses.get(name.removesuffix("_grad"))
-    if loss is not None:
-        fn, target = loss[0], a[loss[1]]
-        if name.endswith("_grad"):
-            return with_grad(lambda x: fn(x, target), a["x"])
-        return lambda: fn(a["x"], target)
-    if name == "linear_cross_entropy_grad":
-        return _linear_ce_grad(a, None)
-    return None
-
-
-def _special_callable(special: Any, inputs: Inputs) -> Callable[[], Any] | None:
-    """softmax / log_softmax / sigmoid from a ``scipy.special``-like module (SciPy or cupyx)."""
-    a, d, name = inputs.arrays, inputs.dim, inputs.op.name
-    if name == "softmax":
-        return lambda: special.softmax(a["x"], axis=d)
-    if name == "log_softmax":
-        return lambda: special.log_softmax(a["x"], axis=d)
-    if name == "sigmoid":
-        return lambda: special.expit(a["x"])
-    return None
-
-
-def _scipy_callable(inputs: Inputs, backend: str) -> Callable[[], Any] | None:
-    import scipy.special
-
-    return _special_callable(scipy.special, inputs)
-
-
-def _cupyx_callable(inputs: Inputs, backend: str) -> Callable[[], Any] | None:
-    import cupyx.scipy.special
-
-    return _special_callable(cupyx.scipy.special, inputs)
-
-
-#: How each peer is called; which ops and backends it covers is in the configuration.
-_CALLABLES: dict[str, Callable[[Inputs, str], Callable[[], Any] | None]] = {
-    "torch": _torch_callable, "torch_chunked": _torch_chunked_callable,
-    "scipy": _scipy_callable, "cupyx": _cupyx_callable,
-}
+def _special_callable(module: str, inputs: Inputs) -> Callable[[], Any] | None:
+    """The case's ``scipy`` on ``module``'s ``special`` (``scipy`` or ``cupyx.scipy``)."""
+    if inputs.case.scipy is None:
+        return None
+    special = importlib.import_module(("cupyx.scipy" if module == "cupy" else module)
+                                      + ".special")
+    fn: Callable[[], Any] = inputs.case.scipy(special, inputs.arrays, inputs.dim)
+    return fn

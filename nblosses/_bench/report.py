@@ -169,17 +169,32 @@ def format_targets(out: dict[str, Any]) -> str:
     return _table(["status", "target", "value", "goal", "measure"], rows, "llrrl")
 
 
+def ran_on(meta: dict[str, Any]) -> str:
+    """One line saying where the run ran: the CPU, its ISA level, the CPU and ISA Numba's
+    code was compiled for, and the threads of nblosses and torch."""
+    m, info = meta.get("machine") or {}, meta.get("info") or {}
+    forced = f", set by {m['numba_cpu_env']}" if m.get("numba_cpu_env") else ""
+    threads = f"{info.get('numba_threads', '?')} Numba threads"
+    if meta.get("torch_threads"):
+        threads += (f", torch {m.get('torch_cpu_capability') or '?'} kernels on "
+                    f"{meta['torch_threads']} threads")
+    return (f"ran on: {m.get('cpu', '?')}, {m.get('isa_level') or 'ISA level unknown'}; "
+            f"Numba code for {m.get('numba_cpu_name', '?')} "
+            f"({m.get('numba_code_isa') or 'ISA unknown'}{forced}); {threads}")
+
+
 def machine_lines(meta: dict[str, Any]) -> list[str]:
     """The CPU and its measured copy bandwidth, one fact per line (also for perf tables)."""
     m = meta.get("machine") or {}
     flags = " ".join(m.get("simd_flags") or []) or "-"
-    numba_isa = ", ".join(f for f in ("avx512f", "avx2") if m.get(f"numba_{f}")) or "neither"
+    host_isa = " ".join(f for f in ("avx512f", "avx2") if m.get(f"numba_{f}")) or "neither"
     l2 = m.get("l2_bytes")
     cpu = (f"CPU: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} CPUs, ISA level "
            f"{m.get('isa_level') or '-'} ({flags}), L2 {l2 >> 10 if l2 else '?'} KiB in all")
     isa = (f"torch CPU capability: {m.get('torch_cpu_capability') or 'torch not installed'}; "
-           f"Numba target CPU: {m.get('numba_cpu_name', '?')} (host has {numba_isa} of "
-           "avx512f, avx2)")
+           f"Numba target CPU: {m.get('numba_cpu_name', '?')}, its code "
+           f"{m.get('numba_code_isa') or 'of unknown ISA'} (host features of avx512f, avx2: "
+           f"{host_isa})")
     lines = [cpu, isa]
     if m.get("blas"):
         blas = f"BLAS (linear_cross_entropy products): {m['blas']}"
@@ -214,7 +229,7 @@ def format_header(out: dict[str, Any]) -> str:
                 f"(threading layer {info.get('numba_threading_layer', '?')}, "
                 f"{info.get('numba_threads', '?')} threads)")
     lines = [f"nblosses {info['nblosses']} bench, backend {m['backend']}, {m['date']}",
-             *machine_lines(m), versions]
+             ran_on(m), *machine_lines(m), versions]
     if m["backend"] == "cuda" and info.get("cuda_device"):
         lines.append(f"device: {info['cuda_device']}")
     peers = ", ".join(f"{p} {v}" for p, v in m["peers"].items()) or "none installed"

@@ -42,7 +42,8 @@ __all__ = ["BenchConfig", "run"]
 @dataclass
 class BenchConfig:
     backend: str = "cpu"
-    ops: list[str] = field(default_factory=lambda: list(C.OPS))
+    #: Case names (``--ops``): :func:`.cases.parse_cases`.
+    ops: list[str] = field(default_factory=C.parse_cases)
     shapes: list[C.Shape] = field(default_factory=lambda: list(C.SHAPES))
     dtypes: list[str] = field(default_factory=lambda: ["float32"])
     repeat: int = 7
@@ -54,7 +55,8 @@ class BenchConfig:
     memory_ops: list[str] | None = None
     first_call_ops: list[str] | None = None
     copy_bytes: int = 128 << 20
-    check: bool = True
+    #: Compare each result with the first peer's (``--skip-result-check`` turns it off).
+    result_check: bool = True
     quick: bool = False
     #: Which sample statistic the table uses: "median" (default) or "min" (on a busy machine
     #: the fastest sample is the one least disturbed by other processes).
@@ -161,8 +163,8 @@ def _selected(ops: list[str] | None, default: list[str], chosen: list[str]) -> l
 
 
 def _shapes_of(op: str, config: BenchConfig) -> list[C.Shape]:
-    """The op's own shapes when it has some (linear cross-entropy), else the run's."""
-    return list(C.lookup_op(op).own_shapes(config.quick)) or list(config.shapes)
+    """The case's own shapes when it has some (LM heads), else the run's."""
+    return list(C.own_shapes(op, config.quick)) or list(config.shapes)
 
 
 def _cases(config: BenchConfig) -> list[tuple[str, str, C.Shape]]:
@@ -174,7 +176,8 @@ def _meta(ctx: _Ctx, info: dict[str, Any], copy: dict[str, Any]) -> dict[str, An
     c = ctx.config
     machine = {k: info.get(k) for k in (
         "cpu", "cpu_count", "isa_level", "simd_flags", "l2_bytes", "torch_cpu_capability",
-        "numba_cpu_name", "numba_avx512f", "numba_avx2", "blas", "blas_core",
+        "numba_cpu_name", "numba_code_isa", "numba_cpu_env", "numba_avx512f", "numba_avx2",
+        "blas", "blas_core",
         "openblas_coretype_env")}
     machine["copy"] = copy
     return {
@@ -291,16 +294,16 @@ def _run_case(op: str, shape: C.Shape, dtype: str, ctx: _Ctx) -> dict[str, Any]:
         ctx.bar.write(f"nblosses {op} {shape.label} {dtype}: {rec['error']}")
         return rec
     fns, ref_out, ref_name = _peer_calls(inputs, ctx, rec)
-    if config.check and ref_out is not None:
+    if config.result_check and ref_out is not None:
         err = compare(ours_out, ref_out)
         rec["check"] = {"peer": ref_name, "rel_err": err,
                         "ok": err <= ctx.cfg["tolerance"].get(dtype, 1e-3)}
     del ours_out, ref_out
     try:
-        # Slow ops (seconds per call) skip the warm-up: the first calls above were it.
+        # Slow cases (seconds per call) skip the warm-up: the first calls above were it.
         times = timing.measure({"nblosses": (ours, ctx.sync), **fns}, repeat=config.repeat,
                                min_sample=config.min_sample, budget=config.budget,
-                               warmup=0 if op in C.SLOW_OPS else 1)
+                               warmup=0 if C.is_slow(op) else 1)
     except Exception as exc:  # a failing case is recorded, the run goes on
         rec["error"] = _error_text(exc)
         return rec
@@ -320,8 +323,8 @@ def _run_case(op: str, shape: C.Shape, dtype: str, ctx: _Ctx) -> dict[str, Any]:
 def _run_memory(op: str, shape: C.Shape, dtype: str, ctx: _Ctx) -> dict[str, Any]:
     rec: dict[str, Any] = {"op": op, "shape": shape.label, "dtype": dtype,
                            "backend": ctx.backend}
-    # A slow op's cases ran before in this process: compiled, torch warmed up, no 2nd call.
-    warmed = op in C.SLOW_OPS and any(op == o for _, o, _ in _cases(ctx.config))
+    # A slow case ran before in this process: compiled, torch warmed up, no 2nd call.
+    warmed = C.is_slow(op) and any(op == o for _, o, _ in _cases(ctx.config))
     try:
         inputs = C.make_inputs(op, shape, dtype).to(ctx.xp)
         rec["input_bytes"] = inputs.nbytes_input
@@ -342,8 +345,10 @@ def _run_memory(op: str, shape: C.Shape, dtype: str, ctx: _Ctx) -> dict[str, Any
 
 
 def _run_first_call(op: str, ctx: _Ctx) -> dict[str, Any]:
+    own = C.own_shapes(op, quick=True)  # the smallest a case with its own shapes takes
     try:
-        return firstcall.first_call(op, backend=ctx.backend)
+        return firstcall.first_call(op, backend=ctx.backend,
+                                    shape=own[0].label if own else firstcall.FIRST_CALL_SHAPE)
     except Exception as exc:  # a failing case is recorded, the run goes on
         return {"op": op, "error": _error_text(exc)}
 

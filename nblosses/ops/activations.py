@@ -178,7 +178,8 @@ def _softmax_bench(name: str) -> BenchCase:
         name, "softmax", False, name, f"F.{name}",
         run=lambda F, a, d, b: getattr(F, name)(a["x"], d, backend=b),
         torch=lambda F, torch, t, d: lambda: getattr(F, name)(t["x"], d),
-        scipy=True, groups=("forward", "softmax_family", "targets"), writes=True)
+        scipy=lambda special, a, d: lambda: getattr(special, name)(a["x"], axis=d),
+        groups=("forward", "softmax_family", "targets", "layouts"), writes=True)
 
 
 def _softmax_backward_bench(name: str) -> BenchCase:
@@ -318,7 +319,9 @@ SPECS = (
         bench=(BenchCase("sigmoid", "elementwise", False, "sigmoid", "torch.sigmoid",
                          run=lambda F, a, d, b: F.sigmoid(a["x"], backend=b),
                          torch=lambda F, torch, t, d: lambda: torch.sigmoid(t["x"]),
-                         scipy=True, groups=("forward",), writes=True),)),
+                         scipy=lambda special, a, d: lambda: special.expit(a["x"]),
+                         prepare=lambda a, d, rng: {"x": a["x"]},  # no targets
+                         groups=("forward",), writes=True),)),
     _softmax_backward_spec(
         "softmax_backward",
         r"Gradient of :func:`softmax` given its ``output`` :math:`y`: :math:`y (g - \sum g y)`.",

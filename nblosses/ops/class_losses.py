@@ -281,7 +281,8 @@ def _log_probs(a: dict, d: int, rng: Any) -> dict:
 
 
 def _nll_moved(a: dict) -> int:
-    """nll_loss's forward gathers one log-probability per position and reads the targets."""
+    """nll_loss reads the targets and gathers one log-probability per position (its gradient
+    writes the whole array besides: ``writes``)."""
     return a["t"].nbytes + max(a["t"].size, 1) * a["x"].itemsize
 
 
@@ -312,7 +313,8 @@ SPECS = (
         r"Negative log-likelihood loss on log-probabilities: :math:`l_i = -w_{t_i} x_{i, t_i}`.",
         (_loss_case("nll_loss", "nll_loss", "nll_loss", False, prepare=_log_probs,
                     moved=_nll_moved),
-         _loss_case("nll_loss", "nll_loss", "nll_loss", True, prepare=_log_probs)),
+         _loss_case("nll_loss", "nll_loss", "nll_loss", True, prepare=_log_probs,
+                    moved=_nll_moved)),
         notes="""
         ``mean`` divides by the sum of the weights of the non-ignored targets.""",
         examples="""
@@ -345,9 +347,9 @@ SPECS = (
         "Cross-entropy of logits: log-softmax and NLL fused, never materialising "
         "log-probabilities.",
         (_loss_case("cross_entropy", "cross_entropy", "cross_entropy", False,
-                    groups=("forward", "losses", "targets")),
+                    groups=("forward", "losses", "targets", "layouts")),
          _loss_case("cross_entropy", "cross_entropy", "cross_entropy", True,
-                    groups=("grad", "losses", "targets"))),
+                    groups=("grad", "losses", "targets", "layouts"))),
         notes="""
         Index targets: ``mean`` divides by the sum of ``weight[target]`` over non-ignored
         positions; probability targets: by ``N * d1 * ... * dk``. The loss, the gradient and

@@ -293,7 +293,10 @@ SPEC = OpSpec(
         "F.linear + F.cross_entropy + autograd.grad",
         run=lambda F, a, d, b: F.linear_cross_entropy(a["x"], a["w"], a["t"],
                                                       return_grad=True, backend=b),
-        torch=_torch_linear_ce, groups=("slow",), writes=True,
+        torch=_torch_linear_ce,
+        torch_peers={"torch_chunked": lambda F, torch, t, d: _torch_linear_ce(
+            F, torch, t, d, torch.nn.LinearCrossEntropyOptions())},
+        groups=("slow",), writes=True,
         shapes=("4096x1024x[32000]", "1024x1024x[128256]"),
         quick_shapes=("256x128x[4096]",)),),
 )

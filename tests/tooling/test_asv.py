@@ -1,6 +1,7 @@
 """The asv benchmarks cannot rot: `asv check` discovers them, one call of every benchmark of every
 module runs here with the smallest parameters (a tiny shape), directly in Python, teardown
-survives a skipped setup, and each documented `-b` regex selects exactly one family."""
+survives a skipped setup, each documented `-b` regex selects exactly one family, and every
+benchmark case of the op specs is timed."""
 
 from __future__ import annotations
 
@@ -99,6 +100,22 @@ def _args(cls):
     common = importlib.import_module("asv_bench.common")
     params = getattr(cls, "params", [])
     return common.smallest_params(params, cls.param_names) if params else []
+
+
+def test_every_case_is_timed(asv_bench):
+    """Each case of the table (every one not slow, and the LM heads) is a parameter of a timed
+    nblosses benchmark: the modules read the table, so a new op needs no edit here."""
+    common = importlib.import_module("asv_bench.common")
+    timed = set()
+    for _, cls, methods in _all_benchmarks(asv_bench):
+        names = getattr(cls, "param_names", [])
+        if "op" in names and issubclass(cls, common.CaseBenchmark) and any(
+                m.startswith("time_") for m in methods):
+            timed.update(cls.params[names.index("op")])
+    cases = common.cases
+    expected = set(cases.case_names()) | set(common.LINEAR)
+    assert expected and expected <= timed, sorted(expected - timed)
+    assert timed <= set(cases.case_table())
 
 
 def test_teardown_after_skipped_setup(asv_bench, monkeypatch):

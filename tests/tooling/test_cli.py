@@ -3,11 +3,13 @@ asserted: they belong to benchmarks). Kept fast: one op on the --quick shapes.""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,9 @@ import pytest
 
 from nblosses._bench import cases as C
 from nblosses._bench import config as K
-from nblosses._bench import memory, targets, timing
+from nblosses._bench import memory, peers, targets, timing
+from nblosses._spec import BenchCase, Layout
+from nblosses.ops import SPECS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,6 +61,9 @@ def _check_machine_facts(facts):
     assert isinstance(facts["simd_flags"], list)
     assert facts["l2_bytes"] is None or facts["l2_bytes"] >= 64 << 10
     assert isinstance(facts["numba_cpu_name"], str) and facts["numba_cpu_name"]
+    assert facts["numba_code_isa"] in ("AVX-512", "AVX2", "SSE", None)
+    if facts["numba_code_isa"] == "AVX-512" and not facts["numba_cpu_env"]:
+        assert facts["numba_avx512f"]  # without an override Numba compiles for the host
     assert isinstance(facts["numba_avx2"], bool) and isinstance(facts["numba_avx512f"], bool)
     if facts["numba_avx512f"] and facts["isa_level"]:
         assert facts["isa_level"] == "x86-64-v4" or "avx512f" in facts["simd_flags"]
@@ -92,6 +99,12 @@ def test_bench_quick_softmax(tmp_path):
         assert fact in table
     out = json.loads(js.read_text())
     meta = out["meta"]
+    # the second line says where it ran: CPU, ISA level, Numba's target and code ISA, threads
+    ran_on = table.splitlines()[1]
+    machine = meta["machine"]
+    assert ran_on.startswith(f"ran on: {machine['cpu']}, {machine['isa_level']}")
+    assert f"Numba code for {machine['numba_cpu_name']} ({machine['numba_code_isa']}" in ran_on
+    assert f"{meta['info']['numba_threads']} Numba threads" in ran_on
     assert meta["backend"] == "cpu" and meta["copy_gbps"] > 0
     _check_machine_facts(meta["machine"])
     copy = meta["machine"]["copy"]
@@ -182,6 +195,30 @@ def test_bench_help_documents_exit_status():
     assert "exit status" in out and "--check" in out and "--targets" in out
     for code in ("0 ", "1 ", "2 "):
         assert f"\n  {code}" in out
+    # the result-check skip is not named as the opposite of --check
+    assert "--skip-result-check" in out and "--no-check" not in out
+    # every case and group of the table is listed
+    listed = out.split("cases (--ops", 1)[1]
+    for name in [*C.case_table(), *C.case_groups()]:
+        assert name in listed, name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch (a peer)")
+@pytest.mark.parametrize("skip", [False, True])
+def test_bench_skip_result_check(tmp_path, skip):
+    """``--skip-result-check`` drops the comparison with the peer's result, nothing else."""
+    js = tmp_path / "out.json"
+    args = ["bench", "--ops", "softmax", "--shapes", "64x[100]", "--peers", "torch",
+            "--first-call", "none", "--memory", "none", "--no-progress", "--repeat", "3",
+            "--json", str(js)]
+    proc = run_cli(*args, *(["--skip-result-check"] if skip else []))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(js.read_text())["results"]
+    assert "ratio" in row["peers"]["torch"]
+    assert ("check" in row) is not skip
+    if not skip:
+        assert row["check"]["peer"] == "torch" and row["check"]["ok"]
+    assert run_cli(*args, "--no-check").returncode == 2  # the old, confusing name is gone
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"peers": {}})])
@@ -204,7 +241,8 @@ def test_entry_point_installed():
 
 
 def test_cli_imports_nothing_heavy():
-    code = ("import sys, nblosses, nblosses.cli, nblosses._bench.cases; "
+    code = ("import sys, nblosses, nblosses.cli, nblosses._bench.cases as C; "
+            "C.make_inputs(next(iter(C.case_table())), '8x[10]'); "
             "print(sorted(m for m in ('torch', 'scipy', 'cupy', 'matplotlib', 'tqdm') "
             "if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -214,7 +252,7 @@ def test_cli_imports_nothing_heavy():
 
 
 def test_bench_quick_linear_cross_entropy(tmp_path):
-    """The slow op runs alone on its quick shape against both torch peers, memory included."""
+    """The slow case runs alone on its quick shape against both torch peers, memory included."""
     js = tmp_path / "lce.json"
     op = "linear_cross_entropy_grad"
     proc = run_cli("bench", "--quick", "--ops", op, "--json", str(js), "--no-progress",
@@ -222,7 +260,7 @@ def test_bench_quick_linear_cross_entropy(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert op in proc.stdout and "vs torch_chunked" in proc.stdout
     out = json.loads(js.read_text())
-    quick = [s.label for s in C.SLOW_OPS[op].quick_shapes]
+    quick = [s.label for s in C.own_shapes(op, quick=True)]
     rows = out["results"]
     assert [r["shape"] for r in rows] == quick
     for r in rows:
@@ -257,25 +295,38 @@ def test_shape_labels_round_trip():
         C.parse_shape("banana")
 
 
-def test_parse_ops():
-    assert C.parse_ops(None) == list(C.OPS)
-    assert C.parse_ops("softmax,cross_entropy_grad") == ["softmax", "cross_entropy_grad"]
-    assert set(C.parse_ops("losses")) >= {"cross_entropy", "bce_grad"}
-    with pytest.raises(ValueError):
-        C.parse_ops("softmax,nope")
+def test_case_table_is_the_specs_bench_cases():
+    """Every spec's cases, in spec order, and nothing else: no hand-kept list."""
+    expected = [case.name for spec in SPECS.values() for case in spec.bench]
+    assert list(C.case_table()) == expected
+    for name, case in C.case_table().items():
+        assert C.lookup(name) is case
+    assert set(typing.get_args(Layout)) == set(C.LAYOUTS)
 
 
-@pytest.mark.parametrize("slow", list(C.SLOW_OPS))
-def test_slow_ops_only_when_named(slow):
-    """Seconds-per-call ops stay out of the default run and of every group, `targets` too."""
-    assert slow not in C.parse_ops(None)
-    for group in C.OP_GROUPS:
-        assert slow not in C.parse_ops(group), group
-    assert C.parse_ops(f"softmax,{slow}") == ["softmax", slow]
-    op = C.lookup_op(slow)
-    assert op.own_shapes(quick=False) and op.own_shapes(quick=True)
-    big = max(s.size for s in op.own_shapes(quick=False))
-    assert all(s.size < big for s in op.own_shapes(quick=True))
+def test_parse_cases():
+    assert C.parse_cases(None) == C.parse_cases("all") == C.case_names()
+    assert C.parse_cases("softmax,cross_entropy_grad") == ["softmax", "cross_entropy_grad"]
+    assert set(C.parse_cases("losses")) >= {"cross_entropy", "bce_grad"}
+    # groups come from the cases' own groups
+    for group, names in C.case_groups().items():
+        assert C.parse_cases(group) == list(names)
+        if group not in ("all", C.SLOW):
+            assert all(group in C.lookup(n).groups for n in names)
+    with pytest.raises(ValueError, match="unknown op"):
+        C.parse_cases("softmax,nope")
+
+
+@pytest.mark.parametrize("slow", C.case_names(slow=True))
+def test_slow_cases_only_when_named(slow):
+    """Seconds-per-call cases stay out of the default run and of every group but `slow`."""
+    assert C.is_slow(slow) and slow not in C.parse_cases(None)
+    for group in C.case_groups():
+        assert (slow in C.parse_cases(group)) is (group == C.SLOW), group
+    assert C.parse_cases(f"softmax,{slow}") == ["softmax", slow]
+    own, quick = C.own_shapes(slow, quick=False), C.own_shapes(slow, quick=True)
+    assert own and quick
+    assert all(s.size < max(b.size for b in own) for s in quick)
 
 
 def test_linear_inputs_layout():
@@ -290,12 +341,77 @@ def test_linear_inputs_layout():
         C.make_inputs("linear_cross_entropy_grad", "6x[10]")
 
 
-@pytest.mark.parametrize("op", list(C.OPS))
+@pytest.mark.parametrize("op", list(C.case_table()))
 def test_every_case_builds_and_runs_tiny(op):
-    for shape in C.TINY_SHAPES:
+    linear = C.lookup(op).layout.startswith("linear")
+    for shape in [C.tiny_shape(op)] if linear else C.TINY_SHAPES:
         inputs = C.make_inputs(op, shape, "float32")
         assert inputs.nbytes_moved > 0 and inputs.nbytes_input > 0
         C.nblosses_callable(inputs)()
+
+
+def _case(layout, **kw):
+    """A case of ``layout`` that no spec has (the layouts new ops use)."""
+    return BenchCase("probe", layout, True, "probe", "-", run=lambda F, a, d, b: None, **kw)
+
+
+@pytest.mark.parametrize(("name", "moved"), [
+    ("softmax", lambda n, t: 2 * n),  # read x, write y
+    ("softmax_backward", lambda n, t: 3 * n),  # read g and y, write the gradient
+    ("cross_entropy", lambda n, t: n + t),  # read logits and targets
+    ("cross_entropy_grad", lambda n, t: 2 * n + t),  # ... and write the gradient
+    ("nll_loss", lambda n, t: t + 4 * 4096),  # targets, one gathered float32 per row
+    ("nll_loss_grad", lambda n, t: t + 4 * 4096 + n),
+])
+def test_bytes_moved(name, moved):
+    """Every array the case reads once (or its ``moved``), plus the output of a writer."""
+    inputs = C.make_inputs(name, "4096x[10]")
+    n, t = 4096 * 10 * 4, 4096 * 8
+    assert inputs.nbytes_input == n and inputs.nbytes_moved == moved(n, t)
+
+
+def test_pair_and_topk_layouts():
+    pair = C.make_inputs(_case("pair", writes=True), "6x[100]", "float64")
+    assert {k: v.shape for k, v in pair.arrays.items()} == {"x": (6, 100), "y": (6, 100)}
+    assert pair.dim == 1 and pair.nbytes_moved == 3 * 6 * 100 * 8
+    top = C.make_inputs(_case("topk"), "4x[21]x5")  # a middle class axis
+    a = top.arrays
+    assert a["x"].shape == (4, 21, 5) and top.dim == 1
+    assert a["top_index"].shape == a["top_logp"].shape == (4, min(21, C.TOPK), 5)
+    assert a["top_index"].dtype == np.int64 and a["top_logp"].dtype == np.float32
+    # the indices are distinct classes; their probabilities sum to at most 1
+    assert (np.sort(a["top_index"], axis=1) == np.arange(21)[None, :, None]).all()
+    np.testing.assert_allclose(np.exp(a["top_logp"].astype(np.float64)).sum(axis=1), 1.0,
+                               rtol=1e-5)
+    k = C.make_inputs(_case("topk"), "3x[1000]").arrays
+    assert k["top_index"].shape == (3, C.TOPK) and len(set(k["top_index"][0])) == C.TOPK
+    assert (k["top_logp"] < 0).all()
+
+
+def test_linear_pair_layout():
+    inputs = C.make_inputs(_case("linear_pair", writes=True), "6x4x[10]")
+    a = inputs.arrays
+    assert {k: v.shape for k, v in a.items()} == {
+        "x": (6, 4), "w": (10, 4), "t": (6,), "tx": (6, 4), "tw": (10, 4)}
+    # the student's input and weight gradients are written; the logits are the base
+    reads = sum(v.nbytes for v in a.values())
+    assert inputs.nbytes_moved == reads + a["x"].nbytes + a["w"].nbytes
+    assert inputs.nbytes_input == 6 * 10 * 4
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_peers_come_from_the_cases():
+    """A peer runs a case exactly when the case says how (``torch``, ``torch_peers``,
+    ``scipy``); the packaged configuration lets every case through."""
+    for name, case in C.case_table().items():
+        inputs = C.make_inputs(name, C.tiny_shape(name))
+        assert (peers.peer_callable("torch", inputs) is None) is (case.torch is None), name
+        chunked = peers.peer_callable("torch_chunked", inputs)
+        assert (chunked is None) is ("torch_chunked" not in case.torch_peers), name
+        scipy = peers.peer_callable("scipy", inputs)
+        assert (scipy is None) is (case.scipy is None), name
+        if scipy is not None:
+            np.testing.assert_allclose(scipy(), C.nblosses_callable(inputs)(), rtol=1e-5)
 
 
 def test_measure_round_robin():
@@ -333,7 +449,9 @@ def test_packaged_config_is_valid():
     assert set(cfg["peers"]) == {"torch", "torch_chunked", "scipy", "cupyx"}
     for spec in cfg["targets"]:
         for op in spec.get("ops", []) if spec.get("ops") != "*" else []:
-            assert op in C.OPS or op in C.SLOW_OPS, spec
+            assert op in C.case_table(), spec
+    for op in cfg["memory_ops"] + cfg["first_call_ops"]:
+        assert op in C.case_table(), op
 
 
 def _fake_run(ratios, l2=1 << 20):
@@ -381,9 +499,19 @@ def _fake_bench():
             "dtypes": ["float32"], "peers": {"torch": "2.13.0"}, "torch_threads": 2,
             "info": info, "machine": machine}
     results = [{"op": "softmax", "dtype": "float32", "shape": "8x[10]",
-                "peers": {"torch": {"ratio": 1.5}}}]
-    geo = [{"op": "softmax", "dtype": "float32", "ratio": {"torch": 1.5}}]
-    return {"meta": meta, "results": results, "summary": {"geomean": geo, "targets": []}}
+                "peers": {"torch": {"ratio": 1.5}, "scipy": {"ratio": 4.25}}}]
+    geo = [{"op": "softmax", "dtype": "float32", "ratio": {"torch": 1.5, "scipy": 4.25}}]
+    targets = [{"kind": "memory", "op": "cross_entropy", "value": v} for v in (0.5, 0.75)]
+    targets.append({"kind": "first_call", "op": "softmax", "value": 0.25})
+    return {"meta": meta, "results": results, "summary": {"geomean": geo, "targets": targets}}
+
+
+def _script(name):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
 
 
 def test_perf_table_write(tmp_path):
@@ -391,11 +519,7 @@ def test_perf_table_write(tmp_path):
     js = tmp_path / "bench.json"
     js.write_text(json.dumps(_fake_bench()))
     (tmp_path / "docs").mkdir()
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import perf_table
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    perf_table = _script("perf_table")
     (tmp_path / "README.md").write_text(f"intro\n{perf_table.BEGIN}\nold table\n"
                                         f"{perf_table.END}\noutro\n")
     perf_table.main([str(js), "--write", "--root", str(tmp_path)])
@@ -404,5 +528,22 @@ def test_perf_table_write(tmp_path):
     assert readme.endswith(f"{perf_table.END}\noutro\n")
     assert "Measured 2026-01-02 on Test CPU" in readme and "znver9" in readme
     assert "| softmax, float32 | 1.50x | **1.50x** |" in readme
+    # the sentences under the table name whichever cases the run measured
+    assert "Against `scipy.special` (geomean, float32): `softmax` 4.2x." in readme
+    assert "at most: `cross_entropy` 0.75% of the input." in readme
+    assert "warm compile cache: 0.25-0.25 s per op." in readme
     rst = (tmp_path / "docs" / "perf_table.rst").read_text()
     assert "Test CPU" in rst and "     - 1.50x" in rst
+
+
+def test_gpu_bench_reads_the_case_table():
+    """scripts/gpu_bench.py times the case table's cases (planned here, without a GPU)."""
+    gpu_bench = _script("gpu_bench")
+    quick = gpu_bench.plan(None, True, ("float32",))
+    assert [name for name, _, _ in quick] == C.case_names()  # one shape each, slow ones out
+    rows = gpu_bench.plan(f"all,{C.SLOW}", False, gpu_bench.DTYPES)
+    assert {name for name, _, _ in rows} == set(C.case_table())
+    for name, shape, dtype in rows:
+        own = [s.label for s in C.own_shapes(name, quick=False)]
+        assert shape in (own or gpu_bench.GPU_SHAPES) and dtype in gpu_bench.DTYPES
+    assert all(C.parse_shape(gpu_bench.host_shape(n)) for n in C.case_table())
