@@ -19,6 +19,14 @@ Softmax family (``x3`` is the input viewed as ``(outer, C, inner)``, reduction o
     log_softmax_backward(g3, y3) -> gx3    # g - exp(y) * sum_C(g)
     sigmoid(x1) -> y1                      # flat arrays
     sigmoid_backward(g1, y1) -> gx1
+    logsumexp(x3, out=None) -> lse2        # log(sum_C(exp(x))), shape (outer, inner)
+
+``logsumexp`` is the row statistic that plans merge across chunks (Dask's softmax along a
+chunked ``dim``): computed as ``m + log(sum_C(exp(x - m)))`` with ``m`` the slice's max; a slice
+of only ``-inf`` (or of no element) gives ``-inf``, one holding NaN or ``+inf`` gives NaN, as
+softmax makes such a slice NaN (``torch.logsumexp`` gives ``+inf`` there). ``out``, a float64
+``(outer, inner)`` array, receives the result in float64 instead of the compute dtype
+(statistics merged later keep every digit).
 
 Class losses (``x3`` is ``(N, C, inner)``; a ``(C,)`` input arrives as ``(1, C, 1)``)::
 

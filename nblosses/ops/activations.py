@@ -218,7 +218,7 @@ def _softmax_spec(name: str, summary: str, description: str, examples: str, modu
             Cast the input to this dtype before computing; the result has this dtype.""",
                role=Role.CALL),
          BACKEND),
-        summary, run_softmax, (name,), "softmax", Group.ACTIVATION, "math",
+        summary, run_softmax, (name, "logsumexp"), "softmax", Group.ACTIVATION, "math",
         description=description,
         returns="""
         array

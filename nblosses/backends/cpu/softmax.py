@@ -1,4 +1,5 @@
-"""Softmax, log_softmax, sigmoid and their backwards on the CPU (Numba).
+"""Softmax, log_softmax, sigmoid, their backwards and the row statistic logsumexp on the CPU
+(Numba).
 
 Inputs arrive as ``(outer, C, inner)`` (see :mod:`nblosses.backends`). Three layouts:
 
@@ -24,6 +25,7 @@ from ._blocks import (
     CHUNK,
     SMALL_C,
     TILE,
+    block_stats,
     block_stats_store,
     block_task,
     group_tiles,
@@ -49,6 +51,7 @@ from ._math import (
     fast_exp,
     like,
     row_max,
+    sum_exp,
     sum_exp_store,
 )
 from ._parallel import guarded, parallel_kernel
@@ -220,6 +223,69 @@ def softmax(x3: np.ndarray) -> np.ndarray:
 def log_softmax(x3: np.ndarray) -> np.ndarray:
     """Log-softmax over axis 1 of ``(outer, C, inner)``."""
     return _softmax_any(x3, True)
+
+
+# ----------------------------------------------------------------------------- logsumexp
+@njit(**JIT)
+def _lse(m, s):
+    """``m + log(s)`` in float64 from a slice's max and sum of ``exp(x - m)``; a slice of only
+    ``-inf`` (``m == -inf``, where ``s`` came out NaN) gives ``-inf``. NaN or ``+inf`` in the
+    slice made ``m`` or ``s`` NaN, and the result is NaN."""
+    if m == -np.inf:
+        return -np.inf
+    return np.float64(m) + np.log(np.float64(s))
+
+
+@parallel_kernel(**JIT)
+def _lse_rows(x, out):
+    for i in prange(x.shape[0]):
+        m = row_max(x[i])
+        out[i] = _lse(m, sum_exp(x[i], m))
+
+
+@parallel_kernel(**JIT)
+def _lse_tiles(x, out, ngroups):
+    ntiles = n_tiles(x.shape[0])
+    for group in prange(ngroups):
+        xt, m, s = tile_scratch(x.shape[1], x.dtype)
+        t0, t1 = group_tiles(group, ngroups, ntiles)
+        for tile in range(t0, t1):
+            r0, nr = tile_stats(x, tile, False, None, xt, m, s)
+            for r in range(nr):
+                out[r0 + r] = _lse(m[r], s[r])
+
+
+@parallel_kernel(**JIT)
+def _lse_blocks(x, out, width):
+    outer, _, inner = x.shape
+    nblk = n_blocks(inner, width)
+    for task in prange(outer * nblk):
+        o, j0, w = block_task(task, nblk, width, inner)
+        m = np.empty(w, x.dtype)
+        s = np.empty(w, x.dtype)
+        block_stats(x[o], j0, w, m, s)
+        for j in range(w):
+            out[o, j0 + j] = _lse(m[j], s[j])
+
+
+@guarded
+def logsumexp(x3: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``log(sum(exp(x)))`` over axis 1 of ``(outer, C, inner)``: ``(outer, inner)`` of the
+    input's dtype, or written into ``out`` (float64, for statistics that are merged later) and
+    returned. Computed as ``m + log(sum(exp(x - m)))`` with ``m`` the slice's max, in float64."""
+    outer, n_classes, inner = x3.shape
+    lse = np.empty((outer, inner), x3.dtype) if out is None else out
+    if lse.size == 0:
+        return lse
+    if n_classes == 0:  # the sum of no exponentials
+        lse.fill(-np.inf)
+    elif inner == 1 and n_classes < SMALL_C:  # short rows: transposed tiles (see softmax)
+        _lse_tiles(x3[:, :, 0], lse[:, 0], tile_tasks(outer))
+    elif inner == 1:
+        _lse_rows(x3[:, :, 0], lse[:, 0])
+    else:  # two scratch rows per task (max, sum)
+        _lse_blocks(x3, lse, width_for(x3, widest=4096, scratch_rows=2))
+    return lse
 
 
 # ----------------------------------------------------------------------------- backwards

@@ -209,6 +209,14 @@ def softmax_cols(ct):
     return name("softmax_cols", ct)
 
 
+def lse_rows(ct, vec, g, block):
+    return name("lse_rows", ct, vec, g, block)
+
+
+def lse_cols(ct):
+    return name("lse_cols", ct)
+
+
 def softmax_bwd_rows(ct, vec, g, block):
     return name("softmax_bwd_rows", ct, vec, g, block)
 
@@ -283,6 +291,8 @@ def _instantiations(source: str, ctype: str) -> tuple[str, ...]:
         names += [softmax_looped(ctype, v) for v in vecs]
         names += [softmax_split(k, ctype, v) for k in SPLIT_KERNELS for v in vecs]
         names.append(softmax_cols(ctype))
+        names += [lse_rows(ctype, v, g, b) for v in vecs for g, b in LOOPED_GS]
+        names.append(lse_cols(ctype))
     elif source == "softmax_backward.cu":
         names = [softmax_bwd_rows(ctype, v, g, b) for v in vecs for g, b in LOOPED_GS]
         names.append(softmax_bwd_cols(ctype))
@@ -349,6 +359,9 @@ PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
                       ("stats", "double* __restrict__")),
     "softmax_cols": (("x", "const T* __restrict__"), ("y", "T* __restrict__"), ("outer", "i64"),
                      ("C", "i64"), ("inner", "i64"), ("log_mode", "int")),
+    # logsumexp of each slice of (outer, C, inner), written as double
+    "lse": (("x", "const T* __restrict__"), ("out", "double* __restrict__"), ("outer", "i64"),
+            ("C", "i64"), ("inner", "i64")),
     "softmax_bwd": (("g", "const T* __restrict__"), ("y", "const T* __restrict__"),
                     ("gx", "T* __restrict__"), ("outer", "i64"), ("C", "i64"), ("inner", "i64"),
                     ("log_mode", "int")),
@@ -411,6 +424,7 @@ FAMILY = {
     "softmax_cached": "softmax_rows", "softmax_looped": "softmax_rows",
     "softmax_cols": "softmax_cols",
     "softmax_split_stats": "softmax_split", "softmax_split_write": "softmax_split",
+    "lse_rows": "lse", "lse_cols": "lse",
     "softmax_bwd_rows": "softmax_bwd", "softmax_bwd_cols": "softmax_bwd",
     "ce_cached": "ce", "ce_looped": "ce", "ce_cols": "ce",
     "ce_split_stats": "ce_split", "ce_split_finish": "ce_split",

@@ -9,6 +9,8 @@
 // softmax_split_stats / softmax_split_write (inner == 1, long rows, few rows): see below.
 // softmax_cols (inner > 1): one thread per (outer, inner) position, walking C with stride
 // ``inner`` (adjacent threads read adjacent addresses): online statistics, then a write pass.
+// lse_rows / lse_cols: the logsumexp of each slice, the same statistics without a write pass
+// (at the end of the file).
 //
 // log_mode = 0: y = exp(x - m) / s; log_mode = 1: y = (x - m) - log(s). Arithmetic in A.
 
@@ -137,6 +139,24 @@ softmax_split_write(NBL_PARAMS_SOFTMAX_SPLIT) {
         softmax_write_chunk<VEC, BLOCK, U>(xr, yr, b, v1, m, logs, inv, log_mode);
 }
 
+//: Online (max, sum) of one position of the cols kernels: C elements ``inner`` apart from xp.
+template <typename T, typename A>
+__device__ __forceinline__ void col_ms(const T* xp, i64 C, i64 inner, A& m, A& s) {
+    m = neg_inf<A>();
+    s = A(0);
+    i64 c = 0;
+    for (; c + NBL_UNROLL <= C; c += NBL_UNROLL) {
+        A a[NBL_UNROLL];
+#pragma unroll
+        for (int u = 0; u < NBL_UNROLL; ++u) a[u] = to_acc(xp[(c + u) * inner]);
+        ms_update<NBL_UNROLL>(m, s, a);
+    }
+    for (; c < C; ++c) {
+        A a[1] = {to_acc(xp[c * inner])};
+        ms_update<1>(m, s, a);
+    }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(256)
 softmax_cols(NBL_PARAMS_SOFTMAX_COLS) {
@@ -144,23 +164,50 @@ softmax_cols(NBL_PARAMS_SOFTMAX_COLS) {
     for_each_col(outer, inner, C, [=](i64 base) {
         const T* xp = x + base;
         T* yp = y + base;
-        A m = neg_inf<A>(), s = A(0);
-        i64 c = 0;
-        for (; c + NBL_UNROLL <= C; c += NBL_UNROLL) {
-            A a[NBL_UNROLL];
-#pragma unroll
-            for (int u = 0; u < NBL_UNROLL; ++u) a[u] = to_acc(xp[(c + u) * inner]);
-            ms_update<NBL_UNROLL>(m, s, a);
-        }
-        for (; c < C; ++c) {
-            A a[1] = {to_acc(xp[c * inner])};
-            ms_update<1>(m, s, a);
-        }
+        A m, s;
+        col_ms(xp, C, inner, m, s);
         const A logs = nbl_log(s);
         const A inv = A(1) / s;
-        for (c = 0; c < C; ++c) {
+        for (i64 c = 0; c < C; ++c) {
             const A d = to_acc(xp[c * inner]) - m;
             yp[c * inner] = from_acc<T>(log_mode ? d - logs : nbl_exp(d) * inv);
         }
     });
+}
+
+// ----------------------------------------------------------------------------- logsumexp
+// out = m + log(s) over axis 1 of (outer, C, inner), in double (row statistics that callers
+// merge across chunks keep every digit): a slice of only -inf gives -inf (m = -inf, s = 0), one
+// holding NaN or +inf gives NaN (see ms_update). lse_rows (inner == 1): a group of G threads per
+// row, one read (online statistics); lse_cols (inner > 1): a thread per position.
+
+template <typename A> __device__ __forceinline__ double lse_of(A m, A s) {
+    return (double)m + log((double)s);
+}
+
+template <typename T, int VEC, int G, int BLOCK>
+__global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
+lse_rows(NBL_PARAMS_LSE) {
+    typedef typename AccT<T>::type A;
+    constexpr int U = NBL_UNROLL;
+    auto [red, nvec, lane, chunk, nchunk] = streamed_rows<VEC, G, U, A>(C);
+    for (i64 r0 = first_row<G, BLOCK>(); r0 < outer; r0 += row_stride<G, BLOCK>()) {
+        const auto [row, off, active] = row_slot<G>(r0, outer, C);
+        A m = neg_inf<A>(), s = A(0);
+        ms_range<VEC, G, U, PlainLogits>(x + off, active ? lane : nvec, chunk, nvec, m, s);
+        A none[1] = {A(0)};
+        red.ms(m, s, none);
+        if (active && lane == 0) out[row] = lse_of(m, s);
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256)
+lse_cols(NBL_PARAMS_LSE) {
+    typedef typename AccT<T>::type A;
+    NBL_FOR_EACH_COL(p, base, outer, inner, C) {
+        A m, s;
+        col_ms(x + base, C, inner, m, s);
+        out[p] = lse_of(m, s);
+    }
 }

@@ -1,5 +1,5 @@
-"""softmax, log_softmax, sigmoid and their backwards on CUDA (kernels in ``softmax.cu``,
-``softmax_backward.cu`` and ``binary.cu``).
+"""softmax, log_softmax, sigmoid, their backwards and the row statistic logsumexp on CUDA
+(kernels in ``softmax.cu``, ``softmax_backward.cu`` and ``binary.cu``).
 
 Inputs arrive canonical (:mod:`nblosses.backends`): C-contiguous CuPy arrays of a native dtype,
 ``(outer, C, inner)`` for the softmax family, flat for sigmoid. Every launch is asynchronous on
@@ -14,6 +14,8 @@ aligned and ``C`` is a multiple of the vector width; scalar access otherwise.
 """
 
 from __future__ import annotations
+
+import math
 
 import cupy
 
@@ -102,6 +104,30 @@ def softmax(x3):
 def log_softmax(x3):
     """Log-softmax over axis 1 of ``(outer, C, inner)``."""
     return _forward(x3, True)
+
+
+@L.on_input_device
+def logsumexp(x3, out=None):
+    """``log(sum(exp(x)))`` over axis 1 of ``(outer, C, inner)``: ``(outer, inner)`` of the
+    input's dtype, or written into the float64 ``out`` and returned. The kernels write float64
+    (``lse_rows``: a group of threads per row, sized as the backward's; ``lse_cols``: a thread
+    per position)."""
+    outer, C, inner = x3.shape
+    lse = cupy.empty((outer, inner), cupy.float64) if out is None else out
+    if lse.size and C == 0:  # the sum of no exponentials
+        lse.fill(-math.inf)
+    elif lse.size:
+        ct = K.ctype_of(x3.dtype.name)
+        args = K.pack("lse", x=x3, out=lse, outer=outer, C=C, inner=inner)
+        if inner == 1:
+            vec = row_vec(ct, C, x3)
+            g, block = K.looped_config(C // vec)
+            L.launch(SRC, x3.dtype, K.lse_rows(ct, vec, g, block),
+                     L.grid_for(outer, K.rows_per_block(g, block), block), block, args)
+        else:
+            L.launch(SRC, x3.dtype, K.lse_cols(ct), L.grid_for(outer * inner, K.COL_BLOCK,
+                                                                 K.COL_BLOCK), K.COL_BLOCK, args)
+    return lse if out is not None else lse.astype(x3.dtype)
 
 
 def _backward(g3, y3, log: bool):
