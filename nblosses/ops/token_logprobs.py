@@ -126,16 +126,16 @@ def _samples(rng: Any) -> list[Sample]:
 
 
 # ----------------------------------------------------------------------------- bench
-def _bench_upstream(n: int) -> tuple[Any, Any]:
-    """The benchmark's upstream gradients: ones for the log-probabilities and an entropy
-    bonus's coefficient."""
+def _bench_upstream(shape: tuple[int, ...]) -> tuple[Any, Any]:
+    """The benchmark's upstream gradients, shaped as the targets: ones for the
+    log-probabilities and an entropy bonus's coefficient."""
     import numpy as np
 
-    return np.ones(n, np.float32), np.full(n, -0.01, np.float32)
+    return np.ones(shape, np.float32), np.full(shape, -0.01, np.float32)
 
 
 def _bench_run(F: Any, a: dict, d: int, backend: Any) -> Any:
-    go, ge = _bench_upstream(a["t"].shape[0])
+    go, ge = _bench_upstream(a["t"].shape)
     return F.token_logprobs(a["x"], a["t"], return_entropy=True, return_grad=True,
                             grad_output=go.astype(a["x"].dtype),
                             grad_entropy=ge.astype(a["x"].dtype), backend=backend)
@@ -145,7 +145,7 @@ def _bench_torch(F: Any, torch: Any, t: dict, d: int) -> Any:
     """torch's composite, forward and backward: ``log_softmax``, ``gather``, the entropy, and
     ``torch.autograd.grad`` of both with their upstream gradients."""
     leaf = t["x"].detach().requires_grad_(True)
-    go, ge = (torch.from_numpy(g).to(leaf.dtype) for g in _bench_upstream(t["t"].shape[0]))
+    go, ge = (torch.from_numpy(g).to(leaf.dtype) for g in _bench_upstream(tuple(t["t"].shape)))
 
     def run() -> Any:
         lp = F.log_softmax(leaf, dim=1)
