@@ -51,6 +51,21 @@ position's loss (not class-weighted, reduced like the loss); ``lse_out``, an ``(
 array of the compute dtype, receives every position's logsumexp. Return ``(loss, grad)``:
 ``loss`` 0-d or ``(N, inner)``; ``grad`` ``(N, C, inner)`` or ``None``.
 
+Token log-probabilities (``x3``, ``t2`` as for the class losses, indices checked likewise)::
+
+    token_logprobs(x3, t2, *, ignore_index, temperature, softcap, want_entropy, want_grad,
+                   grad_output, grad_entropy, grad_buffer)
+
+Per position, with ``z = cap(x) / temperature`` (``softcap`` ``c > 0``: ``cap(x) = c tanh(x /
+c)``; 0.0: none) and ``p = softmax(z)`` over ``C``: ``logp = log p_t`` (at most 0) and
+``entropy = -sum_c p_c log p_c`` (in ``[0, log C]``; a logit of ``-inf`` adds 0); both 0 where
+the target is ``ignore_index``, NaN where a device kernel meets a bad index. ``grad_output`` /
+``grad_entropy`` are ``None`` (ones / zeros) or ``(N, inner)`` arrays of the statistics' dtype,
+read only with ``want_grad``; the gradient is that of ``sum(grad_output * logp + grad_entropy *
+entropy)``, into ``grad_buffer`` as above (it may be ``x3``). Return ``(logp, entropy, grad)``:
+``logp`` ``(N, inner)`` in the compute dtype, float32 for half-precision inputs; ``entropy``
+likewise, or ``None`` unless ``want_entropy``; ``grad`` ``(N, C, inner)`` or ``None``.
+
 Linear layer + cross-entropy (``x2`` ``(N, d)``, ``w2`` ``(V, d)``, never forming ``(N, V)``)::
 
     linear_cross_entropy(x2, w2, bias, target, weight, *, ignore_index, label_smoothing,
@@ -60,6 +75,29 @@ Linear layer + cross-entropy (``x2`` ``(N, d)``, ``w2`` ``(V, d)``, never formin
 ``target`` is ``(N,)`` int64 (checked as above) or ``(N, V)`` probabilities. Return
 ``(loss, lse, grads)``: ``lse`` ``(N,)`` or ``None``; ``grads`` ``(grad_x, grad_w, grad_bias)``
 (``grad_bias`` ``None`` without a bias) or ``None``.
+
+Its block operations, attributes of the ``linear_cross_entropy`` kernel, serve plans that hold
+blocks of logits themselves (Dask's cross-entropy with the class axis in chunks, its linear
+cross-entropy) with the kernel's own statement of the statistics and of the gradient::
+
+    linear_cross_entropy.block_stats(z, bias, target, weight, stats, *, c0, ignore_index,
+                                     n_classes, label_smoothing, softcap)
+    linear_cross_entropy.block_grad(z, bias, target, weight, m, coefs, *, c0, raw,
+                                    ignore_index, n_classes, label_smoothing, softcap)
+
+``z`` is a C-contiguous ``(R, Vc)`` block (float32 or float64) of the classes ``c0:c0+Vc`` of
+``n_classes``: raw products (``x @ W.T``, no bias) or logits; ``bias`` / ``weight`` its
+``(Vc,)`` slices or ``None``; ``target`` the rows' ``(R,)`` class indices (checked) or the
+block's ``(R, Vc)`` probabilities. ``block_stats`` turns ``z`` into the loss's logits in place
+(bias added, then ``softcap``) and merges each row's statistics into ``stats``, float64 ``(R,)``
+arrays by name: ``m`` (running max), ``s`` (sum of ``exp(z - m)``), then ``xt`` (the target's
+logit, where the block holds it) and ``swx`` (``sum_c w_c z_c``, with label smoothing) for
+class indices, ``a_sum`` / ``b_sum`` (``sum_c w_c y'_c`` / ``sum_c w_c y'_c z_c``,
+``y' = y (1 - eps) + eps / V``) for probabilities. ``block_grad`` overwrites ``z`` (``raw``:
+still raw products) with ``dL/dz`` given the rows' merged max ``m`` and ``coefs = (coef, b, a)``
+of :func:`nblosses.backends._linear_ce.finish_class` / ``finish_probs`` (``a`` unused for
+probabilities); rows whose target is ``ignore_index`` become zero. A backend without them
+serves every call but dask arrays split along the class axis.
 
 Binary losses (flat arrays of equal length; ``weight`` / ``pos_weight`` flat of that length or
 ``None``)::

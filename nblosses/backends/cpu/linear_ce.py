@@ -5,6 +5,10 @@ The block loop is :mod:`nblosses.backends._linear_ce`'s; here are its CPU hooks:
 the BLAS NumPy itself loads (:mod:`.linear_ce_blas`, OpenBLAS threads), per-block passes by
 Numba kernels (:mod:`.linear_ce_kernels`, rows in parallel, in place on the block buffer).
 The two never run at the same time, so each uses all cores in turn.
+
+The per-block passes are also the kernel's block operations (:func:`block_stats`,
+:func:`block_grad`: see the protocol in :mod:`nblosses.backends`), which plans holding logits
+blocks themselves (Dask's) call through ``linear_cross_entropy.block_stats`` / ``.block_grad``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,34 @@ from ._parallel import guarded
 from .linear_ce_blas import gemm
 
 
+def block_stats(z, bias, target, weight, stats: dict, *, c0: int, ignore_index: int,
+                n_classes: int, label_smoothing: float, softcap: float) -> None:
+    """Prepare the logits block ``z`` in place and merge its row statistics into ``stats``
+    (kernel protocol: ``linear_cross_entropy.block_stats``). ``ignore_index``: unused here (the
+    front end checks class indices before the call)."""
+    eps = label_smoothing
+    if target.ndim == 2:
+        K.stats_probs(z, bias, softcap, target, weight, 1.0 - eps, eps / n_classes, stats["m"],
+                      stats["s"], stats["a_sum"], stats["b_sum"])
+    else:
+        K.stats_class(z, bias, softcap, target, c0, weight, eps > 0, stats["m"], stats["s"],
+                      stats["xt"], stats["swx"])
+
+
+def block_grad(z, bias, target, weight, m, coefs: tuple, *, c0: int, raw: bool,
+               ignore_index: int, n_classes: int, label_smoothing: float,
+               softcap: float) -> None:
+    """Overwrite the block ``z`` with ``dL/dz`` (kernel protocol:
+    ``linear_cross_entropy.block_grad``)."""
+    coef, b, a = coefs
+    eps = label_smoothing
+    if target.ndim == 2:
+        K.grad_probs(z, bias, softcap, raw, target, weight, 1.0 - eps, eps / n_classes, m, coef,
+                     b)
+    else:
+        K.grad_class(z, bias, softcap, raw, target, c0, ignore_index, weight, m, coef, b, a)
+
+
 class _CpuLinearCE(G.ChunkedLinearCE):
     """The driver's hooks: BLAS products, Numba block kernels."""
 
@@ -27,25 +59,21 @@ class _CpuLinearCE(G.ChunkedLinearCE):
     def gemm(self, a, b, c, beta: float) -> None:
         gemm(a, b, c, beta)
 
-    def merge(self, z, st: dict, r0: int, r1: int, c0: int, c1: int) -> None:
+    def _block(self, r0: int, r1: int, c0: int, c1: int) -> tuple[Any, Any, Any, dict]:
+        """``(bias, target, weight, keywords)`` of the block operations on a block."""
         bias, w = self.slices(c0, c1)
-        if self.probs:
-            K.stats_probs(z, bias, self.cap, self.target[r0:r1, c0:c1], w, 1.0 - self.eps,
-                          self.eps / self.v, st["m"], st["s"], st["a_sum"], st["b_sum"])
-        else:
-            K.stats_class(z, bias, self.cap, self.target[r0:r1], c0, w, self.eps > 0, st["m"],
-                          st["s"], st["xt"], st["swx"])
+        t = self.target[r0:r1, c0:c1] if self.probs else self.target[r0:r1]
+        return bias, t, w, dict(c0=c0, ignore_index=self.ignore, n_classes=self.v,
+                                label_smoothing=self.eps, softcap=self.cap)
+
+    def merge(self, z, st: dict, r0: int, r1: int, c0: int, c1: int) -> None:
+        bias, t, w, kw = self._block(r0, r1, c0, c1)
+        block_stats(z, bias, t, w, st, **kw)
 
     def gradient_block(self, z, raw: bool, r0: int, r1: int, c0: int, c1: int, st: dict,
                        coefs) -> None:
-        coef, b, a = coefs
-        bias, w = self.slices(c0, c1)
-        if self.probs:
-            K.grad_probs(z, bias, self.cap, raw, self.target[r0:r1, c0:c1], w, 1.0 - self.eps,
-                         self.eps / self.v, st["m"], coef, b)
-        else:
-            K.grad_class(z, bias, self.cap, raw, self.target[r0:r1], c0, self.ignore, w,
-                         st["m"], coef, b, a)
+        bias, t, w, kw = self._block(r0, r1, c0, c1)
+        block_grad(z, bias, t, w, st["m"], coefs, raw=raw, **kw)
 
     def col_sums(self, z, out) -> None:
         K.add_col_sums(z, out)
@@ -72,3 +100,9 @@ def linear_cross_entropy(x2, w2, bias, target, weight, *, ignore_index, label_sm
                  label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss,
                  softcap=softcap, want_grad=want_grad, grad_output=grad_output,
                  want_lse=want_lse, chunk_rows=chunk_rows, chunk_classes=chunk_classes)
+
+
+# The block operations of the protocol, reached as attributes of the kernel (each guarded
+# itself; the driver above calls the unguarded functions inside its own guarded call).
+vars(linear_cross_entropy).update(block_stats=guarded(block_stats),
+                                  block_grad=guarded(block_grad))

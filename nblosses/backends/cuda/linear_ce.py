@@ -40,6 +40,51 @@ def source() -> str:
     return L.source_for(SOURCE, "float")
 
 
+def _launch(kernel: str, z, units: int, **args) -> None:
+    """Launch ``kernel`` on block ``z``: ``units`` rows (``lce_stats``, a block per row) or
+    elements / columns (a thread each)."""
+    stats = kernel == "lce_stats"
+    block = K.LCE_STATS_BLOCK if stats else K.COL_BLOCK
+    rows, cols = z.shape
+    L.launch(SOURCE, z.dtype, K.lce(kernel, K.ctype_of(z.dtype.name)),
+             L.grid_for(units, 1 if stats else block, block), block,
+             K.pack(kernel, z=z, rows=rows, cols=cols, **args))
+
+
+def _target_args(bias, target, weight, *, c0: int, ignore_index, n_classes: int,
+                 label_smoothing: float, softcap: float) -> dict:
+    """The kernels' target (``t``, or ``y`` of row stride ``ldy``) and per-class options."""
+    common = dict(bias=bias, cap=softcap, c0=c0, w=weight, keep=1.0 - label_smoothing,
+                  spread=label_smoothing / n_classes,
+                  ignore=0 if ignore_index is None else ignore_index)
+    if target.ndim == 2:
+        return dict(common, t=None, y=target, ldy=target.strides[0] // target.itemsize)
+    return dict(common, t=target, y=None, ldy=0)
+
+
+def block_stats(z, bias, target, weight, stats: dict, *, row0: int = 0, err=None,
+                **kw) -> None:
+    """Prepare the logits block ``z`` in place and merge its row statistics into ``stats``
+    (kernel protocol: ``linear_cross_entropy.block_stats``, keywords ``c0``,
+    ``ignore_index``, ``n_classes``, ``label_smoothing``, ``softcap``). The driver adds the
+    block's first row ``row0`` and the device error record ``err``, where a class index
+    outside ``[0, n_classes)`` is recorded (``None``: not recorded, the caller checked)."""
+    probs = target.ndim == 2
+    sa, sb = (stats["a_sum"], stats["b_sum"]) if probs else (stats["swx"], None)
+    _launch("lce_stats", z, z.shape[0], **_target_args(bias, target, weight, **kw),
+            smoothing=int(kw["label_smoothing"] > 0 and not probs), m=stats["m"],
+            s=stats["s"], xt=None if probs else stats["xt"], sa=sa, sb=sb, row0=row0,
+            n_classes=kw["n_classes"], err=err)
+
+
+def block_grad(z, bias, target, weight, m, coefs: tuple, *, raw: bool, **kw) -> None:
+    """Overwrite the block ``z`` with ``dL/dz`` (kernel protocol:
+    ``linear_cross_entropy.block_grad``, keywords as :func:`block_stats`)."""
+    coef, b, a = coefs
+    _launch("lce_grad", z, z.size, **_target_args(bias, target, weight, **kw), raw=int(raw),
+            m=m, coef=coef, b=b, a=a)
+
+
 class _CudaLinearCE(G.ChunkedLinearCE):
     """The driver's hooks on CuPy arrays."""
 
@@ -56,40 +101,24 @@ class _CudaLinearCE(G.ChunkedLinearCE):
         # Class indices are checked (recorded) by lce_stats; probabilities need no record.
         self.err = None if self.probs else E.record_for_launch(cupy.cuda.get_current_stream())
 
-    def _launch(self, kernel: str, z, units: int, **args) -> None:
-        """Launch ``kernel`` on block ``z``: ``units`` rows (``lce_stats``, a block per row) or
-        elements / columns (a thread each)."""
-        stats = kernel == "lce_stats"
-        block = K.LCE_STATS_BLOCK if stats else K.COL_BLOCK
-        rows, cols = z.shape
-        L.launch(SOURCE, z.dtype, K.lce(kernel, K.ctype_of(z.dtype.name)),
-                 L.grid_for(units, 1 if stats else block, block), block,
-                 K.pack(kernel, z=z, rows=rows, cols=cols, **args))
-
-    def _target_args(self, r0: int, r1: int, c0: int, c1: int) -> dict:
-        """``t``, ``y``, ``ldy`` and the per-class options of the block."""
+    def _block(self, r0: int, r1: int, c0: int, c1: int) -> tuple[Any, Any, Any, dict]:
+        """``(bias, target, weight, keywords)`` of the block operations on a block."""
         bias, w = self.slices(c0, c1)
-        common = dict(bias=bias, cap=self.cap, c0=c0, w=w, keep=1.0 - self.eps,
-                      spread=self.eps / self.v, ignore=0 if self.ignore is None else self.ignore)
-        if self.probs:
-            return dict(common, t=None, y=self.target[r0:r1, c0:c1], ldy=self.v)
-        return dict(common, t=self.target[r0:r1], y=None, ldy=0)
+        t = self.target[r0:r1, c0:c1] if self.probs else self.target[r0:r1]
+        return bias, t, w, dict(c0=c0, ignore_index=self.ignore, n_classes=self.v,
+                                label_smoothing=self.eps, softcap=self.cap)
 
     def merge(self, z, st: dict, r0: int, r1: int, c0: int, c1: int) -> None:
-        sa, sb = (st["a_sum"], st["b_sum"]) if self.probs else (st["swx"], None)
-        self._launch("lce_stats", z, z.shape[0], **self._target_args(r0, r1, c0, c1),
-                     smoothing=int(self.eps > 0 and not self.probs), m=st["m"], s=st["s"],
-                     xt=None if self.probs else st["xt"], sa=sa, sb=sb, row0=r0,
-                     n_classes=self.v, err=self.err)
+        bias, t, w, kw = self._block(r0, r1, c0, c1)
+        block_stats(z, bias, t, w, st, row0=r0, err=self.err, **kw)
 
     def gradient_block(self, z, raw: bool, r0: int, r1: int, c0: int, c1: int, st: dict,
                        coefs) -> None:
-        coef, b, a = coefs
-        self._launch("lce_grad", z, z.size, **self._target_args(r0, r1, c0, c1),
-                     raw=int(raw), m=st["m"], coef=coef, b=b, a=a)
+        bias, t, w, kw = self._block(r0, r1, c0, c1)
+        block_grad(z, bias, t, w, st["m"], coefs, raw=raw, **kw)
 
     def col_sums(self, z, out) -> None:
-        self._launch("lce_col_sums", z, z.shape[1], out=out)
+        _launch("lce_col_sums", z, z.shape[1], out=out)
 
 
 def _upcast(a):
@@ -120,3 +149,7 @@ def linear_cross_entropy(x2, w2, bias, target, weight, *, ignore_index, label_sm
         grads = None if grads is None else tuple(
             None if g is None else g.astype(cupy.float16) for g in grads)
     return loss, lse, grads
+
+
+# The block operations of the protocol, reached as attributes of the kernel.
+vars(linear_cross_entropy).update(block_stats=block_stats, block_grad=block_grad)
