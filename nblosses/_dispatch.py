@@ -21,25 +21,32 @@ _NATIVE = frozenset({"numpy", "cupy", "builtins"})
 def call(spec: OpSpec, values: Values) -> Any:
     """Run ``spec``'s op on the caller's ``values`` (parameter name -> value, every one)."""
     for name in spec.array_params:
-        a = values[name]
-        module = array_module(a)
-        if module in _NATIVE:
-            continue
-        if module == "dask":
-            from . import _dask
+        for a in leaves(values[name]):
+            module = array_module(a)
+            if module in _NATIVE:
+                continue
+            if module == "dask":
+                from . import _dask
 
-            return _dask.call(spec, values, checked_options(spec, values))
-        if hasattr(a, "__dlpack__"):  # torch, JAX, array-API arrays: in and out by DLPack
-            from . import _interop
+                return _dask.call(spec, values, checked_options(spec, values))
+            if hasattr(a, "__dlpack__"):  # torch, JAX, array-API arrays: in and out by DLPack
+                from . import _interop
 
-            return _interop.call(spec, values, run)
+                return _interop.call(spec, values, run)
     return run(spec, values)
+
+
+def leaves(value: Any) -> tuple[Any, ...]:
+    """The arrays an array parameter's value holds: the value, or the elements of a tuple
+    (a top-k ``teacher=(indices, log_probs)``)."""
+    return value if type(value) is tuple else (value,)
 
 
 def run(spec: OpSpec, values: Values) -> Any:
     """Run ``spec``'s op on values whose arrays a backend takes as they are."""
     opts = checked_options(spec, values)
-    be = resolve_backend(values["backend"], *(values[n] for n in spec.array_params))
+    be = resolve_backend(values["backend"],
+                         *(a for n in spec.array_params for a in leaves(values[n])))
     be.poll_errors()
     return spec.runner(be, spec, values, opts)
 

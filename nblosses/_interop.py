@@ -66,7 +66,9 @@ def call(op: Any, values: Values, native_call: NativeCall) -> Any:
         nested ones included);
         a ``grad_buffer`` the caller passed comes back as the caller's own object.
     """
-    foreign = {name: v for name, v in values.items() if is_foreign(v)}
+    # A tuple value (a top-k teacher) holds arrays too: its elements are named "name[i]".
+    foreign = {key: v for name, value in values.items()
+               for key, v in _elements(name, value) if is_foreign(v)}
     library, device = _common_origin(foreign)
     adapter = _adapter(library, next(iter(foreign.values())))
     native = dict(values)
@@ -74,10 +76,21 @@ def call(op: Any, values: Values, native_call: NativeCall) -> Any:
     if "dtype" in values and values["dtype"] is not None:
         native["dtype"] = adapter.native_dtype(values["dtype"], _DEVICE_BACKEND[device[0]] == "cpu")
     with adapter.kernel_context(device):
-        for name, v in foreign.items():
-            native[name] = _to_native(adapter, v, device, writeable=name == "grad_buffer")
+        for name, value in values.items():
+            items = _elements(name, value)
+            if any(key in foreign for key, _ in items):
+                converted = tuple(_to_native(adapter, v, device, writeable=name == "grad_buffer")
+                                  if key in foreign else v for key, v in items)
+                native[name] = converted if type(value) is tuple else converted[0]
         result = native_call(op, native)
     return _from_native(adapter, result, (native.get("grad_buffer"), values.get("grad_buffer")))
+
+
+def _elements(name: str, value: Any) -> list[tuple[str, Any]]:
+    """``[(key, array)]``: the value itself, or each element of a tuple as ``name[i]``."""
+    if type(value) is tuple:
+        return [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    return [(name, value)]
 
 
 # ----------------------------------------------------------------------------- checks
