@@ -51,6 +51,21 @@ position's loss (not class-weighted, reduced like the loss); ``lse_out``, an ``(
 array of the compute dtype, receives every position's logsumexp. Return ``(loss, grad)``:
 ``loss`` 0-d or ``(N, inner)``; ``grad`` ``(N, C, inner)`` or ``None``.
 
+Token log-probabilities (``x3``, ``t2`` as for the class losses, indices checked likewise)::
+
+    token_logprobs(x3, t2, *, ignore_index, temperature, softcap, want_entropy, want_grad,
+                   grad_output, grad_entropy, grad_buffer)
+
+Per position, with ``z = cap(x) / temperature`` (``softcap`` ``c > 0``: ``cap(x) = c tanh(x /
+c)``; 0.0: none) and ``p = softmax(z)`` over ``C``: ``logp = log p_t`` (at most 0) and
+``entropy = -sum_c p_c log p_c`` (in ``[0, log C]``; a logit of ``-inf`` adds 0); both 0 where
+the target is ``ignore_index``, NaN where a device kernel meets a bad index. ``grad_output`` /
+``grad_entropy`` are ``None`` (ones / zeros) or ``(N, inner)`` arrays of the statistics' dtype,
+read only with ``want_grad``; the gradient is that of ``sum(grad_output * logp + grad_entropy *
+entropy)``, into ``grad_buffer`` as above (it may be ``x3``). Return ``(logp, entropy, grad)``:
+``logp`` ``(N, inner)`` in the compute dtype, float32 for half-precision inputs; ``entropy``
+likewise, or ``None`` unless ``want_entropy``; ``grad`` ``(N, C, inner)`` or ``None``.
+
 Linear layer + cross-entropy (``x2`` ``(N, d)``, ``w2`` ``(V, d)``, never forming ``(N, V)``)::
 
     linear_cross_entropy(x2, w2, bias, target, weight, *, ignore_index, label_smoothing,
