@@ -267,6 +267,15 @@ class OpSpec:
         The plan of :mod:`nblosses._dask` that runs it on Dask arrays.
     autograd : Autograd
         How :mod:`nblosses.torch` / :mod:`nblosses.jax` wrap it.
+    loss_shape : callable, optional
+        ``loss_shape(values) -> shape`` (``FUSED_LOSS`` ops): the loss's shape from a call's
+        arguments by name, arrays being anything with a ``shape`` (tensors, fake tensors, JAX
+        tracers) and ``reduction`` resolved from torch's legacy pair. The front ends shape
+        their fake and abstract results with it; ``None``: an element-wise loss's (see
+        :meth:`result_shape`).
+    torch_params : tuple of Param
+        Keyword-only parameters only :mod:`nblosses.torch`'s function has, each a name that
+        front end gives its meaning to (``inplace_grad``, ``process_group``).
     reference : callable, optional
         ``reference(torch, *args, **kwargs)``: the op written with torch (float64 tensors in,
         the result as :mod:`nblosses.functional` returns it, ``return_grad`` excluded); the
@@ -300,6 +309,8 @@ class OpSpec:
     results: tuple[str, ...] = ()
     dask: DaskPlan | None = None
     autograd: Autograd = Autograd.NONE
+    loss_shape: Callable[[dict[str, Any]], tuple[Any, ...]] | None = None
+    torch_params: tuple[Param, ...] = ()
     reference: Callable[..., Any] | None = None
     samples: Callable[[Any], list[Sample]] | None = None
     bench: tuple[BenchCase, ...] = ()
@@ -311,6 +322,16 @@ class OpSpec:
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def result_shape(self, values: dict[str, Any]) -> tuple[Any, ...]:
+        """The loss's shape for a ``FUSED_LOSS`` call's ``values`` (see ``loss_shape``); by
+        default an element-wise loss's: 0-d unless ``reduction`` is ``"none"`` (or absent),
+        else the broadcast shape of ``input`` and ``target``."""
+        if self.loss_shape is not None:
+            return tuple(self.loss_shape(values))
+        if values.get("reduction", "none") != "none":
+            return ()
+        return _broadcast(tuple(values["input"].shape), tuple(values["target"].shape))
 
     # Derived views of ``params``, computed once: every call reads them.
     @functools.cached_property
@@ -364,3 +385,10 @@ class OpSpec:
             if text:
                 lines += ["", title, "-" * len(title), inspect.cleandoc(text)]
         return "\n".join(lines) + "\n"
+
+def _broadcast(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
+    """NumPy's broadcast of two shapes, unchecked (the op checks its arrays), in plain tuple
+    arithmetic so that symbolic sizes (torch.compile's) pass through."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    return tuple(y if x == 1 else x for x, y in zip(a, b))

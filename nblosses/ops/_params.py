@@ -62,6 +62,20 @@ VALIDATE = Param("validate", None, """{"async", "sync"}, optional
                  context_default=True)
 LOSS_TAIL = (RETURN_GRAD, GRAD_OUTPUT)
 
+# Parameters only nblosses.torch's functions have (OpSpec.torch_params).
+INPLACE_GRAD = Param("inplace_grad", False, """bool
+    Write the gradient into ``input``'s memory instead of a new tensor (saves the gradient's
+    memory; Liger-Kernel's trick). ``input`` then holds the gradient, so nothing else may
+    use it afterwards (the output of the last linear layer is the usual case); eager mode
+    only (ignored under ``torch.compile``, which traces the regular op), and the compute
+    dtype must be ``input``'s (float32 / float64 on the CPU).""", keyword_only=True,
+                     role=Role.CALL, torch=False)
+PROCESS_GROUP = Param("process_group", None, """ProcessGroup, optional
+    A ``torch.distributed`` group over which the classes (the vocabulary) are sharded: each
+    rank holds its slice of the class axis, and the call is
+    :mod:`nblosses.torch.distributed`'s vocabulary-parallel loss.""", keyword_only=True,
+                      role=Role.CALL, torch=False)
+
 CLASS_RAISES = """
 IndexError
     A target outside ``[0, C)`` that is not ``ignore_index`` (on a device backend reported

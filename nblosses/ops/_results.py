@@ -16,6 +16,13 @@ def loss_back(loss: Any, loss_shape: tuple[int, ...], dtype: Any) -> Any:
     return loss.reshape(loss_shape if loss.ndim else ()).astype(dtype, copy=False)
 
 
+def class_loss_shape(values: dict[str, Any]) -> tuple[Any, ...]:
+    """``OpSpec.loss_shape`` of a loss over a class axis: 0-d when reduced, else the input's
+    shape without axis 1 (a ``(C,)`` input is one position)."""
+    shape = tuple(values["input"].shape)
+    return shape[:1] + shape[2:] if values["reduction"] == "none" and len(shape) > 1 else ()
+
+
 def at_least_float32(dtype: Any) -> Any:
     """``dtype``, or float32 for a half type (statistics that must not lose digits)."""
     return dtype if dtype.itemsize >= 4 else "float32"

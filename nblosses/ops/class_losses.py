@@ -9,7 +9,14 @@ from .. import _args, _fast
 from .._registry import Runtime
 from .._spec import Autograd, BenchCase, Group, ModuleKind, OpSpec, Param, Sample
 from . import _params as P
-from ._results import at_least_float32, device_scale, loss_back, rescale, results
+from ._results import (
+    at_least_float32,
+    class_loss_shape,
+    device_scale,
+    loss_back,
+    rescale,
+    results,
+)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -296,9 +303,11 @@ def _class_loss_spec(name: str, input_doc: str, target_doc: str, extra: tuple[Pa
                                                         if name == "cross_entropy" else ()),
                   "class_losses", Group.LOSS, "losses", returns=P.LOSS_RETURNS,
                   raises=P.CLASS_RAISES, module_kind=ModuleKind.LOSS, dask="class_loss",
-                  autograd=Autograd.FUSED_LOSS, bench=bench,
+                  autograd=Autograd.FUSED_LOSS, loss_shape=class_loss_shape, bench=bench,
                   results=("return_grad", "return_lse") if name == "cross_entropy"
-                  else ("return_grad",), **docs)
+                  else ("return_grad",),
+                  torch_params=(P.INPLACE_GRAD, P.PROCESS_GROUP) if name == "cross_entropy"
+                  else (), **docs)
 
 
 SPECS = (

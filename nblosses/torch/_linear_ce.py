@@ -1,0 +1,128 @@
+"""``linear_cross_entropy`` inside torch autograd: a ``CUSTOM`` op (three gradients: the
+hidden states, the head's weight and its bias), written by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._autograd import F, no_grad, scaled, wants_grad
+
+__all__ = ["linear_cross_entropy"]
+
+
+def _linear_ce_shape(input: Tensor, linear_weight: Tensor, reduction: str) -> list[int]:
+    return [] if reduction != "none" else [*input.shape[:-1], *linear_weight.shape[1:-1]]
+
+
+def _call_linear_ce(tensors: tuple[Any, ...], options: tuple[Any, ...],
+                    return_grad: bool, grad_output: Tensor | None = None) -> Any:
+    """nblosses' ``linear_cross_entropy`` on detached ``(input, linear_weight, target,
+    linear_bias, weight)`` with the op's ``(ignore_index, reduction, label_smoothing, z_loss,
+    softcap)``."""
+    input, linear_weight, target, linear_bias, weight = tensors
+    ignore_index, reduction, label_smoothing, z_loss, softcap = options
+    return F.linear_cross_entropy(
+        input.detach(), linear_weight.detach(), target,
+        linear_bias=None if linear_bias is None else linear_bias.detach(), weight=weight,
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap or None, return_grad=return_grad,
+        grad_output=None if grad_output is None else grad_output.detach())
+
+
+@torch.library.custom_op("nblosses::linear_cross_entropy", mutates_args=())
+def _linear_ce(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
+               weight: Tensor | None, ignore_index: int | None, reduction: str,
+               label_smoothing: float, z_loss: float, softcap: float,
+               want_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, grad_input, grad_linear_weight, grad_linear_bias)``; the gradients (for an
+    upstream gradient of 1) only with ``want_grad``, else empty, as is a bias gradient without
+    a bias."""
+    result = _call_linear_ce((input, linear_weight, target, linear_bias, weight),
+                             (ignore_index, reduction, label_smoothing, z_loss, softcap),
+                             want_grad)
+    if not want_grad:
+        return result, no_grad(input), no_grad(input), no_grad(input)
+    loss, (gx, gw, gb) = result
+    return loss, gx, gw, (no_grad(input) if gb is None else gb)
+
+
+@_linear_ce.register_fake
+def _(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
+      weight: Tensor | None, ignore_index: int | None, reduction: str, label_smoothing: float,
+      z_loss: float, softcap: float, want_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    loss = input.new_empty(_linear_ce_shape(input, linear_weight, reduction))
+    if not want_grad:
+        return loss, no_grad(input), no_grad(input), no_grad(input)
+    gb = no_grad(input) if linear_bias is None else torch.empty_like(linear_bias)
+    return loss, torch.empty_like(input), torch.empty_like(linear_weight), gb
+
+
+def _linear_ce_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.reduction, ctx.options = inputs[6], inputs[5:10]
+    if inputs[-1]:  # gradients from the forward pass: backward scales them
+        ctx.save_for_backward(*output[1:])
+    else:  # reduction="none": each row's upstream gradient is needed, so backward recomputes
+        ctx.save_for_backward(*inputs[:5])
+
+
+#: No gradient for target, weight and the six option arguments of ``_linear_ce``.
+_NO_GRAD_TAIL = (None,) * 7
+
+
+def _linear_ce_backward(ctx: Any, g_loss: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
+    if g_loss is None:
+        return (None, None, None, None, *_NO_GRAD_TAIL)
+    if ctx.reduction == "none":
+        _, (gx, gw, gb) = _call_linear_ce(ctx.saved_tensors, ctx.options, True, g_loss)
+    else:
+        gx, gw, gb = ctx.saved_tensors
+        if gx.numel() == 0 and gw.numel() == 0:
+            raise RuntimeError("nblosses.torch: the gradient was not computed in the forward "
+                               "pass (called under no_grad or without requires_grad)")
+        gx, gw = scaled(gx, g_loss), scaled(gw, g_loss)
+        gb = scaled(gb, g_loss) if gb is not None and gb.numel() else None
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None, gw if need[1] else None, None,
+            gb if gb is not None and need[3] else None, *_NO_GRAD_TAIL)
+
+
+torch.library.register_autograd(_linear_ce, _linear_ce_backward, setup_context=_linear_ce_setup)
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Tensor | None = None, weight: Tensor | None = None,
+                         reduction: str = "mean", ignore_index: int | None = None,
+                         label_smoothing: float = 0.0, options: Any = None,
+                         z_loss: float = 0.0, softcap: float | None = None,
+                         process_group: Any = None) -> Tensor:
+    """``torch.nn.functional.linear_cross_entropy``: the final linear layer and the loss in
+    one call, never forming the ``(N, V)`` logits, differentiable with respect to ``input``,
+    ``linear_weight`` and ``linear_bias``.
+
+    With ``mean`` / ``sum`` the three gradients come from the forward pass (the same chunked
+    sweep) and backward only scales them; with ``reduction="none"`` each row's upstream
+    gradient is needed, so backward runs the chunked computation again with it. ``options``
+    (torch's chunking options) is accepted and ignored: nblosses picks its chunks within 5%
+    of the logits' memory. ``z_loss`` and ``softcap`` as in :func:`cross_entropy`.
+    ``process_group``: a ``torch.distributed`` group over which the vocabulary (the rows of
+    ``linear_weight``) is sharded; the call is then
+    :mod:`nblosses.torch.distributed`'s vocabulary-parallel head.
+    """
+    if process_group is not None:
+        from .distributed import linear_cross_entropy as distributed
+
+        return distributed(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                           reduction=reduction, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, options=options, z_loss=z_loss,
+                           softcap=softcap, process_group=process_group)
+    need = torch.is_grad_enabled() and (input.requires_grad or linear_weight.requires_grad or (
+        linear_bias is not None and linear_bias.requires_grad))
+    wants_grad(input, target=target, weight=weight)  # refuses target / weight gradients
+    want_grad = bool(need) and reduction != "none"
+    return _linear_ce(input, linear_weight, target, linear_bias, weight, ignore_index,
+                      reduction, label_smoothing, z_loss, softcap or 0.0, want_grad)[0]
