@@ -257,12 +257,10 @@ def _lse_tiles(x, out, ngroups):
 
 @parallel_kernel(**JIT)
 def _lse_blocks(x, out, width):
-    outer, _, inner = x.shape
-    nblk = n_blocks(inner, width)
-    for task in prange(outer * nblk):
-        o, j0, w = block_task(task, nblk, width, inner)
-        m = np.empty(w, x.dtype)
-        s = np.empty(w, x.dtype)
+    nblk = n_blocks(x.shape[2], width)
+    for task in prange(x.shape[0] * nblk):
+        o, j0, w = block_task(task, nblk, width, x.shape[2])
+        m, s = np.empty(w, x.dtype), np.empty(w, x.dtype)
         block_stats(x[o], j0, w, m, s)
         for j in range(w):
             out[o, j0 + j] = _lse(m[j], s[j])

@@ -74,6 +74,18 @@ __device__ __forceinline__ void softmax_write_chunk(const T* xr, T* yr, i64 b, i
     }
 }
 
+//: A streamed row's (max, sum) over its group of G threads, each from vector b0 (nvec when
+//: the lane has no row: it contributes nothing): one read, reduced across the group.
+template <int VEC, int G, int U, typename T, typename A>
+__device__ __forceinline__ void row_ms(const T* xr, i64 b0, i64 chunk, i64 nvec,
+                                       Reducer<G, A>& red, A& m, A& s) {
+    m = neg_inf<A>();
+    s = A(0);
+    ms_range<VEC, G, U, PlainLogits>(xr, b0, chunk, nvec, m, s);
+    A none[1] = {A(0)};
+    red.ms(m, s, none);
+}
+
 template <typename T, int VEC, int G, int BLOCK>
 __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
 softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
@@ -84,10 +96,8 @@ softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
         const auto [row, off, active] = row_slot<G>(r0, nrows, C);
         const T* xr = x + off;
         T* yr = y + off;
-        A m = neg_inf<A>(), s = A(0);
-        ms_range<VEC, G, U, PlainLogits>(xr, active ? lane : nvec, chunk, nvec, m, s);
-        A dummy[1] = {A(0)};
-        red.ms(m, s, dummy);
+        A m, s;
+        row_ms<VEC, G, U>(xr, active ? lane : nvec, chunk, nvec, red, m, s);
         const A logs = nbl_log(s);
         const A inv = A(1) / s;
         for (i64 k = active ? nchunk - 1 : -1; k >= 0; --k) {  // reverse: the tail is in L2
@@ -193,10 +203,8 @@ lse_rows(NBL_PARAMS_LSE) {
     auto [red, nvec, lane, chunk, nchunk] = streamed_rows<VEC, G, U, A>(C);
     for (i64 r0 = first_row<G, BLOCK>(); r0 < outer; r0 += row_stride<G, BLOCK>()) {
         const auto [row, off, active] = row_slot<G>(r0, outer, C);
-        A m = neg_inf<A>(), s = A(0);
-        ms_range<VEC, G, U, PlainLogits>(x + off, active ? lane : nvec, chunk, nvec, m, s);
-        A none[1] = {A(0)};
-        red.ms(m, s, none);
+        A m, s;
+        row_ms<VEC, G, U>(x + off, active ? lane : nvec, chunk, nvec, red, m, s);
         if (active && lane == 0) out[row] = lse_of(m, s);
     }
 }
