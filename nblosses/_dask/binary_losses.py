@@ -1,0 +1,99 @@
+"""Dask plan of binary_cross_entropy and binary_cross_entropy_with_logits: the generic plan
+(:mod:`._blockwise`), block by block in any chunking. ``weight`` / ``pos_weight`` are broadcast
+to the input's shape and chunks (lazily: a broadcast costs no memory)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from .. import _args
+from .._registry import resolve_backend
+from .._spec import OpSpec
+from ..ops._results import results
+from ..ops.binary_losses import BinaryLossArgs, check_binary_loss, execute
+from ._blockwise import Result, loss_plan
+from ._common import (
+    as_dask,
+    backend_for,
+    backend_name,
+    grad_arg,
+    letters,
+    pair,
+    rows_grad,
+)
+
+
+def _broadcast(name: str, what: str, v: Any, x: Any) -> Any:
+    """``v`` (``weight`` / ``pos_weight``) as a dask array of ``x``'s shape and chunks."""
+    if v is None:
+        return None
+    v = as_dask(v)
+    try:
+        shape = np.broadcast_shapes(tuple(v.shape), tuple(x.shape))
+    except ValueError:
+        shape = None
+    if shape != tuple(x.shape):
+        raise ValueError(f"{name}: {what} of shape {tuple(v.shape)} cannot be broadcast to the "
+                         f"input shape {tuple(x.shape)}")
+    # the blocks of v line up with x's along its stretched axes too (one chunk of length 1)
+    lead = x.ndim - v.ndim
+    v = v.rechunk(tuple(x.chunks[lead + i] if n == x.shape[lead + i] else (n,)
+                        for i, n in enumerate(v.shape)))
+    return da.broadcast_to(v, x.shape, chunks=x.chunks)
+
+
+def _in_range(name: str, x: Any) -> None:
+    """``binary_cross_entropy``'s check that probabilities lie in [0, 1] (NaN fails), run on
+    each block when computed, whatever the backend's kernels check themselves."""
+    if x.size:
+        lo, hi = float(x.min()), float(x.max())
+        if not (lo >= 0.0 and hi <= 1.0):
+            raise ValueError(f"{name}: all elements of input should be between 0 and 1 "
+                             f"(found min {lo}, max {hi})")
+
+
+def _block(xb: Any, yb: Any, wb: Any, pwb: Any, gb: Any, *, op: str, backend: str,
+           want_grad: bool) -> Any:
+    """One block: flat canonical arrays, one kernel call, unreduced."""
+    be = resolve_backend(backend, xb)
+    x = be.asarray(xb)
+    cdt = _args.compute_dtype(be, x.dtype)
+
+    def flat(a: Any) -> Any:
+        return None if a is None else _args.to_compute(be, a, cdt).reshape(-1)
+
+    xc = flat(x)
+    if op == "binary_cross_entropy":
+        _in_range(op, xc)
+    a = BinaryLossArgs(xc, flat(yb), flat(wb), flat(pwb), tuple(x.shape), cdt)
+    out = execute(be, op, a, reduction="none", want_grad=want_grad,
+                  grad_output=rows_grad(be, gb, a.shape) if want_grad else None)
+    if want_grad:
+        out[1] = out[1].astype(x.dtype, copy=False)
+    return results(out)
+
+
+def plan_binary_loss(spec: OpSpec, v: dict, opts: dict) -> Any:
+    """Both binary losses."""
+    name = backend_name(v["backend"])
+    reduction = _args.reduction_from(v["size_average"], v["reduce"], v["reduction"])
+    x, y = as_dask(v["input"]), as_dask(v["target"])
+    weight, pos_weight = as_dask(v["weight"]), as_dask(v.get("pos_weight"))
+    be = backend_for(name, x, y, weight, pos_weight)
+    cdt = check_binary_loss(be, spec.name, x, y)
+    ind = letters(x.ndim)
+    args = [(x, ind), (y.rechunk(x.chunks), ind),
+            pair(_broadcast(spec.name, "weight", weight, x), ind),
+            pair(_broadcast(spec.name, "pos_weight", pos_weight, x), ind)]
+    denom = float(x.size) if reduction == "mean" else 1.0
+    want_grad = bool(v["return_grad"])
+    grad = grad_arg(v["grad_output"], reduction, denom, tuple(x.shape), x.chunks, ind,
+                    be) if want_grad else None
+    out = loss_plan(_block, args, be=be, loss=Result(ind, cdt),
+                    others=[Result(ind, x.dtype)] if want_grad else [], reduction=reduction,
+                    denom=denom, dtype=x.dtype, grad=grad, op=spec.name, backend=name,
+                    want_grad=want_grad)
+    return results(out)

@@ -1,0 +1,249 @@
+"""The Dask front end's structure and what it gained over the per-chunk public calls.
+
+- Every spec's Dask plan is in the plan table; the package imports neither the public functions
+  nor the dispatcher (no import circle, no validation again per chunk).
+- The generic plan (:func:`nblosses._dask._blockwise.loss_plan`) serves an op it has never
+  seen, from a block task alone.
+- Tasks reach the kernels through the backend runtime: a spy backend sees the row-statistics
+  kernel (softmax along a chunked ``dim``) and the LM head's block operations (cross-entropy
+  with the class axis chunked, linear cross-entropy, which ignored ``backend=`` before); a
+  backend without the block operations still serves whole class chunks.
+- cross_entropy with the class axis in several chunks takes every option (``z_loss``,
+  ``softcap``, ``return_lse``), and linear_cross_entropy's vocabulary-parallel plan matches the
+  eager call for every option on a 2-worker cluster.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array", reason="dask is not installed (pip install 'dask[array]')")
+import dask  # noqa: E402
+
+import nblosses  # noqa: E402
+from nblosses import Backend, Runtime  # noqa: E402
+from nblosses import functional as F  # noqa: E402
+from nblosses._registry import load  # noqa: E402
+from nblosses.errors import UnsupportedOpError  # noqa: E402
+from nblosses.ops import SPECS  # noqa: E402
+
+RNG = np.random.default_rng(20261207)
+THREADS = {"scheduler": "threads"}
+
+
+def close(got, want, rtol=1e-10, atol=1e-13):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def compare(lazy, eager, **tol):
+    """Every leaf of a lazy result (dask arrays, nested tuples, None) equals the eager one."""
+    flat_lazy, flat_eager = list(_leaves(lazy)), list(_leaves(eager))
+    assert len(flat_lazy) == len(flat_eager)
+    assert all(isinstance(a, da.Array) for a in flat_lazy if a is not None)
+    computed = iter(dask.compute(*(a for a in flat_lazy if a is not None), **THREADS))
+    for got, want in zip(flat_lazy, flat_eager):
+        assert (got is None) == (want is None)
+        if want is not None:
+            close(next(computed), want, **tol)
+
+
+def _leaves(value):
+    if isinstance(value, tuple):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+# ----------------------------------------------------------------------------- structure
+def test_every_spec_with_a_dask_plan_has_one():
+    from nblosses import _dask
+
+    assert {s.dask for s in SPECS.values() if s.dask is not None} <= set(_dask.PLANS)
+
+
+def test_the_package_imports_neither_the_public_functions_nor_the_dispatcher():
+    package = Path(nblosses.__file__).parent / "_dask"
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = {f"{node.module}.{a.name}" if node.module else a.name
+                         for a in node.names}
+                assert not any(n.split(".")[-1] in ("functional", "_dispatch")
+                               or (node.module or "").endswith(("functional", "_dispatch"))
+                               for n in names), (path.name, ast.dump(node))
+            elif isinstance(node, ast.Import):
+                assert not any(a.name in ("nblosses.functional", "nblosses._dispatch")
+                               for a in node.names), path.name
+
+
+def _squared_error_block(xb, yb, gb, *, want_grad):
+    """A block task of an op the package has never seen: ``(x - y)^2 / 2``, gradient
+    ``g (x - y)``."""
+    from nblosses._dask._common import rows_grad
+
+    d = xb - yb
+    loss = d * d / 2
+    if not want_grad:
+        return loss
+    return loss, rows_grad(load("cpu"), gb, d.shape) * d
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_generic_plan_serves_a_new_op(reduction):
+    from nblosses._dask._blockwise import Result, loss_plan
+    from nblosses._dask._common import grad_arg
+
+    be = load("cpu")
+    x, y = RNG.standard_normal((7, 5)), RNG.standard_normal((7, 5))
+    g_rows = RNG.standard_normal((7, 5))
+    dx, dy = da.from_array(x, (3, 2)), da.from_array(y, (3, 2))
+    denom = float(x.size)
+    upstream = g_rows if reduction == "none" else 2.0
+    grad = grad_arg(upstream, reduction, denom, x.shape, dx.chunks, "ab", be)
+    loss, gx = loss_plan(_squared_error_block, [(dx, "ab"), (dy, "ab")], be=be,
+                         loss=Result("ab", np.float64), others=[Result("ab", np.float64)],
+                         reduction=reduction, denom=denom, dtype=np.float32, grad=grad,
+                         want_grad=True)
+    rows = (x - y) ** 2 / 2
+    want = {"none": rows, "sum": rows.sum(), "mean": rows.mean()}[reduction].astype(np.float32)
+    scale = {"none": g_rows, "sum": 2.0, "mean": 2.0 / denom}[reduction]
+    got_loss, got_grad = dask.compute(loss, gx, **THREADS)
+    close(got_loss, want, rtol=1e-6)
+    close(got_grad, scale * (x - y))
+
+
+# ----------------------------------------------------------------------------- backends
+class _Spy(Backend):
+    """The CPU kernels, each call recorded by name (block operations as ``kernel.op``);
+    ``blocks=False``: the LM head kernel without its block operations."""
+
+    name = "spy"
+
+    def __init__(self, blocks: bool = True) -> None:
+        self.blocks = blocks
+        self.calls: list[str] = []
+
+    def build(self) -> Runtime:
+        cpu = load("cpu")
+        return Runtime(self, xp=np, asarray=np.asarray, index_range=cpu.index_range,
+                       kernels={n: self._wrap(n, k) for n, k in cpu.kernels.items()})
+
+    def _wrap(self, name, kernel):
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return kernel(*args, **kwargs)
+
+        for op in ("block_stats", "block_grad"):
+            if self.blocks and hasattr(kernel, op):
+                setattr(call, op, self._wrap(f"{name}.{op}", getattr(kernel, op)))
+        return call
+
+
+@pytest.fixture(params=[True, False], ids=["blocks", "no-blocks"])
+def spy(request):
+    backend = nblosses.register_backend(_Spy(request.param))
+    yield backend
+    nblosses.unregister_backend("spy")
+
+
+def test_tasks_reach_the_kernels_through_the_backend(spy):
+    x, t = RNG.standard_normal((8, 6)), RNG.integers(0, 6, 8)
+    whole = F.cross_entropy(da.from_array(x, (4, 6)), t, return_grad=True, backend="spy")
+    compare(whole, F.cross_entropy(x, t, return_grad=True))
+    assert "cross_entropy" in spy.calls
+    compare(F.log_softmax(da.from_array(x, (4, 3)), 1, backend="spy"), F.log_softmax(x, 1))
+    assert "logsumexp" in spy.calls
+    split = F.cross_entropy(da.from_array(x, (4, 3)), t, return_grad=True, backend="spy")
+    w2, b = RNG.standard_normal((6, 5)), RNG.standard_normal(6)
+    xl = RNG.standard_normal((8, 5))
+    lce = F.linear_cross_entropy(da.from_array(xl, (4, 5)), da.from_array(w2, (3, 5)), t,
+                                 linear_bias=b, return_grad=True, backend="spy")
+    if not spy.blocks:
+        with pytest.raises(UnsupportedOpError, match="block_stats"):
+            dask.compute(split, **THREADS)
+        return
+    compare(split, F.cross_entropy(x, t, return_grad=True))
+    compare(lce, F.linear_cross_entropy(xl, w2, t, linear_bias=b, return_grad=True))
+    assert {"linear_cross_entropy.block_stats", "linear_cross_entropy.block_grad"} <= set(
+        spy.calls)
+    assert "linear_cross_entropy" not in spy.calls  # the blocks only, never the whole head
+
+
+# ----------------------------------------------------------------------------- cross_entropy
+CE_OPTIONS = [dict(z_loss=1e-2), dict(softcap=3.0, label_smoothing=0.1),
+              dict(z_loss=2e-3, softcap=2.5, return_lse=True)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(("shape", "chunks"), [((9, 7), (4, 3)), ((4, 6, 5), (3, 4, 2))],
+                         ids=["2d", "3d"])
+def test_cross_entropy_options_across_class_chunks(shape, chunks, reduction):
+    x = RNG.standard_normal(shape) * 4
+    t = RNG.integers(0, shape[1], shape[:1] + shape[2:])
+    t.reshape(-1)[::4] = -100
+    p = RNG.random(shape)
+    p /= p.sum(1, keepdims=True)
+    w = RNG.random(shape[1]) + 0.5
+    g = RNG.standard_normal(t.shape) if reduction == "none" else 0.5
+    for opts, target, weight in itertools.product(CE_OPTIONS, (t, p), (None, w)):
+        kw = dict(opts, weight=weight, reduction=reduction, return_grad=True, grad_output=g)
+        lazy = F.cross_entropy(da.from_array(x, chunks), target, **kw)
+        compare(lazy, F.cross_entropy(x, target, **kw))
+
+
+# ----------------------------------------------------------------------------- linear CE
+N, D, V = 37, 11, 53
+ROWS, COLS = (10, 13, 14), (20, 20, 13)
+#: name -> (weight, bias, label_smoothing, z_loss, softcap)
+LCE_OPTIONS = {"plain": (False, False, 0.0, 0.0, None), "all": (True, True, 0.1, 1e-2, 4.0)}
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(processes=False, n_workers=2, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(("probs", "opts"), [(False, "all"), (False, "plain"), (True, "all")],
+                         ids=["index-all", "index-plain", "probs-all"])
+def test_linear_ce_vocabulary_parallel(dask_client, probs, opts, reduction):
+    """Batch chunks x vocabulary chunks on a 2-worker cluster == the eager call (float64),
+    loss, lse and the three gradients."""
+    use_w, use_b, eps, z_loss, cap = LCE_OPTIONS[opts]
+    x = RNG.standard_normal((N, D))
+    w2 = RNG.standard_normal((V, D)) * 0.7
+    bias = RNG.standard_normal(V) if use_b else None
+    weight = RNG.uniform(0.2, 2.0, V) if use_w else None
+    if probs:
+        target = RNG.random((N, V))
+        target /= target.sum(1, keepdims=True)
+    else:
+        target = RNG.integers(0, V, N)
+        target[::6] = -100
+    kw = dict(linear_bias=bias, weight=weight, reduction=reduction, label_smoothing=eps,
+              z_loss=z_loss, softcap=cap, return_grad=True, return_lse=True,
+              grad_output=RNG.standard_normal(N) if reduction == "none" else 0.75)
+    want = F.linear_cross_entropy(x, w2, target, **kw)
+    lazy = F.linear_cross_entropy(
+        da.from_array(x, (ROWS, D)), da.from_array(w2, (COLS, D)),
+        da.from_array(target, (ROWS, COLS) if probs else (ROWS,)),
+        **dict(kw, linear_bias=None if bias is None else da.from_array(bias, (COLS,)),
+               weight=None if weight is None else da.from_array(weight, (COLS,))))
+    loss, (gx, gw, gb), lse = lazy
+    got = dask_client.compute([loss, gx, gw, lse, *([gb] if gb is not None else [])],
+                              sync=True)
+    for a, e in zip(got, [want[0], *want[1][:2], want[2], *want[1][2:3]]):
+        close(a, e)
+    assert (gb is None) == (want[1][2] is None)
