@@ -11,6 +11,8 @@
 - cross_entropy with the class axis in several chunks takes every option (``z_loss``,
   ``softcap``, ``return_lse``), and linear_cross_entropy's vocabulary-parallel plan matches the
   eager call for every option on a 2-worker cluster.
+- The CUDA block operations, called as the plans call them, launch kernels that match their
+  compiled parameter lists (no device needed).
 """
 
 from __future__ import annotations
@@ -247,3 +249,40 @@ def test_linear_ce_vocabulary_parallel(dask_client, probs, opts, reduction):
     for a, e in zip(got, [want[0], *want[1][:2], want[2], *want[1][2:3]]):
         close(a, e)
     assert (gb is None) == (want[1][2] is None)
+
+
+# The fake launches write nothing: the statistics read back are uninitialised.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("probs", [False, True])
+def test_cuda_block_operations_as_the_plans_call_them(monkeypatch, probs):
+    """The CUDA LM-head block operations called alone, as the class-split plans call them (a
+    block at a class offset, no error record: the plan checked the targets), launch their
+    kernels with arguments matching the compiled parameter lists (no device: the launch
+    checks of ``tests/kernels/test_cuda_compile.py``, skipped without CuPy and NVRTC)."""
+    tcc = pytest.importorskip("test_cuda_compile")
+    from nblosses.backends.cuda import _kernels as K
+    from nblosses.backends.cuda import _loader as L
+    from nblosses.backends.cuda import linear_ce
+
+    monkeypatch.setattr(L, "sm_count", lambda: 132)
+    monkeypatch.setattr(L, "launch", lambda *args: tcc.LAUNCHES.append(args))
+    tcc.LAUNCHES.clear()
+    rows, cols, c0, v = 6, 5, 10, 17
+    for dtype in (np.float32, np.float64):
+        z = tcc.fa(RNG.standard_normal((rows, cols)).astype(dtype))
+        w = tcc.fa(RNG.random(cols).astype(dtype))
+        target = (tcc.fa(RNG.random((rows, cols)).astype(dtype)) if probs
+                  else tcc.fa(RNG.integers(0, v, rows)))
+        stats = {k: tcc.fa(np.zeros(rows)) for k in ("m", "s", "xt", "swx", "a_sum", "b_sum")}
+        kw = dict(c0=c0, ignore_index=-100, n_classes=v, label_smoothing=0.1, softcap=3.0)
+        linear_ce.block_stats(z, None, target, w, stats, **kw)
+        coefs = tuple(tcc.fa(np.ones(rows)) for _ in range(3))
+        linear_ce.block_grad(z, None, target, w, stats["m"], coefs, raw=True, **kw)
+    tcc.check_launches(4)
+    names = {n: [a for a, _ in K.PARAMS[n]] for n in ("lce_stats", "lce_grad")}
+    for _, _, kernel, _, _, args in tcc.LAUNCHES:
+        family = kernel.split("<")[0]
+        got = dict(zip(names[family], args))
+        assert int(got["c0"]) == c0 and (family == "lce_grad" or got["err"] == 0)
+        assert int(got["ldy"]) == (cols if probs else 0)
+    tcc.LAUNCHES.clear()

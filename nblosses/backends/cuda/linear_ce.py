@@ -62,6 +62,7 @@ def _target_args(bias, target, weight, *, c0: int, ignore_index, n_classes: int,
     return dict(common, t=target, y=None, ldy=0)
 
 
+@L.on_input_device
 def block_stats(z, bias, target, weight, stats: dict, *, row0: int = 0, err=None,
                 **kw) -> None:
     """Prepare the logits block ``z`` in place and merge its row statistics into ``stats``
@@ -77,6 +78,7 @@ def block_stats(z, bias, target, weight, stats: dict, *, row0: int = 0, err=None
             n_classes=kw["n_classes"], err=err)
 
 
+@L.on_input_device
 def block_grad(z, bias, target, weight, m, coefs: tuple, *, raw: bool, **kw) -> None:
     """Overwrite the block ``z`` with ``dL/dz`` (kernel protocol:
     ``linear_cross_entropy.block_grad``, keywords as :func:`block_stats`)."""
