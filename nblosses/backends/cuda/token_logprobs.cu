@@ -89,9 +89,10 @@ __device__ __forceinline__ TlpCoef<A> tlp_finish(bool leader, i64 pos, const Tar
     r.a = r.b = r.at = A(0);
     if (tg.valid) {
         const A ls = nbl_log(s);
-        if (leader) {
-            logp[pos] = nbl_min((yt - M) * P.inv - ls, A(0));
-            if (ent) ent[pos] = nbl_min(nbl_max(ls - q / s, A(0)), P.log_c);
+        if (leader) {  // clamps by comparison: NaN passes (fminf / fmaxf would drop it)
+            const A lp = (yt - M) * P.inv - ls, h = ls - q / s;
+            logp[pos] = lp > A(0) ? A(0) : lp;
+            if (ent) ent[pos] = h < A(0) ? A(0) : (h > P.log_c ? P.log_c : h);
         }
         const A gor = go ? go[pos] : A(1);
         const A ger = ge ? ge[pos] : A(0);
