@@ -25,6 +25,10 @@
 // tail is still in L2). tlp_cols (inner > 1): a thread per position.
 
 #define TLP_D_MIN (-1000)
+//: Minimum resident blocks of tlp_rows: NBL_MIN_BLOCKS (two blocks of 512 for the 16- and
+//: 32-bit types, a 64-register budget), and 1 for double, where ptxas' own choice at 512
+//: threads was 64 registers and a spill.
+#define TLP_MIN_BLOCKS(BLOCK, T) (sizeof(T) == 8 ? 1 : NBL_MIN_BLOCKS(BLOCK, T))
 
 //: d = (y - M) / T, clamped at TLP_D_MIN (exp is 0 there in float and double); NaN stays NaN.
 template <typename A> __device__ __forceinline__ A tlp_shift(A y, A M, A inv) {
@@ -120,7 +124,7 @@ __device__ __forceinline__ A tlp_grad(const Target& tg, const TlpCoef<A>& r,
 }
 
 template <typename T, int CAP, int VEC, int G, int BLOCK>
-__global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) tlp_rows(NBL_PARAMS_TLP) {
+__global__ void __launch_bounds__(BLOCK, TLP_MIN_BLOCKS(BLOCK, T)) tlp_rows(NBL_PARAMS_TLP) {
     typedef typename AccT<T>::type A;
     const TlpParams<A> P(inv_t, cap, C);
     constexpr int U = NBL_UNROLL2;  // 64-register budget (NBL_MIN_BLOCKS)
