@@ -77,8 +77,10 @@ class Autograd(enum.Enum):
     NONE = "none"
     #: Output saved; backward is the op's gradient function (softmax, log_softmax).
     SOFTMAX = "softmax"
-    #: The gradient with respect to ``input`` is computed in the forward pass
-    #: (``return_grad=True``) and scaled by the upstream gradient in backward.
+    #: A loss with ``return_grad`` and ``grad_output``. Reduced, its gradient with respect to
+    #: ``input`` is computed in the forward pass and scaled by the upstream gradient in
+    #: backward; unreduced, backward runs it with the upstream gradient as ``grad_output``.
+    #: The front ends shape its loss by :meth:`OpSpec.result_shape`.
     FUSED_LOSS = "fused_loss"
     #: Hand-written in the front end (the LM heads: gradients of several inputs).
     CUSTOM = "custom"
@@ -385,6 +387,7 @@ class OpSpec:
             if text:
                 lines += ["", title, "-" * len(title), inspect.cleandoc(text)]
         return "\n".join(lines) + "\n"
+
 
 def _broadcast(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
     """NumPy's broadcast of two shapes, unchecked (the op checks its arrays), in plain tuple
