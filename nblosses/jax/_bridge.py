@@ -104,7 +104,6 @@ def _host_callback(request: Request, operands: tuple[Any, ...],
 # ----------------------------------------------------------------------------- running
 def execute(request: Request, operands: list[np.ndarray], outputs: list[np.ndarray]) -> None:
     """Run ``request`` on NumPy ``operands``, writing its results into ``outputs``."""
-    spec = SPECS[request.op]
     kwargs: dict[str, Any] = dict(request.options)
     pending = iter(operands)
     for name, count in request.arrays:
@@ -116,7 +115,7 @@ def execute(request: Request, operands: list[np.ndarray], outputs: list[np.ndarr
         kwargs["return_grad"] = True
         # Into XLA's buffer directly where the op takes one in the input's dtype (its compute
         # dtype must be the input's: not for half precision, computed in float32).
-        if "grad_buffer" in (p.name for p in spec.params) and outputs[1].dtype.itemsize >= 4:
+        if _takes_grad_buffer(request.op) and outputs[1].dtype.itemsize >= 4:
             kwargs["grad_buffer"] = outputs[1]
     result = getattr(functional, request.op)(**kwargs, backend="cpu")
     for out, r in zip(outputs, result if isinstance(result, tuple) else (result,)):
@@ -126,6 +125,11 @@ def execute(request: Request, operands: list[np.ndarray], outputs: list[np.ndarr
             raise RuntimeError(f"nblosses.jax: {request.op} returned shape {tuple(r.shape)} "
                                f"where {out.shape} was declared (OpSpec.loss_shape?)")
         np.copyto(out, r)
+
+
+@functools.cache
+def _takes_grad_buffer(op: str) -> bool:
+    return any(p.name == "grad_buffer" for p in SPECS[op].params)
 
 
 _HUGE = 1 << 22  # NumPy's threshold for huge-page advice on its own allocations (4 MiB)
