@@ -56,12 +56,21 @@ def _xlogx_overload(t):
 
 @njit(**JIT)
 def _kl_block(x, t, log_token, g, gs, out, gx, lo, hi):
-    """Losses (and gradient) of ``lo:hi``: ``(sum of the losses in the input's precision,
-    number of +inf log-targets)``. ``log_token``: ``(0,)`` for ``log_target``, else ``()``."""
-    xs, ts = x[lo:hi], t[lo:hi]  # slices: range-indexed loops vectorise
+    """Losses (and gradient) of ``lo:hi``: ``(sum of the losses, number of +inf
+    log-targets)``, both in the input's precision. ``log_token``: ``(0,)`` for
+    ``log_target``, else ``()``."""
+    # slices, indexed from 0: an index lo + i keeps Numba's negative-index wraparound in the
+    # loop (scattered stores on AVX-512, a scalar loop on AVX2)
+    xs, ts = x[lo:hi], t[lo:hi]
+    gs_ = None if g is None else g[lo:hi]
+    os_ = None if out is None else out[lo:hi]
+    gxs = None if gx is None else gx[lo:hi]
     inf = like(np.inf, x)
-    acc = like(0, x)
-    nbad = 0
+    zero, one = like(0, x), like(1, x)
+    acc = zero
+    # counted in the input's precision (exact: a block has SUM_BLOCK elements): an int64
+    # counter in a float32 loop kept it scalar on AVX2
+    nbad = zero
     for i in range(hi - lo):
         xi = xs[i]
         ti = ts[i]
@@ -69,15 +78,15 @@ def _kl_block(x, t, log_token, g, gs, out, gx, lo, hi):
             e = fast_exp(ti)
             loss = e * (ti - xi)
             coef = e
-            nbad += 1 if ti == inf else 0
+            nbad += one if ti == inf else zero
         else:
             loss = xlogx(ti) - ti * xi
             coef = ti
         acc += loss
-        if out is not None:
-            out[lo + i] = loss
-        if gx is not None:
-            gx[lo + i] = -(coef * (gs if g is None else g[lo + i]))
+        if os_ is not None:
+            os_[i] = loss
+        if gxs is not None:
+            gxs[i] = -(coef * (gs if gs_ is None else gs_[i]))
     return acc, nbad
 
 
@@ -93,7 +102,7 @@ def _kl_div(x, t, log_token, g, g_scalar, out, gx, partial, bad):
             s, nb = _kl_block(x, t, log_token, g, like(g_scalar, x), out, gx, b0,
                               min(hi, b0 + SUM_BLOCK))
             acc += s
-            nbad += nb
+            nbad += int(nb)
         partial[k] = acc
         bad[k] = nbad
 
