@@ -13,7 +13,7 @@ from .. import _args
 from .._registry import resolve_backend
 from .._spec import OpSpec
 from ..ops._results import results
-from ..ops.binary_losses import BinaryLossArgs, check_binary_loss, execute
+from ..ops.binary_losses import BinaryLossArgs, check_binary_loss, check_probabilities, execute
 from ._blockwise import Result, loss_plan
 from ._common import (
     as_dask,
@@ -45,16 +45,6 @@ def _broadcast(name: str, what: str, v: Any, x: Any) -> Any:
     return da.broadcast_to(v, x.shape, chunks=x.chunks)
 
 
-def _in_range(name: str, x: Any) -> None:
-    """``binary_cross_entropy``'s check that probabilities lie in [0, 1] (NaN fails), run on
-    each block when computed, whatever the backend's kernels check themselves."""
-    if x.size:
-        lo, hi = float(x.min()), float(x.max())
-        if not (lo >= 0.0 and hi <= 1.0):
-            raise ValueError(f"{name}: all elements of input should be between 0 and 1 "
-                             f"(found min {lo}, max {hi})")
-
-
 def _block(xb: Any, yb: Any, wb: Any, pwb: Any, gb: Any, *, op: str, backend: str,
            want_grad: bool) -> Any:
     """One block: flat canonical arrays, one kernel call, unreduced."""
@@ -67,7 +57,7 @@ def _block(xb: Any, yb: Any, wb: Any, pwb: Any, gb: Any, *, op: str, backend: st
 
     xc = flat(x)
     if op == "binary_cross_entropy":
-        _in_range(op, xc)
+        check_probabilities(op, xc)
     a = BinaryLossArgs(xc, flat(yb), flat(wb), flat(pwb), tuple(x.shape), cdt)
     out = execute(be, op, a, reduction="none", want_grad=want_grad,
                   grad_output=rows_grad(be, gb, a.shape) if want_grad else None)

@@ -51,6 +51,16 @@ def check_binary_loss(be: Runtime, name: str, x: Any, y: Any) -> Any:
     return _args.compute_dtype(be, x.dtype)
 
 
+def check_probabilities(name: str, x: Any) -> None:
+    """``binary_cross_entropy``'s check that its input lies in ``[0, 1]`` (NaN fails): reads the
+    array's min and max (on a device backend: waits for the device)."""
+    if x.size:
+        lo, hi = float(x.min()), float(x.max())  # min/max propagate NaN
+        if not (lo >= 0.0 and hi <= 1.0):
+            raise ValueError(f"{name}: all elements of input should be between 0 and 1 "
+                             f"(found min {lo}, max {hi})")
+
+
 def binary_loss_args(be: Runtime, name: str, input: Any, target: Any, weight: Any,
                      pos_weight: Any, probabilities: bool,
                      check_range: bool = True) -> BinaryLossArgs:
@@ -63,11 +73,8 @@ def binary_loss_args(be: Runtime, name: str, input: Any, target: Any, weight: An
     y = _args.as_array(be, target, "target")
     cdt = check_binary_loss(be, name, x, y)
     xc = _args.to_compute(be, x, cdt).reshape(-1)
-    if probabilities and check_range and xc.size:
-        lo, hi = float(xc.min()), float(xc.max())  # min/max propagate NaN
-        if not (lo >= 0.0 and hi <= 1.0):
-            raise ValueError(f"{name}: all elements of input should be between 0 and 1 "
-                             f"(found min {lo}, max {hi})")
+    if probabilities and check_range:
+        check_probabilities(name, xc)
     yc = _args.to_compute(be, y if _args.is_float(y.dtype) else y.astype(cdt), cdt).reshape(-1)
     return BinaryLossArgs(
         xc, yc,
