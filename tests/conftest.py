@@ -1,15 +1,37 @@
-"""Fixtures shared by the whole suite.
+"""Fixtures shared by the whole suite, and the split of the suite into two tiers.
 
 ``backend`` parametrises every parity test over ``"cpu"`` and ``"cuda"``; the CUDA half is
 marked ``cuda`` and skipped, with the reason, when ``nblosses.available_backends()`` lacks it,
 so one suite runs unchanged on a GPU machine (``pytest -m cuda`` there runs the GPU half).
+
+Tiers
+-----
+A plain ``pytest`` runs the fast tier (``addopts`` in ``pyproject.toml`` has ``-m "not
+slow"``): every op, both float dtypes, the main kernel layouts, errors, interop, Dask, the
+fake-device and tooling checks, in a few minutes with a cold Numba cache. ``pytest -m slow``
+runs the slow tier, which ``.ci/run`` runs after the fast one, so every test still runs in CI:
+the Sphinx build and doctests, asv and bench-CLI runs, NVRTC of every CUDA instantiation, the
+vectorisation assembly checks, the exhaustive layout and option sweeps (most of their cost is
+Numba compiling a kernel per dtype, option set and class-count factorisation), and the
+large-memory checks. ``pytest -m "slow or not slow"`` runs both.
+
+A test is in the slow tier when it carries the ``slow`` marker itself (``pytestmark`` or a
+decorator) or when a rule of :data:`SLOW` below names it: the rules mark tests of files that
+are edited by others, by path, test function and, for sweeps, the parameters that stay in the
+fast tier (a fair sample of the sweep). ``tests/tooling/test_tiers.py`` checks that every rule
+names tests that exist.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import sys
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,3 +82,112 @@ def restore_backend_default():
     before = nblosses.get_backend()
     yield
     nblosses.set_backend(before)
+
+
+# ----------------------------------------------------------------------------- tiers
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Slow:
+    """A rule putting tests in the slow tier.
+
+    Parameters
+    ----------
+    path : str
+        The test file, relative to the repository root.
+    why : str
+        What makes them slow (measured, cold Numba cache, 2 cores).
+    tests : tuple of str
+        Test function names (``fnmatch`` patterns); ``("*",)``: every test of the file.
+    fast : callable, optional
+        ``fast(params) -> bool`` on a parametrised test's parameters (``item.callspec.params``):
+        the cases that stay in the fast tier (a sample of a sweep); ``None``: none does.
+    """
+
+    path: str
+    why: str
+    tests: tuple[str, ...] = ("*",)
+    fast: Callable[[dict[str, Any]], bool] | None = None
+
+    def matches(self, item: pytest.Item) -> bool:
+        """Whether ``item`` is one of the slow tests this rule names."""
+        name = getattr(item, "originalname", item.name)
+        if not any(fnmatch.fnmatchcase(name, t) for t in self.tests):
+            return False
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        return self.fast is None or not self.fast(params)
+
+
+#: The slow tier's tests named here (the others carry the marker themselves, as
+#: tests/kernels/test_memory.py does). ``why`` gives each rule's cost as measured in one run
+#: with a cold Numba cache on a shared 2-core machine (wall times under ~3x load; the
+#: fast tier compiles most kernels before these run, so their own cost is lower there).
+SLOW: tuple[Slow, ...] = (
+    Slow("tests/kernels/test_vectorise.py",
+         "compiles every kernel from scratch under three CPU names and reads the assembly"),
+    Slow("tests/kernels/test_cuda_compile.py",
+         "NVRTC of every instantiation for every element type (~95 s); the fast tier keeps "
+         "float's", ("test_nvrtc_compiles_every_instantiation",),
+         fast=lambda p: p["ct"] == "float"),
+    Slow("tests/kernels/test_cuda_compile.py",
+         "NVRTC's optimised builds (~48 s) and the ptxas occupancy checks (~30 s)",
+         ("test_nvrtc_compiles_optimised", "test_looped_kernels_keep_half_occupancy_without_spills",
+          "test_packed_half_rows_keep_half_occupancy_without_spills")),
+    Slow("tests/kernels/test_layouts.py",
+         "exhaustive layout sweeps: the split kernels compile per class-count factorisation "
+         "and option set (every C from 1 to 23: minutes); the fast tier keeps 130 rows at "
+         "every C of the sweep, every middle-axis shape and the C kinds 1, 2, 10, 23",
+         ("test_softmax_family_layouts", "test_class_losses_layouts"),
+         fast=lambda p: len(p["shape"]) == 3 or p["shape"][0] == 130),
+    Slow("tests/kernels/test_layouts.py", "every C from 1 to 23 (see above)",
+         ("test_short_rows_every_class_count", "test_cross_entropy_short_rows_every_class_count"),
+         fast=lambda p: p["n_classes"] in (1, 2, 10, 23)),
+    Slow("tests/kernels/test_ce_options_kernels.py",
+         "every option set x reduction x layout x target kind x dtype (~160 s, a compile per "
+         "option set); the fast tier keeps the richest options (z-loss and soft cap) with "
+         "the mean on every layout, target kind and dtype",
+         ("test_options_match_torch",), fast=lambda p: p["z"] == 0.02 and p["reduction"] == "mean"),
+    Slow("tests/kernels/test_ce_options_kernels.py",
+         "every smoothing x weight x layout x target kind (~20 s)",
+         ("test_options_in_place_gradient",), fast=lambda p: p["smoothing"] and p["weighted"]),
+    Slow("tests/tooling/test_docs.py",
+         "the Sphinx doctest builder (~130 s) and the html build with -W (~30 s); the module "
+         "docstring examples stay fast",
+         ("test_sphinx_doctests", "test_html_build_has_no_warnings")),
+    Slow("tests/tooling/test_asv.py",
+         "one call of every asv benchmark with its smallest parameters (~90 s)",
+         ("test_dry_run",)),
+    Slow("tests/tooling/test_cli.py",
+         "`nblosses bench` runs in subprocesses, each importing torch and timing (~210 s)",
+         ("test_bench_quick_softmax", "test_bench_quick_linear_cross_entropy",
+          "test_bench_check_exit_status", "test_bench_skip_result_check")),
+    Slow("tests/dask/test_dask.py", "a 2-process distributed.LocalCluster (~60 s)",
+         ("test_distributed_local_cluster",)),
+    Slow("tests/interop/test_jax.py",
+         "jit compiles per shape x reduction x option set (~80 s); the fast tier keeps the "
+         "2-d shape", ("test_cross_entropy_value_and_grad_under_jit",),
+         fast=lambda p: p["shape"] == (6, 5)),
+    Slow("tests/interop/test_torch_autograd.py",
+         "every reduction x bias x target kind x weight x dtype (~55 s); the fast tier keeps "
+         "the bias with (indices, unweighted) and (probabilities, weighted)",
+         ("test_linear_cross_entropy_parity_with_torch",),
+         fast=lambda p: p["bias"] and p["weighted"] == p["probs"]),
+)
+
+
+def slow_rule(item: pytest.Item) -> Slow | None:
+    """The rule of :data:`SLOW` that puts ``item`` in the slow tier, if any."""
+    try:
+        path = item.path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:  # a test outside the repository (pytest run on another tree)
+        return None
+    return next((r for r in SLOW if r.path == path and r.matches(item)), None)
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests :data:`SLOW` names ``slow``."""
+    for item in items:
+        if slow_rule(item) is not None:
+            item.add_marker(pytest.mark.slow)
