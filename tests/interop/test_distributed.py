@@ -6,9 +6,9 @@ smoothing, z-loss, softcap and ignore_index; out-of-range targets and misshapen 
 every rank.
 
 One group of processes per group size runs every case (a process start and its imports cost
-seconds); the parent warms nblosses' kernels first, so the workers load them from Numba's cache
-instead of each compiling them. Every wait is bounded: the collectives time out, and the
-processes are killed past a deadline.
+seconds); the parent runs every case in a group of one first, which compiles nblosses' kernels,
+so the workers load them from Numba's cache instead of each compiling them. Every wait is
+bounded: the collectives time out, and the processes are killed past a deadline.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 import torch.multiprocessing as mp  # noqa: E402
 
+import nblosses.torch as nbt  # noqa: E402
 from nblosses.torch import distributed as vp  # noqa: E402
 
 # V: every shard is at least nblosses.backends.cpu._blocks.SMALL_C classes wide, so the
@@ -67,6 +68,9 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "linear_one_row": ("linear1", "none", {"weight": True, "z_loss": 1e-2}),
     "linear_float32": ("linear", "mean", {"label_smoothing": 0.1, "softcap": 3.0,
                                           "dtype": "float32"}),
+    # nblosses.torch's functions with process_group= (they call the distributed ones)
+    "front_end": ("logits", "mean", {"front_end": True, "label_smoothing": 0.1}),
+    "front_end_linear": ("linear", "sum", {"front_end": True, "softcap": 3.0}),
 }
 TOLERANCE = {"float64": 1e-10, "float32": 2e-5}
 
@@ -107,6 +111,7 @@ def _errors(world: int, rank: int, name: str) -> dict[str, float]:
     kw = dict(kw)
     dtype = getattr(torch, kw.pop("dtype", "float64"))
     use_weight, in_place = kw.pop("weight", False), kw.pop("inplace_grad", False)
+    api = nbt if kw.pop("front_end", False) else vp
     ignore_index = kw.pop("ignore_index", -100)
     g = torch.Generator().manual_seed(0)
     widths = _widths(world)
@@ -128,7 +133,7 @@ def _errors(world: int, rank: int, name: str) -> dict[str, float]:
         assert x.grad is not None
         shard = x.detach()[..., cols, :] if x.dim() == 3 else x.detach()[..., cols]
         shard = shard.contiguous().requires_grad_()
-        loss = vp.cross_entropy(shard, target, None if cw is None else cw[cols],
+        loss = api.cross_entropy(shard, target, None if cw is None else cw[cols],
                                 ignore_index=ignore_index, reduction=reduction,
                                 inplace_grad=in_place, process_group=group, **kw)
         (loss * upstream).sum().backward()
@@ -146,7 +151,7 @@ def _errors(world: int, rank: int, name: str) -> dict[str, float]:
                          **kw)
         (ref * upstream).sum().backward()
         mine = [t.clone().requires_grad_() for t in (h, w[cols], b[cols])]
-        loss = vp.linear_cross_entropy(mine[0], mine[1], target, linear_bias=mine[2],
+        loss = api.linear_cross_entropy(mine[0], mine[1], target, linear_bias=mine[2],
                                        weight=None if cw is None else cw[cols],
                                        ignore_index=ignore_index, reduction=reduction,
                                        process_group=group, **kw)
