@@ -255,7 +255,7 @@ def _upstream(rows: _Rows, reduction: str) -> Tensor | float:
 
 @dataclass
 class _Coefficients:
-    """``dL/dy_c = a p_c - b [c == t] - s w_c`` per position (``u`` the upstream scale)."""
+    """``dL/dy_c = a p_c - b [c == t] - s w_c`` per position, for a given upstream gradient."""
 
     a: Tensor
     b: Tensor
