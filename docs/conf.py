@@ -23,10 +23,25 @@ from nblosses import _codegen  # noqa: E402
 # front ends (api.rst includes them), so the docs cannot drift from the code.
 _generated = os.path.join(os.path.dirname(__file__), "_generated")
 os.makedirs(_generated, exist_ok=True)
-for _name, _text in {"signatures.rst": _codegen.signature_table(),
-                     **_codegen.api_lists()}.items():
+_API_LISTS = _codegen.api_lists()
+for _name, _text in {"signatures.rst": _codegen.signature_table(), **_API_LISTS}.items():
     with open(os.path.join(_generated, _name), "w") as _f:
         _f.write(_text)
+
+
+def _api_stubs(app: object) -> None:
+    """autosummary's stub pages for the generated lists: api.rst includes them, and autosummary
+    scans only documents for the pages to write (the lists are not documents), so the pages
+    are written here, where api.rst's ``:toctree: generated`` looks for them."""
+    from sphinx.ext.autosummary.generate import generate_autosummary_docs
+
+    generate_autosummary_docs([os.path.join(_generated, name) for name in _API_LISTS],
+                              output_dir=os.path.join(os.path.dirname(__file__), "generated"),
+                              app=app)
+
+
+def setup(app: object) -> None:
+    app.connect("builder-inited", _api_stubs)  # type: ignore[attr-defined]
 
 project = "nblosses"
 author = "the nblosses developers"

@@ -492,9 +492,11 @@ def signature_table() -> str:
 
 def api_lists() -> dict[str, str]:
     """The API page's autosummary lists, by file name: the functions of each group and the
-    modules (generated and written by hand)."""
-    def autosummary(names: list[str]) -> str:
-        return (".. autosummary::\n   :toctree: generated\n   :nosignatures:\n\n"
+    modules (generated and written by hand). Each names its module first (``currentmodule``),
+    as autosummary needs to find the objects whose pages it writes."""
+    def autosummary(module: str, names: list[str]) -> str:
+        return (f".. currentmodule:: {module}\n\n"
+                ".. autosummary::\n   :toctree: generated\n   :nosignatures:\n\n"
                 + "".join(f"   {n}\n" for n in names))
 
     out = {}
@@ -502,10 +504,11 @@ def api_lists() -> dict[str, str]:
         names = [s.name for s in SPECS.values() if s.group is group]
         if names:
             out[f"functions_{group.name.lower()}.rst"] = (
-                f"{group.value}\n{'-' * len(group.value)}\n\n{autosummary(names)}")
+                f"{group.value}\n{'-' * len(group.value)}\n\n"
+                + autosummary("nblosses.functional", names))
     modules = [s.module for s in SPECS.values() if s.module_kind is not ModuleKind.NONE]
     hand = [n for n in _modules.__all__ if n != "Module"]
-    out["modules.rst"] = autosummary([m for m in modules if m] + hand + ["Module"])
+    out["modules.rst"] = autosummary("nblosses.nn", [m for m in modules if m] + hand + ["Module"])
     return out
 
 
