@@ -132,9 +132,9 @@ def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = 1.0,
     Examples
     --------
     >>> import torch
-    >>> from nblosses.torch._token_logprobs import token_logprobs
+    >>> import nblosses.torch as nbt
     >>> logits = torch.zeros(2, 4, requires_grad=True)
-    >>> logp, ent = token_logprobs(logits, torch.tensor([1, 3]), return_entropy=True)
+    >>> logp, ent = nbt.token_logprobs(logits, torch.tensor([1, 3]), return_entropy=True)
     >>> (logp.sum() + 0.1 * ent.sum()).backward()
     >>> print(logp.detach(), logits.grad[0])
     tensor([-1.3863, -1.3863]) tensor([-0.2500,  0.7500, -0.2500, -0.2500])
