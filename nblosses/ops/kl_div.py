@@ -274,7 +274,7 @@ SPECS = (OpSpec(
     >>> target = np.array([[0.5, 0.5], [0.0, 1.0]])
     >>> loss, grad = F.kl_div(logp, target, reduction="batchmean", return_grad=True)
     >>> round(float(loss), 4)
-    0.4904
+    0.4185
     >>> grad
     array([[-0.25, -0.25],
            [-0.  , -0.5 ]])""",
@@ -282,7 +282,7 @@ SPECS = (OpSpec(
     module_examples="""
     >>> import numpy as np
     >>> from nblosses import nn
-    >>> m, loss = nn.LogSoftmax(dim=1), nn.KLDivLoss(reduction="batchmean")
+    >>> m, loss = nn.LogSoftmax(dim=1), nn.KLDivLoss(reduction="sum")
     >>> x, target = np.zeros((2, 4)), np.full((2, 4), 0.25)
     >>> print(loss(m(x), target).round(4))
     0.0
