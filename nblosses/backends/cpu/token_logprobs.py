@@ -189,28 +189,31 @@ def _tlp_rows(x, t, ignore, inv_t, cap, log_c, logp, ent, go, ge, gx):
 
 # ----------------------------------------------------------------------------- middle axis
 @njit(**JIT)
-def _vexp_sums(s, q, yc, big, inv_t):
-    """``s += e``, ``q += e d`` along a block of positions, ``d = (yc - big) * inv_t``."""
+def _vexp_sums(s, q, yc, big, inv_t, out):
+    """``s += e``, ``q += e d`` along a block of positions, ``d = (yc - big) * inv_t``;
+    ``out`` (None, or another array than ``yc``) receives ``e``."""
     inv = like(inv_t, yc)
     for j in range(s.size):
         d = _shift(yc[j], big[j], inv)
         e = fast_exp(d)
         s[j] += e
         q[j] += e * d
+        if out is not None:
+            out[j] = e
 
 
 @njit(**JIT)
-def _vgrad(out, yc, big, inv_t, a, b):
-    """``out = e (a + b d)`` along a block of positions; ``out`` may be ``yc`` (a one-array
-    loop then, see :func:`_exp_sums`)."""
+def _vgrad(out, yc, big, inv_t, a, b, stored):
+    """``out = e (a + b d)`` along a block of positions: ``stored``, ``out`` holds ``e`` and
+    ``d`` comes from ``yc``; else ``out`` is ``yc`` itself (in place) and ``e`` is computed
+    again (a one-array loop: see :func:`_exp_sums`)."""
     inv = like(inv_t, yc)
-    if out.ctypes.data == yc.ctypes.data:
+    if stored:
         for j in range(out.size):
-            d = _shift(out[j], big[j], inv)
-            out[j] = fast_exp(d) * (a[j] + b[j] * d)
+            out[j] *= a[j] + b[j] * _shift(yc[j], big[j], inv)
     else:
         for j in range(out.size):
-            d = _shift(yc[j], big[j], inv)
+            d = _shift(out[j], big[j], inv)
             out[j] = fast_exp(d) * (a[j] + b[j] * d)
 
 
@@ -228,8 +231,19 @@ def _tlp_blocks(x, t, ignore, inv_t, cap, log_c, logp, ent, go, ge, gx, width):
         B.block_max(src, sj0, wd, big)
         s = np.zeros(wd, x.dtype)
         q = np.zeros(wd, x.dtype)
-        for c in range(n_classes):
-            _vexp_sums(s, q, src[c, sj0:sj0 + wd], big, inv_t)
+        # With a gradient, e goes into it during the sums (one exp per logit), unless the
+        # gradient overwrites the uncapped logits, whose d the gradient pass needs.
+        stored = False
+        if gx is None:
+            for c in range(n_classes):
+                _vexp_sums(s, q, src[c, sj0:sj0 + wd], big, inv_t, None)
+        else:
+            stored = cap is not None or gx[o].ctypes.data != x[o].ctypes.data
+            for c in range(n_classes):
+                if stored:
+                    _vexp_sums(s, q, src[c, sj0:sj0 + wd], big, inv_t, gx[o, c, j0:j0 + wd])
+                else:
+                    _vexp_sums(s, q, src[c, sj0:sj0 + wd], big, inv_t, None)
         # The gradient's coefficients per position (b stays 0 without an entropy term).
         a = np.empty(wd if gx is not None else 0, x.dtype)
         b = np.zeros_like(a)
@@ -249,7 +263,7 @@ def _tlp_blocks(x, t, ignore, inv_t, cap, log_c, logp, ent, go, ge, gx, width):
         if gx is not None:
             go_o = gx[o]
             for c in range(n_classes):
-                _vgrad(go_o[c, j0:j0 + wd], src[c, sj0:sj0 + wd], big, inv_t, a, b)
+                _vgrad(go_o[c, j0:j0 + wd], src[c, sj0:sj0 + wd], big, inv_t, a, b, stored)
             for j in range(wd):
                 tj = tb[j]
                 if tj == ignore:
