@@ -10,10 +10,10 @@ softmaxes ``p_s``, ``p_t``. Per row, while the row is in cache:
    float64 totals; JSD takes one more pass for ``sum`` of its terms with ``log m``;
 3. the gradient, written once. The forward KL and the top-k teacher (without a separate
    hard softmax) store ``e_s`` in the gradient row during pass 2 (the forward KL ``e_t`` in
-   an O(C) scratch row), so pass 3 takes no exponential; the other modes recompute theirs. The gradient may
-   be written into the logits themselves: each logit is read before its slot is overwritten,
-   through loops over the one array (LLVM vectorises a loop over two arrays only behind an
-   overlap check, which identical arrays fail).
+   an O(C) scratch row), so pass 3 takes no exponential; the other modes recompute theirs.
+   The gradient may be written into the logits themselves: each logit is read before its
+   slot is overwritten, through loops over the one array (LLVM vectorises a loop over two
+   arrays only behind an overlap check, which identical arrays fail).
 
 Gradients with respect to ``z`` (then times ``1 / T`` and the soft cap's slope
 ``1 - (cap(s) / c)^2``)::
