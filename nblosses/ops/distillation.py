@@ -314,9 +314,10 @@ def _torch_topk(F: Any, torch: Any, x: Any, idx: Any, lp: Any) -> Any:
     return _torch_loss(loss, torch, x, None, True)
 
 
-#: The vocabulary-sized rows issue 24 states its targets on (and smaller ones for --quick).
+#: The vocabulary-sized rows issue 24 states its targets on (and, as every case, one smaller
+#: shape for --quick).
 SHAPES = ("4096x[1000]", "512x[32000]", "64x[128256]")
-QUICK_SHAPES = ("256x[1000]", "32x[32000]", "4x[128256]")
+QUICK_SHAPES = ("32x[32000]",)
 
 BENCH = (
     BenchCase("distillation_grad", "pair", True, "distillation_loss fwd+grad (forward KL)",
