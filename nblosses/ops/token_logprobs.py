@@ -126,6 +126,11 @@ def _samples(rng: Any) -> list[Sample]:
 
 
 # ----------------------------------------------------------------------------- bench
+#: The vocabulary-sized rows issue 25 states its target on (one smaller shape for --quick).
+SHAPES = ("4096x[1000]", "512x[32000]", "64x[128256]")
+QUICK_SHAPES = ("32x[32000]",)
+
+
 def _bench_upstream(shape: tuple[int, ...]) -> tuple[Any, Any]:
     """The benchmark's upstream gradients, shaped as the targets: ones for the
     log-probabilities and an entropy bonus's coefficient."""
@@ -239,6 +244,6 @@ SPEC = OpSpec(
     bench=(BenchCase(
         "token_logprobs_grad", "class", True, "token_logprobs + entropy fwd+grad",
         "log_softmax, gather, entropy + autograd.grad", run=_bench_run, torch=_bench_torch,
-        groups=("grad", "rl"), writes=True),),
+        groups=("grad", "rl"), writes=True, shapes=SHAPES, quick_shapes=QUICK_SHAPES),),
 )
 SPECS = (SPEC,)
