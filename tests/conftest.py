@@ -135,14 +135,17 @@ SLOW: tuple[Slow, ...] = (
          ("test_nvrtc_compiles_optimised", "test_looped_kernels_keep_half_occupancy_without_spills",
           "test_packed_half_rows_keep_half_occupancy_without_spills")),
     Slow("tests/kernels/test_layouts.py",
-         "exhaustive layout sweeps: the split kernels compile per class-count factorisation "
-         "and option set (every C from 1 to 23: minutes); the fast tier keeps 130 rows at "
-         "every C of the sweep, every middle-axis shape and the C kinds 1, 2, 10, 23",
+         "exhaustive layout sweeps: rows 1, 63 and 64 around the 64-row tiles, and the split "
+         "kernels compile per class-count factorisation and option set; the fast tier keeps "
+         "130 rows (a ragged tile tail) at C = 10 (split tiles), 23 (gathering tiles) and 67 "
+         "(long rows), and every middle-axis shape",
          ("test_softmax_family_layouts", "test_class_losses_layouts"),
-         fast=lambda p: len(p["shape"]) == 3 or p["shape"][0] == 130),
-    Slow("tests/kernels/test_layouts.py", "every C from 1 to 23 (see above)",
+         fast=lambda p: len(p["shape"]) == 3 or p["shape"] in ((130, 10), (130, 23), (130, 67))),
+    Slow("tests/kernels/test_layouts.py",
+         "every C from 1 to 23 (~4 s of compilation per C and option set); the fast tier "
+         "keeps C = 10 and 23",
          ("test_short_rows_every_class_count", "test_cross_entropy_short_rows_every_class_count"),
-         fast=lambda p: p["n_classes"] in (1, 2, 10, 23)),
+         fast=lambda p: p["n_classes"] in (10, 23)),
     Slow("tests/kernels/test_ce_options_kernels.py",
          "every option set x reduction x layout x target kind x dtype (~160 s, a compile per "
          "option set); the fast tier keeps the richest options (z-loss and soft cap) with "
@@ -173,6 +176,49 @@ SLOW: tuple[Slow, ...] = (
          "the bias with (indices, unweighted) and (probabilities, weighted)",
          ("test_linear_cross_entropy_parity_with_torch",),
          fast=lambda p: p["bias"] and p["weighted"] == p["probs"]),
+    # Sweeps of the API tests: a pairwise sample stays fast (every pair of option values
+    # still meets, on every shape and dtype), the full product is slow.
+    Slow("tests/api/test_class_losses.py",
+         "the full ignore x smoothing x reduction product (1080 cases, ~60 s)",
+         ("test_cross_entropy_forward_and_grad",),
+         fast=lambda p: (["none", "class2", "neg1"].index(p["ignore"])
+                         + [0.0, 0.1, 1.0].index(p["eps"])
+                         + ["none", "mean", "sum"].index(p["reduction"])) % 3 == 0),
+    Slow("tests/api/test_ce_options.py",
+         "every option set x reduction x target kind (~50 s); the fast tier keeps each option "
+         "set with one reduction per target kind",
+         ("test_options_match_torch_composite",),
+         fast=lambda p: ["mean", "sum", "none"].index(p["reduction"])
+         == ([1e-2, 0.0, 1e-3].index(p["z"]) + p["probs"]) % 3),
+    Slow("tests/api/test_distillation.py",
+         "every option set x reduction (~80 s); the fast tier keeps each option set with one "
+         "reduction, on every shape and dtype", ("test_matches_torch_composite",),
+         fast=lambda p: round(10 * sum(v for v in p["options"] if v is not None)) % 3
+         == ["mean", "sum", "none"].index(p["reduction"])),
+    # Large inputs (seconds of arithmetic each, or peak-memory measurements), as
+    # tests/kernels/test_memory.py.
+    Slow("tests/api/test_class_losses.py",
+         "rows of 100000 classes (~50 s); the fast tier keeps float32 without options",
+         ("test_cross_entropy_long_rows",),
+         fast=lambda p: p["dtype"] == "float32" and not p["opts"]),
+    Slow("tests/api/test_softmax.py", "rows of 100000 and 50000 classes (~10 s); the fast "
+         "tier keeps float32", ("test_long_rows",), fast=lambda p: p["dtype"] == "float32"),
+    Slow("tests/api/test_distillation.py", "long float32 rows", ("test_long_rows_float32",)),
+    Slow("tests/api/test_linear_cross_entropy.py", "peak memory of an LM head (~25 s)",
+         ("test_extra_memory_under_five_percent_of_logits",)),
+    # Assembly and NVRTC checks of the ops being added (as test_vectorise.py and
+    # test_cuda_compile.py above).
+    Slow("tests/api/test_token_logprobs.py",
+         "compiles its kernels under three CPU names and reads the assembly (~90 s)",
+         ("test_kernel_loops_are_packed",)),
+    Slow("tests/kernels/test_distillation_cuda.py",
+         "NVRTC of every instantiation but float's, the optimised builds and ptxas (~45 s)",
+         ("test_nvrtc_compiles_every_instantiation",), fast=lambda p: p["ct"] == "float"),
+    Slow("tests/kernels/test_distillation_cuda.py", "NVRTC optimised builds and ptxas",
+         ("test_nvrtc_compiles_optimised", "test_long_rows_keep_half_occupancy_without_spills")),
+    Slow("tests/interop/test_distributed.py",
+         "torch.distributed process groups of 2 processes (~80 s)",
+         ("test_sharded_losses_match_the_whole_vocabulary",)),
 )
 
 
