@@ -116,7 +116,12 @@ class Slow:
         if not any(fnmatch.fnmatchcase(name, t) for t in self.tests):
             return False
         params = item.callspec.params if hasattr(item, "callspec") else {}
-        return self.fast is None or not self.fast(params)
+        try:
+            return self.fast is None or not self.fast(params)
+        except (KeyError, ValueError) as exc:  # a parameter renamed or a value added
+            raise pytest.UsageError(
+                f"tests/conftest.py: the slow-tier rule for {self.path}::{name} cannot read "
+                f"the parameters of {item.nodeid} ({exc!r}); update the rule") from exc
 
 
 #: The slow tier's tests named here (the others carry the marker themselves, as

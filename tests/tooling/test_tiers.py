@@ -50,9 +50,9 @@ def test_the_spec_driven_tests_stay_in_the_fast_tier():
 def test_a_rule_keeps_its_fast_sample():
     """``Slow.matches`` puts a sweep's other cases in the slow tier, its sample in the fast."""
 
-    class Item:  # the two attributes a rule reads of a pytest item
+    class Item:  # the attributes a rule reads of a pytest item
         def __init__(self, name: str, params: dict) -> None:
-            self.originalname = self.name = name
+            self.originalname = self.name = self.nodeid = name
             self.callspec = type("CallSpec", (), {"params": params})()
 
     rule = Slow("tests/x.py", "sweep", ("test_sweep*",), fast=lambda p: p["n"] == 2)
@@ -60,3 +60,5 @@ def test_a_rule_keeps_its_fast_sample():
     assert not rule.matches(Item("test_sweep_c", {"n": 2}))
     assert not rule.matches(Item("test_other", {"n": 1}))
     assert Slow("tests/x.py", "all").matches(Item("test_any", {}))
+    with pytest.raises(pytest.UsageError, match="update the rule"):
+        rule.matches(Item("test_sweep_c", {"m": 2}))
