@@ -11,6 +11,11 @@ dtype"); targets as int64. Kernels allocate their outputs (unless given ``grad_b
 write to their inputs, and return arrays of the compute dtype. ``reduction`` is one of
 ``"none"``, ``"mean"``, ``"sum"``. Reduced losses are 0-d arrays.
 
+The built-in backends write the host side of a loss once, in :mod:`nblosses.backends._host`
+(:class:`~nblosses.backends._host.LossCall`: outputs, the upstream gradient over the ``mean``
+denominator, empty inputs, the reduced result), and the cross-entropy's per-position algebra
+once, in :mod:`nblosses.backends._formulas`; a third-party backend may use them too.
+
 Softmax family (``x3`` is the input viewed as ``(outer, C, inner)``, reduction over ``C``)::
 
     softmax(x3) -> y3

@@ -44,6 +44,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ._formulas import ce_point, probs_point
+from ._host import LossCall, div, ignore_value
+from ._host import upstream_scale as upstream_scale  # re-exported: the Dask driver's
+
 #: Extra memory of one call: at most 5% of the N x V logits; blocks take 90% of that, the
 #: rest is left to O(rows) statistics and temporaries, ...
 BUDGET_FRACTION = 0.045
@@ -132,32 +136,15 @@ def mean_denominator(xp: Any, t: Any, weight: Any, ignore_index: int | None, *,
     return float(d) if to_host else d
 
 
-def upstream_scale(reduction: str, grad_output: Any, denom: Any) -> Any:
-    """Per-row upstream gradient: the array for ``"none"``, else a float (over ``denom`` for
-    ``mean``; 0/0 gives NaN, x/0 a signed infinity, as IEEE). A 0-d array ``denom`` (see
-    :func:`mean_denominator`) gives a 0-d array, divided where it lives (IEEE there too)."""
-    if reduction == "none":
-        return grad_output
-    g = float(grad_output)
-    if reduction == "sum":
-        return g
-    if not isinstance(denom, (int, float)):
-        return g / denom
-    if denom != 0:
-        return g / denom
-    return math.nan if g == 0 or math.isnan(g) else math.copysign(math.inf, g)
-
-
 def _lse(xp: Any, m: Any, s: Any) -> Any:
     return m + xp.log(s)
 
 
 def mean_of(xp: Any, total: Any, denom: Any) -> Any:
-    """``total / denom``, NaN when ``denom`` is 0 (no kept row: 0 / 0, as torch); a 0-d array
-    ``denom`` stays where it is (no read back)."""
-    if isinstance(denom, (int, float)):
-        return total / denom if denom != 0 else math.nan
-    return xp.where(denom != 0, total / denom, math.nan)
+    """The driver's summed loss over the ``mean`` denominator, a 0-d array of ``xp``
+    (:func:`._host.div`: 0/0 is NaN, x/0 a signed infinity; a 0-d device ``denom`` divides
+    where it lives, nothing is read back)."""
+    return xp.asarray(div(total, denom))
 
 
 def finish_class(xp: Any, st: dict, t: Any, weight: Any, ignore_index: int, eps: float, v: int,
@@ -173,33 +160,25 @@ def finish_class(xp: Any, st: dict, t: Any, weight: Any, ignore_index: int, eps:
     wt = (xp.ones(t.shape, xp.float64) if weight is None
           else weight[xp.where(valid & ~bad, t, 0)])
     wt = xp.where(valid, wt, 0.0)
-    keep = 1.0 - eps
-    loss = keep * wt * (lse - st["xt"])
-    if eps > 0:
-        loss += eps / v * (lse * w_total - st["swx"])
-    if z_loss > 0:
-        loss += z_loss * lse * lse
+    sc = xp.where(valid, scale, 0.0)  # ignored rows: no gradient (and no inf * 0)
+    loss, a, coef, b = ce_point(lse, st["xt"], st["swx"], wt, eps, v, w_total, sc, z_loss)
     loss = xp.where(bad, math.nan, xp.where(valid, loss, 0.0))
     if not want_grad:
         return loss, lse, None, None, None
-    sc = xp.where(valid, scale, 0.0)  # ignored rows: no gradient (and no inf * 0)
-    coef = sc * (keep * wt + eps / v * w_total + 2.0 * z_loss * lse) / s
-    coef = xp.where(bad, math.nan, coef)  # a NaN row of dL/dz
-    return loss, lse, coef, sc * (eps / v), sc * keep * wt
+    coef = xp.where(bad, math.nan, coef / s)  # a NaN row of dL/dz
+    return loss, lse, coef, b, a
 
 
 def finish_probs(xp: Any, st: dict, z_loss: float, scale: Any, want_grad: bool):
     """As :func:`finish_class` for probability targets (statistics ``m``, ``s``, ``a_sum``,
     ``b_sum``); returns ``(loss, lse, coef, b, None)``."""
-    m, s, a_sum = st["m"], st["s"], st["a_sum"]
+    m, s = st["m"], st["s"]
     lse = _lse(xp, m, s)
-    loss = a_sum * lse - st["b_sum"]
-    if z_loss > 0:
-        loss += z_loss * lse * lse
+    sc = xp.zeros(m.shape, xp.float64) + scale
+    loss, coef = probs_point(lse, st["a_sum"], st["b_sum"], sc, z_loss)
     if not want_grad:
         return loss, lse, None, None, None
-    sc = xp.zeros(m.shape, xp.float64) + scale
-    return loss, lse, sc * (a_sum + 2.0 * z_loss * lse) / s, sc, None
+    return loss, lse, coef / s, sc, None
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -315,18 +294,11 @@ class ChunkedLinearCE:
             gx[r0:r1] = gxr.T
 
 
-def _outputs(xp, n: int, d: int, v: int, dtype, reduction: str, want_grad: bool,
-             want_lse: bool, has_bias: bool):
-    """Per-row losses ("none"), lse and the gradients, allocated."""
-    out = xp.empty(n, dtype) if reduction == "none" else None
-    lse = xp.empty(n, dtype) if want_lse else None
-    grads = None
-    if want_grad:
-        # grad_W is written (beta = 0) by the first row block: zeros only when there is none.
-        gw = xp.zeros((v, d), dtype) if n == 0 else xp.empty((v, d), dtype)
-        gx = xp.zeros((n, d), dtype) if v == 0 else xp.empty((n, d), dtype)
-        grads = (gx, gw, xp.zeros(v, dtype) if has_bias else None)
-    return out, lse, grads
+def _param_grads(xp, n: int, d: int, v: int, dtype, has_bias: bool):
+    """``(grad_W, grad_b)``, allocated: grad_W is written (``beta = 0``) by the first row block,
+    so zeros only when there is none; grad_b is accumulated block by block."""
+    gw = xp.zeros((v, d), dtype) if n == 0 else xp.empty((v, d), dtype)
+    return gw, (xp.zeros(v, dtype) if has_bias else None)
 
 
 def run(cls: type[ChunkedLinearCE], x2, w2, bias, target, weight, *, ignore_index,
@@ -336,28 +308,38 @@ def run(cls: type[ChunkedLinearCE], x2, w2, bias, target, weight, *, ignore_inde
     xp = cls.xp
     n, d = x2.shape
     v = w2.shape[0]
-    ignore = None if target.ndim == 2 else int(ignore_index)
+    ignore = None if target.ndim == 2 else ignore_value(ignore_index)
     denom = (mean_denominator(xp, target, weight, ignore, to_host=cls.host_scalars)
              if reduction == "mean" else 1.0)
-    scale = upstream_scale(reduction, grad_output, denom) if want_grad else 0.0
-    out, lse_out, grads = _outputs(xp, n, d, v, x2.dtype, reduction, want_grad, want_lse,
-                                   bias is not None)
-    call = cls(x2, w2, bias, target, weight, ignore, float(label_smoothing), float(z_loss),
-               float(softcap), plan_chunks(n, v, d, chunk_rows, chunk_classes))
+    # The host plan's gradient is grad_x (the input's); grad_W and grad_b are the head's own.
+    host = LossCall(xp, (n, d), (n,), x2.dtype, reduction=reduction, want_grad=want_grad,
+                    grad_output=grad_output, denom=denom)
+    scale = host.g_scalar if host.g_rows is None else host.g_rows
+    lse_out = xp.empty(n, x2.dtype) if want_lse else None
+    grads = None
+    if want_grad:
+        grads = (host.grad, *_param_grads(xp, n, d, v, x2.dtype, bias is not None))
     total = 0.0
-    for r0 in range(0, n if v else 0, call.plan.rows):
-        r1 = min(n, r0 + call.plan.rows)
-        st = call.row_stats(r0, r1)
-        loss, lse, *coefs = call.finish(st, r0, r1, scale, want_grad)
-        total = total + loss.sum()  # stays on the device for CuPy
-        if out is not None:
-            out[r0:r1] = loss
-        if lse_out is not None:
-            lse_out[r0:r1] = lse
-        if grads is not None:
-            call.backward(r0, r1, st, coefs, grads)
+    if n == 0 or v == 0:
+        host.fill_empty(lse_out)
+    else:
+        call = cls(x2, w2, bias, target, weight, ignore, float(label_smoothing), float(z_loss),
+                   float(softcap), plan_chunks(n, v, d, chunk_rows, chunk_classes))
+        for r0 in range(0, n, call.plan.rows):
+            r1 = min(n, r0 + call.plan.rows)
+            st = call.row_stats(r0, r1)
+            loss, lse, *coefs = call.finish(st, r0, r1, scale, want_grad)
+            total = total + loss.sum()  # stays on the device for CuPy
+            if host.losses is not None:
+                host.losses[r0:r1] = loss
+            if lse_out is not None:
+                lse_out[r0:r1] = lse
+            if grads is not None:
+                call.backward(r0, r1, st, coefs, grads)
     if reduction == "none":
-        return out, lse_out, grads
+        return host.losses, lse_out, grads
+    # Not host.result(total): the fake-device test of the CUDA driver watches mean_of receive
+    # the device denominator; the arithmetic is the same (_host.div).
     if reduction == "mean":
         total = mean_of(xp, total, denom)
     return xp.asarray(total, dtype=x2.dtype), lse_out, grads

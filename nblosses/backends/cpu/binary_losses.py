@@ -10,6 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..._output_cache import empty
+from .._host import LossCall
 from ._blocks import CHUNK
 from ._math import JIT, SUM_BLOCK, fast_exp, fast_log, like
 from ._parallel import guarded, parallel_kernel
@@ -109,27 +110,14 @@ def _bce_logits_block(x, y, w, pw, g, gs, out, gx, lo, hi):
 
 
 def _binary(kernel, x, extra, *, reduction, want_grad, grad_output):
-    """Run an elementwise loss kernel; optional outputs are None when not wanted."""
+    """Run an elementwise loss kernel (host plan :class:`.._host.LossCall`, ``mean`` over the
+    element count); optional outputs are None when not wanted."""
     n = x.size
-    keep = reduction == "none"
-    out = empty(x.shape, x.dtype) if keep else None
-    gx = empty(x.shape, x.dtype) if want_grad else None
-    g, g_scalar = None, 0.0
-    if want_grad:
-        if keep:
-            g = grad_output
-        else:
-            g_scalar = float(grad_output) / (n if reduction == "mean" and n else 1)
+    call = LossCall(np, x.shape, x.shape, x.dtype, reduction=reduction, want_grad=want_grad,
+                    grad_output=grad_output, denom=float(n), empty=empty)
     partial = np.zeros((n + CHUNK - 1) // CHUNK, np.float64)
-    kernel(x, *extra, g, g_scalar, out, gx, partial)
-    if keep:
-        loss = out
-    else:
-        total = partial.sum()
-        if reduction == "mean":
-            total = total / n if n else np.nan
-        loss = np.asarray(total, x.dtype)
-    return loss, gx
+    kernel(x, *extra, call.g_rows, call.g_scalar, call.losses, call.grad, partial)
+    return call.result(partial.sum()), call.grad
 
 
 @guarded

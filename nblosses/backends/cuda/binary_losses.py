@@ -15,10 +15,9 @@ in the device error record and raised as ``ValueError`` by the next call or by
 
 from __future__ import annotations
 
-import math
-
 import cupy
 
+from .._host import LossCall
 from . import _device_errors as E
 from . import _kernels as K
 from . import _loader as L
@@ -33,32 +32,25 @@ def _binary(kernel: str, x, y, extra, *, reduction, want_grad, grad_output):
     n = x.size
     dt = x.dtype
     ct = K.ctype_of(dt.name)
-    keep = reduction == "none"
-    out = cupy.empty_like(x) if keep else None
-    gx = cupy.empty_like(x) if want_grad else None
-    g_arr = grad_output if want_grad and keep else None
-    g_scalar = 0.0
-    if want_grad and not keep:
-        g_scalar = float(grad_output) / (n if reduction == "mean" and n else 1)
+    call = LossCall(cupy, x.shape, x.shape, dt, reduction=reduction, want_grad=want_grad,
+                    grad_output=grad_output, denom=float(n), device_total=True)
     if n == 0:
-        if keep:
-            return out, gx
-        return cupy.full((), math.nan if reduction == "mean" else 0.0, dt), gx
-    vec = flat_vec(ct, x, y, *extra, g_arr, out, gx)
+        call.fill_empty()
+        return call.result(), call.grad
+    vec = flat_vec(ct, x, y, *extra, call.g_rows, call.losses, call.grad)
     block = K.COL_BLOCK
     grid = L.grid_for(-(-n // vec), block, block)
-    red = None if keep else cupy.empty((), dt)
     stream = cupy.cuda.get_current_stream()
-    scr = None if keep else S.scratch(stream, L.sm_count())
+    scr = None if call.total is None else S.scratch(stream, L.sm_count())
     w, pw = (*extra, None)[:2]
     # Only the probability kernel checks its input (logits take any value).
     err = E.record_for_launch(stream) if kernel == "bce_fwd" else None
     L.launch(SRC, dt, K.elementwise(kernel, ct, vec), grid, block, K.pack(
-        "bce", x=x, y=y, w=w, pw=pw, n=n, g_rows=g_arr, g_scalar=g_scalar, gx=gx, loss_out=out,
-        **reduce_args(scr, red, div=float(n) if reduction == "mean" else 1.0, err=err)))
+        "bce", x=x, y=y, w=w, pw=pw, n=n, g_rows=call.g_rows, g_scalar=call.g_scalar,
+        gx=call.grad, loss_out=call.losses, **reduce_args(scr, call, err=err)))
     if err is not None:
         E.after_launch(stream)
-    return (out if keep else red), gx
+    return call.result(), call.grad
 
 
 @L.on_input_device

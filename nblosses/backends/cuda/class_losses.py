@@ -26,10 +26,9 @@ call or by ``synchronize``. Scratch for the reductions: one buffer per device an
 
 from __future__ import annotations
 
-import math
-
 import cupy
 
+from .._host import LossCall, ignore_value
 from . import _device_errors as E
 from . import _kernels as K
 from . import _loader as L
@@ -40,41 +39,32 @@ SRC_CE = "cross_entropy.cu"
 SRC_PROBS = "cross_entropy_probs.cu"
 SRC_NLL = "nll.cu"
 
-_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+
+def _loss_call(x3, reduction: str, want_grad: bool, grad_output, grad_buffer,
+               denom) -> LossCall:
+    """The host plan of a class-loss call (:class:`.._host.LossCall`): CuPy outputs, a reduced
+    loss finished by the kernel in a 0-d array (no read back)."""
+    n, _, inner = x3.shape
+    return LossCall(cupy, x3.shape, (n, inner), x3.dtype, reduction=reduction,
+                    want_grad=want_grad, grad_output=grad_output, grad_buffer=grad_buffer,
+                    denom=denom, device_total=True)
 
 
-def _grad_array(x3, want_grad: bool, grad_buffer):
-    if not want_grad:
-        return None
-    return grad_buffer if grad_buffer is not None else cupy.empty_like(x3)
-
-
-def _ignore(ignore_index: int) -> int:
-    # Targets are int64: an ignore_index outside that range matches nothing.
-    return min(max(int(ignore_index), _I64_MIN), _I64_MAX)
-
-
-def _g_scalar(want_grad: bool, reduction: str, grad_output) -> float:
-    return float(grad_output) if want_grad and reduction != "none" else 0.0
-
-
-def _empty_loss(reduction: str, dt, n: int, inner: int, mean_value: float):
-    """Loss of an input without elements: no kernel runs."""
-    if reduction == "none":
-        return cupy.zeros((n, inner), dt)
-    return cupy.full((), mean_value if reduction == "mean" else 0.0, dt)
-
-
-def reduce_args(scr, out, *, rmode: int = 0, div: float = 1.0, scal: bool = False,
+def reduce_args(scr, call: LossCall, *, finish: bool = True, scal: bool = False,
                 err=None) -> dict:
-    """The reduction parameters shared by every loss kernel (``REDUCE_PARAMS``).
+    """The reduction parameters shared by every loss kernel (``REDUCE_PARAMS``), from the call.
 
-    ``out``: the 0-d result (``None`` for ``reduction="none"``: no partials); ``rmode`` 0 divides
-    by ``div``, 1 by the ``mean`` denominator; ``scal``: whether the prep kernel ran.
+    ``out``: the call's 0-d result (none for ``reduction="none"``, or with ``finish=False``: a
+    launch that does not reduce); ``rmode`` 1 when the kernel finds the ``mean`` denominator
+    itself (the call's ``denom`` is None), else 0, dividing by ``div`` (the call's host
+    denominator); ``scal``: whether the prep kernel ran.
     """
+    out = call.total if finish else None
+    found = call.denom is None
     return dict(part=scr.part if out is not None else None,
-                counter=scr.counter if out is not None else None, out=out, rmode=rmode,
-                div=div, scal=scr.scal if scal else None, err=err)
+                counter=scr.counter if out is not None else None, out=out, rmode=int(found),
+                div=1.0 if found else float(call.denom), scal=scr.scal if scal else None,
+                err=err)
 
 
 def class_prep(src: str, dt, t2, weight, *, ignore: int, n_classes: int, g: float, with_w: bool,
@@ -89,32 +79,18 @@ def class_prep(src: str, dt, t2, weight, *, ignore: int, n_classes: int, g: floa
                     scal=scr.scal))
 
 
-def _outputs(reduction: str, dt, n: int, inner: int):
-    """``(loss_out, out)``: per-position losses or the 0-d reduced loss."""
-    if reduction == "none":
-        return cupy.empty((n, inner), dt), None
-    return None, cupy.empty((), dt)
-
-
-def _fill_lse_empty(lse_out) -> None:
-    # No classes: logsumexp of nothing is -inf (positions exist only when C == 0).
-    if lse_out is not None and lse_out.size:
-        lse_out.fill(-math.inf)
-
-
-def _prepare(src: str, dt, t2, weight, ignore: int, n_classes: int, reduction: str,
-             want_grad: bool, grad_output, with_w: bool):
-    """``(g scalar, stream, scratch, prep queued?)`` of a class-index launch. The prep kernel
-    is queued when the main kernel needs a global scalar first (``mean`` with a gradient, or
-    the class weights' sum for label smoothing)."""
-    g_scalar = _g_scalar(want_grad, reduction, grad_output)
+def _prepare(src: str, dt, t2, weight, ignore: int, n_classes: int, call: LossCall,
+             with_w: bool):
+    """``(stream, scratch, prep queued?)`` of a class-index launch. The prep kernel is queued
+    when the main kernel needs a global scalar first (the upstream gradient over the ``mean``
+    denominator the device finds, or the class weights' sum for label smoothing)."""
     stream = cupy.cuda.get_current_stream()
-    prep = (reduction == "mean" and want_grad) or with_w
-    scr = S.scratch(stream, L.sm_count()) if prep or reduction != "none" else None
+    prep = (call.denom is None and call.grad is not None) or with_w
+    scr = S.scratch(stream, L.sm_count()) if prep or call.total is not None else None
     if prep:
-        class_prep(src, dt, t2, weight, ignore=ignore, n_classes=n_classes, g=g_scalar,
+        class_prep(src, dt, t2, weight, ignore=ignore, n_classes=n_classes, g=call.g_scalar,
                    with_w=with_w, scr=scr)
-    return g_scalar, stream, scr, prep
+    return stream, scr, prep
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -129,24 +105,22 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
     n, C, inner = x3.shape
     dt = x3.dtype
     ct = K.ctype_of(dt.name)
-    gx = _grad_array(x3, want_grad, grad_buffer)
+    # The device finds the mean denominator (rmode 1): no read back.
+    call = _loss_call(x3, reduction, want_grad, grad_output, grad_buffer, None)
     if x3.size == 0:
-        _fill_lse_empty(lse_out)
-        return _empty_loss(reduction, dt, n, inner, math.nan), gx
-    ignore = _ignore(ignore_index)
+        call.fill_empty(lse_out)
+        return call.result(), call.grad
+    gx = call.grad
+    ignore = ignore_value(ignore_index)
     eps = float(label_smoothing)
     ext = int(float(z_loss) != 0.0 or float(softcap) != 0.0 or lse_out is not None)
     with_w = weight is not None and eps > 0
-    g_scalar, stream, scr, prep = _prepare(SRC_CE, dt, t2, weight, ignore, C, reduction,
-                                           want_grad, grad_output, with_w)
-    loss_out, out = _outputs(reduction, dt, n, inner)
+    stream, scr, prep = _prepare(SRC_CE, dt, t2, weight, ignore, C, call, with_w)
     err = E.record_for_launch(stream)
     args = dict(x=x3, t=t2, nrows=n, C=C, w=weight, wsum=float(C), ignore=ignore, eps=eps,
-                want_grad=int(want_grad),
-                g_rows=grad_output if want_grad and reduction == "none" else None,
-                g_scalar=g_scalar, gx=gx, loss_out=loss_out, z_loss=float(z_loss),
-                softcap=float(softcap), lse_out=lse_out,
-                **reduce_args(scr, out, rmode=int(reduction == "mean"), scal=prep, err=err))
+                want_grad=int(want_grad), g_rows=call.g_rows, g_scalar=call.g_scalar, gx=gx,
+                loss_out=call.losses, z_loss=float(z_loss), softcap=float(softcap),
+                lse_out=lse_out, **reduce_args(scr, call, scal=prep, err=err))
     vec = row_vec(ct, C, x3, gx) if inner == 1 else 1
     nsplit = (K.split_count(n, C // vec, L.sm_count())
               if inner == 1 and K.cached_config(C // vec, ct, vec) is None else 1)
@@ -162,7 +136,7 @@ def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, w
         L.launch(SRC_CE, dt, K.ce_cols(ct, ext), L.grid_for(n * inner, block, block), block,
                  K.pack("ce", inner=inner, **args))
     E.after_launch(stream)
-    return (loss_out if out is None else out), gx
+    return call.result(), gx
 
 
 def _ce_split(x3, ct: str, vec: int, nsplit: int, ext: int, args: dict) -> None:
@@ -187,16 +161,15 @@ def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad
     n, C, inner = x3.shape
     dt = x3.dtype
     ct = K.ctype_of(dt.name)
-    gx = _grad_array(x3, want_grad, grad_buffer)
     npos = n * inner
-    denom = float(npos) if reduction == "mean" else 1.0
+    call = _loss_call(x3, reduction, want_grad, grad_output, grad_buffer, float(npos))
     if x3.size == 0:  # C == 0 with positions: every row loss is 0 (as the CPU backend)
-        _fill_lse_empty(lse_out)
-        return _empty_loss(reduction, dt, n, inner, 0.0 if npos else math.nan), gx
+        call.fill_empty(lse_out)
+        return call.result(), call.grad
+    gx = call.grad
     ext = int(float(z_loss) != 0.0 or float(softcap) != 0.0 or lse_out is not None)
     stream = cupy.cuda.get_current_stream()
-    scr = S.scratch(stream, L.sm_count()) if reduction != "none" else None
-    loss_out, out = _outputs(reduction, dt, n, inner)
+    scr = S.scratch(stream, L.sm_count()) if call.total is not None else None
     if inner == 1:
         vec = row_vec(ct, C, x3, p3, gx)
         g, block = K.looped_config(C // vec)
@@ -208,12 +181,10 @@ def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad
         name = K.probs_cols(ct, ext)
     L.launch(SRC_PROBS, dt, name, grid, block, K.pack(
         "probs", x=x3, p=p3, nrows=n, C=C, inner=inner, w=weight, eps=float(label_smoothing),
-        want_grad=int(want_grad),
-        g_rows=grad_output if want_grad and reduction == "none" else None,
-        g_scalar=_g_scalar(want_grad, reduction, grad_output) / denom, gx=gx,
-        loss_out=loss_out, z_loss=float(z_loss), softcap=float(softcap), lse_out=lse_out,
-        **reduce_args(scr, out, div=denom)))
-    return (loss_out if out is None else out), gx
+        want_grad=int(want_grad), g_rows=call.g_rows, g_scalar=call.g_scalar, gx=gx,
+        loss_out=call.losses, z_loss=float(z_loss), softcap=float(softcap), lse_out=lse_out,
+        **reduce_args(scr, call)))
+    return call.result(), gx
 
 
 # ----------------------------------------------------------------------------- nll
@@ -222,18 +193,16 @@ def nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output,
     """NLL on log-probabilities; the gradient is zero but at the target classes."""
     n, C, inner = x3.shape
     dt = x3.dtype
-    gx = _grad_array(x3, want_grad, grad_buffer)
+    call = _loss_call(x3, reduction, want_grad, grad_output, grad_buffer, None)
     if x3.size == 0:
-        return _empty_loss(reduction, dt, n, inner, math.nan), gx
-    ignore = _ignore(ignore_index)
-    g_scalar, stream, scr, prep = _prepare(SRC_NLL, dt, t2, weight, ignore, C, reduction,
-                                           want_grad, grad_output, False)
-    loss_out, out = _outputs(reduction, dt, n, inner)
+        call.fill_empty()
+        return call.result(), call.grad
+    gx = call.grad
+    ignore = ignore_value(ignore_index)
+    stream, scr, prep = _prepare(SRC_NLL, dt, t2, weight, ignore, C, call, False)
     err = E.record_for_launch(stream)
-    rmode = int(reduction == "mean")
     common = dict(x=x3, t=t2, nrows=n, C=C, inner=inner, w=weight, ignore=ignore,
-                  g_rows=grad_output if want_grad and reduction == "none" else None,
-                  g_scalar=g_scalar, gx=gx, loss_out=loss_out)
+                  g_rows=call.g_rows, g_scalar=call.g_scalar, gx=gx, loss_out=call.losses)
     block = K.COL_BLOCK
     grid = L.grid_for(n * inner, block, block)
     name = K.nll_fused(K.ctype_of(dt.name))
@@ -242,11 +211,11 @@ def nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output,
         gx.data.memset_async(0, gx.nbytes)
     L.launch(SRC_NLL, dt, name, grid, block, K.pack(
         "nll", want_loss=1, want_grad=int(want_grad and not in_place), **common,
-        **reduce_args(scr, out, rmode=rmode, scal=prep, err=err)))
+        **reduce_args(scr, call, scal=prep, err=err)))
     if in_place:  # stream order: the loss launch has read x before the memset clears it
         gx.data.memset_async(0, gx.nbytes)
         L.launch(SRC_NLL, dt, name, grid, block, K.pack(
             "nll", want_loss=0, want_grad=1, **common,
-            **reduce_args(scr, None, rmode=rmode, scal=prep, err=err)))
+            **reduce_args(scr, call, finish=False, scal=prep, err=err)))
     E.after_launch(stream)
-    return (loss_out if out is None else out), gx
+    return call.result(), gx
