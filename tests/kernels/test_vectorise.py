@@ -101,6 +101,8 @@ def _examples(dtype):
     every optional array present, so that no loop is pruned away."""
     import numpy as np
 
+    from nblosses.backends.cpu.class_losses import CEScalars, ProbScalars
+
     f = np.dtype(dtype).type
     x2, y2, g2 = (np.ones((4, 40), dtype) for _ in range(3))
     x3, y3, g3 = (np.ones((2, 21, 64), dtype) for _ in range(3))
@@ -108,8 +110,12 @@ def _examples(dtype):
     t1, t2 = np.zeros(4, np.int64), np.zeros((2, 64), np.int64)
     w, g1, o1 = np.ones(40, dtype), np.ones(4, dtype), np.ones(4, dtype)
     w3, gb, ob = np.ones(21, dtype), np.ones((2, 64), dtype), np.ones((2, 64), dtype)
-    # the default path: z_loss 0.0, no soft cap, no lse output
-    ce_rows = (x2, t1, w, -100, 0.1, 40.0, g1, 0.0, o1, g2, 0.0, None, None)
+    # the default path: z_loss 0.0, no soft cap, no lse output; scalars as the host packs them
+    def ce(c):
+        return tuple(CEScalars(ignore=-100, eps=0.1, w_total=float(c), g_scalar=0.0, z=0.0))
+
+    probs = tuple(ProbScalars(eps=0.1, g_scalar=0.0, z=0.0))
+    ce_rows = (x2, t1, w, g1, o1, g2, None, None, ce(40))
     return {
         "_math.row_max": (v,),
         "_math.sum_exp": (v, f(0)),
@@ -146,13 +152,12 @@ def _examples(dtype):
         "class_losses._ce_rows": ce_rows,
         "class_losses._ce_tiles": ce_rows + (2,),
         "class_losses._ce_split_tiles": (np.ones(40, dtype), np.ones((4, 10), dtype), t1,
-                                         np.ones(10, dtype), -100, 0.1, 10.0, g1, 0.0, o1,
-                                         np.ones(40, dtype), 0.0, None, 2, (0,) * 5,
+                                         np.ones(10, dtype), g1, o1, np.ones(40, dtype), None,
+                                         ce(10), 2, (0,) * 5,
                                          (0,) * 2),  # C = 10 = 5 x 2, with a gradient
-        "class_losses._ce_blocks": (x3, t2, w3, -100, 0.1, 21.0, gb, 0.0, ob, g3, 64, 0.0, None,
-                                    None),
-        "class_losses._ce_probs_rows": (x2, y2, w, 0.1, g1, 0.0, o1, g2, 0.0, None, None),
-        "class_losses._ce_probs_blocks": (x3, y3, w3, 0.1, gb, 0.0, ob, g3, 64, 0.0, None, None),
+        "class_losses._ce_blocks": (x3, t2, w3, gb, ob, g3, None, None, ce(21), 64),
+        "class_losses._ce_probs_rows": (x2, y2, w, g1, o1, g2, None, None, probs),
+        "class_losses._ce_probs_blocks": (x3, y3, w3, gb, ob, g3, None, None, probs, 64),
         "class_losses._ce_grad_row": (v, 1.0, 0.5, v.copy()),
         "class_losses._vce_grad": (v, v.copy(), v.copy(), 1.0),
         "class_losses._vprob_sums": (v, v.copy(), v.copy(), v.copy(), 1.0, 0.9, 0.1),

@@ -18,13 +18,15 @@ Layouts as in :mod:`.softmax`: contiguous rows when ``inner == 1`` (transposed t
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
 from ..._output_cache import empty
 from ...errors import class_index_error
+from .._formulas import ce_point, probs_point
+from .._host import LossCall, div, ignore_value
 from . import _blocks as B
 from ._math import (
     JIT,
@@ -80,50 +82,19 @@ def index_range(t2) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-def _finish(total: float, out, reduction: str, denom: float, dtype):
-    """The loss array: ``out`` for "none", else the kernel's float64 total (over ``denom``)."""
-    if reduction == "none":
-        return out
-    if reduction == "mean":
-        total = _div(total, denom)  # all ignored: 0/0 = NaN, as torch
-    return np.asarray(total, dtype=dtype)
+def _loss_call(x3, reduction: str, want_grad: bool, grad_output, grad_buffer,
+               denom) -> LossCall:
+    """The host plan of a class-loss call (:class:`.._host.LossCall`): outputs from the output
+    cache, the total summed by the kernels on the host."""
+    n, _, inner = x3.shape
+    return LossCall(np, x3.shape, (n, inner), x3.dtype, reduction=reduction,
+                    want_grad=want_grad, grad_output=grad_output, grad_buffer=grad_buffer,
+                    denom=denom, empty=empty)
 
 
-class _Call:
-    """Per-call buffers shared by the class-loss kernels: ``out`` (per-position losses, "none"
-    only), ``gx`` (the gradient, or None), ``g`` (per-position upstream gradients, "none" only)
-    and ``g_scalar`` (upstream gradient over the mean denominator, reduced losses)."""
-
-    def __init__(self, x3, reduction, want_grad, grad_output, grad_buffer, denom):
-        n, _, inner = x3.shape
-        self.out = empty((n, inner), x3.dtype) if reduction == "none" else None
-        self.gx = None
-        self.g, self.g_scalar = None, 0.0
-        if want_grad:
-            self.gx = empty(x3.shape, x3.dtype) if grad_buffer is None else grad_buffer
-            self.g, self.g_scalar = _upstream(reduction, grad_output, denom)
-
-
-def _upstream(reduction: str, grad_output, denom: float):
-    """``(g, g_scalar)`` for the kernels: per-position upstream gradients for "none", else the
-    scalar upstream gradient over the ``mean`` denominator (``denom`` is 1 for "sum")."""
-    if reduction == "none":
-        return grad_output, 0.0
-    return None, _div(float(grad_output), denom)
-
-
-def _div(a: float, b: float) -> float:
-    """``a / b`` with IEEE results for ``b == 0`` (signed inf; NaN for 0/0 and NaN), no
-    warning: as NumPy under ``errstate(ignore)``, without its per-call cost."""
-    if b != 0:
-        return a / b
-    if a != a or a == 0:
-        return math.nan
-    return math.copysign(math.inf, a) * math.copysign(1.0, b)
-
-
-def _denominator(t2, weight, ignore_index: int, reduction: str) -> float:
-    return _target_weight_sum(t2.reshape(-1), weight, ignore_index) if reduction == "mean" else 1.0
+def _denominator(t2, weight, ignore: int, reduction: str) -> float | None:
+    """torch's ``mean`` denominator (None for the other reductions, which have none)."""
+    return _target_weight_sum(t2.reshape(-1), weight, ignore) if reduction == "mean" else None
 
 
 def _rows(a):
@@ -134,21 +105,54 @@ def _rows(a):
 
 # ----------------------------------------------------------------------------- cross-entropy
 # Every layout reduces a position to (m, ls = log sum exp(x - m), x_t, sum_c w_c x_c); _ce_point
-# turns those into the loss (float64, lse = m + ls) and the gradient's coefficients:
-# g_c = coef * exp((x_c - m) - ls) - b * w_c, then g_t -= a.
+# (the algebra of :mod:`.._formulas`) turns those into the loss (float64, lse = m + ls) and the
+# gradient's coefficients: g_c = coef * exp((x_c - m) - ls) - b * w_c, then g_t -= a.
 #
-# Options (compile-time where they touch every logit): ``cap`` is None or the logit soft cap
-# (x' = cap tanh(x / cap) replaces x everywhere; the gradient is then multiplied by
-# 1 - tanh(x / cap)^2); ``z`` (a float, 0 = off) adds z lse^2 per kept position and
-# 2 z lse softmax to its gradient; ``lse_out`` is None or receives lse for every position.
+# The kernels take their arguments in one order: the inputs (logits, targets, class weights,
+# per-position upstream gradient), the outputs (per-position losses, gradient, lse), the soft
+# cap, the scalars (one named tuple), then the layout's own. Optional arrays and the soft cap
+# are None when absent, each its own argument: Numba prunes those branches at compile time.
+# ``cap`` is None or the logit soft cap (x' = cap tanh(x / cap) replaces x everywhere; the
+# gradient is then multiplied by 1 - tanh(x / cap)^2); ``lse_out`` receives lse for every
+# position.
+class CEScalars(NamedTuple):
+    """The scalars of the class-index cross-entropy kernels, one argument.
+
+    The host passes it as a plain tuple (``tuple(CEScalars(...))``) and each kernel starts
+    with ``k = CEScalars(*scalars)``, then reads the fields by name (Numba compiles the named tuple;
+    a name it lacks fails the compilation). The plain tuple crosses Numba's dispatcher without
+    a Python-level type lookup: a named tuple argument cost 0.6 us more per call (Zen 4).
+    """
+
+    ignore: int  # ignore_index (int64)
+    eps: float  # label smoothing
+    w_total: float  # sum of the class weights (C without weights)
+    g_scalar: float  # a reduced loss's upstream gradient over its denominator
+    z: float  # z-loss weight (0.0: off): z lse^2 per kept position
+
+
+class ProbScalars(NamedTuple):
+    """The scalars of the class-probability cross-entropy kernels (passed as
+    :class:`CEScalars` is)."""
+
+    eps: float  # label smoothing
+    g_scalar: float  # a reduced loss's upstream gradient over its denominator
+    z: float  # z-loss weight (0.0: off)
+
+
+_ce_point = njit(**JIT)(ce_point)
+_probs_point = njit(**JIT)(probs_point)
+
+
 @njit(**JIT)
-def _ce_point(lse, x_t, swx, wt, eps, n_classes, w_total, scale, z):
-    loss = (1.0 - eps) * wt * (lse - x_t) + z * lse * lse
-    if eps > 0:
-        loss += eps / n_classes * (lse * w_total - swx)
-    a = scale * (1.0 - eps) * wt
-    b = scale * eps / n_classes
-    return loss, a, a + b * w_total + 2.0 * z * lse * scale, b
+def _coef_scratch(gx, n, dtype):
+    """The gradient's per-position coefficients ``(a, cs, b)`` for ``n`` positions: ``a``
+    (subtracted at the target), ``cs`` (``coef / sum(exp(x - m))``, multiplies ``exp(x - m)``),
+    ``b`` (multiplies ``w_c``); None without a gradient (``gx`` None: pruned at compile time)."""
+    if gx is None:
+        return None
+    a = np.empty(n, dtype)
+    return a, np.empty_like(a), np.empty_like(a)
 
 
 @njit(**JIT)
@@ -218,12 +222,12 @@ def _vcap_slope(gc, xcap, cap):
 
 
 @njit(**JIT)
-def _ce_row(row, ti, ignore, w, eps, w_total, scale, z, cap, go):
+def _ce_row(row, ti, w, k, scale, cap, go):
     """One row (``row`` already soft-capped): ``(loss, lse)``, the gradient into ``go`` (None:
     no gradient; ``go`` may be ``row``: x_t and the smoothing sum are read first)."""
-    kept = ti != ignore
+    kept = ti != k.ignore
     x_t = np.float64(row[ti]) if kept else 0.0
-    swx = _weighted_sum(w, row) if eps > 0 and kept else 0.0
+    swx = _weighted_sum(w, row) if k.eps > 0 and kept else 0.0
     m = row_max(row)
     # With a gradient, exp(x - m) is stored in its row (one exp per logit, not two).
     if go is None:
@@ -236,8 +240,8 @@ def _ce_row(row, ti, ignore, w, eps, w_total, scale, z, cap, go):
     lse = m + np.log(s)
     if not kept:
         return 0.0, lse
-    loss, a, coef, b = _ce_point(lse, x_t, swx, 1.0 if w is None else w[ti], eps, row.size,
-                                 w_total, scale, z)
+    loss, a, coef, b = _ce_point(lse, x_t, swx, 1.0 if w is None else w[ti], k.eps, row.size,
+                                 k.w_total, scale, k.z)
     if go is not None:
         _ce_grad_row(go, coef / s, b, w)
         go[ti] -= like(a, row)
@@ -247,26 +251,28 @@ def _ce_row(row, ti, ignore, w, eps, w_total, scale, z, cap, go):
 
 
 @parallel_kernel(**JIT)
-def _ce_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_out):
+def _ce_rows(x, t, w, g, out, gx, lse_out, cap, scalars):
+    """Long rows (``C >= SMALL_C``), one row per step along the contiguous row."""
+    k = CEScalars(*scalars)
     total = 0.0
     for i in prange(x.shape[0]):
         prefetch_next_row(x, i)
         ti = t[i]
-        if ti == ignore and lse_out is None:  # nothing to compute
+        if ti == k.ignore and lse_out is None:  # nothing to compute
             if out is not None:
                 out[i] = 0
             if gx is not None:
                 gx[i, :] = 0
         else:
-            scale = g_scalar if g is None else np.float64(g[i])
+            scale = k.g_scalar if g is None else np.float64(g[i])
             if cap is None:
                 row = x[i]
             else:  # one capped row per task: O(C) scratch
                 row = _capped_row(x[i], cap)
             if gx is None:
-                loss, lse = _ce_row(row, ti, ignore, w, eps, w_total, scale, z, cap, None)
+                loss, lse = _ce_row(row, ti, w, k, scale, cap, None)
             else:
-                loss, lse = _ce_row(row, ti, ignore, w, eps, w_total, scale, z, cap, gx[i])
+                loss, lse = _ce_row(row, ti, w, k, scale, cap, gx[i])
             total += loss
             if out is not None:
                 out[i] = loss
@@ -276,41 +282,38 @@ def _ce_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_ou
 
 
 @parallel_kernel(**JIT)
-def _ce_tiles(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_out, ngroups):
+def _ce_tiles(x, t, w, g, out, gx, lse_out, cap, scalars, ngroups):
     """Short rows (C < SMALL_C): statistics, and the gradient, on transposed tiles, in
     ``ngroups`` parallel tasks (:func:`._blocks.tile_tasks`)."""
+    k = CEScalars(*scalars)
     n, n_classes = x.shape
     total = 0.0
     ntiles = B.n_tiles(n)
     for group in prange(ngroups):
         xt, m, s = B.tile_scratch(n_classes, x.dtype)
-        ls = np.empty(B.TILE, x.dtype)  # log s
-        # The gradient's coefficients per row: a (subtracted at the target), coef / sum
-        # (multiplies exp(x - m)), b (multiplies w_c).
-        a = np.empty(B.TILE if gx is not None else 0, x.dtype)
-        cs = np.empty_like(a)
-        b = np.empty_like(a)
+        stats = (m, s, np.empty(B.TILE, x.dtype))  # and log s
+        coefs = _coef_scratch(gx, B.TILE, x.dtype)
         t0, t1 = B.group_tiles(group, ngroups, ntiles)
         for tile in range(t0, t1):
             # With a gradient, xt is left holding exp(x - m) (one exp per logit); x_t and the
             # smoothing sum are then read from x, which this tile writes back to at the end.
             r0, nr = B.tile_stats(x, tile, gx is not None, cap, xt, m, s)
-            total += _ce_tile_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z,
-                                   cap, lse_out, r0, nr, m, s, ls, a, cs, b)
+            total += _ce_tile_rows(x, t, w, g, out, lse_out, cap, k, r0, nr, stats, coefs)
             if gx is not None:
-                _tile_ce_grad(x, t, w, ignore, cap, gx, r0, nr, xt, a, cs, b)
+                _tile_ce_grad(x, t, w, gx, cap, k.ignore, r0, nr, xt, coefs)
     return total
 
 
 @parallel_kernel(**JIT)
-def _ce_split_tiles(xf, x, t, w, ignore, eps, w_total, g, g_scalar, out, gf, z, lse_out,
-                    ngroups, part_token, n_parts_token):
+def _ce_split_tiles(xf, x, t, w, g, out, gf, lse_out, scalars, ngroups, part_token,
+                    n_parts_token):
     """:func:`_ce_tiles` without a soft cap, for ``C = part * n_parts`` classes: ``xf`` the
     logits ``x`` flat, ``gf`` the flat gradient or None. Each tile is transposed by loops of
     compile-time length and reduced by :func:`._blocks.split_stats`, as softmax's split tiles
     (vector shuffles where the general tiles gather); the gradient is formed in that layout and
     written back through the same fixed pattern. Each logit is read (transposed, and by
     :func:`_ce_tile_rows`) before its slot of ``gf`` is written: ``gf`` may be ``xf``."""
+    k = CEScalars(*scalars)
     part = len(part_token)
     n_parts = len(n_parts_token)
     n, n_classes = x.shape
@@ -324,12 +327,9 @@ def _ce_split_tiles(xf, x, t, w, ignore, eps, w_total, g, g_scalar, out, gf, z, 
         mk = np.empty(n_parts * B.TILE, x.dtype)
         # log s goes into mk once split_stats is done with it: the scratch stays within the
         # 1% of the logits (65536x[10] float32 with the gradient: 1.02% with its own array).
-        ls = mk[:B.TILE]
+        stats = (m, s, mk[:B.TILE])
         no_exps = np.empty(0, x.dtype)  # split_stats leaves the exps in xt
-        # The gradient's coefficients per row (see _ce_tiles).
-        a = np.empty(B.TILE if grad else 0, x.dtype)
-        cs = np.empty_like(a)
-        b = np.empty_like(a)
+        coefs = _coef_scratch(gf, B.TILE, x.dtype)
         # w_c in the split layout: wk[c, j] = w[j * part + c] (class c of run j).
         wk = np.empty((part if grad and w is not None else 0, n_parts), x.dtype)
         if w is not None:  # pruned when compiling without weights
@@ -346,17 +346,15 @@ def _ce_split_tiles(xf, x, t, w, ignore, eps, w_total, g, g_scalar, out, gf, z, 
                 for c in range(part):
                     xt[c, h] = src[h * part + c]
             B.split_stats(xt, m, s, mk, no_exps, nr, False, part_token, n_parts_token)
-            total += _ce_tile_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gf, z,
-                                   None, lse_out, r0, nr, m, s, ls, a, cs, b)
+            total += _ce_tile_rows(x, t, w, g, out, lse_out, None, k, r0, nr, stats, coefs)
             if grad:
-                _split_ce_grad(xt, t, w, ignore, r0, nr, a, cs, b, wk,
-                               gf[r0 * n_classes:(r0 + nr) * n_classes], part_token,
-                               n_parts_token)
+                _split_ce_grad(xt, t, w, gf[r0 * n_classes:(r0 + nr) * n_classes], k.ignore,
+                               r0, nr, coefs, wk, part_token, n_parts_token)
     return total
 
 
 @njit(**JIT)
-def _split_ce_grad(xt, t, w, ignore, r0, nr, a, cs, b, wk, dst, part_token, n_parts_token):
+def _split_ce_grad(xt, t, w, dst, ignore, r0, nr, coefs, wk, part_token, n_parts_token):
     """The gradient of one split tile from ``exp(x - m)`` in ``xt``: ``cs * e - b * w_c``,
     minus ``a`` at the target, zero for an ignored row; written to the tile's flat rows
     ``dst``. A row's coefficients apply to its ``n_parts`` runs in a loop of constant length
@@ -364,6 +362,7 @@ def _split_ce_grad(xt, t, w, ignore, r0, nr, a, cs, b, wk, dst, part_token, n_pa
     part = len(part_token)
     n_parts = len(n_parts_token)
     nh = nr * n_parts
+    a, cs, b = coefs
     for c in range(part):
         xc = xt[c]
         for r in range(nr):
@@ -386,11 +385,12 @@ def _split_ce_grad(xt, t, w, ignore, r0, nr, a, cs, b, wk, dst, part_token, n_pa
 
 
 @njit(**JIT)
-def _ce_tile_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, lse_out, r0,
-                  nr, m, s, ls, a, cs, b):
-    """Losses of one tile's rows (their sum is returned; per-row into ``out``, lse into
-    ``lse_out``) and, with ``gx``, their gradient coefficients ``a``, ``cs``, ``b``."""
+def _ce_tile_rows(x, t, w, g, out, lse_out, cap, k, r0, nr, stats, coefs):
+    """Losses of one tile's rows ``r0:r0 + nr`` (their sum is returned; per-row into ``out``,
+    lse into ``lse_out``) from their ``stats = (m, s, ls)`` (``ls`` receives log s) and, with a
+    gradient (``coefs`` not None, see :func:`_coef_scratch`), its coefficients."""
     n_classes = x.shape[1]
+    m, s, ls = stats
     total = 0.0
     B.vlog(s[:nr], ls[:nr])
     for r in range(nr):
@@ -398,19 +398,20 @@ def _ce_tile_rows(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, z, cap, l
         lse = np.float64(m[r]) + ls[r]
         if lse_out is not None:
             lse_out[r0 + r] = lse
-        if ti == ignore:
+        if ti == k.ignore:
             if out is not None:
                 out[r0 + r] = 0
         else:
-            swx = _tile_weighted_sum(w, x[r0 + r], cap) if eps > 0 else 0.0
-            scale = g_scalar if g is None else np.float64(g[r0 + r])
+            swx = _tile_weighted_sum(w, x[r0 + r], cap) if k.eps > 0 else 0.0
+            scale = k.g_scalar if g is None else np.float64(g[r0 + r])
             loss, ar, cf, br = _ce_point(lse, softcapped(x[r0 + r, ti], cap), swx,
-                                         1.0 if w is None else w[ti], eps, n_classes,
-                                         w_total, scale, z)
+                                         1.0 if w is None else w[ti], k.eps, n_classes,
+                                         k.w_total, scale, k.z)
             total += loss
             if out is not None:
                 out[r0 + r] = loss
-            if gx is not None:
+            if coefs is not None:
+                a, cs, b = coefs
                 a[r], cs[r], b[r] = ar, cf / s[r], br
     return total
 
@@ -426,9 +427,10 @@ def _tile_weighted_sum(w, row, cap):
 
 
 @njit(**JIT)
-def _tile_ce_grad(x, t, w, ignore, cap, gx, r0, nr, xt, a, cs, b):
+def _tile_ce_grad(x, t, w, gx, cap, ignore, r0, nr, xt, coefs):
     """The gradient of one tile from ``exp(x - m)`` in ``xt``, written back transposed (each
     logit is read, for the soft cap's slope, before its slot of ``gx`` is written)."""
+    a, cs, b = coefs
     for c in range(xt.shape[0]):  # inline, as in _softmax_tiles: calls cost more here
         wc = like(1.0 if w is None else w[c], x)
         xc = xt[c]  # 1-D, indexed from 0: see tile_stats
@@ -452,15 +454,19 @@ def _vaxpy(acc, alpha, xc):
 
 
 @parallel_kernel(**JIT)
-def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width, z, cap, lse_out):
+def _ce_blocks(x, t, w, g, out, gx, lse_out, cap, scalars, width):
+    """A middle axis (``inner > 1``): blocks of ``width`` inner positions, the classes walked
+    with the contiguous block as the vector."""
+    k = CEScalars(*scalars)
     n, n_classes, inner = x.shape
     nblk = B.n_blocks(inner, width)
+    eps = k.eps
     total = 0.0
     for task in prange(n * nblk):
         o, j0, wd = B.block_task(task, nblk, width, inner)
         src, sj0 = _block_source(x, o, j0, wd, cap)
         # x_t and sum_c w_c x_c first: an in-place gradient overwrites the logits below.
-        x_t = _block_targets(src, t[o, j0:j0 + wd], ignore, sj0)
+        x_t = _block_targets(src, t[o, j0:j0 + wd], k.ignore, sj0)
         # Scratch (x_t, m, s, ls, swx with smoothing, a, cs, b with a gradient) is the only
         # memory a loss allocates, per running task: O(width), not O(N C).
         swx = np.zeros(wd if eps > 0 else 0, x.dtype)
@@ -475,7 +481,8 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width, z, ca
             B.block_stats_store(src, sj0, wd, m, s, gx[o], j0)
         ls = np.empty(wd, x.dtype)
         B.vlog(s, ls)
-        # The gradient's coefficients per position, as in _ce_tiles.
+        # The gradient's coefficients per position, as in _ce_tiles; arrays of their own here:
+        # a tuple unpacked inside this loop of a parallel task lost its stores (Numba 0.68).
         a = np.empty(wd if gx is not None else 0, x.dtype)
         cs = np.empty_like(a)
         b = np.empty_like(a)
@@ -484,21 +491,21 @@ def _ce_blocks(x, t, w, ignore, eps, w_total, g, g_scalar, out, gx, width, z, ca
             lse = np.float64(m[j]) + ls[j]
             if lse_out is not None:
                 lse_out[o, j0 + j] = lse
-            if tj == ignore:
+            if tj == k.ignore:
                 if out is not None:
                     out[o, j0 + j] = 0
             else:
-                scale = g_scalar if g is None else np.float64(g[o, j0 + j])
+                scale = k.g_scalar if g is None else np.float64(g[o, j0 + j])
                 loss, aj, cf, bj = _ce_point(lse, x_t[j], swx[j] if eps > 0 else 0.0,
                                              1.0 if w is None else w[tj], eps, n_classes,
-                                             w_total, scale, z)
+                                             k.w_total, scale, k.z)
                 total += loss
                 if out is not None:
                     out[o, j0 + j] = loss
                 if gx is not None:
                     a[j], cs[j], b[j] = aj, cf / s[j], bj
         if gx is not None:
-            _block_ce_grad(gx[o], t[o, j0:j0 + wd], ignore, j0, w, a, cs, b)
+            _block_ce_grad(gx[o], t[o, j0:j0 + wd], w, k.ignore, j0, (a, cs, b))
             if cap is not None:
                 for c in range(n_classes):
                     _vcap_slope(gx[o, c, j0:j0 + wd], src[c], cap)
@@ -516,9 +523,10 @@ def _block_targets(xo, tb, ignore, j0):
 
 
 @njit(**JIT)
-def _block_ce_grad(go, tb, ignore, j0, w, a, cs, b):
+def _block_ce_grad(go, tb, w, ignore, j0, coefs):
     """The gradient of one block from ``exp(x - m)`` stored in ``go``: ``cs * e - b * w_c``,
     minus ``a`` at the target; zero at ignored positions."""
+    a, cs, b = coefs
     wd = tb.size
     for c in range(go.shape[0]):
         _vce_grad(go[c, j0:j0 + wd], cs, b, 1.0 if w is None else w[c])
@@ -530,63 +538,54 @@ def _block_ce_grad(go, tb, ignore, j0, w, a, cs, b):
             go[tj, j0 + j] -= a[j]
 
 
-def _options(z_loss: float, softcap: float, lse_out, inner: int):
-    """``(z, cap, lse)`` as the kernels take them: cap None when off (compile-time), lse_out
-    without its unit inner axis for the row layouts."""
-    cap = float(softcap) if softcap else None
-    return float(z_loss), cap, (_rows(lse_out) if inner == 1 else lse_out)
+def _cap(softcap: float) -> float | None:
+    """The soft cap as the kernels take it: None when off (its branches pruned at compile
+    time)."""
+    return float(softcap) if softcap else None
 
 
 @guarded
 def cross_entropy(x3, t2, weight, *, ignore_index, label_smoothing, reduction, want_grad,
                   grad_output, grad_buffer, z_loss=0.0, softcap=0.0, lse_out=None):
     """Cross-entropy with class-index targets (kernel protocol in :mod:`nblosses.backends`)."""
-    _, n_classes, inner = x3.shape
-    denom = _denominator(t2, weight, ignore_index, reduction)
+    n, n_classes, inner = x3.shape
+    ignore = ignore_value(ignore_index)
+    call = _loss_call(x3, reduction, want_grad, grad_output, grad_buffer,
+                      _denominator(t2, weight, ignore, reduction))
+    if not x3.size:
+        call.fill_empty(lse_out)
+        return call.result(), call.grad
     w_total = float(n_classes if weight is None else weight.sum(dtype=np.float64))
-    k = _Call(x3, reduction, want_grad, grad_output, grad_buffer, denom)
-    opts = _options(z_loss, softcap, lse_out, inner)
-    total = 0.0
-    if x3.size:
-        args = (weight, ignore_index, label_smoothing, w_total)
-        if inner == 1:
-            row_args = (x3[:, :, 0], t2[:, 0], *args, _rows(k.g), k.g_scalar, _rows(k.out),
-                        _rows(k.gx), *opts)
-            parts = B.tile_parts(n_classes, x3.itemsize) if n_classes < B.SMALL_C else None
-            flat = x3.flags.c_contiguous and (k.gx is None or k.gx.flags.c_contiguous)
-            if parts is not None and opts[1] is None and flat:
-                total = _ce_split_tiles(x3.reshape(-1), x3[:, :, 0], t2[:, 0], *args,
-                                        _rows(k.g), k.g_scalar, _rows(k.out),
-                                        None if k.gx is None else k.gx.reshape(-1), opts[0],
-                                        opts[2], B.tile_tasks(x3.shape[0]), *parts)
-            elif n_classes < B.SMALL_C:
-                total = _ce_tiles(*row_args, B.tile_tasks(x3.shape[0]))
-            else:
-                total = _ce_rows(*row_args)
-        else:
-            total = _ce_blocks(x3, t2, *args, k.g, k.g_scalar, k.out, k.gx, B.width_for(x3),
-                               *opts)
+    scalars = tuple(CEScalars(ignore, float(label_smoothing), w_total, call.g_scalar,
+                              float(z_loss)))
+    cap = _cap(softcap)
+    if inner > 1:
+        total = _ce_blocks(x3, t2, weight, call.g_rows, call.losses, call.grad, lse_out, cap,
+                           scalars, B.width_for(x3))
+        return call.result(total), call.grad
+    x, t, gx = x3[:, :, 0], t2[:, 0], _rows(call.grad)
+    g, out, lse = _rows(call.g_rows), _rows(call.losses), _rows(lse_out)
+    parts = B.tile_parts(n_classes, x3.itemsize) if n_classes < B.SMALL_C else None
+    flat = x3.flags.c_contiguous and (gx is None or call.grad.flags.c_contiguous)
+    if parts is not None and cap is None and flat:
+        total = _ce_split_tiles(x3.reshape(-1), x, t, weight, g, out,
+                                None if gx is None else call.grad.reshape(-1), lse, scalars,
+                                B.tile_tasks(n), *parts)
+    elif n_classes < B.SMALL_C:
+        total = _ce_tiles(x, t, weight, g, out, gx, lse, cap, scalars, B.tile_tasks(n))
     else:
-        _empty_fill(k, lse_out)
-    return _finish(total, k.out, reduction, denom, x3.dtype), k.gx
-
-
-def _empty_fill(k: _Call, lse_out=None) -> None:
-    """No logits to read (N = 0 or C = 0): losses and gradient are zeros; lse is -inf."""
-    if k.out is not None:
-        k.out[...] = 0
-    if k.gx is not None:
-        k.gx[...] = 0
-    if lse_out is not None:
-        lse_out[...] = -np.inf
+        total = _ce_rows(x, t, weight, g, out, gx, lse, cap, scalars)
+    return call.result(total), call.grad
 
 
 # ----------------------------------------------------------------------------- probabilities
 @parallel_kernel(**JIT)
-def _ce_probs_rows(x, y, w, eps, g, g_scalar, out, gx, z, cap, lse_out):
+def _ce_probs_rows(x, y, w, g, out, gx, lse_out, cap, scalars):
+    """Rows (``inner == 1``), one per step."""
+    k = ProbScalars(*scalars)
     n, n_classes = x.shape
-    keep = 1.0 - eps
-    spread = eps / n_classes
+    keep = 1.0 - k.eps
+    spread = k.eps / n_classes
     total = 0.0
     for i in prange(n):
         if cap is None:
@@ -603,16 +602,15 @@ def _ce_probs_rows(x, y, w, eps, g, g_scalar, out, gx, z, cap, lse_out):
             wy = (1.0 if w is None else w[c]) * (yr[c] * keep + spread)
             a_sum += wy
             b_sum += wy * row[c]
-        loss = a_sum * lse - b_sum + z * lse * lse
+        scale = k.g_scalar if g is None else np.float64(g[i])
+        loss, coef = _probs_point(lse, a_sum, b_sum, scale, k.z)
         total += loss
         if out is not None:
             out[i] = loss
         if lse_out is not None:
             lse_out[i] = lse
         if gx is not None:
-            scale = g_scalar if g is None else np.float64(g[i])
-            coef = scale * (a_sum + 2.0 * z * lse) / s
-            _vprob_grad_row(gx[i], row, yr, m, like(coef, row), like(scale, row), w,
+            _vprob_grad_row(gx[i], row, yr, m, like(coef / s, row), like(scale, row), w,
                             like(keep, row), like(spread, row))
             if cap is not None:
                 _vcap_slope(gx[i], row, cap)
@@ -659,11 +657,13 @@ def _vprob_grad(out, xc, yc, m, ls, coef, scale, wc, keep, spread):
 
 
 @parallel_kernel(**JIT)
-def _ce_probs_blocks(x, y, w, eps, g, g_scalar, out, gx, width, z, cap, lse_out):
+def _ce_probs_blocks(x, y, w, g, out, gx, lse_out, cap, scalars, width):
+    """A middle axis (``inner > 1``): blocks as :func:`_ce_blocks`."""
+    k = ProbScalars(*scalars)
     n, n_classes, inner = x.shape
     nblk = B.n_blocks(inner, width)
-    keep = 1.0 - eps
-    spread = eps / n_classes
+    keep = 1.0 - k.eps
+    spread = k.eps / n_classes
     total = 0.0
     for task in prange(n * nblk):
         o, j0, wd = B.block_task(task, nblk, width, inner)
@@ -683,15 +683,16 @@ def _ce_probs_blocks(x, y, w, eps, g, g_scalar, out, gx, width, z, cap, lse_out)
         scale = np.empty_like(coef)  # of the w y' term
         for j in range(wd):
             lse = np.float64(m[j]) + ls[j]
-            loss = np.float64(a_sum[j]) * lse - b_sum[j] + z * lse * lse
+            sc = k.g_scalar if g is None else np.float64(g[o, j0 + j])
+            loss, cf = _probs_point(lse, np.float64(a_sum[j]), b_sum[j], sc, k.z)
             total += loss
             if out is not None:
                 out[o, j0 + j] = loss
             if lse_out is not None:
                 lse_out[o, j0 + j] = lse
             if gx is not None:
-                scale[j] = g_scalar if g is None else np.float64(g[o, j0 + j])
-                coef[j] = scale[j] * (a_sum[j] + 2.0 * z * lse)
+                scale[j] = sc
+                coef[j] = cf
         if gx is not None:
             for c in range(n_classes):
                 gc = gx[o, c, j0:j0 + wd]
@@ -707,20 +708,19 @@ def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad
                         grad_buffer, z_loss=0.0, softcap=0.0, lse_out=None):
     """Cross-entropy with class-probability targets (``mean`` divides by ``N * inner``)."""
     n, _, inner = x3.shape
-    denom = float(n * inner) if reduction == "mean" else 1.0
-    k = _Call(x3, reduction, want_grad, grad_output, grad_buffer, denom)
-    opts = _options(z_loss, softcap, lse_out, inner)
-    total = 0.0
-    if x3.size:
-        if inner == 1:
-            total = _ce_probs_rows(x3[:, :, 0], p3[:, :, 0], weight, label_smoothing,
-                                   _rows(k.g), k.g_scalar, _rows(k.out), _rows(k.gx), *opts)
-        else:
-            total = _ce_probs_blocks(x3, p3, weight, label_smoothing, k.g, k.g_scalar, k.out,
-                                     k.gx, B.width_for(x3), *opts)
+    call = _loss_call(x3, reduction, want_grad, grad_output, grad_buffer, float(n * inner))
+    if not x3.size:
+        call.fill_empty(lse_out)
+        return call.result(), call.grad
+    scalars = tuple(ProbScalars(float(label_smoothing), call.g_scalar, float(z_loss)))
+    cap = _cap(softcap)
+    if inner == 1:
+        total = _ce_probs_rows(x3[:, :, 0], p3[:, :, 0], weight, _rows(call.g_rows),
+                               _rows(call.losses), _rows(call.grad), _rows(lse_out), cap, scalars)
     else:
-        _empty_fill(k, lse_out)
-    return _finish(total, k.out, reduction, denom, x3.dtype), k.gx
+        total = _ce_probs_blocks(x3, p3, weight, call.g_rows, call.losses, call.grad, lse_out,
+                                 cap, scalars, B.width_for(x3))
+    return call.result(total), call.grad
 
 
 # ----------------------------------------------------------------------------- nll
@@ -772,12 +772,13 @@ def nll_loss_rows(x2, t, ignore_index: int, reduction: str):
     out = np.empty(n, x2.dtype) if reduction == "none" else None
     # Below the grain the serial build, called directly: no thread pool, hence no lock.
     kernel = _nll_loss.serial if n < _nll_loss.grain else _nll_loss_threaded
-    total, w_kept, first_bad = kernel(t, x2, 1, None, ignore_index, out)
+    total, w_kept, first_bad = kernel(t, x2, 1, None, ignore_value(ignore_index), out)
     if first_bad != n:
         raise class_index_error(int(t[first_bad]), x2.shape[1])
     if out is not None:
         return out
-    return np.asarray(_div(total, w_kept) if reduction == "mean" else total, x2.dtype)
+    # The result as LossCall.result gives it, without the object (a microsecond here).
+    return np.asarray(div(total, w_kept) if reduction == "mean" else total, x2.dtype)
 
 
 @parallel_kernel(**JIT)
@@ -799,16 +800,16 @@ def _nll_grad(gx, t, w, ignore, g, g_scalar):
 def nll_loss(x3, t2, weight, *, ignore_index, reduction, want_grad, grad_output, grad_buffer):
     """NLL on log-probabilities; the gradient is zero but at the target classes."""
     n, c, inner = x3.shape
-    out = empty(t2.shape, x3.dtype) if reduction == "none" else None
+    ignore = ignore_value(ignore_index)
+    # The mean denominator comes with the losses: the loss pass sums the kept weights.
+    call = _loss_call(x3, reduction, want_grad, grad_output, grad_buffer, None)
     # The losses read x before an in-place gradient buffer is cleared.
     total, w_kept, first_bad = _nll_loss(t2.reshape(-1), x3.reshape(n, c * inner), inner,
-                                         weight, ignore_index,
-                                         None if out is None else out.reshape(-1))
+                                         weight, ignore,
+                                         None if call.losses is None else call.losses.reshape(-1))
     if first_bad != t2.size:
         raise class_index_error(int(t2.reshape(-1)[first_bad]), c)
-    denom = w_kept if reduction == "mean" else 1.0
-    gx = None
-    if want_grad:
-        gx = empty(x3.shape, x3.dtype) if grad_buffer is None else grad_buffer
-        _nll_grad(gx, t2, weight, ignore_index, *_upstream(reduction, grad_output, denom))
-    return _finish(total, out, reduction, denom, x3.dtype), gx
+    call.set_denominator(w_kept)
+    if call.grad is not None:
+        _nll_grad(call.grad, t2, weight, ignore, call.g_rows, call.g_scalar)
+    return call.result(total), call.grad
