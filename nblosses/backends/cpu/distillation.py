@@ -39,10 +39,11 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from .._host import ignore_value
+from ..._output_cache import empty
+from .._host import LossCall, ignore_value
 from ._math import JIT, SUM_BLOCK, fast_exp, fast_log, fmax, like, row_max
 from ._parallel import guarded, parallel_kernel
-from .class_losses import _cap, _capped_row, _denominator, _loss_call
+from .class_losses import _capped_row, _denominator
 
 #: Mode tokens (compile-time: ``len(mode)``): forward KL, reverse KL, generalised JSD, and a
 #: top-k teacher (the student's terms only). ``sep``: ``(0,)`` when the hard loss needs its own
@@ -461,7 +462,9 @@ def _run(kernel, x3, teacher, t2, *, temperature, beta, ignore_index, hard_weigh
     ignore = ignore_value(ignore_index)
     denom = (_denominator(t2, None, ignore, reduction) if t2 is not None
              else float(n * inner))
-    call = _loss_call(x3, reduction, want_grad, grad_output, grad_buffer, denom)
+    call = LossCall(np, x3.shape, (n, inner), x3.dtype, reduction=reduction,
+                    want_grad=want_grad, grad_output=grad_output, grad_buffer=grad_buffer,
+                    denom=denom, empty=empty)
     if not x3.size:
         call.fill_empty()
         return call.result(), call.grad
@@ -473,7 +476,7 @@ def _run(kernel, x3, teacher, t2, *, temperature, beta, ignore_index, hard_weigh
     gx = None
     if call.grad is not None:
         gx = _as_rows(call.grad) if inner == 1 else np.empty_like(rows[0])
-    total = kernel(*rows, t, g, out, gx, _cap(softcap), k, *extra)
+    total = kernel(*rows, t, g, out, gx, float(softcap) if softcap else None, k, *extra)
     if gx is not None and inner > 1:
         call.grad[...] = gx.reshape(n, inner, -1).transpose(0, 2, 1)
     return call.result(total), call.grad
