@@ -31,6 +31,7 @@ __all__ = [
     "sigmoid_backward",
     "softmax",
     "softmax_backward",
+    "token_logprobs",
 ]
 
 _SPEC_softmax = _SPECS["softmax"]
@@ -44,6 +45,7 @@ _SPEC_cross_entropy = _SPECS["cross_entropy"]
 _SPEC_binary_cross_entropy = _SPECS["binary_cross_entropy"]
 _SPEC_binary_cross_entropy_with_logits = _SPECS["binary_cross_entropy_with_logits"]
 _SPEC_linear_cross_entropy = _SPECS["linear_cross_entropy"]
+_SPEC_token_logprobs = _SPECS["token_logprobs"]
 _FAST_nll_loss: Any = _SPEC_nll_loss.fast_path
 
 
@@ -853,4 +855,145 @@ def linear_cross_entropy(
         "ignore_index": ignore_index, "label_smoothing": label_smoothing, "options": options,
         "z_loss": z_loss, "softcap": softcap, "return_lse": return_lse, "return_grad": return_grad,
         "grad_output": grad_output, "validate": validate, "backend": backend,
+    })
+
+
+@overload
+def token_logprobs(
+    input: Any, target: Any, *, temperature: float = 1.0, softcap: float | None = None,
+    ignore_index: int = -100, return_entropy: Literal[False] = False,
+    return_grad: Literal[False] = False, grad_output: Any = None, grad_entropy: Any = None,
+    grad_buffer: Any = None, validate: Literal["async", "sync"] | None = None,
+    backend: str | None = None,
+) -> Array: ...
+
+@overload
+def token_logprobs(
+    input: Any, target: Any, *, temperature: float = 1.0, softcap: float | None = None,
+    ignore_index: int = -100, return_entropy: Literal[False] = False, return_grad: Literal[True],
+    grad_output: Any = None, grad_entropy: Any = None, grad_buffer: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> tuple[Array, Array]: ...
+
+@overload
+def token_logprobs(
+    input: Any, target: Any, *, temperature: float = 1.0, softcap: float | None = None,
+    ignore_index: int = -100, return_entropy: Literal[True], return_grad: Literal[False] = False,
+    grad_output: Any = None, grad_entropy: Any = None, grad_buffer: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> tuple[Array, Array]: ...
+
+@overload
+def token_logprobs(
+    input: Any, target: Any, *, temperature: float = 1.0, softcap: float | None = None,
+    ignore_index: int = -100, return_entropy: Literal[True], return_grad: Literal[True],
+    grad_output: Any = None, grad_entropy: Any = None, grad_buffer: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> tuple[Array, Array, Array]: ...
+
+def token_logprobs(
+    input: Any, target: Any, *, temperature: float = 1.0, softcap: float | None = None,
+    ignore_index: int = -100, return_entropy: bool = False, return_grad: bool = False,
+    grad_output: Any = None, grad_entropy: Any = None, grad_buffer: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> Any:
+    r"""Log-probability of each position's target token and, optionally, the entropy of its distribution, at a temperature: no log-probability array is formed.
+
+    With :math:`z = \mathrm{cap}(x) / T` and :math:`p = \mathrm{softmax}(z)`
+    over the class axis, each position gives :math:`\log p_t` and (``return_entropy``)
+    :math:`H = -\sum_c p_c \log p_c`: the per-token statistics of PPO / GRPO policy losses.
+    One sweep over the logits gives both and, with ``return_grad=True``, the gradient; the
+    ``(N, C)`` log-probabilities are never stored.
+
+    Parameters
+    ----------
+    input : array_like
+        Logits, ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` (the class axis is 1, as for
+        :func:`cross_entropy`).
+    target : array_like of int
+        The token of each position, in ``[0, C)`` or ``ignore_index``: shape ``()``, ``(N,)``
+        or ``(N, d1, ..., dk)``.
+    temperature : float
+        :math:`T > 0`: the distribution is :math:`\mathrm{softmax}(x / T)` (the sampling
+        temperature).
+    softcap : float, optional
+        Soft-caps the logits first, :math:`c \tanh(x / c)` (Gemma 2), before the temperature;
+        the gradient has the chain rule.
+    ignore_index : int
+        Target value whose positions give log-probability 0, entropy 0 and gradient 0.
+    return_entropy : bool
+        Also return each position's entropy :math:`-\sum_c p_c \log p_c`.
+    return_grad : bool
+        Also return the gradient of ``sum(grad_output * logp + grad_entropy * entropy)``
+        with respect to ``input``, from the same sweep over the logits.
+    grad_output : scalar or array, optional
+        Upstream gradient of the log-probabilities, per position (an array of the positions'
+        shape) or one scalar for all; ones by default.
+    grad_entropy : scalar or array, optional
+        Upstream gradient of the entropy, as ``grad_output``; zeros by default (the entropy
+        is then not part of the differentiated sum, returned or not).
+    grad_buffer : array, optional
+        Where to write the gradient: an array of the input's shape and compute dtype,
+        C-contiguous; it may be ``input`` itself, which then holds the gradient instead of the
+        logits (saves the gradient's memory; only when the logits are not needed again).
+    validate : {"async", "sync"}, optional
+        How class indices are checked on a device backend: ``"async"`` inside the kernels, with
+        the ``IndexError`` raised by a later call or :func:`nblosses.synchronize` (the host never
+        waits); ``"sync"`` before the kernel, eagerly (waits for the device). Default: the current
+        default (:func:`nblosses.use_validation`), ``"async"``. The CPU backend always checks
+        eagerly.
+    backend : str, optional
+        ``"cpu"``, ``"cuda"``, another registered name or ``"auto"`` (by array type); default:
+        the current default (:func:`nblosses.use_backend`, :func:`nblosses.set_backend`).
+
+    Returns
+    -------
+    logp : array
+        Log-probability of each position's target, the positions' shape (the input's without
+        the class axis), float32 at least (float64 for float64 input; half-precision input is
+        accumulated in float32); 0 at ignored positions; never positive.
+    entropy : array
+        Only with ``return_entropy=True``: each position's entropy, as ``logp``, in
+        ``[0, log C]``; 0 at ignored positions.
+    grad : array
+        Only with ``return_grad=True``: the gradient, the input's shape and dtype (or
+        ``grad_buffer`` itself).
+
+    Raises
+    ------
+    IndexError
+        A target outside ``[0, C)`` that is not ``ignore_index`` (on a device backend reported
+        asynchronously unless ``validate="sync"``).
+    ValueError
+        Mismatched shapes (targets, ``grad_output``, ``grad_entropy``, ``grad_buffer``), a
+        temperature that is not > 0, a bad soft cap.
+    TypeError
+        Non-float input or upstream gradient, or a target that is not integer.
+
+    Notes
+    -----
+    The result order is ``logp``, then ``entropy`` (``return_entropy``), then ``grad``
+    (``return_grad``). The gradient formula: with ``p = softmax(z)``, ``d log p_t / dz =
+    onehot_t - p`` and ``dH / dz = -p (log p + H)``, times ``1 / T`` and the soft cap's slope.
+    ``nblosses.torch.token_logprobs`` makes both outputs differentiable in torch (see
+    :doc:`/rl`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nblosses import functional as F
+    >>> x = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    >>> logp, ent = F.token_logprobs(x, np.array([0, -100]), return_entropy=True)
+    >>> logp.round(4), ent.round(4)
+    (array([-0.2395,  0.    ]), array([0.6656, 0.    ]))
+    >>> logp, grad = F.token_logprobs(x, np.array([0, 2]), temperature=2.0, return_grad=True)
+    >>> grad.round(4)
+    array([[ 0.2119, -0.106 , -0.106 ],
+           [-0.1667, -0.1667,  0.3333]])
+    """
+    return _call(_SPEC_token_logprobs, {
+        "input": input, "target": target, "temperature": temperature, "softcap": softcap,
+        "ignore_index": ignore_index, "return_entropy": return_entropy, "return_grad": return_grad,
+        "grad_output": grad_output, "grad_entropy": grad_entropy, "grad_buffer": grad_buffer,
+        "validate": validate, "backend": backend,
     })

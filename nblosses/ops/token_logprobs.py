@@ -227,7 +227,7 @@ SPEC = OpSpec(
     (``return_grad``). The gradient formula: with ``p = softmax(z)``, ``d log p_t / dz =
     onehot_t - p`` and ``dH / dz = -p (log p + H)``, times ``1 / T`` and the soft cap's slope.
     ``nblosses.torch.token_logprobs`` makes both outputs differentiable in torch (see
-    :doc:`rl`).""",
+    :doc:`/rl`).""",
     examples="""
     >>> import numpy as np
     >>> from nblosses import functional as F
