@@ -13,6 +13,7 @@ at the next poll.
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import numpy as np
@@ -64,6 +65,13 @@ def test_plain_rows_keep_half_occupancy_without_spills(ct):
         assert spill == 0, (name, regs, spill)
         if name.endswith(f"{K.LONG_ROW_G}, {K.LONG_ROW_G}>") and ct != "double":
             assert regs <= 64, (name, regs)
+
+
+def test_kernel_has_the_cpu_signature():
+    from nblosses.backends.cpu import token_logprobs as cpu
+
+    assert (list(inspect.signature(G.token_logprobs).parameters)
+            == list(inspect.signature(inspect.unwrap(cpu.token_logprobs)).parameters))
 
 
 # ----------------------------------------------------------------------------- launches
