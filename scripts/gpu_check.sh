@@ -5,10 +5,13 @@
 #   2. compile every CUDA kernel into CuPy's on-disk cache, in parallel processes
 #      (python -m nblosses.backends.cuda._warm: a module, so the spawned workers can start),
 #   3. the `cuda`-marked tests (the cuda parametrisation of every parity test, tests/conftest.py,
-#      plus the device tests of tests/test_cuda_compile.py): with pytest-xdist when installed,
+#      plus the device tests of tests/kernels/test_*cuda*.py; `-m cuda` overrides the fast tier's
+#      `-m 'not slow'`, so slow cuda tests run too): with pytest-xdist when installed,
 #      else the collected test ids dealt round robin to JOBS pytest processes (one file holds
 #      40% of them: per-file processes would not fit),
-#   4. benchmark nblosses cuda against torch cuda (scripts/gpu_bench.py).
+#   4. benchmark nblosses cuda against torch cuda (scripts/gpu_bench.py --quick: one shape per
+#      benchmark case of the op specs, float32 and bfloat16; the full grid needs more than the
+#      budget: run scripts/gpu_bench.py alone).
 # Budget: about 8 minutes on an H200 with 16 cores (BUDGET seconds, default 470); the non-cuda
 # half (CPU only, covered by CI) runs only with FULL=1.
 # Usage: bash scripts/gpu_check.sh   (PYTHON=... JOBS=... FULL=1 to override)
@@ -71,7 +74,7 @@ else
 fi
 
 step "benchmark against torch"
-timeout "$(left)" "$PY" scripts/gpu_bench.py --iters 10
+timeout "$(left)" "$PY" scripts/gpu_bench.py --quick --iters 10
 record $? "benchmark"
 
 if [ "${FULL:-0}" = 1 ]; then
