@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     for process in PROCESSES:
         cmd = [sys.executable, __file__, "--process", process, "--repeats",
                str(args.repeats), "--shapes", *shapes]
-        print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        print(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout)
 
 
 if __name__ == "__main__":
