@@ -23,6 +23,8 @@ __all__ = [
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "distillation_loss",
+    "kl_div",
     "linear_cross_entropy",
     "log_softmax",
     "log_softmax_backward",
@@ -44,6 +46,8 @@ _SPEC_nll_loss = _SPECS["nll_loss"]
 _SPEC_cross_entropy = _SPECS["cross_entropy"]
 _SPEC_binary_cross_entropy = _SPECS["binary_cross_entropy"]
 _SPEC_binary_cross_entropy_with_logits = _SPECS["binary_cross_entropy_with_logits"]
+_SPEC_kl_div = _SPECS["kl_div"]
+_SPEC_distillation_loss = _SPECS["distillation_loss"]
 _SPEC_linear_cross_entropy = _SPECS["linear_cross_entropy"]
 _SPEC_token_logprobs = _SPECS["token_logprobs"]
 _FAST_nll_loss: Any = _SPEC_nll_loss.fast_path
@@ -709,6 +713,254 @@ def binary_cross_entropy_with_logits(
         "input": input, "target": target, "weight": weight, "size_average": size_average,
         "reduce": reduce, "reduction": reduction, "pos_weight": pos_weight,
         "return_grad": return_grad, "grad_output": grad_output, "backend": backend,
+    })
+
+
+@overload
+def kl_div(
+    input: Any, target: Any, size_average: bool | None = None, reduce: bool | None = None,
+    reduction: Literal["mean", "batchmean", "sum", "none"] = 'mean', log_target: bool = False, *,
+    return_grad: Literal[False] = False, grad_output: Any = None, grad_buffer: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> Array: ...
+
+@overload
+def kl_div(
+    input: Any, target: Any, size_average: bool | None = None, reduce: bool | None = None,
+    reduction: Literal["mean", "batchmean", "sum", "none"] = 'mean', log_target: bool = False, *,
+    return_grad: Literal[True], grad_output: Any = None, grad_buffer: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> tuple[Array, Array]: ...
+
+def kl_div(
+    input: Any, target: Any, size_average: bool | None = None, reduce: bool | None = None,
+    reduction: Literal["mean", "batchmean", "sum", "none"] = 'mean', log_target: bool = False, *,
+    return_grad: bool = False, grad_output: Any = None, grad_buffer: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> Any:
+    r"""Kullback-Leibler divergence of log-probabilities: :math:`l = t (\log t - x)`.
+
+    torch's ``kl_div``, elementwise: with ``log_target=False``
+    :math:`l = \operatorname{xlogy}(t, t) - t x` (0 where :math:`t = 0`: a zero-probability
+    target contributes nothing; NaN for a negative target), with ``log_target=True``
+    :math:`l = e^{t}(t - x)`. Loss and gradient come from one pass over both arrays.
+
+    Parameters
+    ----------
+    input : array_like
+        Log-probabilities, any shape.
+    target : array_like
+        Probabilities (or log-probabilities with ``log_target``), broadcastable with
+        ``input`` (as torch: the loss has the broadcast shape).
+    size_average : bool, optional
+        Deprecated (as in torch); with ``reduce``, when given, it sets ``reduction`` and warns.
+    reduce : bool, optional
+        Deprecated (as in torch); see ``size_average``.
+    reduction : {"mean", "batchmean", "sum", "none"}
+        ``"batchmean"`` divides the sum by ``input.shape[0]`` (the KL divergence per
+        sample); ``"mean"`` divides by the number of elements and warns, as torch.
+    log_target : bool
+        ``target`` holds log-probabilities: the loss is
+        :math:`e^{t}(t - x)` instead of :math:`t \log t - t x`.
+    return_grad : bool
+        Also return the gradient of ``sum(grad_output * loss)`` with respect to ``input``,
+        computed in the same pass as the loss.
+    grad_output : scalar or array, optional
+        Upstream gradient; 1 (or ones of the loss's shape for ``"none"``) by default.
+    grad_buffer : array, optional
+        Where to write the gradient: an array of the input's shape and compute dtype,
+        C-contiguous; it may be ``input`` itself, which then holds the gradient instead of the
+        logits (saves the gradient's memory; only when the logits are not needed again).
+    validate : {"async", "sync"}, optional
+        How a device backend refuses ``+inf`` log-targets (``log_target=True``): ``"async"``
+        inside the kernel (``ValueError`` raised by a later call or :func:`nblosses.synchronize`),
+        ``"sync"`` before it (waits for the device). Default: :func:`nblosses.get_validation`. The
+        CPU backend always checks eagerly.
+    backend : str, optional
+        ``"cpu"``, ``"cuda"``, another registered name or ``"auto"`` (by array type); default:
+        the current default (:func:`nblosses.use_backend`, :func:`nblosses.set_backend`).
+
+    Returns
+    -------
+    loss : array
+        0-d, or the broadcast shape for ``"none"``.
+    grad : array
+        With ``return_grad=True``: :math:`-g\,t` (``log_target``: :math:`-g\,e^{t}`),
+        shaped as ``input`` (summed over the axes broadcasting stretched).
+
+    Raises
+    ------
+    TypeError
+        Integer input or target (torch: "Integral inputs not supported").
+    ValueError
+        Shapes that do not broadcast, a bad ``reduction``, or a ``+inf`` target with
+        ``log_target=True`` (on a device backend reported asynchronously unless
+        ``validate="sync"``).
+
+    Notes
+    -----
+    As torch 2.13: ``"mean"`` warns that it is not the KL divergence (use ``"batchmean"``);
+    the legacy ``size_average`` / ``reduce`` override ``reduction``, yet ``"batchmean"`` then
+    still divides their result by ``input.shape[0]``; a log-target of ``-inf`` (a zero
+    probability) gives NaN, as :math:`0 \cdot (-\infty - x)` does in torch.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nblosses import functional as F
+    >>> logp = np.log(np.array([[0.25, 0.75], [0.5, 0.5]]))
+    >>> target = np.array([[0.5, 0.5], [0.0, 1.0]])
+    >>> loss, grad = F.kl_div(logp, target, reduction="batchmean", return_grad=True)
+    >>> round(float(loss), 4)
+    0.4185
+    >>> grad
+    array([[-0.25, -0.25],
+           [-0.  , -0.5 ]])
+    """
+    return _call(_SPEC_kl_div, {
+        "input": input, "target": target, "size_average": size_average, "reduce": reduce,
+        "reduction": reduction, "log_target": log_target, "return_grad": return_grad,
+        "grad_output": grad_output, "grad_buffer": grad_buffer, "validate": validate,
+        "backend": backend,
+    })
+
+
+@overload
+def distillation_loss(
+    input: Any, teacher: Any, target: Any = None, *, beta: float = 0.0, temperature: float = 1.0,
+    ignore_index: int = -100, hard_weight: float = 0.0, softcap: float | None = None,
+    reduction: Literal["mean", "sum", "none"] = 'mean', return_grad: Literal[False] = False,
+    grad_output: Any = None, grad_buffer: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> Array: ...
+
+@overload
+def distillation_loss(
+    input: Any, teacher: Any, target: Any = None, *, beta: float = 0.0, temperature: float = 1.0,
+    ignore_index: int = -100, hard_weight: float = 0.0, softcap: float | None = None,
+    reduction: Literal["mean", "sum", "none"] = 'mean', return_grad: Literal[True],
+    grad_output: Any = None, grad_buffer: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> tuple[Array, Array]: ...
+
+def distillation_loss(
+    input: Any, teacher: Any, target: Any = None, *, beta: float = 0.0, temperature: float = 1.0,
+    ignore_index: int = -100, hard_weight: float = 0.0, softcap: float | None = None,
+    reduction: Literal["mean", "sum", "none"] = 'mean', return_grad: bool = False,
+    grad_output: Any = None, grad_buffer: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> Any:
+    r"""Knowledge distillation from teacher logits or a top-k teacher, fused with the student's gradient.
+
+    With :math:`p_s = \mathrm{softmax}(\mathrm{cap}(s) / T)` and
+    :math:`p_t = \mathrm{softmax}(\mathrm{cap}(t) / T)` over the class axis, the per-position
+    soft loss is the divergence ``beta`` picks; one pass over both logit arrays gives the loss
+    and the student's gradient (the teacher gets none). A top-k teacher
+    ``(indices, log_probs)`` gives the forward KL on its support,
+    :math:`\sum_j e^{lp_j}(lp_j - \log p_s[idx_j])`, the student's softmax taken over all
+    classes; its memory does not grow with :math:`C`.
+
+    Parameters
+    ----------
+    input : array_like
+        Student logits, ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` (class axis 1).
+    teacher : array_like or tuple
+        Teacher logits of the input's shape and dtype, or a top-k teacher
+        ``(indices, log_probs)``: two arrays shaped as the input with ``k <= C`` entries on
+        the class axis, the teacher's largest log-probabilities (int indices; log-probabilities
+        of the input's dtype), e.g. cached offline.
+    target : array_like, optional
+        Class indices shaped as the input without its class axis: positions equal to
+        ``ignore_index`` count nowhere (loss, gradient, ``mean`` denominator); the labels of
+        the hard loss (``hard_weight > 0``, then required).
+    beta : float
+        :math:`\beta \in [0, 1]`: 0 is the forward KL :math:`KL(p_t \| p_s)`, 1 the reverse
+        KL :math:`KL(p_s \| p_t)`, in between the generalised Jensen-Shannon divergence
+        :math:`\beta KL(p_t \| m) + (1 - \beta) KL(p_s \| m)`,
+        :math:`m = \beta p_t + (1 - \beta) p_s` (TRL's ``generalized_jsd_loss``). A top-k
+        teacher takes 0 only.
+    temperature : float
+        :math:`T > 0`: both softmaxes are of the (soft-capped) logits over ``T``. No
+        :math:`T^2` factor is applied (multiply the loss, or ``grad_output``, by ``T**2`` for
+        Hinton's scaling).
+    ignore_index : int
+        Target value that contributes neither to the loss, nor to the gradient, nor to the
+        ``mean`` denominator.
+    hard_weight : float
+        :math:`w \in [0, 1]`: the loss is :math:`(1 - w)\,\mathrm{soft} + w\,\mathrm{CE}`,
+        the cross-entropy of the (soft-capped, not tempered) student logits on ``target``.
+    softcap : float, optional
+        Soft-caps both logits first, :math:`c \tanh(x / c)` (Gemma 2), before the
+        temperature, with the chain rule in the gradient.
+    reduction : {"mean", "sum", "none"}
+        ``"none"``: one loss per position; ``"mean"`` divides the sum by the number of kept
+        positions (``target != ignore_index``; all of them without a target).
+    return_grad : bool
+        Also return the gradient of ``sum(grad_output * loss)`` with respect to ``input``,
+        computed in the same pass as the loss.
+    grad_output : scalar or array, optional
+        Upstream gradient; 1 (or ones of the loss's shape for ``"none"``) by default.
+    grad_buffer : array, optional
+        Where to write the gradient: an array of the input's shape and compute dtype,
+        C-contiguous; it may be ``input`` itself, which then holds the gradient instead of the
+        logits (saves the gradient's memory; only when the logits are not needed again).
+    validate : {"async", "sync"}, optional
+        How a device backend checks the top-k teacher's indices and the class indices:
+        ``"async"`` inside the kernels (``IndexError`` raised by a later call
+        or :func:`nblosses.synchronize`), ``"sync"`` before them (waits for the device). Default:
+        :func:`nblosses.get_validation`. The CPU backend always checks eagerly.
+    backend : str, optional
+        ``"cpu"``, ``"cuda"``, another registered name or ``"auto"`` (by array type); default:
+        the current default (:func:`nblosses.use_backend`, :func:`nblosses.set_backend`).
+
+    Returns
+    -------
+    loss : array
+        0-d for ``mean`` / ``sum``, else one per position (the input's shape without its
+        class axis). All positions ignored with ``mean`` -> NaN.
+    grad : array
+        Only with ``return_grad=True``: the gradient with respect to ``input``.
+
+    Raises
+    ------
+    IndexError
+        A top-k index, or a target that is not ``ignore_index``, outside ``[0, C)`` (on a
+        device backend reported asynchronously unless ``validate="sync"``).
+    ValueError
+        Teacher or target shapes that do not match the input, ``k > C``, ``beta``,
+        ``hard_weight`` outside ``[0, 1]``, ``temperature <= 0``, ``hard_weight > 0``
+        without a target, ``beta != 0`` with a top-k teacher.
+    TypeError
+        Non-float input, a teacher of another dtype, non-integer indices or target.
+
+    Notes
+    -----
+    Zero probabilities contribute 0 (the ``xlogy`` convention: a ``-inf`` teacher logit is a
+    masked class; torch's ``kl_div(..., log_target=True)`` composite gives NaN there).
+    Duplicate top-k indices count once each. See :doc:`/distillation` for the gradients.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nblosses import functional as F
+    >>> student = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    >>> teacher = np.array([[1.0, 1.0, -1.0], [2.0, 0.0, 0.0]])
+    >>> loss, grad = F.distillation_loss(student, teacher, return_grad=True)
+    >>> round(float(loss), 4)
+    0.4221
+    >>> grad.round(4)
+    array([[ 0.1877, -0.1771, -0.0107],
+           [-0.2268,  0.1134,  0.1134]])
+    >>> top = (np.array([[0, 1], [0, 2]]), np.log(np.array([[0.5, 0.4], [0.7, 0.2]])))
+    >>> round(float(F.distillation_loss(student, top)), 4)
+    0.3285
+    """
+    return _call(_SPEC_distillation_loss, {
+        "input": input, "teacher": teacher, "target": target, "beta": beta,
+        "temperature": temperature, "ignore_index": ignore_index, "hard_weight": hard_weight,
+        "softcap": softcap, "reduction": reduction, "return_grad": return_grad,
+        "grad_output": grad_output, "grad_buffer": grad_buffer, "validate": validate,
+        "backend": backend,
     })
 
 

@@ -30,6 +30,8 @@ __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "DistillationLoss",
+    "KLDivLoss",
     "LinearCrossEntropyLoss",
     "LogSoftmax",
     "Module",
@@ -386,4 +388,143 @@ class BCEWithLogitsLoss(Loss):
         Module.__init__(
             self, weight=weight, size_average=size_average, reduce=reduce, reduction=reduction,
             pos_weight=pos_weight, backend=backend,
+        )
+
+
+class KLDivLoss(Loss):
+    r"""Kullback-Leibler divergence of log-probabilities: :math:`l = t (\log t - x)` (see :func:`nblosses.functional.kl_div`).
+
+    torch's ``kl_div``, elementwise: with ``log_target=False``
+    :math:`l = \operatorname{xlogy}(t, t) - t x` (0 where :math:`t = 0`: a zero-probability
+    target contributes nothing; NaN for a negative target), with ``log_target=True``
+    :math:`l = e^{t}(t - x)`. Loss and gradient come from one pass over both arrays.
+
+    Parameters
+    ----------
+    size_average : bool, optional
+        Deprecated (as in torch); with ``reduce``, when given, it sets ``reduction`` and warns.
+    reduce : bool, optional
+        Deprecated (as in torch); see ``size_average``.
+    reduction : {"mean", "batchmean", "sum", "none"}
+        ``"batchmean"`` divides the sum by ``input.shape[0]`` (the KL divergence per
+        sample); ``"mean"`` divides by the number of elements and warns, as torch.
+    log_target : bool
+        ``target`` holds log-probabilities: the loss is
+        :math:`e^{t}(t - x)` instead of :math:`t \log t - t x`.
+    validate : {"async", "sync"}, optional
+        How a device backend refuses ``+inf`` log-targets (``log_target=True``): ``"async"``
+        inside the kernel (``ValueError`` raised by a later call or :func:`nblosses.synchronize`),
+        ``"sync"`` before it (waits for the device). Default: :func:`nblosses.get_validation`. The
+        CPU backend always checks eagerly.
+    backend : str, optional
+        ``"cpu"``, ``"cuda"``, another registered name or ``"auto"`` (by array type); default:
+        the current default (:func:`nblosses.use_backend`, :func:`nblosses.set_backend`).
+
+    Notes
+    -----
+    Calling the module with ``input, target`` runs :func:`nblosses.functional.kl_div` with this
+    configuration and raises what it raises; ``backward(grad_output=None)`` runs the fused
+    loss+gradient kernel on the last call's arrays; before a call it raises ``RuntimeError``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nblosses import nn
+    >>> m, loss = nn.LogSoftmax(dim=1), nn.KLDivLoss(reduction="sum")
+    >>> x, target = np.zeros((2, 4)), np.full((2, 4), 0.25)
+    >>> print(loss(m(x), target).round(4))
+    0.0
+    >>> m.backward(loss.backward())
+    array([[0., 0., 0., 0.],
+           [0., 0., 0., 0.]])
+    """
+
+    _spec = _SPECS["kl_div"]
+
+    def __init__(
+        self, size_average: bool | None = None, reduce: bool | None = None,
+        reduction: Literal["mean", "batchmean", "sum", "none"] = 'mean', log_target: bool = False,
+        *, validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+    ) -> None:
+        Module.__init__(
+            self, size_average=size_average, reduce=reduce, reduction=reduction,
+            log_target=log_target, validate=validate, backend=backend,
+        )
+
+
+class DistillationLoss(Loss):
+    r"""Knowledge distillation from teacher logits or a top-k teacher, fused with the student's gradient (see :func:`nblosses.functional.distillation_loss`).
+
+    With :math:`p_s = \mathrm{softmax}(\mathrm{cap}(s) / T)` and
+    :math:`p_t = \mathrm{softmax}(\mathrm{cap}(t) / T)` over the class axis, the per-position
+    soft loss is the divergence ``beta`` picks; one pass over both logit arrays gives the loss
+    and the student's gradient (the teacher gets none). A top-k teacher
+    ``(indices, log_probs)`` gives the forward KL on its support,
+    :math:`\sum_j e^{lp_j}(lp_j - \log p_s[idx_j])`, the student's softmax taken over all
+    classes; its memory does not grow with :math:`C`.
+
+    Parameters
+    ----------
+    beta : float
+        :math:`\beta \in [0, 1]`: 0 is the forward KL :math:`KL(p_t \| p_s)`, 1 the reverse
+        KL :math:`KL(p_s \| p_t)`, in between the generalised Jensen-Shannon divergence
+        :math:`\beta KL(p_t \| m) + (1 - \beta) KL(p_s \| m)`,
+        :math:`m = \beta p_t + (1 - \beta) p_s` (TRL's ``generalized_jsd_loss``). A top-k
+        teacher takes 0 only.
+    temperature : float
+        :math:`T > 0`: both softmaxes are of the (soft-capped) logits over ``T``. No
+        :math:`T^2` factor is applied (multiply the loss, or ``grad_output``, by ``T**2`` for
+        Hinton's scaling).
+    ignore_index : int
+        Target value that contributes neither to the loss, nor to the gradient, nor to the
+        ``mean`` denominator.
+    hard_weight : float
+        :math:`w \in [0, 1]`: the loss is :math:`(1 - w)\,\mathrm{soft} + w\,\mathrm{CE}`,
+        the cross-entropy of the (soft-capped, not tempered) student logits on ``target``.
+    softcap : float, optional
+        Soft-caps both logits first, :math:`c \tanh(x / c)` (Gemma 2), before the
+        temperature, with the chain rule in the gradient.
+    reduction : {"mean", "sum", "none"}
+        ``"none"``: one loss per position; ``"mean"`` divides the sum by the number of kept
+        positions (``target != ignore_index``; all of them without a target).
+    validate : {"async", "sync"}, optional
+        How a device backend checks the top-k teacher's indices and the class indices:
+        ``"async"`` inside the kernels (``IndexError`` raised by a later call
+        or :func:`nblosses.synchronize`), ``"sync"`` before them (waits for the device). Default:
+        :func:`nblosses.get_validation`. The CPU backend always checks eagerly.
+    backend : str, optional
+        ``"cpu"``, ``"cuda"``, another registered name or ``"auto"`` (by array type); default:
+        the current default (:func:`nblosses.use_backend`, :func:`nblosses.set_backend`).
+
+    Notes
+    -----
+    Calling the module with ``input, teacher, target`` runs
+    :func:`nblosses.functional.distillation_loss` with this configuration and raises what it
+    raises; ``backward(grad_output=None)`` runs the fused loss+gradient kernel on the last
+    call's arrays; before a call it raises ``RuntimeError``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nblosses import nn
+    >>> loss = nn.DistillationLoss(temperature=2.0, hard_weight=0.5)
+    >>> s, t = np.zeros((2, 4)), np.ones((2, 4))
+    >>> print(loss(s, t, np.array([1, 2])).round(4))
+    0.6931
+    >>> loss.backward().shape
+    (2, 4)
+    """
+
+    _spec = _SPECS["distillation_loss"]
+
+    def __init__(
+        self, *, beta: float = 0.0, temperature: float = 1.0, ignore_index: int = -100,
+        hard_weight: float = 0.0, softcap: float | None = None,
+        reduction: Literal["mean", "sum", "none"] = 'mean',
+        validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+    ) -> None:
+        Module.__init__(
+            self, beta=beta, temperature=temperature, ignore_index=ignore_index,
+            hard_weight=hard_weight, softcap=softcap, reduction=reduction, validate=validate,
+            backend=backend,
         )

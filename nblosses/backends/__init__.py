@@ -112,6 +112,35 @@ Binary losses (flat arrays of equal length; ``weight`` / ``pos_weight`` flat of 
                                      grad_output)
 
 Both return ``(loss, grad)`` with ``loss`` 0-d or flat, ``grad`` flat or ``None``.
+
+KL divergence (flat arrays of equal length: the target already broadcast to the input's)::
+
+    kl_div(x, t, *, log_target, reduction, want_grad, grad_output, grad_buffer)
+
+torch's elementwise ``xlogy(t, t) - t x`` (``log_target``: ``exp(t) (t - x)``); the front end
+turns ``"batchmean"`` into ``"sum"`` and its division. ``grad_buffer`` is ``None`` or flat of
+``x``'s length, and may be ``x``. A ``+inf`` log-target has no meaning: a host kernel raises
+``ValueError`` after its pass; a device kernel gives it a NaN loss and gradient and records it
+(error-record kind 2) for ``poll_errors`` / ``synchronize``. Returns ``(loss, grad)`` as the
+binary losses.
+
+Distillation (``x3`` the student logits ``(N, C, inner)``; ``t2`` ``(N, inner)`` int64 class
+indices or ``None``)::
+
+    distillation(x3, teacher3, t2, *, beta, temperature, ignore_index, hard_weight, softcap,
+                 reduction, want_grad, grad_output, grad_buffer)
+    distillation_topk(x3, idx3, lp3, t2, *, temperature, ignore_index, hard_weight, softcap,
+                      reduction, want_grad, grad_output, grad_buffer)
+
+``teacher3`` the teacher logits (``x3``'s shape and dtype); ``idx3`` ``(N, k, inner)`` int64 and
+``lp3`` ``(N, k, inner)`` of ``x3``'s dtype, the top-k teacher. ``beta`` in ``[0, 1]`` (0
+forward KL, 1 reverse KL, else the JSD), ``temperature > 0``, ``hard_weight`` in ``[0, 1]``
+(``> 0`` only with ``t2``), ``softcap`` 0.0 (off) or ``> 0``. ``mean`` divides by the positions
+whose target is not ``ignore_index`` (every position without ``t2``). Targets that are neither
+ignored nor in ``[0, C)``, and top-k indices outside ``[0, C)``, are checked as the class
+losses' (eagerly, or by the kernels when ``kernel_checks`` holds ``"class_index"``).
+``grad_buffer`` as the class losses' (it may be ``x3``). Return ``(loss, grad)``: ``loss`` 0-d or
+``(N, inner)``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ __all__ = [
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "distillation_loss",
+    "kl_div",
     "log_softmax",
     "nll_loss",
     "softmax",
@@ -231,4 +233,100 @@ def binary_cross_entropy_with_logits(
     return _A.fused_loss(_SPECS["binary_cross_entropy_with_logits"], {
         "input": input, "target": target, "weight": weight, "reduction": reduction,
         "pos_weight": pos_weight,
+    })
+
+
+def kl_div(
+    input: Any, target: Any, reduction: Literal["mean", "batchmean", "sum", "none"] = 'mean',
+    log_target: bool = False,
+) -> Any:
+    r"""Kullback-Leibler divergence of log-probabilities: :math:`l = t (\log t - x)`.
+
+    :func:`nblosses.functional.kl_div` inside JAX (``jit``, ``grad``, ``vmap``): differentiable
+    with respect to ``input`` only. A reduced loss computes its gradient in the forward pass, in
+    the same sweep as the loss, and backward scales it; an unreduced one (``reduction="none"``)
+    gets its gradient in backward, from the same fused sweep given the upstream gradient.
+
+    Parameters
+    ----------
+    input : jax.Array
+        Log-probabilities, any shape.
+    target : jax.Array
+        Probabilities (or log-probabilities with ``log_target``), broadcastable with
+        ``input`` (as torch: the loss has the broadcast shape).
+    reduction : {"mean", "batchmean", "sum", "none"}
+        ``"batchmean"`` divides the sum by ``input.shape[0]`` (the KL divergence per
+        sample); ``"mean"`` divides by the number of elements and warns, as torch.
+    log_target : bool
+        ``target`` holds log-probabilities: the loss is
+        :math:`e^{t}(t - x)` instead of :math:`t \log t - t x`.
+
+    Returns
+    -------
+    jax.Array
+        The loss: 0-d when reduced, else the unreduced shape.
+    """
+    return _A.fused_loss(_SPECS["kl_div"], {
+        "input": input, "target": target, "reduction": reduction, "log_target": log_target,
+    })
+
+
+def distillation_loss(
+    input: Any, teacher: Any, target: Any = None, *, beta: float = 0.0, temperature: float = 1.0,
+    ignore_index: int = -100, hard_weight: float = 0.0, softcap: float | None = None,
+    reduction: Literal["mean", "sum", "none"] = 'mean',
+) -> Any:
+    r"""Knowledge distillation from teacher logits or a top-k teacher, fused with the student's gradient.
+
+    :func:`nblosses.functional.distillation_loss` inside JAX (``jit``, ``grad``, ``vmap``):
+    differentiable with respect to ``input`` only. A reduced loss computes its gradient in the
+    forward pass, in the same sweep as the loss, and backward scales it; an unreduced one
+    (``reduction="none"``) gets its gradient in backward, from the same fused sweep given the
+    upstream gradient.
+
+    Parameters
+    ----------
+    input : jax.Array
+        Student logits, ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` (class axis 1).
+    teacher : jax.Array or tuple of jax.Array
+        Teacher logits of the input's shape and dtype, or a top-k teacher
+        ``(indices, log_probs)``: two arrays shaped as the input with ``k <= C`` entries on
+        the class axis, the teacher's largest log-probabilities (int indices; log-probabilities
+        of the input's dtype), e.g. cached offline.
+    target : jax.Array, optional
+        Class indices shaped as the input without its class axis: positions equal to
+        ``ignore_index`` count nowhere (loss, gradient, ``mean`` denominator); the labels of
+        the hard loss (``hard_weight > 0``, then required).
+    beta : float
+        :math:`\beta \in [0, 1]`: 0 is the forward KL :math:`KL(p_t \| p_s)`, 1 the reverse
+        KL :math:`KL(p_s \| p_t)`, in between the generalised Jensen-Shannon divergence
+        :math:`\beta KL(p_t \| m) + (1 - \beta) KL(p_s \| m)`,
+        :math:`m = \beta p_t + (1 - \beta) p_s` (TRL's ``generalized_jsd_loss``). A top-k
+        teacher takes 0 only.
+    temperature : float
+        :math:`T > 0`: both softmaxes are of the (soft-capped) logits over ``T``. No
+        :math:`T^2` factor is applied (multiply the loss, or ``grad_output``, by ``T**2`` for
+        Hinton's scaling).
+    ignore_index : int
+        Target value that contributes neither to the loss, nor to the gradient, nor to the
+        ``mean`` denominator.
+    hard_weight : float
+        :math:`w \in [0, 1]`: the loss is :math:`(1 - w)\,\mathrm{soft} + w\,\mathrm{CE}`,
+        the cross-entropy of the (soft-capped, not tempered) student logits on ``target``.
+    softcap : float, optional
+        Soft-caps both logits first, :math:`c \tanh(x / c)` (Gemma 2), before the
+        temperature, with the chain rule in the gradient.
+    reduction : {"mean", "sum", "none"}
+        ``"none"``: one loss per position; ``"mean"`` divides the sum by the number of kept
+        positions (``target != ignore_index``; all of them without a target).
+
+    Returns
+    -------
+    jax.Array
+        The loss: 0-d when reduced, else the unreduced shape.
+    """
+    return _A.fused_loss(_SPECS["distillation_loss"], {
+        "input": input, "teacher": teacher, "target": target, "beta": beta,
+        "temperature": temperature, "ignore_index": ignore_index, "hard_weight": hard_weight,
+        "softcap": softcap, "reduction": reduction,
     })

@@ -13,10 +13,19 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from .._spec import OpSpec
-from . import activations, binary_losses, class_losses, linear_ce, token_logprobs
+from . import (
+    activations,
+    binary_losses,
+    class_losses,
+    distillation,
+    kl_div,
+    linear_ce,
+    token_logprobs,
+)
 
 #: The family modules, in docs order; each defines ``SPECS``, a tuple of its specs.
-FAMILIES = (activations, class_losses, binary_losses, linear_ce, token_logprobs)
+FAMILIES = (activations, class_losses, binary_losses, kl_div, distillation, linear_ce,
+            token_logprobs)
 
 SPECS: MappingProxyType[str, OpSpec] = MappingProxyType(
     {spec.name: spec for family in FAMILIES for spec in family.SPECS})

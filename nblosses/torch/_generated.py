@@ -23,6 +23,8 @@ __all__ = [
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "distillation_loss",
+    "kl_div",
     "log_softmax",
     "nll_loss",
     "softmax",
@@ -351,4 +353,126 @@ def binary_cross_entropy_with_logits(
     want_grad = _A.wants_grad(input, target=target, weight=weight, pos_weight=pos_weight)
     return _binary_cross_entropy_with_logits(
         input, target, weight, size_average, reduce, reduction, pos_weight, want_grad, None,
+    )[0]
+
+
+@_A.fused_loss_op(_SPECS["kl_div"])
+def _kl_div(
+    input: Tensor, target: Tensor, size_average: bool | None, reduce: bool | None, reduction: str,
+    log_target: bool, want_grad: bool, grad_output: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    return _A.run_loss(
+        _F.kl_div, input=input, target=target, size_average=size_average, reduce=reduce,
+        reduction=reduction, log_target=log_target, want_grad=want_grad, grad_output=grad_output,
+    )
+
+
+def kl_div(
+    input: Tensor, target: Tensor, size_average: bool | None = None, reduce: bool | None = None,
+    reduction: str = 'mean', log_target: bool = False,
+) -> Tensor:
+    r"""Kullback-Leibler divergence of log-probabilities: :math:`l = t (\log t - x)`.
+
+    :func:`nblosses.functional.kl_div` inside torch autograd: differentiable with respect to
+    ``input`` only. A reduced loss computes its gradient in the forward pass, in the same sweep
+    as the loss, and backward scales it; an unreduced one (``reduction="none"``) gets its
+    gradient in backward, from the same fused sweep given the upstream gradient.
+
+    Parameters
+    ----------
+    input : Tensor
+        Log-probabilities, any shape.
+    target : Tensor
+        Probabilities (or log-probabilities with ``log_target``), broadcastable with
+        ``input`` (as torch: the loss has the broadcast shape).
+    size_average : bool, optional
+        Deprecated (as in torch); with ``reduce``, when given, it sets ``reduction`` and warns.
+    reduce : bool, optional
+        Deprecated (as in torch); see ``size_average``.
+    reduction : {"mean", "batchmean", "sum", "none"}
+        ``"batchmean"`` divides the sum by ``input.shape[0]`` (the KL divergence per
+        sample); ``"mean"`` divides by the number of elements and warns, as torch.
+    log_target : bool
+        ``target`` holds log-probabilities: the loss is
+        :math:`e^{t}(t - x)` instead of :math:`t \log t - t x`.
+
+    Returns
+    -------
+    Tensor
+        The loss: 0-d when reduced, else the unreduced shape.
+    """
+    want_grad = _A.wants_grad(input, target=target)
+    return _kl_div(input, target, size_average, reduce, reduction, log_target, want_grad, None)[0]
+
+
+@_A.fused_loss_op(_SPECS["distillation_loss"])
+def _distillation_loss(
+    input: Tensor, teacher: list[Tensor], target: Tensor | None, beta: float, temperature: float,
+    ignore_index: int, hard_weight: float, softcap: float | None, reduction: str, want_grad: bool,
+    grad_output: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    return _A.run_loss(
+        _F.distillation_loss, input=input, teacher=teacher, target=target, beta=beta,
+        temperature=temperature, ignore_index=ignore_index, hard_weight=hard_weight,
+        softcap=softcap, reduction=reduction, want_grad=want_grad, grad_output=grad_output,
+    )
+
+
+def distillation_loss(
+    input: Tensor, teacher: Tensor | tuple[Tensor, ...], target: Tensor | None = None, *,
+    beta: float = 0.0, temperature: float = 1.0, ignore_index: int = -100,
+    hard_weight: float = 0.0, softcap: float | None = None, reduction: str = 'mean',
+) -> Tensor:
+    r"""Knowledge distillation from teacher logits or a top-k teacher, fused with the student's gradient.
+
+    :func:`nblosses.functional.distillation_loss` inside torch autograd: differentiable with
+    respect to ``input`` only. A reduced loss computes its gradient in the forward pass, in the
+    same sweep as the loss, and backward scales it; an unreduced one (``reduction="none"``) gets
+    its gradient in backward, from the same fused sweep given the upstream gradient.
+
+    Parameters
+    ----------
+    input : Tensor
+        Student logits, ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` (class axis 1).
+    teacher : Tensor or tuple of Tensor
+        Teacher logits of the input's shape and dtype, or a top-k teacher
+        ``(indices, log_probs)``: two arrays shaped as the input with ``k <= C`` entries on
+        the class axis, the teacher's largest log-probabilities (int indices; log-probabilities
+        of the input's dtype), e.g. cached offline.
+    target : Tensor, optional
+        Class indices shaped as the input without its class axis: positions equal to
+        ``ignore_index`` count nowhere (loss, gradient, ``mean`` denominator); the labels of
+        the hard loss (``hard_weight > 0``, then required).
+    beta : float
+        :math:`\beta \in [0, 1]`: 0 is the forward KL :math:`KL(p_t \| p_s)`, 1 the reverse
+        KL :math:`KL(p_s \| p_t)`, in between the generalised Jensen-Shannon divergence
+        :math:`\beta KL(p_t \| m) + (1 - \beta) KL(p_s \| m)`,
+        :math:`m = \beta p_t + (1 - \beta) p_s` (TRL's ``generalized_jsd_loss``). A top-k
+        teacher takes 0 only.
+    temperature : float
+        :math:`T > 0`: both softmaxes are of the (soft-capped) logits over ``T``. No
+        :math:`T^2` factor is applied (multiply the loss, or ``grad_output``, by ``T**2`` for
+        Hinton's scaling).
+    ignore_index : int
+        Target value that contributes neither to the loss, nor to the gradient, nor to the
+        ``mean`` denominator.
+    hard_weight : float
+        :math:`w \in [0, 1]`: the loss is :math:`(1 - w)\,\mathrm{soft} + w\,\mathrm{CE}`,
+        the cross-entropy of the (soft-capped, not tempered) student logits on ``target``.
+    softcap : float, optional
+        Soft-caps both logits first, :math:`c \tanh(x / c)` (Gemma 2), before the
+        temperature, with the chain rule in the gradient.
+    reduction : {"mean", "sum", "none"}
+        ``"none"``: one loss per position; ``"mean"`` divides the sum by the number of kept
+        positions (``target != ignore_index``; all of them without a target).
+
+    Returns
+    -------
+    Tensor
+        The loss: 0-d when reduced, else the unreduced shape.
+    """
+    want_grad = _A.wants_grad(input, teacher=teacher, target=target)
+    return _distillation_loss(
+        input, _A.tensor_list(teacher), target, beta, temperature, ignore_index, hard_weight,
+        softcap, reduction, want_grad, None,
     )[0]

@@ -86,6 +86,16 @@ EXPECT = {
     "class_losses._capped_row": ("fma", "div"),
     "binary_losses._bce": ("fma", "div"),
     "binary_losses._bce_logits": ("fma", "div"),
+    "kl_div._kl_div": ("fma", "div"),
+    "kl_div._kl_block": ("fma",),
+    "distillation._max2": ("max",),
+    "distillation._pair_sums": _EXP + ("add",),
+    "distillation._jsd_sums": ("fma", "div"),
+    "distillation._grad_pass": ("fma", "div"),
+    "distillation._sums_store": _EXP + ("add",),
+    "distillation._stored_pass": ("fma",),
+    "distillation._pair_rows": ("max", "fma"),
+    "distillation._topk_rows": ("max", "fma"),
     "_blocks.tile_store": (),
 }
 #: On AVX-512 CPUs only (LLVM's cost model keeps them scalar for Haswell's gathers): the short-
@@ -116,6 +126,9 @@ def _examples(dtype):
 
     probs = tuple(ProbScalars(eps=0.1, g_scalar=0.0, z=0.0))
     ce_rows = (x2, t1, w, g1, o1, g2, None, None, ce(40))
+    from nblosses.backends.cpu.distillation import DistillScalars, RowCoef
+    distill = DistillScalars(-100, 0.5, 0.0, 0.7, 0.3, 1.0)
+    distill_coef = RowCoef(*(f(1) for _ in RowCoef._fields))
     return {
         "_math.row_max": (v,),
         "_math.sum_exp": (v, f(0)),
@@ -169,6 +182,20 @@ def _examples(dtype):
                                np.zeros(1)),
         "binary_losses._bce_logits": (v, v.copy(), v.copy(), v.copy(), v.copy(), 0.0, v.copy(),
                                       v.copy(), np.zeros(1)),
+        # kl_div on probabilities (t log t), its block with log-targets (exp, +inf count)
+        "kl_div._kl_div": (v, v.copy(), (), v.copy(), 0.0, v.copy(), v.copy(), np.zeros(1),
+                           np.zeros(1, np.int64)),
+        "kl_div._kl_block": (v, v.copy(), (0,), v.copy(), f(1), v.copy(), v.copy(), 0, 64),
+        # distillation: forward KL with the hard loss's own softmax; the JSD's passes
+        "distillation._max2": (v, v.copy()),
+        "distillation._pair_sums": (v, v.copy(), f(1), f(0), f(0), (), (0,), f(0)),
+        "distillation._jsd_sums": (v, v.copy(), f(1), f(0), f(0), f(0.5)),
+        "distillation._grad_pass": (v, v.copy(), v.copy(), f(1), distill_coef, (0, 0), (), None),
+        "distillation._sums_store": (v, v.copy(), f(1), f(0), f(0), (), v.copy(), v.copy()),
+        "distillation._stored_pass": (v, v.copy(), v.copy(), distill_coef, None),
+        "distillation._pair_rows": (x2, y2, t1, g1, o1, g2, None, distill, (), ()),
+        "distillation._topk_rows": (x2, np.zeros((4, 3), np.int64), np.ones((4, 3), dtype), t1,
+                                    g1, o1, g2, None, distill, ()),
     }
 
 
