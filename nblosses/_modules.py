@@ -43,10 +43,14 @@ class Module:
     backend: str | None
 
     def __init__(self, **config: Any) -> None:
-        if "size_average" in config:  # torch resolves the legacy pair (and warns) right here
-            config["reduction"] = _args.reduction_from(config.pop("size_average"),
-                                                       config.pop("reduce"),
-                                                       config["reduction"])
+        if "size_average" in config:
+            size_average, reduce = config.pop("size_average"), config.pop("reduce")
+            # As torch's _Loss: the legacy pair, when given, sets reduction (and warns) right
+            # here; otherwise reduction is kept as given and checked by the call (kl_div's
+            # "batchmean" is valid for one op only).
+            if size_average is not None or reduce is not None:
+                config["reduction"] = _args.reduction_from(size_average, reduce,
+                                                           config["reduction"])
         self.__dict__.update(config)
         self._config = tuple(config)
         self._saved: tuple | None = None

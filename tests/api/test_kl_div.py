@@ -242,11 +242,8 @@ def test_module_backward_matches_torch():
         assert_close(_quiet(m.backward), ref_grad, "float64", kind="grad")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "nblosses._modules.Module.__init__ resolves the reduction with _args.reduction_from "
-    "whenever the legacy keywords are present (None included), which refuses 'batchmean': "
-    "the module must resolve it only when size_average or reduce is given, as torch's _Loss"))
 def test_module_batchmean():
+    """The module keeps reduction="batchmean" (the legacy pair is resolved only when given)."""
     x, t = _data((6, 10), "float64", seed=9)
     m = nn.KLDivLoss(reduction="batchmean")
     ref, ref_grad = _torch(x, t, "float64", reduction="batchmean")

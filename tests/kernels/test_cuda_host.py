@@ -216,6 +216,14 @@ def test_probability_error_names_value_and_position(gpu, value, width, shown):
         E.synchronize()
 
 
+def test_infinite_log_target_error_names_the_position(gpu):
+    """kl_div's +inf log-probability target (kind 2) is raised as its own ValueError."""
+    launch(gpu, bad=True, pos=77, value=0, C=0, kind=E.KIND_LOG_TARGET)
+    gpu.run()
+    with pytest.raises(ValueError, match=r"kl_div: target must be < \+inf .* position 77$"):
+        E.poll_errors()
+
+
 def test_first_error_of_either_kind_is_reported(gpu):
     """Class indices and probabilities share one record: the kind word picks the exception."""
     launch(gpu, bad=True, value=bits(3.0), C=32, kind=E.KIND_PROBABILITY)

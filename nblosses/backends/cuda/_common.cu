@@ -592,10 +592,12 @@ __device__ __noinline__ void finish_loss(double acc, double den, const Reduce R)
 // bad class index, value = the target, detail = number of classes; kind 1 (NBL_ERR_PROB): a
 // binary_cross_entropy input outside [0, 1] or NaN, value = its bit pattern as a double, detail =
 // the element type's width in bits (16 float16, 32 float32, 64 float64; 0 bfloat16) for the
-// message. The first bad element of any kernel and kind claims it; the host copies it back
+// message; kind 2 (NBL_ERR_LOG_TARGET): a kl_div log-probability target of +inf, value and detail
+// 0. The first bad element of any kernel and kind claims it; the host copies it back
 // without waiting (see _device_errors.py) and raises at its next call or at synchronize().
 #define NBL_ERR_CLASS 0
 #define NBL_ERR_PROB 1
+#define NBL_ERR_LOG_TARGET 2
 __device__ __forceinline__ void record_error(long long* err, int kind, i64 pos, i64 value,
                                              i64 detail) {
     if (!err) return;

@@ -48,6 +48,8 @@ COMPLETE = 2
 KIND_CLASS_INDEX = 0
 #: ... value = the input's bits as a float64, detail = its type's width in bits (0: bfloat16).
 KIND_PROBABILITY = 1
+#: ... position = the flat index of a ``+inf`` log-probability target of ``kl_div``.
+KIND_LOG_TARGET = 2
 _WIDTHS = {16: np.float16, 32: np.float32, 64: np.float64}
 _NBYTES = RECORD_WORDS * 8
 _D2H = 2  # cudaMemcpyDeviceToHost
@@ -104,6 +106,10 @@ def describe(words) -> Exception:
         shown = str(_WIDTHS[detail](x)) if detail in _WIDTHS else repr(x)  # as numpy prints it
         return ValueError("binary_cross_entropy: all elements of input should be between 0 and 1 "
                           f"(found {shown} at position {pos})")
+    if kind == KIND_LOG_TARGET:
+        from ...ops.kl_div import infinite_log_target_error
+
+        return infinite_log_target_error(pos)
     return class_index_error(value, detail)
 
 

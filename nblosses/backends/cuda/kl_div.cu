@@ -11,8 +11,6 @@
 // sequence of units (the host picks VEC = 1 unless every pointer is 16-byte aligned). Reduced
 // losses: double per thread, then per block; the last block writes the 0-d result (finish_loss).
 
-#define NBL_ERR_LOG_TARGET 2
-
 //: Record a +inf log-target (rare: kept out of line, off the loop's registers).
 __device__ __noinline__ void record_infinite_log_target(long long* err, i64 pos) {
     record_error(err, NBL_ERR_LOG_TARGET, pos, 0, 0);

@@ -23,8 +23,6 @@ from .class_losses import reduce_args
 from .softmax import flat_vec
 
 SRC = "kl_div.cu"
-#: The error-record kind of a +inf log-target (``NBL_ERR_LOG_TARGET`` in the source).
-KIND_LOG_TARGET = 2
 
 
 def kl_div_name(ct: str, vec: int, log_target: bool) -> str:
