@@ -3,7 +3,11 @@
 again in a subprocess forced onto Numba's ``workqueue`` threading layer, which aborts the
 process on concurrent parallel launches unless nblosses guards them.
 
-Run directly (``python tests/test_threads.py``) this file is the subprocess's worker.
+Thread pools that cooperate: the linear cross-entropy (OpenBLAS products between Numba passes)
+runs as fast in a process that imported torch first, where Numba shares torch's spinning
+OpenMP pool (see ``nblosses.backends.cpu._parallel``), as in a torch-free one.
+
+Run directly (``python tests/test_threads.py``) this file is the subprocesses' worker.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import sys
 import threading
 
 import numpy as np
+import pytest
 
 N_THREADS = 8
 ROUNDS = 15
@@ -84,6 +89,55 @@ def test_threads_get_correct_results():
     assert not failures, "\n".join(failures)
 
 
+#: The LM head of the thread-pool test: products small enough that a pool spinning after each
+#: Numba pass (milliseconds of a core OpenBLAS needs) stalls every one of them.
+LM_SHAPE = (256, 128, 4096)
+LM_CALLS = 20
+#: Bound on (torch imported first) / (torch-free), the fastest of LM_CALLS calls in each
+#: process. Generous, to catch only the spinning pathology on a shared machine: measured on a
+#: loaded 2-core Zen 4, 1.0-1.8 with the passes outside parallel regions, 30-50 when they
+#: ran parallel on torch's pool (1.45-1.6 s against 28-48 ms).
+LM_RATIO = 4.0
+
+
+def lm_head_seconds(torch_first: bool) -> float:
+    """The fastest of :data:`LM_CALLS` fwd+grad calls of ``linear_cross_entropy`` at
+    :data:`LM_SHAPE`, in this process, importing torch before nblosses when asked."""
+    if torch_first:
+        import torch  # noqa: F401  (its OpenMP runtime loads first, globally)
+    import time
+
+    from nblosses import functional as F
+
+    n, d, v = LM_SHAPE
+    r = np.random.default_rng(0)
+    x = r.standard_normal((n, d), dtype=np.float32)
+    w = r.standard_normal((v, d), dtype=np.float32) / np.float32(np.sqrt(d))
+    t = r.integers(0, v, n)
+    F.linear_cross_entropy(x, w, t, return_grad=True)  # compiled or loaded from the cache
+    best = float("inf")
+    for _ in range(LM_CALLS):
+        start = time.perf_counter()
+        F.linear_cross_entropy(x, w, t, return_grad=True)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_lm_head_after_torch_is_as_fast_as_without():
+    pytest.importorskip("torch")
+    # As a fresh process starts: nblosses, imported here, put OMP_WAIT_POLICY=PASSIVE into
+    # this process's environment, which torch's OpenMP runtime would read at its start.
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    seconds = {}
+    for mode in ("torch-free", "torch-first"):
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "lm-head", mode],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{mode}: {proc.stderr[-3000:]}"
+        seconds[mode] = float(proc.stdout.split()[-1])
+    ratio = seconds["torch-first"] / seconds["torch-free"]
+    assert ratio <= LM_RATIO, f"{seconds}: torch first is {ratio:.1f}x slower"
+
+
 def test_threads_under_workqueue_layer():
     env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
@@ -96,6 +150,9 @@ def test_threads_under_workqueue_layer():
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["lm-head"]:
+        print(lm_head_seconds(sys.argv[2] == "torch-first"))
+        sys.exit(0)
     import numba
 
     fails = run_concurrently()

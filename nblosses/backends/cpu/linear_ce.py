@@ -3,8 +3,17 @@ CPU, with all three gradients, never materialising the ``(N, V)`` logits.
 
 The block loop is :mod:`nblosses.backends._linear_ce`'s; here are its CPU hooks: products by
 the BLAS NumPy itself loads (:mod:`.linear_ce_blas`, OpenBLAS threads), per-block passes by
-Numba kernels (:mod:`.linear_ce_kernels`, rows in parallel, in place on the block buffer).
-The two never run at the same time, so each uses all cores in turn.
+Numba kernels (:mod:`.linear_ce_kernels`, in place on the block buffer), each pass on the
+kernel's serial build: no OpenMP parallel region opens between two products. In a process
+that imported torch first, Numba's regions run on torch's OpenMP pool, whose threads spin for
+milliseconds after each region (:mod:`._parallel`), on the cores OpenBLAS's threads need for
+the next product. Measured on a shared 2-core Zen 4, min of 20 calls, fwd+grad, a process per
+case: 256x128x[4096] torch-free 28 ms with parallel passes, 27 ms serial; torch imported
+first 1450-1610 ms parallel, 48 ms serial. At 2048x256x[32000] (3 processes each, 3 calls,
+min): torch-free 3.1-3.5 s parallel, 2.6-3.2 s serial; torch first 4.2-4.4 s parallel,
+2.6-4.4 s serial (the machine was loaded: these take ~0.8 s on an idle one). The passes are
+a few percent of the call (the products are O(N V d), the passes O(N V)), so their second
+core was not worth a pool that competes with BLAS.
 
 The per-block passes are also the kernel's block operations (:func:`block_stats`,
 :func:`block_grad`: see the protocol in :mod:`nblosses.backends`), which plans holding logits
@@ -30,11 +39,11 @@ def block_stats(z, bias, target, weight, stats: dict, *, c0: int, ignore_index: 
     front end checks class indices before the call)."""
     eps = label_smoothing
     if target.ndim == 2:
-        K.stats_probs(z, bias, softcap, target, weight, 1.0 - eps, eps / n_classes, stats["m"],
-                      stats["s"], stats["a_sum"], stats["b_sum"])
+        K.stats_probs.serial(z, bias, softcap, target, weight, 1.0 - eps, eps / n_classes,
+                             stats["m"], stats["s"], stats["a_sum"], stats["b_sum"])
     else:
-        K.stats_class(z, bias, softcap, target, c0, weight, eps > 0, stats["m"], stats["s"],
-                      stats["xt"], stats["swx"])
+        K.stats_class.serial(z, bias, softcap, target, c0, weight, eps > 0, stats["m"],
+                             stats["s"], stats["xt"], stats["swx"])
 
 
 def block_grad(z, bias, target, weight, m, coefs: tuple, *, c0: int, raw: bool,
@@ -45,10 +54,11 @@ def block_grad(z, bias, target, weight, m, coefs: tuple, *, c0: int, raw: bool,
     coef, b, a = coefs
     eps = label_smoothing
     if target.ndim == 2:
-        K.grad_probs(z, bias, softcap, raw, target, weight, 1.0 - eps, eps / n_classes, m, coef,
-                     b)
+        K.grad_probs.serial(z, bias, softcap, raw, target, weight, 1.0 - eps, eps / n_classes, m,
+                            coef, b)
     else:
-        K.grad_class(z, bias, softcap, raw, target, c0, ignore_index, weight, m, coef, b, a)
+        K.grad_class.serial(z, bias, softcap, raw, target, c0, ignore_index, weight, m, coef, b,
+                            a)
 
 
 class _CpuLinearCE(G.ChunkedLinearCE):
@@ -76,7 +86,7 @@ class _CpuLinearCE(G.ChunkedLinearCE):
         block_grad(z, bias, t, w, st["m"], coefs, raw=raw, **kw)
 
     def col_sums(self, z, out) -> None:
-        K.add_col_sums(z, out)
+        K.add_col_sums.serial(z, out)
 
 
 @guarded
