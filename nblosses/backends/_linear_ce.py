@@ -1,23 +1,12 @@
-"""Backend-generic driver of the chunked linear cross-entropy: chunk planning, the block loop,
-and the per-row algebra that turns merged statistics into losses and gradient coefficients.
+"""linear_cross_entropy on the chunked LM-head driver (:mod:`._lm_head`): the loss's statistics,
+its per-row algebra, and the call (:func:`run`) every backend runs with its hooks.
 
-A backend subclasses :class:`ChunkedLinearCE` with its array namespace ``xp`` and four hooks
-(``gemm``, ``merge``, ``gradient_block``, ``col_sums``); the O(N V) work is theirs, the rest
-(O(N) vectors, loop, outputs) is here. Per row block:
-
-1. ``z = x[rows] @ W[cols].T`` (``gemm``) into one reused buffer;
-2. ``merge``: add the bias, softcap, and fold each row's max, sum of exponentials, target logit
-   and smoothing sums into running float64 statistics (online softmax over vocabulary blocks);
-3. with the whole vocabulary in one block (the usual case) the rows' losses are final at once,
-   and ``gradient_block`` overwrites the block, still holding the logits, with ``dL/dz``;
-   otherwise the logits are recomputed block by block for the gradient;
-4. ``grad_x[rows] (+)= z @ W[cols]`` (computed transposed when the block has fewer rows than
-   features, see :meth:`ChunkedLinearCE.backward`), ``grad_W[cols] (+)=
-   z.T @ x[rows]`` (``beta = 1``: the accumulation happens inside the product) and
-   ``grad_b[cols] += z.sum(0)``.
-
-The work is the unchunked computation's three products plus passes over each block (one more
-product with vocabulary blocks); extra memory is the block and O(rows) vectors.
+Per row block, the driver computes the logits block ``z = x[rows] @ W[cols].T``; the backend's
+``merge`` adds the bias, softcaps, and folds each row's max, sum of exponentials, target logit
+and smoothing sums into running float64 statistics (``block_stats``); :meth:`LinearCE.finish_rows`
+turns them into the rows' losses, ``lse`` and gradient coefficients (:func:`finish_class` /
+:func:`finish_probs`); the backend's ``gradient_block`` overwrites the block with ``dL/dz``
+(``block_grad``) for the driver's three gradient products.
 
 Per row ``i`` with logits ``z`` (bias added and softcapped), ``lse = m + log(s)``:
 
@@ -41,73 +30,12 @@ Per row ``i`` with logits ``z`` (bias added and softcapped), ``lse = m + log(s)`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from ._formulas import ce_point, probs_point
 from ._host import LossCall, div, ignore_value
 from ._host import upstream_scale as upstream_scale  # re-exported: the Dask driver's
-
-#: Extra memory of one call: at most 5% of the N x V logits; blocks take 90% of that, the
-#: rest is left to O(rows) statistics and temporaries, ...
-BUDGET_FRACTION = 0.045
-#: ... and at most this many elements (64 MiB of float32) for large problems, ...
-MAX_BLOCK = 1 << 24
-#: ... but blocks of at least this many elements for small ones (BLAS calls of a few rows
-#: cost more in overhead than the memory saved).
-MIN_BLOCK = 1 << 16
-#: Fewer rows of the whole vocabulary than this per block: split the vocabulary instead ...
-SPLIT_BELOW_ROWS = 128
-#: ... into blocks of at most this many rows ...
-SPLIT_ROWS = 1024
-#: ... and at least this many columns (fewer rows for a very wide ``d``).
-MIN_SPLIT_COLS = 1024
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Block shape: ``rows`` batch rows times ``cols`` vocabulary columns; ``split``: the
-    vocabulary takes more than one block (two passes over the logits)."""
-
-    rows: int
-    cols: int
-    split: bool
-
-
-def plan_chunks(n: int, v: int, d: int = 0, chunk_rows: int | None = None,
-                chunk_classes: int | None = None) -> Plan:
-    """The block shape for ``n`` rows, ``v`` classes and ``d`` features (a row of the block
-    costs ``cols + d`` elements: its logits and its transposed ``grad_x``).
-
-    Policy: the whole vocabulary per block (one product per logit: the three matrix products
-    of the unchunked computation and no more) whenever ``SPLIT_BELOW_ROWS`` rows of it (or
-    all ``n``) fit the budget ``clip(BUDGET_FRACTION * n * v, MIN_BLOCK, MAX_BLOCK)``
-    elements; then as many rows as fit. Otherwise ``SPLIT_ROWS`` rows (at most) and vocabulary
-    chunks: the logits are computed twice (statistics pass, gradient pass), but each product
-    has many rows and ``W`` / ``grad_W`` are streamed once per pass instead of once per small
-    row block. Measured (float32, 2 threads, OpenBLAS): at ``n=1024, d=1024, v=128256``
-    (45 rows of the whole vocabulary fit) 1024 rows x 4747 columns took 5.95 s against 8.34 s
-    for 45 rows x the whole vocabulary; at ``n=4096, d=1024, v=32000`` (178 rows fit) the
-    whole vocabulary per block is within 1.1x of torch's unchunked reference. Explicit
-    ``chunk_rows`` / ``chunk_classes`` override either choice (clipped to ``[1, n]`` /
-    ``[1, v]``).
-    """
-    n1, v1 = max(1, n), max(1, v)
-    budget = max(MIN_BLOCK, min(int(BUDGET_FRACTION * n1 * v1), MAX_BLOCK))
-    if chunk_classes is not None:
-        cols = min(v1, max(1, int(chunk_classes)))
-    elif budget // (v1 + d) >= min(n1, SPLIT_BELOW_ROWS):
-        cols = v1
-    else:
-        # Few rows of the whole vocabulary fit: every row block would stream all of W (and
-        # read and write all of grad_W) once more. Many rows and vocabulary chunks instead.
-        rows = min(n1, SPLIT_ROWS, max(1, budget // (d + MIN_SPLIT_COLS)))
-        cols = min(v1, max(1, budget // rows - d))
-        if chunk_rows is None:
-            return Plan(rows, cols, cols < v1)
-    rows = chunk_rows if chunk_rows is not None else budget // (cols + d)
-    rows = min(n1, max(1, int(rows)))
-    return Plan(rows, cols, cols < v1)
+from ._lm_head import ChunkedHead, Head, Plan, param_grads, plan_chunks
 
 
 def _kept(xp: Any, t: Any, ignore_index: int, v: int) -> tuple[Any, Any]:
@@ -181,129 +109,77 @@ def finish_probs(xp: Any, st: dict, z_loss: float, scale: Any, want_grad: bool):
     return loss, lse, coef / s, sc, None
 
 
-# ----------------------------------------------------------------------------- the driver
+# ----------------------------------------------------------------------------- the loss
 _CLASS_STATS = ("m", "s", "xt", "swx")
 _PROB_STATS = ("m", "s", "a_sum", "b_sum")
 
 
-class ChunkedLinearCE:
-    """One call: configuration, reused buffers and running statistics; backends subclass it."""
+class LinearCE(ChunkedHead):
+    """One ``linear_cross_entropy`` call on the driver: its statistics, outputs and per-row
+    finish; a backend's class adds ``merge`` / ``gradient_block`` (its block kernels, taking
+    :meth:`block_args`) and the driver's backend hooks.
 
-    xp: ClassVar[Any] = None
-    #: Whether the call's scalars (``mean`` denominator, summed class weights) are read back as
-    #: floats (CPU) or stay 0-d arrays of ``xp`` (a device backend: no synchronisation).
-    host_scalars: ClassVar[bool] = True
+    ``scale``: the upstream gradient (a float or 0-d array over the ``mean`` denominator, or
+    the rows' array for ``"none"``; unused without a gradient); ``losses`` / ``lse_out``: the
+    ``(N,)`` arrays receiving each row's loss / logsumexp, or None. :attr:`total` sums the
+    losses (float64; a 0-d array on a device).
+    """
 
     def __init__(self, x2, w2, bias, target, weight, ignore_index, eps: float, z_loss: float,
-                 softcap: float, plan: Plan) -> None:
+                 softcap: float, plan: Plan, *, scale: Any, want_grad: bool, losses: Any,
+                 lse_out: Any) -> None:
+        super().__init__((Head(x2, w2, bias),), plan)
         xp = self.xp
-        self.x, self.w, self.bias, self.target, self.weight = x2, w2, bias, target, weight
+        self.target, self.weight = target, weight
         self.probs = target.ndim == 2
         self.ignore, self.eps, self.z_loss, self.cap = ignore_index, eps, z_loss, softcap
-        self.plan = plan
-        self.v, self.d = w2.shape
+        self.scale, self.want_grad = scale, want_grad
+        self.losses, self.lse_out = losses, lse_out
+        self.total: Any = 0.0
         w_total = self.v if weight is None else weight.sum(dtype=xp.float64)
         self.w_total = float(w_total) if self.host_scalars else w_total
-        self.block = xp.empty(plan.rows * plan.cols, x2.dtype)
-        self.gx_t = xp.empty(plan.rows * self.d, x2.dtype)
         names = _PROB_STATS if self.probs else _CLASS_STATS
         self.stats = {k: xp.empty(plan.rows, xp.float64) for k in names}
 
-    # -- backend hooks -------------------------------------------------------------------
-    def gemm(self, a, b, c, beta: float) -> None:
-        """``c[...] = a @ b + beta * c`` (``a``, ``b`` may be transposed views)."""
-        raise NotImplementedError
+    def block_args(self, r0: int, r1: int, c0: int, c1: int) -> tuple[Any, Any, Any, dict]:
+        """``(bias, target, weight, keywords)`` of the block operations
+        (``linear_cross_entropy.block_stats`` / ``block_grad``) on a block."""
+        bias = self.bias_slice(0, c0, c1)
+        w = None if self.weight is None else self.weight[c0:c1]
+        t = self.target[r0:r1, c0:c1] if self.probs else self.target[r0:r1]
+        return bias, t, w, dict(c0=c0, ignore_index=self.ignore, n_classes=self.v,
+                                label_smoothing=self.eps, softcap=self.cap)
 
-    def merge(self, z, st: dict, r0: int, r1: int, c0: int, c1: int) -> None:
-        """Prepare block ``z`` (bias, softcap) in place and merge its statistics into ``st``."""
-        raise NotImplementedError
-
-    def gradient_block(self, z, raw: bool, r0: int, r1: int, c0: int, c1: int, st: dict,
-                       coefs) -> None:
-        """Overwrite ``z`` with ``dL/dz`` (``raw``: it holds products not yet prepared)."""
-        raise NotImplementedError
-
-    def col_sums(self, z, out) -> None:
-        """``out += z.sum(0)``."""
-        raise NotImplementedError
-
-    # -- the loop ------------------------------------------------------------------------
-    def cols(self) -> list[tuple[int, int]]:
-        """``(c0, c1)`` of each vocabulary block."""
-        step = self.plan.cols
-        return [(c0, min(self.v, c0 + step)) for c0 in range(0, self.v, step)]
-
-    def view(self, r0: int, r1: int, c0: int, c1: int):
-        """The buffer as the C-contiguous ``(r1 - r0, c1 - c0)`` block."""
-        return self.block[:(r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
-
-    def logits(self, r0: int, r1: int, c0: int, c1: int):
-        """The block ``x[r0:r1] @ W[c0:c1].T`` (raw products)."""
-        z = self.view(r0, r1, c0, c1)
-        self.gemm(self.x[r0:r1], self.w[c0:c1].T, z, 0.0)
-        return z
-
-    def slices(self, c0: int, c1: int):
-        """The block's slices of the bias and of the class weights (or None)."""
-        return (None if self.bias is None else self.bias[c0:c1],
-                None if self.weight is None else self.weight[c0:c1])
-
-    def row_stats(self, r0: int, r1: int) -> dict:
-        """Statistics of rows ``r0:r1`` over the whole vocabulary (the last block stays,
-        prepared, in the buffer: with one vocabulary block the gradient starts from it)."""
+    def start_rows(self, r0: int, r1: int) -> dict:
         st = {k: a[:r1 - r0] for k, a in self.stats.items()}
         for k, a in st.items():
             a[...] = -math.inf if k == "m" else 0.0
-        for c0, c1 in self.cols():
-            self.merge(self.logits(r0, r1, c0, c1), st, r0, r1, c0, c1)
         return st
 
-    def finish(self, st: dict, r0: int, r1: int, scale: Any, want_grad: bool):
-        """``(loss, lse, coef, b, a)`` of rows ``r0:r1``."""
+    def finish_rows(self, st: dict, r0: int, r1: int) -> Any:
+        """The rows' losses and lse recorded; returns ``(coef, b, a)`` (None each without a
+        gradient)."""
         xp = self.xp
+        scale = self.scale
         sc = (scale if getattr(scale, "ndim", 0) == 0  # a float or a 0-d device scalar
               else xp.asarray(scale[r0:r1], xp.float64))
         if self.probs:
-            return finish_probs(xp, st, self.z_loss, sc, want_grad)
-        return finish_class(xp, st, self.target[r0:r1], self.weight, self.ignore, self.eps,
-                            self.v, self.w_total, self.z_loss, sc, want_grad)
-
-    def backward(self, r0: int, r1: int, st: dict, coefs, grads) -> None:
-        """Rows ``r0:r1``'s share of the three gradients (``grads`` = gx, gw, gb)."""
-        gx, gw, gb = grads
-        xr = self.x[r0:r1]
-        # grad_x of the rows transposed when the rows are fewer than the features: OpenBLAS
-        # then runs (d, V) @ (V, rows) 5-10x faster than (rows, V) @ (V, d) (measured at
-        # d = 1024, rows 51-512); the other way round for fewer features than rows.
-        transposed = self.d > r1 - r0
-        gxr = self.gx_t[:self.d * (r1 - r0)].reshape(self.d, r1 - r0) if transposed \
-            else gx[r0:r1]
-        for c0, c1 in self.cols():
-            # One vocabulary block: the statistics pass left its prepared logits in the buffer.
-            z = self.logits(r0, r1, c0, c1) if self.plan.split else self.view(r0, r1, c0, c1)
-            self.gradient_block(z, self.plan.split, r0, r1, c0, c1, st, coefs)
-            beta = 0.0 if c0 == 0 else 1.0
-            if transposed:
-                self.gemm(self.w[c0:c1].T, z.T, gxr, beta)
-            else:
-                self.gemm(z, self.w[c0:c1], gxr, beta)
-            self.gemm(z.T, xr, gw[c0:c1], 0.0 if r0 == 0 else 1.0)
-            if gb is not None:
-                self.col_sums(z, gb[c0:c1])
-        if transposed:
-            gx[r0:r1] = gxr.T
+            loss, lse, *coefs = finish_probs(xp, st, self.z_loss, sc, self.want_grad)
+        else:
+            loss, lse, *coefs = finish_class(xp, st, self.target[r0:r1], self.weight,
+                                             self.ignore, self.eps, self.v, self.w_total,
+                                             self.z_loss, sc, self.want_grad)
+        self.total = self.total + loss.sum()  # stays on the device for CuPy
+        if self.losses is not None:
+            self.losses[r0:r1] = loss
+        if self.lse_out is not None:
+            self.lse_out[r0:r1] = lse
+        return tuple(coefs)
 
 
-def _param_grads(xp, n: int, d: int, v: int, dtype, has_bias: bool):
-    """``(grad_W, grad_b)``, allocated: grad_W is written (``beta = 0``) by the first row block,
-    so zeros only when there is none; grad_b is accumulated block by block."""
-    gw = xp.zeros((v, d), dtype) if n == 0 else xp.empty((v, d), dtype)
-    return gw, (xp.zeros(v, dtype) if has_bias else None)
-
-
-def run(cls: type[ChunkedLinearCE], x2, w2, bias, target, weight, *, ignore_index,
-        label_smoothing, reduction, z_loss, softcap, want_grad, grad_output, want_lse,
-        chunk_rows=None, chunk_classes=None):
+def run(cls: type[LinearCE], x2, w2, bias, target, weight, *, ignore_index, label_smoothing,
+        reduction, z_loss, softcap, want_grad, grad_output, want_lse, chunk_rows=None,
+        chunk_classes=None):
     """The kernel protocol's ``linear_cross_entropy`` with the backend class ``cls``."""
     xp = cls.xp
     n, d = x2.shape
@@ -314,28 +190,18 @@ def run(cls: type[ChunkedLinearCE], x2, w2, bias, target, weight, *, ignore_inde
     # The host plan's gradient is grad_x (the input's); grad_W and grad_b are the head's own.
     host = LossCall(xp, (n, d), (n,), x2.dtype, reduction=reduction, want_grad=want_grad,
                     grad_output=grad_output, denom=denom)
-    scale = host.g_scalar if host.g_rows is None else host.g_rows
     lse_out = xp.empty(n, x2.dtype) if want_lse else None
-    grads = None
-    if want_grad:
-        grads = (host.grad, *_param_grads(xp, n, d, v, x2.dtype, bias is not None))
-    total = 0.0
+    grads = param_grads(xp, Head(x2, w2, bias), host.grad) if want_grad else None
+    total: Any = 0.0
     if n == 0 or v == 0:
         host.fill_empty(lse_out)
     else:
         call = cls(x2, w2, bias, target, weight, ignore, float(label_smoothing), float(z_loss),
-                   float(softcap), plan_chunks(n, v, d, chunk_rows, chunk_classes))
-        for r0 in range(0, n, call.plan.rows):
-            r1 = min(n, r0 + call.plan.rows)
-            st = call.row_stats(r0, r1)
-            loss, lse, *coefs = call.finish(st, r0, r1, scale, want_grad)
-            total = total + loss.sum()  # stays on the device for CuPy
-            if host.losses is not None:
-                host.losses[r0:r1] = loss
-            if lse_out is not None:
-                lse_out[r0:r1] = lse
-            if grads is not None:
-                call.backward(r0, r1, st, coefs, grads)
+                   float(softcap), plan_chunks(n, v, d, chunk_rows, chunk_classes),
+                   scale=host.g_scalar if host.g_rows is None else host.g_rows,
+                   want_grad=want_grad, losses=host.losses, lse_out=lse_out)
+        call.sweep(grads)
+        total = call.total
     if reduction == "none":
         return host.losses, lse_out, grads
     # Not host.result(total): the fake-device test of the CUDA driver watches mean_of receive

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as TF
 from helpers import assert_close, ce_options_composite, rng, tt
 
-from nblosses.backends import _linear_ce as G
+from nblosses.backends import _lm_head as H
 from nblosses.backends.cpu import linear_ce_blas
 from nblosses.backends.cpu.linear_ce import linear_cross_entropy
 
@@ -229,15 +229,15 @@ def test_gemm_uses_numpys_blas():
                                            (10, 20, 3), (64, 4_000_000, 16),
                                            (8192, 256_000, 8192), (1, 10, 4)])
 def test_plan_respects_budget(n, v, d):
-    plan = G.plan_chunks(n, v, d)
-    budget = max(G.MIN_BLOCK, min(G.BUDGET_FRACTION * n * v, G.MAX_BLOCK))
+    plan = H.plan_chunks(n, v, d)
+    budget = max(H.MIN_BLOCK, min(H.BUDGET_FRACTION * n * v, H.MAX_BLOCK))
     assert 1 <= plan.rows <= n and 1 <= plan.cols <= v
     assert plan.rows * (plan.cols + d) <= budget or plan.rows == 1
     assert plan.split == (plan.cols < v)
     # one product per logit whenever enough rows of the whole vocabulary fit
-    assert plan.split == (budget // (v + d) < min(n, G.SPLIT_BELOW_ROWS))
+    assert plan.split == (budget // (v + d) < min(n, H.SPLIT_BELOW_ROWS))
     if plan.split:
-        assert plan.rows == min(n, G.SPLIT_ROWS) or plan.cols >= G.MIN_SPLIT_COLS
+        assert plan.rows == min(n, H.SPLIT_ROWS) or plan.cols >= H.MIN_SPLIT_COLS
 
 
 # ----------------------------------------------------------------------------- memory

@@ -1,19 +1,20 @@
 """Linear cross-entropy (a language-model head: ``cross_entropy(x @ W.T + b, target)``) on the
 CPU, with all three gradients, never materialising the ``(N, V)`` logits.
 
-The block loop is :mod:`nblosses.backends._linear_ce`'s; here are its CPU hooks: products by
-the BLAS NumPy itself loads (:mod:`.linear_ce_blas`, OpenBLAS threads), per-block passes by
-Numba kernels (:mod:`.linear_ce_kernels`, in place on the block buffer), each pass on the
-kernel's serial build: no OpenMP parallel region opens between two products. In a process
-that imported torch first, Numba's regions run on torch's OpenMP pool, whose threads spin for
-milliseconds after each region (:mod:`._parallel`), on the cores OpenBLAS's threads need for
-the next product. Measured on a shared 2-core Zen 4, min of 20 calls, fwd+grad, a process per
-case: 256x128x[4096] torch-free 28 ms with parallel passes, 27 ms serial; torch imported
-first 1450-1610 ms parallel, 48 ms serial. At 2048x256x[32000] (3 processes each, 3 calls,
-min): torch-free 3.1-3.5 s parallel, 2.6-3.2 s serial; torch first 4.2-4.4 s parallel,
-2.6-4.4 s serial (the machine was loaded: these take ~0.8 s on an idle one). The passes are
-a few percent of the call (the products are O(N V d), the passes O(N V)), so their second
-core was not worth a pool that competes with BLAS.
+The block loop is :mod:`nblosses.backends._lm_head`'s, the loss's host side
+:mod:`nblosses.backends._linear_ce`'s; here are its CPU block operations: per-block passes by
+Numba kernels (:mod:`.linear_ce_kernels`, in place on the block buffer) between the products
+of :mod:`.lm_head` (OpenBLAS threads), each pass on the kernel's serial build: no OpenMP
+parallel region opens between two products. In a process that imported torch first, Numba's
+regions run on torch's OpenMP pool, whose threads spin for milliseconds after each region
+(:mod:`._parallel`), on the cores OpenBLAS's threads need for the next product. Measured on a
+shared 2-core Zen 4, min of 20 calls, fwd+grad, a process per case: 256x128x[4096] torch-free
+28 ms with parallel passes, 27 ms serial; torch imported first 1450-1610 ms parallel, 48 ms
+serial. At 2048x256x[32000] (3 processes each, 3 calls, min): torch-free 3.1-3.5 s parallel,
+2.6-3.2 s serial; torch first 4.2-4.4 s parallel, 2.6-4.4 s serial (the machine was loaded:
+these take ~0.8 s on an idle one). The passes are a few percent of the call (the products are
+O(N V d), the passes O(N V)), so their second core was not worth a pool that competes with
+BLAS.
 
 The per-block passes are also the kernel's block operations (:func:`block_stats`,
 :func:`block_grad`: see the protocol in :mod:`nblosses.backends`), which plans holding logits
@@ -22,14 +23,10 @@ blocks themselves (Dask's) call through ``linear_cross_entropy.block_stats`` / `
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-import numpy as np
-
 from .. import _linear_ce as G
 from . import linear_ce_kernels as K
 from ._parallel import guarded
-from .linear_ce_blas import gemm
+from .lm_head import CpuHead
 
 
 def block_stats(z, bias, target, weight, stats: dict, *, c0: int, ignore_index: int,
@@ -61,32 +58,18 @@ def block_grad(z, bias, target, weight, m, coefs: tuple, *, c0: int, raw: bool,
                             a)
 
 
-class _CpuLinearCE(G.ChunkedLinearCE):
-    """The driver's hooks: BLAS products, Numba block kernels."""
+class _CpuLinearCE(CpuHead, G.LinearCE):
+    """The loss's block operations on the CPU."""
 
-    xp: ClassVar[Any] = np
+    def merge(self, step: int, zs: tuple, raw: bool, st: dict, r0: int, r1: int, c0: int,
+              c1: int) -> None:
+        bias, t, w, kw = self.block_args(r0, r1, c0, c1)
+        block_stats(zs[0], bias, t, w, st, **kw)
 
-    def gemm(self, a, b, c, beta: float) -> None:
-        gemm(a, b, c, beta)
-
-    def _block(self, r0: int, r1: int, c0: int, c1: int) -> tuple[Any, Any, Any, dict]:
-        """``(bias, target, weight, keywords)`` of the block operations on a block."""
-        bias, w = self.slices(c0, c1)
-        t = self.target[r0:r1, c0:c1] if self.probs else self.target[r0:r1]
-        return bias, t, w, dict(c0=c0, ignore_index=self.ignore, n_classes=self.v,
-                                label_smoothing=self.eps, softcap=self.cap)
-
-    def merge(self, z, st: dict, r0: int, r1: int, c0: int, c1: int) -> None:
-        bias, t, w, kw = self._block(r0, r1, c0, c1)
-        block_stats(z, bias, t, w, st, **kw)
-
-    def gradient_block(self, z, raw: bool, r0: int, r1: int, c0: int, c1: int, st: dict,
-                       coefs) -> None:
-        bias, t, w, kw = self._block(r0, r1, c0, c1)
-        block_grad(z, bias, t, w, st["m"], coefs, raw=raw, **kw)
-
-    def col_sums(self, z, out) -> None:
-        K.add_col_sums.serial(z, out)
+    def gradient_block(self, zs: tuple, raw: bool, st: dict, coefs, r0: int, r1: int, c0: int,
+                       c1: int) -> None:
+        bias, t, w, kw = self.block_args(r0, r1, c0, c1)
+        block_grad(zs[0], bias, t, w, st["m"], coefs, raw=raw, **kw)
 
 
 @guarded
@@ -101,7 +84,7 @@ def linear_cross_entropy(x2, w2, bias, target, weight, *, ignore_index, label_sm
     ``softcap`` 0.0 is off; ``z_loss`` adds ``z_loss * lse**2`` per kept row.
     ``grad_output``: None unless ``want_grad``; a float for reduced losses, ``(N,)`` for
     ``"none"``. ``chunk_rows`` / ``chunk_classes`` override the block shape
-    (:func:`nblosses.backends._linear_ce.plan_chunks`).
+    (:func:`nblosses.backends._lm_head.plan_chunks`).
 
     Returns ``(loss, lse, grads)``: ``loss`` 0-d or ``(N,)``, ``lse`` ``(N,)`` (every row) or
     None, ``grads`` ``(grad_x, grad_w, grad_bias or None)`` or None.

@@ -1,7 +1,8 @@
-"""Linear cross-entropy on CUDA: the chunked driver of :mod:`nblosses.backends._linear_ce` with
-cuBLAS products (``cupy.cublas.gemm``, ``beta = 1`` for the accumulated gradients) and the
-kernels of ``linear_ce.cu`` (block statistics, gradient in place, column sums), compiled and
-launched like every other source (:mod:`._loader`, arguments by :func:`._kernels.pack`).
+"""Linear cross-entropy on CUDA: the chunked LM-head driver (:mod:`nblosses.backends._lm_head`,
+the loss's host side :mod:`nblosses.backends._linear_ce`) with the products and column sums of
+:mod:`.lm_head` and the block kernels of ``linear_ce.cu`` (statistics, gradient in place),
+compiled and launched like every other source (:mod:`._loader`, arguments by
+:func:`._kernels.pack`).
 
 float32 and float64 run natively. float16 inputs are computed in float32 (inputs upcast once,
 results cast back): the float32 copy of the weight is the one allocation beyond the chunk
@@ -18,14 +19,13 @@ Status: compiled by NVRTC in CI, never run on a device yet.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import cupy
 
 from .. import _linear_ce as G
 from . import _device_errors as E
 from . import _kernels as K
 from . import _loader as L
+from .lm_head import CudaHead
 
 SOURCE = "linear_ce.cu"
 
@@ -42,7 +42,7 @@ def source() -> str:
 
 def _launch(kernel: str, z, units: int, **args) -> None:
     """Launch ``kernel`` on block ``z``: ``units`` rows (``lce_stats``, a block per row) or
-    elements / columns (a thread each)."""
+    elements (a thread each)."""
     stats = kernel == "lce_stats"
     block = K.LCE_STATS_BLOCK if stats else K.COL_BLOCK
     rows, cols = z.shape
@@ -87,40 +87,23 @@ def block_grad(z, bias, target, weight, m, coefs: tuple, *, raw: bool, **kw) -> 
             m=m, coef=coef, b=b, a=a)
 
 
-class _CudaLinearCE(G.ChunkedLinearCE):
-    """The driver's hooks on CuPy arrays."""
-
-    xp: ClassVar[Any] = cupy
-    host_scalars: ClassVar[bool] = False
-
-    def gemm(self, a, b, c, beta: float) -> None:
-        from cupy import cublas  # loads libcublas: not at import (CI has no CUDA libraries)
-
-        cublas.gemm("N", "N", a, b, out=c, beta=beta)
+class _CudaLinearCE(CudaHead, G.LinearCE):
+    """The loss's block operations on CuPy arrays."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # Class indices are checked (recorded) by lce_stats; probabilities need no record.
         self.err = None if self.probs else E.record_for_launch(cupy.cuda.get_current_stream())
 
-    def _block(self, r0: int, r1: int, c0: int, c1: int) -> tuple[Any, Any, Any, dict]:
-        """``(bias, target, weight, keywords)`` of the block operations on a block."""
-        bias, w = self.slices(c0, c1)
-        t = self.target[r0:r1, c0:c1] if self.probs else self.target[r0:r1]
-        return bias, t, w, dict(c0=c0, ignore_index=self.ignore, n_classes=self.v,
-                                label_smoothing=self.eps, softcap=self.cap)
+    def merge(self, step: int, zs: tuple, raw: bool, st: dict, r0: int, r1: int, c0: int,
+              c1: int) -> None:
+        bias, t, w, kw = self.block_args(r0, r1, c0, c1)
+        block_stats(zs[0], bias, t, w, st, row0=r0, err=self.err, **kw)
 
-    def merge(self, z, st: dict, r0: int, r1: int, c0: int, c1: int) -> None:
-        bias, t, w, kw = self._block(r0, r1, c0, c1)
-        block_stats(z, bias, t, w, st, row0=r0, err=self.err, **kw)
-
-    def gradient_block(self, z, raw: bool, r0: int, r1: int, c0: int, c1: int, st: dict,
-                       coefs) -> None:
-        bias, t, w, kw = self._block(r0, r1, c0, c1)
-        block_grad(z, bias, t, w, st["m"], coefs, raw=raw, **kw)
-
-    def col_sums(self, z, out) -> None:
-        _launch("lce_col_sums", z, z.shape[1], out=out)
+    def gradient_block(self, zs: tuple, raw: bool, st: dict, coefs, r0: int, r1: int, c0: int,
+                       c1: int) -> None:
+        bias, t, w, kw = self.block_args(r0, r1, c0, c1)
+        block_grad(zs[0], bias, t, w, st["m"], coefs, raw=raw, **kw)
 
 
 def _upcast(a):
