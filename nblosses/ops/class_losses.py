@@ -51,18 +51,25 @@ def canonical_input(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     return _args.split_shape(input_shape, 1)
 
 
-def check_class_loss(be: Runtime, name: str, x: Any, t: Any, w: Any, ignore_index: int,
-                     allow_probs: bool) -> ClassLossLayout:
-    """Every class-loss check that needs only dtypes and shapes (so dask arrays pass through
-    it unevaluated)."""
+def check_class_input(be: Runtime, name: str,
+                      x: Any) -> tuple[tuple[int, ...], tuple[int, int, int], tuple[int, ...]]:
+    """The checks of a class-axis input (floating point, 1 or more dimensions, a dtype the
+    backend computes in), shared by the losses over a class axis: ``(its shape, (N, C,
+    inner), the unreduced loss's shape)``."""
     if not _args.is_float(x.dtype):
         raise TypeError(f"{name}: input must be a floating-point array, got dtype {x.dtype.name}")
     if x.ndim < 1:
         raise ValueError(f"{name}: input must have 1 or more dimensions (got 0)")
     _args.compute_dtype(be, x.dtype)
     shape = tuple(x.shape)
-    shape3 = canonical_input(shape)
-    loss_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    return shape, canonical_input(shape), shape[:1] + shape[2:] if len(shape) > 1 else ()
+
+
+def check_class_loss(be: Runtime, name: str, x: Any, t: Any, w: Any, ignore_index: int,
+                     allow_probs: bool) -> ClassLossLayout:
+    """Every class-loss check that needs only dtypes and shapes (so dask arrays pass through
+    it unevaluated)."""
+    shape, shape3, loss_shape = check_class_input(be, name, x)
     # A target of the input's shape, or a float one of its rank, is meant as class
     # probabilities: tell what is wrong with it in those terms.
     probs = allow_probs and (tuple(t.shape) == shape

@@ -13,7 +13,7 @@ from .._registry import Runtime
 from .._spec import Autograd, BenchCase, Group, ModuleKind, OpSpec, Param, Role, Sample
 from . import _params as P
 from ._results import device_scale, loss_back, rescale, results
-from .class_losses import _torch_loss, canonical_input
+from .class_losses import _torch_loss, check_class_input
 
 
 # ----------------------------------------------------------------------------- options
@@ -73,14 +73,7 @@ def _topk_shape(shape: tuple[int, ...], k: int) -> tuple[int, ...]:
 def check_distillation(be: Runtime, name: str, x: Any, teacher: tuple[Any, ...], t: Any,
                        opts: dict) -> DistillLayout:
     """Every check that needs only dtypes and shapes (so Dask arrays pass it unevaluated)."""
-    if not _args.is_float(x.dtype):
-        raise TypeError(f"{name}: input must be a floating-point array, got dtype {x.dtype.name}")
-    if x.ndim < 1:
-        raise ValueError(f"{name}: input must have 1 or more dimensions (got 0)")
-    _args.compute_dtype(be, x.dtype)
-    shape = tuple(x.shape)
-    shape3 = canonical_input(shape)
-    loss_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    shape, shape3, loss_shape = check_class_input(be, name, x)
     topk = len(teacher) == 2
     if topk:
         k = _check_topk(name, shape, shape3[1], teacher[0], teacher[1], x.dtype)
