@@ -12,7 +12,7 @@ from .. import _args
 from .._registry import Runtime
 from .._spec import Autograd, BenchCase, Group, ModuleKind, OpSpec, Param, Role, Sample
 from . import _params as P
-from ._results import device_scale, loss_back, rescale, results
+from ._results import class_loss_shape, device_scale, loss_back, rescale, results
 from .class_losses import _torch_loss, check_class_input
 
 
@@ -435,4 +435,5 @@ SPECS = (OpSpec(
     >>> loss.backward().shape
     (2, 4)""",
     results=("return_grad",), dask=None, autograd=Autograd.FUSED_LOSS,
+    loss_shape=class_loss_shape,
     reference=_ref_distillation, samples=_samples, bench=BENCH),)
