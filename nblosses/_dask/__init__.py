@@ -40,7 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._spec import DaskPlan, OpSpec
-from . import activations, binary_losses, class_losses, linear_ce
+from . import activations, binary_losses, class_losses, kl_div, linear_ce
 
 __all__ = ["call"]
 
@@ -54,6 +54,7 @@ PLANS: dict[DaskPlan, Plan] = {
     "class_loss": class_losses.plan_class_loss,
     "binary_loss": binary_losses.plan_binary_loss,
     "linear_ce": linear_ce.plan_linear_ce,
+    "kl_div": kl_div.plan_kl_div,
 }
 
 

@@ -67,6 +67,16 @@ def pair(a: Any, index: str) -> tuple[Any, Any]:
     return ABSENT if a is None else (a, index)
 
 
+def broadcast(v: Any, shape: tuple[int, ...], chunks: tuple) -> Any:
+    """Dask array ``v`` broadcast to ``shape`` (lazily: a broadcast costs no memory), chunked
+    as ``chunks``; its blocks line up with them along its stretched axes too (one chunk of
+    length 1 there). ``v``'s shape must broadcast to ``shape``."""
+    lead = len(shape) - v.ndim
+    v = v.rechunk(tuple(chunks[lead + i] if n == shape[lead + i] else (n,)
+                        for i, n in enumerate(v.shape)))
+    return da.broadcast_to(v, shape, chunks=chunks)
+
+
 def scalar_arg(v: Any) -> tuple[Any, Any]:
     """A blockwise argument for a scalar that may be a 0-d dask array."""
     return (v, "") if is_dask(v) else (v, None)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import dask.array as da
 import numpy as np
 
 from .. import _args
@@ -19,6 +18,7 @@ from ._common import (
     as_dask,
     backend_for,
     backend_name,
+    broadcast,
     grad_arg,
     letters,
     pair,
@@ -38,11 +38,7 @@ def _broadcast(name: str, what: str, v: Any, x: Any) -> Any:
     if shape != tuple(x.shape):
         raise ValueError(f"{name}: {what} of shape {tuple(v.shape)} cannot be broadcast to the "
                          f"input shape {tuple(x.shape)}")
-    # the blocks of v line up with x's along its stretched axes too (one chunk of length 1)
-    lead = x.ndim - v.ndim
-    v = v.rechunk(tuple(x.chunks[lead + i] if n == x.shape[lead + i] else (n,)
-                        for i, n in enumerate(v.shape)))
-    return da.broadcast_to(v, x.shape, chunks=x.chunks)
+    return broadcast(v, tuple(x.shape), x.chunks)
 
 
 def _block(xb: Any, yb: Any, wb: Any, pwb: Any, gb: Any, *, op: str, backend: str,

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .. import _args
 from .._registry import Runtime
 from .._spec import Autograd, BenchCase, Group, ModuleKind, OpSpec, Param, Sample
@@ -101,18 +103,25 @@ def kl_div_args(be: Runtime, name: str, input: Any, target: Any) -> KLDivArgs:
     return KLDivArgs(flat(x), flat(t), tuple(x.shape), shape, dtype, x.dtype)
 
 
-def check_log_target(be: Runtime, t: Any) -> None:
+def check_log_target(be: Runtime, t: Any, start: tuple[int, ...] = (),
+                     shape: tuple[int, ...] | None = None) -> None:
     """``ValueError`` naming the first ``+inf`` log-target (reads ``t`` on the host: for
-    ``validate="sync"`` on a device backend, whose kernels otherwise check it)."""
+    ``validate="sync"`` on a device backend, whose kernels otherwise check it, and for each
+    block of a Dask target). ``t``: flat, or a block starting at index ``start`` of an array
+    of ``shape``, whose flat position is then named."""
     inf = t == math.inf
     if t.size and bool(inf.any()):
-        raise infinite_log_target_error(int(be.xp.argmax(inf)))
+        pos = int(be.xp.argmax(inf))
+        if shape is not None:
+            at = np.unravel_index(pos, t.shape)
+            pos = int(np.ravel_multi_index(tuple(i + s for i, s in zip(at, start)), shape))
+        raise infinite_log_target_error(pos)
 
 
 # ----------------------------------------------------------------------------- running
-def _sum_to(xp: Any, g: Any, shape: tuple[int, ...]) -> Any:
+def sum_to(g: Any, shape: tuple[int, ...]) -> Any:
     """``g`` summed over the axes that broadcasting added or stretched, back to ``shape``
-    (the gradient of a broadcast input)."""
+    (the gradient of a broadcast input; ``g`` a backend's array or a Dask array)."""
     lead = g.ndim - len(shape)
     g = g.sum(axis=tuple(range(lead))) if lead else g
     stretched = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
@@ -145,7 +154,7 @@ def execute(be: Runtime, a: KLDivArgs, *, reduction: str, batch: bool, log_targe
     out = [loss_back(loss, a.shape, a.dtype)]
     if want_grad:
         if broadcast:
-            grad = _sum_to(be.xp, grad.reshape(a.shape), a.input_shape)
+            grad = sum_to(grad.reshape(a.shape), a.input_shape)
             if grad_buffer is not None:
                 grad_buffer[...] = grad.reshape(-1)
                 grad = grad_buffer
@@ -289,5 +298,5 @@ SPECS = (OpSpec(
     >>> m.backward(loss.backward())
     array([[0., 0., 0., 0.],
            [0., 0., 0., 0.]])""",
-    results=("return_grad",), dask=None, autograd=Autograd.FUSED_LOSS,
+    results=("return_grad",), dask="kl_div", autograd=Autograd.FUSED_LOSS,
     reference=_ref_kl_div, samples=_samples, bench=BENCH),)
