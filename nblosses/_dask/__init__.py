@@ -40,7 +40,15 @@ from collections.abc import Callable
 from typing import Any
 
 from .._spec import DaskPlan, OpSpec
-from . import activations, binary_losses, class_losses, kl_div, linear_ce
+from . import (
+    activations,
+    binary_losses,
+    class_losses,
+    distillation,
+    kl_div,
+    linear_ce,
+    token_logprobs,
+)
 
 __all__ = ["call"]
 
@@ -55,6 +63,8 @@ PLANS: dict[DaskPlan, Plan] = {
     "binary_loss": binary_losses.plan_binary_loss,
     "linear_ce": linear_ce.plan_linear_ce,
     "kl_div": kl_div.plan_kl_div,
+    "distillation": distillation.plan_distillation,
+    "token_logprobs": token_logprobs.plan_token_logprobs,
 }
 
 

@@ -434,6 +434,6 @@ SPECS = (OpSpec(
     0.6931
     >>> loss.backward().shape
     (2, 4)""",
-    results=("return_grad",), dask=None, autograd=Autograd.FUSED_LOSS,
+    results=("return_grad",), dask="distillation", autograd=Autograd.FUSED_LOSS,
     loss_shape=class_loss_shape,
     reference=_ref_distillation, samples=_samples, bench=BENCH),)

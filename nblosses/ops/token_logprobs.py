@@ -239,7 +239,7 @@ SPEC = OpSpec(
     >>> grad.round(4)
     array([[ 0.2119, -0.106 , -0.106 ],
            [-0.1667, -0.1667,  0.3333]])""",
-    module_kind=ModuleKind.NONE, results=("return_entropy", "return_grad"), dask=None,
+    module_kind=ModuleKind.NONE, results=("return_entropy", "return_grad"), dask="token_logprobs",
     autograd=Autograd.CUSTOM, reference=_reference, samples=_samples,
     bench=(BenchCase(
         "token_logprobs_grad", "class", True, "token_logprobs + entropy fwd+grad",

@@ -1,0 +1,141 @@
+"""Dask plan of distillation_loss: the generic plan (:mod:`._blockwise`), the class axis in one
+chunk.
+
+The student, the teacher (logits, or a top-k teacher's indices and log-probabilities) and the
+target are chunked alike along the positions (the student's chunks; the class axis, and the
+top-k axis, gathered into one chunk): one ``distillation`` / ``distillation_topk`` kernel call
+per block of positions, unreduced, then a float64 tree reduction. The ``mean`` denominator is
+the number of kept positions (``target != ignore_index``), a reduction over the targets alone,
+or the number of positions without a target. Class indices and top-k indices are checked block
+by block when computed (``IndexError``), before any kernel reads them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .. import _args
+from .._registry import resolve_backend
+from .._spec import OpSpec
+from ..ops._results import results
+from ..ops.distillation import (
+    DistillArgs,
+    DistillLayout,
+    check_distillation,
+    check_topk_indices,
+    execute,
+)
+from ._blockwise import Result, loss_plan
+from ._common import (
+    ABSENT,
+    BATCH,
+    CLASS,
+    STAT,
+    as_dask,
+    backend_for,
+    backend_name,
+    checked_targets,
+    grad_arg,
+    letters,
+    mean_denominator,
+    pair,
+    rows_grad,
+    unwrap,
+)
+
+
+def _checked_topk(ib: Any, n_classes: int, backend: str) -> Any:
+    """A block of top-k indices as int64, checked (``IndexError`` outside ``[0, C)``)."""
+    be = resolve_backend(backend, ib)
+    idx = be.xp.ascontiguousarray(be.asarray(ib).astype("int64", copy=False))
+    check_topk_indices(be, idx, n_classes)
+    return idx
+
+
+def _block(xb: Any, *rest: Any, backend: str, topk: bool, opts: dict, want_grad: bool) -> Any:
+    """One block of positions, the whole class axis: one kernel call, unreduced (the loss in
+    the compute dtype, the gradient in the input's)."""
+    *teacher_blocks, tb, gb = rest
+    x = unwrap(xb)
+    be = resolve_backend(backend, x)
+    x = be.asarray(x)
+    cdt = _args.compute_dtype(be, x.dtype)
+    shape = tuple(x.shape)
+    n, c = shape[0], shape[1]
+    inner = math.prod(shape[2:])
+    teacher = [be.asarray(unwrap(b)) for b in teacher_blocks]
+    if topk:
+        k = teacher[0].shape[1]
+        canon: tuple[Any, ...] = (teacher[0].reshape(n, k, inner),
+                                  _args.to_compute(be, teacher[1], cdt).reshape(n, k, inner))
+    else:
+        k = c
+        canon = (_args.to_compute(be, teacher[0], cdt).reshape(n, c, inner),)
+    t = unwrap(tb)
+    target = None if t is None else be.xp.ascontiguousarray(be.asarray(t)).reshape(n, inner)
+    loss_shape = shape[:1] + shape[2:]
+    a = DistillArgs(_args.to_compute(be, x, cdt).reshape(n, c, inner), canon, target,
+                    DistillLayout(topk, shape, (n, c, inner), k, loss_shape), cdt)
+    out = execute(be, a, reduction="none", opts=opts, want_grad=want_grad,
+                  grad_output=rows_grad(be, gb, loss_shape) if want_grad else None,
+                  grad_buffer=None)
+    if want_grad:
+        out[1] = out[1].reshape(shape).astype(x.dtype, copy=False)
+    return results(out)
+
+
+def plan_distillation(spec: OpSpec, v: dict, opts: dict) -> Any:
+    """``distillation_loss``."""
+    if v["grad_buffer"] is not None:
+        raise TypeError(f"{spec.name}: grad_buffer is not supported for dask arrays (the "
+                        f"gradient is a lazy dask array; store it with dask.array.store)")
+    name = backend_name(v["backend"])
+    reduction = _args.reduction_from(None, None, v["reduction"])
+    x = as_dask(v["input"])
+    teacher = tuple(as_dask(a) for a in (v["teacher"] if isinstance(v["teacher"], tuple)
+                                         else (v["teacher"],)))
+    if len(teacher) not in (1, 2):
+        raise TypeError(f"{spec.name}: a top-k teacher is a pair (indices, log_probs), got a "
+                        f"tuple of {len(teacher)}")
+    t = as_dask(v["target"])
+    be = backend_for(name, x, *teacher, t)
+    layout = check_distillation(be, spec.name, x, teacher, t, opts)
+    grad_output = v["grad_output"]
+    if x.ndim == 1:  # (C,) -> (1, C); the target () -> (1,)
+        x, teacher = x[None], tuple(a[None] for a in teacher)
+        t = None if t is None else t[None]
+        if reduction == "none" and grad_output is not None:
+            grad_output = as_dask(grad_output)[None]
+    x = x.rechunk({1: -1})
+    rows = (x.chunks[0],) + x.chunks[2:]
+    spatial = letters(x.ndim - 2)
+    xi, ti = BATCH + CLASS + spatial, BATCH + spatial
+    if layout.topk:
+        idx, lp = (a.rechunk((rows[0], -1, *rows[1:])) for a in teacher)
+        idx = idx.map_blocks(_checked_topk, x.shape[1], name,
+                             meta=idx._meta.astype("int64"))
+        targs = [(idx, BATCH + STAT + spatial), (lp, BATCH + STAT + spatial)]
+    else:
+        targs = [(teacher[0].rechunk(x.chunks), xi)]
+    ignore = opts["ignore_index"]
+    if t is not None:
+        t = checked_targets(t.rechunk(rows), x.shape[1], ignore, name)
+    if reduction != "mean":
+        denom: Any = 1.0
+    elif t is None:
+        denom = float(math.prod(layout.loss_shape))
+    else:
+        denom = mean_denominator(t, None, ignore, be)
+    loss_shape = x.shape[:1] + x.shape[2:]
+    grad = (grad_arg(grad_output, reduction, denom, loss_shape, rows, ti, be)
+            if v["return_grad"] else None)
+    others = [] if grad is None else [Result(xi, x.dtype, {CLASS: x.shape[1]})]
+    cdt = _args.compute_dtype(be, x.dtype)
+    out = loss_plan(_block, [(x, xi), *targs, pair(t, ti) if t is not None else ABSENT],
+                    be=be, loss=Result(ti, cdt), others=others, reduction=reduction,
+                    denom=denom, dtype=x.dtype, grad=grad, backend=name, topk=layout.topk,
+                    opts=dict(opts), want_grad=grad is not None)
+    if layout.input_shape != tuple(x.shape):  # the (C,) input: one position
+        out = [out[0] if reduction != "none" else out[0][0], *(a[0] for a in out[1:])]
+    return results(out)
