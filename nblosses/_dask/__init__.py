@@ -45,9 +45,9 @@ from . import (
     binary_losses,
     class_losses,
     distillation,
-    kl_div,
+    kl_divergence,
     linear_ce,
-    token_logprobs,
+    token_statistics,
 )
 
 __all__ = ["call"]
@@ -62,9 +62,9 @@ PLANS: dict[DaskPlan, Plan] = {
     "class_loss": class_losses.plan_class_loss,
     "binary_loss": binary_losses.plan_binary_loss,
     "linear_ce": linear_ce.plan_linear_ce,
-    "kl_div": kl_div.plan_kl_div,
+    "kl_div": kl_divergence.plan_kl_div,
     "distillation": distillation.plan_distillation,
-    "token_logprobs": token_logprobs.plan_token_logprobs,
+    "token_logprobs": token_statistics.plan_token_logprobs,
 }
 
 
