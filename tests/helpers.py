@@ -243,15 +243,22 @@ def spec_samples(spec: Any) -> list[Any]:
     return list(spec.samples(np.random.default_rng(zlib.crc32(spec.name.encode()))))
 
 
-def sample_params(specs: Any, where: Callable[[Any, Any], bool] = lambda spec, s: True
-                  ) -> list[Any]:
+def sample_params(specs: Any, where: Callable[[Any, Any], bool] = lambda spec, s: True,
+                  *, fast_samples: int | None = None) -> list[Any]:
     """pytest parameters ``(spec, sample)``, one per sample of each spec for which
-    ``where(spec, sample)`` holds, with ids ``op-index-label``."""
+    ``where(spec, sample)`` holds, with ids ``op-index-label``. ``fast_samples=k``: each op's
+    first ``k`` of them stay in the fast tier, the others are marked ``slow`` (for front ends
+    whose every call compiles: JAX's jit, the fake device's kernels)."""
     import pytest
 
-    return [pytest.param(spec, sample, id=f"{spec.name}-{i}-{sample.label}")
-            for spec in specs.values() for i, sample in enumerate(spec_samples(spec))
-            if where(spec, sample)]
+    out = []
+    for spec in specs.values():
+        kept = [(i, s) for i, s in enumerate(spec_samples(spec)) if where(spec, s)]
+        for j, (i, sample) in enumerate(kept):
+            slow = fast_samples is not None and j >= fast_samples
+            out.append(pytest.param(spec, sample, id=f"{spec.name}-{i}-{sample.label}",
+                                    marks=[pytest.mark.slow] if slow else []))
+    return out
 
 
 def map_arrays(value: Any, fn: Callable[[np.ndarray], Any]) -> Any:
