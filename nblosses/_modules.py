@@ -29,7 +29,7 @@ from ._spec import OpSpec
 from .ops import SPECS
 
 #: The public classes (re-exported by :mod:`nblosses.nn`).
-__all__ = ["LinearCrossEntropyLoss", "Module"]
+__all__ = ["LinearCrossEntropyLoss", "LinearDistillationLoss", "Module"]
 
 Array = Any
 _LEGACY = ("size_average", "reduce")
@@ -230,6 +230,110 @@ class LinearCrossEntropyLoss(Module):
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
                 f"out_features={self.out_features}, bias={self.linear_bias is not None}, "
                 f"reduction={self.reduction!r}")
+
+
+class LinearDistillationLoss(Module):
+    """Distillation into a language-model head, holding the student's output layer (see
+    :func:`nblosses.functional.linear_distillation_loss`); the teacher's features and output
+    layer are passed per call (frozen: they get no gradient).
+
+    Parameters
+    ----------
+    in_features : int
+        Size ``d`` of each student feature row.
+    num_classes : int
+        Number of classes ``V`` (the vocabulary shared with the teacher).
+    bias : bool
+        Whether the student's layer has a bias.
+    device : {None, "cpu", "cuda"}
+        Where the parameters live: NumPy arrays (``None`` / ``"cpu"``) or CuPy arrays.
+    dtype : dtype, optional
+        Parameter dtype (float32 by default).
+    beta, temperature, ignore_index, hard_weight, softcap, reduction, options, backend
+        As :func:`~nblosses.functional.linear_distillation_loss`, keyword-only.
+
+    Attributes
+    ----------
+    linear_weight : array
+        ``(V, in_features)``, initialised as torch's ``nn.Linear`` (uniform in
+        ``±1/sqrt(in_features)``).
+    linear_bias : array or None
+        ``(V,)``.
+    linear_weight_grad, linear_bias_grad : array or None
+        Set by :meth:`backward`: the gradients of the parameters.
+
+    Notes
+    -----
+    ``head(input, teacher_input, teacher_weight, target=None, teacher_bias=None)``;
+    ``backward(grad_output=None)`` returns the gradient with respect to the last call's input
+    and stores the parameters' gradients, from one chunked pass that forms neither head's
+    logits.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nblosses import nn
+    >>> head = nn.LinearDistillationLoss(8, 50, bias=True, temperature=2.0)
+    >>> r = np.random.default_rng(0)
+    >>> x = r.standard_normal((4, 8), dtype=np.float32)
+    >>> tx = r.standard_normal((4, 16), dtype=np.float32)
+    >>> tw = r.standard_normal((50, 16), dtype=np.float32)
+    >>> float(head(x, tx, tw)) >= 0
+    True
+    >>> head.backward().shape, head.linear_weight_grad.shape
+    ((4, 8), (50, 8))
+    """
+
+    _spec = SPECS["linear_distillation_loss"]
+    reduction: str
+
+    def __init__(self, in_features: int, num_classes: int, *, bias: bool = False,
+                 device: Any = None, dtype: Any = None, beta: float = 0.0,
+                 temperature: float = 1.0, ignore_index: int = -100, hard_weight: float = 0.0,
+                 softcap: float | None = None, reduction: str = "mean", options: Any = None,
+                 backend: str | None = None) -> None:
+        super().__init__(beta=beta, temperature=temperature, ignore_index=ignore_index,
+                         hard_weight=hard_weight, softcap=softcap,
+                         reduction=_args.reduction_from(None, None, reduction),
+                         options=options, backend=backend)
+        self.num_classes, self.in_features = num_classes, in_features
+        xp = _array_module(device)
+        bound = 1.0 / math.sqrt(in_features) if in_features else 0.0
+        rng = np.random.default_rng()
+        dt = np.dtype(dtype or np.float32)
+        self.linear_weight = xp.asarray(rng.uniform(-bound, bound, (num_classes, in_features)),
+                                        dt)
+        self.linear_bias = (xp.asarray(rng.uniform(-bound, bound, num_classes), dt) if bias
+                            else None)
+        self.linear_weight_grad: Array | None = None
+        self.linear_bias_grad: Array | None = None
+
+    def _functional(self, *inputs: Any, **kwargs: Any) -> Any:
+        input, teacher_input, teacher_weight, target, teacher_bias = inputs
+        return super()._functional(input, self.linear_weight, teacher_input, teacher_weight,
+                                   target, linear_bias=self.linear_bias,
+                                   teacher_bias=teacher_bias, **kwargs)
+
+    def forward(self, input: Array, teacher_input: Array, teacher_weight: Array,
+                target: Array | None = None, teacher_bias: Array | None = None) -> Any:
+        inputs = (input, teacher_input, teacher_weight, target, teacher_bias)
+        result = self._functional(*inputs)
+        self._saved = inputs
+        return result
+
+    def backward(self, grad_output: Any = None) -> Array:
+        """Gradient w.r.t. the last call's input; stores ``linear_weight_grad`` and
+        ``linear_bias_grad``."""
+        result = self._functional(*self._need_saved(), return_grad=True,
+                                  grad_output=grad_output)
+        gx, gw, gb = result[1]
+        self.linear_weight_grad, self.linear_bias_grad = gw, gb
+        return gx
+
+    def extra_repr(self) -> str:
+        own = super().extra_repr()
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
+                f"bias={self.linear_bias is not None}" + (f", {own}" if own else ""))
 
 
 def _array_module(device: Any) -> Any:

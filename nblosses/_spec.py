@@ -96,7 +96,8 @@ class Group(enum.Enum):
 
 #: The Dask plans of :mod:`nblosses._dask` (``None`` in a spec: dask arrays are refused).
 DaskPlan = Literal["softmax", "softmax_backward", "elementwise", "class_loss", "binary_loss",
-                   "linear_ce", "kl_div", "distillation", "token_logprobs"]
+                   "linear_ce", "kl_div", "distillation", "token_logprobs",
+                   "linear_distillation"]
 
 
 @dataclass(frozen=True)

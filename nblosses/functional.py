@@ -26,6 +26,7 @@ __all__ = [
     "distillation_loss",
     "kl_div",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "log_softmax",
     "log_softmax_backward",
     "nll_loss",
@@ -49,6 +50,7 @@ _SPEC_binary_cross_entropy_with_logits = _SPECS["binary_cross_entropy_with_logit
 _SPEC_kl_div = _SPECS["kl_div"]
 _SPEC_distillation_loss = _SPECS["distillation_loss"]
 _SPEC_linear_cross_entropy = _SPECS["linear_cross_entropy"]
+_SPEC_linear_distillation_loss = _SPECS["linear_distillation_loss"]
 _SPEC_token_logprobs = _SPECS["token_logprobs"]
 _FAST_nll_loss: Any = _SPEC_nll_loss.fast_path
 
@@ -1106,6 +1108,153 @@ def linear_cross_entropy(
         "linear_bias": linear_bias, "weight": weight, "reduction": reduction,
         "ignore_index": ignore_index, "label_smoothing": label_smoothing, "options": options,
         "z_loss": z_loss, "softcap": softcap, "return_lse": return_lse, "return_grad": return_grad,
+        "grad_output": grad_output, "validate": validate, "backend": backend,
+    })
+
+
+@overload
+def linear_distillation_loss(
+    input: Any, linear_weight: Any, teacher_input: Any, teacher_weight: Any, target: Any = None, *,
+    linear_bias: Any = None, teacher_bias: Any = None, beta: float = 0.0, temperature: float = 1.0,
+    ignore_index: int = -100, hard_weight: float = 0.0, softcap: float | None = None,
+    reduction: Literal["mean", "sum", "none"] = 'mean', options: Any = None,
+    return_grad: Literal[False] = False, grad_output: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> Array: ...
+
+@overload
+def linear_distillation_loss(
+    input: Any, linear_weight: Any, teacher_input: Any, teacher_weight: Any, target: Any = None, *,
+    linear_bias: Any = None, teacher_bias: Any = None, beta: float = 0.0, temperature: float = 1.0,
+    ignore_index: int = -100, hard_weight: float = 0.0, softcap: float | None = None,
+    reduction: Literal["mean", "sum", "none"] = 'mean', options: Any = None,
+    return_grad: Literal[True], grad_output: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> tuple[Array, Array]: ...
+
+def linear_distillation_loss(
+    input: Any, linear_weight: Any, teacher_input: Any, teacher_weight: Any, target: Any = None, *,
+    linear_bias: Any = None, teacher_bias: Any = None, beta: float = 0.0, temperature: float = 1.0,
+    ignore_index: int = -100, hard_weight: float = 0.0, softcap: float | None = None,
+    reduction: Literal["mean", "sum", "none"] = 'mean', options: Any = None,
+    return_grad: bool = False, grad_output: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> Any:
+    r"""Distillation between two language-model heads (features and output layers), fused with the student's gradients: ``distillation_loss`` of both heads' logits, without the logits.
+
+    The student's logits ``input @ linear_weight.T + linear_bias`` and the
+    teacher's ``teacher_input @ teacher_weight.T + teacher_bias`` are formed a block of rows
+    and vocabulary columns at a time (BLAS / cuBLAS products into one reused buffer per head),
+    reduced to per-row statistics and turned into the student's gradient block by block, so
+    the extra memory stays within 5% of one ``(N, V)`` logits array; the loss is
+    :func:`distillation_loss`'s on those logits (forward KL, reverse KL or TRL's generalised
+    JSD of :math:`\mathrm{softmax}(\mathrm{cap}(x) / T)`, the hard cross-entropy mixed
+    in).
+
+    Parameters
+    ----------
+    input : array_like
+        The student's features, ``(..., d)`` (one position per leading index; ``(N, d)``
+        for a batch of tokens).
+    linear_weight : array_like
+        The student's output layer, ``(V, d)``.
+    teacher_input : array_like
+        The teacher's features, ``(..., d_teacher)``: the input's leading dimensions and
+        dtype; ``d_teacher`` may differ from ``d``.
+    teacher_weight : array_like
+        The teacher's output layer, ``(V, d_teacher)`` (the same vocabulary). The teacher is
+        frozen: it gets no gradient.
+    target : array_like, optional
+        Class indices shaped as the input's leading dimensions: positions equal to
+        ``ignore_index`` count nowhere (loss, gradient, ``mean`` denominator); the labels of
+        the hard loss (``hard_weight > 0``, then required).
+    linear_bias : array_like, optional
+        The student's output bias, ``(V,)``.
+    teacher_bias : array_like, optional
+        The teacher's output bias, ``(V,)``.
+    beta : float
+        :math:`\beta \in [0, 1]`, as :func:`distillation_loss`'s: 0 the forward KL
+        :math:`KL(p_t \| p_s)`, 1 the reverse KL, in between the generalised JSD.
+    temperature : float
+        :math:`T > 0`, as :func:`distillation_loss`'s (no :math:`T^2` factor).
+    ignore_index : int
+        Target value that contributes neither to the loss, nor to the gradient, nor to the
+        ``mean`` denominator.
+    hard_weight : float
+        :math:`w \in [0, 1]`: :math:`(1 - w)\,\mathrm{soft} + w\,\mathrm{CE}`, the
+        cross-entropy of the student's (soft-capped, not tempered) logits on ``target``.
+    softcap : float, optional
+        Soft-caps both heads' logits first, :math:`c \tanh(x / c)`, before the
+        temperature.
+    reduction : {"mean", "sum", "none"}
+        ``"none"``: one loss per position (the input's leading shape); ``"mean"`` divides
+        the sum by the number of kept positions.
+    options : object, optional
+        torch's ``LinearCrossEntropyOptions``: its ``batch_chunk_size``, when set, is the
+        row-chunk size; otherwise nblosses picks the chunks (extra memory within 5% of one
+        ``(N, V)`` logits array).
+    return_grad : bool
+        Also return the student's gradients ``(grad_input, grad_linear_weight,
+        grad_linear_bias)`` of ``sum(grad_output * loss)``, from the same chunked
+        sweep.
+    grad_output : scalar or array, optional
+        Upstream gradient; 1 (or ones of the loss's shape for ``"none"``) by default.
+    validate : {"async", "sync"}, optional
+        How a device backend checks the top-k teacher's indices and the class indices:
+        ``"async"`` inside the kernels (``IndexError`` raised by a later call
+        or :func:`nblosses.synchronize`), ``"sync"`` before them (waits for the device). Default:
+        :func:`nblosses.get_validation`. The CPU backend always checks eagerly.
+    backend : str, optional
+        ``"cpu"``, ``"cuda"``, another registered name or ``"auto"`` (by array type); default:
+        the current default (:func:`nblosses.use_backend`, :func:`nblosses.set_backend`).
+
+    Returns
+    -------
+    loss : array
+        0-d for ``mean`` / ``sum``, else one per position (the input's leading shape). All
+        positions ignored with ``mean`` -> NaN.
+    grads : tuple of array
+        Only with ``return_grad=True``: ``(grad_input, grad_linear_weight,
+        grad_linear_bias)`` (the last ``None`` without a bias).
+
+    Raises
+    ------
+    IndexError
+        A target that is not ``ignore_index`` outside ``[0, V)`` (on a device backend
+        reported asynchronously unless ``validate="sync"``).
+    ValueError
+        Features that do not match a head's weight, teacher leading dimensions or
+        vocabulary other than the student's, bias or target shapes, ``beta`` or
+        ``hard_weight`` outside ``[0, 1]``, ``temperature <= 0``, ``hard_weight > 0``
+        without a target.
+    TypeError
+        Non-float input, a teacher array or weight of another dtype, a non-integer
+        target.
+
+    Notes
+    -----
+    See :doc:`/distillation` (the LM-head form) for the passes each divergence takes and
+    what they cost.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nblosses import functional as F
+    >>> r = np.random.default_rng(0)
+    >>> x, w = r.standard_normal((4, 8)), r.standard_normal((50, 8))
+    >>> tx, tw = r.standard_normal((4, 16)), r.standard_normal((50, 16))
+    >>> loss, (gx, gw, gb) = F.linear_distillation_loss(x, w, tx, tw, return_grad=True)
+    >>> bool(np.isclose(loss, F.distillation_loss(x @ w.T, tx @ tw.T)))
+    True
+    >>> gx.shape, gw.shape, gb is None
+    ((4, 8), (50, 8), True)
+    """
+    return _call(_SPEC_linear_distillation_loss, {
+        "input": input, "linear_weight": linear_weight, "teacher_input": teacher_input,
+        "teacher_weight": teacher_weight, "target": target, "linear_bias": linear_bias,
+        "teacher_bias": teacher_bias, "beta": beta, "temperature": temperature,
+        "ignore_index": ignore_index, "hard_weight": hard_weight, "softcap": softcap,
+        "reduction": reduction, "options": options, "return_grad": return_grad,
         "grad_output": grad_output, "validate": validate, "backend": backend,
     })
 

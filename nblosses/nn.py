@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from ._modules import Activation, LinearCrossEntropyLoss, Loss, Module
+from ._modules import Activation, LinearCrossEntropyLoss, LinearDistillationLoss, Loss, Module
 from .ops import SPECS as _SPECS
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "DistillationLoss",
     "KLDivLoss",
     "LinearCrossEntropyLoss",
+    "LinearDistillationLoss",
     "LogSoftmax",
     "Module",
     "NLLLoss",

@@ -47,6 +47,7 @@ from . import (
     distillation,
     kl_divergence,
     linear_ce,
+    linear_distillation,
     token_statistics,
 )
 
@@ -65,6 +66,7 @@ PLANS: dict[DaskPlan, Plan] = {
     "kl_div": kl_divergence.plan_kl_div,
     "distillation": distillation.plan_distillation,
     "token_logprobs": token_statistics.plan_token_logprobs,
+    "linear_distillation": linear_distillation.plan_linear_distillation,
 }
 
 

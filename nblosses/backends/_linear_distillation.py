@@ -37,6 +37,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ._host import LossCall, ignore_value
+from ._linear_ce import _kept, mean_denominator, mean_of
+from ._lm_head import ChunkedHead, Head, Plan, param_grads, plan_chunks
+
 #: The row statistics of a block (columns of a float64 ``(R, 7)`` array).
 STATS = ("xs", "ss", "xt", "st", "w", "sh", "xst")
 XS, SS, XT, ST, W, SH, XST = range(len(STATS))
@@ -117,14 +121,6 @@ def log_sums(xp: Any, st: Any, opts: DistillOptions) -> tuple[Any, Any]:
     return st[:, XS] * it + xp.log(st[:, SS]), st[:, XT] * it + xp.log(st[:, ST])
 
 
-def kept_rows(xp: Any, target: Any, rows: int, ignore_index: int) -> Any:
-    """Rows that count (float64 1/0): those whose target is not ``ignore_index``; every row
-    without a target."""
-    if target is None:
-        return xp.ones(rows, xp.float64)
-    return (target != ignore_index).astype(xp.float64)
-
-
 def finish(xp: Any, st: Any, jsd: Any, target: Any, n_classes: int, opts: DistillOptions,
            scale: Any, want_grad: bool) -> tuple[Any, Any]:
     """``(loss, coefs)`` of a row chunk from its merged statistics ``st`` ``(R, 7)`` and, for
@@ -135,9 +131,10 @@ def finish(xp: Any, st: Any, jsd: Any, target: Any, n_classes: int, opts: Distil
     ``ignore_index`` (possible only where a device checks them in its kernels) gives its row a
     NaN loss and NaN coefficients."""
     rows = st.shape[0]
-    kept = kept_rows(xp, target, rows, opts.ignore_index)
-    bad = (xp.zeros(rows, bool) if target is None
-           else (kept > 0) & ((target < 0) | (target >= n_classes)))
+    if target is None:  # every row counts
+        kept, bad = xp.ones(rows, bool), xp.zeros(rows, bool)
+    else:
+        kept, bad = _kept(xp, target, opts.ignore_index, n_classes)
     it, hard, soft_w = opts.inv_t, opts.hard_weight, 1.0 - opts.hard_weight
     lse_s, lse_t = log_sums(xp, st, opts)
     kk = xp.zeros(rows, xp.float64)
@@ -152,10 +149,10 @@ def finish(xp: Any, st: Any, jsd: Any, target: Any, n_classes: int, opts: Distil
     if hard > 0:
         lse_h = st[:, XS] + xp.log(st[:, SH]) if opts.separate else lse_s
         loss = loss + hard * (lse_h - st[:, XST])
-    loss = xp.where(bad, math.nan, xp.where(kept > 0, loss, 0.0))
+    loss = xp.where(bad, math.nan, xp.where(kept, loss, 0.0))
     if not want_grad:
         return loss, None
-    sc = kept * scale  # ignored rows: no gradient (and no inf * 0)
+    sc = xp.where(kept, scale, 0.0)  # ignored rows: no gradient (and no inf * 0)
     g = sc * soft_w * it
     coefs = xp.zeros((rows, len(COEFS)), xp.float64)
     coefs[:, 0], coefs[:, 1], coefs[:, 2] = st[:, XS] * it, st[:, XT] * it, st[:, XS]
@@ -167,5 +164,133 @@ def finish(xp: Any, st: Any, jsd: Any, target: Any, n_classes: int, opts: Distil
         coefs[:, 6] = sc * hard / st[:, SS]
     coefs[:, 7], coefs[:, 8], coefs[:, 9] = kk, lse_s, lse_t
     coefs[:, 10] = sc * hard
-    coefs = xp.where(kept[:, None] > 0, coefs, 0.0)
+    coefs = xp.where(kept[:, None], coefs, 0.0)
     return loss, xp.where(bad[:, None], math.nan, coefs)
+
+
+# ----------------------------------------------------------------------------- the loss
+class LinearDistillation(ChunkedHead):
+    """One call on the chunked LM-head driver (:mod:`._lm_head`): the student's head first
+    (differentiated), the teacher's second; its statistics, outputs and per-row finish. A
+    backend's class adds the block kernels (:meth:`block_stats`, :meth:`block_jsd`,
+    :meth:`block_grad`) and the driver's backend hooks.
+
+    ``scale``: the upstream gradient (a float or 0-d array over the ``mean`` denominator, or
+    the rows' ``(N,)`` array for ``"none"``); ``losses``: the ``(N,)`` array receiving each
+    row's loss, or None. :attr:`total` sums the losses (float64; a 0-d array on a device).
+    """
+
+    def __init__(self, student: Head, teacher: Head, target: Any, opts: DistillOptions,
+                 plan: Plan, *, scale: Any, want_grad: bool, losses: Any) -> None:
+        super().__init__((student, teacher), plan)
+        self.target, self.opts = target, opts
+        self.scale, self.want_grad, self.losses = scale, want_grad, losses
+        self.total: Any = 0.0
+
+    # -- the backend's block kernels -----------------------------------------------------
+    def block_stats(self, zs: Any, zt: Any, bs: Any, bt: Any, target: Any, c0: int,
+                    r0: int) -> Any:
+        """Prepare the blocks in place; their rows' statistics ``(R, 7)``."""
+        raise NotImplementedError
+
+    def block_jsd(self, zs: Any, zt: Any, bs: Any, bt: Any, lse: Any, out: Any,
+                  raw: bool) -> None:
+        """``out += (J, K)`` of the blocks' rows."""
+        raise NotImplementedError
+
+    def block_grad(self, zs: Any, zt: Any, bs: Any, bt: Any, target: Any, coefs: Any, c0: int,
+                   raw: bool) -> None:
+        """Overwrite ``zs`` with ``dL/ds``."""
+        raise NotImplementedError
+
+    # -- the driver's loss hooks ---------------------------------------------------------
+    def _rows(self, r0: int, r1: int) -> Any:
+        return None if self.target is None else self.target[r0:r1]
+
+    def _biases(self, c0: int, c1: int) -> tuple[Any, Any]:
+        return self.bias_slice(0, c0, c1), self.bias_slice(1, c0, c1)
+
+    def start_rows(self, r0: int, r1: int) -> list:
+        """``[statistics, JSD sums or None, the rows' (lse_s, lse_t) once known]``."""
+        jsd = self.xp.zeros((r1 - r0, len(JSD_SUMS)), self.xp.float64) \
+            if self.opts.mode == JSD else None
+        return [new_stats(self.xp, r1 - r0), jsd, None]
+
+    def merge(self, step: int, zs: tuple, raw: bool, st: list, r0: int, r1: int, c0: int,
+              c1: int) -> None:
+        """Pass 0: the statistics; pass 1 (the JSD's): its sums, given the logsumexps."""
+        zs_, zt_ = zs
+        bs, bt = self._biases(c0, c1)
+        if step == 0:
+            merge(self.xp, st[0], self.block_stats(zs_, zt_, bs, bt, self._rows(r0, r1), c0, r0),
+                  self.opts)
+            return
+        if st[2] is None:
+            st[2] = self.xp.stack(log_sums(self.xp, st[0], self.opts), axis=1)
+        self.block_jsd(zs_, zt_, bs, bt, st[2], st[1], raw)
+
+    def finish_rows(self, st: list, r0: int, r1: int) -> Any:
+        """The rows' losses recorded; returns their gradient coefficients (None without a
+        gradient)."""
+        scale = self.scale
+        sc = scale if getattr(scale, "ndim", 0) == 0 else self.xp.asarray(scale[r0:r1],
+                                                                          self.xp.float64)
+        loss, coefs = finish(self.xp, st[0], st[1], self._rows(r0, r1), self.v, self.opts, sc,
+                             self.want_grad)
+        self.total = self.total + loss.sum()  # stays on the device for CuPy
+        if self.losses is not None:
+            self.losses[r0:r1] = loss
+        return coefs
+
+    def gradient_block(self, zs: tuple, raw: bool, st: list, coefs: Any, r0: int, r1: int,
+                       c0: int, c1: int) -> None:
+        zs_, zt_ = zs
+        bs, bt = self._biases(c0, c1)
+        self.block_grad(zs_, zt_, bs, bt, self._rows(r0, r1), coefs, c0, raw)
+
+
+#: Each backend class -> its JSD subclass (made once).
+_JSD_CLASSES: dict[type[LinearDistillation], type[LinearDistillation]] = {}
+
+
+def _two_passes(cls: type[LinearDistillation]) -> type[LinearDistillation]:
+    """``cls`` for the JSD: a second statistics pass (its sums need the logsumexps)."""
+    if cls not in _JSD_CLASSES:
+        _JSD_CLASSES[cls] = type(f"{cls.__name__}JSD", (cls,), {"passes": 2})
+    return _JSD_CLASSES[cls]
+
+
+def run(cls: type[LinearDistillation], x2, w2, bias, tx2, tw2, tbias, target, *, beta,
+        temperature, ignore_index, hard_weight, softcap, reduction, want_grad, grad_output,
+        chunk_rows=None, chunk_classes=None):
+    """The kernel protocol's ``linear_distillation_loss`` with the backend class ``cls``:
+    ``(loss, grads)``, ``grads`` the student's ``(grad_x, grad_W, grad_b or None)`` or None."""
+    xp = cls.xp
+    n, d = x2.shape
+    v = w2.shape[0]
+    opts = DistillOptions(float(beta), float(temperature), float(hard_weight), float(softcap),
+                          ignore_value(ignore_index))
+    denom = 1.0
+    if reduction == "mean":
+        denom = float(n) if target is None else mean_denominator(
+            xp, target, None, opts.ignore_index, to_host=cls.host_scalars)
+    host = LossCall(xp, (n, d), (n,), x2.dtype, reduction=reduction, want_grad=want_grad,
+                    grad_output=grad_output, denom=denom)
+    student, teacher = Head(x2, w2, bias), Head(tx2, tw2, tbias)
+    grads = param_grads(xp, student, host.grad) if want_grad else None
+    total: Any = 0.0
+    if n == 0 or v == 0:
+        host.fill_empty()
+    else:
+        plan = plan_chunks(n, v, d, chunk_rows, chunk_classes, heads=2)
+        kind = _two_passes(cls) if opts.mode == JSD else cls
+        call = kind(student, teacher, target, opts, plan,
+                    scale=host.g_scalar if host.g_rows is None else host.g_rows,
+                    want_grad=want_grad, losses=host.losses)
+        call.sweep(grads)
+        total = call.total
+    if reduction == "none":
+        return host.losses, grads
+    if reduction == "mean":
+        total = mean_of(xp, total, denom)
+    return xp.asarray(total, dtype=x2.dtype), grads

@@ -20,12 +20,13 @@ from . import (
     distillation,
     kl_div,
     linear_ce,
+    linear_distillation,
     token_logprobs,
 )
 
 #: The family modules, in docs order; each defines ``SPECS``, a tuple of its specs.
 FAMILIES = (activations, class_losses, binary_losses, kl_div, distillation, linear_ce,
-            token_logprobs)
+            linear_distillation, token_logprobs)
 
 SPECS: MappingProxyType[str, OpSpec] = MappingProxyType(
     {spec.name: spec for family in FAMILIES for spec in family.SPECS})

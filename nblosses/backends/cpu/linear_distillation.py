@@ -27,7 +27,7 @@ from numba import njit, prange
 
 from .. import _linear_distillation as LD
 from ._math import JIT, like
-from ._parallel import parallel_kernel
+from ._parallel import guarded, parallel_kernel
 from .distillation import (
     FORWARD,
     JSD,
@@ -42,6 +42,7 @@ from .distillation import (
     _slope,
 )
 from .linear_ce_kernels import _prepare_row
+from .lm_head import CpuHead
 
 #: The divergences' compile-time tokens (:mod:`.distillation`).
 MODE_TOKENS = {LD.FORWARD: FORWARD, LD.REVERSE: REVERSE, LD.JSD: JSD}
@@ -123,11 +124,13 @@ def _sep(opts: LD.DistillOptions) -> tuple[int, ...]:
     return SEPARATE if opts.separate else SHARED
 
 
-def block_stats(zs, zt, bias_s, bias_t, target, opts: LD.DistillOptions, *, c0: int):
+def block_stats(zs, zt, bias_s, bias_t, target, opts: LD.DistillOptions, *, c0: int,
+                n_classes: int):
     """Prepare the logits blocks ``zs``, ``zt`` in place; their rows' statistics ``(R, 7)``
     float64 (kernel protocol: ``linear_distillation_loss.block_stats``). ``bias_s``,
     ``bias_t``: the blocks' slices of the biases, or None; ``target`` the rows' class indices
-    (checked) or None."""
+    or None; ``n_classes``: unused here (the front end checks class indices before the
+    call)."""
     out = np.empty((zs.shape[0], len(LD.STATS)))
     _stats_rows.serial(zs, zt, bias_s, bias_t, _cap(opts), opts.inv_t, target, c0,
                        MODE_TOKENS[opts.mode], _sep(opts), out)
@@ -147,3 +150,49 @@ def block_grad(zs, zt, bias_s, bias_t, target, coefs, opts: LD.DistillOptions, *
     :func:`nblosses.backends._linear_distillation.finish`."""
     _grad_rows.serial(zs, zt, raw, bias_s, bias_t, _cap(opts), opts.inv_t, opts.beta, target,
                       c0, opts.ignore_index, coefs, MODE_TOKENS[opts.mode], _sep(opts))
+
+
+class _CpuLinearDistillation(CpuHead, LD.LinearDistillation):
+    """The driver's CPU hooks and the loss's block kernels."""
+
+    def block_stats(self, zs, zt, bs, bt, target, c0: int, r0: int):
+        return block_stats(zs, zt, bs, bt, target, self.opts, c0=c0, n_classes=self.v)
+
+    def block_jsd(self, zs, zt, bs, bt, lse, out, raw: bool) -> None:
+        block_jsd(zs, zt, bs, bt, lse, out, self.opts, raw=raw)
+
+    def block_grad(self, zs, zt, bs, bt, target, coefs, c0: int, raw: bool) -> None:
+        block_grad(zs, zt, bs, bt, target, coefs, self.opts, c0=c0, raw=raw)
+
+
+@guarded
+def linear_distillation_loss(x2, w2, bias, tx2, tw2, tbias, target, *, beta, temperature,
+                             ignore_index, hard_weight, softcap, reduction, want_grad,
+                             grad_output, chunk_rows=None, chunk_classes=None):
+    """``distillation_loss(x2 @ w2.T + bias, tx2 @ tw2.T + tbias, target)`` and the student's
+    gradients, chunked (neither logits array is formed).
+
+    Kernel protocol: the student's ``x2`` ``(N, d)``, ``w2`` ``(V, d)``, ``bias`` ``(V,)`` or
+    None and the teacher's ``tx2`` ``(N, d_t)``, ``tw2`` ``(V, d_t)``, ``tbias``, all of the
+    compute dtype and C-contiguous; ``target`` ``(N,)`` int64 class indices (each in
+    ``[0, V)`` or ``ignore_index``) or None. Options as ``distillation``'s (``softcap`` 0.0
+    is off); ``grad_output`` None unless ``want_grad``, a float for reduced losses, ``(N,)``
+    for ``"none"``; ``chunk_rows`` / ``chunk_classes`` override the block shape
+    (:func:`nblosses.backends._lm_head.plan_chunks`).
+
+    Returns ``(loss, grads)``: ``loss`` 0-d or ``(N,)``; ``grads`` ``(grad_x, grad_w,
+    grad_bias or None)`` or None. The block operations ``block_stats``, ``block_jsd`` and
+    ``block_grad`` (above) are attributes of this function, for plans that hold the logits
+    blocks themselves (Dask's).
+    """
+    return LD.run(_CpuLinearDistillation, x2, w2, bias, tx2, tw2, tbias, target, beta=beta,
+                  temperature=temperature, ignore_index=ignore_index, hard_weight=hard_weight,
+                  softcap=softcap, reduction=reduction, want_grad=want_grad,
+                  grad_output=grad_output, chunk_rows=chunk_rows, chunk_classes=chunk_classes)
+
+
+# The block operations of the protocol, reached as attributes of the kernel (each guarded
+# itself; the call above uses the unguarded functions inside its own guarded call).
+vars(linear_distillation_loss).update(block_stats=guarded(block_stats),
+                                      block_jsd=guarded(block_jsd),
+                                      block_grad=guarded(block_grad))

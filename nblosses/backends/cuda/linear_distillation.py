@@ -1,13 +1,18 @@
-"""linear_distillation_loss on CUDA: the block kernels of ``linear_distillation.cu`` (the
-student's and the teacher's logits blocks: statistics, the JSD's sums, the student's gradient
-in place), compiled and launched like every other source (:mod:`._loader`, arguments by
-:func:`._kernels.pack`); the per-row algebra between them is
-:mod:`nblosses.backends._linear_distillation`'s, on CuPy vectors.
+"""linear_distillation_loss on CUDA: the chunked LM-head driver
+(:mod:`nblosses.backends._lm_head`, the loss's host side
+:mod:`nblosses.backends._linear_distillation`) with the products and column sums of
+:mod:`.lm_head` and the block kernels of ``linear_distillation.cu`` (the student's and the
+teacher's logits blocks: statistics, the JSD's sums, the student's gradient in place),
+compiled and launched like every other source (:mod:`._loader`, arguments by
+:func:`._kernels.pack`); the per-row algebra between them runs on CuPy vectors.
 
-Class indices are never used as addresses: one outside ``[0, V)`` that is not
-``ignore_index`` is recorded by ``ld_stats`` in the device error record (``IndexError`` at the
-next call or at ``synchronize``) and its row gets a NaN loss and gradient. Nothing here reads
-a device value back.
+float32 and float64 run natively; float16 inputs are computed in float32 (upcast once, the
+loss and gradients cast back), as linear_cross_entropy's. Class indices are never used as
+addresses: one outside ``[0, V)`` that is not ``ignore_index`` is recorded by ``ld_stats`` in
+the device error record (``IndexError`` at the next call or at ``synchronize``) and its row
+gets a NaN loss and gradient. Nothing here reads
+a device value back: the ``mean`` denominator stays a 0-d device array. Status: compiled by
+NVRTC and launched against fake devices in CI, never run on a device yet.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from __future__ import annotations
 import cupy
 
 from .. import _linear_distillation as LD
+from . import _device_errors as E
 from . import _kernels as K
 from . import _loader as L
+from .lm_head import CudaHead
 
 SRC = "linear_distillation.cu"
 #: Element types of the kernels (half inputs are computed in float32, as linear_ce's).
@@ -103,3 +110,56 @@ def block_grad(zs, zt, bias_s, bias_t, target, coefs, opts: LD.DistillOptions, *
                     bt=bias_t, **_options(opts), beta=opts.beta, mode=MODES[opts.mode],
                     sep=int(opts.separate), t=target, c0=c0, ignore=opts.ignore_index,
                     coefs=coefs))
+
+
+class _CudaLinearDistillation(CudaHead, LD.LinearDistillation):
+    """The loss's block kernels on CuPy arrays (class indices recorded by ``ld_stats``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.err = (None if self.target is None
+                    else E.record_for_launch(cupy.cuda.get_current_stream()))
+
+    def block_stats(self, zs, zt, bs, bt, target, c0: int, r0: int):
+        return block_stats(zs, zt, bs, bt, target, self.opts, c0=c0, n_classes=self.v, row0=r0,
+                           err=self.err)
+
+    def block_jsd(self, zs, zt, bs, bt, lse, out, raw: bool) -> None:
+        block_jsd(zs, zt, bs, bt, lse, out, self.opts, raw=raw)
+
+    def block_grad(self, zs, zt, bs, bt, target, coefs, c0: int, raw: bool) -> None:
+        block_grad(zs, zt, bs, bt, target, coefs, self.opts, c0=c0, raw=raw)
+
+
+def _float32(a):
+    return None if a is None else a.astype(cupy.float32)
+
+
+def linear_distillation_loss(x2, w2, bias, tx2, tw2, tbias, target, *, beta, temperature,
+                             ignore_index, hard_weight, softcap, reduction, want_grad,
+                             grad_output, chunk_rows=None, chunk_classes=None):
+    """Kernel protocol as :func:`nblosses.backends.cpu.linear_distillation.
+    linear_distillation_loss`."""
+    half = x2.dtype.name not in ("float32", "float64")
+    if half:
+        x2, w2, bias, tx2, tw2, tbias = (_float32(a) for a in (x2, w2, bias, tx2, tw2, tbias))
+        if reduction == "none" and grad_output is not None:
+            grad_output = _float32(grad_output)
+    with x2.device:
+        loss, grads = LD.run(_CudaLinearDistillation, x2, w2, bias, tx2, tw2, tbias, target,
+                             beta=beta, temperature=temperature, ignore_index=ignore_index,
+                             hard_weight=hard_weight, softcap=softcap, reduction=reduction,
+                             want_grad=want_grad, grad_output=grad_output,
+                             chunk_rows=chunk_rows, chunk_classes=chunk_classes)
+        if target is not None:  # queue the error record's copy-back after the last launch
+            E.after_launch(cupy.cuda.get_current_stream())
+    if half:
+        loss = loss.astype(cupy.float16)
+        grads = None if grads is None else tuple(
+            None if g is None else g.astype(cupy.float16) for g in grads)
+    return loss, grads
+
+
+# The block operations of the protocol, reached as attributes of the kernel.
+vars(linear_distillation_loss).update(block_stats=block_stats, block_jsd=block_jsd,
+                                      block_grad=block_grad)

@@ -1,0 +1,119 @@
+"""``linear_distillation_loss`` inside torch autograd: a ``CUSTOM`` op (the student's three
+gradients: its hidden states, its output layer's weight and bias; the teacher is frozen),
+written by hand as ``linear_cross_entropy``'s (:mod:`._linear_ce`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._autograd import F, no_grad, scaled, wants_grad
+
+__all__ = ["linear_distillation_loss"]
+
+#: The op's options after its tensors, in its schema's order.
+_OPTIONS = ("beta", "temperature", "ignore_index", "hard_weight", "softcap", "reduction")
+
+
+def _call(tensors: tuple[Any, ...], options: tuple[Any, ...], return_grad: bool,
+          grad_output: Tensor | None = None) -> Any:
+    """nblosses' ``linear_distillation_loss`` on detached ``(input, linear_weight,
+    teacher_input, teacher_weight, target, linear_bias, teacher_bias)``."""
+    x, w, tx, tw, target, b, tb = (None if t is None else t.detach() for t in tensors)
+    kw = dict(zip(_OPTIONS, options))
+    kw["softcap"] = kw["softcap"] or None
+    return F.linear_distillation_loss(
+        x, w, tx, tw, target, linear_bias=b, teacher_bias=tb, **kw, return_grad=return_grad,
+        grad_output=None if grad_output is None else grad_output.detach())
+
+
+@torch.library.custom_op("nblosses::linear_distillation_loss", mutates_args=())
+def _linear_distill(input: Tensor, linear_weight: Tensor, teacher_input: Tensor,
+                    teacher_weight: Tensor, target: Tensor | None, linear_bias: Tensor | None,
+                    teacher_bias: Tensor | None, beta: float, temperature: float,
+                    ignore_index: int, hard_weight: float, softcap: float, reduction: str,
+                    want_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, grad_input, grad_linear_weight, grad_linear_bias)``; the gradients (for an
+    upstream gradient of 1) only with ``want_grad``, else empty, as is a bias gradient without
+    a bias."""
+    result = _call((input, linear_weight, teacher_input, teacher_weight, target, linear_bias,
+                    teacher_bias),
+                   (beta, temperature, ignore_index, hard_weight, softcap, reduction), want_grad)
+    if not want_grad:
+        return result, no_grad(input), no_grad(input), no_grad(input)
+    loss, (gx, gw, gb) = result
+    return loss, gx, gw, (no_grad(input) if gb is None else gb)
+
+
+@_linear_distill.register_fake
+def _(input: Tensor, linear_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
+      target: Tensor | None, linear_bias: Tensor | None, teacher_bias: Tensor | None,
+      beta: float, temperature: float, ignore_index: int, hard_weight: float, softcap: float,
+      reduction: str, want_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    loss = input.new_empty(list(input.shape[:-1]) if reduction == "none" else [])
+    if not want_grad:
+        return loss, no_grad(input), no_grad(input), no_grad(input)
+    gb = no_grad(input) if linear_bias is None else torch.empty_like(linear_bias)
+    return loss, torch.empty_like(input), torch.empty_like(linear_weight), gb
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.options = inputs[7:13]
+    ctx.reduction = inputs[12]
+    if inputs[-1]:  # gradients from the forward pass: backward scales them
+        ctx.save_for_backward(*output[1:])
+    else:  # reduction="none": each row's upstream gradient is needed, so backward recomputes
+        ctx.save_for_backward(*inputs[:7])
+
+
+#: No gradient for the teacher's bias and the seven option arguments (``want_grad`` included).
+_TEACHER_AND_OPTIONS = (None,) * 8
+
+
+def _backward(ctx: Any, g_loss: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
+    if g_loss is None:
+        return (None, None, None, None, None, None, *_TEACHER_AND_OPTIONS)
+    if ctx.reduction == "none":
+        _, (gx, gw, gb) = _call(ctx.saved_tensors, ctx.options, True, g_loss)
+    else:
+        gx, gw, gb = ctx.saved_tensors
+        if gx.numel() == 0 and gw.numel() == 0:
+            raise RuntimeError("nblosses.torch: the gradient was not computed in the forward "
+                               "pass (called under no_grad or without requires_grad)")
+        gx, gw = scaled(gx, g_loss), scaled(gw, g_loss)
+        gb = scaled(gb, g_loss) if gb is not None and gb.numel() else None
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None, gw if need[1] else None, None, None, None,
+            gb if gb is not None and need[5] else None, *_TEACHER_AND_OPTIONS)
+
+
+torch.library.register_autograd(_linear_distill, _backward, setup_context=_setup)
+
+
+def linear_distillation_loss(input: Tensor, linear_weight: Tensor, teacher_input: Tensor,
+                             teacher_weight: Tensor, target: Tensor | None = None, *,
+                             linear_bias: Tensor | None = None,
+                             teacher_bias: Tensor | None = None, beta: float = 0.0,
+                             temperature: float = 1.0, ignore_index: int = -100,
+                             hard_weight: float = 0.0, softcap: float | None = None,
+                             reduction: str = "mean") -> Tensor:
+    """:func:`nblosses.functional.linear_distillation_loss` differentiable with respect to the
+    student's ``input``, ``linear_weight`` and ``linear_bias``; the teacher is frozen (its
+    tensors must not require grad: ``NotImplementedError`` otherwise).
+
+    With ``mean`` / ``sum`` the three gradients come from the forward pass (the same chunked
+    sweep) and backward only scales them; with ``reduction="none"`` each row's upstream
+    gradient is needed, so backward runs the chunked computation again with it.
+    """
+    need = torch.is_grad_enabled() and (input.requires_grad or linear_weight.requires_grad or (
+        linear_bias is not None and linear_bias.requires_grad))
+    wants_grad(input, teacher_input=teacher_input, teacher_weight=teacher_weight,
+               teacher_bias=teacher_bias, target=target)  # refuses the teacher's gradients
+    want_grad = bool(need) and reduction != "none"
+    return _linear_distill(input, linear_weight, teacher_input, teacher_weight, target,
+                           linear_bias, teacher_bias, beta, temperature, ignore_index,
+                           hard_weight, softcap or 0.0, reduction, want_grad)[0]
