@@ -102,10 +102,14 @@ def _operand(a: np.ndarray) -> tuple[int, int]:
     row-contiguous arrays (rows may be strided) pass as they are, column-contiguous ones
     (a transposed view) as the transpose of their base."""
     item = a.itemsize
-    if a.strides[1] == item and a.strides[0] >= max(1, a.shape[1]) * item:
-        return _NO_TRANS, a.strides[0] // item
-    if a.strides[0] == item and a.strides[1] >= max(1, a.shape[0]) * item:
-        return _TRANS, a.strides[1] // item
+    r, c = a.shape
+    # An axis of length 1 is never stepped along: its stride (NumPy gives x[None] a 0 one)
+    # is whatever the layout needs.
+    s0, s1 = a.strides
+    if (c <= 1 or s1 == item) and (r <= 1 or s0 >= max(1, c) * item):
+        return _NO_TRANS, (s0 // item if r > 1 else max(1, c))
+    if (r <= 1 or s0 == item) and (c <= 1 or s1 >= max(1, r) * item):
+        return _TRANS, (s1 // item if c > 1 else max(1, r))
     raise ValueError("gemm operands must be contiguous along one axis")
 
 
