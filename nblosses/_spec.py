@@ -97,7 +97,7 @@ class Group(enum.Enum):
 #: The Dask plans of :mod:`nblosses._dask` (``None`` in a spec: dask arrays are refused).
 DaskPlan = Literal["softmax", "softmax_backward", "elementwise", "class_loss", "binary_loss",
                    "linear_ce", "kl_div", "distillation", "token_logprobs",
-                   "linear_distillation"]
+                   "linear_distillation", "linear_token_logprobs"]
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ __all__ = [
     "kl_div",
     "linear_cross_entropy",
     "linear_distillation_loss",
+    "linear_token_logprobs",
     "log_softmax",
     "log_softmax_backward",
     "nll_loss",
@@ -52,6 +53,7 @@ _SPEC_distillation_loss = _SPECS["distillation_loss"]
 _SPEC_linear_cross_entropy = _SPECS["linear_cross_entropy"]
 _SPEC_linear_distillation_loss = _SPECS["linear_distillation_loss"]
 _SPEC_token_logprobs = _SPECS["token_logprobs"]
+_SPEC_linear_token_logprobs = _SPECS["linear_token_logprobs"]
 _FAST_nll_loss: Any = _SPEC_nll_loss.fast_path
 
 
@@ -1396,5 +1398,156 @@ def token_logprobs(
         "input": input, "target": target, "temperature": temperature, "softcap": softcap,
         "ignore_index": ignore_index, "return_entropy": return_entropy, "return_grad": return_grad,
         "grad_output": grad_output, "grad_entropy": grad_entropy, "grad_buffer": grad_buffer,
+        "validate": validate, "backend": backend,
+    })
+
+
+@overload
+def linear_token_logprobs(
+    input: Any, linear_weight: Any, target: Any, *, linear_bias: Any = None,
+    temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
+    return_entropy: Literal[False] = False, options: Any = None,
+    return_grad: Literal[False] = False, grad_output: Any = None, grad_entropy: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> Array: ...
+
+@overload
+def linear_token_logprobs(
+    input: Any, linear_weight: Any, target: Any, *, linear_bias: Any = None,
+    temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
+    return_entropy: Literal[False] = False, options: Any = None, return_grad: Literal[True],
+    grad_output: Any = None, grad_entropy: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> tuple[Array, Array]: ...
+
+@overload
+def linear_token_logprobs(
+    input: Any, linear_weight: Any, target: Any, *, linear_bias: Any = None,
+    temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
+    return_entropy: Literal[True], options: Any = None, return_grad: Literal[False] = False,
+    grad_output: Any = None, grad_entropy: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> tuple[Array, Array]: ...
+
+@overload
+def linear_token_logprobs(
+    input: Any, linear_weight: Any, target: Any, *, linear_bias: Any = None,
+    temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
+    return_entropy: Literal[True], options: Any = None, return_grad: Literal[True],
+    grad_output: Any = None, grad_entropy: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> tuple[Array, Array, Array]: ...
+
+def linear_token_logprobs(
+    input: Any, linear_weight: Any, target: Any, *, linear_bias: Any = None,
+    temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
+    return_entropy: bool = False, options: Any = None, return_grad: bool = False,
+    grad_output: Any = None, grad_entropy: Any = None,
+    validate: Literal["async", "sync"] | None = None, backend: str | None = None,
+) -> Any:
+    r"""Log-probability of each row's target token under an LM head's logits at a temperature and, optionally, the entropy: no logits array is formed.
+
+    :func:`token_logprobs` of ``input @ linear_weight.T + linear_bias``:
+    with :math:`z = \mathrm{cap}(x W^\top + b) / T` and :math:`p = \mathrm{softmax}(z)`, each
+    row gives :math:`\log p_t` and (``return_entropy``) :math:`H = -\sum_c p_c \log p_c`. The
+    vocabulary is processed in blocks of rows (BLAS / cuBLAS products, then fused kernels for
+    the blocks' statistics and, with ``return_grad=True``, their gradient in place), as
+    :func:`linear_cross_entropy` does, so the extra memory stays within 5% of the ``(N, V)``
+    logits whatever the vocabulary.
+
+    Parameters
+    ----------
+    input : array_like
+        Features ``(N, d)`` (the last hidden states of ``N`` tokens) or ``(d,)``.
+    linear_weight : array_like
+        The output layer's weight, ``(V, d)``.
+    target : array_like of int
+        The token of each row, in ``[0, V)`` or ``ignore_index``: ``(N,)`` (``()`` for a
+        ``(d,)`` input).
+    linear_bias : array_like, optional
+        The output layer's bias, ``(V,)``.
+    temperature : float
+        :math:`T > 0`: the distribution is :math:`\mathrm{softmax}(x / T)` (the sampling
+        temperature).
+    softcap : float, optional
+        Soft-caps the logits first, :math:`c \tanh(x / c)` (Gemma 2), before the temperature;
+        the gradient has the chain rule.
+    ignore_index : int
+        Target value whose positions give log-probability 0, entropy 0 and gradient 0.
+    return_entropy : bool
+        Also return each position's entropy :math:`-\sum_c p_c \log p_c`.
+    options : object, optional
+        torch's ``LinearCrossEntropyOptions``: its ``batch_chunk_size``, when set, is the
+        row-chunk size (as for :func:`linear_cross_entropy`); nblosses picks its chunks
+        itself otherwise.
+    return_grad : bool
+        Also return the gradients of ``sum(grad_output * logp + grad_entropy * entropy)``
+        with respect to ``input``, ``linear_weight`` and ``linear_bias``.
+    grad_output : scalar or array, optional
+        Upstream gradient of the log-probabilities, per position (an array of the positions'
+        shape) or one scalar for all; ones by default.
+    grad_entropy : scalar or array, optional
+        Upstream gradient of the entropy, as ``grad_output``; zeros by default (the entropy
+        is then not part of the differentiated sum, returned or not).
+    validate : {"async", "sync"}, optional
+        How class indices are checked on a device backend: ``"async"`` inside the kernels, with
+        the ``IndexError`` raised by a later call or :func:`nblosses.synchronize` (the host never
+        waits); ``"sync"`` before the kernel, eagerly (waits for the device). Default: the current
+        default (:func:`nblosses.use_validation`), ``"async"``. The CPU backend always checks
+        eagerly.
+    backend : str, optional
+        ``"cpu"``, ``"cuda"``, another registered name or ``"auto"`` (by array type); default:
+        the current default (:func:`nblosses.use_backend`, :func:`nblosses.set_backend`).
+
+    Returns
+    -------
+    logp : array
+        Log-probability of each row's target, ``(N,)`` (``()`` for a ``(d,)`` input), float32
+        at least (float64 for float64 input); 0 for ignored rows; never positive.
+    entropy : array
+        Only with ``return_entropy=True``: each row's entropy, as ``logp``, in ``[0, log V]``;
+        0 for ignored rows.
+    grads : tuple of array
+        Only with ``return_grad=True``: ``(grad_input, grad_linear_weight, grad_linear_bias)``
+        (the last ``None`` without a bias), in the input's dtype.
+
+    Raises
+    ------
+    IndexError
+        A target outside ``[0, V)`` that is not ``ignore_index`` (on a device backend reported
+        asynchronously unless ``validate="sync"``).
+    ValueError
+        Mismatched shapes (input and weight, bias, targets, ``grad_output``,
+        ``grad_entropy``), a temperature that is not > 0, a bad soft cap.
+    TypeError
+        Non-float input or upstream gradient, or a target that is not integer.
+
+    Notes
+    -----
+    The gradients come from the logits' gradient of :func:`token_logprobs`, block by block:
+    ``grad_input = G @ W``, ``grad_linear_weight = G.T @ input``, ``grad_linear_bias =
+    G.sum(0)``. ``nblosses.torch.linear_token_logprobs`` makes both outputs differentiable in
+    torch; its backward, which only then knows both upstream gradients, computes the logits
+    again block by block (see :doc:`/rl`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nblosses import functional as F
+    >>> r = np.random.default_rng(0)
+    >>> x, w = r.standard_normal((4, 8)), r.standard_normal((50, 8))
+    >>> t = np.array([3, 0, 49, -100])
+    >>> logp, ent = F.linear_token_logprobs(x, w, t, temperature=0.8, return_entropy=True)
+    >>> bool(np.allclose(logp, F.token_logprobs(x @ w.T, t, temperature=0.8)))
+    True
+    >>> logp, (gx, gw, gb) = F.linear_token_logprobs(x, w, t, return_grad=True)
+    >>> gx.shape, gw.shape, gb is None
+    ((4, 8), (50, 8), True)
+    """
+    return _call(_SPEC_linear_token_logprobs, {
+        "input": input, "linear_weight": linear_weight, "target": target,
+        "linear_bias": linear_bias, "temperature": temperature, "softcap": softcap,
+        "ignore_index": ignore_index, "return_entropy": return_entropy, "options": options,
+        "return_grad": return_grad, "grad_output": grad_output, "grad_entropy": grad_entropy,
         "validate": validate, "backend": backend,
     })

@@ -48,6 +48,7 @@ from . import (
     kl_divergence,
     linear_ce,
     linear_distillation,
+    linear_token_statistics,
     token_statistics,
 )
 
@@ -67,6 +68,7 @@ PLANS: dict[DaskPlan, Plan] = {
     "distillation": distillation.plan_distillation,
     "token_logprobs": token_statistics.plan_token_logprobs,
     "linear_distillation": linear_distillation.plan_linear_distillation,
+    "linear_token_logprobs": linear_token_statistics.plan_linear_token_logprobs,
 }
 
 

@@ -21,12 +21,13 @@ from . import (
     kl_div,
     linear_ce,
     linear_distillation,
+    linear_token_logprobs,
     token_logprobs,
 )
 
 #: The family modules, in docs order; each defines ``SPECS``, a tuple of its specs.
 FAMILIES = (activations, class_losses, binary_losses, kl_div, distillation, linear_ce,
-            linear_distillation, token_logprobs)
+            linear_distillation, token_logprobs, linear_token_logprobs)
 
 SPECS: MappingProxyType[str, OpSpec] = MappingProxyType(
     {spec.name: spec for family in FAMILIES for spec in family.SPECS})

@@ -19,11 +19,13 @@ Where the functions come from: every op spec (:mod:`nblosses.ops`) whose ``autog
 (:mod:`nblosses.torch._generated`, by ``python -m nblosses._codegen``; the mechanism is
 :mod:`nblosses.torch._autograd`). ``CUSTOM`` ops are written by hand, one module each, and
 imported below: ``linear_cross_entropy`` and ``linear_distillation_loss`` (three gradients
-each, the teacher's head frozen) and ``token_logprobs`` (two differentiable outputs, whose
-backward takes both upstream gradients).
+each, the teacher's head frozen), ``token_logprobs`` (two differentiable outputs, whose
+backward takes both upstream gradients) and ``linear_token_logprobs`` (both, with the head's
+three gradients).
 
-Gradients flow to ``input`` only (and, for ``linear_cross_entropy`` and
-``linear_distillation_loss``, to the student head's weight and bias); ``target``, ``weight``,
+Gradients flow to ``input`` only (and, for ``linear_cross_entropy``,
+``linear_distillation_loss`` and ``linear_token_logprobs``, to the (student) head's weight and
+bias); ``target``, ``weight``,
 ``pos_weight`` and the other arrays that require grad raise
 ``NotImplementedError`` (torch computes no ``weight`` gradient either). There is no double
 backward.
@@ -49,7 +51,9 @@ from ._generated import *  # noqa: F403  (the functions derived from the op spec
 # CUSTOM ops, written by hand: one module each.
 from ._linear_ce import linear_cross_entropy
 from ._linear_distillation import linear_distillation_loss
+from ._linear_token_logprobs import linear_token_logprobs
 from ._token_logprobs import token_logprobs
 
-__all__ = ["linear_cross_entropy", "linear_distillation_loss", "token_logprobs"]
+__all__ = ["linear_cross_entropy", "linear_distillation_loss", "linear_token_logprobs",
+           "token_logprobs"]
 __all__ += _generated.__all__
