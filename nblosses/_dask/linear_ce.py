@@ -160,13 +160,20 @@ class _Graph:
             self.dsk[(self.name("lse"), i)] = (_pick, (fin, i), 1, dtype)
         return self.array("lse", (self.rows,), dtype)
 
+    def grad_task(self, i: int, j: int, finished: Any) -> tuple:
+        """The task of block ``(i, j)``'s gradient parts, given its rows' finished
+        statistics."""
+        return (_grad_block, *self.block_args(i, j), finished, self.c0s[j], self.backend,
+                self.cfg)
+
     def gradients(self, dtype: Any) -> tuple[Any, Any, Any]:
+        """``(grad_input, grad_weight, grad_bias)``: each block's parts (:meth:`grad_task`),
+        summed over the vocabulary blocks (input) and the row blocks (weight, bias)."""
         ni, nj = len(self.rows), len(self.cols)
         part, fin = self.name("part"), self.name("rows")
         for i in range(ni):
             for j in range(nj):
-                self.dsk[(part, i, j)] = (_grad_block, *self.block_args(i, j), (fin, i),
-                                          self.c0s[j], self.backend, self.cfg)
+                self.dsk[(part, i, j)] = self.grad_task(i, j, (fin, i))
         for i in range(ni):
             self.dsk[(self.name("gx"), i, 0)] = (_sum_parts, [(part, i, j) for j in range(nj)],
                                                  0, dtype)

@@ -45,7 +45,7 @@ from ._common import (
     rows_grad,
     unwrap,
 )
-from .linear_ce import _Graph, _sum_parts
+from .linear_ce import _Graph
 
 #: The columns of a finished row chunk: the loss, then (with a gradient) :data:`LD.COEFS`.
 _LOSS = 0
@@ -160,24 +160,9 @@ class _PairGraph(_Graph):
             self.dsk[(fin, i)] = (_finish, (merged, i), sums, ti, gi, self.backend, self.opts,
                                   self.n_classes, want_grad)
 
-    def gradients(self, dtype: Any) -> tuple[Any, Any, Any]:
-        ni, nj = len(self.rows), len(self.cols)
-        part, fin = self.name("part"), self.name("rows")
-        for i in range(ni):
-            for j in range(nj):
-                self.dsk[(part, i, j)] = (_grad_block, *self.pair_args(i, j), self.ref(self.t, i),
-                                          (fin, i), self.c0s[j], self.backend, self.opts)
-        for i in range(ni):
-            self.dsk[(self.name("gx"), i, 0)] = (_sum_parts, [(part, i, j) for j in range(nj)],
-                                                 0, dtype)
-        for j in range(nj):
-            parts = [(part, i, j) for i in range(ni)]
-            self.dsk[(self.name("gw"), j, 0)] = (_sum_parts, parts, 1, dtype)
-            self.dsk[(self.name("gb"), j)] = (_sum_parts, parts, 2, dtype)
-        d = self.x.shape[1]
-        return (self.array("gx", (self.rows, (d,)), dtype),
-                self.array("gw", (self.cols, (d,)), dtype),
-                self.array("gb", (self.cols,), dtype) if self.bias is not None else None)
+    def grad_task(self, i: int, j: int, finished: Any) -> tuple:
+        return (_grad_block, *self.pair_args(i, j), self.ref(self.t, i), finished, self.c0s[j],
+                self.backend, self.opts)
 
 
 # ----------------------------------------------------------------------------- the plan
