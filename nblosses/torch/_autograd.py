@@ -37,8 +37,8 @@ from .. import _args
 from .. import functional as _functional
 from .._spec import OpSpec
 
-__all__ = ["F", "cast", "fused_loss_op", "gradient_op", "in_place", "no_grad", "run_loss",
-           "scaled", "softmax_dim", "softmax_op", "tensor_list", "wants_grad"]
+__all__ = ["F", "cast", "fused_loss_op", "gradient_op", "head_setup", "in_place", "no_grad",
+           "run_loss", "scaled", "softmax_dim", "softmax_op", "tensor_list", "wants_grad"]
 
 # Untyped on purpose: the ops' options travel as plain values (the overloads want literals).
 F: Any = _functional
@@ -272,6 +272,18 @@ def softmax_op(spec: OpSpec, backward: Any) -> Callable[[Callable[..., Any]], An
         return op
 
     return make
+
+
+def head_setup(ctx: Any, output: tuple[Tensor, ...], *, forward_grad: bool,
+               arrays: tuple[Any, ...], reduction: str, options: tuple[Any, ...]) -> None:
+    """``setup_context`` of an LM-head loss op returning ``(loss, *gradients)``: the gradients
+    computed in the forward pass (``forward_grad``) are saved for backward to scale; without
+    them (``reduction="none"``: each row's upstream gradient is needed) the op's ``arrays``
+    are saved, for backward to run the op again with the upstream gradient."""
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+    ctx.reduction, ctx.options = reduction, options
+    ctx.save_for_backward(*(output[1:] if forward_grad else arrays))
 
 
 def cast(input: Tensor, dtype: torch.dtype | None) -> Tensor:

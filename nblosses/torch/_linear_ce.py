@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._autograd import F, no_grad, scaled, wants_grad
+from ._autograd import F, head_setup, no_grad, scaled, wants_grad
 
 __all__ = ["linear_cross_entropy"]
 
@@ -61,13 +61,8 @@ def _(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor 
 
 
 def _linear_ce_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
-    ctx.reduction, ctx.options = inputs[6], inputs[5:10]
-    if inputs[-1]:  # gradients from the forward pass: backward scales them
-        ctx.save_for_backward(*output[1:])
-    else:  # reduction="none": each row's upstream gradient is needed, so backward recomputes
-        ctx.save_for_backward(*inputs[:5])
+    head_setup(ctx, output, forward_grad=inputs[-1], arrays=inputs[:5], reduction=inputs[6],
+               options=inputs[5:10])
 
 
 #: No gradient for target, weight and the six option arguments of ``_linear_ce``.

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._autograd import F, no_grad, scaled, wants_grad
+from ._autograd import F, head_setup, no_grad, scaled, wants_grad
 
 __all__ = ["linear_distillation_loss"]
 
@@ -60,14 +60,8 @@ def _(input: Tensor, linear_weight: Tensor, teacher_input: Tensor, teacher_weigh
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
-    ctx.options = inputs[7:13]
-    ctx.reduction = inputs[12]
-    if inputs[-1]:  # gradients from the forward pass: backward scales them
-        ctx.save_for_backward(*output[1:])
-    else:  # reduction="none": each row's upstream gradient is needed, so backward recomputes
-        ctx.save_for_backward(*inputs[:7])
+    head_setup(ctx, output, forward_grad=inputs[-1], arrays=inputs[:7], reduction=inputs[12],
+               options=inputs[7:13])
 
 
 #: No gradient for the teacher's bias and the seven option arguments (``want_grad`` included).
