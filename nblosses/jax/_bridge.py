@@ -57,7 +57,8 @@ class Request:
     options : tuple of (str, object)
         The other arguments (JSON values: ``None``, bool, int, float, str).
     return_grad : bool
-        The call also returns the gradient (the second result).
+        The call also returns the gradient (its last result: the second of a loss, the third
+        of ``token_logprobs`` with ``return_entropy``).
     """
 
     op: str
@@ -115,8 +116,8 @@ def execute(request: Request, operands: list[np.ndarray], outputs: list[np.ndarr
         kwargs["return_grad"] = True
         # Into XLA's buffer directly where the op takes one in the input's dtype (its compute
         # dtype must be the input's: not for half precision, computed in float32).
-        if _takes_grad_buffer(request.op) and outputs[1].dtype.itemsize >= 4:
-            kwargs["grad_buffer"] = outputs[1]
+        if _takes_grad_buffer(request.op) and outputs[-1].dtype.itemsize >= 4:
+            kwargs["grad_buffer"] = outputs[-1]
     result = getattr(functional, request.op)(**kwargs, backend="cpu")
     for out, r in zip(outputs, result if isinstance(result, tuple) else (result,)):
         if r is out:
