@@ -1,11 +1,13 @@
-"""nblosses inside JAX: the softmax family and the fused losses under ``jax.jit``,
-``jax.grad`` and ``jax.vmap``.
+"""nblosses inside JAX: the softmax family, the fused losses and the token statistics under
+``jax.jit``, ``jax.grad`` and ``jax.vmap``.
 
 Every op spec (:mod:`nblosses.ops`) whose ``autograd`` is ``SOFTMAX`` or ``FUSED_LOSS`` gets a
 function here, generated from the spec (:mod:`nblosses.jax._generated`, by
 ``python -m nblosses._codegen``): torch's signature without its legacy arguments, plus
 nblosses' keyword-only extras that mean something under differentiation (``z_loss``,
-``softcap``...).
+``softcap``...). The ``CUSTOM`` ones are written by hand: :func:`token_logprobs`, per-token
+log-probabilities and entropies with both outputs differentiable (its backward runs the fused
+kernel once with both cotangents; :mod:`nblosses.jax._token_logprobs`).
 
 Each call is one XLA custom call into nblosses' CPU kernels that reads XLA's buffers in place
 and writes its results into XLA's output buffers (:mod:`nblosses.jax._bridge`: an FFI target,
@@ -44,5 +46,6 @@ from __future__ import annotations
 
 from . import _generated
 from ._generated import *  # noqa: F403  (the functions derived from the op specs)
+from ._token_logprobs import token_logprobs
 
-__all__ = list(_generated.__all__)
+__all__ = [*_generated.__all__, "token_logprobs"]
