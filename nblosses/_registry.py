@@ -412,6 +412,33 @@ def resolve_backend(requested: str | None, *arrays: Any) -> Runtime:
     return load(owner or owner_of(""))
 
 
+def numpy_runtime(requested: str | None) -> Runtime:
+    """:func:`resolve_backend` of a call whose arrays are all NumPy arrays (at least one; the
+    others ``None`` or Python scalars), without looking at them: the plain call's lane of
+    :func:`nblosses._dispatch.call`."""
+    name = requested if requested is not None else _BACKEND.get()
+    if name == "auto":
+        name = numpy_owner()
+    runtime = _RUNTIMES.get(name)
+    return runtime if runtime is not None else load(check_name(name))
+
+
+# [(registry generation, name of the backend owning NumPy arrays)] (see numpy_owner); one
+# tuple, replaced whole, so that a concurrent reader never sees a name of another generation.
+_NUMPY_OWNER: list[tuple[int, str]] = [(-1, "")]
+
+
+def numpy_owner() -> str:
+    """``owner_of("numpy")``, cached until the next (un)registration: 0.05 against 0.13 us, on
+    the path of every plain NumPy call."""
+    generation, owner = _NUMPY_OWNER[0]
+    if generation != _GENERATION[0]:
+        generation = _GENERATION[0]
+        owner = owner_of("numpy")
+        _NUMPY_OWNER[0] = (generation, owner)
+    return owner
+
+
 @functools.lru_cache(maxsize=64)
 def _owner_cached(module: str, generation: int) -> str:
     fallback = None
