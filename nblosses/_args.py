@@ -61,11 +61,13 @@ def compute_dtype(be: Backend, dtype: Any, what: str = "input") -> Any:
 
 
 def to_compute(be: Backend, array: Any, dtype: Any) -> Any:
-    """``array`` on the backend, C-contiguous, in ``dtype`` (a copy only when needed)."""
+    """``array`` on the backend, C-contiguous, in ``dtype`` (a copy only when needed; a 0-d
+    array comes back 1-d, as ``ascontiguousarray`` gives it)."""
     a = be.asarray(array)
-    if a.dtype != dtype:
+    if a.dtype is not dtype and a.dtype != dtype:  # NumPy's dtypes are mostly singletons
         a = a.astype(dtype)
-    return be.xp.ascontiguousarray(a)
+    # ascontiguousarray, which returns a contiguous array itself, costs 0.15 us more
+    return a if a.ndim and a.flags.c_contiguous else be.xp.ascontiguousarray(a)
 
 
 def as_array(be: Backend, array: Any, what: str) -> Any:
@@ -194,6 +196,8 @@ def softmax_dim(name: str, ndim: int, dim: Any) -> int:
         warn_at_caller(f"Implicit dimension choice for {name} has been deprecated. "
                        f"Change the call to include dim=X as an argument.")
         return dim
+    if type(dim) is int and 0 <= dim < ndim:  # the common call, in one comparison
+        return dim
     try:
         dim = operator.index(dim)
     except TypeError:
@@ -209,6 +213,8 @@ def softmax_dim(name: str, ndim: int, dim: Any) -> int:
 
 def split_shape(shape: tuple[int, ...], dim: int) -> tuple[int, int, int]:
     """``(outer, C, inner)`` of ``shape`` around axis ``dim`` (a 0-d shape is ``(1, 1, 1)``)."""
+    if len(shape) == 2:  # the common case without math.prod (0.28 -> 0.1 us)
+        return (shape[0], shape[1], 1) if dim == 1 else (1, shape[0], shape[1])
     if not shape:
         return 1, 1, 1
     return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["OutputCache", "empty", "output_cache"]
+__all__ = ["OutputCache", "empty", "empty_like", "output_cache"]
 
 MIN_BYTES = 4 << 20
 """Outputs smaller than this come from ``np.empty``: the allocator reuses warm memory for them."""
@@ -149,6 +149,15 @@ def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     if nbytes < MIN_BYTES or cache.limit < nbytes:
         return np.empty(shape, dtype)
     return np.asarray(_Lease(cache.take(nbytes), cache, tuple(shape), dtype))
+
+
+def empty_like(a: np.ndarray) -> np.ndarray:
+    """:func:`empty` of ``a``'s shape and dtype (C order). Reads the size from ``a`` (one
+    attribute) rather than from the shape: 0.33 against 0.49 us for a small array, where the
+    allocation is a tenth of a small softmax call."""
+    if a.nbytes < MIN_BYTES:
+        return np.empty(a.shape, a.dtype)
+    return empty(a.shape, a.dtype)
 
 
 def _checked_limit(limit: Any) -> int:

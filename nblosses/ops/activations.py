@@ -44,12 +44,15 @@ class ArrayArgs:
 
 def check_softmax_input(be: Runtime, name: str, x: Any, dim: Any) -> int:
     """Metadata checks of a softmax-family input; returns the normalised ``dim``."""
+    return _checked_softmax_input(be, name, x, dim)[0]
+
+
+def _checked_softmax_input(be: Runtime, name: str, x: Any, dim: Any) -> tuple[int, Any]:
+    """:func:`check_softmax_input`'s checks; returns ``(dim, compute dtype)``."""
     if not _args.is_float(x.dtype):
         raise TypeError(f"{name}: input must be a floating-point array (or pass dtype=), "
                         f"got dtype {x.dtype.name}")
-    d = _args.softmax_dim(name, x.ndim, dim)
-    _args.compute_dtype(be, x.dtype)
-    return d
+    return _args.softmax_dim(name, x.ndim, dim), _args.compute_dtype(be, x.dtype)
 
 
 def softmax_args(be: Runtime, name: str, input: Any, dim: Any, dtype: Any) -> ArrayArgs:
@@ -57,9 +60,8 @@ def softmax_args(be: Runtime, name: str, input: Any, dim: Any, dtype: Any) -> Ar
     x = _args.as_array(be, input, "input")
     if dtype is not None:
         x = x.astype(be.xp.dtype(dtype), copy=False)
-    d = check_softmax_input(be, name, x, dim)
-    x3 = _args.to_compute(be, x, _args.compute_dtype(be, x.dtype)).reshape(
-        _args.split_shape(x.shape, d))
+    d, cdt = _checked_softmax_input(be, name, x, dim)
+    x3 = _args.to_compute(be, x, cdt).reshape(_args.split_shape(x.shape, d))
     return ArrayArgs((x3,), tuple(x.shape), x.dtype)
 
 
