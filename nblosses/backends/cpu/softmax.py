@@ -17,10 +17,12 @@ Inputs arrive as ``(outer, C, inner)`` (see :mod:`nblosses.backends`). Three lay
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numba import njit, prange
 
-from ..._output_cache import empty
+from ..._output_cache import empty_like
 from ._blocks import (
     CHUNK,
     SMALL_C,
@@ -54,7 +56,7 @@ from ._math import (
     sum_exp,
     sum_exp_store,
 )
-from ._parallel import guarded, parallel_kernel
+from ._parallel import GRAIN, LIGHT_GRAIN, ParallelKernel, guarded, parallel_kernel
 
 
 # ----------------------------------------------------------------------------- contiguous rows
@@ -193,19 +195,18 @@ def _softmax_blocks(x, y, log, width):
 
 
 def _softmax_any(x3: np.ndarray, log: bool) -> np.ndarray:
-    y3 = empty(x3.shape, x3.dtype)
-    if x3.size == 0:
+    y3 = empty_like(x3)
+    outer, n_classes, inner = x3.shape
+    if y3.size == 0:
         return y3
-    if x3.shape[2] == 1:
-        x2, y2 = x3[:, :, 0], y3[:, :, 0]
-        parts = tile_parts(x3.shape[1], x3.itemsize) if x3.shape[1] < SMALL_C else None
+    if inner == 1 and n_classes >= SMALL_C:  # the common case first: a small call is ~2 us
+        _softmax_rows(x3.reshape(outer, n_classes), y3.reshape(outer, n_classes), log)
+    elif inner == 1:
+        parts = tile_parts(n_classes, x3.itemsize)
         if parts is not None:
-            _softmax_split_tiles(x3.reshape(-1), y3.reshape(-1), log, tile_tasks(x2.shape[0]),
-                                 *parts)
-        elif x3.shape[1] < SMALL_C:
-            _softmax_tiles(x2, y2, log, tile_tasks(x2.shape[0]))
+            _softmax_split_tiles(x3.reshape(-1), y3.reshape(-1), log, tile_tasks(outer), *parts)
         else:
-            _softmax_rows(x2, y2, log)
+            _softmax_tiles(x3[:, :, 0], y3[:, :, 0], log, tile_tasks(outer))
     else:
         # 3 scratch rows (max, sum, 1/sum or log sum); 4096 wide ran 15% faster than 2048 at
         # 32x[21]x4096 (fewer, longer class rows per task for the prefetcher).
@@ -406,24 +407,34 @@ def _backward_widest(y3: np.ndarray, log: bool) -> int:
 
 
 def _backward_any(g3: np.ndarray, y3: np.ndarray, log: bool) -> np.ndarray:
-    gx = empty(y3.shape, y3.dtype)
-    if y3.size == 0:
+    gx = empty_like(y3)
+    outer, n_classes, inner = y3.shape
+    if gx.size == 0:
         return gx
-    if y3.shape[2] == 1:
-        parts = (tile_parts(y3.shape[1], y3.itemsize)
-                 if log and y3.shape[1] < LOG_BACKWARD_SPLIT_C else None)
+    if inner == 1:
+        parts = (tile_parts(n_classes, y3.itemsize)
+                 if log and n_classes < LOG_BACKWARD_SPLIT_C else None)
         if parts is not None:
             _log_softmax_backward_split(g3.reshape(-1), y3.reshape(-1), gx.reshape(-1),
-                                        tile_tasks(y3.shape[0]), *parts)
+                                        tile_tasks(outer), *parts)
         else:
-            _softmax_backward_rows(g3[:, :, 0], y3[:, :, 0], gx[:, :, 0], log)
+            _build(_softmax_backward_rows, gx, log)(
+                g3.reshape(outer, n_classes), y3.reshape(outer, n_classes),
+                gx.reshape(outer, n_classes), log)
     else:
         # Blocks as wide as the threads allow: the backward is memory-bound, and a whole
         # (C, inner) slab per task is one contiguous stream for the prefetcher instead of C
         # short ones (20% faster at 32x[21]x4096). One scratch row (the sums).
-        _softmax_backward_blocks(g3, y3, gx, log,
-                                 width_for(y3, widest=_backward_widest(y3, log), scratch_rows=1))
+        _build(_softmax_backward_blocks, gx, log)(
+            g3, y3, gx, log, width_for(y3, widest=_backward_widest(y3, log), scratch_rows=1))
     return gx
+
+
+def _build(kernel: ParallelKernel, gx: np.ndarray, log: bool) -> Any:
+    """The build of a backward kernel for an output like ``gx``: log_softmax's computes an
+    exp per element and goes parallel from :data:`GRAIN` elements, softmax's (two
+    multiply-adds) from :data:`LIGHT_GRAIN`."""
+    return kernel.parallel if gx.size >= (GRAIN if log else LIGHT_GRAIN) else kernel.serial
 
 
 @guarded
@@ -449,7 +460,7 @@ def _sigmoid(x, y):
             ys[i] = like(1, x) / (like(1, x) + fast_exp(-xs[i]))
 
 
-@parallel_kernel(**JIT)
+@parallel_kernel(grain=LIGHT_GRAIN, **JIT)
 def _sigmoid_backward(g, y, gx):
     n = y.size
     for k in prange((n + CHUNK - 1) // CHUNK):
@@ -462,7 +473,7 @@ def _sigmoid_backward(g, y, gx):
 @guarded
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """Elementwise ``1 / (1 + exp(-x))``."""
-    y = np.empty_like(x)
+    y = empty_like(x)
     _sigmoid(x, y)
     return y
 
@@ -470,6 +481,6 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 @guarded
 def sigmoid_backward(g: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Elementwise ``g * y * (1 - y)``."""
-    gx = np.empty_like(y)
+    gx = empty_like(y)
     _sigmoid_backward(g, y, gx)
     return gx
