@@ -3,9 +3,9 @@
 A rule of ``conftest.SLOW`` that names a test no longer there would silently move a slow sweep
 back into the fast tier (or name nothing at all): each rule must name existing test functions.
 The generic spec-driven tests and the meta-test are the fast tier's sample of every op: no rule
-names them and they carry no ``slow`` marker of their own; where a front end compiles per call
-(JAX, the fake device), ``helpers.sample_params(..., fast_samples=k)`` keeps each op's first
-``k`` samples fast and puts its others in the slow tier.
+names them and they carry no ``slow`` marker of their own; ``helpers.sample_params(...,
+fast_samples=k)`` keeps each op's first ``k`` samples fast (every op, every front end) and puts
+its others in the slow tier, where each compiles kernels of its own.
 """
 
 from __future__ import annotations
