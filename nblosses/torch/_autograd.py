@@ -37,8 +37,9 @@ from .. import _args
 from .. import functional as _functional
 from .._spec import OpSpec
 
-__all__ = ["F", "cast", "fused_loss_op", "gradient_op", "head_setup", "in_place", "no_grad",
-           "run_loss", "scaled", "softmax_dim", "softmax_op", "tensor_list", "wants_grad"]
+__all__ = ["F", "cast", "fused_loss_op", "gradient_op", "head_fake", "head_setup", "in_place",
+           "no_grad", "run_loss", "scaled", "softmax_dim", "softmax_op", "tensor_list",
+           "wants_grad"]
 
 # Untyped on purpose: the ops' options travel as plain values (the overloads want literals).
 F: Any = _functional
@@ -272,6 +273,16 @@ def softmax_op(spec: OpSpec, backward: Any) -> Callable[[Callable[..., Any]], An
         return op
 
     return make
+
+
+def head_fake(loss: Tensor, input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,
+              want_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fake results of an LM-head loss op: ``(loss, grad_input, grad_weight, grad_bias)``,
+    the gradients empty placeholders (:func:`no_grad`) when not computed."""
+    if not want_grad:
+        return loss, no_grad(input), no_grad(input), no_grad(input)
+    gb = no_grad(input) if linear_bias is None else torch.empty_like(linear_bias)
+    return loss, torch.empty_like(input), torch.empty_like(linear_weight), gb
 
 
 def head_setup(ctx: Any, output: tuple[Tensor, ...], *, forward_grad: bool,

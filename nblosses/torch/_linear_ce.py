@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._autograd import F, head_setup, no_grad, scaled, wants_grad
+from ._autograd import F, head_fake, head_setup, no_grad, scaled, wants_grad
 
 __all__ = ["linear_cross_entropy"]
 
@@ -54,10 +54,7 @@ def _(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor 
       weight: Tensor | None, ignore_index: int | None, reduction: str, label_smoothing: float,
       z_loss: float, softcap: float, want_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     loss = input.new_empty(_linear_ce_shape(input, linear_weight, reduction))
-    if not want_grad:
-        return loss, no_grad(input), no_grad(input), no_grad(input)
-    gb = no_grad(input) if linear_bias is None else torch.empty_like(linear_bias)
-    return loss, torch.empty_like(input), torch.empty_like(linear_weight), gb
+    return head_fake(loss, input, linear_weight, linear_bias, want_grad)
 
 
 def _linear_ce_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._autograd import F, head_setup, no_grad, scaled, wants_grad
+from ._autograd import F, head_fake, head_setup, no_grad, scaled, wants_grad
 
 __all__ = ["linear_distillation_loss"]
 
@@ -53,10 +53,7 @@ def _(input: Tensor, linear_weight: Tensor, teacher_input: Tensor, teacher_weigh
       beta: float, temperature: float, ignore_index: int, hard_weight: float, softcap: float,
       reduction: str, want_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     loss = input.new_empty(list(input.shape[:-1]) if reduction == "none" else [])
-    if not want_grad:
-        return loss, no_grad(input), no_grad(input), no_grad(input)
-    gb = no_grad(input) if linear_bias is None else torch.empty_like(linear_bias)
-    return loss, torch.empty_like(input), torch.empty_like(linear_weight), gb
+    return head_fake(loss, input, linear_weight, linear_bias, want_grad)
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
