@@ -289,6 +289,13 @@ SLOW: tuple[Slow, ...] = (
          ("test_options_match_torch",), keep=2),
     Slow("tests/dask/test_dask.py", "chunkings x ops (~7 s)", ("test_class_losses_match_numpy",),
          keep=2),
+    Slow("tests/api/test_linear_distillation.py", "torch's gradcheck, opcheck and "
+         "torch.compile of the LM-head op (dynamo and float64 kernels, ~15 s); the fast tier "
+         "keeps its autograd parity", ("test_torch_gradcheck", "test_torch_opcheck",
+                                       "test_torch_compile_fullgraph")),
+    Slow("tests/interop/test_jax_token_logprobs.py", "a jit of their own each (~3 s); the fast "
+         "tier keeps values and gradients under jit", ("test_vmap_over_a_leading_batch_axis",
+                                                        "test_entropy_only_objective")),
 )
 
 
