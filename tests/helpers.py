@@ -10,9 +10,14 @@ reason (values of magnitude ~1e4) scale ``atol`` explicitly with ``scale=``.
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
 import warnings
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -322,3 +327,30 @@ def assert_unwritten(call: tuple[tuple, dict], copy: tuple[tuple, dict], what: s
         if isinstance(b, np.ndarray):
             assert np.array_equal(to_numpy(a), b, equal_nan=b.dtype.kind == "f"), (
                 f"{what}: an input was written to")
+
+
+#: The CPUs whose code the assembly probes inspect (AVX2; AVX-512 with 256-bit tuning; AVX-512).
+PROBE_CPUS = ("haswell", "skylake-avx512", "znver4")
+
+
+def run_asm_probes(script: str, cache_root: Path) -> dict[str, Any]:
+    """``{cpu: counts}``: ``script`` run once per CPU of :data:`PROBE_CPUS`, all at once, each
+    compiling for that CPU (``NUMBA_CPU_NAME``, its own feature set, a fresh Numba cache under
+    ``cache_root``) with the tree under test first on the path; the JSON of its last stdout
+    line."""
+    tests = Path(__file__).resolve().parent
+    procs = {}
+    for cpu in PROBE_CPUS:
+        env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="",
+                   NUMBA_CACHE_DIR=str(cache_root / f"numba-{cpu}"),
+                   PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests),
+                                               str(tests / "kernels")]))
+        env.pop("PROBE_ONLY", None)
+        procs[cpu] = subprocess.Popen([sys.executable, script], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    results = {}
+    for cpu, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{cpu} probe failed:\n{stderr[-3000:]}"
+        results[cpu] = json.loads(stdout.strip().splitlines()[-1])
+    return results

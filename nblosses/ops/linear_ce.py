@@ -28,7 +28,7 @@ class LinearCELayout:
 
 
 @dataclass(slots=True)
-class _Shape:
+class LogitsShape:
     """Shape metadata standing in for the logits (which are never formed)."""
 
     shape: tuple[int, ...]
@@ -70,7 +70,7 @@ def check_linear_ce(be: Runtime, name: str, x: Any, w: Any, t: Any, b: Any, cw: 
             raise TypeError(f"{name}: expected a floating-point target for class probabilities "
                             f"(shape {logits_shape}), got dtype {t.dtype.name}")
     else:
-        _args.check_index_target(name, _Shape(logits_shape), t, tuple(x.shape[:-1]) + out)
+        _args.check_index_target(name, LogitsShape(logits_shape), t, tuple(x.shape[:-1]) + out)
     if cw is not None and (cw.ndim != 1 or cw.shape[0] != v):
         raise ValueError(f"{name}: weight must be a 1-D array of length C = {v}, got shape "
                          f"{tuple(cw.shape)}")

@@ -21,6 +21,7 @@ from .distillation import (
     check_hard_weight,
     check_temperature,
 )
+from .linear_ce import LogitsShape
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -34,17 +35,6 @@ class LinearDistillLayout:
     d: int
     d_teacher: int
     v: int
-
-
-@dataclass(slots=True)
-class _Shape:
-    """Shape metadata standing in for the logits (which are never formed)."""
-
-    shape: tuple[int, ...]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
 
 def _head(name: str, what: str, x: Any, w: Any, b: Any, dtype: Any) -> None:
@@ -94,7 +84,7 @@ def check_linear_distillation(be: Runtime, name: str, x: Any, w: Any, b: Any, tx
         if hard_weight > 0:
             raise ValueError(f"{name}: hard_weight > 0 ({hard_weight}) needs a target")
     else:
-        _args.check_index_target(name, _Shape((*loss_shape, v)), t, loss_shape)
+        _args.check_index_target(name, LogitsShape((*loss_shape, v)), t, loss_shape)
     return LinearDistillLayout(loss_shape, math.prod(loss_shape), int(x.shape[-1]),
                                int(tx.shape[-1]), v)
 

@@ -18,9 +18,6 @@ kernels; and the packed (AVX2 / AVX-512) loops of the CPU kernels.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -28,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-from helpers import assert_close, rng, tt
+from helpers import assert_close, rng, run_asm_probes, tt
 
 import nblosses.torch as nbt
 from nblosses import functional as F
@@ -491,7 +488,6 @@ def test_dask_runs_the_block_kernels_only(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- assembly
-CPUS = ("haswell", "skylake-avx512", "znver4")
 TESTS = Path(__file__).resolve().parents[1]
 #: kernel -> the packed instruction kinds its loops must hold (see tests/kernels/
 #: test_vectorise.py: a max-reduction, the exponentials' FMAs).
@@ -526,19 +522,7 @@ def _probe() -> dict:
 def test_kernel_loops_are_packed(tmp_path):
     """Compiled for each CPU (a subprocess each: ``NUMBA_CPU_NAME``, a fresh cache), every
     kernel holds the packed forms of its loops' operations (its helpers inlined)."""
-    procs = {}
-    for cpu in CPUS:
-        env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="",
-                   NUMBA_CACHE_DIR=str(tmp_path / cpu),
-                   # the tree under test first (not another checkout's editable install)
-                   PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS),
-                                               str(TESTS / "kernels")]))
-        procs[cpu] = subprocess.Popen([sys.executable, __file__], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for cpu, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-3000:]
-        counts = json.loads(stdout.strip().splitlines()[-1])
+    for cpu, counts in run_asm_probes(__file__, tmp_path).items():
         for name, kinds in PACKED.items():
             for dtype, c in counts[name].items():
                 assert all(c[k] > 0 for k in kinds), (cpu, name, dtype, c)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -22,7 +21,7 @@ if __name__ == "__main__":  # the vectorisation probe's subprocess: helpers live
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-from helpers import assert_close, rng, to_backend, to_numpy
+from helpers import PROBE_CPUS, assert_close, rng, run_asm_probes, to_backend, to_numpy
 
 from nblosses import functional as F
 from nblosses.ops.token_logprobs import _reference
@@ -359,7 +358,7 @@ def test_torch_rejects_bad_temperature(nbt):
 
 
 # ----------------------------------------------------------------------------- vectorisation
-CPUS = ("haswell", "skylake-avx512", "znver4")
+CPUS = PROBE_CPUS
 #: kernel or loop helper -> the packed instruction kinds its loops must hold (exp: FMAs).
 EXPECT = {
     "_exp_sums": ("max", "fma", "add"),
@@ -409,18 +408,7 @@ def probe() -> dict:
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory):
     """``{cpu: counts}``: one subprocess per CPU name (a fresh Numba cache each), all at once."""
-    procs = {}
-    for cpu in CPUS:
-        env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="",
-                   NUMBA_CACHE_DIR=str(tmp_path_factory.mktemp(f"numba-{cpu}")))
-        procs[cpu] = subprocess.Popen([sys.executable, __file__], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    results = {}
-    for cpu, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{cpu} probe failed:\n{stderr[-3000:]}"
-        results[cpu] = json.loads(stdout.strip().splitlines()[-1])
-    return results
+    return run_asm_probes(__file__, tmp_path_factory.mktemp("probes"))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

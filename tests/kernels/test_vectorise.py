@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
+from helpers import PROBE_CPUS, run_asm_probes
 
-CPUS = ("haswell", "skylake-avx512", "znver4")
+CPUS = PROBE_CPUS
 
 # Instruction kinds, as regular expressions on AT&T assembly lines (operation, then operands).
 KINDS = {
@@ -233,20 +233,7 @@ def probe() -> dict[str, dict[str, dict[str, int]]]:
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory):
     """``{cpu: counts}``, one subprocess per CPU name, all started at once."""
-    procs = {}
-    for cpu in CPUS:
-        cache = tmp_path_factory.mktemp(f"numba-cache-{cpu}")
-        env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="",
-                   NUMBA_CACHE_DIR=str(cache))
-        env.pop("PROBE_ONLY", None)
-        procs[cpu] = subprocess.Popen([sys.executable, __file__], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    results = {}
-    for cpu, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{cpu} probe failed:\n{stderr[-3000:]}"
-        results[cpu] = json.loads(stdout.strip().splitlines()[-1])
-    return results
+    return run_asm_probes(__file__, tmp_path_factory.mktemp("probes"))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
