@@ -77,6 +77,14 @@ def broadcast(v: Any, shape: tuple[int, ...], chunks: tuple) -> Any:
     return da.broadcast_to(v, shape, chunks=chunks)
 
 
+def refuse_grad_buffer(spec: Any, values: dict) -> None:
+    """``TypeError`` when a call on dask arrays passes ``grad_buffer`` (a lazy gradient has no
+    buffer to write into)."""
+    if values["grad_buffer"] is not None:
+        raise TypeError(f"{spec.name}: grad_buffer is not supported for dask arrays (the "
+                        f"gradient is a lazy dask array; store it with dask.array.store)")
+
+
 def scalar_arg(v: Any) -> tuple[Any, Any]:
     """A blockwise argument for a scalar that may be a 0-d dask array."""
     return (v, "") if is_dask(v) else (v, None)

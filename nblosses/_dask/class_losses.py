@@ -53,6 +53,7 @@ from ._common import (
     meta,
     pair,
     reduce_loss,
+    refuse_grad_buffer,
     rows_grad,
     unwrap,
     work_dtype,
@@ -93,9 +94,7 @@ class _Call:
 
 def plan_class_loss(spec: OpSpec, v: dict, opts: dict) -> Any:
     """``nll_loss`` and ``cross_entropy``."""
-    if v["grad_buffer"] is not None:
-        raise TypeError(f"{spec.name}: grad_buffer is not supported for dask arrays (the "
-                        f"gradient is a lazy dask array; store it with dask.array.store)")
+    refuse_grad_buffer(spec, v)
     name = backend_name(v["backend"])
     reduction = _args.reduction_from(v["size_average"], v["reduce"], v["reduction"])
     x, t, w = as_dask(v["input"]), as_dask(v["target"]), as_dask(v["weight"])

@@ -40,6 +40,7 @@ from ._common import (
     letters,
     mean_denominator,
     pair,
+    refuse_grad_buffer,
     rows_grad,
     unwrap,
 )
@@ -87,9 +88,7 @@ def _block(xb: Any, *rest: Any, backend: str, topk: bool, opts: dict, want_grad:
 
 def plan_distillation(spec: OpSpec, v: dict, opts: dict) -> Any:
     """``distillation_loss``."""
-    if v["grad_buffer"] is not None:
-        raise TypeError(f"{spec.name}: grad_buffer is not supported for dask arrays (the "
-                        f"gradient is a lazy dask array; store it with dask.array.store)")
+    refuse_grad_buffer(spec, v)
     name = backend_name(v["backend"])
     reduction = _args.reduction_from(None, None, v["reduction"])
     x = as_dask(v["input"])

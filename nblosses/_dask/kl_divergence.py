@@ -40,6 +40,7 @@ from ._common import (
     grad_arg,
     letters,
     reduce_loss,
+    refuse_grad_buffer,
     rows_grad,
 )
 
@@ -79,9 +80,7 @@ def _block(xb: Any, tb: Any, gb: Any, *, backend: str, cdt: Any, grad_dtype: Any
 
 def plan_kl_div(spec: OpSpec, v: dict, opts: dict) -> Any:
     """``kl_div``."""
-    if v["grad_buffer"] is not None:
-        raise TypeError(f"{spec.name}: grad_buffer is not supported for dask arrays (the "
-                        f"gradient is a lazy dask array; store it with dask.array.store)")
+    refuse_grad_buffer(spec, v)
     reduction, batch = resolve_reduction(v["size_average"], v["reduce"], v["reduction"])
     name = backend_name(v["backend"])
     x, t = as_dask(v["input"]), as_dask(v["target"])

@@ -28,6 +28,7 @@ from ._common import (
     checked_targets,
     is_dask,
     letters,
+    refuse_grad_buffer,
     scalar_arg,
     unwrap,
 )
@@ -72,9 +73,7 @@ def _upstream(name: str, what: str, value: Any, shape: tuple[int, ...], rows: tu
 
 def plan_token_logprobs(spec: OpSpec, v: dict, opts: dict) -> Any:
     """``token_logprobs``."""
-    if v["grad_buffer"] is not None:
-        raise TypeError(f"{spec.name}: grad_buffer is not supported for dask arrays (the "
-                        f"gradient is a lazy dask array; store it with dask.array.store)")
+    refuse_grad_buffer(spec, v)
     name = backend_name(v["backend"])
     x, t = as_dask(v["input"]), as_dask(v["target"])
     be = backend_for(name, x, t)
