@@ -8,7 +8,9 @@ float32 and float64 run natively; half-precision inputs are computed in float32 
 once, the gradients cast back; the statistics stay float32), as the linear cross-entropy's. Class
 indices are checked on the device (:mod:`._device_errors`): a bad one gives its row NaN
 statistics and gradient, and ``IndexError`` at the next poll. Status: compiled by NVRTC
-(``tests/kernels/test_cuda_compile.py``); not launch-tested and never run on a device yet.
+(``tests/kernels/test_cuda_compile.py``); its launches checked on a fake device against the
+compiled parameter lists, and run there by NumPy stand-ins of the kernels against a dense
+reference (``tests/kernels/test_linear_token_logprobs_cuda.py``); never run on a device yet.
 
 Importing this module registers the source's catalogue with :mod:`._kernels`.
 """
