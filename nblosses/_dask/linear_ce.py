@@ -129,9 +129,17 @@ class _Graph:
         return (self.ref(self.x, i, 0), self.ref(self.w, j, 0), self.ref(self.bias, j), t,
                 self.ref(self.w_cols, j))
 
+    def key_on(self, *values: Any) -> None:
+        """Name every task from now on after ``values`` too: the call's options that its
+        arrays do not hold (the upstream gradient, whether there is one), so that two calls
+        differing only in them never share a key (one graph's tasks would replace the
+        other's when both are computed together)."""
+        self.token = tokenize(self.token, *values)
+
     def finish(self, g: Any, want_grad: bool) -> None:
         """The statistics tasks and each row chunk's finishing task (``g``: the upstream
         gradient: rows (a dask array), a scale, or ``None``)."""
+        self.key_on(g, want_grad)
         st, fin = self.name("stats"), self.name("rows")
         for i in range(len(self.rows)):
             for j in range(len(self.cols)):
@@ -144,15 +152,15 @@ class _Graph:
                                   want_grad)
 
     def loss(self, reduction: str, denom: Any, dtype: Any) -> Any:
-        fin, name = self.name("rows"), self.name("loss")
+        fin, name = self.name("rows"), self.name(f"loss-{reduction}")
         n = len(self.rows)
         if reduction == "none":
             for i in range(n):
                 self.dsk[(name, i)] = (_pick, (fin, i), 0, dtype)
-            return self.array("loss", (self.rows,), dtype)
+            return self.array(f"loss-{reduction}", (self.rows,), dtype)
         self.dsk[(name,)] = (_total, [(fin, i) for i in range(n)], self.ref(denom),
                              reduction == "mean", dtype)
-        return self.array("loss", (), dtype)
+        return self.array(f"loss-{reduction}", (), dtype)
 
     def lse(self, dtype: Any) -> Any:
         fin = self.name("rows")

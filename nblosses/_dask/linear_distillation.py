@@ -141,6 +141,7 @@ class _PairGraph(_Graph):
 
     def finish(self, g: Any, want_grad: bool) -> None:
         """The statistics (and JSD) tasks and each row chunk's finishing task."""
+        self.key_on(g, want_grad)
         st, merged, jsd, fin = (self.name(k) for k in ("stats", "merged", "jsd", "rows"))
         nj = len(self.cols)
         for i in range(len(self.rows)):

@@ -11,6 +11,8 @@
 - cross_entropy with the class axis in several chunks takes every option (``z_loss``,
   ``softcap``, ``return_lse``), and linear_cross_entropy's vocabulary-parallel plan matches the
   eager call for every option on a 2-worker cluster.
+- The LM heads' vocabulary-parallel graphs: calls on the same arrays that differ only in their
+  options (reduction, gradient, upstream gradient), computed together, share no task.
 - The CUDA block operations, called as the plans call them, launch kernels that match their
   compiled parameter lists (no device needed).
 """
@@ -249,6 +251,42 @@ def test_linear_ce_vocabulary_parallel(dask_client, probs, opts, reduction):
     for a, e in zip(got, [want[0], *want[1][:2], want[2], *want[1][2:3]]):
         close(a, e)
     assert (gb is None) == (want[1][2] is None)
+
+
+def _lm_head_args(op: str, dask_arrays: bool) -> tuple:
+    """The positional arrays of an LM-head op (the same values every call), the rows and the
+    vocabulary in several chunks for ``dask_arrays``."""
+    r = np.random.default_rng(5)
+    x, w2 = r.standard_normal((N, D)), r.standard_normal((V, D))
+    t = r.integers(0, V, N)
+    t[::6] = -100
+    heads = [x, w2]
+    if op == "linear_distillation_loss":
+        heads += [r.standard_normal((N, 4)), r.standard_normal((V, 4))]
+    if dask_arrays:
+        heads = [da.from_array(a, (ROWS if len(a) == N else COLS, -1)) for a in heads]
+    return (*heads, t)
+
+
+#: op -> variants of one call that differ only in options the arrays do not hold
+SAME_ARRAYS = {
+    "linear_cross_entropy": [dict(reduction="none"), dict(reduction="sum"),
+                             dict(reduction="sum", return_grad=True),
+                             dict(reduction="sum", return_grad=True, grad_output=2.0)],
+    "linear_distillation_loss": [dict(reduction="none"), dict(reduction="mean"),
+                                 dict(reduction="mean", return_grad=True),
+                                 dict(reduction="mean", return_grad=True, grad_output=-1.5)],
+}
+
+
+@pytest.mark.parametrize("op", list(SAME_ARRAYS))
+def test_calls_on_the_same_arrays_share_no_task(op):
+    """Calls on the same dask arrays that differ only in the reduction, the gradient or the
+    upstream gradient, computed together, each equal their eager call: their task keys are
+    not named after the arrays alone (one call's tasks would replace the other's)."""
+    fn = getattr(F, op)
+    lazy = tuple(fn(*_lm_head_args(op, True), **kw) for kw in SAME_ARRAYS[op])
+    compare(lazy, tuple(fn(*_lm_head_args(op, False), **kw) for kw in SAME_ARRAYS[op]))
 
 
 # The fake launches write nothing: the statistics read back are uninitialised.
