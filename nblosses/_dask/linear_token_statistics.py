@@ -1,5 +1,6 @@
 """Dask plan of linear_token_logprobs: one eager call per block of rows, the whole output layer
-in every block (:func:`._blockwise.run_blocks`).
+in every block (:func:`._blockwise.run_blocks`), when ``linear_weight`` is in one chunk along
+the vocabulary; in several, the vocabulary-parallel plan of :mod:`.linear_token_vocab`.
 
 The input's rows are chunked as given (its features gathered into one chunk); the weight and
 the bias are gathered into one chunk each and passed whole to every block task, which runs
@@ -9,9 +10,9 @@ each block's targets are checked when computed (``IndexError``) before the kerne
 Per-row results (log-probabilities, entropy, ``grad_input``) are blocks of the rows; the
 weight's and the bias's gradients are one partial sum per row block, added in float64.
 
-Honest cost: each task holds the whole ``(V, d)`` weight (and its partial gradient), so the
-plan distributes the rows, not the vocabulary; the logits are never formed, as in the eager
-call.
+Honest cost: each task holds the whole ``(V, d)`` weight (and its partial gradient), so this
+plan distributes the rows, not the vocabulary (chunk the weight along the vocabulary for
+that); the logits are never formed, as in the eager call.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _args
-from .._registry import resolve_backend
+from .._registry import Runtime, resolve_backend
 from .._spec import OpSpec
 from ..ops._results import at_least_float32, results
 from ..ops.linear_ce import LinearCEArgs, LinearCELayout
 from ..ops.linear_token_logprobs import check_linear_token_logprobs, execute
 from ._blockwise import Result, run_blocks
 from ._common import F64, as_dask, backend_for, backend_name, checked_targets, unwrap
+from .linear_token_vocab import plan_vocabulary
 from .token_statistics import _upstream
 
 #: Blockwise indices: rows, features, vocabulary.
@@ -84,11 +86,30 @@ def plan_linear_token_logprobs(spec: OpSpec, v: dict, opts: dict) -> Any:
     x = x.rechunk({1: -1})
     rows = (x.chunks[0],)
     t = checked_targets(t.rechunk(rows), lay.v, opts["ignore_index"], name)
-    wc = w.rechunk(-1)
-    bc = None if b is None else b.rechunk(-1)
     want_entropy, want_grad = bool(v["return_entropy"]), bool(v["return_grad"])
     ups = [_upstream(spec.name, what, g, (lay.n,), rows, ROWS) if want_grad else (None, None)
            for what, g in (("grad_output", grad_output), ("grad_entropy", grad_entropy))]
+    if len(w.chunks[0]) > 1:  # the vocabulary in chunks: vocabulary-parallel
+        stat_out, grads = plan_vocabulary(be, name, x, w, b, t, (ups[0][0], ups[1][0]), opts,
+                                          cdt=cdt, want_entropy=want_entropy,
+                                          want_grad=want_grad)
+    else:
+        stat_out, grads = _plan_rows(be, name, x, w, b, t, ups, opts, lay, cdt=cdt,
+                                     want_entropy=want_entropy, want_grad=want_grad)
+    if lay.squeeze:
+        stat_out = [a[0] for a in stat_out]
+        grads = None if grads is None else (grads[0][0], *grads[1:])
+    return results([*stat_out, *([grads] if want_grad else [])])
+
+
+def _plan_rows(be: Runtime, name: str, x: Any, w: Any, b: Any, t: Any, ups: list, opts: dict,
+               lay: LinearCELayout, *, cdt: Any, want_entropy: bool,
+               want_grad: bool) -> tuple[list, tuple | None]:
+    """The rows plan: ``([logp, entropy?], grads or None)`` of rows ``x`` ``(N, d)`` (the
+    features in one chunk) and their checked targets ``t``, the whole output layer in every
+    task; ``ups``: the upstream gradients' blockwise arguments."""
+    wc = w.rechunk(-1)
+    bc = None if b is None else b.rechunk(-1)
     stats = at_least_float32(cdt)
     res = [Result(ROWS, stats), *([Result(ROWS, stats)] if want_entropy else [])]
     if want_grad:
@@ -101,9 +122,7 @@ def plan_linear_token_logprobs(spec: OpSpec, v: dict, opts: dict) -> Any:
     out = run_blocks(_block, args, res, be, backend=name, opts=dict(opts),
                      want_entropy=want_entropy, want_grad=want_grad)
     k = 2 if want_entropy else 1
-    stat_out = [a[0] if lay.squeeze else a for a in out[:k]]
     if not want_grad:
-        return results(stat_out)
-    gx = out[k][0] if lay.squeeze else out[k]
+        return out[:k], None
     gb = _sum_rows(out[k + 2], x.dtype) if b is not None else None
-    return results([*stat_out, (gx, _sum_rows(out[k + 1], x.dtype), gb)])
+    return out[:k], (out[k], _sum_rows(out[k + 1], x.dtype), gb)

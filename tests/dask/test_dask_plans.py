@@ -170,15 +170,21 @@ def test_tasks_reach_the_kernels_through_the_backend(spy):
     xl = RNG.standard_normal((8, 5))
     lce = F.linear_cross_entropy(da.from_array(xl, (4, 5)), da.from_array(w2, (3, 5)), t,
                                  linear_bias=b, return_grad=True, backend="spy")
+    ltl = F.linear_token_logprobs(da.from_array(xl, (4, 5)), da.from_array(w2, (3, 5)), t,
+                                  linear_bias=b, return_entropy=True, return_grad=True,
+                                  backend="spy")
     if not spy.blocks:
-        with pytest.raises(UnsupportedOpError, match="block_stats"):
-            dask.compute(split, **THREADS)
+        for lazy in (split, ltl):
+            with pytest.raises(UnsupportedOpError, match="block_stats"):
+                dask.compute(lazy, **THREADS)
         return
     compare(split, F.cross_entropy(x, t, return_grad=True))
     compare(lce, F.linear_cross_entropy(xl, w2, t, linear_bias=b, return_grad=True))
-    assert {"linear_cross_entropy.block_stats", "linear_cross_entropy.block_grad"} <= set(
-        spy.calls)
-    assert "linear_cross_entropy" not in spy.calls  # the blocks only, never the whole head
+    compare(ltl, F.linear_token_logprobs(xl, w2, t, linear_bias=b, return_entropy=True,
+                                         return_grad=True))
+    for op in ("linear_cross_entropy", "linear_token_logprobs"):
+        assert {f"{op}.block_stats", f"{op}.block_grad"} <= set(spy.calls)
+        assert op not in spy.calls  # the blocks only, never the whole head
 
 
 # ----------------------------------------------------------------------------- cross_entropy
@@ -253,6 +259,100 @@ def test_linear_ce_vocabulary_parallel(dask_client, probs, opts, reduction):
     assert (gb is None) == (want[1][2] is None)
 
 
+# ----------------------------------------------------------------------------- LM-head logprobs
+#: name -> (temperature, softcap)
+LTL_OPTIONS = {"plain": (1.0, None), "hot": (1.6, None), "cold-capped": (0.7, 3.0)}
+#: How the upstream gradients come: no gradient; the defaults (ones, zeros); both as rows (dask,
+#: chunked unlike the rows); a scalar and a 0-d dask array.
+LTL_UPSTREAM = ("forward", "default", "rows", "scalars")
+
+
+def _ltl_upstream(kind: str, dask_arrays: bool) -> dict:
+    r = np.random.default_rng(7)
+    go, ge = r.standard_normal(N), r.standard_normal(N)
+    if kind == "forward":
+        return {}
+    if kind == "rows":
+        go, ge = ((da.from_array(a, ((20, 17),)) if dask_arrays else a) for a in (go, ge))
+    elif kind == "scalars":
+        go, ge = 0.5, (da.from_array(np.float64(-1.25)) if dask_arrays else np.float64(-1.25))
+    else:
+        go = ge = None
+    return dict(return_grad=True, grad_output=go, grad_entropy=ge)
+
+
+def _ltl_data(dtype=np.float64, bias=True):
+    r = np.random.default_rng(11)
+    x = (r.standard_normal((N, D)) * 1.3).astype(dtype)
+    w2 = (r.standard_normal((V, D)) * 0.8).astype(dtype)
+    t = r.integers(0, V, N)
+    t[::6] = -100
+    return x, w2, (r.standard_normal(V).astype(dtype) if bias else None), t
+
+
+def _ltl_lazy(x, w2, t, linear_bias=None, **kw):
+    """The call on the rows in ``ROWS`` and the vocabulary in ``COLS`` chunks."""
+    return F.linear_token_logprobs(
+        da.from_array(x, (ROWS, -1)), da.from_array(w2, (COLS, -1)), da.from_array(t, (ROWS,)),
+        linear_bias=None if linear_bias is None else da.from_array(linear_bias, (COLS,)), **kw)
+
+
+@pytest.mark.parametrize("upstream", LTL_UPSTREAM)
+@pytest.mark.parametrize("opts", list(LTL_OPTIONS))
+@pytest.mark.parametrize("entropy", [False, True], ids=["logp", "entropy"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_linear_token_logprobs_vocabulary_parallel(bias, entropy, opts, upstream):
+    """The weight in vocabulary chunks (dividing neither ``N`` nor ``V``, as the rows): the
+    vocabulary-parallel plan == the eager call (float64, rtol 1e-10): log-probabilities,
+    entropy and the three gradients, ignored rows included."""
+    x, w2, b, t = _ltl_data(bias=bias)
+    temperature, softcap = LTL_OPTIONS[opts]
+    kw = dict(linear_bias=b, temperature=temperature, softcap=softcap, return_entropy=entropy)
+    lazy = _ltl_lazy(x, w2, t, **kw, **_ltl_upstream(upstream, True))
+    first = lazy[0] if isinstance(lazy, tuple) else lazy
+    assert first.name.startswith("linear-token-logprobs-logp-")  # not the rows plan
+    compare(lazy, F.linear_token_logprobs(x, w2, t, **kw, **_ltl_upstream(upstream, False)))
+
+
+LTL_LAYOUTS = {
+    # one (d,) row, a scalar target: () results, a (d,) grad_input
+    "one-row": dict(rows=1, squeeze=True),
+    "float32": dict(dtype=np.float32, tol=dict(rtol=2e-5, atol=1e-6)),
+    "ignore-index": dict(ignore_index=3),
+    "all-ignored": dict(ignore_all=True),
+    "features-chunked": dict(feature_chunks=(4, 7)),
+}
+
+
+@pytest.mark.parametrize("case", list(LTL_LAYOUTS))
+def test_linear_token_logprobs_vocabulary_parallel_layouts(case):
+    """The vocabulary-parallel plan on other layouts: one squeezed row, float32 (float32
+    results and gradients), another ``ignore_index``, every row ignored (zeros), the features
+    in chunks (gathered)."""
+    spec = LTL_LAYOUTS[case]
+    x, w2, b, t = _ltl_data(spec.get("dtype", np.float64))
+    ignore = spec.get("ignore_index", -100)
+    if spec.get("squeeze"):
+        x, t = x[5], t[5]
+    if spec.get("ignore_all"):
+        t = np.full_like(t, ignore)
+    if case == "ignore-index":
+        t = np.where(t == -100, ignore, t)
+    kw = dict(linear_bias=b, temperature=0.8, softcap=5.0, ignore_index=ignore,
+              return_entropy=True, return_grad=True, grad_output=x[..., 0] * 0 + 1.5)
+    want = F.linear_token_logprobs(x, w2, t, **kw)
+    if spec.get("squeeze"):
+        lazy = F.linear_token_logprobs(da.from_array(x), da.from_array(w2, (COLS, D)), t,
+                                       **dict(kw, linear_bias=da.from_array(b, (COLS,))))
+    elif "feature_chunks" in spec:
+        chunks = spec["feature_chunks"]
+        lazy = F.linear_token_logprobs(da.from_array(x, (ROWS, chunks)),
+                                       da.from_array(w2, (COLS, chunks)), t, **kw)
+    else:
+        lazy = _ltl_lazy(x, w2, t, **kw)
+    compare(lazy, want, **spec.get("tol", {}))
+
+
 def _lm_head_args(op: str, dask_arrays: bool) -> tuple:
     """The positional arrays of an LM-head op (the same values every call), the rows and the
     vocabulary in several chunks for ``dask_arrays``."""
@@ -276,6 +376,10 @@ SAME_ARRAYS = {
     "linear_distillation_loss": [dict(reduction="none"), dict(reduction="mean"),
                                  dict(reduction="mean", return_grad=True),
                                  dict(reduction="mean", return_grad=True, grad_output=-1.5)],
+    "linear_token_logprobs": [dict(), dict(return_entropy=True),
+                              dict(return_entropy=True, return_grad=True),
+                              dict(return_entropy=True, return_grad=True, grad_output=2.0),
+                              dict(return_entropy=True, return_grad=True, grad_entropy=0.5)],
 }
 
 

@@ -363,6 +363,40 @@ def test_empty_batch_launches_nothing(ltlp):
     assert not np.asarray(gw).any() and not np.asarray(gb).any()
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_block_operations_as_the_dask_plan_calls_them(ltlp, bias):
+    """The block operations alone, as the vocabulary-parallel Dask plan calls them (a block at
+    a class offset, the CPU keywords only: no error record, the plan checked the targets):
+    their launches match the compiled kernels, and their results the CPU block operations'."""
+    from nblosses.backends.cpu import linear_token_logprobs as cpu
+
+    r = np.random.default_rng(6)
+    rows, cols, c0 = 7, 9, 20
+    z = r.standard_normal((rows, cols)) * 3
+    b = r.standard_normal(cols) if bias else None
+    t = r.integers(0, 40, rows)
+    t[2] = IGNORE
+    t[3] = c0 + 4  # in the block
+    kw = dict(c0=c0, temperature=0.6, softcap=4.0)
+    devs = [None if a is None else dev(a.copy()) for a in (z, b, t)]
+    got = ltlp.linear_token_logprobs.block_stats(*devs, **kw)
+    zc = z.copy()
+    want = cpu.linear_token_logprobs.block_stats(zc, b, t, **kw)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(devs[0]), zc, rtol=1e-12)  # prepared in place
+    m = dev(want[:, 0] + 0.25)
+    coefs = dev(r.standard_normal((rows, 3)))
+    devs[0] = dev(z.copy())
+    ltlp.linear_token_logprobs.block_grad(*devs, m, coefs, raw=True, ignore_index=IGNORE, **kw)
+    zc = z.copy()
+    cpu.linear_token_logprobs.block_grad(zc, b, t, np.asarray(m), np.asarray(coefs), raw=True,
+                                         ignore_index=IGNORE, **kw)
+    np.testing.assert_allclose(np.asarray(devs[0]), zc, rtol=1e-12, atol=1e-15)
+    (_, st), (_, gr) = check_launches()
+    assert int(st["c0"]) == int(gr["c0"]) == c0 and int(gr["raw"]) == 1
+    assert st["err"] == 0 and int(st["row0"]) == 0  # null: nothing recorded
+
+
 def test_kernel_and_block_operations_have_the_cpu_signatures():
     """The kernel's signature is the CPU kernel's; its block operations (which the Dask plan
     calls without the driver's extra arguments) take the CPU ones' parameters first, the rest
