@@ -27,8 +27,8 @@ Rows whose target is ``ignore_index``: logp 0, entropy 0, gradient 0; a target o
 ``[0, V)`` (possible only where a device checks them in its kernels): NaN.
 
 Pure array arithmetic over ``xp`` (NumPy, CuPy, and Dask's blocks): the LM-head driver of each
-backend, the Dask plans of ``linear_token_logprobs`` and of ``token_logprobs`` with the class
-axis in chunks all merge and finish with these functions.
+backend and the vocabulary-parallel Dask plan of ``linear_token_logprobs``
+(:mod:`nblosses._dask.linear_token_vocab`) merge and finish with these functions.
 """
 
 from __future__ import annotations

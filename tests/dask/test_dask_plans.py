@@ -6,11 +6,15 @@
   seen, from a block task alone.
 - Tasks reach the kernels through the backend runtime: a spy backend sees the row-statistics
   kernel (softmax along a chunked ``dim``) and the LM head's block operations (cross-entropy
-  with the class axis chunked, linear cross-entropy, which ignored ``backend=`` before); a
+  with the class axis chunked, linear cross-entropy, which ignored ``backend=`` before, and
+  linear_token_logprobs with the vocabulary chunked); a
   backend without the block operations still serves whole class chunks.
 - cross_entropy with the class axis in several chunks takes every option (``z_loss``,
   ``softcap``, ``return_lse``), and linear_cross_entropy's vocabulary-parallel plan matches the
   eager call for every option on a 2-worker cluster.
+- linear_token_logprobs with the weight in vocabulary chunks (the vocabulary-parallel plan)
+  matches the eager call for every option, upstream gradient and layout, through the
+  backend's block operations only.
 - The LM heads' vocabulary-parallel graphs: calls on the same arrays that differ only in their
   options (reduction, gradient, upstream gradient), computed together, share no task.
 - The CUDA block operations, called as the plans call them, launch kernels that match their

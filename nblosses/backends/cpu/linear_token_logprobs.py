@@ -11,9 +11,9 @@ loops along the contiguous row, vectorised, with ``token_logprobs``' own helpers
 - :func:`block_grad`: ``z_c = (e_c (a + b d_c) + [c == t] go / T) cap'(y_c)`` in place.
 
 They are also the kernel's block operations (``linear_token_logprobs.block_stats`` /
-``.block_grad``), which Dask plans holding logits blocks call (the LM head's vocabulary-parallel
-plan, ``token_logprobs`` with the class axis in chunks). Between two BLAS products the driver
-runs their serial builds (:mod:`.lm_head`).
+``.block_grad``), which the Dask plan holding logits blocks calls (the LM head's
+vocabulary-parallel plan, :mod:`nblosses._dask.linear_token_vocab`). Between two BLAS products
+the driver runs their serial builds (:mod:`.lm_head`).
 """
 
 from __future__ import annotations
