@@ -16,9 +16,11 @@ faults instead of 4 KiB ones. What is left is the kernel's own traffic.
 A call is described by a :class:`Request` (op, array layout, options, whether the gradient is
 wanted), travelling as the custom call's string attribute ``request`` (JSON: the compiled
 program is self-contained, so JAX's persistent compilation cache stays valid across
-processes). Errors in the call come back to XLA as FFI errors carrying the Python exception's
-type and message. On a non-CPU JAX backend the same request runs through
-:func:`jax.pure_callback` instead (the arrays travel to the host and back).
+processes; an option that is an object in :mod:`nblosses.functional`, torch's chunking
+``options`` of the LM heads, travels as the one value it carries). Errors in the call come
+back to XLA as FFI errors carrying the Python exception's type and message. On a non-CPU JAX
+backend the same request runs through :func:`jax.pure_callback` instead (the arrays travel to
+the host and back).
 """
 
 from __future__ import annotations
@@ -57,8 +59,10 @@ class Request:
     options : tuple of (str, object)
         The other arguments (JSON values: ``None``, bool, int, float, str).
     return_grad : bool
-        The call also returns the gradient (its last result: the second of a loss, the third
-        of ``token_logprobs`` with ``return_entropy``).
+        The call also returns the gradient: its last result (the second of a loss, the third
+        of ``token_logprobs`` with ``return_entropy``), or its last results where the op
+        returns several gradients (the LM heads' ``(grad_input, grad_linear_weight,
+        grad_linear_bias)``: one result each, none for a bias gradient of ``None``).
     """
 
     op: str
@@ -105,7 +109,8 @@ def _host_callback(request: Request, operands: tuple[Any, ...],
 # ----------------------------------------------------------------------------- running
 def execute(request: Request, operands: list[np.ndarray], outputs: list[np.ndarray]) -> None:
     """Run ``request`` on NumPy ``operands``, writing its results into ``outputs``."""
-    kwargs: dict[str, Any] = dict(request.options)
+    kwargs: dict[str, Any] = {name: _OBJECTS[name](value) if name in _OBJECTS else value
+                              for name, value in request.options}
     pending = iter(operands)
     for name, count in request.arrays:
         kwargs[name] = (None if count == 0 else next(pending) if count < 0
@@ -119,13 +124,38 @@ def execute(request: Request, operands: list[np.ndarray], outputs: list[np.ndarr
         if _takes_grad_buffer(request.op) and outputs[-1].dtype.itemsize >= 4:
             kwargs["grad_buffer"] = outputs[-1]
     result = getattr(functional, request.op)(**kwargs, backend="cpu")
-    for out, r in zip(outputs, result if isinstance(result, tuple) else (result,)):
+    for out, r in zip(outputs, _flat(result), strict=True):
         if r is out:
             continue
         if tuple(r.shape) != out.shape:
             raise RuntimeError(f"nblosses.jax: {request.op} returned shape {tuple(r.shape)} "
                                f"where {out.shape} was declared (OpSpec.loss_shape?)")
         np.copyto(out, r)
+
+
+def _flat(result: Any) -> list[Any]:
+    """A call's results in order, a tuple of gradients (the LM heads') spread out and a
+    ``None`` gradient (no bias) left out."""
+    out: list[Any] = []
+    for r in result if isinstance(result, tuple) else (result,):
+        if isinstance(r, tuple):
+            out.extend(g for g in r if g is not None)
+        else:
+            out.append(r)
+    return out
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """torch's ``LinearCrossEntropyOptions`` as the LM heads read it: a request's ``options``
+    is its ``batch_chunk_size`` (an int, or ``None``), rebuilt into this for the call."""
+
+    batch_chunk_size: int | None
+
+
+#: Options that are objects in :mod:`nblosses.functional`, by name: how a request's JSON value
+#: becomes the object again.
+_OBJECTS = {"options": lambda size: None if size is None else Chunking(size)}
 
 
 @functools.cache
