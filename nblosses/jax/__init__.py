@@ -7,7 +7,11 @@ function here, generated from the spec (:mod:`nblosses.jax._generated`, by
 nblosses' keyword-only extras that mean something under differentiation (``z_loss``,
 ``softcap``...). The ``CUSTOM`` ones are written by hand: :func:`token_logprobs`, per-token
 log-probabilities and entropies with both outputs differentiable (its backward runs the fused
-kernel once with both cotangents; :mod:`nblosses.jax._token_logprobs`).
+kernel once with both cotangents; :mod:`nblosses.jax._token_logprobs`), and the language-model
+heads :func:`linear_cross_entropy`, :func:`linear_distillation_loss` and
+:func:`linear_token_logprobs`, differentiable with respect to ``input``, ``linear_weight`` and
+``linear_bias`` without ever forming the ``(N, V)`` logits (the reduced losses compute the
+three gradients in the loss's chunked sweep; :mod:`nblosses.jax._lm_heads`).
 
 Each call is one XLA custom call into nblosses' CPU kernels that reads XLA's buffers in place
 and writes its results into XLA's output buffers (:mod:`nblosses.jax._bridge`: an FFI target,
@@ -20,8 +24,9 @@ call nblosses' gradient ops (:mod:`nblosses.jax._autodiff`).
 Conventions are torch's, as everywhere in nblosses: the class axis is axis 1 of an
 ``(N, C, d1, ...)`` input (axis 0 of a ``(C,)`` one), class-index targets are integers,
 ``reduction`` is ``"mean"``, ``"sum"`` or ``"none"`` (``"batchmean"`` too for ``kl_div``).
-Options are static (Python values); gradients flow to ``input`` only (none to targets or
-weights); no higher derivatives. Under ``jax.vmap`` the call runs once per batch element.
+Options are static (Python values); gradients flow to ``input`` only (and the LM heads'
+``linear_weight`` and ``linear_bias``; none to targets, class weights or a teacher); no higher
+derivatives. Under ``jax.vmap`` the call runs once per batch element.
 
 Scope: the kernels run on the host. On a GPU backend the call goes through
 :func:`jax.pure_callback` instead (the arrays travel to the host and back); outside ``jit``,
@@ -46,6 +51,8 @@ from __future__ import annotations
 
 from . import _generated
 from ._generated import *  # noqa: F403  (the functions derived from the op specs)
+from ._lm_heads import linear_cross_entropy, linear_distillation_loss, linear_token_logprobs
 from ._token_logprobs import token_logprobs
 
-__all__ = [*_generated.__all__, "token_logprobs"]
+__all__ = [*_generated.__all__, "linear_cross_entropy", "linear_distillation_loss",
+           "linear_token_logprobs", "token_logprobs"]
