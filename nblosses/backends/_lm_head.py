@@ -20,7 +20,9 @@ logits: per row block,
 With the whole vocabulary in one block (the usual plan) the products are computed once per row
 block: the blocks stay in the buffers, prepared, from the first pass to the gradient. With
 vocabulary blocks (:class:`Plan` ``split``) every pass and the gradient compute them again
-(``raw``: the hooks then receive raw products to prepare).
+(``raw``: the hooks then receive raw products to prepare), except the last vocabulary block:
+the gradient takes it first, as the last pass left it. So no hook but ``gradient_block`` may
+overwrite a prepared block.
 
 What a loss supplies (:class:`ChunkedHead`'s loss hooks): its statistics merge, its per-row
 finish and its block gradient, the first and last by kernels of each backend; a backend
@@ -235,12 +237,15 @@ class ChunkedHead:
         transposed = self.d > r1 - r0
         gxr = self.gx_t[:self.d * (r1 - r0)].reshape(self.d, r1 - r0) if transposed \
             else gx[r0:r1]
-        for c0, c1 in self.cols():
-            raw = self.plan.split
+        # The vocabulary blocks last to first: the statistics passes left the last one in the
+        # buffers, prepared, so with a split vocabulary its products are not computed again
+        # (one block in ``ceil(V / cols)`` of the gradient pass's recomputation saved).
+        for k, (c0, c1) in enumerate(reversed(self.cols())):
+            raw = self.plan.split and k > 0
             zs = self.products(r0, r1, c0, c1) if raw else self.views(r0, r1, c0, c1)
             self.gradient_block(zs, raw, st, coefs, r0, r1, c0, c1)
             g = zs[0]
-            beta = 0.0 if c0 == 0 else 1.0
+            beta = 0.0 if k == 0 else 1.0
             if transposed:
                 self.gemm(head.w[c0:c1].T, g.T, gxr, beta)
             else:

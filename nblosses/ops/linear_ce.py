@@ -297,7 +297,7 @@ SPEC = OpSpec(
         torch_peers={"torch_chunked": lambda F, torch, t, d: _torch_linear_ce(
             F, torch, t, d, torch.nn.LinearCrossEntropyOptions())},
         groups=("slow",), writes=True,
-        shapes=("4096x1024x[32000]", "1024x1024x[128256]"),
+        shapes=("2048x256x[32000]", "2048x1024x[32000]", "1024x1024x[128256]"),
         quick_shapes=("256x128x[4096]",)),),
 )
 SPECS = (SPEC,)

@@ -222,6 +222,6 @@ SPEC = OpSpec(
         "linear_token_logprobs + entropy fwd+grad",
         "F.linear, log_softmax, gather, entropy + autograd.grad", run=_bench_run,
         torch=_bench_torch, groups=("slow",), writes=True,
-        shapes=("2048x256x[32000]",), quick_shapes=("256x128x[4096]",)),),
+        shapes=("2048x256x[32000]", "512x256x[151936]"), quick_shapes=("256x128x[4096]",)),),
 )
 SPECS = (SPEC,)

@@ -298,7 +298,9 @@ def test_launches_and_results(ltlp, dtype, chunks, bias, temperature, softcap):
     sums_l = [a for k, a in launches if k == "lce_col_sums"]
     blocks = [(r, c) for r in row0s for c in c0s]
     assert [(int(a["row0"]), int(a["c0"])) for a in stats_l] == blocks
-    assert [int(a["c0"]) for a in grad_l] == [c for _, c in blocks]
+    # The gradient takes each row block's vocabulary blocks last to first: the last is still
+    # in the buffer as the statistics pass left it (reused, not raw).
+    assert [int(a["c0"]) for a in grad_l] == [c for _ in row0s for c in reversed(c0s)]
     assert len(sums_l) == (len(blocks) if b is not None else 0)
     cdt = np.float32 if dtype == np.float16 else dtype  # half inputs: computed in float32
     for a in stats_l:
@@ -309,7 +311,8 @@ def test_launches_and_results(ltlp, dtype, chunks, bias, temperature, softcap):
         assert (b is None) == (not isinstance(a["bias"], np.ndarray))
         assert a["out"].shape == (a["z"].shape[0], 4) and a["out"].dtype == np.float64
     for a in grad_l:
-        assert int(a["raw"]) == split  # whole vocabulary: the stats pass's logits are reused
+        # reused (not raw): the whole vocabulary's block, or a split row block's last one
+        assert int(a["raw"]) == (split and int(a["c0"]) != c0s[-1])
         assert a["m"].shape == (a["z"].shape[0],) and a["coefs"].shape == (a["z"].shape[0], 3)
     assert LAUNCHES[-1] == ("poll",)  # the error record's copy-back, queued after the launches
 
