@@ -43,7 +43,8 @@ def _refuse(*args: Any, **kwargs: Any) -> Any:
 
 def _params() -> list[Any]:
     return [pytest.param(*p.values, return_grad, id=f"{p.id}-{'grad' if return_grad else 'fwd'}")
-            for p in sample_params({n: s for n, s in SPECS.items() if s.dask is not None})
+            for p in sample_params({n: s for n, s in SPECS.items() if s.dask is not None},
+                                    fast_samples=2)
             for return_grad in ([False, True] if p.values[1].grad else [False])]
 
 

@@ -21,7 +21,7 @@ from nblosses.ops import SPECS
 
 torch = pytest.importorskip("torch")
 
-PARAMS = sample_params(SPECS)
+PARAMS = sample_params(SPECS, fast_samples=2)
 
 
 def _flags(sample: Any) -> dict[str, bool]:
