@@ -1,8 +1,11 @@
-"""Vocabulary-parallel cross-entropy on blocks of logits that a Dask plan holds itself.
+"""Vocabulary-parallel cross-entropy and token log-probabilities on blocks of logits that a
+Dask plan holds itself.
 
 A block is ``z``, rows by a range ``c0:c0+Vc`` of the classes: a chunk of the logits
-(:mod:`.class_losses`, the class axis in several chunks) or the product ``x_i @ w_j.T``
-(:mod:`.linear_ce`). Three steps, each on one block or one row block:
+(:mod:`.class_losses` and :mod:`.token_statistics`, the class axis in several chunks, as rows
+by :func:`chunk_rows`) or the product ``x_i @ w_j.T`` (:mod:`.linear_ce`,
+:mod:`.linear_token_vocab`). Cross-entropy takes three steps, each on one block or one row
+block:
 
 1. :func:`stats`: the block's row statistics ``[m, s, r1, r2]`` (:mod:`._stats`), by the
    backend's LM-head block kernel (``linear_cross_entropy.block_stats``);
@@ -11,6 +14,10 @@ A block is ``z``, rows by a range ``c0:c0+Vc`` of the classes: a chunk of the lo
    (:func:`nblosses.backends._linear_ce.finish_class` / ``finish_probs``);
 3. :func:`grad`: a block's ``dL/dz`` from those, by the backend's block kernel
    (``linear_cross_entropy.block_grad``): the one statement of the gradient per backend.
+
+token_logprobs (and its LM head) the same three, with the backend's ``linear_token_logprobs``
+block kernels and :mod:`nblosses.backends._linear_token_logprobs`' merge and finish:
+:func:`token_stats`, :func:`token_finish`, :func:`token_grad`.
 """
 
 from __future__ import annotations
@@ -19,12 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import dask.array as da
 import numpy as np
 
 from .._registry import Runtime
 from ..backends import _linear_ce as G
+from ..backends import _linear_token_logprobs as T
 from ..errors import UnsupportedOpError
-from ._common import F64
+from ..ops import token_logprobs as TLP
+from ..ops.class_losses import canonical_input
+from ._common import F64, unwrap
 
 _CLASS_FIELDS = ("m", "s", "xt", "swx")
 _PROB_FIELDS = ("m", "s", "a_sum", "b_sum")
@@ -110,3 +121,105 @@ def grad(be: Runtime, z: Any, bias: Any, target: Any, weight: Any, finished: Any
     m, *coefs = (be.xp.ascontiguousarray(finished[:, k]) for k in (5, 2, 3, 4))
     _block_ops(be)[1](z, bias, target, weight, m, tuple(coefs), raw=True, **cfg.keywords(c0))
     return z
+
+
+# ----------------------------------------------------------------------------- class chunks
+def chunk_rows(be: Runtime, b: Any, dtype: Any) -> Any:
+    """A ``(N, Cc, *spatial)`` logits block as a fresh C-contiguous ``(N * inner, Cc)`` array of
+    ``dtype``: a copy, which the block kernels may overwrite (the caller's chunk never is)."""
+    a = be.asarray(unwrap(b))
+    n, ck, inner = canonical_input(a.shape)
+    rows = be.xp.moveaxis(a.reshape(n, ck, inner), 1, 2).reshape(n * inner, ck)
+    return rows.astype(dtype, order="C", copy=True)
+
+
+def from_chunk_rows(z: Any, shape: tuple[int, ...]) -> Any:
+    """:func:`chunk_rows` undone: ``(N * inner, Cc)`` back to the block's ``shape``."""
+    n, ck, inner = canonical_input(shape)
+    return z.reshape(n, inner, ck).swapaxes(1, 2).reshape(shape)
+
+
+def class_offsets(chunks: tuple[int, ...]) -> Any:
+    """Each class chunk's first class: an int64 dask array of one element per chunk, a
+    blockwise argument along the class axis."""
+    return da.from_array(np.cumsum((0,) + tuple(chunks[:-1])).astype(np.int64), chunks=1)
+
+
+# ----------------------------------------------------------------------------- token_logprobs
+#: The columns of a finished row block of token_logprobs: the results, then (with a gradient)
+#: the rows' merged max and the gradient's coefficients (:data:`T.COEFS`).
+TOKEN_FINISHED = ("logp", "entropy", "m", *T.COEFS)
+_TOKEN_M = TOKEN_FINISHED.index("m")
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The options of a token_logprobs call (or its LM head's), as the block steps take
+    them."""
+
+    op: str  # the op, for messages
+    n_classes: int
+    ignore_index: int  # as the kernels compare it (clipped to int64)
+    temperature: float
+    softcap: float  # 0.0: none
+    stats: str  # the dtype of the results and of the upstream gradients' values
+
+    @property
+    def inv_t(self) -> float:
+        return 1.0 / self.temperature
+
+
+def token_op(be: Runtime, name: str) -> Callable[..., Any]:
+    """The backend's token block operation ``name`` (an attribute of its
+    ``linear_token_logprobs`` kernel)."""
+    op = getattr(be.kernels.get("linear_token_logprobs"), name, None)
+    if op is None:
+        raise UnsupportedOpError(
+            f"backend {be.name!r}: its linear_token_logprobs kernel has no {name}, which dask "
+            f"arrays with the class axis (the vocabulary) in several chunks need")
+    return op
+
+
+def has_token_ops(be: Runtime) -> bool:
+    """Whether the backend has the token block operations (:func:`token_op`)."""
+    kernel = be.kernels.get("linear_token_logprobs")
+    return all(getattr(kernel, k, None) is not None for k in ("block_stats", "block_grad"))
+
+
+def token_stats(be: Runtime, z: Any, bias: Any, target: Any, c0: int, cfg: Tokens) -> Any:
+    """Row statistics ``(R, 4)`` float64 (:data:`T.STATS`) of block ``z`` (classes ``c0:``;
+    overwritten with its prepared logits: bias added, softcapped)."""
+    return token_op(be, "block_stats")(z, bias, target, c0=c0, temperature=cfg.temperature,
+                                       softcap=cfg.softcap)
+
+
+def token_finish(be: Runtime, stats: list, target: Any, go: Any, ge: Any, shape: tuple,
+                 cfg: Tokens, want_grad: bool) -> Any:
+    """A row block's :data:`TOKEN_FINISHED` columns ``(R, k)`` float64 (the first two without
+    a gradient) from its class blocks' statistics ``(R, 4)``; ``target``: the rows' checked
+    ``(R,)`` indices; ``go`` / ``ge``: the upstream gradients (blocks of the positions'
+    ``shape``, scalars or ``None``), checked here as the eager call checks them."""
+    xp = be.xp
+    merged = T.merge(xp, xp.stack(stats), 0, cfg.inv_t)
+    rows = merged.shape[:1]
+    go, ge = (TLP.upstream_arg(be, cfg.op, what, unwrap(g), shape, rows, cfg.stats)
+              if want_grad else None for what, g in (("grad_output", go), ("grad_entropy", ge)))
+    logp, ent, coefs = T.finish(xp, merged, target, cfg.ignore_index, cfg.n_classes,
+                                cfg.inv_t, go, ge, want_grad)
+    cols = [logp[:, None], ent[:, None]]
+    if coefs is not None:
+        cols += [merged[:, :1], coefs]
+    return xp.concatenate(cols, axis=1)
+
+
+def token_grad(be: Runtime, z: Any, bias: Any, target: Any, finished: Any, c0: int,
+               cfg: Tokens) -> Any:
+    """``dL/dz`` of block ``z`` (raw: before bias and soft cap; overwritten, and returned)
+    from its rows' :func:`token_finish` columns ``(R, 6)``."""
+    m, coefs = (be.xp.ascontiguousarray(a)
+                for a in (finished[:, _TOKEN_M], finished[:, _TOKEN_M + 1:]))
+    token_op(be, "block_grad")(z, bias, target, m, coefs, c0=c0, raw=True,
+                               ignore_index=cfg.ignore_index, temperature=cfg.temperature,
+                               softcap=cfg.softcap)
+    return z
+

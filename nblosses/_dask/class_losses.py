@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
-import numpy as np
 
 from .. import _args
 from .._registry import Runtime, resolve_backend
@@ -172,8 +171,7 @@ def _whole(c: _Call, denom: Any, grad: Any, want_lse: bool) -> list[Any]:
 
 def _offsets(c: _Call) -> tuple[Any, str]:
     """Each class chunk's first class, a blockwise argument along the class axis."""
-    starts = np.cumsum((0,) + c.x.chunks[1][:-1]).astype(np.int64)
-    return da.from_array(starts, chunks=1), CLASS
+    return V.class_offsets(c.x.chunks[1]), CLASS
 
 
 # ----------------------------------------------------------------------------- nll_loss
@@ -210,25 +208,10 @@ def _nll_split(c: _Call, denom: Any, grad: Any) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- cross_entropy
-def _rows(be: Runtime, b: Any, dtype: Any) -> Any:
-    """A ``(N, Cc, *spatial)`` block as a fresh C-contiguous ``(N * inner, Cc)`` array of
-    ``dtype`` (the block kernels overwrite it)."""
-    a = be.asarray(unwrap(b))
-    n, ck, inner = canonical_input(a.shape)
-    rows = be.xp.moveaxis(a.reshape(n, ck, inner), 1, 2).reshape(n * inner, ck)
-    return rows.astype(dtype, order="C", copy=True)
-
-
-def _from_rows(z: Any, shape: tuple[int, ...]) -> Any:
-    """:func:`_rows` undone: ``(N * inner, Cc)`` back to the block's ``shape``."""
-    n, ck, inner = canonical_input(shape)
-    return z.reshape(n, inner, ck).swapaxes(1, 2).reshape(shape)
-
-
 def _chunk(be: Runtime, xb: Any, tb: Any, wb: Any, probs: bool) -> tuple[Any, Any, Any]:
     """A class chunk's ``(z, target, weight)`` for the block kernels (float32 at least)."""
-    z = _rows(be, xb, work_dtype(unwrap(xb).dtype))
-    target = _rows(be, tb, z.dtype) if probs else be.xp.ascontiguousarray(
+    z = V.chunk_rows(be, xb, work_dtype(unwrap(xb).dtype))
+    target = V.chunk_rows(be, tb, z.dtype) if probs else be.xp.ascontiguousarray(
         be.asarray(unwrap(tb)).reshape(-1))
     w = unwrap(wb)
     return z, target, None if w is None else _args.to_compute(be, w, z.dtype)
@@ -267,7 +250,7 @@ def _ce_grad(xb: Any, tb: Any, wb: Any, offb: Any, fb: Any, *, backend: str, cfg
     fin = be.asarray(unwrap(fb))
     z = V.grad(be, z, None, target, w, fin.reshape(-1, fin.shape[-1]), int(unwrap(offb)[0]),
                cfg)
-    return _from_rows(z, x.shape).astype(out_dtype, copy=False)
+    return V.from_chunk_rows(z, x.shape).astype(out_dtype, copy=False)
 
 
 def _ce_split(c: _Call, denom: Any, grad: Any, want_lse: bool) -> list[Any]:

@@ -21,94 +21,49 @@ gradient, a task per ``(i, j)`` recomputes the block, turns it into ``dL/dz``
 its three partial products, summed per row chunk (``grad_input``) and per vocabulary chunk
 (``grad_linear_weight``, ``grad_linear_bias``). No task holds more than one ``(rows_i, V_j)``
 block.
+
+The three block steps are :mod:`._vocab`'s (``token_stats``, ``token_finish``, ``token_grad``),
+which token_logprobs' class-parallel plan (:mod:`.token_statistics`) runs on chunks of logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .._registry import Runtime, resolve_backend
-from ..backends import _linear_token_logprobs as T
 from ..backends._host import ignore_value
-from ..errors import UnsupportedOpError
-from ..ops import token_logprobs as TLP
 from ..ops._results import at_least_float32
+from . import _vocab as V
 from ._common import F64, unwrap
 from .linear_ce import _Graph, _pick
 
 NAME = "linear_token_logprobs"
-#: The columns of a finished row chunk: the results, then (with a gradient) the rows' merged
-#: max and the gradient's coefficients (:data:`T.COEFS`).
-FINISHED = ("logp", "entropy", "m", *T.COEFS)
-_M = FINISHED.index("m")
-
-
-@dataclass(frozen=True)
-class Options:
-    """The options of a call, as the block tasks take them."""
-
-    n_classes: int
-    ignore_index: int  # as the kernels compare it (clipped to int64)
-    temperature: float
-    softcap: float
-    stats: str  # the dtype of the results and of the upstream gradients' values
-
-    @property
-    def inv_t(self) -> float:
-        return 1.0 / self.temperature
-
-
-def _block_op(be: Runtime, name: str) -> Callable[..., Any]:
-    """The backend's block operation ``name`` (an attribute of its kernel)."""
-    op = getattr(be.kernel(NAME), name, None)
-    if op is None:
-        raise UnsupportedOpError(f"backend {be.name!r}: its {NAME} kernel has no {name}, which "
-                                 f"dask arrays with the vocabulary in several chunks need")
-    return op
+FINISHED = V.TOKEN_FINISHED
 
 
 # ----------------------------------------------------------------------------- block tasks
-def _stats_block(x: Any, w: Any, b: Any, t: Any, c0: int, backend: str, cfg: Options) -> Any:
-    """Row statistics ``(R, 4)`` (:data:`T.STATS`) of the logits block ``x @ w.T`` (classes
-    ``c0:``)."""
+def _stats_block(x: Any, w: Any, b: Any, t: Any, c0: int, backend: str, cfg: V.Tokens) -> Any:
+    """Row statistics ``(R, 4)`` (:func:`._vocab.token_stats`) of the logits block
+    ``x @ w.T`` (classes ``c0:``)."""
     be = resolve_backend(backend, x)
-    return _block_op(be, "block_stats")(be.xp.matmul(x, w.T), b, t, c0=c0,
-                                        temperature=cfg.temperature, softcap=cfg.softcap)
+    return V.token_stats(be, be.xp.matmul(x, w.T), b, t, c0, cfg)
 
 
-def _finish(stats: list, t: Any, go: Any, ge: Any, backend: str, cfg: Options,
+def _finish(stats: list, t: Any, go: Any, ge: Any, backend: str, cfg: V.Tokens,
             want_grad: bool) -> Any:
     """A row chunk's :data:`FINISHED` columns (the first two without a gradient) from its
-    blocks' statistics; ``go`` / ``ge``: the rows' upstream gradients (blocks, scalars or
-    ``None``), checked here as the eager call checks them."""
+    blocks' statistics (:func:`._vocab.token_finish`)."""
     be = resolve_backend(backend, stats[0])
-    xp = be.xp
-    merged = T.merge(xp, xp.stack(stats), 0, cfg.inv_t)
-    rows = merged.shape[:1]
-    go, ge = (TLP.upstream_arg(be, NAME, what, unwrap(g), rows, rows, cfg.stats) if want_grad
-              else None for what, g in (("grad_output", go), ("grad_entropy", ge)))
-    logp, ent, coefs = T.finish(xp, merged, unwrap(t), cfg.ignore_index, cfg.n_classes,
-                                cfg.inv_t, go, ge, want_grad)
-    cols = [logp[:, None], ent[:, None]]
-    if coefs is not None:
-        cols += [merged[:, :1], coefs]
-    return xp.concatenate(cols, axis=1)
+    return V.token_finish(be, stats, unwrap(t), go, ge, stats[0].shape[:1], cfg, want_grad)
 
 
 def _grad_block(x: Any, w: Any, b: Any, t: Any, fin: Any, c0: int, backend: str,
-                cfg: Options) -> tuple[Any, Any, Any]:
+                cfg: V.Tokens) -> tuple[Any, Any, Any]:
     """``(g @ w, g.T @ x, g.sum(0))`` of the block's gradient ``g = dL/dz``."""
     be = resolve_backend(backend, x)
-    xp = be.xp
-    z = xp.matmul(x, w.T)
-    m, coefs = (xp.ascontiguousarray(a) for a in (fin[:, _M], fin[:, _M + 1:]))
-    _block_op(be, "block_grad")(z, b, t, m, coefs, c0=c0, raw=True,
-                                ignore_index=cfg.ignore_index, temperature=cfg.temperature,
-                                softcap=cfg.softcap)
+    z = V.token_grad(be, be.xp.matmul(x, w.T), b, t, fin, c0, cfg)
     return z @ w, z.T @ x, z.sum(0, dtype=F64)
 
 
@@ -118,7 +73,7 @@ class _TokenGraph(_Graph):
     block tasks and per-row results."""
 
     def __init__(self, be: Runtime, backend: str, x: Any, w: Any, b: Any, t: Any,
-                 cfg: Options) -> None:
+                 cfg: V.Tokens) -> None:
         base: Any = cfg  # the base graph's cfg slot: in its token (no block_args read it here)
         super().__init__(be, backend, x, w, b, t, None, base)
         self.opts = cfg
@@ -170,7 +125,7 @@ def plan_vocabulary(be: Runtime, backend: str, x: Any, w: Any, b: Any, t: Any, u
     :meth:`_TokenGraph.finish`). The gradients are ``(grad_x, grad_w, grad_b)`` in ``x``'s
     dtype, ``grad_w`` and ``grad_b`` chunked as ``w``."""
     stats = np.dtype(at_least_float32(np.dtype(cdt))).name
-    cfg = Options(int(w.shape[0]), ignore_value(opts["ignore_index"]),
+    cfg = V.Tokens(NAME, int(w.shape[0]), ignore_value(opts["ignore_index"]),
                   float(opts["temperature"]), float(opts["softcap"] or 0.0), stats)
     wc = w.astype(cdt).rechunk({1: -1})
     graph = _TokenGraph(be, backend, x.astype(cdt), wc,

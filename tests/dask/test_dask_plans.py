@@ -7,8 +7,9 @@
 - Tasks reach the kernels through the backend runtime: a spy backend sees the row-statistics
   kernel (softmax along a chunked ``dim``) and the LM head's block operations (cross-entropy
   with the class axis chunked, linear cross-entropy, which ignored ``backend=`` before, and
-  linear_token_logprobs with the vocabulary chunked); a
-  backend without the block operations still serves whole class chunks.
+  linear_token_logprobs with the vocabulary chunked, token_logprobs with the class axis
+  chunked); a backend without the block operations still serves whole class chunks (and
+  token_logprobs' chunked class axis, gathered).
 - cross_entropy with the class axis in several chunks takes every option (``z_loss``,
   ``softcap``, ``return_lse``), and linear_cross_entropy's vocabulary-parallel plan matches the
   eager call for every option on a 2-worker cluster.
@@ -177,6 +178,13 @@ def test_tasks_reach_the_kernels_through_the_backend(spy):
     ltl = F.linear_token_logprobs(da.from_array(xl, (4, 5)), da.from_array(w2, (3, 5)), t,
                                   linear_bias=b, return_entropy=True, return_grad=True,
                                   backend="spy")
+    tlp = F.token_logprobs(da.from_array(x, (4, 3)), t, temperature=0.8, softcap=3.0,
+                           return_entropy=True, return_grad=True, backend="spy")
+    compare(tlp, F.token_logprobs(x, t, temperature=0.8, softcap=3.0, return_entropy=True,
+                                  return_grad=True))
+    # token_logprobs with the class axis split: the block operations, or (a backend without
+    # them) the one-chunk plan's whole kernel
+    assert ("token_logprobs" in spy.calls) is not spy.blocks
     if not spy.blocks:
         for lazy in (split, ltl):
             with pytest.raises(UnsupportedOpError, match="block_stats"):
