@@ -181,6 +181,19 @@ def test_token_logprobs_class_parallel_ignore_index_and_float32():
                dict(rtol=2e-5, atol=2e-6))
 
 
+def test_token_logprobs_class_parallel_masked_logits():
+    """-inf logits: a whole class chunk masked in every row, and more in some rows."""
+    x, t = _tlp_data((NP, NC))
+    x[:, 40:] = -np.inf
+    x[3, :15] = x[4, 20:25] = -np.inf
+    t = np.where((t >= 40) | (t < 15), 30, t)
+    for opts in TLP_OPTIONS.values():
+        kw = dict(temperature=opts[0], softcap=opts[1], return_entropy=True, return_grad=True)
+        want = F.token_logprobs(x, t, **kw)
+        _tlp_check(F.token_logprobs(_dx(x, (ROW_CHUNKS, CLASS_CHUNKS)), _dx(t, ROW_CHUNKS),
+                                    **kw), want)
+
+
 def test_token_logprobs_class_parallel_bad_target_raises_at_compute():
     x, t = _tlp_data((NP, NC))
     t[30] = NC
