@@ -303,36 +303,18 @@ SLOW: tuple[Slow, ...] = (
 )
 
 
-def _path(item: pytest.Item) -> str:
-    """``item``'s file relative to the repository root ("" outside it)."""
-    try:
-        return item.path.resolve().relative_to(ROOT).as_posix()
-    except ValueError:  # a test outside the repository (pytest run on another tree)
-        return ""
-
-
 def slow_rule(item: pytest.Item) -> Slow | None:
     """The rule of :data:`SLOW` that puts ``item`` in the slow tier, if any."""
-    path = _path(item)
+    try:
+        path = item.path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:  # a test outside the repository (pytest run on another tree)
+        return None
     return next((r for r in SLOW if r.path == path and r.matches(item)), None)
-
-
-#: Files whose slow-tier tests take minutes in one fixture or subprocess (the assembly probes,
-#: the bench-CLI runs, the Sphinx builds; measured in .ci/run, two workers: 200 s, 48 s, 34 s,
-#: ~180 s and ~50 s). They are collected first, so that pytest-xdist hands them out first and
-#: the short tests fill the other worker meanwhile, rather than one of them ending the run on a
-#: worker of its own while the other waits.
-LONG_FIRST = ("tests/kernels/test_vectorise.py", "tests/api/test_token_logprobs.py",
-              "tests/api/test_linear_distillation.py", "tests/tooling/test_cli.py",
-              "tests/tooling/test_docs.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the tests :data:`SLOW` names ``slow``; collect :data:`LONG_FIRST` first (a stable
-    sort: every other test keeps its place)."""
+    """Mark the tests :data:`SLOW` names ``slow``."""
     for item in items:
         if slow_rule(item) is not None:
             item.add_marker(pytest.mark.slow)
-    rank = {path: i for i, path in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(_path(item), len(LONG_FIRST)))
