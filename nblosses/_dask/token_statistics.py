@@ -96,12 +96,19 @@ def _upstream(name: str, what: str, value: Any, shape: tuple[int, ...], rows: tu
 
 
 # ----------------------------------------------------------------------------- class chunks
-def _split_stats(xb: Any, tb: Any, offb: Any, *, backend: str, cfg: V.Tokens) -> Any:
-    """A class chunk's per-position statistics, ``(N, 1, *spatial, 4)``."""
+def _chunk(xb: Any, tb: Any, backend: str) -> tuple[Runtime, Any, Any, Any]:
+    """A class chunk's ``(backend, logits, rows, targets)``: ``rows`` a copy of the logits as
+    ``(positions, classes)`` in the work dtype (the block kernels overwrite it), ``targets``
+    the positions' flat indices."""
     x = unwrap(xb)
     be = resolve_backend(backend, x)
-    z = V.chunk_rows(be, x, work_dtype(x.dtype))  # a copy: the kernel prepares it in place
     t = be.xp.ascontiguousarray(be.asarray(unwrap(tb))).reshape(-1)
+    return be, x, V.chunk_rows(be, x, work_dtype(x.dtype)), t
+
+
+def _split_stats(xb: Any, tb: Any, offb: Any, *, backend: str, cfg: V.Tokens) -> Any:
+    """A class chunk's per-position statistics, ``(N, 1, *spatial, 4)``."""
+    be, x, z, t = _chunk(xb, tb, backend)
     st = V.token_stats(be, z, None, t, int(unwrap(offb)[0]), cfg)
     return be.xp.expand_dims(st.reshape(x.shape[:1] + x.shape[2:] + (4,)), 1)
 
@@ -121,10 +128,7 @@ def _split_finish(stats: list, tb: Any, gb: Any, eb: Any, *, backend: str, cfg: 
 
 def _split_grad(xb: Any, tb: Any, offb: Any, fb: Any, *, backend: str, cfg: V.Tokens) -> Any:
     """A class chunk's gradient, in the input's dtype."""
-    x = unwrap(xb)
-    be = resolve_backend(backend, x)
-    z = V.chunk_rows(be, x, work_dtype(x.dtype))
-    t = be.xp.ascontiguousarray(be.asarray(unwrap(tb))).reshape(-1)
+    be, x, z, t = _chunk(xb, tb, backend)
     fin = be.asarray(unwrap(fb))
     z = V.token_grad(be, z, None, t, fin.reshape(-1, fin.shape[-1]), int(unwrap(offb)[0]), cfg)
     return V.from_chunk_rows(z, x.shape).astype(x.dtype, copy=False)
