@@ -37,9 +37,9 @@ from .. import _args
 from .. import functional as _functional
 from .._spec import OpSpec
 
-__all__ = ["F", "cast", "fused_loss_op", "gradient_op", "head_fake", "head_setup", "in_place",
-           "no_grad", "run_loss", "scaled", "softmax_dim", "softmax_op", "tensor_list",
-           "wants_grad"]
+__all__ = ["F", "cast", "fused_loss_op", "gradient_op", "head_fake", "head_gradients",
+           "head_results", "head_setup", "in_place", "no_grad", "run_loss", "scaled",
+           "softmax_dim", "softmax_op", "tensor_list", "wants_grad"]
 
 # Untyped on purpose: the ops' options travel as plain values (the overloads want literals).
 F: Any = _functional
@@ -283,6 +283,37 @@ def head_fake(loss: Tensor, input: Tensor, linear_weight: Tensor, linear_bias: T
         return loss, no_grad(input), no_grad(input), no_grad(input)
     gb = no_grad(input) if linear_bias is None else torch.empty_like(linear_bias)
     return loss, torch.empty_like(input), torch.empty_like(linear_weight), gb
+
+
+def head_results(result: Any, input: Tensor,
+                 want_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The results of an LM-head loss op from its :mod:`nblosses.functional` call's ``result``
+    (the loss, or with ``want_grad`` ``(loss, (grad_input, grad_weight, grad_bias))``):
+    ``(loss, grad_input, grad_weight, grad_bias)``, a gradient not computed (or the bias's,
+    without a bias) an empty placeholder (:func:`no_grad`): a custom op returns tensors only.
+    """
+    if not want_grad:
+        return result, no_grad(input), no_grad(input), no_grad(input)
+    loss, (gx, gw, gb) = result
+    return loss, gx, gw, (no_grad(input) if gb is None else gb)
+
+
+def head_gradients(ctx: Any, g_loss: Tensor,
+                   call: Callable[..., Any]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(grad_input, grad_weight, grad_bias)`` of an LM-head loss op for the upstream gradient
+    ``g_loss`` (``grad_bias`` None without a bias), from what :func:`head_setup` saved: the
+    forward pass's gradients scaled by ``g_loss``, or (``reduction="none"``: one upstream
+    gradient per row) ``call(arrays, options, True, g_loss)``, the op's chunked computation
+    run again with it."""
+    if ctx.reduction == "none":
+        _, grads = call(ctx.saved_tensors, ctx.options, True, g_loss)
+        return grads
+    gx, gw, gb = ctx.saved_tensors
+    if gx.numel() == 0 and gw.numel() == 0:
+        raise RuntimeError("nblosses.torch: the gradient was not computed in the forward "
+                           "pass (called under no_grad or without requires_grad)")
+    gx, gw = scaled(gx, g_loss), scaled(gw, g_loss)
+    return gx, gw, (scaled(gb, g_loss) if gb is not None and gb.numel() else None)
 
 
 def head_setup(ctx: Any, output: tuple[Tensor, ...], *, forward_grad: bool,

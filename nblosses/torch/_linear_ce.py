@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._autograd import F, head_fake, head_setup, no_grad, scaled, wants_grad
+from ._autograd import F, head_fake, head_gradients, head_results, head_setup, wants_grad
 
 __all__ = ["linear_cross_entropy"]
 
@@ -43,10 +43,7 @@ def _linear_ce(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias
     result = _call_linear_ce((input, linear_weight, target, linear_bias, weight),
                              (ignore_index, reduction, label_smoothing, z_loss, softcap),
                              want_grad)
-    if not want_grad:
-        return result, no_grad(input), no_grad(input), no_grad(input)
-    loss, (gx, gw, gb) = result
-    return loss, gx, gw, (no_grad(input) if gb is None else gb)
+    return head_results(result, input, want_grad)
 
 
 @_linear_ce.register_fake
@@ -69,15 +66,7 @@ _NO_GRAD_TAIL = (None,) * 7
 def _linear_ce_backward(ctx: Any, g_loss: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
     if g_loss is None:
         return (None, None, None, None, *_NO_GRAD_TAIL)
-    if ctx.reduction == "none":
-        _, (gx, gw, gb) = _call_linear_ce(ctx.saved_tensors, ctx.options, True, g_loss)
-    else:
-        gx, gw, gb = ctx.saved_tensors
-        if gx.numel() == 0 and gw.numel() == 0:
-            raise RuntimeError("nblosses.torch: the gradient was not computed in the forward "
-                               "pass (called under no_grad or without requires_grad)")
-        gx, gw = scaled(gx, g_loss), scaled(gw, g_loss)
-        gb = scaled(gb, g_loss) if gb is not None and gb.numel() else None
+    gx, gw, gb = head_gradients(ctx, g_loss, _call_linear_ce)
     need = ctx.needs_input_grad
     return (gx if need[0] else None, gw if need[1] else None, None,
             gb if gb is not None and need[3] else None, *_NO_GRAD_TAIL)

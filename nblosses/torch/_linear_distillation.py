@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._autograd import F, head_fake, head_setup, no_grad, scaled, wants_grad
+from ._autograd import F, head_fake, head_gradients, head_results, head_setup, wants_grad
 
 __all__ = ["linear_distillation_loss"]
 
@@ -41,10 +41,7 @@ def _linear_distill(input: Tensor, linear_weight: Tensor, teacher_input: Tensor,
     result = _call((input, linear_weight, teacher_input, teacher_weight, target, linear_bias,
                     teacher_bias),
                    (beta, temperature, ignore_index, hard_weight, softcap, reduction), want_grad)
-    if not want_grad:
-        return result, no_grad(input), no_grad(input), no_grad(input)
-    loss, (gx, gw, gb) = result
-    return loss, gx, gw, (no_grad(input) if gb is None else gb)
+    return head_results(result, input, want_grad)
 
 
 @_linear_distill.register_fake
@@ -68,15 +65,7 @@ _TEACHER_AND_OPTIONS = (None,) * 8
 def _backward(ctx: Any, g_loss: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
     if g_loss is None:
         return (None, None, None, None, None, None, *_TEACHER_AND_OPTIONS)
-    if ctx.reduction == "none":
-        _, (gx, gw, gb) = _call(ctx.saved_tensors, ctx.options, True, g_loss)
-    else:
-        gx, gw, gb = ctx.saved_tensors
-        if gx.numel() == 0 and gw.numel() == 0:
-            raise RuntimeError("nblosses.torch: the gradient was not computed in the forward "
-                               "pass (called under no_grad or without requires_grad)")
-        gx, gw = scaled(gx, g_loss), scaled(gw, g_loss)
-        gb = scaled(gb, g_loss) if gb is not None and gb.numel() else None
+    gx, gw, gb = head_gradients(ctx, g_loss, _call)
     need = ctx.needs_input_grad
     return (gx if need[0] else None, gw if need[1] else None, None, None, None,
             gb if gb is not None and need[5] else None, *_TEACHER_AND_OPTIONS)
