@@ -37,7 +37,7 @@ from .. import _args
 from .. import functional as _functional
 from .._spec import OpSpec
 
-__all__ = ["F", "cast", "fused_loss_op", "gradient_op", "head_fake", "head_gradients",
+__all__ = ["F", "cast", "fused_loss_op", "gradient_op", "head_backward", "head_fake",
            "head_results", "head_setup", "in_place", "no_grad", "run_loss", "scaled",
            "softmax_dim", "softmax_op", "tensor_list", "wants_grad"]
 
@@ -298,22 +298,33 @@ def head_results(result: Any, input: Tensor,
     return loss, gx, gw, (no_grad(input) if gb is None else gb)
 
 
-def head_gradients(ctx: Any, g_loss: Tensor,
-                   call: Callable[..., Any]) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(grad_input, grad_weight, grad_bias)`` of an LM-head loss op for the upstream gradient
-    ``g_loss`` (``grad_bias`` None without a bias), from what :func:`head_setup` saved: the
-    forward pass's gradients scaled by ``g_loss``, or (``reduction="none"``: one upstream
-    gradient per row) ``call(arrays, options, True, g_loss)``, the op's chunked computation
-    run again with it."""
+def head_backward(ctx: Any, g_loss: Tensor | None, call: Callable[..., Any], *,
+                  bias_at: int) -> tuple[Tensor | None, ...]:
+    """The backward of an LM-head loss op: one entry per op argument, the gradients of
+    ``input`` (argument 0), ``linear_weight`` (1) and ``linear_bias`` (argument ``bias_at``)
+    where autograd needs them, None for the others.
+
+    From what :func:`head_setup` saved: the forward pass's gradients scaled by ``g_loss``, or
+    (``reduction="none"``: one upstream gradient per row) ``call(arrays, options, True,
+    g_loss)``, the op's chunked computation run again with it.
+    """
+    need = ctx.needs_input_grad
+    grads: list[Tensor | None] = [None] * len(need)
+    if g_loss is None:
+        return tuple(grads)
     if ctx.reduction == "none":
-        _, grads = call(ctx.saved_tensors, ctx.options, True, g_loss)
-        return grads
-    gx, gw, gb = ctx.saved_tensors
-    if gx.numel() == 0 and gw.numel() == 0:
-        raise RuntimeError("nblosses.torch: the gradient was not computed in the forward "
-                           "pass (called under no_grad or without requires_grad)")
-    gx, gw = scaled(gx, g_loss), scaled(gw, g_loss)
-    return gx, gw, (scaled(gb, g_loss) if gb is not None and gb.numel() else None)
+        _, (gx, gw, gb) = call(ctx.saved_tensors, ctx.options, True, g_loss)
+    else:
+        gx, gw, gb = ctx.saved_tensors
+        if gx.numel() == 0 and gw.numel() == 0:
+            raise RuntimeError("nblosses.torch: the gradient was not computed in the forward "
+                               "pass (called under no_grad or without requires_grad)")
+        gx, gw = scaled(gx, g_loss), scaled(gw, g_loss)
+        gb = scaled(gb, g_loss) if gb is not None and gb.numel() else None
+    grads[0] = gx if need[0] else None
+    grads[1] = gw if need[1] else None
+    grads[bias_at] = gb if gb is not None and need[bias_at] else None
+    return tuple(grads)
 
 
 def head_setup(ctx: Any, output: tuple[Tensor, ...], *, forward_grad: bool,

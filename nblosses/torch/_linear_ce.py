@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._autograd import F, head_fake, head_gradients, head_results, head_setup, wants_grad
+from ._autograd import F, head_backward, head_fake, head_results, head_setup, wants_grad
 
 __all__ = ["linear_cross_entropy"]
 
@@ -59,17 +59,8 @@ def _linear_ce_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ..
                options=inputs[5:10])
 
 
-#: No gradient for target, weight and the six option arguments of ``_linear_ce``.
-_NO_GRAD_TAIL = (None,) * 7
-
-
 def _linear_ce_backward(ctx: Any, g_loss: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
-    if g_loss is None:
-        return (None, None, None, None, *_NO_GRAD_TAIL)
-    gx, gw, gb = head_gradients(ctx, g_loss, _call_linear_ce)
-    need = ctx.needs_input_grad
-    return (gx if need[0] else None, gw if need[1] else None, None,
-            gb if gb is not None and need[3] else None, *_NO_GRAD_TAIL)
+    return head_backward(ctx, g_loss, _call_linear_ce, bias_at=3)
 
 
 torch.library.register_autograd(_linear_ce, _linear_ce_backward, setup_context=_linear_ce_setup)

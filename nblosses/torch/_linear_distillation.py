@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._autograd import F, head_fake, head_gradients, head_results, head_setup, wants_grad
+from ._autograd import F, head_backward, head_fake, head_results, head_setup, wants_grad
 
 __all__ = ["linear_distillation_loss"]
 
@@ -58,17 +58,8 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> Non
                options=inputs[7:13])
 
 
-#: No gradient for the teacher's bias and the seven option arguments (``want_grad`` included).
-_TEACHER_AND_OPTIONS = (None,) * 8
-
-
 def _backward(ctx: Any, g_loss: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
-    if g_loss is None:
-        return (None, None, None, None, None, None, *_TEACHER_AND_OPTIONS)
-    gx, gw, gb = head_gradients(ctx, g_loss, _call)
-    need = ctx.needs_input_grad
-    return (gx if need[0] else None, gw if need[1] else None, None, None, None,
-            gb if gb is not None and need[5] else None, *_TEACHER_AND_OPTIONS)
+    return head_backward(ctx, g_loss, _call, bias_at=5)
 
 
 torch.library.register_autograd(_linear_distill, _backward, setup_context=_setup)
