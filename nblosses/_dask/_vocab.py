@@ -202,8 +202,8 @@ def token_finish(be: Runtime, stats: list, target: Any, go: Any, ge: Any, shape:
     xp = be.xp
     merged = T.merge(xp, xp.stack(stats), 0, cfg.inv_t)
     rows = merged.shape[:1]
-    go, ge = (TLP.upstream_arg(be, cfg.op, what, unwrap(g), shape, rows, cfg.stats)
-              if want_grad else None for what, g in (("grad_output", go), ("grad_entropy", ge)))
+    go, ge = (TLP.upstream_args(be, cfg.op, unwrap(go), unwrap(ge), shape, rows, cfg.stats)
+              if want_grad else (None, None))
     logp, ent, coefs = T.finish(xp, merged, target, cfg.ignore_index, cfg.n_classes,
                                 cfg.inv_t, go, ge, want_grad)
     cols = [logp[:, None], ent[:, None]]

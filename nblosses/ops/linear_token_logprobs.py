@@ -60,21 +60,14 @@ def execute(be: Runtime, a: LinearCEArgs, *, ignore_index: int, temperature: flo
     rows = () if lay.squeeze else (lay.n,)
     go = ge = None
     if want_grad:
-        sdt = at_least_float32(a.x2.dtype)
-        go, ge = (TLP.upstream_arg(be, "linear_token_logprobs", what, value, rows, (lay.n,),
-                                   sdt)
-                  for what, value in (("grad_output", grad_output),
-                                      ("grad_entropy", grad_entropy)))
+        go, ge = TLP.upstream_args(be, "linear_token_logprobs", grad_output, grad_entropy, rows,
+                                   (lay.n,), at_least_float32(a.x2.dtype))
     logp, ent, grads = be.kernel("linear_token_logprobs")(
         a.x2, a.w2, a.bias, a.target, ignore_index=ignore_index, temperature=temperature,
         softcap=softcap, want_entropy=want_entropy, want_grad=want_grad, grad_output=go,
         grad_entropy=ge, chunk_rows=chunk_rows)
-    out = [logp.reshape(rows)]
-    if want_entropy:
-        out.append(ent.reshape(rows))
-    if want_grad:
-        out.append(grads)
-    return out
+    return TLP.statistics(logp, ent, grads, rows, want_entropy=want_entropy,
+                          want_grad=want_grad)
 
 
 def run(be: Runtime, spec: OpSpec, v: dict, opts: dict) -> Any:

@@ -42,6 +42,27 @@ def upstream_arg(be: Runtime, name: str, what: str, value: Any, loss_shape: tupl
     return be.xp.full(flat_shape, g.astype(dtype), dtype)  # where g is: no host read
 
 
+def upstream_args(be: Runtime, name: str, grad_output: Any, grad_entropy: Any,
+                  loss_shape: tuple[int, ...], flat_shape: tuple[int, ...],
+                  dtype: Any) -> tuple[Any, Any]:
+    """Both upstream gradients, ``(grad_output, grad_entropy)``, checked and made kernel
+    arguments by :func:`upstream_arg`."""
+    return (upstream_arg(be, name, "grad_output", grad_output, loss_shape, flat_shape, dtype),
+            upstream_arg(be, name, "grad_entropy", grad_entropy, loss_shape, flat_shape, dtype))
+
+
+def statistics(logp: Any, ent: Any, grad: Any, shape: tuple[int, ...], *, want_entropy: bool,
+               want_grad: bool) -> list:
+    """A kernel's results as ``execute`` returns them: ``[logp, entropy?, grad?]``, the
+    statistics reshaped to the positions' ``shape``, ``grad`` as the kernel gave it."""
+    out = [logp.reshape(shape)]
+    if want_entropy:
+        out.append(ent.reshape(shape))
+    if want_grad:
+        out.append(grad)
+    return out
+
+
 # ----------------------------------------------------------------------------- running
 def execute(be: Runtime, a: ClassLossArgs, *, ignore_index: int, temperature: float,
             softcap: float, want_entropy: bool, want_grad: bool, grad_output: Any,
@@ -57,20 +78,14 @@ def execute(be: Runtime, a: ClassLossArgs, *, ignore_index: int, temperature: fl
     stats_dtype = at_least_float32(a.x3.dtype)
     go = ge = None
     if want_grad:
-        go, ge = (upstream_arg(be, "token_logprobs", what, value, loss_shape, (n, inner),
-                               stats_dtype)
-                  for what, value in (("grad_output", grad_output),
-                                      ("grad_entropy", grad_entropy)))
+        go, ge = upstream_args(be, "token_logprobs", grad_output, grad_entropy, loss_shape,
+                               (n, inner), stats_dtype)
     logp, ent, grad = be.kernel("token_logprobs")(
         a.x3, a.target, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
         want_entropy=want_entropy, want_grad=want_grad, grad_output=go, grad_entropy=ge,
         grad_buffer=grad_buffer)
-    out = [logp.reshape(loss_shape)]
-    if want_entropy:
-        out.append(ent.reshape(loss_shape))
-    if want_grad:
-        out.append(grad)
-    return out
+    return statistics(logp, ent, grad, loss_shape, want_entropy=want_entropy,
+                      want_grad=want_grad)
 
 
 def run(be: Runtime, spec: OpSpec, v: dict, opts: dict) -> Any:
