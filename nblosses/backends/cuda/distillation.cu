@@ -195,6 +195,23 @@ __device__ __forceinline__ A dist_loss(const DistStats<A>& st, A soft, A xct,
     return loss;
 }
 
+//: A position's loss (dist_loss; 0 when ignored) written to loss_out[pos], or, reduced (no
+//: loss_out), added to the kernel's sum acc and its denominator den: a bad position adds NaN to
+//: the sum and nothing to the count. The epilogue of distill_rows (its group's first lane) and
+//: distill_cols.
+template <typename T, typename A>
+__device__ __forceinline__ void dist_store(i64 pos, const DistStats<A>& st, A soft, A xct,
+                                           const DistParams<A>& P, bool valid, bool bad,
+                                           T* loss_out, double& acc, A& den) {
+    const A loss = valid || bad ? dist_loss(st, soft, xct, P, bad) : A(0);
+    if (loss_out) {
+        loss_out[pos] = from_acc<T>(loss);
+    } else if (valid || bad) {
+        acc += (double)loss;
+        den += valid ? A(1) : A(0);
+    }
+}
+
 //: The soft loss of MODE 0 / 1 from the statistics (MODE 2 / 3 sum theirs in another pass);
 //: kk: MODE 1's sum p_s (zs - zt).
 template <int MODE, typename A>
@@ -329,15 +346,8 @@ __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T)) distill_rows(
         A kk = MODE == NBL_DIST_JSD ? ex[1] : A(0);
         const A soft = PAIR && MODE != NBL_DIST_JSD ? pair_soft<MODE>(st, kk) : ex[0];
         const bool bad = tg.bad || (MODE == NBL_DIST_TOPK && ex[2] > A(0));
-        if (active && lane == 0) {
-            const A loss = tg.valid || bad ? dist_loss(st, soft, xct, P, bad) : A(0);
-            if (loss_out) {
-                loss_out[row] = from_acc<T>(loss);
-            } else if (tg.valid || bad) {
-                acc += (double)loss;
-                den += tg.valid ? A(1) : A(0);
-            }
-        }
+        if (active && lane == 0)
+            dist_store(row, st, soft, xct, P, tg.valid, bad, loss_out, acc, den);
         const A scale = want_grad ? upstream<T, A>(g_rows, row, active, rmode, scal, g_scalar)
                                   : A(0);
         const DistCoef<A> r = dist_coef<MODE>(st, kk, MODE == NBL_DIST_TOPK ? ex[1] : A(1),
@@ -410,13 +420,7 @@ __global__ void __launch_bounds__(256) distill_cols(NBL_PARAMS_DISTILL) {
         A kk = MODE == NBL_DIST_JSD ? ex[1] : A(0);
         const A soft = PAIR && MODE != NBL_DIST_JSD ? pair_soft<MODE>(st, kk) : ex[0];
         const bool bad = tg.bad || (MODE == NBL_DIST_TOPK && ex[2] > A(0));
-        const A loss = tg.valid || bad ? dist_loss(st, soft, xct, P, bad) : A(0);
-        if (loss_out) {
-            loss_out[p] = from_acc<T>(loss);
-        } else if (tg.valid || bad) {
-            acc += (double)loss;
-            den += tg.valid ? A(1) : A(0);
-        }
+        dist_store(p, st, soft, xct, P, tg.valid, bad, loss_out, acc, den);
         if (want_grad) {
             const A scale = upstream<T, A>(g_rows, p, true, rmode, scal, g_scalar);
             const DistCoef<A> r = dist_coef<MODE>(st, kk, MODE == NBL_DIST_TOPK ? ex[1] : A(1),
