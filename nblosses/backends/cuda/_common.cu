@@ -343,6 +343,14 @@ __device__ __forceinline__ void for_each_col(i64 outer, i64 inner, i64 C, F f) {
     NBL_FOR_EACH_COL(p, base, outer, inner, C) f(base);
 }
 
+//: The elementwise walk of the LM-head gradient kernels over a (ROWS, COLS) block of logits, one
+//: thread per element, grid-stride: the statement that follows runs for each of this thread's
+//: elements i = r * COLS + c. A macro, as NBL_FOR_EACH_COL (a body may `continue`).
+#define NBL_FOR_EACH_ELEM(i, r, c, ROWS, COLS)                                             \
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x, n_ = (ROWS) * (COLS); i < n_; \
+         i += (i64)gridDim.x * blockDim.x)                                                  \
+        if (const i64 r = i / (COLS), c = i - r * (COLS); true)
+
 // ----------------------------------------------------------------------------- row walk
 // The walk every row kernel (inner == 1) shares: groups of G threads (lane = threadIdx.x % G),
 // BLOCK / G rows per block iteration, grid-stride over the rows:

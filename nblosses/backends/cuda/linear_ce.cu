@@ -93,10 +93,7 @@ __global__ void __launch_bounds__(BLOCK) lce_stats(NBL_PARAMS_LCE_STATS) {
 // become zero. raw: z holds products not yet prepared.
 template <typename T>
 __global__ void __launch_bounds__(256) lce_grad(NBL_PARAMS_LCE_GRAD) {
-    const i64 n = rows * cols;
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n;
-         i += (i64)gridDim.x * blockDim.x) {
-        const i64 r = i / cols, c = i - r * cols;
+    NBL_FOR_EACH_ELEM(i, r, c, rows, cols) {
         if (t && t[r] == ignore) {
             z[i] = T(0);
             continue;

@@ -127,10 +127,7 @@ template <typename T>
 __global__ void __launch_bounds__(256) ld_grad(NBL_PARAMS_LD_GRAD) {
     typedef typename AccT<T>::type A;
     const A it = A(inv_t), cp = A(cap), bt_ = A(beta);
-    const i64 n = rows * cols;
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n;
-         i += (i64)gridDim.x * blockDim.x) {
-        const i64 r = i / cols, c = i - r * cols;
+    NBL_FOR_EACH_ELEM(i, r, c, rows, cols) {
         if (t && t[r] == ignore) {
             zs[i] = T(0);
             continue;

@@ -72,11 +72,8 @@ __global__ void __launch_bounds__(BLOCK) ltlp_stats(NBL_PARAMS_LTLP_STATS) {
 // z holds products not yet prepared.
 template <typename T>
 __global__ void __launch_bounds__(256) ltlp_grad(NBL_PARAMS_LTLP_GRAD) {
-    const i64 n = rows * cols;
     const T inv = T(inv_t), capt = T(cap);
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n;
-         i += (i64)gridDim.x * blockDim.x) {
-        const i64 r = i / cols, c = i - r * cols;
+    NBL_FOR_EACH_ELEM(i, r, c, rows, cols) {
         const i64 tr = t[r];
         if (tr == ignore) {
             z[i] = T(0);
