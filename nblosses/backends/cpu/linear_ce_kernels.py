@@ -137,6 +137,22 @@ def _chain(v, cap):
     return 1.0
 
 
+@njit(**JIT)
+def _start_grad_row(row, target, ignore, c0, bias, cap, raw):
+    """The start of a class-target row's gradient, before its pass over ``row``: ``(kept, ti,
+    vt)``. An ignored row (``target == ignore``) is zeroed and not kept; a kept row's raw
+    products are prepared (``raw``), ``ti`` is the target's column in this block (outside
+    ``[0, row.size)`` where another block holds it) and ``vt`` its capped logit, read before
+    the gradient overwrites it (0 elsewhere)."""
+    if target == ignore:
+        row[:] = 0
+        return False, 0, 0.0
+    if raw:
+        _prepare_row(row, bias, cap)
+    ti = target - c0
+    return True, ti, np.float64(row[ti]) if 0 <= ti < row.size else 0.0
+
+
 @parallel_kernel(**JIT)
 def grad_class(z, bias, cap, raw, t, c0, ignore, w, m, coef, b, a):
     """Overwrite ``z`` with ``dL/dz`` (class-index targets). ``raw``: ``z`` holds raw products
@@ -146,13 +162,9 @@ def grad_class(z, bias, cap, raw, t, c0, ignore, w, m, coef, b, a):
     n, nc = z.shape
     for i in prange(n):
         row = z[i]
-        if t[i] == ignore:
-            row[:] = 0
+        kept, ti, vt = _start_grad_row(row, t[i], ignore, c0, bias, cap, raw)
+        if not kept:
             continue
-        if raw:
-            _prepare_row(row, bias, cap)
-        ti = t[i] - c0
-        vt = np.float64(row[ti]) if 0 <= ti < nc else 0.0
         _grad_row(row, m[i], coef[i], b[i], w, None, 0.0, 0.0, cap)
         if 0 <= ti < nc:
             row[ti] -= like(a[i] * _chain(vt, cap), row)

@@ -24,7 +24,7 @@ from numba import njit, prange
 from .. import _linear_token_logprobs as T
 from ._math import JIT, fast_exp, like, row_max
 from ._parallel import guarded, parallel_kernel
-from .linear_ce_kernels import _prepare_row
+from .linear_ce_kernels import _chain, _prepare_row, _start_grad_row
 from .lm_head import CpuHead
 from .token_logprobs import _exp_sums, _shift
 
@@ -75,18 +75,12 @@ def _grad_rows(z, bias, cap, raw, t, c0, ignore, inv_t, m, coefs):
     n, nc = z.shape
     for i in prange(n):
         row = z[i]
-        if t[i] == ignore:
-            row[:] = 0
+        kept, ti, vt = _start_grad_row(row, t[i], ignore, c0, bias, cap, raw)
+        if not kept:
             continue
-        if raw:
-            _prepare_row(row, bias, cap)
-        ti = t[i] - c0
-        here = 0 <= ti < nc
-        vt = np.float64(row[ti]) if here else 0.0  # the capped target logit, read first
         _grad_row(row, m[i], inv_t, coefs[i, 0], coefs[i, 1], cap)
-        if here:
-            slope = 1.0 - (vt / cap) ** 2 if cap > 0 else 1.0
-            row[ti] += like(coefs[i, 2] * slope, row)
+        if 0 <= ti < nc:
+            row[ti] += like(coefs[i, 2] * _chain(vt, cap), row)
 
 
 def block_stats(z, bias, target, *, c0: int, temperature: float, softcap: float):
