@@ -69,6 +69,17 @@ def _coefficients(s, q, inv_t, gor, ger):
 
 
 # ----------------------------------------------------------------------------- rows
+# Inlined at Numba's level (as distillation's point helpers), so that each loop of _exp_sums
+# compiles as if written out.
+@njit(inline="always", **JIT)
+def _exp_point(v, big, inv):
+    """``(e, e d)`` of one logit ``v``: ``d = (v - big) * inv`` (:func:`_shift`),
+    ``e = exp(d)``."""
+    d = _shift(v, big, inv)
+    e = fast_exp(d)
+    return e, e * d
+
+
 @njit(**JIT)
 def _exp_sums(row, big, inv_t, out):
     """``(s, q)`` of ``d = (row - big) * inv_t`` in float64 (blocks summed in the row's
@@ -84,26 +95,23 @@ def _exp_sums(row, big, inv_t, out):
         q = like(0, row)
         if out is None:
             for c in range(rb.size):
-                d = _shift(rb[c], big, inv)
-                e = fast_exp(d)
+                e, ed = _exp_point(rb[c], big, inv)
                 s += e
-                q += e * d
+                q += ed
         else:
             ob = out[b0:b0 + SUM_BLOCK]
             if ob.ctypes.data == rb.ctypes.data:
                 for c in range(ob.size):
-                    d = _shift(ob[c], big, inv)
-                    e = fast_exp(d)
+                    e, ed = _exp_point(ob[c], big, inv)
                     ob[c] = e
                     s += e
-                    q += e * d
+                    q += ed
             else:
                 for c in range(ob.size):
-                    d = _shift(rb[c], big, inv)
-                    e = fast_exp(d)
+                    e, ed = _exp_point(rb[c], big, inv)
                     ob[c] = e
                     s += e
-                    q += e * d
+                    q += ed
         s_total += s
         q_total += q
     return s_total, q_total
