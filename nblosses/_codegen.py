@@ -6,10 +6,11 @@ So are the autograd front ends' functions, :mod:`nblosses.torch._generated` and
 Both modules are checked-in Python generated from :data:`nblosses.ops.SPECS`: each function is a
 plain ``def`` with the op's exact signature, type annotations (``@overload``\\ s saying that
 ``return_grad=True`` / ``return_lse=True`` add results), its docstring's first line and a
-one-line body that hands every argument to the dispatcher (the full numpydoc text is built from
-the spec when the module is imported: :mod:`nblosses._frontends`, so the spec stays its one copy); each module class a ``def __init__`` with the op's
-configuration parameters. Editors find the definitions, tracebacks show real lines, and a call
-costs no more than a dict and a function call (no ``*args`` binding). Regenerate after editing a
+one-line body that hands every argument to the dispatcher; each module class a ``def __init__``
+with the op's configuration parameters. The full numpydoc text is built from the spec when the
+module is imported (:mod:`nblosses._frontends`), so the spec stays its one copy. Editors find
+the definitions, tracebacks show real lines, and a call costs no more than a dict and a function
+call (no ``*args`` binding). Regenerate after editing a
 spec::
 
     python -m nblosses._codegen        # rewrites nblosses/functional.py, nn.py, torch/ and jax/
