@@ -11,7 +11,7 @@ import inspect
 import numpy as np
 import pytest
 
-from nblosses import _codegen
+from nblosses import _frontends
 from nblosses import functional as F
 from nblosses._spec import Autograd
 from nblosses.ops import SPECS
@@ -184,14 +184,14 @@ def test_the_host_callback_fallback_runs_the_same_request():
 
 
 # ----------------------------------------------------------------------------- derived
-DERIVED = [s for s in SPECS.values() if _codegen.derived(s)]
+DERIVED = [s for s in SPECS.values() if _frontends.derived(s)]
 
 
 def test_every_derived_spec_has_its_function():
     for spec in DERIVED:
         fn = getattr(nbj, spec.name)
         params = inspect.signature(fn).parameters
-        assert list(params) == [p.name for p in _codegen.autograd_params(spec, False)]
+        assert list(params) == [p.name for p in _frontends.autograd_params(spec, False)]
         assert fn.__code__.co_filename == nbj._generated.__file__  # real source, not exec
     # and every CUSTOM one, written by hand (tests/interop/test_jax_token_logprobs.py,
     # test_jax_lm_head.py)

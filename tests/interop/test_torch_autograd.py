@@ -13,7 +13,7 @@ import types
 import numpy as np
 import pytest
 
-from nblosses import _codegen
+from nblosses import _frontends
 from nblosses import functional as F
 from nblosses._spec import Autograd
 from nblosses.ops import SPECS
@@ -461,7 +461,7 @@ def test_no_graph_breaks_in_a_step_using_every_derived_function():
 
 # ----------------------------------------------------------------------------- derived
 #: The ops nblosses.torch derives from their specs.
-DERIVED = [s for s in SPECS.values() if _codegen.derived(s)]
+DERIVED = [s for s in SPECS.values() if _frontends.derived(s)]
 
 
 def _tensor(value, dtype=torch.float64):
@@ -492,7 +492,7 @@ def test_every_derived_spec_has_its_function_with_torchs_signature():
     for spec in DERIVED:
         fn = getattr(nbt, spec.name)
         params = inspect.signature(fn).parameters
-        assert list(params) == [p.name for p in _codegen.autograd_params(spec, True)]
+        assert list(params) == [p.name for p in _frontends.autograd_params(spec, True)]
         torch_fn = getattr(TF, spec.name, None)
         if torch_fn is not None:  # torch's own parameters, in torch's order and kinds
             theirs = inspect.signature(torch_fn).parameters
