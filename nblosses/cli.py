@@ -175,6 +175,9 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nblosses", description="nblosses: environment report and benchmarks.")
+    from . import __version__  # the package is imported already: the CLI lives in it
+
+    parser.add_argument("--version", action="version", version=f"nblosses {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
 
