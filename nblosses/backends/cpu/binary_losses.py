@@ -27,6 +27,20 @@ def _log_clamped(v):
     return max(fast_log(max(v, _TINY)), -100.0) if v >= _TINY else -100.0
 
 
+# Inlined at Numba's level: as a call (LLVM judged the float64 body too big to inline) the BCE
+# loop ran scalar, 7x slower.
+@njit(inline="always", **JIT)
+def _log1m_clamped(x):
+    """torch's ``max(log1p(-x), -100)`` for ``x`` in [0, 1], in float64: below 2^-7 the series
+    (``log(1 - x)`` loses ``x``'s low digits there, and all of ``x`` below 2^-53), else
+    :func:`_log_clamped` of ``1 - x``, which is exact for float32 ``x`` (a float64 ``x``
+    loses at most 2^-47 of the result to the rounding of ``1 - x``). Both computed and one
+    selected: the loop stays vectorised."""
+    series = -x - x * x * (0.5 + x * (1 / 3 + x * (0.25 + x * (0.2 + x * (
+        1 / 6 + x * (1 / 7 + x * (0.125 + x / 9)))))))
+    return series if x < 0.0078125 else _log_clamped(1.0 - x)
+
+
 # Optional arrays arrive as None, not as flags: Numba prunes ``if a is None`` branches at compile
 # time, so each combination compiles to a branch-free loop (flags in the loop cost 6x here).
 @njit(**JIT)
@@ -52,7 +66,7 @@ def _bce(x, y, w, g, g_scalar, out, gx, partial):
         for i in range(hi - lo):
             xi = np.float64(xs[i])
             yi = np.float64(ys[i])
-            loss = -(yi * _log_clamped(xi) + (1.0 - yi) * _log_clamped(1.0 - xi))
+            loss = -(yi * _log_clamped(xi) + (1.0 - yi) * _log1m_clamped(xi))
             gi = g_scalar if g is None else np.float64(g[lo + i])
             loss, gi = _weigh_and_store(loss, gi, w, lo + i, out)
             acc += loss
