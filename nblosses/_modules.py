@@ -1,20 +1,9 @@
 """The base classes of :mod:`nblosses.nn` and the modules written by hand.
 
 :mod:`nblosses.nn` is generated from the op specs (:mod:`nblosses._codegen`): each op with a
-module gets a class of :class:`Activation` or :class:`Loss` here whose constructor takes the
-op's configuration parameters in torch's order (plus nblosses' keyword-only ones, ``backend=``
-among them); an unknown keyword is a ``TypeError``, as in torch. Calling a module runs its
-functional counterpart. Without autograd, each module keeps what its
-gradient needs from its last call, and ``backward(grad_output)`` returns the gradient with
-respect to that call's input, so torch chains port directly::
-
-    logsoftmax, nll = nn.LogSoftmax(dim=1), nn.NLLLoss()
-    loss = nll(logsoftmax(x), target)
-    grad_x = logsoftmax.backward(nll.backward())
-
-Loss modules keep references to their inputs (not copies) and run the fused loss+gradient
-kernel on ``backward``; mutate those arrays between the call and ``backward`` and the gradient
-follows the new values.
+module gets a class of :class:`Activation` or :class:`Loss` here. How the modules behave (their
+constructors, ``backward`` without autograd, the references loss modules keep) is said once, in
+:mod:`nblosses.nn`'s docstring (``MODULE_DOCS["nn"]`` in :mod:`nblosses._frontends`).
 """
 
 from __future__ import annotations
