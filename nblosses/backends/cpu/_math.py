@@ -285,6 +285,41 @@ def _fast_log_overload(x):
     return impl
 
 
+def fast_log1p(x):  # pragma: no cover - replaced by the overload inside Numba code
+    """log(1 + x) for float32/float64 ``x > -1`` inside Numba kernels (vectorisable), accurate
+    where ``1 + x`` rounds: while ``1 + x`` is in ``[sqrt(1/2), sqrt(2))``, :func:`fast_log`'s
+    series in ``z = x / (2 + x)`` (computed from ``x`` itself, so nothing cancels), else
+    ``fast_log(1 + x)``, whose rounding is then below a fifth of an ulp of the result.
+
+    The usual ``log(u) * x / (u - 1)``, ``u = 1 + x``, does not survive the kernels' fast-math
+    reassociation: LLVM folds ``u - 1`` to ``x``.
+    """
+    return math.log1p(x)
+
+
+# inline="always": as a call, its float64 body was not inlined by LLVM and the BCE-with-logits
+# loop ran scalar; nothing here depends on the order of operations, so the caller's flags do.
+@overload(fast_log1p, inline="always",
+          jit_options=dict(fastmath={"contract"}, error_model="numpy"))
+def _fast_log1p_overload(x):
+    if x == types.float32:
+        k, ftype = _LOG32, np.float32
+    elif x == types.float64:
+        k, ftype = _LOG64, np.float64
+    else:
+        return None
+    series = _horner(k["c"], ftype)
+    one, two = ftype(1.0), ftype(2.0)
+    lo, hi = ftype(math.sqrt(0.5) - 1.0), ftype(math.sqrt(2.0) - 1.0)
+
+    def impl(x):
+        z = x / (two + x)
+        near = z * series(z * z)
+        return near if x > lo and x < hi else fast_log(one + x)
+
+    return impl
+
+
 def like(value, ref):  # pragma: no cover - replaced by the overload inside Numba code
     """``value`` as a scalar of ``ref``'s float dtype (``ref`` a scalar or an array).
 

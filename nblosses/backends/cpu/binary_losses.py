@@ -12,7 +12,7 @@ from numba import njit, prange
 from ..._output_cache import empty
 from .._host import LossCall
 from ._blocks import CHUNK
-from ._math import JIT, SUM_BLOCK, fast_exp, fast_log, like
+from ._math import JIT, SUM_BLOCK, fast_exp, fast_log, fast_log1p, like
 from ._parallel import guarded, parallel_kernel
 
 _TINY = float(np.finfo(np.float64).tiny)
@@ -35,7 +35,8 @@ def _log1m_clamped(x):
     (``log(1 - x)`` loses ``x``'s low digits there, and all of ``x`` below 2^-53), else
     :func:`_log_clamped` of ``1 - x``, which is exact for float32 ``x`` (a float64 ``x``
     loses at most 2^-47 of the result to the rounding of ``1 - x``). Both computed and one
-    selected: the loop stays vectorised."""
+    selected: the loop stays vectorised, with no division (:func:`._math.fast_log1p` takes
+    one; here ``1 - x`` is exact for the float32 inputs it serves most)."""
     series = -x - x * x * (0.5 + x * (1 / 3 + x * (0.25 + x * (0.2 + x * (
         1 / 6 + x * (1 / 7 + x * (0.125 + x / 9)))))))
     return series if x < 0.0078125 else _log_clamped(1.0 - x)
@@ -75,15 +76,6 @@ def _bce(x, y, w, g, g_scalar, out, gx, partial):
         partial[k] = acc
 
 
-@njit(**JIT)
-def _log1p_small(e):
-    """``log1p(e)`` for ``e`` in [0, 1], vectorisable: ``log(u) * e / (u - 1)`` with
-    ``u = 1 + e`` (the rounding of ``u`` cancels), or ``e`` itself where ``u`` rounds to 1."""
-    u = like(1, e) + e
-    d = u - like(1, e)
-    return fast_log(u) * (e / d) if d != 0 else e
-
-
 @parallel_kernel(**JIT)
 def _bce_logits(x, y, w, pw, g, g_scalar, out, gx, partial):
     n = x.size
@@ -110,7 +102,7 @@ def _bce_logits_block(x, y, w, pw, g, gs, out, gx, lo, hi):
         xi = xs[i]
         yi = ys[i]
         e = fast_exp(-abs(xi))  # in (0, 1]: no overflow
-        log_sig = min(xi, zero) - _log1p_small(e)
+        log_sig = min(xi, zero) - fast_log1p(e)
         pwi = one if pw is None else pw[lo + i]
         lw = one + (pwi - one) * yi
         loss = (one - yi) * xi - lw * log_sig
