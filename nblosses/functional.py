@@ -37,7 +37,11 @@ _SPEC_linear_cross_entropy = _SPECS["linear_cross_entropy"]
 _SPEC_linear_distillation_loss = _SPECS["linear_distillation_loss"]
 _SPEC_token_logprobs = _SPECS["token_logprobs"]
 _SPEC_linear_token_logprobs = _SPECS["linear_token_logprobs"]
+_FAST_softmax: Any = _SPEC_softmax.fast_path
+_FAST_log_softmax: Any = _SPEC_log_softmax.fast_path
+_FAST_sigmoid: Any = _SPEC_sigmoid.fast_path
 _FAST_nll_loss: Any = _SPEC_nll_loss.fast_path
+_FAST_cross_entropy: Any = _SPEC_cross_entropy.fast_path
 
 
 def softmax(
@@ -45,6 +49,11 @@ def softmax(
     backend: str | None = None,
 ) -> Array:
     r"""Softmax along ``dim``: :math:`y_i = e^{x_i - m} / \sum_j e^{x_j - m}`, :math:`m = \max_j x_j`."""
+    result = _FAST_softmax(
+        input, dim, _stacklevel, dtype, backend,
+    )
+    if result is not _MISS:
+        return result
     return _call(_SPEC_softmax, {
         "input": input, "dim": dim, "_stacklevel": _stacklevel, "dtype": dtype, "backend": backend,
     })
@@ -55,6 +64,11 @@ def log_softmax(
     backend: str | None = None,
 ) -> Array:
     r"""Log-softmax along ``dim``: :math:`x_i - m - \log \sum_j e^{x_j - m}`."""
+    result = _FAST_log_softmax(
+        input, dim, _stacklevel, dtype, backend,
+    )
+    if result is not _MISS:
+        return result
     return _call(_SPEC_log_softmax, {
         "input": input, "dim": dim, "_stacklevel": _stacklevel, "dtype": dtype, "backend": backend,
     })
@@ -64,6 +78,11 @@ def sigmoid(
     input: Any, *, backend: str | None = None,
 ) -> Array:
     r"""Logistic sigmoid :math:`1 / (1 + e^{-x})`, elementwise."""
+    result = _FAST_sigmoid(
+        input, backend,
+    )
+    if result is not _MISS:
+        return result
     return _call(_SPEC_sigmoid, {
         "input": input, "backend": backend,
     })
@@ -185,6 +204,12 @@ def cross_entropy(
     validate: Literal["async", "sync"] | None = None, backend: str | None = None,
 ) -> Any:
     r"""Cross-entropy of logits: log-softmax and NLL fused, never materialising log-probabilities."""
+    result = _FAST_cross_entropy(
+        input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+        z_loss, softcap, return_lse, return_grad, grad_output, grad_buffer, validate, backend,
+    )
+    if result is not _MISS:
+        return result
     return _call(_SPEC_cross_entropy, {
         "input": input, "target": target, "weight": weight, "size_average": size_average,
         "ignore_index": ignore_index, "reduce": reduce, "reduction": reduction,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .. import _args
+from .. import _args, _fast
 from .._registry import Runtime
 from .._spec import (
     REQUIRED,
@@ -208,7 +208,7 @@ def _backward_inputs(a: dict, d: int, rng: Any, log: bool) -> dict:
 
 # ----------------------------------------------------------------------------- specs
 def _softmax_spec(name: str, summary: str, description: str, examples: str, module: str,
-                  module_examples: str, reference: Any) -> OpSpec:
+                  module_examples: str, reference: Any, fast_path: Any) -> OpSpec:
     return OpSpec(
         name,
         (array_input("input", """array_like
@@ -229,7 +229,8 @@ def _softmax_spec(name: str, summary: str, description: str, examples: str, modu
         raises=_SOFTMAX_RAISES, examples=examples, module=module,
         module_kind=ModuleKind.ACTIVATION, module_examples=module_examples,
         gradient_op=f"{name}_backward", dask="softmax", autograd=Autograd.SOFTMAX,
-        reference=reference, samples=_softmax_samples, bench=(_softmax_bench(name),))
+        reference=reference, samples=_softmax_samples, bench=(_softmax_bench(name),),
+        fast_path=fast_path)
 
 
 def _softmax_backward_spec(name: str, summary: str, examples: str, reference: Any) -> OpSpec:
@@ -272,7 +273,7 @@ SPECS = (
         >>> m = nn.Softmax(dim=2)
         >>> out = m(np.random.rand(3, 4, 5, 6))
         >>> bool(np.allclose(out.sum(axis=2), 1.0))
-        True""", _ref_softmax),
+        True""", _ref_softmax, _fast.softmax),
     _softmax_spec(
         "log_softmax",
         r"Log-softmax along ``dim``: :math:`x_i - m - \log \sum_j e^{x_j - m}`.",
@@ -289,7 +290,7 @@ SPECS = (
         >>> from nblosses import nn
         >>> m = nn.LogSoftmax(dim=1)
         >>> m(np.zeros((1, 2))).round(4)
-        array([[-0.6931, -0.6931]])""", _ref_log_softmax),
+        array([[-0.6931, -0.6931]])""", _ref_log_softmax, _fast.log_softmax),
     OpSpec(
         "sigmoid",
         (array_input("input", """array_like
@@ -317,7 +318,7 @@ SPECS = (
         >>> m.backward(np.array([1.0]))
         array([0.25])""",
         gradient_op="sigmoid_backward", dask="elementwise", reference=_ref_sigmoid,
-        samples=_sigmoid_samples,
+        samples=_sigmoid_samples, fast_path=_fast.sigmoid,
         bench=(BenchCase("sigmoid", "elementwise", False, "sigmoid", "torch.sigmoid",
                          run=lambda F, a, d, b: F.sigmoid(a["x"], backend=b),
                          torch=lambda F, torch, t, d: lambda: torch.sigmoid(t["x"]),

@@ -109,7 +109,140 @@ def test_nll_loss_fast_path_leaves_other_arrays_to_the_dispatcher(x, t):
     assert _fast_call("nll_loss", x, t) is _fast.MISS
 
 
-def test_nll_loss_fast_path_follows_the_context_backend():
+# ----------------------------------------------------------------------------- softmax family
+SOFTMAX_SHAPES = [(8, 100), (32, 1000), (3, 4, 24), (24,), (2, 3, 5, 40), (70000, 30)]
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", SOFTMAX_SHAPES)
+def test_softmax_fast_paths_equal_dispatcher_and_torch(name, dtype, shape):
+    x = np.random.default_rng(len(shape)).standard_normal(shape).astype(dtype) * 5
+    x.reshape(-1)[::7] = -np.inf  # masked classes stay finite elsewhere
+    for dim in (-1, len(shape) - 1):
+        result = _fast_call(name, x, dim)
+        assert result is not _fast.MISS
+        expected = _dispatched(name, x, dim)
+        assert type(result) is np.ndarray and result.dtype == x.dtype
+        np.testing.assert_array_equal(result, expected)  # the same kernel: bit for bit
+    reference = getattr(torch, name)(torch.from_numpy(x), -1).numpy()
+    assert_close(result, reference, dtype, f"{name} fast path {shape}")
+    assert_close(getattr(F, name)(x, -1), reference, dtype, f"{name} public {shape}")
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("x, kwargs", [
+    (np.zeros((4, 30), np.float32), dict(dim=0)),  # not the last axis
+    (np.zeros((4, 30), np.float32), dict(dim=None)),  # torch's legacy choice, with a warning
+    (np.zeros((4, 30), np.float32), dict(dim=np.int64(1))),
+    (np.zeros((4, 30), np.float32), dict(dim=1, dtype="float64")),
+    (np.zeros((4, 30), np.float32), dict(dim=1, backend="no-such-backend")),
+    (np.zeros((4, 30), np.float32), dict(dim=5)),  # the dispatcher's IndexError
+    (np.zeros((4, 10), np.float32), dict(dim=1)),  # short rows: the tile kernels
+    (np.zeros((4, 0), np.float32), dict(dim=1)),
+    (np.zeros((0, 30), np.float32), dict(dim=1)),
+    (np.zeros((30, 4), np.float32).T, dict(dim=1)),  # not C-contiguous
+    (np.zeros((4, 30), np.float16), dict(dim=1)),  # computed in float32
+    (np.zeros((4, 30), ">f4"), dict(dim=1)),
+    (np.zeros((4, 30), np.int64), dict(dim=1)),
+    (np.float64(1.0), dict(dim=0)),
+    (np.zeros((4, 30), np.float32).tolist(), dict(dim=1)),
+])
+def test_softmax_fast_paths_leave_other_calls_to_the_dispatcher(name, x, kwargs):
+    assert _fast_call(name, x, **kwargs) is _fast.MISS
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(8, 100), (5,), (3, 4, 5), (0, 3), (100000,)])
+def test_sigmoid_fast_path_equals_dispatcher_and_torch(dtype, shape):
+    x = np.random.default_rng(3).standard_normal(shape).astype(dtype) * 20
+    result = _fast_call("sigmoid", x)
+    assert result is not _fast.MISS
+    assert type(result) is np.ndarray and result.dtype == x.dtype and result.shape == shape
+    np.testing.assert_array_equal(result, _dispatched("sigmoid", x))
+    assert_close(result, torch.sigmoid(torch.from_numpy(x)).numpy(), dtype, "sigmoid")
+
+
+@pytest.mark.parametrize("x", [np.float32(1.0), np.array(1.0), np.zeros((6, 4))[:, ::2],
+                               np.zeros(3, np.float16), np.zeros(3, np.int32), [1.0, 2.0]])
+def test_sigmoid_fast_path_leaves_other_arrays_to_the_dispatcher(x):
+    assert _fast_call("sigmoid", x) is _fast.MISS
+
+
+# ----------------------------------------------------------------------------- cross_entropy
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("n, c, ignore_every", [(8, 100, 0), (32, 1000, 3), (5, 24, 1),
+                                                (20000, 40, 4), (1, 128256, 0)])
+def test_cross_entropy_fast_path_equals_dispatcher_and_torch(dtype, reduction, n, c,
+                                                             ignore_every):
+    rng = np.random.default_rng(n + c)
+    x = (rng.standard_normal((n, c)) * 4).astype(dtype)
+    t = rng.integers(0, c, n)
+    if ignore_every:
+        t[::ignore_every] = -100  # every row ignored when ignore_every == 1: mean is NaN
+    result = _fast_call("cross_entropy", x, t, reduction=reduction)
+    assert result is not _fast.MISS
+    expected = _dispatched("cross_entropy", x, t, reduction=reduction)
+    assert type(result) is np.ndarray and result.dtype == x.dtype
+    assert result.shape == expected.shape
+    np.testing.assert_array_equal(result, expected)
+    reference = TF.cross_entropy(torch.from_numpy(x), torch.from_numpy(t), reduction=reduction)
+    assert_close(result, reference.numpy(), dtype, f"cross_entropy fast path {reduction}")
+
+
+@pytest.mark.parametrize("bad", [30, -1, -101])
+def test_cross_entropy_fast_path_raises_the_dispatchers_index_error(bad):
+    x = np.zeros((4, 30), np.float32)
+    t = np.array([0, 1, bad, 2])
+    with pytest.raises(IndexError) as fast:
+        _fast_call("cross_entropy", x, t)
+    with pytest.raises(IndexError) as dispatched:
+        _dispatched("cross_entropy", x, t)
+    assert str(fast.value) == str(dispatched.value)
+
+
+@pytest.mark.parametrize("case", [
+    dict(weight=np.ones(30, np.float32)),
+    dict(label_smoothing=0.1),
+    dict(label_smoothing=0),  # an int: the dispatcher checks its type
+    dict(z_loss=1e-4),
+    dict(softcap=30.0),
+    dict(return_lse=True),
+    dict(return_grad=True),
+    dict(size_average=False),
+    dict(reduce=False),
+    dict(validate="sync"),
+    dict(reduction="bogus"),
+    dict(ignore_index=np.int64(1)),
+    dict(backend="no-such-backend"),
+])
+def test_cross_entropy_fast_path_leaves_other_calls_to_the_dispatcher(case):
+    x = np.zeros((4, 30), np.float32)
+    t = np.array([0, 1, 2, 3])
+    assert _fast_call("cross_entropy", x, t, **case) is _fast.MISS
+
+
+@pytest.mark.parametrize("x, t", [
+    (np.zeros((4, 10), np.float32), np.arange(4)),  # short rows: the tile kernels
+    (np.zeros((4, 60), np.float32)[:, ::2], np.arange(4)),  # not C-contiguous
+    (np.zeros((0, 30), np.float32), np.zeros(0, np.int64)),
+    (np.zeros((4, 30), np.float32), np.zeros((4, 30), np.float32)),  # probabilities
+    (np.zeros((4, 30, 2), np.float32), np.zeros((4, 2), np.int64)),
+    (np.zeros((4, 30), np.float16), np.arange(4)),
+])
+def test_cross_entropy_fast_path_leaves_other_arrays_to_the_dispatcher(x, t):
+    assert _fast_call("cross_entropy", x, t) is _fast.MISS
+
+
+@pytest.mark.parametrize("name, args", [
+    ("nll_loss", (np.zeros((4, 5), np.float32), np.arange(4))),
+    ("cross_entropy", (np.zeros((4, 30), np.float32), np.arange(4))),
+    ("softmax", (np.zeros((4, 30), np.float32), 1)),
+    ("log_softmax", (np.zeros((4, 30), np.float32), 1)),
+    ("sigmoid", (np.zeros((4, 30), np.float32),)),
+])
+def test_fast_paths_follow_the_context_backend(name, args):
     class Other(nblosses.Backend):
         name = "other-fast-test"
         array_modules = ("other_fast_mod",)
@@ -119,11 +252,10 @@ def test_nll_loss_fast_path_follows_the_context_backend():
 
     nblosses.register_backend(Other())
     try:
-        x, t = np.zeros((4, 5), np.float32), np.arange(4)
         with nblosses.use_backend("other-fast-test"):
-            assert _fast_call("nll_loss", x, t) is _fast.MISS
+            assert _fast_call(name, *args) is _fast.MISS
             with pytest.raises(nblosses.UnsupportedOpError):
-                F.nll_loss(x, t)
-        assert _fast_call("nll_loss", x, t, backend="cpu") is not _fast.MISS
+                getattr(F, name)(*args)
+        assert _fast_call(name, *args, backend="cpu") is not _fast.MISS
     finally:
         nblosses.unregister_backend("other-fast-test")

@@ -39,7 +39,7 @@ from ._math import (
     sum_exp,
     sum_exp_store,
 )
-from ._parallel import guarded, parallel_kernel
+from ._parallel import POOL_SPINS, guarded, parallel_kernel
 
 # ----------------------------------------------------------------------------- shared pieces
 #: The passes over targets alone do a load and a compare per position: below this many the
@@ -724,9 +724,16 @@ def cross_entropy_probs(x3, p3, weight, *, label_smoothing, reduction, want_grad
 
 
 # ----------------------------------------------------------------------------- nll
-# A gather per position, like the target passes: threads lost to the pool's fork and join at
-# every size measured (2-core AMD EPYC: 4096 to 262144 rows, 10 to 1000 classes).
-@parallel_kernel(grain=TARGET_GRAIN, **JIT)
+#: The NLL pass gathers one logit per position, a cache (and often TLB) miss each. In a
+#: spinning pool (torch's, torch imported first) two threads halve that from about 4096
+#: positions on; in Numba's own pool a region first waits ~35 us for its threads. 2-core
+#: Zen 4, us, serial / parallel build: torch first, 2048x[1000] 3.9 / 4.1, 4096x[1000] 10.9 /
+#: 5.8, 4096x[10] 7.2 / 6.8, 8192x[1024] 31.1 / 19.2; without torch, 4096x[1000] 10.9 / 44.9,
+#: 65536x[10] 110 / 94.
+GATHER_GRAIN = 4096 if POOL_SPINS else TARGET_GRAIN
+
+
+@parallel_kernel(grain=GATHER_GRAIN, **JIT)
 def _nll_loss(t, x, inner, w, ignore, out):
     """Summed losses ``-w_t x_t``, torch's mean denominator (the summed ``w_t`` of kept
     targets) and the first position whose target is neither ignored nor in ``[0, C)`` (``t``'s
@@ -761,6 +768,30 @@ def _nll_loss(t, x, inner, w, ignore, out):
 
 
 _nll_loss_threaded = guarded(_nll_loss)
+_nll_loss_serial = _nll_loss.serial
+_ce_rows_locked = guarded(_ce_rows)
+
+
+def _checked_rows(x2, t, ignore: int, out):
+    """:func:`_nll_loss` over the rows of ``(N, C)`` ``x2`` as they are: ``(summed losses, kept
+    count)``; ``IndexError`` for the first bad target."""
+    n = len(t)
+    # Below the grain the serial build, called directly: no thread pool, hence no lock.
+    kernel = _nll_loss_serial if n < GATHER_GRAIN else _nll_loss_threaded
+    total, w_kept, first_bad = kernel(t, x2, 1, None, ignore, out)
+    if first_bad != n:
+        raise class_index_error(int(t[first_bad]), x2.shape[1])
+    return total, w_kept
+
+
+def _plain_result(out, total: float, kept: float, reduction: str, dtype):
+    """A plain call's loss as :meth:`LossCall.result` gives it, without the object (a
+    microsecond of a small call)."""
+    if out is not None:
+        return out
+    if reduction == "mean":  # div's IEEE quotient only where nothing was kept
+        total = total / kept if kept else div(total, kept)
+    return np.asarray(total, dtype)
 
 
 def nll_loss_rows(x2, t, ignore_index: int, reduction: str):
@@ -768,17 +799,30 @@ def nll_loss_rows(x2, t, ignore_index: int, reduction: str):
     float32/float64 array and ``(N,)`` int64 targets, as they are (no canonical copies): the
     fast path of :mod:`nblosses._fast`, where every 0.1 us counts (64 rows of kernel take
     0.4 us). Checks the targets itself (``IndexError``)."""
-    n = t.shape[0]
+    out = np.empty(len(t), x2.dtype) if reduction == "none" else None
+    total, kept = _checked_rows(x2, t, ignore_value(ignore_index), out)
+    return _plain_result(out, total, kept, reduction, x2.dtype)
+
+
+def cross_entropy_rows(x2, t, ignore_index: int, reduction: str):
+    """The plain call ``cross_entropy(x2, t, ignore_index=..., reduction=...)`` of a
+    C-contiguous ``(N, C)`` float32/float64 array with ``C >= SMALL_C`` and ``(N,)`` int64
+    targets, for :mod:`nblosses._fast`: the row kernel :func:`cross_entropy` runs on such
+    input (the same results bit for bit) without its host plan; None for any other input.
+
+    The targets are checked, and the kept ones counted (``mean``'s denominator), by the NLL
+    pass: one kernel call instead of the two target passes, and the logits it gathers are
+    read again at once by the loss pass."""
+    n, n_classes = x2.shape
+    if n_classes < B.SMALL_C or not n or not x2.flags.c_contiguous:
+        return None
+    ignore = ignore_value(ignore_index)
+    _, kept = _checked_rows(x2, t, ignore, None)
     out = np.empty(n, x2.dtype) if reduction == "none" else None
-    # Below the grain the serial build, called directly: no thread pool, hence no lock.
-    kernel = _nll_loss.serial if n < _nll_loss.grain else _nll_loss_threaded
-    total, w_kept, first_bad = kernel(t, x2, 1, None, ignore_value(ignore_index), out)
-    if first_bad != n:
-        raise class_index_error(int(t[first_bad]), x2.shape[1])
-    if out is not None:
-        return out
-    # The result as LossCall.result gives it, without the object (a microsecond here).
-    return np.asarray(div(total, w_kept) if reduction == "mean" else total, x2.dtype)
+    # CEScalars as cross_entropy passes them without weights, smoothing, gradient or z-loss.
+    total = _ce_rows_locked(x2, t, None, None, out, None, None, None,
+                            (ignore, 0.0, float(n_classes), 0.0, 0.0))
+    return _plain_result(out, total, kept, reduction, x2.dtype)
 
 
 @parallel_kernel(**JIT)
