@@ -15,6 +15,7 @@ numba = pytest.importorskip("numba")
 from nblosses.backends.cpu._math import (  # noqa: E402
     JIT,
     fast_exp,
+    fast_exp_nonpos,
     fast_log,
     fast_tanh,
     prefetch_next_row,
@@ -25,6 +26,12 @@ from nblosses.backends.cpu._math import (  # noqa: E402
 def _exp_all(x, out):
     for i in range(x.size):
         out[i] = fast_exp(x[i])
+
+
+@numba.njit(**JIT)
+def _exp_nonpos_all(x, out):
+    for i in range(x.size):
+        out[i] = fast_exp_nonpos(x[i])
 
 
 @numba.njit(**JIT)
@@ -69,6 +76,23 @@ def test_fast_exp_edges(dtype):
     _exp_all(x, out)
     assert out[0] == 0.0 and out[1] == np.inf and np.isnan(out[2]) and out[3] == 1.0
     assert out[4] == 0.0 and out[5] == np.inf
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_exp_nonpos_is_fast_exp_below_zero(dtype):
+    """The same values bit for bit on x <= 0, -inf and NaN; 1 for x > 0 (its callers' x is
+    a logit minus its maximum, above 0 only by a rounding error)."""
+    lo = -90.0 if dtype == np.float32 else -710.0
+    rng = np.random.default_rng(1)
+    x = np.concatenate([np.linspace(lo, 0.0, 400_001), -rng.exponential(5, 100_000),
+                        [-np.inf, np.nan, -0.0, -1000.0, -1e-30]]).astype(dtype)
+    ours, theirs = np.empty_like(x), np.empty_like(x)
+    _exp_nonpos_all(x, ours)
+    _exp_all(x, theirs)
+    np.testing.assert_array_equal(ours, theirs)
+    positive = np.array([1e-30, 1e-7, 1.0, 100.0, np.inf], dtype)
+    _exp_nonpos_all(positive, ours[:5])
+    np.testing.assert_array_equal(ours[:5], np.ones(5, dtype))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

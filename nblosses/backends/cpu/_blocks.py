@@ -20,7 +20,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from ._math import JIT, JIT_EXACT, fast_exp, fast_log, fmax, like, softcap_slope, softcapped
+from ._math import JIT, JIT_EXACT, fast_exp_nonpos, fast_log, fmax, like, softcap_slope, softcapped
 
 #: Rows shorter than this take the transposed-tile path.
 SMALL_C = 24
@@ -96,7 +96,7 @@ def vmax4(m, a, b, c, d):
 def vsum_exp(s, xc, m):
     """``s += exp(xc - m)``."""
     for j in range(s.size):
-        s[j] += fast_exp(xc[j] - m[j])
+        s[j] += fast_exp_nonpos(xc[j] - m[j])
 
 
 @njit(**JIT)
@@ -104,8 +104,8 @@ def vsum_exp4(s, a, b, c, d, m):
     """``s += exp(a - m) + exp(b - m) + exp(c - m) + exp(d - m)``."""
     for j in range(s.size):
         mj = m[j]
-        s[j] += ((fast_exp(a[j] - mj) + fast_exp(b[j] - mj))
-                 + (fast_exp(c[j] - mj) + fast_exp(d[j] - mj)))
+        s[j] += ((fast_exp_nonpos(a[j] - mj) + fast_exp_nonpos(b[j] - mj))
+                 + (fast_exp_nonpos(c[j] - mj) + fast_exp_nonpos(d[j] - mj)))
 
 
 @njit(**JIT)
@@ -120,13 +120,13 @@ def vsum_exp_store(s, xc, m, out, shifted):
     if out.ctypes.data == xc.ctypes.data:
         for j in range(s.size):
             d = out[j] - m[j]
-            e = fast_exp(d)
+            e = fast_exp_nonpos(d)
             out[j] = d if shifted else e
             s[j] += e
     else:
         for j in range(s.size):
             d = xc[j] - m[j]
-            e = fast_exp(d)
+            e = fast_exp_nonpos(d)
             out[j] = d if shifted else e
             s[j] += e
 
@@ -139,7 +139,8 @@ def vsum_exp_store4(s, a, b, c, d, m, oa, ob, oc, od, shifted):
     for j in range(s.size):
         mj = m[j]
         da, db, dc, dd = a[j] - mj, b[j] - mj, c[j] - mj, d[j] - mj
-        ea, eb, ec, ed = fast_exp(da), fast_exp(db), fast_exp(dc), fast_exp(dd)
+        ea, eb = fast_exp_nonpos(da), fast_exp_nonpos(db)
+        ec, ed = fast_exp_nonpos(dc), fast_exp_nonpos(dd)
         oa[j] = da if shifted else ea
         ob[j] = db if shifted else eb
         oc[j] = dc if shifted else ec
@@ -353,11 +354,11 @@ def split_stats(xt, m, s, mk, ek, nr, keep_x, part_token, n_parts_token):
         # needs no overlap check (which identical arrays fail: it would run scalar).
         if keep_x:
             for h in range(nh):
-                ek[h] = fast_exp(xc[h] - mk[h])
+                ek[h] = fast_exp_nonpos(xc[h] - mk[h])
             add_run_sums(s, ek, nr, n_parts_token)
         else:
             for h in range(nh):
-                xc[h] = fast_exp(xc[h] - mk[h])
+                xc[h] = fast_exp_nonpos(xc[h] - mk[h])
             add_run_sums(s, xc, nr, n_parts_token)
 
 
@@ -408,10 +409,10 @@ def tile_stats(x, tile, store, cap, xt, m, s):
         xc = xt[c]
         if store:
             for r in range(nr):
-                e = fast_exp(xc[r] - m[r])
+                e = fast_exp_nonpos(xc[r] - m[r])
                 xc[r] = e
                 s[r] += e
         else:
             for r in range(nr):
-                s[r] += fast_exp(xc[r] - m[r])
+                s[r] += fast_exp_nonpos(xc[r] - m[r])
     return r0, nr

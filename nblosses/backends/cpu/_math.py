@@ -15,6 +15,7 @@ becoming denormal.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from llvmlite import ir
@@ -202,19 +203,27 @@ _EXP64 = dict(lo=-707.0, hi=709.782712893384, ln2_hi=0.6931471803691238,
               ln2_lo=1.9082149292705877e-10, shifter=1.5 * 2.0**52 + 1022, poly=_EXP_POLY64)
 
 
-# Only "contract" (FMA): reassociation would fold the two-constant (Cody-Waite) range reduction
-# into one multiply and lose ~7 bits, and would cancel the shifter's add and subtract.
-@overload(fast_exp, jit_options=dict(fastmath={"contract"}, error_model="numpy"))
-def _fast_exp_overload(x):
+def fast_exp_nonpos(x):  # pragma: no cover - replaced by the overload inside Numba code
+    """exp(x) for ``x <= 0`` (a logit minus its row's maximum or logsumexp), ``-inf`` or NaN
+    inside Numba kernels: :func:`fast_exp` without its overflow branch, which costs two vector
+    instructions per exp and two constants in registers that the exp-bound loops lack (their
+    constants were re-broadcast from memory every iteration). A positive ``x`` (a fused
+    ``x * (1 / T) - max`` may come out a rounding error above 0) gives 1."""
+    return math.exp(min(x, 0.0))
+
+
+def _exp_impl(x: Any, nonpos: bool) -> Any:
+    """The overload of :func:`fast_exp` (``nonpos`` False) or :func:`fast_exp_nonpos`."""
     if x == types.float32:
         k, ftype = _EXP32, np.float32
     elif x == types.float64:
         k, ftype = _EXP64, np.float64
     else:
         return None
-    lo, hi, ln2_hi, ln2_lo, shifter = (ftype(k[name]) for name in
-                                       ("lo", "hi", "ln2_hi", "ln2_lo", "shifter"))
+    lo, ln2_hi, ln2_lo, shifter = (ftype(k[name]) for name in
+                                   ("lo", "ln2_hi", "ln2_lo", "shifter"))
     log2e, zero, inf = ftype(1.4426950408889634), ftype(0.0), ftype(np.inf)
+    hi = zero if nonpos else ftype(k["hi"])
     poly = _horner(k["poly"], ftype)
 
     def impl(x):
@@ -229,9 +238,23 @@ def _fast_exp_overload(x):
         r = (xc - n * ln2_hi) - n * ln2_lo
         res = poly(r) * _exponent_from_low_bits(kd)
         res = zero if x < lo else res
+        if nonpos:  # a compile-time constant: the branch is pruned
+            return res
         return inf if x > hi else res
 
     return impl
+
+
+# Only "contract" (FMA): reassociation would fold the two-constant (Cody-Waite) range reduction
+# into one multiply and lose ~7 bits, and would cancel the shifter's add and subtract.
+@overload(fast_exp, jit_options=dict(fastmath={"contract"}, error_model="numpy"))
+def _fast_exp_overload(x):
+    return _exp_impl(x, False)
+
+
+@overload(fast_exp_nonpos, jit_options=dict(fastmath={"contract"}, error_model="numpy"))
+def _fast_exp_nonpos_overload(x):
+    return _exp_impl(x, True)
 
 
 def fast_log(x):  # pragma: no cover - replaced by the overload inside Numba code
@@ -369,7 +392,7 @@ def sum_exp(row, m):
         blk = row[b0:b0 + SUM_BLOCK]
         s = like(0, row)
         for c in range(blk.size):
-            s += fast_exp(blk[c] - m)
+            s += fast_exp_nonpos(blk[c] - m)
         total += s
     return total
 
@@ -395,14 +418,14 @@ def sum_exp_store(row, out, m, shifted=False):
         if same:
             for c in range(ob.size):
                 d = ob[c] - m
-                e = fast_exp(d)
+                e = fast_exp_nonpos(d)
                 ob[c] = d if shifted else e
                 s += e
         else:
             rb = row[b0:b0 + SUM_BLOCK]
             for c in range(ob.size):
                 d = rb[c] - m
-                e = fast_exp(d)
+                e = fast_exp_nonpos(d)
                 ob[c] = d if shifted else e
                 s += e
         total += s
@@ -433,7 +456,7 @@ def _fast_tanh_overload(y):
 
     def impl(y):
         a = abs(y)
-        e = fast_exp(-(a + a))
+        e = fast_exp_nonpos(-(a + a))
         far = (one - e) / (one + e)
         far = far if y >= 0 else -far
         y2 = y * y

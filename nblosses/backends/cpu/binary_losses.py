@@ -12,7 +12,7 @@ from numba import njit, prange
 from ..._output_cache import empty
 from .._host import LossCall
 from ._blocks import CHUNK
-from ._math import JIT, SUM_BLOCK, fast_exp, fast_log, fast_log1p, like
+from ._math import JIT, SUM_BLOCK, fast_exp_nonpos, fast_log, fast_log1p, like
 from ._parallel import guarded, parallel_kernel
 
 _TINY = float(np.finfo(np.float64).tiny)
@@ -101,7 +101,7 @@ def _bce_logits_block(x, y, w, pw, g, gs, out, gx, lo, hi):
     for i in range(hi - lo):
         xi = xs[i]
         yi = ys[i]
-        e = fast_exp(-abs(xi))  # in (0, 1]: no overflow
+        e = fast_exp_nonpos(-abs(xi))  # in (0, 1]: no overflow
         log_sig = min(xi, zero) - fast_log1p(e)
         pwi = one if pw is None else pw[lo + i]
         lw = one + (pwi - one) * yi

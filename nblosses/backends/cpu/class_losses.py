@@ -31,7 +31,7 @@ from . import _blocks as B
 from ._math import (
     JIT,
     JIT_EXACT,
-    fast_exp,
+    fast_exp_nonpos,
     like,
     prefetch_next_row,
     row_max,
@@ -625,11 +625,11 @@ def _vprob_grad_row(out, row, yr, m, coef, scale, w, keep, spread):
     if out.ctypes.data == row.ctypes.data:
         for c in range(out.size):
             wc = one if w is None else w[c]
-            out[c] = coef * fast_exp(out[c] - m) - scale * wc * (yr[c] * keep + spread)
+            out[c] = coef * fast_exp_nonpos(out[c] - m) - scale * wc * (yr[c] * keep + spread)
     else:
         for c in range(out.size):
             wc = one if w is None else w[c]
-            out[c] = coef * fast_exp(row[c] - m) - scale * wc * (yr[c] * keep + spread)
+            out[c] = coef * fast_exp_nonpos(row[c] - m) - scale * wc * (yr[c] * keep + spread)
 
 
 @njit(**JIT)
@@ -648,11 +648,11 @@ def _vprob_grad(out, xc, yc, m, ls, coef, scale, wc, keep, spread):
     wc, keep, spread = like(wc, xc), like(keep, xc), like(spread, xc)
     if out.ctypes.data == xc.ctypes.data:
         for j in range(out.size):
-            out[j] = (coef[j] * fast_exp((out[j] - m[j]) - ls[j])
+            out[j] = (coef[j] * fast_exp_nonpos((out[j] - m[j]) - ls[j])
                       - scale[j] * wc * (yc[j] * keep + spread))
     else:
         for j in range(out.size):
-            out[j] = (coef[j] * fast_exp((xc[j] - m[j]) - ls[j])
+            out[j] = (coef[j] * fast_exp_nonpos((xc[j] - m[j]) - ls[j])
                       - scale[j] * wc * (yc[j] * keep + spread))
 
 

@@ -41,7 +41,7 @@ from numba import njit, prange
 
 from ..._output_cache import empty
 from .._host import LossCall, ignore_value
-from ._math import JIT, SUM_BLOCK, fast_exp, fast_log, fmax, like, row_max
+from ._math import JIT, SUM_BLOCK, fast_exp_nonpos, fast_log, fmax, like, row_max
 from ._parallel import guarded, parallel_kernel
 from .class_losses import _capped_row, _denominator
 
@@ -89,18 +89,18 @@ def _pair_sums(s, t, it, ms, mt, mode, sep, hm):
         a = b = w = h = zero
         for c in range(sb.size):
             zs = sb[c] * it
-            es = fast_exp(zs - ms)
+            es = fast_exp_nonpos(zs - ms)
             a += es
             if len(mode) != 3:
                 zt = tb[c] * it
-                et = fast_exp(zt - mt)
+                et = fast_exp_nonpos(zt - mt)
                 b += et
                 if len(mode) == 0:
                     w += et * (zt - zs) if et > zero else zero
                 elif len(mode) == 1:
                     w += es * (zs - zt) if es > zero else zero
             if len(sep):
-                h += fast_exp(sb[c] - hm)
+                h += fast_exp_nonpos(sb[c] - hm)
         tot_s += a
         tot_t += b
         tot_w += w
@@ -113,11 +113,11 @@ def _sum_point(sv, tv, it, ms, mt, mode):
     """One class of :func:`_sums_store`: ``(e_s, e_t, e_t (zt - zs))`` (TOPK: no teacher)."""
     zero = like(0, sv)
     zs = sv * it
-    es = fast_exp(zs - ms)
+    es = fast_exp_nonpos(zs - ms)
     if len(mode) == 3:
         return es, zero, zero
     zt = tv * it
-    et = fast_exp(zt - mt)
+    et = fast_exp_nonpos(zt - mt)
     return es, et, et * (zt - zs) if et > zero else zero
 
 
@@ -169,8 +169,8 @@ def _jsd_point(zs, zt, lse_s, lse_t, beta):
     one = like(1, zs)
     lps = zs - lse_s
     lpt = zt - lse_t
-    ps = fast_exp(lps)
-    pt = fast_exp(lpt)
+    ps = fast_exp_nonpos(lps)
+    pt = fast_exp_nonpos(lpt)
     m = beta * pt + (one - beta) * ps
     ok = m >= like(_TINY, zs)
     lm = fast_log(m if ok else one)
@@ -221,18 +221,18 @@ def _grad_point(sv, tv, it, r, mode, sep, cap):
     zero = like(0, sv)
     zs = sv * it
     zt = tv * it
-    es = fast_exp(zs - r.ms)
+    es = fast_exp_nonpos(zs - r.ms)
     if len(mode) == 3:
         v = es * (r.a + r.h)
     elif len(mode) == 0:
-        v = es * (r.a + r.h) - r.b * fast_exp(zt - r.mt)
+        v = es * (r.a + r.h) - r.b * fast_exp_nonpos(zt - r.mt)
     elif len(mode) == 1:
         v = es * (r.a * (zs - zt - r.k) + r.h) if es > zero else zero
     else:
         ps, ds, _ = _jsd_point(zs, zt, r.lse_s, r.lse_t, r.beta)
         v = es * (r.a * (ds - r.k) + r.h) if ps > zero else es * r.h
     if len(sep):
-        v += r.c * fast_exp(sv - r.hm)
+        v += r.c * fast_exp_nonpos(sv - r.hm)
     if cap is not None:
         q = sv / like(cap, sv)
         v *= like(1, sv) - q * q

@@ -2,7 +2,7 @@
 
 A block is ``z = x[rows] @ W[cols].T`` (C-contiguous ``(R, Vc)``, columns ``c0:c0+Vc`` of the
 vocabulary), written by BLAS. Rows run in parallel; every per-row loop runs along the
-contiguous row, vectorised (``fast_exp``). Per-row running statistics live in float64 arrays
+contiguous row, vectorised (``fast_exp_nonpos``). Per-row running statistics live in float64 arrays
 of the row chunk and are merged across vocabulary blocks (online softmax):
 
 ``m`` (running max), ``s`` (sum of ``exp(z - m)``), ``xt`` (the target's logit, class
@@ -21,7 +21,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._math import JIT, SUM_BLOCK, fast_exp, fast_tanh, like, row_max, sum_exp
+from ._math import JIT, SUM_BLOCK, fast_exp_nonpos, fast_tanh, like, row_max, sum_exp
 from ._parallel import parallel_kernel
 
 #: Columns per task of the column-sum (bias gradient) kernel.
@@ -121,7 +121,7 @@ def _grad_row(row, m, coef, b, w, yr, keep, spread, cap):
         wy = one if w is None else w[c]
         if yr is not None:
             wy = wy * (yr[c] * keep + spread)
-        g = coef * fast_exp(v - m) - b * wy
+        g = coef * fast_exp_nonpos(v - m) - b * wy
         if cap > 0:
             u = v * inv
             g = g * (one - u * u)

@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _linear_token_logprobs as T
-from ._math import JIT, fast_exp, like, row_max
+from ._math import JIT, fast_exp_nonpos, like, row_max
 from ._parallel import guarded, parallel_kernel
 from .linear_ce_kernels import _chain, _prepare_row, _start_grad_row
 from .lm_head import CpuHead
@@ -61,11 +61,11 @@ def _grad_row(row, big, inv_t, a, b, cap):
             v = row[c]
             d = _shift(v, m, inv)
             u = v * ic
-            row[c] = fast_exp(d) * (a + b * d) * (one - u * u)
+            row[c] = fast_exp_nonpos(d) * (a + b * d) * (one - u * u)
     else:
         for c in range(row.size):
             d = _shift(row[c], m, inv)
-            row[c] = fast_exp(d) * (a + b * d)
+            row[c] = fast_exp_nonpos(d) * (a + b * d)
 
 
 @parallel_kernel(**JIT)

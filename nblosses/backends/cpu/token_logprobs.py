@@ -34,7 +34,7 @@ from numba import njit, prange
 from ..._output_cache import empty
 from .._host import ignore_value
 from . import _blocks as B
-from ._math import JIT, SUM_BLOCK, fast_exp, fmax, like, prefetch_next_row, row_max
+from ._math import JIT, SUM_BLOCK, fast_exp_nonpos, fmax, like, prefetch_next_row, row_max
 from ._parallel import guarded, parallel_kernel
 from .class_losses import _block_source, _block_targets, _capped_row, _rows, _vcap_slope
 
@@ -76,7 +76,7 @@ def _exp_point(v, big, inv):
     """``(e, e d)`` of one logit ``v``: ``d = (v - big) * inv`` (:func:`_shift`),
     ``e = exp(d)``."""
     d = _shift(v, big, inv)
-    e = fast_exp(d)
+    e = fast_exp_nonpos(d)
     return e, e * d
 
 
@@ -138,7 +138,7 @@ def _grad_row(out, row, big, inv_t, a, b, stored):
     else:
         for c in range(out.size):
             d = _shift(out[c], big, inv)
-            out[c] = fast_exp(d) * (a + b * d)
+            out[c] = fast_exp_nonpos(d) * (a + b * d)
 
 
 @njit(**JIT)
@@ -203,7 +203,7 @@ def _vexp_sums(s, q, yc, big, inv_t, out):
     inv = like(inv_t, yc)
     for j in range(s.size):
         d = _shift(yc[j], big[j], inv)
-        e = fast_exp(d)
+        e = fast_exp_nonpos(d)
         s[j] += e
         q[j] += e * d
         if out is not None:
@@ -222,7 +222,7 @@ def _vgrad(out, yc, big, inv_t, a, b, stored):
     else:
         for j in range(out.size):
             d = _shift(out[j], big[j], inv)
-            out[j] = fast_exp(d) * (a[j] + b[j] * d)
+            out[j] = fast_exp_nonpos(d) * (a[j] + b[j] * d)
 
 
 @parallel_kernel(**JIT)
