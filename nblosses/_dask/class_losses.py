@@ -34,29 +34,9 @@ from ..ops.class_losses import (
     execute,
     kernel_options,
 )
+from . import _common as C
 from . import _vocab as V
 from ._blockwise import Result, loss_plan, run_blocks
-from ._common import (
-    ABSENT,
-    BATCH,
-    CLASS,
-    F64,
-    STAT,
-    as_dask,
-    backend_for,
-    backend_name,
-    checked_targets,
-    grad_arg,
-    letters,
-    mean_denominator,
-    meta,
-    pair,
-    reduce_loss,
-    refuse_grad_buffer,
-    rows_grad,
-    unwrap,
-    work_dtype,
-)
 from ._stats import merge_chunks
 
 
@@ -78,26 +58,26 @@ class _Call:
 
     @property
     def xi(self) -> str:
-        return BATCH + CLASS + letters(self.x.ndim - 2)
+        return C.BATCH + C.CLASS + C.letters(self.x.ndim - 2)
 
     @property
     def ti(self) -> str:
-        return BATCH + letters(self.x.ndim - 2)
+        return C.BATCH + C.letters(self.x.ndim - 2)
 
     def args(self, *, whole_weight: bool = False) -> list[tuple[Any, Any]]:
         """The blockwise arguments ``x``, ``t``, ``w`` (``w`` chunked like the classes, or
         whole)."""
         w = None if self.w is None else self.w.rechunk(-1 if whole_weight else self.x.chunks[1])
-        return [(self.x, self.xi), (self.t, self.xi if self.probs else self.ti), pair(w, CLASS)]
+        return [(self.x, self.xi), (self.t, self.xi if self.probs else self.ti), C.pair(w, C.CLASS)]
 
 
 def plan_class_loss(spec: OpSpec, v: dict, opts: dict) -> Any:
     """``nll_loss`` and ``cross_entropy``."""
-    refuse_grad_buffer(spec, v)
-    name = backend_name(v["backend"])
+    C.refuse_grad_buffer(spec, v)
+    name = C.backend_name(v["backend"])
     reduction = _args.reduction_from(v["size_average"], v["reduce"], v["reduction"])
-    x, t, w = as_dask(v["input"]), as_dask(v["target"]), as_dask(v["weight"])
-    be = backend_for(name, x, t, w)
+    x, t, w = C.as_dask(v["input"]), C.as_dask(v["target"]), C.as_dask(v["weight"])
+    be = C.backend_for(name, x, t, w)
     ignore = opts["ignore_index"]
     layout = check_class_loss(be, spec.name, x, t, w, ignore,
                               allow_probs=spec.name == "cross_entropy")
@@ -112,11 +92,11 @@ def plan_class_loss(spec: OpSpec, v: dict, opts: dict) -> Any:
         t = t.rechunk(x.chunks)
         denom: Any = float(math.prod(layout.loss_shape))
     else:
-        t = checked_targets(t.rechunk(row_chunks), x.shape[1], ignore, name)
-        denom = mean_denominator(t, w, ignore, be) if reduction == "mean" else 1.0
+        t = C.checked_targets(t.rechunk(row_chunks), x.shape[1], ignore, name)
+        denom = C.mean_denominator(t, w, ignore, be) if reduction == "mean" else 1.0
     c = _Call(spec.name, name, be, x, t, w, layout.probs, layout.loss_shape, reduction,
               options, _args.compute_dtype(be, x.dtype))
-    grad = (grad_arg(v["grad_output"], reduction, denom, layout.loss_shape, row_chunks, c.ti,
+    grad = (C.grad_arg(v["grad_output"], reduction, denom, layout.loss_shape, row_chunks, c.ti,
                      be) if v["return_grad"] else None)
     want_lse = bool(v.get("return_lse"))
     if x.numblocks[1] == 1:
@@ -145,11 +125,11 @@ def _canonical(be: Runtime, x: Any, t: Any, w: Any, probs: bool, cdt: Any) -> Cl
 def _whole_block(xb: Any, tb: Any, wb: Any, gb: Any, *, op: str, backend: str, probs: bool,
                  options: dict, want_grad: bool, want_lse: bool) -> Any:
     """One block with the whole class axis: one kernel call, unreduced."""
-    x = unwrap(xb)
+    x = C.unwrap(xb)
     be = resolve_backend(backend, x)
     cdt = _args.compute_dtype(be, x.dtype)
-    a = _canonical(be, x, unwrap(tb), unwrap(wb), probs, cdt)
-    g = rows_grad(be, gb, a.layout.loss_shape) if want_grad else None
+    a = _canonical(be, x, C.unwrap(tb), C.unwrap(wb), probs, cdt)
+    g = C.rows_grad(be, gb, a.layout.loss_shape) if want_grad else None
     out = execute(be, op, a, reduction="none", options=options, want_grad=want_grad,
                   grad_output=g, grad_buffer=None, want_lse=want_lse)
     if want_grad:
@@ -160,7 +140,7 @@ def _whole_block(xb: Any, tb: Any, wb: Any, gb: Any, *, op: str, backend: str, p
 def _whole(c: _Call, denom: Any, grad: Any, want_lse: bool) -> list[Any]:
     others = []
     if grad is not None:
-        others.append(Result(c.xi, c.x.dtype, {CLASS: c.x.shape[1]}))
+        others.append(Result(c.xi, c.x.dtype, {C.CLASS: c.x.shape[1]}))
     if want_lse:
         others.append(Result(c.ti, at_least_float32(c.cdt)))
     return loss_plan(_whole_block, c.args(), be=c.be, loss=Result(c.ti, c.cdt), others=others,
@@ -171,7 +151,7 @@ def _whole(c: _Call, denom: Any, grad: Any, want_lse: bool) -> list[Any]:
 
 def _offsets(c: _Call) -> tuple[Any, str]:
     """Each class chunk's first class, a blockwise argument along the class axis."""
-    return V.class_offsets(c.x.chunks[1]), CLASS
+    return V.class_offsets(c.x.chunks[1]), C.CLASS
 
 
 # ----------------------------------------------------------------------------- nll_loss
@@ -179,14 +159,14 @@ def _nll_chunk(xb: Any, tb: Any, wb: Any, offb: Any, gb: Any, *, backend: str, i
                want_grad: bool) -> Any:
     """A class chunk as an ``nll_loss`` of its own: ``(partial loss (N, 1, *spatial),
     gradient?)``; targets outside the chunk (or ignored) are ignored (``-1``) there."""
-    x = unwrap(xb)
+    x = C.unwrap(xb)
     be = resolve_backend(backend, x)
     xp = be.xp
-    t = be.asarray(unwrap(tb))
-    local = t - int(unwrap(offb)[0])
+    t = be.asarray(C.unwrap(tb))
+    local = t - int(C.unwrap(offb)[0])
     local = xp.where((t != ignore) & (local >= 0) & (local < x.shape[1]), local, -1)
-    a = _canonical(be, x, local, unwrap(wb), False, _args.compute_dtype(be, x.dtype))
-    g = rows_grad(be, gb, a.layout.loss_shape) if want_grad else None
+    a = _canonical(be, x, local, C.unwrap(wb), False, _args.compute_dtype(be, x.dtype))
+    g = C.rows_grad(be, gb, a.layout.loss_shape) if want_grad else None
     out = execute(be, "nll_loss", a, reduction="none", options={"ignore_index": -1},
                   want_grad=want_grad, grad_output=g, grad_buffer=None, want_lse=False)
     out[0] = xp.expand_dims(out[0], 1)
@@ -197,58 +177,58 @@ def _nll_chunk(xb: Any, tb: Any, wb: Any, offb: Any, gb: Any, *, backend: str, i
 
 def _nll_split(c: _Call, denom: Any, grad: Any) -> list[Any]:
     want_grad = grad is not None
-    outs = [Result(c.xi, c.cdt, chunks={CLASS: 1})]
+    outs = [Result(c.xi, c.cdt, chunks={C.CLASS: 1})]
     if want_grad:
         outs.append(Result(c.xi, c.x.dtype))
-    part, *rest = run_blocks(_nll_chunk, [*c.args(), _offsets(c), grad or ABSENT], outs, c.be,
+    part, *rest = run_blocks(_nll_chunk, [*c.args(), _offsets(c), grad or C.ABSENT], outs, c.be,
                              backend=c.backend, ignore=c.options["ignore_index"],
                              want_grad=want_grad)
-    rows = part.astype(F64).sum(axis=1)  # one chunk holds each row's term: exact
-    return [reduce_loss(rows, c.reduction, denom, c.x.dtype, c.be), *rest]
+    rows = part.astype(C.F64).sum(axis=1)  # one chunk holds each row's term: exact
+    return [C.reduce_loss(rows, c.reduction, denom, c.x.dtype, c.be), *rest]
 
 
 # ----------------------------------------------------------------------------- cross_entropy
 def _chunk(be: Runtime, xb: Any, tb: Any, wb: Any, probs: bool) -> tuple[Any, Any, Any]:
     """A class chunk's ``(z, target, weight)`` for the block kernels (float32 at least)."""
-    z = V.chunk_rows(be, xb, work_dtype(unwrap(xb).dtype))
+    z = V.chunk_rows(be, xb, C.work_dtype(C.unwrap(xb).dtype))
     target = V.chunk_rows(be, tb, z.dtype) if probs else be.xp.ascontiguousarray(
-        be.asarray(unwrap(tb)).reshape(-1))
-    w = unwrap(wb)
+        be.asarray(C.unwrap(tb)).reshape(-1))
+    w = C.unwrap(wb)
     return z, target, None if w is None else _args.to_compute(be, w, z.dtype)
 
 
 def _ce_stats(xb: Any, tb: Any, wb: Any, offb: Any, *, backend: str, cfg: V.Vocab) -> Any:
     """A class chunk's row statistics, ``(N, 1, *spatial, 4)``."""
-    x = unwrap(xb)
+    x = C.unwrap(xb)
     be = resolve_backend(backend, x)
     z, target, w = _chunk(be, x, tb, wb, cfg.probs)
-    st = V.stats(be, z, None, target, w, int(unwrap(offb)[0]), cfg)
+    st = V.stats(be, z, None, target, w, int(C.unwrap(offb)[0]), cfg)
     return be.xp.expand_dims(st.reshape(x.shape[:1] + x.shape[2:] + (4,)), 1)
 
 
 def _ce_finish(mb: Any, tb: Any, wb: Any, gb: Any, *, backend: str, cfg: V.Vocab,
                want_grad: bool) -> Any:
     """A row block's :data:`._vocab.FINISHED` columns, ``(N, *spatial, k)``."""
-    merged = unwrap(mb)
+    merged = C.unwrap(mb)
     be = resolve_backend(backend, merged)
     shape = merged.shape[:-1]
-    w = unwrap(wb)
-    w = None if w is None else be.asarray(w).astype(F64)
+    w = C.unwrap(wb)
+    w = None if w is None else be.asarray(w).astype(C.F64)
     fin = V.finish(be, be.asarray(merged).reshape(-1, 4),
-                   None if cfg.probs else be.asarray(unwrap(tb)).reshape(-1), w,
+                   None if cfg.probs else be.asarray(C.unwrap(tb)).reshape(-1), w,
                    cfg.n_classes if w is None else w.sum(),
-                   rows_grad(be, gb, shape).reshape(-1) if want_grad else None, cfg)
+                   C.rows_grad(be, gb, shape).reshape(-1) if want_grad else None, cfg)
     return fin.reshape(shape + fin.shape[-1:])
 
 
 def _ce_grad(xb: Any, tb: Any, wb: Any, offb: Any, fb: Any, *, backend: str, cfg: V.Vocab,
              out_dtype: Any) -> Any:
     """A class chunk's gradient."""
-    x = unwrap(xb)
+    x = C.unwrap(xb)
     be = resolve_backend(backend, x)
     z, target, w = _chunk(be, x, tb, wb, cfg.probs)
-    fin = be.asarray(unwrap(fb))
-    z = V.grad(be, z, None, target, w, fin.reshape(-1, fin.shape[-1]), int(unwrap(offb)[0]),
+    fin = be.asarray(C.unwrap(fb))
+    z = V.grad(be, z, None, target, w, fin.reshape(-1, fin.shape[-1]), int(C.unwrap(offb)[0]),
                cfg)
     return V.from_chunk_rows(z, x.shape).astype(out_dtype, copy=False)
 
@@ -258,22 +238,22 @@ def _ce_split(c: _Call, denom: Any, grad: Any, want_lse: bool) -> list[Any]:
     cfg = V.Vocab(c.probs, c.x.shape[1], opts["ignore_index"], opts.get("label_smoothing", 0.0),
                   opts.get("softcap", 0.0), opts.get("z_loss", 0.0))
     xi, ti, off = c.xi, c.ti, _offsets(c)
-    stats = da.blockwise(_ce_stats, xi + STAT, *(v for a in c.args() for v in a), *off,
-                         new_axes={STAT: 4}, adjust_chunks={CLASS: 1}, align_arrays=False,
-                         meta=meta(c.be, c.x.ndim + 1, F64), backend=c.backend, cfg=cfg)
+    stats = da.blockwise(_ce_stats, xi + C.STAT, *(v for a in c.args() for v in a), *off,
+                         new_axes={C.STAT: 4}, adjust_chunks={C.CLASS: 1}, align_arrays=False,
+                         meta=C.meta(c.be, c.x.ndim + 1, C.F64), backend=c.backend, cfg=cfg)
     merged = merge_chunks(stats, 1, c.be)
     want_grad = grad is not None
     whole_w = c.args(whole_weight=True)[2]
-    fin = da.blockwise(_ce_finish, ti + STAT, merged, ti + STAT,
-                       *((c.t, ti) if not c.probs else ABSENT), *whole_w, *(grad or ABSENT),
-                       adjust_chunks={STAT: 6 if want_grad else 2}, concatenate=False,
-                       align_arrays=False, meta=meta(c.be, c.x.ndim, F64), backend=c.backend,
+    fin = da.blockwise(_ce_finish, ti + C.STAT, merged, ti + C.STAT,
+                       *((c.t, ti) if not c.probs else C.ABSENT), *whole_w, *(grad or C.ABSENT),
+                       adjust_chunks={C.STAT: 6 if want_grad else 2}, concatenate=False,
+                       align_arrays=False, meta=C.meta(c.be, c.x.ndim, C.F64), backend=c.backend,
                        cfg=cfg, want_grad=want_grad)
-    out = [reduce_loss(fin[..., 0], c.reduction, denom, c.x.dtype, c.be)]
+    out = [C.reduce_loss(fin[..., 0], c.reduction, denom, c.x.dtype, c.be)]
     if want_grad:
         out.append(da.blockwise(_ce_grad, xi, *(v for a in c.args() for v in a), *off, fin,
-                                ti + STAT, concatenate=False, align_arrays=False,
-                                meta=meta(c.be, c.x.ndim, c.x.dtype), backend=c.backend,
+                                ti + C.STAT, concatenate=False, align_arrays=False,
+                                meta=C.meta(c.be, c.x.ndim, c.x.dtype), backend=c.backend,
                                 cfg=cfg, out_dtype=c.x.dtype))
     if want_lse:
         out.append(fin[..., 1].astype(at_least_float32(c.cdt)))

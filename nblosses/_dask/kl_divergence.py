@@ -29,20 +29,8 @@ from ..ops.kl_div import (
     resolve_reduction,
     sum_to,
 )
+from . import _common as C
 from ._blockwise import Result, run_blocks
-from ._common import (
-    ABSENT,
-    F64,
-    as_dask,
-    backend_for,
-    backend_name,
-    broadcast,
-    grad_arg,
-    letters,
-    reduce_loss,
-    refuse_grad_buffer,
-    rows_grad,
-)
 
 
 def _loss_chunks(x: Any, t: Any, shape: tuple[int, ...]) -> tuple:
@@ -72,23 +60,23 @@ def _block(xb: Any, tb: Any, gb: Any, *, backend: str, cdt: Any, grad_dtype: Any
     shape = tuple(x.shape)
     a = KLDivArgs(_args.to_compute(be, x, cdt).reshape(-1),
                   _args.to_compute(be, tb, cdt).reshape(-1), shape, shape, cdt, grad_dtype)
+    g = C.rows_grad(be, gb, shape) if want_grad else None
     out = execute(be, a, reduction="none", batch=False, log_target=log_target,
-                  want_grad=want_grad, grad_output=rows_grad(be, gb, shape) if want_grad else None,
-                  grad_buffer=None)
+                  want_grad=want_grad, grad_output=g, grad_buffer=None)
     return results(out)
 
 
 def plan_kl_div(spec: OpSpec, v: dict, opts: dict) -> Any:
     """``kl_div``."""
-    refuse_grad_buffer(spec, v)
+    C.refuse_grad_buffer(spec, v)
     reduction, batch = resolve_reduction(v["size_average"], v["reduce"], v["reduction"])
-    name = backend_name(v["backend"])
-    x, t = as_dask(v["input"]), as_dask(v["target"])
-    be = backend_for(name, x, t)
+    name = C.backend_name(v["backend"])
+    x, t = C.as_dask(v["input"]), C.as_dask(v["target"])
+    be = C.backend_for(name, x, t)
     shape, dtype = check_kl_div(be, spec.name, x, t)
     cdt = _args.compute_dtype(be, dtype)
     chunks = _loss_chunks(x, t, shape)
-    xb, tb = broadcast(x, shape, chunks), broadcast(t, shape, chunks)
+    xb, tb = C.broadcast(x, shape, chunks), C.broadcast(t, shape, chunks)
     log_target = bool(v["log_target"])
     if log_target:
         tb = tb.map_blocks(_checked_log_target, name, shape, meta=tb._meta)
@@ -96,25 +84,25 @@ def plan_kl_div(spec: OpSpec, v: dict, opts: dict) -> Any:
     divisor = x.shape[0] if batch and x.ndim else 1
     denom = float(math.prod(shape) if reduction == "mean" else 1) * divisor
     per = divisor or 1  # an empty batch has no position to divide
-    ind = letters(len(shape))
+    ind = C.letters(len(shape))
     want_grad = bool(v["return_grad"])
     grad = None
     if want_grad and reduction != "none":  # the scalar grad_output / denom
-        grad = grad_arg(v["grad_output"], "mean", denom, shape, chunks, ind, be)
+        grad = C.grad_arg(v["grad_output"], "mean", denom, shape, chunks, ind, be)
     elif want_grad:  # per position grad_output / divisor (absent: ones over it)
-        g, _ = grad_arg(v["grad_output"], "none", 1.0, shape, chunks, ind, be)
+        g, _ = C.grad_arg(v["grad_output"], "none", 1.0, shape, chunks, ind, be)
         grad = (1.0 / per, None) if g is None else (g / per, ind)
     broadcast_input = tuple(x.shape) != shape
     # a gradient to sum back over broadcast axes stays float64 until summed
-    grad_dtype = F64 if broadcast_input else x.dtype
-    out = run_blocks(_block, [(xb, ind), (tb, ind), grad or ABSENT],
+    grad_dtype = C.F64 if broadcast_input else x.dtype
+    out = run_blocks(_block, [(xb, ind), (tb, ind), grad or C.ABSENT],
                      [Result(ind, cdt), *([Result(ind, grad_dtype)] if want_grad else [])], be,
                      backend=name, cdt=cdt, grad_dtype=grad_dtype, log_target=log_target,
                      want_grad=want_grad)
     if reduction == "none":
         loss = (out[0] / per).astype(dtype)
     else:
-        loss = reduce_loss(out[0], "mean", denom, dtype, be)
+        loss = C.reduce_loss(out[0], "mean", denom, dtype, be)
     if want_grad and broadcast_input:
         out[1] = sum_to(out[1], tuple(x.shape)).astype(x.dtype)
     return results([loss, *out[1:]])

@@ -30,20 +30,8 @@ from .._registry import Runtime, resolve_backend
 from .._spec import OpSpec
 from ..ops._results import results
 from ..ops.linear_ce import check_linear_ce
+from . import _common as C
 from . import _vocab as V
-from ._common import (
-    F64,
-    as_dask,
-    backend_for,
-    backend_name,
-    checked_targets,
-    divide,
-    grad_arg,
-    is_dask,
-    mean_denominator,
-    meta,
-    rows_grad,
-)
 from ._stats import merge
 
 
@@ -60,10 +48,10 @@ def _row_finish(stats: list, t: Any, weight: Any, g: Any, backend: str, cfg: V.V
     """A row chunk's :data:`._vocab.FINISHED` columns from its blocks' statistics."""
     be = resolve_backend(backend, stats[0])
     merged = merge(be.xp.stack(stats), axis=0)
-    w = None if weight is None else weight.astype(F64)
+    w = None if weight is None else weight.astype(C.F64)
     return V.finish(be, merged, None if cfg.probs else t, w,
                     cfg.n_classes if w is None else w.sum(),
-                    rows_grad(be, g, merged.shape[:1]) if want_grad else None, cfg)
+                    C.rows_grad(be, g, merged.shape[:1]) if want_grad else None, cfg)
 
 
 def _grad_block(x: Any, w: Any, bias: Any, t: Any, weight: Any, fin: Any, c0: int,
@@ -71,7 +59,7 @@ def _grad_block(x: Any, w: Any, bias: Any, t: Any, weight: Any, fin: Any, c0: in
     """``(g @ w, g.T @ x, g.sum(0))`` of the block's gradient ``g = dL/dz``."""
     be = resolve_backend(backend, x)
     z = V.grad(be, be.xp.matmul(x, w.T), bias, t, weight, fin, c0, cfg)
-    return z @ w, z.T @ x, z.sum(0, dtype=F64)
+    return z @ w, z.T @ x, z.sum(0, dtype=C.F64)
 
 
 def _pick(fin: Any, k: int, dtype: Any) -> Any:
@@ -79,7 +67,7 @@ def _pick(fin: Any, k: int, dtype: Any) -> Any:
 
 
 def _sum_parts(parts: list, k: int, dtype: Any) -> Any:
-    total = parts[0][k].astype(F64 if k == 2 else parts[0][k].dtype, copy=True)
+    total = parts[0][k].astype(C.F64 if k == 2 else parts[0][k].dtype, copy=True)
     for p in parts[1:]:
         total += p[k]
     return total.astype(dtype, copy=False)
@@ -87,7 +75,7 @@ def _sum_parts(parts: list, k: int, dtype: Any) -> Any:
 
 def _total(fins: list, denom: Any, mean: bool, dtype: Any) -> Any:
     total = sum(f[:, 0].sum() for f in fins)
-    return divide(total, denom if mean else 1.0, dtype)
+    return C.divide(total, denom if mean else 1.0, dtype)
 
 
 # ----------------------------------------------------------------------------- the graph
@@ -112,7 +100,7 @@ class _Graph:
     def ref(self, a: Any, *index: int) -> Any:
         """A task argument for ``a``: its block's key (and ``a`` a dependency) if it is a dask
         array, else ``a`` itself."""
-        if not is_dask(a):
+        if not C.is_dask(a):
             return a
         if all(a is not d for d in self.deps):
             self.deps.append(a)
@@ -121,7 +109,7 @@ class _Graph:
     def array(self, what: str, chunks: tuple, dtype: Any) -> Any:
         name = self.name(what)
         graph = HighLevelGraph.from_collections(name, dict(self.dsk), dependencies=self.deps)
-        return da.Array(graph, name, chunks=chunks, meta=meta(self.be, len(chunks), dtype))
+        return da.Array(graph, name, chunks=chunks, meta=C.meta(self.be, len(chunks), dtype))
 
     def block_args(self, i: int, j: int) -> tuple:
         """``(x_i, w_j, bias_j, target, weight_j)`` keys of block ``(i, j)``."""
@@ -145,7 +133,7 @@ class _Graph:
             for j in range(len(self.cols)):
                 self.dsk[(st, i, j)] = (_stats_block, *self.block_args(i, j), self.c0s[j],
                                         self.backend, self.cfg)
-            gi = self.ref(g, i) if is_dask(g) and g.ndim == 1 else self.ref(g)
+            gi = self.ref(g, i) if C.is_dask(g) and g.ndim == 1 else self.ref(g)
             self.dsk[(fin, i)] = (_row_finish, [(st, i, j) for j in range(len(self.cols))],
                                   None if self.cfg.probs else self.ref(self.t, i),
                                   self.ref(self.w_full, 0), gi, self.backend, self.cfg,
@@ -198,10 +186,10 @@ class _Graph:
 # ----------------------------------------------------------------------------- the plan
 def plan_linear_ce(spec: OpSpec, v: dict, opts: dict) -> Any:
     """``linear_cross_entropy``."""
-    name = backend_name(v["backend"])
-    x, w, t = as_dask(v["input"]), as_dask(v["linear_weight"]), as_dask(v["target"])
-    b, cw = as_dask(v["linear_bias"]), as_dask(v["weight"])
-    be = backend_for(name, x, w, t, b, cw)
+    name = C.backend_name(v["backend"])
+    x, w, t = C.as_dask(v["input"]), C.as_dask(v["linear_weight"]), C.as_dask(v["target"])
+    b, cw = C.as_dask(v["linear_bias"]), C.as_dask(v["weight"])
+    be = C.backend_for(name, x, w, t, b, cw)
     lay = check_linear_ce(be, spec.name, x, w, t, b, cw, opts["ignore_index"])
     if lay.out_features or lay.squeeze:
         raise NotImplementedError(f"{spec.name}: dask arrays take (N, d) input and a (V, d) "
@@ -212,7 +200,7 @@ def plan_linear_ce(spec: OpSpec, v: dict, opts: dict) -> Any:
     xc, wc = x.astype(cdt).rechunk({1: -1}), w.astype(cdt).rechunk({1: -1})
     rows, cols = xc.chunks[0], wc.chunks[0]
     t = (t.astype(cdt).rechunk((rows, cols)) if lay.probs
-         else checked_targets(t.rechunk((rows,)), lay.v, ignore, name))
+         else C.checked_targets(t.rechunk((rows,)), lay.v, ignore, name))
     cw = None if cw is None else cw.astype(cdt)
     cfg = V.Vocab(lay.probs, lay.v, ignore, opts["label_smoothing"], opts["softcap"],
                   opts["z_loss"])
@@ -220,9 +208,9 @@ def plan_linear_ce(spec: OpSpec, v: dict, opts: dict) -> Any:
                    cw, cfg)
     denom: Any = 1.0
     if reduction == "mean":
-        denom = float(lay.n) if lay.probs else mean_denominator(t, cw, ignore, be)
+        denom = float(lay.n) if lay.probs else C.mean_denominator(t, cw, ignore, be)
     want_grad = bool(v["return_grad"])
-    g = (grad_arg(v["grad_output"], reduction, denom, (lay.n,), (rows,), "a", be)[0]
+    g = (C.grad_arg(v["grad_output"], reduction, denom, (lay.n,), (rows,), "a", be)[0]
          if want_grad else None)
     graph.finish(g, want_grad)
     out: list[Any] = [graph.loss(reduction, denom, x.dtype)]

@@ -34,17 +34,7 @@ from ..backends import _linear_distillation as LD
 from ..errors import UnsupportedOpError
 from ..ops._results import results
 from ..ops.linear_distillation import check_linear_distillation
-from ._common import (
-    F64,
-    as_dask,
-    backend_for,
-    backend_name,
-    checked_targets,
-    grad_arg,
-    mean_denominator,
-    rows_grad,
-    unwrap,
-)
+from . import _common as C
 from .linear_ce import _Graph
 
 #: The columns of a finished row chunk: the loss, then (with a gradient) :data:`LD.COEFS`.
@@ -89,7 +79,7 @@ def _jsd_block(x: Any, w: Any, b: Any, tx: Any, tw: Any, tb: Any, merged: Any,
     be = resolve_backend(backend, x)
     zs, zt = _pair(be, x, w, tx, tw)
     lse = be.xp.stack(LD.log_sums(be.xp, merged, opts), axis=1)
-    out = be.xp.zeros((zs.shape[0], 2), F64)
+    out = be.xp.zeros((zs.shape[0], 2), C.F64)
     _block_op(be, "block_jsd")(zs, zt, b, tb, lse, out, opts, raw=True)
     return out
 
@@ -100,9 +90,9 @@ def _finish(merged: Any, jsd: list | None, t: Any, g: Any, backend: str,
     be = resolve_backend(backend, merged)
     xp = be.xp
     sums = None if jsd is None else sum(jsd[1:], jsd[0])
-    scale = rows_grad(be, g, merged.shape[:1]) if want_grad else None
+    scale = C.rows_grad(be, g, merged.shape[:1]) if want_grad else None
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        loss, coefs = LD.finish(xp, merged, sums, unwrap(t), n_classes, opts, scale, want_grad)
+        loss, coefs = LD.finish(xp, merged, sums, C.unwrap(t), n_classes, opts, scale, want_grad)
     return loss[:, None] if coefs is None else xp.concatenate([loss[:, None], coefs], axis=1)
 
 
@@ -113,7 +103,7 @@ def _grad_block(x: Any, w: Any, b: Any, tx: Any, tw: Any, tb: Any, t: Any, fin: 
     zs, zt = _pair(be, x, w, tx, tw)
     coefs = be.xp.ascontiguousarray(fin[:, 1:])
     _block_op(be, "block_grad")(zs, zt, b, tb, t, coefs, opts, c0=c0, raw=True)
-    return zs @ w, zs.T @ x, zs.sum(0, dtype=F64)
+    return zs @ w, zs.T @ x, zs.sum(0, dtype=C.F64)
 
 
 # ----------------------------------------------------------------------------- the graph
@@ -169,11 +159,11 @@ class _PairGraph(_Graph):
 # ----------------------------------------------------------------------------- the plan
 def plan_linear_distillation(spec: OpSpec, v: dict, opts: dict) -> Any:
     """``linear_distillation_loss``."""
-    name = backend_name(v["backend"])
+    name = C.backend_name(v["backend"])
     keys = ("input", "linear_weight", "linear_bias", "teacher_input", "teacher_weight",
             "teacher_bias", "target")
-    x, w, b, tx, tw, tb, t = (as_dask(v[k]) for k in keys)
-    be = backend_for(name, x, w, b, tx, tw, tb, t)
+    x, w, b, tx, tw, tb, t = (C.as_dask(v[k]) for k in keys)
+    be = C.backend_for(name, x, w, b, tx, tw, tb, t)
     lay = check_linear_distillation(be, spec.name, x, w, b, tx, tw, tb, t, opts["hard_weight"])
     reduction = _args.reduction_from(None, None, v["reduction"])
     ignore = opts["ignore_index"]
@@ -185,15 +175,15 @@ def plan_linear_distillation(spec: OpSpec, v: dict, opts: dict) -> Any:
     twc = tw.astype(cdt).rechunk((cols, -1))
     bias = [None if a is None else a.astype(cdt).rechunk((cols,)) for a in (b, tb)]
     if t is not None:
-        t = checked_targets(t.reshape(lay.rows).rechunk((rows,)), lay.v, ignore, name)
+        t = C.checked_targets(t.reshape(lay.rows).rechunk((rows,)), lay.v, ignore, name)
     cfg = LD.DistillOptions(opts["beta"], opts["temperature"], opts["hard_weight"],
                             opts["softcap"], ignore)
     graph = _PairGraph(be, name, (xc, wc, bias[0]), (txc, twc, bias[1]), t, cfg)
     denom: Any = 1.0
     if reduction == "mean":
-        denom = float(lay.rows) if t is None else mean_denominator(t, None, ignore, be)
+        denom = float(lay.rows) if t is None else C.mean_denominator(t, None, ignore, be)
     want_grad = bool(v["return_grad"])
-    g = (grad_arg(v["grad_output"], reduction, denom, lay.loss_shape, (rows,), "a", be)[0]
+    g = (C.grad_arg(v["grad_output"], reduction, denom, lay.loss_shape, (rows,), "a", be)[0]
          if want_grad else None)
     graph.finish(g, want_grad)
     loss = graph.loss(reduction, denom, x.dtype)

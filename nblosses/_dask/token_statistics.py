@@ -37,42 +37,26 @@ from ..backends._host import ignore_value
 from ..ops._results import at_least_float32, results
 from ..ops.class_losses import ClassLossArgs, ClassLossLayout, check_class_loss
 from ..ops.token_logprobs import execute
+from . import _common as C
 from . import _vocab as V
 from ._blockwise import Result, run_blocks
-from ._common import (
-    BATCH,
-    CLASS,
-    F64,
-    STAT,
-    as_dask,
-    backend_for,
-    backend_name,
-    checked_targets,
-    is_dask,
-    letters,
-    meta,
-    refuse_grad_buffer,
-    scalar_arg,
-    unwrap,
-    work_dtype,
-)
 
 
 def _block(xb: Any, tb: Any, gb: Any, eb: Any, *, backend: str, opts: dict,
            want_entropy: bool, want_grad: bool) -> Any:
     """One block of positions with the whole class axis: ``(logp, entropy?, grad?)``."""
-    x = unwrap(xb)
+    x = C.unwrap(xb)
     be = resolve_backend(backend, x)
     x = be.asarray(x)
     shape = tuple(x.shape)
     shape3 = (shape[0], shape[1], math.prod(shape[2:]))
     cdt = _args.compute_dtype(be, x.dtype)
-    target = be.xp.ascontiguousarray(be.asarray(unwrap(tb))).reshape(shape3[0], shape3[2])
+    target = be.xp.ascontiguousarray(be.asarray(C.unwrap(tb))).reshape(shape3[0], shape3[2])
     a = ClassLossArgs(_args.to_compute(be, x, cdt).reshape(shape3), target, None,
                       ClassLossLayout(False, shape, shape3, shape[:1] + shape[2:]), cdt)
     out = execute(be, a, ignore_index=opts["ignore_index"], temperature=opts["temperature"],
                   softcap=opts["softcap"], want_entropy=want_entropy, want_grad=want_grad,
-                  grad_output=unwrap(gb), grad_entropy=unwrap(eb), grad_buffer=None)
+                  grad_output=C.unwrap(gb), grad_entropy=C.unwrap(eb), grad_buffer=None)
     if want_grad:
         out[-1] = out[-1].reshape(shape).astype(x.dtype, copy=False)
     return results(out)
@@ -84,11 +68,11 @@ def _upstream(name: str, what: str, value: Any, shape: tuple[int, ...], rows: tu
     value, or a 0-d dask array), an array of the positions' ``shape`` chunked as ``rows``."""
     if value is None:
         return None, None
-    if not is_dask(value) and not hasattr(value, "shape"):
+    if not C.is_dask(value) and not hasattr(value, "shape"):
         return value, None
-    g = as_dask(value)
+    g = C.as_dask(value)
     if g.ndim == 0:
-        return scalar_arg(g)
+        return C.scalar_arg(g)
     if tuple(g.shape) != shape:
         raise ValueError(f"{name}: {what} shape {tuple(g.shape)} does not match the positions' "
                          f"shape {shape} (the input's shape without the class axis)")
@@ -100,16 +84,16 @@ def _chunk(xb: Any, tb: Any, backend: str) -> tuple[Runtime, Any, Any, Any]:
     """A class chunk's ``(backend, logits, rows, targets)``: ``rows`` a copy of the logits as
     ``(positions, classes)`` in the work dtype (the block kernels overwrite it), ``targets``
     the positions' flat indices."""
-    x = unwrap(xb)
+    x = C.unwrap(xb)
     be = resolve_backend(backend, x)
-    t = be.xp.ascontiguousarray(be.asarray(unwrap(tb))).reshape(-1)
-    return be, x, V.chunk_rows(be, x, work_dtype(x.dtype)), t
+    t = be.xp.ascontiguousarray(be.asarray(C.unwrap(tb))).reshape(-1)
+    return be, x, V.chunk_rows(be, x, C.work_dtype(x.dtype)), t
 
 
 def _split_stats(xb: Any, tb: Any, offb: Any, *, backend: str, cfg: V.Tokens) -> Any:
     """A class chunk's per-position statistics, ``(N, 1, *spatial, 4)``."""
     be, x, z, t = _chunk(xb, tb, backend)
-    st = V.token_stats(be, z, None, t, int(unwrap(offb)[0]), cfg)
+    st = V.token_stats(be, z, None, t, int(C.unwrap(offb)[0]), cfg)
     return be.xp.expand_dims(st.reshape(x.shape[:1] + x.shape[2:] + (4,)), 1)
 
 
@@ -117,9 +101,9 @@ def _split_finish(stats: list, tb: Any, gb: Any, eb: Any, *, backend: str, cfg: 
                   want_grad: bool) -> Any:
     """A block of positions' :data:`._vocab.TOKEN_FINISHED` columns, ``(N, *spatial, k)``,
     from its class chunks' statistics (a list, one per chunk)."""
-    blocks = [unwrap(b) for b in stats]
+    blocks = [C.unwrap(b) for b in stats]
     be = resolve_backend(backend, blocks[0])
-    t = be.asarray(unwrap(tb))
+    t = be.asarray(C.unwrap(tb))
     shape = tuple(t.shape)
     fin = V.token_finish(be, [b.reshape(-1, 4) for b in blocks], t.reshape(-1), gb, eb, shape,
                          cfg, want_grad)
@@ -129,8 +113,8 @@ def _split_finish(stats: list, tb: Any, gb: Any, eb: Any, *, backend: str, cfg: 
 def _split_grad(xb: Any, tb: Any, offb: Any, fb: Any, *, backend: str, cfg: V.Tokens) -> Any:
     """A class chunk's gradient, in the input's dtype."""
     be, x, z, t = _chunk(xb, tb, backend)
-    fin = be.asarray(unwrap(fb))
-    z = V.token_grad(be, z, None, t, fin.reshape(-1, fin.shape[-1]), int(unwrap(offb)[0]), cfg)
+    fin = be.asarray(C.unwrap(fb))
+    z = V.token_grad(be, z, None, t, fin.reshape(-1, fin.shape[-1]), int(C.unwrap(offb)[0]), cfg)
     return V.from_chunk_rows(z, x.shape).astype(x.dtype, copy=False)
 
 
@@ -142,31 +126,31 @@ def _class_parallel(be: Runtime, backend: str, x: Any, t: Any, ups: list, opts: 
     cfg = V.Tokens("token_logprobs", int(x.shape[1]), ignore_value(opts["ignore_index"]),
                    float(opts["temperature"]), float(opts["softcap"] or 0.0),
                    np.dtype(at_least_float32(np.dtype(cdt))).name)
-    spatial = letters(x.ndim - 2)
-    xi, ti = BATCH + CLASS + spatial, BATCH + spatial
-    off = (V.class_offsets(x.chunks[1]), CLASS)
-    stats = da.blockwise(_split_stats, xi + STAT, x, xi, t, ti, *off, new_axes={STAT: 4},
-                         adjust_chunks={CLASS: 1}, align_arrays=False,
-                         meta=meta(be, x.ndim + 1, F64), backend=backend, cfg=cfg)
-    fin = da.blockwise(_split_finish, ti + STAT, stats, xi + STAT, t, ti,
-                       *(v for u in ups for v in u), adjust_chunks={STAT: 6 if want_grad else 2},
-                       concatenate=False, align_arrays=False, meta=meta(be, x.ndim, F64),
+    spatial = C.letters(x.ndim - 2)
+    xi, ti = C.BATCH + C.CLASS + spatial, C.BATCH + spatial
+    off = (V.class_offsets(x.chunks[1]), C.CLASS)
+    stats = da.blockwise(_split_stats, xi + C.STAT, x, xi, t, ti, *off, new_axes={C.STAT: 4},
+                         adjust_chunks={C.CLASS: 1}, align_arrays=False,
+                         meta=C.meta(be, x.ndim + 1, C.F64), backend=backend, cfg=cfg)
+    fin = da.blockwise(_split_finish, ti + C.STAT, stats, xi + C.STAT, t, ti,
+                       *(v for u in ups for v in u), adjust_chunks={C.STAT: 6 if want_grad else 2},
+                       concatenate=False, align_arrays=False, meta=C.meta(be, x.ndim, C.F64),
                        backend=backend, cfg=cfg, want_grad=want_grad)
     out = [fin[..., k].astype(cfg.stats) for k in range(2 if want_entropy else 1)]
     if want_grad:
-        out.append(da.blockwise(_split_grad, xi, x, xi, t, ti, *off, fin, ti + STAT,
+        out.append(da.blockwise(_split_grad, xi, x, xi, t, ti, *off, fin, ti + C.STAT,
                                 concatenate=False, align_arrays=False,
-                                meta=meta(be, x.ndim, x.dtype), backend=backend, cfg=cfg))
+                                meta=C.meta(be, x.ndim, x.dtype), backend=backend, cfg=cfg))
     return out
 
 
 # ----------------------------------------------------------------------------- the plan
 def plan_token_logprobs(spec: OpSpec, v: dict, opts: dict) -> Any:
     """``token_logprobs``."""
-    refuse_grad_buffer(spec, v)
-    name = backend_name(v["backend"])
-    x, t = as_dask(v["input"]), as_dask(v["target"])
-    be = backend_for(name, x, t)
+    C.refuse_grad_buffer(spec, v)
+    name = C.backend_name(v["backend"])
+    x, t = C.as_dask(v["input"]), C.as_dask(v["target"])
+    be = C.backend_for(name, x, t)
     check_class_loss(be, spec.name, x, t, None, opts["ignore_index"], allow_probs=False)
     cdt = _args.compute_dtype(be, x.dtype)
     squeeze = x.ndim == 1
@@ -180,9 +164,9 @@ def plan_token_logprobs(spec: OpSpec, v: dict, opts: dict) -> Any:
     if not split:
         x = x.rechunk({1: -1})
     rows = (x.chunks[0],) + x.chunks[2:]
-    spatial = letters(x.ndim - 2)
-    xi, ti = BATCH + CLASS + spatial, BATCH + spatial
-    t = checked_targets(t.rechunk(rows), x.shape[1], opts["ignore_index"], name)
+    spatial = C.letters(x.ndim - 2)
+    xi, ti = C.BATCH + C.CLASS + spatial, C.BATCH + spatial
+    t = C.checked_targets(t.rechunk(rows), x.shape[1], opts["ignore_index"], name)
     want_entropy, want_grad = bool(v["return_entropy"]), bool(v["return_grad"])
     loss_shape = tuple(x.shape[:1] + x.shape[2:])
     ups = [_upstream(spec.name, what, g, loss_shape, rows, ti) if want_grad else (None, None)
@@ -193,7 +177,7 @@ def plan_token_logprobs(spec: OpSpec, v: dict, opts: dict) -> Any:
         return results([a[0] for a in out] if squeeze else out)
     stats = at_least_float32(cdt)
     res = [Result(ti, stats), *([Result(ti, stats)] if want_entropy else []),
-           *([Result(xi, x.dtype, {CLASS: x.shape[1]})] if want_grad else [])]
+           *([Result(xi, x.dtype, {C.CLASS: x.shape[1]})] if want_grad else [])]
     out = run_blocks(_block, [(x, xi), (t, ti), *ups], res, be, backend=name, opts=dict(opts),
                      want_entropy=want_entropy, want_grad=want_grad)
     if squeeze:

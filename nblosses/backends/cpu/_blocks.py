@@ -30,6 +30,19 @@ TILE = 128
 CHUNK = 16384
 
 
+@njit(inline="always", **JIT)
+def n_chunks(n):
+    """How many :data:`CHUNK` tasks cover ``n`` elements."""
+    return (n + CHUNK - 1) // CHUNK
+
+
+@njit(inline="always", **JIT)
+def chunk_span(k, n):
+    """``(lo, hi)``: the elements of task ``k`` of an elementwise op over ``n`` elements."""
+    lo = k * CHUNK
+    return lo, min(n, lo + CHUNK)
+
+
 # ----------------------------------------------------------------------------- inner blocks
 def block_width(outer: int, inner: int, threads: int, widest: int = 2048) -> int:
     """Inner positions per task: wide for long vector loops, narrow enough for all threads."""

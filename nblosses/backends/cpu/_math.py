@@ -179,6 +179,16 @@ def _horner(coeffs, ftype):
     return njit(fastmath={"contract"}, error_model="numpy")(consts["horner"])
 
 
+def _precision(x: Any, k32: Any, k64: Any) -> tuple[Any, Any] | None:
+    """An overload's constants and NumPy type for the Numba type ``x``: ``(k32, float32)``,
+    ``(k64, float64)``, or None for other types (the overload then does not apply)."""
+    if x == types.float32:
+        return k32, np.float32
+    if x == types.float64:
+        return k64, np.float64
+    return None
+
+
 def fast_exp(x):  # pragma: no cover - replaced by the overload inside Numba code
     """exp(x) for float32/float64 inside Numba kernels (vectorisable)."""
     return math.exp(x)
@@ -214,12 +224,10 @@ def fast_exp_nonpos(x):  # pragma: no cover - replaced by the overload inside Nu
 
 def _exp_impl(x: Any, nonpos: bool) -> Any:
     """The overload of :func:`fast_exp` (``nonpos`` False) or :func:`fast_exp_nonpos`."""
-    if x == types.float32:
-        k, ftype = _EXP32, np.float32
-    elif x == types.float64:
-        k, ftype = _EXP64, np.float64
-    else:
+    picked = _precision(x, _EXP32, _EXP64)
+    if picked is None:
         return None
+    k, ftype = picked
     lo, ln2_hi, ln2_lo, shifter = (ftype(k[name]) for name in
                                    ("lo", "ln2_hi", "ln2_lo", "shifter"))
     log2e, zero, inf = ftype(1.4426950408889634), ftype(0.0), ftype(np.inf)
@@ -281,14 +289,15 @@ _LOG64 = dict(c=_log_series(12, np.float64), sqrt2=math.sqrt(2.0), ln2=math.log(
 
 @overload(fast_log, jit_options=dict(fastmath={"contract"}, error_model="numpy"))
 def _fast_log_overload(x):
-    if x == types.float32:
-        k, itype, ftype = _LOG32, np.int32, np.float32
-        shift, bias, mant, exp_one = 23, 127, 0x7FFFFF, 0x3F800000
-    elif x == types.float64:
-        k, itype, ftype = _LOG64, np.int64, np.float64
-        shift, bias, mant, exp_one = 52, 1023, 0xFFFFFFFFFFFFF, 0x3FF0000000000000
-    else:
+    picked = _precision(x, _LOG32, _LOG64)
+    if picked is None:
         return None
+    k, ftype = picked
+    if ftype is np.float32:
+        itype, shift, bias, mant, exp_one = np.int32, 23, 127, 0x7FFFFF, 0x3F800000
+    else:
+        itype, shift, bias, mant = np.int64, 52, 1023, 0xFFFFFFFFFFFFF
+        exp_one = 0x3FF0000000000000
     sqrt2, ln2, one, half, inf = k["sqrt2"], k["ln2"], k["one"], k["half"], k["inf"]
     shift_i, bias_i, mant_i, exp_one_i = itype(shift), itype(bias), itype(mant), itype(exp_one)
     series = _horner(k["c"], ftype)
@@ -325,12 +334,10 @@ def fast_log1p(x):  # pragma: no cover - replaced by the overload inside Numba c
 @overload(fast_log1p, inline="always",
           jit_options=dict(fastmath={"contract"}, error_model="numpy"))
 def _fast_log1p_overload(x):
-    if x == types.float32:
-        k, ftype = _LOG32, np.float32
-    elif x == types.float64:
-        k, ftype = _LOG64, np.float64
-    else:
+    picked = _precision(x, _LOG32, _LOG64)
+    if picked is None:
         return None
+    k, ftype = picked
     series = _horner(k["c"], ftype)
     one, two = ftype(1.0), ftype(2.0)
     lo, hi = ftype(math.sqrt(0.5) - 1.0), ftype(math.sqrt(2.0) - 1.0)
@@ -354,13 +361,10 @@ def like(value, ref):  # pragma: no cover - replaced by the overload inside Numb
 
 @overload(like)
 def _like_overload(value, ref):
-    dtype = ref.dtype if isinstance(ref, types.Array) else ref
-    if dtype == types.float32:
-        cast = np.float32
-    elif dtype == types.float64:
-        cast = np.float64
-    else:
+    picked = _precision(ref.dtype if isinstance(ref, types.Array) else ref, None, None)
+    if picked is None:
         return None
+    cast = picked[1]
 
     def impl(value, ref):
         return cast(value)

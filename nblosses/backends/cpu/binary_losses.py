@@ -11,7 +11,7 @@ from numba import njit, prange
 
 from ..._output_cache import empty
 from .._host import LossCall
-from ._blocks import CHUNK
+from ._blocks import chunk_span, n_chunks
 from ._math import JIT, SUM_BLOCK, fast_exp_nonpos, fast_log, fast_log1p, like
 from ._parallel import guarded, parallel_kernel
 
@@ -60,8 +60,7 @@ def _weigh_and_store(loss, gi, w, j, out):
 def _bce(x, y, w, g, g_scalar, out, gx, partial):
     n = x.size
     for k in prange(partial.size):
-        lo = k * CHUNK
-        hi = min(n, lo + CHUNK)
+        lo, hi = chunk_span(k, n)
         xs, ys = x[lo:hi], y[lo:hi]
         acc = 0.0
         for i in range(hi - lo):
@@ -80,8 +79,7 @@ def _bce(x, y, w, g, g_scalar, out, gx, partial):
 def _bce_logits(x, y, w, pw, g, g_scalar, out, gx, partial):
     n = x.size
     for k in prange(partial.size):
-        lo = k * CHUNK
-        hi = min(n, lo + CHUNK)
+        lo, hi = chunk_span(k, n)
         acc = 0.0
         for b0 in range(lo, hi, SUM_BLOCK):
             # Losses summed in the input's precision per block, then in float64: a float64
@@ -121,7 +119,7 @@ def _binary(kernel, x, extra, *, reduction, want_grad, grad_output):
     n = x.size
     call = LossCall(np, x.shape, x.shape, x.dtype, reduction=reduction, want_grad=want_grad,
                     grad_output=grad_output, denom=float(n), empty=empty)
-    partial = np.zeros((n + CHUNK - 1) // CHUNK, np.float64)
+    partial = np.zeros(n_chunks(n), np.float64)
     kernel(x, *extra, call.g_rows, call.g_scalar, call.losses, call.grad, partial)
     return call.result(partial.sum()), call.grad
 

@@ -24,7 +24,7 @@ from numba.extending import overload
 from ..._output_cache import empty
 from ...ops.kl_div import infinite_log_target_error
 from .._host import LossCall
-from ._blocks import CHUNK
+from ._blocks import chunk_span, n_chunks
 from ._math import JIT, SUM_BLOCK, fast_exp, fast_log, like
 from ._parallel import guarded, parallel_kernel
 
@@ -94,8 +94,7 @@ def _kl_block(x, t, log_token, g, gs, out, gx, lo, hi):
 def _kl_div(x, t, log_token, g, g_scalar, out, gx, partial, bad):
     n = x.size
     for k in prange(partial.size):
-        lo = k * CHUNK
-        hi = min(n, lo + CHUNK)
+        lo, hi = chunk_span(k, n)
         acc = 0.0
         nbad = 0
         for b0 in range(lo, hi, SUM_BLOCK):
@@ -117,7 +116,7 @@ def kl_div(x, t, *, log_target, reduction, want_grad, grad_output, grad_buffer):
     n = x.size
     k = LossCall(np, x.shape, x.shape, x.dtype, reduction=reduction, want_grad=want_grad,
                  grad_output=grad_output, grad_buffer=grad_buffer, denom=float(n), empty=empty)
-    nchunks = (n + CHUNK - 1) // CHUNK
+    nchunks = n_chunks(n)
     partial = np.zeros(nchunks, np.float64)
     bad = np.zeros(nchunks, np.int64)
     _kl_div(x, t, (0,) if log_target else (), k.g_rows, float(k.g_scalar), k.losses, k.grad,

@@ -153,21 +153,27 @@ def _start_grad_row(row, target, ignore, c0, bias, cap, raw):
     return True, ti, np.float64(row[ti]) if 0 <= ti < row.size else 0.0
 
 
+@njit(**JIT)
+def _add_at_target(row, ti, value, vt, cap):
+    """``row[ti] += value`` times the soft cap's derivative at the target's capped logit
+    ``vt``, where this block holds the target (``0 <= ti < row.size``)."""
+    if 0 <= ti < row.size:
+        row[ti] += like(value * _chain(vt, cap), row)
+
+
 @parallel_kernel(**JIT)
 def grad_class(z, bias, cap, raw, t, c0, ignore, w, m, coef, b, a):
     """Overwrite ``z`` with ``dL/dz`` (class-index targets). ``raw``: ``z`` holds raw products
     (prepare first). Per row: ``coef`` multiplies ``exp(z - m)`` (softmax and z-loss, over the
     sum of exponentials), ``b`` the class weight (smoothing), ``a`` is subtracted at the target;
     all three include the upstream gradient. Ignored rows become zero."""
-    n, nc = z.shape
-    for i in prange(n):
+    for i in prange(z.shape[0]):
         row = z[i]
         kept, ti, vt = _start_grad_row(row, t[i], ignore, c0, bias, cap, raw)
         if not kept:
             continue
         _grad_row(row, m[i], coef[i], b[i], w, None, 0.0, 0.0, cap)
-        if 0 <= ti < nc:
-            row[ti] -= like(a[i] * _chain(vt, cap), row)
+        _add_at_target(row, ti, -a[i], vt, cap)
 
 
 @parallel_kernel(**JIT)

@@ -24,7 +24,7 @@ from numba import njit, prange
 from .. import _linear_token_logprobs as T
 from ._math import JIT, fast_exp_nonpos, like, row_max
 from ._parallel import guarded, parallel_kernel
-from .linear_ce_kernels import _chain, _prepare_row, _start_grad_row
+from .linear_ce_kernels import _add_at_target, _prepare_row, _start_grad_row
 from .lm_head import CpuHead
 from .token_logprobs import _exp_sums, _shift
 
@@ -72,15 +72,13 @@ def _grad_row(row, big, inv_t, a, b, cap):
 def _grad_rows(z, bias, cap, raw, t, c0, ignore, inv_t, m, coefs):
     """Overwrite ``z`` with ``dL/dz`` from the rows' merged max ``m`` and ``coefs`` ``(R, 3)``
     (``a``, ``b``, ``go / T``); ignored rows become zero."""
-    n, nc = z.shape
-    for i in prange(n):
+    for i in prange(z.shape[0]):
         row = z[i]
         kept, ti, vt = _start_grad_row(row, t[i], ignore, c0, bias, cap, raw)
         if not kept:
             continue
         _grad_row(row, m[i], inv_t, coefs[i, 0], coefs[i, 1], cap)
-        if 0 <= ti < nc:
-            row[ti] += like(coefs[i, 2] * _chain(vt, cap), row)
+        _add_at_target(row, ti, coefs[i, 2], vt, cap)
 
 
 def block_stats(z, bias, target, *, c0: int, temperature: float, softcap: float):

@@ -24,14 +24,15 @@ from numba import njit, prange
 
 from ..._output_cache import empty_like
 from ._blocks import (
-    CHUNK,
     SMALL_C,
     TILE,
     block_stats,
     block_stats_store,
     block_task,
+    chunk_span,
     group_tiles,
     n_blocks,
+    n_chunks,
     n_tiles,
     split_stats,
     spread_runs,
@@ -472,9 +473,9 @@ def log_softmax_backward(g3: np.ndarray, y3: np.ndarray) -> np.ndarray:
 @parallel_kernel(**JIT)
 def _sigmoid(x, y):
     n = x.size
-    for k in prange((n + CHUNK - 1) // CHUNK):
-        xs = x[k * CHUNK:min(n, (k + 1) * CHUNK)]  # slices: range-indexed loops vectorise
-        ys = y[k * CHUNK:min(n, (k + 1) * CHUNK)]
+    for k in prange(n_chunks(n)):
+        lo, hi = chunk_span(k, n)
+        xs, ys = x[lo:hi], y[lo:hi]  # slices: range-indexed loops vectorise
         for i in range(xs.size):
             ys[i] = like(1, x) / (like(1, x) + fast_exp(-xs[i]))
 
@@ -482,8 +483,8 @@ def _sigmoid(x, y):
 @parallel_kernel(grain=LIGHT_GRAIN, **JIT)
 def _sigmoid_backward(g, y, gx):
     n = y.size
-    for k in prange((n + CHUNK - 1) // CHUNK):
-        lo, hi = k * CHUNK, min(n, (k + 1) * CHUNK)
+    for k in prange(n_chunks(n)):
+        lo, hi = chunk_span(k, n)
         gs, ys, out = g[lo:hi], y[lo:hi], gx[lo:hi]
         for i in range(ys.size):
             out[i] = gs[i] * ys[i] * (like(1, y) - ys[i])
