@@ -7,7 +7,7 @@ around a ~6 ms kernel. JAX hands the callback ``jax.Array`` copies of the operan
 the 65 MB logits), and XLA copies the returned gradient into its output buffer, whose freshly
 mapped pages fault in 4 KiB at a time (~20-50 ms). Here XLA calls :func:`_handle` (a
 :mod:`ctypes` function pointer registered with :func:`jax.ffi.register_ffi_target`) with
-pointers to its buffers: the operands are read in place, through read-only NumPy views, and the
+pointers to its buffers: the operands are read in place, through NumPy views, and the
 kernels write the results straight into XLA's output buffers (the gradient through the op's
 ``grad_buffer`` where it has one); large output buffers are advised into transparent huge
 pages first, as NumPy does for its own large arrays, so that first touching them costs 2 MiB
@@ -312,7 +312,10 @@ def _handle(frame_address: int) -> int | None:
         metadata.traits = 0
         return None
     try:
-        operands = [_view(frame.args.items[i], False) for i in range(frame.args.size)]
+        # Writeable views of the operands, though nothing writes them (the ops never modify
+        # their inputs: tests/api/test_errors.py): a read-only array is another Numba type, so
+        # read-only views would compile every kernel a second time beside its NumPy build.
+        operands = [_view(frame.args.items[i], True) for i in range(frame.args.size)]
         outputs = [_view(frame.rets.items[i], True) for i in range(frame.rets.size)]
         execute(_request(frame), operands, outputs)
         return None

@@ -38,6 +38,10 @@ def _broadcast_flat(be: Runtime, name: str, what: str, value: Any, shape, cdt) -
     except ValueError:
         raise ValueError(f"{name}: {what} of shape {tuple(v.shape)} cannot be broadcast to the "
                          f"input shape {tuple(shape)}") from None
+    if v.size == full.size:
+        # Nothing repeats (equal shapes, or size-1 axes): the array itself, not broadcast_to's
+        # read-only view, which is another Numba type (every kernel compiled twice).
+        full = v.reshape(shape)
     return _args.to_compute(be, full, cdt).reshape(-1)
 
 
