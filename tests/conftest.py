@@ -274,6 +274,8 @@ SLOW: tuple[Slow, ...] = (
          fast=lambda p: p["reduction"] == "mean" and len(p["shape"]) == 2),
     Slow("tests/interop/test_jax.py", "jit of cross-entropy per reduction and options (~20 s)",
          ("test_cross_entropy_value_and_grad_under_jit",), keep=3),
+    Slow("tests/kernels/test_threads.py", "two subprocesses importing torch and timing the "
+         "LM head (~7 s)", ("test_lm_head_after_torch_is_as_fast_as_without",)),
     Slow("tests/tooling/test_cli.py", "subprocesses importing the CLI and torch (~7 s each); "
          "the fast tier keeps the entry point and the JSON report",
          ("test_info_text", "test_info_needs_no_benchmark_harness")),
