@@ -87,6 +87,26 @@ def _softmax(x: Any, dim: Any, dtype: Any, backend: Any, log: bool) -> Any:
     return _or_miss(_cpu("softmax").softmax_last_axis(x, log))
 
 
+def softmax_backward(grad_output: Any, output: Any, dim: Any, backend: Any) -> Any:
+    """``softmax_backward`` over the last axis of C-contiguous float32/float64 arrays of one
+    shape and dtype; :data:`MISS` for any other call."""
+    return _softmax_backward(grad_output, output, dim, backend, False)
+
+
+def log_softmax_backward(grad_output: Any, output: Any, dim: Any, backend: Any) -> Any:
+    """``log_softmax_backward``, as :func:`softmax_backward` (its short rows' split kernel
+    stays with the dispatcher)."""
+    return _softmax_backward(grad_output, output, dim, backend, True)
+
+
+def _softmax_backward(g: Any, y: Any, dim: Any, backend: Any, log: bool) -> Any:
+    if (type(dim) is not int or not _plain_float(y) or not _plain_float(g)
+            or g.dtype is not y.dtype or g.shape != y.shape
+            or (dim != -1 and dim != y.ndim - 1) or not _runs_on_cpu(backend)):
+        return MISS
+    return _or_miss(_cpu("softmax").softmax_backward_last_axis(g, y, log))
+
+
 def sigmoid(input: Any, backend: Any) -> Any:
     """``sigmoid`` of a C-contiguous float32/float64 array; :data:`MISS` for any other call."""
     if not _plain_float(input) or not _runs_on_cpu(backend):

@@ -40,6 +40,8 @@ _SPEC_linear_token_logprobs = _SPECS["linear_token_logprobs"]
 _FAST_softmax: Any = _SPEC_softmax.fast_path
 _FAST_log_softmax: Any = _SPEC_log_softmax.fast_path
 _FAST_sigmoid: Any = _SPEC_sigmoid.fast_path
+_FAST_softmax_backward: Any = _SPEC_softmax_backward.fast_path
+_FAST_log_softmax_backward: Any = _SPEC_log_softmax_backward.fast_path
 _FAST_nll_loss: Any = _SPEC_nll_loss.fast_path
 _FAST_cross_entropy: Any = _SPEC_cross_entropy.fast_path
 
@@ -92,6 +94,11 @@ def softmax_backward(
     grad_output: Any, output: Any, dim: int, *, backend: str | None = None,
 ) -> Array:
     r"""Gradient of :func:`softmax` given its ``output`` :math:`y`: :math:`y (g - \sum g y)`."""
+    result = _FAST_softmax_backward(
+        grad_output, output, dim, backend,
+    )
+    if result is not _MISS:
+        return result
     return _call(_SPEC_softmax_backward, {
         "grad_output": grad_output, "output": output, "dim": dim, "backend": backend,
     })
@@ -101,6 +108,11 @@ def log_softmax_backward(
     grad_output: Any, output: Any, dim: int, *, backend: str | None = None,
 ) -> Array:
     r"""Gradient of :func:`log_softmax` given its ``output`` :math:`y`: :math:`g - e^y \sum g`."""
+    result = _FAST_log_softmax_backward(
+        grad_output, output, dim, backend,
+    )
+    if result is not _MISS:
+        return result
     return _call(_SPEC_log_softmax_backward, {
         "grad_output": grad_output, "output": output, "dim": dim, "backend": backend,
     })

@@ -233,7 +233,8 @@ def _softmax_spec(name: str, summary: str, description: str, examples: str, modu
         fast_path=fast_path)
 
 
-def _softmax_backward_spec(name: str, summary: str, examples: str, reference: Any) -> OpSpec:
+def _softmax_backward_spec(name: str, summary: str, examples: str, reference: Any,
+                           fast_path: Any) -> OpSpec:
     plan: DaskPlan = "softmax_backward"
     return OpSpec(
         name,
@@ -253,7 +254,7 @@ def _softmax_backward_spec(name: str, summary: str, examples: str, reference: An
             ``grad_output`` and ``output`` differ in shape.""",
         examples=examples, dask=plan, reference=reference,
         samples=_backward_samples(name.startswith("log")),
-        bench=(_softmax_backward_bench(name),))
+        bench=(_softmax_backward_bench(name),), fast_path=fast_path)
 
 
 SPECS = (
@@ -333,7 +334,7 @@ SPECS = (
         >>> from nblosses import functional as F
         >>> y = F.softmax(np.array([1.0, 2.0]), dim=0)
         >>> F.softmax_backward(np.array([1.0, 1.0]), y, dim=0)
-        array([0., 0.])""", _ref_softmax_backward),
+        array([0., 0.])""", _ref_softmax_backward, _fast.softmax_backward),
     _softmax_backward_spec(
         "log_softmax_backward",
         r"Gradient of :func:`log_softmax` given its ``output`` :math:`y`: "
@@ -343,7 +344,7 @@ SPECS = (
         >>> from nblosses import functional as F
         >>> y = F.log_softmax(np.array([0.0, 0.0]), dim=0)
         >>> F.log_softmax_backward(np.array([1.0, 0.0]), y, dim=0)
-        array([ 0.5, -0.5])""", _ref_log_softmax_backward),
+        array([ 0.5, -0.5])""", _ref_log_softmax_backward, _fast.log_softmax_backward),
     OpSpec(
         "sigmoid_backward",
         (array_input("grad_output", """array_like

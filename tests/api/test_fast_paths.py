@@ -155,6 +155,46 @@ def test_softmax_fast_paths_leave_other_calls_to_the_dispatcher(name, x, kwargs)
     assert _fast_call(name, x, **kwargs) is _fast.MISS
 
 
+@pytest.mark.parametrize("name", ["softmax_backward", "log_softmax_backward"])
+@pytest.mark.parametrize("shape, dtype", SOFTMAX_CASES)
+def test_softmax_backward_fast_paths_equal_dispatcher_and_torch(name, dtype, shape):
+    rng = np.random.default_rng(len(shape) + 5)
+    x = rng.standard_normal(shape).astype(dtype) * 3
+    forward = F.log_softmax if name.startswith("log") else F.softmax
+    y, g = forward(x, -1), rng.standard_normal(shape).astype(dtype)
+    for dim in (-1, len(shape) - 1):
+        result = _fast_call(name, g, y, dim)
+        assert result is not _fast.MISS
+        expected = _dispatched(name, g, y, dim)
+        assert type(result) is np.ndarray and result.dtype == y.dtype
+        np.testing.assert_array_equal(result, expected)
+    torch_backward = (torch._log_softmax_backward_data if name.startswith("log")
+                      else torch._softmax_backward_data)
+    yt = torch.from_numpy(y)
+    reference = torch_backward(torch.from_numpy(g), yt, len(shape) - 1, yt.dtype).numpy()
+    assert_close(result, reference, dtype, f"{name} fast path {shape}", kind="grad")
+
+
+@pytest.mark.parametrize("name", ["softmax_backward", "log_softmax_backward"])
+@pytest.mark.parametrize("g, y, dim", [
+    (np.zeros((4, 30), np.float32), np.zeros((4, 30), np.float32), 0),  # not the last axis
+    (np.zeros((4, 30), np.float32), np.zeros((4, 30), np.float64), 1),  # dtypes differ
+    (np.zeros((4, 30), np.float32), np.zeros((4, 31), np.float32), 1),  # the ValueError
+    (np.zeros((4, 30), np.float32), np.zeros((30, 4), np.float32).T, 1),
+    (np.zeros((4, 30), np.float16), np.zeros((4, 30), np.float16), 1),
+    (np.zeros((0, 30), np.float32), np.zeros((0, 30), np.float32), 1),
+    (np.zeros((4, 30), np.float32), np.zeros((4, 30), np.float32), np.int64(1)),
+])
+def test_softmax_backward_fast_paths_leave_other_calls_to_the_dispatcher(name, g, y, dim):
+    assert _fast_call(name, g, y, dim) is _fast.MISS
+
+
+def test_log_softmax_backward_short_rows_go_to_the_split_kernel():
+    g = y = np.zeros((4, 10), np.float32)
+    assert _fast_call("log_softmax_backward", g, y, 1) is _fast.MISS
+    assert _fast_call("softmax_backward", g, y, 1) is not _fast.MISS  # one kernel for every C
+
+
 @pytest.mark.parametrize("shape, dtype", [(s, d) for s in [(8, 100), (5,), (3, 4, 5), (0, 3)]
                                           for d in ("float32", "float64")]
                          + [((100000,), "float32")])
@@ -245,6 +285,8 @@ def test_cross_entropy_fast_path_leaves_other_arrays_to_the_dispatcher(x, t):
     ("softmax", (np.zeros((4, 30), np.float32), 1)),
     ("log_softmax", (np.zeros((4, 30), np.float32), 1)),
     ("sigmoid", (np.zeros((4, 30), np.float32),)),
+    ("softmax_backward", (np.zeros((4, 30), np.float32), np.zeros((4, 30), np.float32), 1)),
+    ("log_softmax_backward", (np.zeros((4, 30)), np.zeros((4, 30)), 1)),
 ])
 def test_fast_paths_follow_the_context_backend(name, args):
     class Other(nblosses.Backend):

@@ -450,6 +450,25 @@ def _backward_any(g3: np.ndarray, y3: np.ndarray, log: bool) -> np.ndarray:
     return gx
 
 
+@guarded
+def softmax_backward_last_axis(g: np.ndarray, y: np.ndarray, log: bool) -> np.ndarray | None:
+    """The plain call: softmax's (log_softmax's) backward over the last axis of C-contiguous
+    float32/float64 arrays of one shape and dtype, for :mod:`nblosses._fast`. The row kernel
+    :func:`softmax_backward` runs on such input (the same results bit for bit) without the
+    canonical views; None where that is not the kernel (log_softmax's short rows, no
+    elements)."""
+    n_classes = y.shape[-1]
+    if not y.size or (log and n_classes < LOG_BACKWARD_SPLIT_C):
+        return None
+    gx = empty_like(y)
+    kernel = _build(_softmax_backward_rows, gx, log)
+    if y.ndim == 2:  # a reshape costs 0.15 us, a tenth of a small call
+        kernel(g, y, gx, log)
+    else:
+        kernel(g.reshape(-1, n_classes), y.reshape(-1, n_classes), gx.reshape(-1, n_classes), log)
+    return gx
+
+
 def _build(kernel: ParallelKernel, gx: np.ndarray, log: bool) -> Any:
     """The build of a backward kernel for an output like ``gx``: log_softmax's computes an
     exp per element and goes parallel from :data:`GRAIN` elements, softmax's (two
