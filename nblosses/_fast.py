@@ -58,10 +58,12 @@ def _plain_class_call(x: Any, t: Any, ignore_index: Any, reduction: Any, backend
     """Whether ``x`` is an ``(N, C)`` float32/float64 NumPy array, ``t`` its ``(N,)`` int64
     targets, ``ignore_index`` a Python int, ``reduction`` one of torch's three and the call
     runs on the CPU backend (one function: each call costs 0.05 us of a 2 us call)."""
-    return (type(x) is _NDARRAY and type(t) is _NDARRAY and type(ignore_index) is int
+    if not (type(x) is _NDARRAY and type(t) is _NDARRAY and type(ignore_index) is int
             and x.ndim == 2 and t.ndim == 1 and x.dtype in _FLOATS and t.dtype is _INT64
-            and len(t) == len(x) and type(reduction) is str and reduction in _REDUCTIONS
-            and _runs_on_cpu(backend))
+            and len(t) == len(x) and type(reduction) is str and reduction in _REDUCTIONS):
+        return False
+    name = backend if backend is not None else get_backend()  # _runs_on_cpu, inlined
+    return name == "cpu" or (name == "auto" and numpy_owner() == "cpu")
 
 
 def _or_miss(result: Any) -> Any:
