@@ -9,7 +9,8 @@ type on the caller's device, again without a copy.
 
 Rules (documented in ``docs/interop.rst``):
 
-- Inputs are only read (read-only exports, like JAX's, are fine); ``grad_buffer`` must be a
+- Inputs are only read (read-only exports, like JAX's, are fine: the kernels get writeable
+  aliases of them, see :func:`writeable_alias`); ``grad_buffer`` must be a
   writeable export (a torch tensor, not a JAX array) and is written through; the result then
   holds the caller's object itself.
 - NumPy arrays, lists and scalars beside a foreign array (a NumPy ``weight`` beside torch
@@ -155,10 +156,31 @@ def _to_native(adapter: Adapter, value: Any, device: tuple[int, int], writeable:
             raise TypeError(f"grad_buffer must be writeable; this {type(value).__name__} is "
                             "exported read-only (JAX arrays are immutable: leave grad_buffer "
                             "out and use the returned gradient)")
-        return view
+        return view if view.flags.writeable else writeable_alias(view)
     import cupy
 
     return cupy.from_dlpack(value)
+
+
+def writeable_alias(view: Any) -> Any:
+    """A writeable NumPy array over the memory of the read-only ``view`` (JAX's exports).
+
+    Nothing writes an input (tests/api/test_errors.py checks every op), but a read-only array
+    is another Numba type: each kernel would compile a second time for these views beside
+    its build for NumPy arrays. The alias does not keep the exporter alive: the caller holds
+    it for the call, and no result is an input."""
+    import ctypes
+
+    import numpy
+
+    if not view.size:
+        return numpy.empty(view.shape, view.dtype)
+    extents = [(n - 1) * s for n, s in zip(view.shape, view.strides)]
+    lo = sum(e for e in extents if e < 0)
+    hi = sum(e for e in extents if e > 0) + view.itemsize
+    memory = (ctypes.c_char * (hi - lo)).from_address(view.__array_interface__["data"][0] + lo)
+    return numpy.ndarray(view.shape, view.dtype, buffer=memory, offset=-lo,
+                         strides=view.strides)
 
 
 def _from_native(adapter: Adapter, result: Any, buffer: tuple[Any, Any]) -> Any:

@@ -300,6 +300,9 @@ SLOW: tuple[Slow, ...] = (
          "upstream-gradient and float64 kernels)",
          ("test_derived_function_matches_the_reference", "test_derived_function_gradcheck",
           "test_loss_shape_is_the_ops"), keep=2),
+    Slow("tests/interop/test_torch_autograd.py", "each derived op's sample calls through its "
+         "registered torch custom op (~19 s: a torch.library registration and the kernels' "
+         "upstream-gradient builds per sample)", ("test_derived_op_registration",), keep=2),
     Slow("tests/api/test_distillation.py", "finite differences per option set (~15 s)",
          ("test_finite_differences",), keep=3),
     Slow("tests/interop/test_jax_token_logprobs.py", "a jit of their own each (~3 s); the fast "

@@ -259,3 +259,27 @@ def test_nn_modules_take_torch_tensors():
     assert isinstance(loss, torch.Tensor) and isinstance(grad, torch.Tensor)
     torch.testing.assert_close(loss, want.detach())
     torch.testing.assert_close(grad, ref.grad)
+
+
+@pytest.mark.parametrize("take", [lambda a: a, lambda a: a[::-1], lambda a: a[:, ::-2],
+                                  lambda a: a[1:, 2:7].T, lambda a: a[:0]])
+def test_writeable_alias_reads_the_same_memory(take):
+    base = np.arange(60, dtype=np.float32).reshape(6, 10)
+    view = take(base)
+    view.flags.writeable = False
+    alias = _interop.writeable_alias(view)
+    assert alias.flags.writeable and alias.shape == view.shape and alias.dtype == view.dtype
+    np.testing.assert_array_equal(alias, view)
+    assert not view.size or np.shares_memory(alias, base)
+
+
+def test_jax_inputs_are_read_in_place_and_left_unchanged():
+    jnp = pytest.importorskip("jax.numpy")
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((5, 30)), dtype=jnp.float32)
+    t = jnp.asarray(np.arange(5))
+    before = np.array(x)
+    loss, grad = F.cross_entropy(x, t, return_grad=True)
+    np.testing.assert_array_equal(np.asarray(x), before)
+    want = F.cross_entropy(before, np.arange(5), return_grad=True)
+    np.testing.assert_allclose(np.asarray(loss), want[0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), want[1], rtol=1e-6, atol=1e-7)
