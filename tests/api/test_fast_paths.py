@@ -44,20 +44,34 @@ def test_fast_path_takes_the_public_parameters_in_order(name):
 @pytest.mark.parametrize("n, c, ignore_every", [(64, 1000, 0), (7, 3, 2), (0, 5, 0),
                                                 (40000, 4, 3), (5, 2, 1)])
 def test_nll_loss_fast_path_equals_dispatcher_and_torch(dtype, reduction, n, c, ignore_every):
+    x, t = _class_case(n, c, ignore_every, dtype, scale=1.0)
+    reference = _assert_class_loss_fast_path("nll_loss", x, t, reduction)
+    assert_close(F.nll_loss(x, t, reduction=reduction), reference, dtype, "public")
+
+
+def _class_case(n, c, ignore_every, dtype, scale):
+    """Logits ``(n, c)`` and targets, every ``ignore_every``-th one ignored (all of them when
+    it is 1: the mean is then NaN)."""
     rng = np.random.default_rng(n + c)
-    x = rng.standard_normal((n, c)).astype(dtype)
+    x = (rng.standard_normal((n, c)) * scale).astype(dtype)
     t = rng.integers(0, c, n)
     if ignore_every:
-        t[::ignore_every] = -100  # every row ignored when ignore_every == 1: mean is NaN
-    result = _fast_call("nll_loss", x, t, reduction=reduction)
+        t[::ignore_every] = -100
+    return x, t
+
+
+def _assert_class_loss_fast_path(name, x, t, reduction):
+    """The fast path takes the call and gives the dispatcher's result bit for bit (the same
+    kernel) and torch's within the dtype's tolerance; returns torch's."""
+    result = _fast_call(name, x, t, reduction=reduction)
     assert result is not _fast.MISS
-    expected = _dispatched("nll_loss", x, t, reduction=reduction)
+    expected = _dispatched(name, x, t, reduction=reduction)
     assert type(result) is np.ndarray and result.dtype == x.dtype
     assert result.shape == expected.shape
-    np.testing.assert_array_equal(result, expected)  # the same kernel: bit for bit
-    reference = TF.nll_loss(torch.from_numpy(x), torch.from_numpy(t), reduction=reduction)
-    assert_close(result, reference.numpy(), dtype, f"nll_loss fast path {reduction}")
-    assert_close(F.nll_loss(x, t, reduction=reduction), reference.numpy(), dtype, "public")
+    np.testing.assert_array_equal(result, expected)
+    reference = getattr(TF, name)(torch.from_numpy(x), torch.from_numpy(t), reduction=reduction)
+    assert_close(result, reference.numpy(), x.dtype.name, f"{name} fast path {reduction}")
+    return reference.numpy()
 
 
 def test_nll_loss_fast_path_reads_strided_input_and_other_ignore_index():
@@ -68,33 +82,37 @@ def test_nll_loss_fast_path_reads_strided_input_and_other_ignore_index():
     np.testing.assert_array_equal(result, _dispatched("nll_loss", x, t, ignore_index=7))
 
 
-@pytest.mark.parametrize("bad", [5, -1, -101])
-def test_nll_loss_fast_path_raises_the_dispatchers_index_error(bad):
-    x = np.zeros((4, 5), np.float32)
+@pytest.mark.parametrize("name, c", [("nll_loss", 5), ("cross_entropy", 30)])
+@pytest.mark.parametrize("bad", ["c", -1, -101])
+def test_class_loss_fast_paths_raise_the_dispatchers_index_error(name, c, bad):
+    bad = c if bad == "c" else bad
+    x = np.zeros((4, c), np.float32)
     t = np.array([0, 1, bad, 2])
     with pytest.raises(IndexError) as fast:
-        _fast_call("nll_loss", x, t)
+        _fast_call(name, x, t)
     with pytest.raises(IndexError) as dispatched:
-        _dispatched("nll_loss", x, t)
+        _dispatched(name, x, t)
     assert str(fast.value) == str(dispatched.value)
     assert f"Target {bad} is out of bounds" in str(fast.value)
 
 
-@pytest.mark.parametrize("case", [
-    dict(weight=np.ones(5, np.float32)),
-    dict(return_grad=True),
-    dict(size_average=False),
-    dict(reduce=False),
-    dict(validate="sync"),
-    dict(reduction="bogus"),
-    dict(ignore_index=np.int64(1)),
-    dict(ignore_index=True),
-    dict(backend="no-such-backend"),
-])
-def test_nll_loss_fast_path_leaves_other_calls_to_the_dispatcher(case):
-    x = np.zeros((4, 5), np.float32)
+# Options each class-loss fast path leaves to the dispatcher.
+_CLASS_LOSS_MISSES = [dict(return_grad=True), dict(size_average=False), dict(reduce=False),
+                      dict(validate="sync"), dict(reduction="bogus"),
+                      dict(ignore_index=np.int64(1)), dict(ignore_index=True),
+                      dict(backend="no-such-backend")]
+_CE_MISSES = [dict(label_smoothing=0.1),
+              dict(label_smoothing=0),  # an int: the dispatcher checks its type
+              dict(z_loss=1e-4), dict(softcap=30.0), dict(return_lse=True)]
+
+
+@pytest.mark.parametrize("name, c, case", [
+    (name, c, case) for name, c, extra in [("nll_loss", 5, []), ("cross_entropy", 30, _CE_MISSES)]
+    for case in [dict(weight=np.ones(c, np.float32)), *_CLASS_LOSS_MISSES, *extra]])
+def test_class_loss_fast_paths_leave_other_calls_to_the_dispatcher(name, c, case):
+    x = np.zeros((4, c), np.float32)
     t = np.array([0, 1, 2, 3])
-    assert _fast_call("nll_loss", x, t, **case) is _fast.MISS
+    assert _fast_call(name, x, t, **case) is _fast.MISS
 
 
 @pytest.mark.parametrize("x, t", [
@@ -220,51 +238,8 @@ def test_sigmoid_fast_path_leaves_other_arrays_to_the_dispatcher(x):
     for d in ("float32", "float64")] + [(20000, 40, 4, "float32")])  # threaded: float32
 def test_cross_entropy_fast_path_equals_dispatcher_and_torch(dtype, reduction, n, c,
                                                              ignore_every):
-    rng = np.random.default_rng(n + c)
-    x = (rng.standard_normal((n, c)) * 4).astype(dtype)
-    t = rng.integers(0, c, n)
-    if ignore_every:
-        t[::ignore_every] = -100  # every row ignored when ignore_every == 1: mean is NaN
-    result = _fast_call("cross_entropy", x, t, reduction=reduction)
-    assert result is not _fast.MISS
-    expected = _dispatched("cross_entropy", x, t, reduction=reduction)
-    assert type(result) is np.ndarray and result.dtype == x.dtype
-    assert result.shape == expected.shape
-    np.testing.assert_array_equal(result, expected)
-    reference = TF.cross_entropy(torch.from_numpy(x), torch.from_numpy(t), reduction=reduction)
-    assert_close(result, reference.numpy(), dtype, f"cross_entropy fast path {reduction}")
-
-
-@pytest.mark.parametrize("bad", [30, -1, -101])
-def test_cross_entropy_fast_path_raises_the_dispatchers_index_error(bad):
-    x = np.zeros((4, 30), np.float32)
-    t = np.array([0, 1, bad, 2])
-    with pytest.raises(IndexError) as fast:
-        _fast_call("cross_entropy", x, t)
-    with pytest.raises(IndexError) as dispatched:
-        _dispatched("cross_entropy", x, t)
-    assert str(fast.value) == str(dispatched.value)
-
-
-@pytest.mark.parametrize("case", [
-    dict(weight=np.ones(30, np.float32)),
-    dict(label_smoothing=0.1),
-    dict(label_smoothing=0),  # an int: the dispatcher checks its type
-    dict(z_loss=1e-4),
-    dict(softcap=30.0),
-    dict(return_lse=True),
-    dict(return_grad=True),
-    dict(size_average=False),
-    dict(reduce=False),
-    dict(validate="sync"),
-    dict(reduction="bogus"),
-    dict(ignore_index=np.int64(1)),
-    dict(backend="no-such-backend"),
-])
-def test_cross_entropy_fast_path_leaves_other_calls_to_the_dispatcher(case):
-    x = np.zeros((4, 30), np.float32)
-    t = np.array([0, 1, 2, 3])
-    assert _fast_call("cross_entropy", x, t, **case) is _fast.MISS
+    x, t = _class_case(n, c, ignore_every, dtype, scale=4.0)
+    _assert_class_loss_fast_path("cross_entropy", x, t, reduction)
 
 
 @pytest.mark.parametrize("x, t", [
