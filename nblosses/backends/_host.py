@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def div(a: Any, b: Any) -> Any:
@@ -57,7 +57,7 @@ def ignore_value(ignore_index: int) -> int:
     (a value outside it matches no target, and the clipped one matches none either, since a
     target at the bound would be out of ``[0, C)`` anyway)."""
     i = int(ignore_index)
-    return i if I64_MIN <= i <= I64_MAX else (I64_MIN if i < 0 else I64_MAX)
+    return i if _I64_MIN <= i <= _I64_MAX else (_I64_MIN if i < 0 else _I64_MAX)
 
 
 class LossCall:
