@@ -4,14 +4,15 @@ So are the autograd front ends' functions, :mod:`nblosses.torch._generated` and
 :mod:`nblosses.jax._generated` (see :func:`torch_source`, :func:`jax_source`).
 
 Both modules are checked-in Python generated from :data:`nblosses.ops.SPECS`: each function is a
-plain ``def`` with the op's exact signature, type annotations (``@overload``\\ s saying that
-``return_grad=True`` / ``return_lse=True`` add results), its docstring's first line and a
-one-line body that hands every argument to the dispatcher; each module class a ``def __init__``
-with the op's configuration parameters. The full numpydoc text is built from the spec when the
-module is imported (:mod:`nblosses._frontends`), so the spec stays its one copy. Editors find
-the definitions, tracebacks show real lines, and a call costs no more than a dict and a function
-call (no ``*args`` binding). Regenerate after editing a
-spec::
+plain ``def`` with the op's exact signature on one line, type annotations (``@overload``\\ s
+saying that ``return_grad=True`` / ``return_lse=True`` add results), its docstring's first line
+and a body that tries the spec's fast path (where it has one) and hands every argument to the
+dispatcher; each module class names its op in the class statement and has a one-line
+``def __init__`` with the op's configuration parameters. One statement a line keeps a table of
+ops with equal signatures from repeating itself line for line. The full numpydoc text is built
+from the spec when the module is imported (:mod:`nblosses._frontends`), so the spec stays its one
+copy. Editors find the definitions, tracebacks show real lines, and a call costs no more than a
+dict and a function call (no ``*args`` binding). Regenerate after editing a spec::
 
     python -m nblosses._codegen        # rewrites nblosses/functional.py, nn.py, torch/ and jax/
 
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import _modules
-from ._frontends import MODULE_DOCS, autograd_params, derived, is_sequence, module_doc, summary
+from ._frontends import MODULE_DOCS, autograd_params, derived, is_sequence, summary
 from ._spec import ARRAY_PARAMS, REQUIRED, Autograd, Group, ModuleKind, OpSpec, Param, Role
 from .ops import SPECS
 
@@ -101,23 +102,25 @@ def _overloads(spec: OpSpec) -> list[str]:
         n = 1 + sum(values)
         result = "Array" if n == 1 else f"tuple[{', '.join(['Array'] * n)}]"
         params = _params(spec, tuple(Role), dict(zip(flags, values)))
-        lines += ["@overload", f"def {spec.name}(", *_wrap(params, "    "),
-                  f") -> {result}: ...", ""]
+        lines += ["@overload", f"def {spec.name}({', '.join(params)}) -> {result}: ...", ""]
     return lines
 
 
 def _function(spec: OpSpec) -> str:
+    """A public function: its signature and docstring line on a line each, then its body: the
+    spec's fast path when it has one (``_MISS`` when it does not take the call), else or then
+    the dispatcher with every argument by name."""
     names = [p.name for p in spec.params]
     result = "Any" if spec.results else "Array"
-    lines = [*_overloads(spec), f"def {spec.name}(",
-             *_wrap(_params(spec, tuple(Role), {}), "    "), f") -> {result}:"]
+    lines = [*_overloads(spec),
+             f"def {spec.name}({', '.join(_params(spec, tuple(Role), {}))}) -> {result}:"]
     source = "\n".join(lines) + "\n" + _docstring(spec.summary, "    ")
-    if spec.fast_path is not None:  # the plainest NumPy call first (spec.fast_path)
-        source += (f"    result = _FAST_{spec.name}(\n" + "\n".join(_wrap(names, "        "))
-                   + "\n    )\n    if result is not _MISS:\n        return result\n")
-    values = _wrap([f'"{n}": {n}' for n in names], "        ")
-    source += (f"    return _call(_SPEC_{spec.name}, {{\n" + "\n".join(values) + "\n    })\n")
-    return source
+    items = ", ".join(f'"{n}": {n}' for n in names)
+    call = f"_call(_SPEC_{spec.name}, {{{items}}})"
+    if spec.fast_path is None:
+        return source + f"    return {call}\n"
+    return source + (f"    if (result := _FAST_{spec.name}({', '.join(names)})) is _MISS:\n"
+                     f"        result = {call}\n    return result\n")
 
 
 def _wrap(items: list[str], indent: str, width: int = 99) -> list[str]:
@@ -157,14 +160,13 @@ def _typing(body: str) -> str:
 
 
 def _module_class(spec: OpSpec) -> str:
+    """A module class: its op named in the class statement (``Module.__init_subclass__``) and a
+    constructor with the op's configuration parameters (the docstring is attached at import)."""
     params = ["self", *_params(spec, (Role.CONFIG,), {})]
-    call = [f"{p.name}={p.name}" for p in spec.params if p.role is Role.CONFIG]
-    return (f"class {spec.module}({_BASES[spec.module_kind]}):\n"
-            + _docstring(summary(module_doc(spec)), "    ")
-            + f"\n    _spec = _SPECS[\"{spec.name}\"]\n\n"
-            + "    def __init__(\n" + "\n".join(_wrap(params, "        "))
-            + "\n    ) -> None:\n        Module.__init__(\n"
-            + "\n".join(_wrap(["self", *call], "            ")) + "\n        )\n")
+    call = ["self", *(f"{p.name}={p.name}" for p in spec.params if p.role is Role.CONFIG)]
+    return (f"class {spec.module}({_BASES[spec.module_kind]}, op=\"{spec.name}\"):\n"
+            f"    def __init__({', '.join(params)}) -> None:\n"
+            f"        Module.__init__({', '.join(call)})\n")
 
 
 def nn_source() -> str:
@@ -174,8 +176,7 @@ def nn_source() -> str:
     body = "\n\n".join(_module_class(s) for s in specs)
     return _module("nn", names, body, f"""
 from . import _frontends
-from ._modules import {", ".join(sorted({"Activation", "Loss", *_modules.__all__}))}
-from .ops import SPECS as _SPECS""")
+from ._modules import {", ".join(sorted({"Activation", "Loss", *_modules.__all__}))}""")
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -262,37 +263,23 @@ def _torch_loss(spec: OpSpec) -> str:
     return body + "\n\n" + src
 
 
-def _softmax_parts(spec: OpSpec) -> tuple[list[Param], OpSpec]:
-    """The options of a softmax op and its gradient op's spec (whose arguments must be
-    ``(grad_output, output, *options)``)."""
-    options = [p for p in _op_params(spec) if p.name != "input"]
-    grad = SPECS[spec.gradient_op or ""]
-    names = [p.name for p in grad.params if p.name != "backend"]
-    if names != ["grad_output", "output", *(p.name for p in options)]:
-        raise ValueError(f"{grad.name} does not take (grad_output, output, *options of "
-                         f"{spec.name})")
-    return options, grad
-
-
 def _torch_softmax(spec: OpSpec) -> str:
-    options, grad = _softmax_parts(spec)
-    typed = [f"{p.name}: {'int' if p.name == 'dim' else _torch_type(p, True)}" for p in options]
-    names = [p.name for p in options]
+    """A softmax op's public function; its custom op and gradient op (whose schemas are fixed:
+    ``(input, dim)``, ``(grad_output, output, dim)``) come from :func:`nblosses.torch._autograd.
+    softmax_ops`."""
+    grad = SPECS[spec.gradient_op or ""]
+    if ([p.name for p in _op_params(spec)] != ["input", "dim"]
+            or [p.name for p in grad.params if p.name != "backend"] != ["grad_output", "output",
+                                                                        "dim"]):
+        raise ValueError(f"{spec.name}: softmax_ops takes (input, dim) and its gradient op "
+                         "(grad_output, output, dim)")
     public = autograd_params(spec, True)
-    call = [f"_A.softmax_dim(\"{spec.name}\", input, dim)" if n == "dim" else n for n in names]
     cast = "    input = _A.cast(input, dtype)\n" if "dtype" in {p.name for p in public} else ""
-    return (f"@_A.gradient_op(_SPECS[\"{grad.name}\"])\n"
-            f"def _{grad.name}(grad_output: Tensor, output: Tensor, {', '.join(typed)}) "
-            "-> Tensor:\n"
-            f"    return _F.{grad.name}(grad_output.detach(), output.detach(), "
-            + ", ".join(f"{n}={n}" for n in names) + ")\n\n\n"
-            f"@_A.softmax_op(_SPECS[\"{spec.name}\"], _{grad.name})\n"
-            f"def _{spec.name}(input: Tensor, {', '.join(typed)}) -> Tensor:\n"
-            f"    return _F.{spec.name}(input.detach(), "
-            + ", ".join(f"{n}={n}" for n in names) + ")\n\n\n"
-            f"def {spec.name}(\n" + "\n".join(_wrap(_signature(public, _torch_type), "    "))
-            + "\n) -> Tensor:\n" + _docstring(spec.summary, "    ")
-            + cast + _call_lines(f"return _{spec.name}", ["input", *call[0:]], "    "))
+    return (f"_{spec.name} = _A.softmax_ops(_SPECS[\"{spec.name}\"], _F.{spec.name}, "
+            f"_F.{grad.name})\n\n\n"
+            f"def {spec.name}({', '.join(_signature(public, _torch_type))}) -> Tensor:\n"
+            + _docstring(spec.summary, "    ") + cast
+            + f"    return _{spec.name}(input, _A.softmax_dim(\"{spec.name}\", input, dim))\n")
 
 
 def torch_source() -> str:
@@ -316,13 +303,10 @@ from . import _autograd as _A""")
 def _jax_function(spec: OpSpec) -> str:
     params = autograd_params(spec, False)
     mechanism = "softmax" if spec.autograd is Autograd.SOFTMAX else "fused_loss"
-    head = f"    return _A.{mechanism}(_SPECS[\"{spec.name}\"], {{"
-    items = [f'"{p.name}": {p.name}' for p in params]
-    values = (", ".join(items) + "})\n" if len(head) + len(", ".join(items)) <= 97 else
-              "\n" + "\n".join(_wrap(items, "        ")) + "\n    })\n")
-    return (f"def {spec.name}(\n" + "\n".join(_wrap(_params_typed(params), "    "))
-            + "\n) -> Any:\n" + _docstring(spec.summary, "    ")
-            + head + values)
+    items = ", ".join(f'"{p.name}": {p.name}' for p in params)
+    return (f"def {spec.name}({', '.join(_params_typed(params))}) -> Any:\n"
+            + _docstring(spec.summary, "    ")
+            + f"    return _A.{mechanism}(_SPECS[\"{spec.name}\"], {{{items}}})\n")
 
 
 def _params_typed(params: list[Param]) -> list[str]:

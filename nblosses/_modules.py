@@ -31,6 +31,12 @@ class Module:
     #: Every module takes ``backend=`` (its other configuration is set from its spec).
     backend: str | None
 
+    def __init_subclass__(cls, op: str | None = None, **kwargs: Any) -> None:
+        """``class Softmax(Activation, op="softmax")``: the class computes the op of that spec."""
+        super().__init_subclass__(**kwargs)
+        if op is not None:
+            cls._spec = SPECS[op]
+
     def __init__(self, **config: Any) -> None:
         if "size_average" in config:
             size_average, reduce = config.pop("size_average"), config.pop("reduce")
@@ -114,7 +120,7 @@ class Loss(Module):
         return result[1]
 
 
-class LinearCrossEntropyLoss(Module):
+class LinearCrossEntropyLoss(Module, op="linear_cross_entropy"):
     """The final linear layer and cross-entropy, holding the layer's parameters (see
     :func:`nblosses.functional.linear_cross_entropy`).
 
@@ -164,7 +170,6 @@ class LinearCrossEntropyLoss(Module):
     ((4, 8), (50, 8))
     """
 
-    _spec = SPECS["linear_cross_entropy"]
     reduction: str
 
     def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (),
@@ -221,7 +226,7 @@ class LinearCrossEntropyLoss(Module):
                 f"reduction={self.reduction!r}")
 
 
-class LinearDistillationLoss(Module):
+class LinearDistillationLoss(Module, op="linear_distillation_loss"):
     """Distillation into a language-model head, holding the student's output layer (see
     :func:`nblosses.functional.linear_distillation_loss`); the teacher's features and output
     layer are passed per call (frozen: they get no gradient).
@@ -273,7 +278,6 @@ class LinearDistillationLoss(Module):
     ((4, 8), (50, 8))
     """
 
-    _spec = SPECS["linear_distillation_loss"]
     reduction: str
 
     def __init__(self, in_features: int, num_classes: int, *, bias: bool = False,

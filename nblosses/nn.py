@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 from . import _frontends
 from ._modules import Activation, LinearCrossEntropyLoss, LinearDistillationLoss, Loss, Module
-from .ops import SPECS as _SPECS
 
 __all__ = [
     "BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss", "DistillationLoss", "KLDivLoss",
@@ -18,144 +17,49 @@ __all__ = [
 ]
 
 
-class Softmax(Activation):
-    r"""Softmax along ``dim``: :math:`y_i = e^{x_i - m} / \sum_j e^{x_j - m}`, :math:`m = \max_j x_j` (see :func:`nblosses.functional.softmax`)."""
-
-    _spec = _SPECS["softmax"]
-
-    def __init__(
-        self, dim: int | None = None, *, backend: str | None = None,
-    ) -> None:
-        Module.__init__(
-            self, dim=dim, backend=backend,
-        )
+class Softmax(Activation, op="softmax"):
+    def __init__(self, dim: int | None = None, *, backend: str | None = None) -> None:
+        Module.__init__(self, dim=dim, backend=backend)
 
 
-class LogSoftmax(Activation):
-    r"""Log-softmax along ``dim``: :math:`x_i - m - \log \sum_j e^{x_j - m}` (see :func:`nblosses.functional.log_softmax`)."""
-
-    _spec = _SPECS["log_softmax"]
-
-    def __init__(
-        self, dim: int | None = None, *, backend: str | None = None,
-    ) -> None:
-        Module.__init__(
-            self, dim=dim, backend=backend,
-        )
+class LogSoftmax(Activation, op="log_softmax"):
+    def __init__(self, dim: int | None = None, *, backend: str | None = None) -> None:
+        Module.__init__(self, dim=dim, backend=backend)
 
 
-class Sigmoid(Activation):
-    r"""Logistic sigmoid :math:`1 / (1 + e^{-x})`, elementwise (see :func:`nblosses.functional.sigmoid`)."""
-
-    _spec = _SPECS["sigmoid"]
-
-    def __init__(
-        self, *, backend: str | None = None,
-    ) -> None:
-        Module.__init__(
-            self, backend=backend,
-        )
+class Sigmoid(Activation, op="sigmoid"):
+    def __init__(self, *, backend: str | None = None) -> None:
+        Module.__init__(self, backend=backend)
 
 
-class NLLLoss(Loss):
-    r"""Negative log-likelihood loss on log-probabilities: :math:`l_i = -w_{t_i} x_{i, t_i}` (see :func:`nblosses.functional.nll_loss`)."""
-
-    _spec = _SPECS["nll_loss"]
-
-    def __init__(
-        self, weight: Any = None, size_average: bool | None = None, ignore_index: int = -100,
-        reduce: bool | None = None, reduction: Literal["mean", "sum", "none"] = 'mean', *,
-        validate: Literal["async", "sync"] | None = None, backend: str | None = None,
-    ) -> None:
-        Module.__init__(
-            self, weight=weight, size_average=size_average, ignore_index=ignore_index,
-            reduce=reduce, reduction=reduction, validate=validate, backend=backend,
-        )
+class NLLLoss(Loss, op="nll_loss"):
+    def __init__(self, weight: Any = None, size_average: bool | None = None, ignore_index: int = -100, reduce: bool | None = None, reduction: Literal["mean", "sum", "none"] = 'mean', *, validate: Literal["async", "sync"] | None = None, backend: str | None = None) -> None:
+        Module.__init__(self, weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce, reduction=reduction, validate=validate, backend=backend)
 
 
-class CrossEntropyLoss(Loss):
-    r"""Cross-entropy of logits: log-softmax and NLL fused, never materialising log-probabilities (see :func:`nblosses.functional.cross_entropy`)."""
-
-    _spec = _SPECS["cross_entropy"]
-
-    def __init__(
-        self, weight: Any = None, size_average: bool | None = None, ignore_index: int = -100,
-        reduce: bool | None = None, reduction: Literal["mean", "sum", "none"] = 'mean',
-        label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None,
-        return_lse: bool = False, validate: Literal["async", "sync"] | None = None,
-        backend: str | None = None,
-    ) -> None:
-        Module.__init__(
-            self, weight=weight, size_average=size_average, ignore_index=ignore_index,
-            reduce=reduce, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-            softcap=softcap, return_lse=return_lse, validate=validate, backend=backend,
-        )
+class CrossEntropyLoss(Loss, op="cross_entropy"):
+    def __init__(self, weight: Any = None, size_average: bool | None = None, ignore_index: int = -100, reduce: bool | None = None, reduction: Literal["mean", "sum", "none"] = 'mean', label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None, return_lse: bool = False, validate: Literal["async", "sync"] | None = None, backend: str | None = None) -> None:
+        Module.__init__(self, weight=weight, size_average=size_average, ignore_index=ignore_index, reduce=reduce, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, return_lse=return_lse, validate=validate, backend=backend)
 
 
-class BCELoss(Loss):
-    r"""Binary cross-entropy of probabilities: :math:`-w[y \log x + (1-y)\log(1-x)]` (see :func:`nblosses.functional.binary_cross_entropy`)."""
-
-    _spec = _SPECS["binary_cross_entropy"]
-
-    def __init__(
-        self, weight: Any = None, size_average: bool | None = None, reduce: bool | None = None,
-        reduction: Literal["mean", "sum", "none"] = 'mean', *,
-        validate: Literal["async", "sync"] | None = None, backend: str | None = None,
-    ) -> None:
-        Module.__init__(
-            self, weight=weight, size_average=size_average, reduce=reduce, reduction=reduction,
-            validate=validate, backend=backend,
-        )
+class BCELoss(Loss, op="binary_cross_entropy"):
+    def __init__(self, weight: Any = None, size_average: bool | None = None, reduce: bool | None = None, reduction: Literal["mean", "sum", "none"] = 'mean', *, validate: Literal["async", "sync"] | None = None, backend: str | None = None) -> None:
+        Module.__init__(self, weight=weight, size_average=size_average, reduce=reduce, reduction=reduction, validate=validate, backend=backend)
 
 
-class BCEWithLogitsLoss(Loss):
-    r"""Sigmoid and binary cross-entropy fused, stable for any logit (see :func:`nblosses.functional.binary_cross_entropy_with_logits`)."""
-
-    _spec = _SPECS["binary_cross_entropy_with_logits"]
-
-    def __init__(
-        self, weight: Any = None, size_average: bool | None = None, reduce: bool | None = None,
-        reduction: Literal["mean", "sum", "none"] = 'mean', pos_weight: Any = None, *,
-        backend: str | None = None,
-    ) -> None:
-        Module.__init__(
-            self, weight=weight, size_average=size_average, reduce=reduce, reduction=reduction,
-            pos_weight=pos_weight, backend=backend,
-        )
+class BCEWithLogitsLoss(Loss, op="binary_cross_entropy_with_logits"):
+    def __init__(self, weight: Any = None, size_average: bool | None = None, reduce: bool | None = None, reduction: Literal["mean", "sum", "none"] = 'mean', pos_weight: Any = None, *, backend: str | None = None) -> None:
+        Module.__init__(self, weight=weight, size_average=size_average, reduce=reduce, reduction=reduction, pos_weight=pos_weight, backend=backend)
 
 
-class KLDivLoss(Loss):
-    r"""Kullback-Leibler divergence of log-probabilities: :math:`l = t (\log t - x)` (see :func:`nblosses.functional.kl_div`)."""
-
-    _spec = _SPECS["kl_div"]
-
-    def __init__(
-        self, size_average: bool | None = None, reduce: bool | None = None,
-        reduction: Literal["mean", "batchmean", "sum", "none"] = 'mean', log_target: bool = False,
-        *, validate: Literal["async", "sync"] | None = None, backend: str | None = None,
-    ) -> None:
-        Module.__init__(
-            self, size_average=size_average, reduce=reduce, reduction=reduction,
-            log_target=log_target, validate=validate, backend=backend,
-        )
+class KLDivLoss(Loss, op="kl_div"):
+    def __init__(self, size_average: bool | None = None, reduce: bool | None = None, reduction: Literal["mean", "batchmean", "sum", "none"] = 'mean', log_target: bool = False, *, validate: Literal["async", "sync"] | None = None, backend: str | None = None) -> None:
+        Module.__init__(self, size_average=size_average, reduce=reduce, reduction=reduction, log_target=log_target, validate=validate, backend=backend)
 
 
-class DistillationLoss(Loss):
-    r"""Knowledge distillation from teacher logits or a top-k teacher, fused with the student's gradient (see :func:`nblosses.functional.distillation_loss`)."""
-
-    _spec = _SPECS["distillation_loss"]
-
-    def __init__(
-        self, *, beta: float = 0.0, temperature: float = 1.0, ignore_index: int = -100,
-        hard_weight: float = 0.0, softcap: float | None = None,
-        reduction: Literal["mean", "sum", "none"] = 'mean',
-        validate: Literal["async", "sync"] | None = None, backend: str | None = None,
-    ) -> None:
-        Module.__init__(
-            self, beta=beta, temperature=temperature, ignore_index=ignore_index,
-            hard_weight=hard_weight, softcap=softcap, reduction=reduction, validate=validate,
-            backend=backend,
-        )
+class DistillationLoss(Loss, op="distillation_loss"):
+    def __init__(self, *, beta: float = 0.0, temperature: float = 1.0, ignore_index: int = -100, hard_weight: float = 0.0, softcap: float | None = None, reduction: Literal["mean", "sum", "none"] = 'mean', validate: Literal["async", "sync"] | None = None, backend: str | None = None) -> None:
+        Module.__init__(self, beta=beta, temperature=temperature, ignore_index=ignore_index, hard_weight=hard_weight, softcap=softcap, reduction=reduction, validate=validate, backend=backend)
 
 
 # The source keeps each docstring's first line; the full numpydoc text is built from the specs

@@ -17,86 +17,44 @@ __all__ = [
 ]
 
 
-def softmax(
-    input: Any, dim: int | None = None, dtype: Any = None,
-) -> Any:
+def softmax(input: Any, dim: int | None = None, dtype: Any = None) -> Any:
     r"""Softmax along ``dim``: :math:`y_i = e^{x_i - m} / \sum_j e^{x_j - m}`, :math:`m = \max_j x_j`."""
     return _A.softmax(_SPECS["softmax"], {"input": input, "dim": dim, "dtype": dtype})
 
 
-def log_softmax(
-    input: Any, dim: int | None = None, dtype: Any = None,
-) -> Any:
+def log_softmax(input: Any, dim: int | None = None, dtype: Any = None) -> Any:
     r"""Log-softmax along ``dim``: :math:`x_i - m - \log \sum_j e^{x_j - m}`."""
     return _A.softmax(_SPECS["log_softmax"], {"input": input, "dim": dim, "dtype": dtype})
 
 
-def nll_loss(
-    input: Any, target: Any, weight: Any = None, ignore_index: int = -100,
-    reduction: Literal["mean", "sum", "none"] = 'mean',
-) -> Any:
+def nll_loss(input: Any, target: Any, weight: Any = None, ignore_index: int = -100, reduction: Literal["mean", "sum", "none"] = 'mean') -> Any:
     r"""Negative log-likelihood loss on log-probabilities: :math:`l_i = -w_{t_i} x_{i, t_i}`."""
-    return _A.fused_loss(_SPECS["nll_loss"], {
-        "input": input, "target": target, "weight": weight, "ignore_index": ignore_index,
-        "reduction": reduction,
-    })
+    return _A.fused_loss(_SPECS["nll_loss"], {"input": input, "target": target, "weight": weight, "ignore_index": ignore_index, "reduction": reduction})
 
 
-def cross_entropy(
-    input: Any, target: Any, weight: Any = None, ignore_index: int = -100,
-    reduction: Literal["mean", "sum", "none"] = 'mean', label_smoothing: float = 0.0, *,
-    z_loss: float = 0.0, softcap: float | None = None,
-) -> Any:
+def cross_entropy(input: Any, target: Any, weight: Any = None, ignore_index: int = -100, reduction: Literal["mean", "sum", "none"] = 'mean', label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None) -> Any:
     r"""Cross-entropy of logits: log-softmax and NLL fused, never materialising log-probabilities."""
-    return _A.fused_loss(_SPECS["cross_entropy"], {
-        "input": input, "target": target, "weight": weight, "ignore_index": ignore_index,
-        "reduction": reduction, "label_smoothing": label_smoothing, "z_loss": z_loss,
-        "softcap": softcap,
-    })
+    return _A.fused_loss(_SPECS["cross_entropy"], {"input": input, "target": target, "weight": weight, "ignore_index": ignore_index, "reduction": reduction, "label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap})
 
 
-def binary_cross_entropy(
-    input: Any, target: Any, weight: Any = None,
-    reduction: Literal["mean", "sum", "none"] = 'mean',
-) -> Any:
+def binary_cross_entropy(input: Any, target: Any, weight: Any = None, reduction: Literal["mean", "sum", "none"] = 'mean') -> Any:
     r"""Binary cross-entropy of probabilities: :math:`-w[y \log x + (1-y)\log(1-x)]`."""
-    return _A.fused_loss(_SPECS["binary_cross_entropy"], {
-        "input": input, "target": target, "weight": weight, "reduction": reduction,
-    })
+    return _A.fused_loss(_SPECS["binary_cross_entropy"], {"input": input, "target": target, "weight": weight, "reduction": reduction})
 
 
-def binary_cross_entropy_with_logits(
-    input: Any, target: Any, weight: Any = None,
-    reduction: Literal["mean", "sum", "none"] = 'mean', pos_weight: Any = None,
-) -> Any:
+def binary_cross_entropy_with_logits(input: Any, target: Any, weight: Any = None, reduction: Literal["mean", "sum", "none"] = 'mean', pos_weight: Any = None) -> Any:
     r"""Sigmoid and binary cross-entropy fused, stable for any logit."""
-    return _A.fused_loss(_SPECS["binary_cross_entropy_with_logits"], {
-        "input": input, "target": target, "weight": weight, "reduction": reduction,
-        "pos_weight": pos_weight,
-    })
+    return _A.fused_loss(_SPECS["binary_cross_entropy_with_logits"], {"input": input, "target": target, "weight": weight, "reduction": reduction, "pos_weight": pos_weight})
 
 
-def kl_div(
-    input: Any, target: Any, reduction: Literal["mean", "batchmean", "sum", "none"] = 'mean',
-    log_target: bool = False,
-) -> Any:
+def kl_div(input: Any, target: Any, reduction: Literal["mean", "batchmean", "sum", "none"] = 'mean', log_target: bool = False) -> Any:
     r"""Kullback-Leibler divergence of log-probabilities: :math:`l = t (\log t - x)`."""
-    return _A.fused_loss(_SPECS["kl_div"], {
-        "input": input, "target": target, "reduction": reduction, "log_target": log_target,
-    })
+    return _A.fused_loss(_SPECS["kl_div"], {"input": input, "target": target, "reduction": reduction, "log_target": log_target})
 
 
-def distillation_loss(
-    input: Any, teacher: Any, target: Any = None, *, beta: float = 0.0, temperature: float = 1.0,
-    ignore_index: int = -100, hard_weight: float = 0.0, softcap: float | None = None,
-    reduction: Literal["mean", "sum", "none"] = 'mean',
-) -> Any:
+def distillation_loss(input: Any, teacher: Any, target: Any = None, *, beta: float = 0.0, temperature: float = 1.0, ignore_index: int = -100, hard_weight: float = 0.0, softcap: float | None = None, reduction: Literal["mean", "sum", "none"] = 'mean') -> Any:
     r"""Knowledge distillation from teacher logits or a top-k teacher, fused with the student's gradient."""
-    return _A.fused_loss(_SPECS["distillation_loss"], {
-        "input": input, "teacher": teacher, "target": target, "beta": beta,
-        "temperature": temperature, "ignore_index": ignore_index, "hard_weight": hard_weight,
-        "softcap": softcap, "reduction": reduction,
-    })
+    return _A.fused_loss(_SPECS["distillation_loss"], {"input": input, "teacher": teacher, "target": target, "beta": beta, "temperature": temperature, "ignore_index": ignore_index, "hard_weight": hard_weight, "softcap": softcap, "reduction": reduction})
 
 
 # The source keeps each docstring's first line; the full numpydoc text is built from the specs

@@ -15,8 +15,8 @@ Two kinds of ops, by their spec's ``autograd``:
     written twice. Either way the gradient is exact for any loss shape (broadcast inputs
     included) and only ``input`` gets one.
 ``SOFTMAX``
-    :func:`softmax_op` makes ``nblosses::<name>``, saving its output; backward is the spec's
-    gradient op, another custom op (:func:`gradient_op`).
+    :func:`softmax_ops` makes ``nblosses::<name>``, saving its output; backward is another
+    custom op, named after the spec's ``gradient_op``.
 
 Every op is a :func:`torch.library.custom_op` with a fake implementation and a registered
 backward, so ``torch.compile(fullgraph=True)`` keeps a call as one node, and backward itself
@@ -37,9 +37,9 @@ from .. import _args
 from .. import functional as _functional
 from .._spec import OpSpec
 
-__all__ = ["F", "cast", "fused_loss_op", "gradient_op", "head_backward", "head_fake",
-           "head_results", "head_setup", "in_place", "no_grad", "run_loss", "scaled",
-           "softmax_dim", "softmax_op", "tensor_list", "wants_grad"]
+__all__ = ["F", "cast", "fused_loss_op", "head_backward", "head_fake", "head_results",
+           "head_setup", "in_place", "no_grad", "run_loss", "scaled", "softmax_dim",
+           "softmax_ops", "tensor_list", "wants_grad"]
 
 # Untyped on purpose: the ops' options travel as plain values (the overloads want literals).
 F: Any = _functional
@@ -240,39 +240,34 @@ def in_place(fn: Callable[..., Any], input: Tensor, **options: Any) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- softmaxes
-def gradient_op(spec: OpSpec) -> Callable[[Callable[..., Any]], Any]:
-    """Decorator making ``nblosses::<spec.name>`` of a softmax gradient body
-    ``(grad_output, output, *options) -> grad``, with its fake."""
+def softmax_ops(spec: OpSpec, forward: Callable[..., Any], gradient: Callable[..., Any]) -> Any:
+    """``nblosses::<spec.name>`` of ``forward`` (the functional op, ``(input, dim) -> output``)
+    with its fake and autograd, and the custom op of ``gradient`` (``(grad_output, output, dim)
+    -> grad``, named after the spec's ``gradient_op``) that its backward calls on the saved
+    output; the first is returned."""
 
-    def make(body: Callable[..., Any]) -> Any:
-        op = torch.library.custom_op(f"nblosses::{spec.name}", body, mutates_args=())
-        op.register_fake(lambda grad_output, output, *options: torch.empty_like(output))
-        return op
+    def grad_body(grad_output: Tensor, output: Tensor, dim: int) -> Tensor:
+        return gradient(grad_output.detach(), output.detach(), dim=dim)
 
-    return make
+    def body(input: Tensor, dim: int) -> Tensor:
+        return forward(input.detach(), dim=dim)
 
+    backward = torch.library.custom_op(f"nblosses::{spec.gradient_op}", grad_body,
+                                       mutates_args=())
+    backward.register_fake(lambda grad_output, output, dim: torch.empty_like(output))
+    op = torch.library.custom_op(f"nblosses::{spec.name}", body, mutates_args=())
 
-def softmax_op(spec: OpSpec, backward: Any) -> Callable[[Callable[..., Any]], Any]:
-    """Decorator making ``nblosses::<spec.name>`` of a softmax body ``(input, *options) ->
-    output``, with its fake and autograd: the output is saved and backward is ``backward``
-    (the :func:`gradient_op` of the spec's ``gradient_op``) on it with the same options."""
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+        ctx.dim = inputs[1]
 
-    def make(body: Callable[..., Any]) -> Any:
-        op = torch.library.custom_op(f"nblosses::{spec.name}", body, mutates_args=())
+    def grad(ctx: Any, g: Tensor) -> tuple[Tensor | None, None]:
+        (output,) = ctx.saved_tensors
+        return backward(g, output, ctx.dim), None
 
-        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-            ctx.save_for_backward(output)
-            ctx.options = inputs[1:]
-
-        def grad(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-            (output,) = ctx.saved_tensors
-            return (backward(g, output, *ctx.options), *(None,) * len(ctx.options))
-
-        op.register_fake(lambda input, *options: torch.empty_like(input))
-        op.register_autograd(grad, setup_context=setup_context)
-        return op
-
-    return make
+    op.register_fake(lambda input, dim: torch.empty_like(input))
+    op.register_autograd(grad, setup_context=setup_context)
+    return op
 
 
 def head_fake(loss: Tensor, input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,

@@ -21,37 +21,19 @@ __all__ = [
 ]
 
 
-@_A.gradient_op(_SPECS["softmax_backward"])
-def _softmax_backward(grad_output: Tensor, output: Tensor, dim: int) -> Tensor:
-    return _F.softmax_backward(grad_output.detach(), output.detach(), dim=dim)
+_softmax = _A.softmax_ops(_SPECS["softmax"], _F.softmax, _F.softmax_backward)
 
 
-@_A.softmax_op(_SPECS["softmax"], _softmax_backward)
-def _softmax(input: Tensor, dim: int) -> Tensor:
-    return _F.softmax(input.detach(), dim=dim)
-
-
-def softmax(
-    input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None,
-) -> Tensor:
+def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
     r"""Softmax along ``dim``: :math:`y_i = e^{x_i - m} / \sum_j e^{x_j - m}`, :math:`m = \max_j x_j`."""
     input = _A.cast(input, dtype)
     return _softmax(input, _A.softmax_dim("softmax", input, dim))
 
 
-@_A.gradient_op(_SPECS["log_softmax_backward"])
-def _log_softmax_backward(grad_output: Tensor, output: Tensor, dim: int) -> Tensor:
-    return _F.log_softmax_backward(grad_output.detach(), output.detach(), dim=dim)
+_log_softmax = _A.softmax_ops(_SPECS["log_softmax"], _F.log_softmax, _F.log_softmax_backward)
 
 
-@_A.softmax_op(_SPECS["log_softmax"], _log_softmax_backward)
-def _log_softmax(input: Tensor, dim: int) -> Tensor:
-    return _F.log_softmax(input.detach(), dim=dim)
-
-
-def log_softmax(
-    input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None,
-) -> Tensor:
+def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
     r"""Log-softmax along ``dim``: :math:`x_i - m - \log \sum_j e^{x_j - m}`."""
     input = _A.cast(input, dtype)
     return _log_softmax(input, _A.softmax_dim("log_softmax", input, dim))
