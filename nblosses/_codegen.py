@@ -116,7 +116,7 @@ def _function(spec: OpSpec) -> str:
              f"def {spec.name}({', '.join(_params(spec, tuple(Role), {}))}) -> {result}:"]
     source = "\n".join(lines) + "\n" + _docstring(spec.summary, "    ")
     items = ", ".join(f'"{n}": {n}' for n in names)
-    call = f"_call(_SPEC_{spec.name}, {{{items}}})"
+    call = f"_call(_SPECS[\"{spec.name}\"], {{{items}}})"
     if spec.fast_path is None:
         return source + f"    return {call}\n"
     return source + (f"    if (result := _FAST_{spec.name}({', '.join(names)})) is _MISS:\n"
@@ -141,8 +141,7 @@ def _wrap(items: list[str], indent: str, width: int = 99) -> list[str]:
 def functional_source() -> str:
     """The text of ``functional.py``."""
     body = "\n\n".join(_function(s) for s in SPECS.values())
-    specs = "".join(f'_SPEC_{s.name} = _SPECS["{s.name}"]\n' for s in SPECS.values())
-    fast = "".join(f'_FAST_{s.name}: Any = _SPEC_{s.name}.fast_path\n'
+    fast = "".join(f'_FAST_{s.name}: Any = _SPECS["{s.name}"].fast_path\n'
                    for s in SPECS.values() if s.fast_path is not None)
     return _module("functional", sorted(SPECS), body, """
 from . import _frontends
@@ -150,7 +149,7 @@ from ._dispatch import call as _call
 from ._fast import MISS as _MISS
 from .ops import SPECS as _SPECS
 
-Array = Any""", specs + fast)
+Array = Any""", fast)
 
 
 def _typing(body: str) -> str:

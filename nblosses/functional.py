@@ -21,69 +21,53 @@ __all__ = [
     "sigmoid_backward", "softmax", "softmax_backward", "token_logprobs",
 ]
 
-_SPEC_softmax = _SPECS["softmax"]
-_SPEC_log_softmax = _SPECS["log_softmax"]
-_SPEC_sigmoid = _SPECS["sigmoid"]
-_SPEC_softmax_backward = _SPECS["softmax_backward"]
-_SPEC_log_softmax_backward = _SPECS["log_softmax_backward"]
-_SPEC_sigmoid_backward = _SPECS["sigmoid_backward"]
-_SPEC_nll_loss = _SPECS["nll_loss"]
-_SPEC_cross_entropy = _SPECS["cross_entropy"]
-_SPEC_binary_cross_entropy = _SPECS["binary_cross_entropy"]
-_SPEC_binary_cross_entropy_with_logits = _SPECS["binary_cross_entropy_with_logits"]
-_SPEC_kl_div = _SPECS["kl_div"]
-_SPEC_distillation_loss = _SPECS["distillation_loss"]
-_SPEC_linear_cross_entropy = _SPECS["linear_cross_entropy"]
-_SPEC_linear_distillation_loss = _SPECS["linear_distillation_loss"]
-_SPEC_token_logprobs = _SPECS["token_logprobs"]
-_SPEC_linear_token_logprobs = _SPECS["linear_token_logprobs"]
-_FAST_softmax: Any = _SPEC_softmax.fast_path
-_FAST_log_softmax: Any = _SPEC_log_softmax.fast_path
-_FAST_sigmoid: Any = _SPEC_sigmoid.fast_path
-_FAST_softmax_backward: Any = _SPEC_softmax_backward.fast_path
-_FAST_log_softmax_backward: Any = _SPEC_log_softmax_backward.fast_path
-_FAST_nll_loss: Any = _SPEC_nll_loss.fast_path
-_FAST_cross_entropy: Any = _SPEC_cross_entropy.fast_path
+_FAST_softmax: Any = _SPECS["softmax"].fast_path
+_FAST_log_softmax: Any = _SPECS["log_softmax"].fast_path
+_FAST_sigmoid: Any = _SPECS["sigmoid"].fast_path
+_FAST_softmax_backward: Any = _SPECS["softmax_backward"].fast_path
+_FAST_log_softmax_backward: Any = _SPECS["log_softmax_backward"].fast_path
+_FAST_nll_loss: Any = _SPECS["nll_loss"].fast_path
+_FAST_cross_entropy: Any = _SPECS["cross_entropy"].fast_path
 
 
 def softmax(input: Any, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None, *, backend: str | None = None) -> Array:
     r"""Softmax along ``dim``: :math:`y_i = e^{x_i - m} / \sum_j e^{x_j - m}`, :math:`m = \max_j x_j`."""
     if (result := _FAST_softmax(input, dim, _stacklevel, dtype, backend)) is _MISS:
-        result = _call(_SPEC_softmax, {"input": input, "dim": dim, "_stacklevel": _stacklevel, "dtype": dtype, "backend": backend})
+        result = _call(_SPECS["softmax"], {"input": input, "dim": dim, "_stacklevel": _stacklevel, "dtype": dtype, "backend": backend})
     return result
 
 
 def log_softmax(input: Any, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None, *, backend: str | None = None) -> Array:
     r"""Log-softmax along ``dim``: :math:`x_i - m - \log \sum_j e^{x_j - m}`."""
     if (result := _FAST_log_softmax(input, dim, _stacklevel, dtype, backend)) is _MISS:
-        result = _call(_SPEC_log_softmax, {"input": input, "dim": dim, "_stacklevel": _stacklevel, "dtype": dtype, "backend": backend})
+        result = _call(_SPECS["log_softmax"], {"input": input, "dim": dim, "_stacklevel": _stacklevel, "dtype": dtype, "backend": backend})
     return result
 
 
 def sigmoid(input: Any, *, backend: str | None = None) -> Array:
     r"""Logistic sigmoid :math:`1 / (1 + e^{-x})`, elementwise."""
     if (result := _FAST_sigmoid(input, backend)) is _MISS:
-        result = _call(_SPEC_sigmoid, {"input": input, "backend": backend})
+        result = _call(_SPECS["sigmoid"], {"input": input, "backend": backend})
     return result
 
 
 def softmax_backward(grad_output: Any, output: Any, dim: int, *, backend: str | None = None) -> Array:
     r"""Gradient of :func:`softmax` given its ``output`` :math:`y`: :math:`y (g - \sum g y)`."""
     if (result := _FAST_softmax_backward(grad_output, output, dim, backend)) is _MISS:
-        result = _call(_SPEC_softmax_backward, {"grad_output": grad_output, "output": output, "dim": dim, "backend": backend})
+        result = _call(_SPECS["softmax_backward"], {"grad_output": grad_output, "output": output, "dim": dim, "backend": backend})
     return result
 
 
 def log_softmax_backward(grad_output: Any, output: Any, dim: int, *, backend: str | None = None) -> Array:
     r"""Gradient of :func:`log_softmax` given its ``output`` :math:`y`: :math:`g - e^y \sum g`."""
     if (result := _FAST_log_softmax_backward(grad_output, output, dim, backend)) is _MISS:
-        result = _call(_SPEC_log_softmax_backward, {"grad_output": grad_output, "output": output, "dim": dim, "backend": backend})
+        result = _call(_SPECS["log_softmax_backward"], {"grad_output": grad_output, "output": output, "dim": dim, "backend": backend})
     return result
 
 
 def sigmoid_backward(grad_output: Any, output: Any, *, backend: str | None = None) -> Array:
     r"""Gradient of :func:`sigmoid` given its ``output`` :math:`y`: :math:`g\,y(1-y)`."""
-    return _call(_SPEC_sigmoid_backward, {"grad_output": grad_output, "output": output, "backend": backend})
+    return _call(_SPECS["sigmoid_backward"], {"grad_output": grad_output, "output": output, "backend": backend})
 
 
 @overload
@@ -95,7 +79,7 @@ def nll_loss(input: Any, target: Any, weight: Any = None, size_average: bool | N
 def nll_loss(input: Any, target: Any, weight: Any = None, size_average: bool | None = None, ignore_index: int = -100, reduce: bool | None = None, reduction: Literal["mean", "sum", "none"] = 'mean', *, return_grad: bool = False, grad_output: Any = None, grad_buffer: Any = None, validate: Literal["async", "sync"] | None = None, backend: str | None = None) -> Any:
     r"""Negative log-likelihood loss on log-probabilities: :math:`l_i = -w_{t_i} x_{i, t_i}`."""
     if (result := _FAST_nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction, return_grad, grad_output, grad_buffer, validate, backend)) is _MISS:
-        result = _call(_SPEC_nll_loss, {"input": input, "target": target, "weight": weight, "size_average": size_average, "ignore_index": ignore_index, "reduce": reduce, "reduction": reduction, "return_grad": return_grad, "grad_output": grad_output, "grad_buffer": grad_buffer, "validate": validate, "backend": backend})
+        result = _call(_SPECS["nll_loss"], {"input": input, "target": target, "weight": weight, "size_average": size_average, "ignore_index": ignore_index, "reduce": reduce, "reduction": reduction, "return_grad": return_grad, "grad_output": grad_output, "grad_buffer": grad_buffer, "validate": validate, "backend": backend})
     return result
 
 
@@ -114,7 +98,7 @@ def cross_entropy(input: Any, target: Any, weight: Any = None, size_average: boo
 def cross_entropy(input: Any, target: Any, weight: Any = None, size_average: bool | None = None, ignore_index: int = -100, reduce: bool | None = None, reduction: Literal["mean", "sum", "none"] = 'mean', label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None, return_lse: bool = False, return_grad: bool = False, grad_output: Any = None, grad_buffer: Any = None, validate: Literal["async", "sync"] | None = None, backend: str | None = None) -> Any:
     r"""Cross-entropy of logits: log-softmax and NLL fused, never materialising log-probabilities."""
     if (result := _FAST_cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing, z_loss, softcap, return_lse, return_grad, grad_output, grad_buffer, validate, backend)) is _MISS:
-        result = _call(_SPEC_cross_entropy, {"input": input, "target": target, "weight": weight, "size_average": size_average, "ignore_index": ignore_index, "reduce": reduce, "reduction": reduction, "label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap, "return_lse": return_lse, "return_grad": return_grad, "grad_output": grad_output, "grad_buffer": grad_buffer, "validate": validate, "backend": backend})
+        result = _call(_SPECS["cross_entropy"], {"input": input, "target": target, "weight": weight, "size_average": size_average, "ignore_index": ignore_index, "reduce": reduce, "reduction": reduction, "label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap, "return_lse": return_lse, "return_grad": return_grad, "grad_output": grad_output, "grad_buffer": grad_buffer, "validate": validate, "backend": backend})
     return result
 
 
@@ -126,7 +110,7 @@ def binary_cross_entropy(input: Any, target: Any, weight: Any = None, size_avera
 
 def binary_cross_entropy(input: Any, target: Any, weight: Any = None, size_average: bool | None = None, reduce: bool | None = None, reduction: Literal["mean", "sum", "none"] = 'mean', *, return_grad: bool = False, grad_output: Any = None, validate: Literal["async", "sync"] | None = None, backend: str | None = None) -> Any:
     r"""Binary cross-entropy of probabilities: :math:`-w[y \log x + (1-y)\log(1-x)]`."""
-    return _call(_SPEC_binary_cross_entropy, {"input": input, "target": target, "weight": weight, "size_average": size_average, "reduce": reduce, "reduction": reduction, "return_grad": return_grad, "grad_output": grad_output, "validate": validate, "backend": backend})
+    return _call(_SPECS["binary_cross_entropy"], {"input": input, "target": target, "weight": weight, "size_average": size_average, "reduce": reduce, "reduction": reduction, "return_grad": return_grad, "grad_output": grad_output, "validate": validate, "backend": backend})
 
 
 @overload
@@ -137,7 +121,7 @@ def binary_cross_entropy_with_logits(input: Any, target: Any, weight: Any = None
 
 def binary_cross_entropy_with_logits(input: Any, target: Any, weight: Any = None, size_average: bool | None = None, reduce: bool | None = None, reduction: Literal["mean", "sum", "none"] = 'mean', pos_weight: Any = None, *, return_grad: bool = False, grad_output: Any = None, backend: str | None = None) -> Any:
     r"""Sigmoid and binary cross-entropy fused, stable for any logit."""
-    return _call(_SPEC_binary_cross_entropy_with_logits, {"input": input, "target": target, "weight": weight, "size_average": size_average, "reduce": reduce, "reduction": reduction, "pos_weight": pos_weight, "return_grad": return_grad, "grad_output": grad_output, "backend": backend})
+    return _call(_SPECS["binary_cross_entropy_with_logits"], {"input": input, "target": target, "weight": weight, "size_average": size_average, "reduce": reduce, "reduction": reduction, "pos_weight": pos_weight, "return_grad": return_grad, "grad_output": grad_output, "backend": backend})
 
 
 @overload
@@ -148,7 +132,7 @@ def kl_div(input: Any, target: Any, size_average: bool | None = None, reduce: bo
 
 def kl_div(input: Any, target: Any, size_average: bool | None = None, reduce: bool | None = None, reduction: Literal["mean", "batchmean", "sum", "none"] = 'mean', log_target: bool = False, *, return_grad: bool = False, grad_output: Any = None, grad_buffer: Any = None, validate: Literal["async", "sync"] | None = None, backend: str | None = None) -> Any:
     r"""Kullback-Leibler divergence of log-probabilities: :math:`l = t (\log t - x)`."""
-    return _call(_SPEC_kl_div, {"input": input, "target": target, "size_average": size_average, "reduce": reduce, "reduction": reduction, "log_target": log_target, "return_grad": return_grad, "grad_output": grad_output, "grad_buffer": grad_buffer, "validate": validate, "backend": backend})
+    return _call(_SPECS["kl_div"], {"input": input, "target": target, "size_average": size_average, "reduce": reduce, "reduction": reduction, "log_target": log_target, "return_grad": return_grad, "grad_output": grad_output, "grad_buffer": grad_buffer, "validate": validate, "backend": backend})
 
 
 @overload
@@ -159,7 +143,7 @@ def distillation_loss(input: Any, teacher: Any, target: Any = None, *, beta: flo
 
 def distillation_loss(input: Any, teacher: Any, target: Any = None, *, beta: float = 0.0, temperature: float = 1.0, ignore_index: int = -100, hard_weight: float = 0.0, softcap: float | None = None, reduction: Literal["mean", "sum", "none"] = 'mean', return_grad: bool = False, grad_output: Any = None, grad_buffer: Any = None, validate: Literal["async", "sync"] | None = None, backend: str | None = None) -> Any:
     r"""Knowledge distillation from teacher logits or a top-k teacher, fused with the student's gradient."""
-    return _call(_SPEC_distillation_loss, {"input": input, "teacher": teacher, "target": target, "beta": beta, "temperature": temperature, "ignore_index": ignore_index, "hard_weight": hard_weight, "softcap": softcap, "reduction": reduction, "return_grad": return_grad, "grad_output": grad_output, "grad_buffer": grad_buffer, "validate": validate, "backend": backend})
+    return _call(_SPECS["distillation_loss"], {"input": input, "teacher": teacher, "target": target, "beta": beta, "temperature": temperature, "ignore_index": ignore_index, "hard_weight": hard_weight, "softcap": softcap, "reduction": reduction, "return_grad": return_grad, "grad_output": grad_output, "grad_buffer": grad_buffer, "validate": validate, "backend": backend})
 
 
 @overload
@@ -176,7 +160,7 @@ def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_
 
 def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_bias: Any = None, weight: Any = None, reduction: Literal["mean", "sum", "none"] = 'mean', ignore_index: int | None = None, label_smoothing: float = 0.0, options: Any = None, z_loss: float = 0.0, softcap: float | None = None, return_lse: bool = False, return_grad: bool = False, grad_output: Any = None, validate: Literal["async", "sync"] | None = None, backend: str | None = None) -> Any:
     r"""The final linear layer and cross-entropy in one pass: ``cross_entropy(input @ linear_weight.T + linear_bias, target)`` without the logits."""
-    return _call(_SPEC_linear_cross_entropy, {"input": input, "linear_weight": linear_weight, "target": target, "linear_bias": linear_bias, "weight": weight, "reduction": reduction, "ignore_index": ignore_index, "label_smoothing": label_smoothing, "options": options, "z_loss": z_loss, "softcap": softcap, "return_lse": return_lse, "return_grad": return_grad, "grad_output": grad_output, "validate": validate, "backend": backend})
+    return _call(_SPECS["linear_cross_entropy"], {"input": input, "linear_weight": linear_weight, "target": target, "linear_bias": linear_bias, "weight": weight, "reduction": reduction, "ignore_index": ignore_index, "label_smoothing": label_smoothing, "options": options, "z_loss": z_loss, "softcap": softcap, "return_lse": return_lse, "return_grad": return_grad, "grad_output": grad_output, "validate": validate, "backend": backend})
 
 
 @overload
@@ -187,7 +171,7 @@ def linear_distillation_loss(input: Any, linear_weight: Any, teacher_input: Any,
 
 def linear_distillation_loss(input: Any, linear_weight: Any, teacher_input: Any, teacher_weight: Any, target: Any = None, *, linear_bias: Any = None, teacher_bias: Any = None, beta: float = 0.0, temperature: float = 1.0, ignore_index: int = -100, hard_weight: float = 0.0, softcap: float | None = None, reduction: Literal["mean", "sum", "none"] = 'mean', options: Any = None, return_grad: bool = False, grad_output: Any = None, validate: Literal["async", "sync"] | None = None, backend: str | None = None) -> Any:
     r"""Distillation between two language-model heads (features and output layers), fused with the student's gradients: ``distillation_loss`` of both heads' logits, without the logits."""
-    return _call(_SPEC_linear_distillation_loss, {"input": input, "linear_weight": linear_weight, "teacher_input": teacher_input, "teacher_weight": teacher_weight, "target": target, "linear_bias": linear_bias, "teacher_bias": teacher_bias, "beta": beta, "temperature": temperature, "ignore_index": ignore_index, "hard_weight": hard_weight, "softcap": softcap, "reduction": reduction, "options": options, "return_grad": return_grad, "grad_output": grad_output, "validate": validate, "backend": backend})
+    return _call(_SPECS["linear_distillation_loss"], {"input": input, "linear_weight": linear_weight, "teacher_input": teacher_input, "teacher_weight": teacher_weight, "target": target, "linear_bias": linear_bias, "teacher_bias": teacher_bias, "beta": beta, "temperature": temperature, "ignore_index": ignore_index, "hard_weight": hard_weight, "softcap": softcap, "reduction": reduction, "options": options, "return_grad": return_grad, "grad_output": grad_output, "validate": validate, "backend": backend})
 
 
 @overload
@@ -204,7 +188,7 @@ def token_logprobs(input: Any, target: Any, *, temperature: float = 1.0, softcap
 
 def token_logprobs(input: Any, target: Any, *, temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100, return_entropy: bool = False, return_grad: bool = False, grad_output: Any = None, grad_entropy: Any = None, grad_buffer: Any = None, validate: Literal["async", "sync"] | None = None, backend: str | None = None) -> Any:
     r"""Log-probability of each position's target token and, optionally, the entropy of its distribution, at a temperature: no log-probability array is formed."""
-    return _call(_SPEC_token_logprobs, {"input": input, "target": target, "temperature": temperature, "softcap": softcap, "ignore_index": ignore_index, "return_entropy": return_entropy, "return_grad": return_grad, "grad_output": grad_output, "grad_entropy": grad_entropy, "grad_buffer": grad_buffer, "validate": validate, "backend": backend})
+    return _call(_SPECS["token_logprobs"], {"input": input, "target": target, "temperature": temperature, "softcap": softcap, "ignore_index": ignore_index, "return_entropy": return_entropy, "return_grad": return_grad, "grad_output": grad_output, "grad_entropy": grad_entropy, "grad_buffer": grad_buffer, "validate": validate, "backend": backend})
 
 
 @overload
@@ -221,7 +205,7 @@ def linear_token_logprobs(input: Any, linear_weight: Any, target: Any, *, linear
 
 def linear_token_logprobs(input: Any, linear_weight: Any, target: Any, *, linear_bias: Any = None, temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100, return_entropy: bool = False, options: Any = None, return_grad: bool = False, grad_output: Any = None, grad_entropy: Any = None, validate: Literal["async", "sync"] | None = None, backend: str | None = None) -> Any:
     r"""Log-probability of each row's target token under an LM head's logits at a temperature and, optionally, the entropy: no logits array is formed."""
-    return _call(_SPEC_linear_token_logprobs, {"input": input, "linear_weight": linear_weight, "target": target, "linear_bias": linear_bias, "temperature": temperature, "softcap": softcap, "ignore_index": ignore_index, "return_entropy": return_entropy, "options": options, "return_grad": return_grad, "grad_output": grad_output, "grad_entropy": grad_entropy, "validate": validate, "backend": backend})
+    return _call(_SPECS["linear_token_logprobs"], {"input": input, "linear_weight": linear_weight, "target": target, "linear_bias": linear_bias, "temperature": temperature, "softcap": softcap, "ignore_index": ignore_index, "return_entropy": return_entropy, "options": options, "return_grad": return_grad, "grad_output": grad_output, "grad_entropy": grad_entropy, "validate": validate, "backend": backend})
 
 
 # The source keeps each docstring's first line; the full numpydoc text is built from the specs

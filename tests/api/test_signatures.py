@@ -118,8 +118,8 @@ def test_adding_an_option_is_one_param():
     new = dataclasses.replace(op, params=(*op.params, extra), fast_path=None,
                               runner=lambda be, op_, v, opts: seen.update(opts) or np.zeros(1))
     namespace: dict = {}
-    source = _codegen._function(new).replace("_SPEC_softmax", "_new_spec")
-    exec(source, {**vars(F), "_new_spec": new}, namespace)  # the generator's text, run
+    # The generator's text, run where its spec table holds the new spec.
+    exec(_codegen._function(new), {**vars(F), "_SPECS": {"softmax": new}}, namespace)
     fn = namespace["softmax"]
     assert "temperature" in inspect.signature(fn).parameters
     fn(np.zeros(3), 0, temperature=2)
