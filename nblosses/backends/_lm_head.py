@@ -79,13 +79,15 @@ def plan_chunks(n: int, v: int, d: int = 0, chunk_rows: int | None = None,
     for 45 rows x the whole vocabulary; at ``n=4096, d=1024, v=32000`` (178 rows fit) the
     whole vocabulary per block is within 1.1x of torch's unchunked reference. Explicit
     ``chunk_rows`` / ``chunk_classes`` override either choice (clipped to ``[1, n]`` /
-    ``[1, v]``).
+    ``[1, v]``); ``chunk_rows`` alone means blocks of that many rows of the whole vocabulary,
+    as torch's ``batch_chunk_size`` does (the budget is then the caller's: fewer products, at
+    ``n=2048, d=256, v=32000`` 512 rows took 0.58 s against 0.74 s for the split plan).
     """
     n1, v1 = max(1, n), max(1, v)
     budget = max(MIN_BLOCK, min(int(BUDGET_FRACTION * n1 * v1), MAX_BLOCK))
     if chunk_classes is not None:
         cols = min(v1, max(1, int(chunk_classes)))
-    elif budget // (heads * v1 + d) >= min(n1, SPLIT_BELOW_ROWS):
+    elif chunk_rows is not None or budget // (heads * v1 + d) >= min(n1, SPLIT_BELOW_ROWS):
         cols = v1
     else:
         # Few rows of the whole vocabulary fit: every row block would stream all of W (and

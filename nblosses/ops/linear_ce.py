@@ -255,8 +255,10 @@ SPEC = OpSpec(
      P.LABEL_SMOOTHING.replace(keyword_only=True),
      Param("options", None, """object, optional
         torch's ``LinearCrossEntropyOptions``: accepted; its ``batch_chunk_size``, when set,
-        is the row-chunk size. nblosses always chunks (it never forms the ``(N, V)`` logits)
-        and picks the chunks itself otherwise.""", keyword_only=True,
+        is the rows per block, each block over the whole vocabulary as in torch (its logits
+        take ``batch_chunk_size * V`` elements: more memory than the default plan buys fewer
+        matrix products). nblosses always chunks (it never forms the ``(N, V)`` logits) and
+        otherwise picks the blocks itself, within 5% of the logits' memory.""", keyword_only=True,
            check=_args.check_chunking),
      P.Z_LOSS, P.SOFTCAP, P.RETURN_LSE, P.RETURN_GRAD, P.GRAD_OUTPUT, P.VALIDATE, P.BACKEND),
     "The final linear layer and cross-entropy in one pass: "

@@ -267,7 +267,7 @@ SPEC = OpSpec(
         the sum by the number of kept positions.""")),
      _kw(Param("options", None, """object, optional
         torch's ``LinearCrossEntropyOptions``: its ``batch_chunk_size``, when set, is the
-        row-chunk size; otherwise nblosses picks the chunks (extra memory within 5% of one
+        rows per block, each over the whole vocabulary (as torch's); otherwise nblosses picks the chunks (extra memory within 5% of one
         ``(N, V)`` logits array).""", check=_args.check_chunking)),
      P.RETURN_GRAD.replace(doc="""bool
         Also return the student's gradients ``(grad_input, grad_linear_weight,

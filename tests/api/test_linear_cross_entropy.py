@@ -240,6 +240,15 @@ def test_plan_respects_budget(n, v, d):
         assert plan.rows == min(n, H.SPLIT_ROWS) or plan.cols >= H.MIN_SPLIT_COLS
 
 
+@pytest.mark.parametrize(("n", "v", "d", "rows"), [(2048, 32000, 256, 512),
+                                                   (1024, 128256, 1024, 7), (10, 20, 3, 50)])
+def test_row_chunk_alone_takes_the_whole_vocabulary(n, v, d, rows):
+    """An explicit row block (torch's ``batch_chunk_size``) is that many rows of the whole
+    vocabulary, whatever the default budget would split; a column block still splits."""
+    assert H.plan_chunks(n, v, d, chunk_rows=rows) == H.Plan(min(n, rows), v, False)
+    assert H.plan_chunks(n, v, d, chunk_rows=rows, chunk_classes=v // 2 or 1).split == (v > 1)
+
+
 # ----------------------------------------------------------------------------- memory
 MEM_N, MEM_D, MEM_V = 1024, 32, 6000
 
