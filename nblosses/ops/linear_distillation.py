@@ -267,8 +267,9 @@ SPEC = OpSpec(
         the sum by the number of kept positions.""")),
      _kw(Param("options", None, """object, optional
         torch's ``LinearCrossEntropyOptions``: its ``batch_chunk_size``, when set, is the
-        rows per block, each over the whole vocabulary (as torch's); otherwise nblosses picks the chunks (extra memory within 5% of one
-        ``(N, V)`` logits array).""", check=_args.check_chunking)),
+        rows per block, each over the whole vocabulary (as torch's); otherwise nblosses
+        picks the chunks (extra memory within 5% of one ``(N, V)`` logits array).""",
+        check=_args.check_chunking)),
      P.RETURN_GRAD.replace(doc="""bool
         Also return the student's gradients ``(grad_input, grad_linear_weight,
         grad_linear_bias)`` of ``sum(grad_output * loss)``, from the same chunked

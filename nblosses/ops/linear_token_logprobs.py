@@ -154,8 +154,9 @@ SPEC = OpSpec(
                                                 "return_entropy")),
      Param("options", None, """object, optional
         torch's ``LinearCrossEntropyOptions``: its ``batch_chunk_size``, when set, is the
-        rows per block of the whole vocabulary (as for :func:`linear_cross_entropy`); nblosses picks its chunks
-        itself otherwise.""", keyword_only=True, check=_args.check_chunking, torch=False),
+        rows per block of the whole vocabulary (as for :func:`linear_cross_entropy`);
+        nblosses picks its chunks itself otherwise.""", keyword_only=True,
+           check=_args.check_chunking, torch=False),
      P.RETURN_GRAD.replace(doc="""bool
         Also return the gradients of ``sum(grad_output * logp + grad_entropy * entropy)``
         with respect to ``input``, ``linear_weight`` and ``linear_bias``."""),
