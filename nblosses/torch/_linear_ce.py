@@ -3,11 +3,13 @@ hidden states, the head's weight and its bias), written by hand."""
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .. import _args
 from ._autograd import F, head_backward, head_fake, head_results, head_setup, wants_grad
 
 __all__ = ["linear_cross_entropy"]
@@ -21,42 +23,44 @@ def _call_linear_ce(tensors: tuple[Any, ...], options: tuple[Any, ...],
                     return_grad: bool, grad_output: Tensor | None = None) -> Any:
     """nblosses' ``linear_cross_entropy`` on detached ``(input, linear_weight, target,
     linear_bias, weight)`` with the op's ``(ignore_index, reduction, label_smoothing, z_loss,
-    softcap)``."""
+    softcap, chunk_rows)`` (``chunk_rows``: torch's ``batch_chunk_size`` or None)."""
     input, linear_weight, target, linear_bias, weight = tensors
-    ignore_index, reduction, label_smoothing, z_loss, softcap = options
+    ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_rows = options
+    chunking = None if chunk_rows is None else types.SimpleNamespace(batch_chunk_size=chunk_rows)
     return F.linear_cross_entropy(
         input.detach(), linear_weight.detach(), target,
         linear_bias=None if linear_bias is None else linear_bias.detach(), weight=weight,
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss, softcap=softcap or None, return_grad=return_grad,
+        z_loss=z_loss, softcap=softcap or None, options=chunking, return_grad=return_grad,
         grad_output=None if grad_output is None else grad_output.detach())
 
 
 @torch.library.custom_op("nblosses::linear_cross_entropy", mutates_args=())
 def _linear_ce(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
                weight: Tensor | None, ignore_index: int | None, reduction: str,
-               label_smoothing: float, z_loss: float, softcap: float,
+               label_smoothing: float, z_loss: float, softcap: float, chunk_rows: int | None,
                want_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, grad_input, grad_linear_weight, grad_linear_bias)``; the gradients (for an
     upstream gradient of 1) only with ``want_grad``, else empty, as is a bias gradient without
     a bias."""
     result = _call_linear_ce((input, linear_weight, target, linear_bias, weight),
-                             (ignore_index, reduction, label_smoothing, z_loss, softcap),
-                             want_grad)
+                             (ignore_index, reduction, label_smoothing, z_loss, softcap,
+                              chunk_rows), want_grad)
     return head_results(result, input, want_grad)
 
 
 @_linear_ce.register_fake
 def _(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
       weight: Tensor | None, ignore_index: int | None, reduction: str, label_smoothing: float,
-      z_loss: float, softcap: float, want_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+      z_loss: float, softcap: float, chunk_rows: int | None,
+      want_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     loss = input.new_empty(_linear_ce_shape(input, linear_weight, reduction))
     return head_fake(loss, input, linear_weight, linear_bias, want_grad)
 
 
 def _linear_ce_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     head_setup(ctx, output, forward_grad=inputs[-1], arrays=inputs[:5], reduction=inputs[6],
-               options=inputs[5:10])
+               options=inputs[5:11])
 
 
 def _linear_ce_backward(ctx: Any, g_loss: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
@@ -79,8 +83,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     With ``mean`` / ``sum`` the three gradients come from the forward pass (the same chunked
     sweep) and backward only scales them; with ``reduction="none"`` each row's upstream
     gradient is needed, so backward runs the chunked computation again with it. ``options``
-    (torch's chunking options) is accepted and ignored: nblosses picks its chunks within 5%
-    of the logits' memory. ``z_loss`` and ``softcap`` as in :func:`cross_entropy`.
+    (torch's chunking options): its ``batch_chunk_size``, when set, is the rows per block, each
+    over the whole vocabulary (as torch's); otherwise nblosses picks its blocks within 5% of
+    the logits' memory. ``z_loss`` and ``softcap`` as in :func:`cross_entropy`.
     ``process_group``: a ``torch.distributed`` group over which the vocabulary (the rows of
     ``linear_weight``) is sharded; the call is then
     :mod:`nblosses.torch.distributed`'s vocabulary-parallel head.
@@ -96,5 +101,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         linear_bias is not None and linear_bias.requires_grad))
     wants_grad(input, target=target, weight=weight)  # refuses target / weight gradients
     want_grad = bool(need) and reduction != "none"
+    chunk_rows = _args.check_chunking("linear_cross_entropy", options)
     return _linear_ce(input, linear_weight, target, linear_bias, weight, ignore_index,
-                      reduction, label_smoothing, z_loss, softcap or 0.0, want_grad)[0]
+                      reduction, label_smoothing, z_loss, softcap or 0.0, chunk_rows,
+                      want_grad)[0]

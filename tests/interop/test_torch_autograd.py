@@ -364,11 +364,33 @@ def test_linear_cross_entropy_frozen_weight_and_no_grad():
                                    TF.linear_cross_entropy(x, w, t, **kwargs))
 
 
+def test_linear_cross_entropy_honours_the_row_block(monkeypatch):
+    """torch's ``options.batch_chunk_size`` reaches the chunk planner through the custom op
+    (forward and the ``reduction="none"`` backward); the results do not change."""
+    from nblosses.backends import _linear_ce
+
+    rows = []
+    plan = _linear_ce.plan_chunks
+    monkeypatch.setattr(_linear_ce, "plan_chunks",
+                        lambda n, v, d, chunk_rows=None, *a: rows.append(chunk_rows) or plan(
+                            n, v, d, chunk_rows, *a))
+    (x, w, t), kwargs, _ = _linear_case("none", True, False, False)
+    opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=3)
+    for options in (opts, None):
+        x.grad = w.grad = None
+        loss = nbt.linear_cross_entropy(x, w, t, options=options, **kwargs)
+        loss.sum().backward()
+        if options is opts:
+            want = (loss.detach(), x.grad.clone(), w.grad.clone())
+    torch.testing.assert_close((loss.detach(), x.grad, w.grad), want)
+    assert rows == [3, 3, None, None]
+
+
 def test_linear_cross_entropy_opcheck():
     (x, w, t), _, _ = _linear_case("mean", True, False, False)
     b = torch.randn(w.shape[0], dtype=w.dtype, requires_grad=True)
-    for args in ((x, w, t, b, None, -100, "mean", 0.1, 0.0, 0.0, True),
-                 (x, w, t, None, None, -100, "none", 0.0, 1e-3, 2.0, False)):
+    for args in ((x, w, t, b, None, -100, "mean", 0.1, 0.0, 0.0, None, True),
+                 (x, w, t, None, None, -100, "none", 0.0, 1e-3, 2.0, 2, False)):
         torch.library.opcheck(torch.ops.nblosses.linear_cross_entropy.default, args,
                               test_utils=("test_schema", "test_autograd_registration",
                                           "test_faketensor"))

@@ -158,6 +158,29 @@ def test_keep_logits_and_tuples() -> None:
         assert generation.loss is None
 
 
+def test_block_memory_sets_whole_vocabulary_row_blocks(monkeypatch: Any) -> None:
+    """``block_memory`` bytes of float32 logits per block of whole-vocabulary rows reach the
+    loss as torch's ``batch_chunk_size``; below 128 rows, or with None, the default plan; the
+    loss and gradients are the same either way."""
+    import nblosses.torch.transformers as T
+
+    assert T._row_blocks(32 << 20, 32000).batch_chunk_size == 262
+    assert T._row_blocks(32 << 20, 128256) is None  # 65 rows: the default (split) plan
+    assert T._row_blocks(None, 32000) is None
+    seen = []
+    real = T.linear_cross_entropy
+    monkeypatch.setattr(T, "linear_cross_entropy",
+                        lambda *a, options=None, **kw: seen.append(options) or real(
+                            *a, options=options, **kw))
+    ids, labels = _batch()
+    _assert_same(_model("llama"), input_ids=ids, labels=labels)
+    _assert_same(_model("llama"), {"block_memory": None}, input_ids=ids, labels=labels)
+    assert seen[0].batch_chunk_size == (32 << 20) // (4 * V) and seen[1] is None
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="block_memory"):
+            patch(_model("llama"), block_memory=bad)
+
+
 def test_unpatch_restores_and_copies_stay_patched() -> None:
     model = _model("llama")
     ids, labels = _batch()
