@@ -204,6 +204,28 @@ __device__ __forceinline__ void load_chunk(const T* p, i64 b, i64 nvec, Vec<T, V
     NBL_CHUNK_VECTORS(u, U, vi, b, G, nvec) buf[u] = load_vec<T, VEC>(p, vi);
 }
 
+//: One unrolled chunk of a streamed gradient pass (the looped and split rows): U vectors of VEC
+//: elements, STRIDE vectors apart from vector b (vectors >= vend skipped), read from xr only
+//: when ``load`` (false where the gradient needs no logits: an ignored or bad target) and
+//: written to gr. grad(xv, c) -> A is an element's gradient, from xv = its value in A (0 when
+//: not ``load``) and c = its index in the row; the per-element work is the caller's lambda.
+template <int VEC, int STRIDE, int U, typename T, typename F>
+__device__ __forceinline__ void grad_chunk(const T* xr, T* gr, i64 b, i64 vend, bool load,
+                                           F grad) {
+    typedef typename AccT<T>::type A;
+    Vec<T, VEC> buf[U];
+    if (load) load_chunk<T, VEC, STRIDE, U>(xr, b, vend, buf);
+    NBL_CHUNK_VECTORS(u, U, vi, b, STRIDE, vend) {
+        Vec<T, VEC> o;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            const A xv = load ? to_acc(buf[u].v[i]) : A(0);
+            o.v[i] = from_acc<T>(grad(xv, vi * VEC + i));
+        }
+        store_vec<T, VEC>(gr, vi, o);
+    }
+}
+
 //: load_chunk of two arrays of the same row layout, interleaved; q only when with_q.
 template <typename T, int VEC, int G, int U>
 __device__ __forceinline__ void load_chunk2(const T* p, const T* q, bool with_q, i64 b, i64 nvec,

@@ -94,28 +94,22 @@ template <int EXT> struct CeLogits {
     }
 };
 
-//: One unrolled chunk of the streamed gradient pass: U vectors of VEC logits, STRIDE vectors
-//: apart from vector b, re-read (valid targets only) and written as dL/dx; vectors >= vend skipped.
+//: One unrolled chunk of the streamed gradient pass (grad_chunk): U vectors of VEC logits,
+//: STRIDE vectors apart from vector b, re-read (valid targets only) and written as dL/dx; vectors
+//: >= vend skipped.
 template <int EXT, int VEC, int STRIDE, int U, typename T, typename A>
 __device__ __forceinline__ void ce_grad_chunk(const T* xr, T* gr, i64 b, i64 vend, const Target& tg,
                                               const CeCoef<A>& r, const CeParams<A>& P, A m,
                                               const T* w) {
-    Vec<T, VEC> buf[U];
-    if (tg.valid) load_chunk<T, VEC, STRIDE, U>(xr, b, vend, buf);
-    NBL_CHUNK_VECTORS(u, U, vi, b, STRIDE, vend) {
-        Vec<T, VEC> o;
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-            A xc = A(0), e = A(0);
-            if (tg.valid) {
-                xc = to_acc(buf[u].v[i]);
-                if (EXT) xc = apply_softcap(xc, P.cap);
-                e = nbl_exp(xc - m);
-            }
-            o.v[i] = from_acc<T>(ce_grad<EXT>(tg, r, P, e, xc, w, vi * VEC + i));
+    grad_chunk<VEC, STRIDE, U>(xr, gr, b, vend, tg.valid, [&](A xv, i64 c) {
+        A xc = A(0), e = A(0);
+        if (tg.valid) {
+            xc = xv;
+            if (EXT) xc = apply_softcap(xc, P.cap);
+            e = nbl_exp(xc - m);
         }
-        store_vec<T, VEC>(gr, vi, o);
-    }
+        return ce_grad<EXT>(tg, r, P, e, xc, w, c);
+    });
 }
 
 //: The row epilogue shared by the three kernels: loss (or partial and denominator) and lse of a

@@ -86,25 +86,42 @@ __device__ __forceinline__ void row_ms(const T* xr, i64 b0, i64 chunk, i64 nvec,
     red.ms(m, s, none);
 }
 
+//: The row walk of the streamed statistics kernels (softmax_looped, lse_rows): for each of the
+//: group's row slots (every thread runs every iteration: row_ms reduces over the group), the
+//: row's (max, sum) by row_ms in U-vector chunks, then f(slot, rows, m, s) with ``rows`` the
+//: kernel's streamed_rows setup (lane, nvec, chunk, nchunk). A function taking the body as a
+//: lambda, unlike the plain row walk of _common.cu: for these two kernels ptxas (sm_90) gives
+//: the same registers as the plain loop.
+template <typename T, int VEC, int G, int U, int BLOCK, typename F>
+__device__ __forceinline__ void for_each_row_ms(const T* x, i64 nrows, i64 C, F f) {
+    typedef typename AccT<T>::type A;
+    StreamedRows<G, A> rows = streamed_rows<VEC, G, U, A>(C);
+    for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
+        const RowSlot slot = row_slot<G>(r0, nrows, C);
+        A m, s;
+        const i64 b0 = slot.active ? rows.lane : rows.nvec;
+        row_ms<VEC, G, U>(x + slot.off, b0, rows.chunk, rows.nvec, rows.red, m, s);
+        f(slot, rows, m, s);
+    }
+}
+
 template <typename T, int VEC, int G, int BLOCK>
 __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
 softmax_looped(NBL_PARAMS_SOFTMAX_ROWS) {
     typedef typename AccT<T>::type A;
     constexpr int U = NBL_UNROLL;
-    auto [red, nvec, lane, chunk, nchunk] = streamed_rows<VEC, G, U, A>(C);
-    for (i64 r0 = first_row<G, BLOCK>(); r0 < nrows; r0 += row_stride<G, BLOCK>()) {
-        const auto [row, off, active] = row_slot<G>(r0, nrows, C);
-        const T* xr = x + off;
-        T* yr = y + off;
-        A m, s;
-        row_ms<VEC, G, U>(xr, active ? lane : nvec, chunk, nvec, red, m, s);
-        const A logs = nbl_log(s);
-        const A inv = A(1) / s;
-        for (i64 k = active ? nchunk - 1 : -1; k >= 0; --k) {  // reverse: the tail is in L2
-            const i64 b = k * chunk + lane;
-            softmax_write_chunk<VEC, G, U>(xr, yr, b, nvec, m, logs, inv, log_mode);
-        }
-    }
+    for_each_row_ms<T, VEC, G, U, BLOCK>(
+        x, nrows, C, [=](const RowSlot& slot, const StreamedRows<G, A>& rows, A m, A s) {
+            const T* xr = x + slot.off;
+            T* yr = y + slot.off;
+            const A logs = nbl_log(s);
+            const A inv = A(1) / s;
+            // reverse: the tail is in L2
+            for (i64 k = slot.active ? rows.nchunk - 1 : -1; k >= 0; --k) {
+                const i64 b = k * rows.chunk + rows.lane;
+                softmax_write_chunk<VEC, G, U>(xr, yr, b, rows.nvec, m, logs, inv, log_mode);
+            }
+        });
 }
 
 // Long rows, few of them (fewer rows than resident blocks): each row is split into nsplit chunks
@@ -199,14 +216,10 @@ template <typename T, int VEC, int G, int BLOCK>
 __global__ void __launch_bounds__(BLOCK, NBL_MIN_BLOCKS(BLOCK, T))
 lse_rows(NBL_PARAMS_LSE) {
     typedef typename AccT<T>::type A;
-    constexpr int U = NBL_UNROLL;
-    auto [red, nvec, lane, chunk, nchunk] = streamed_rows<VEC, G, U, A>(C);
-    for (i64 r0 = first_row<G, BLOCK>(); r0 < outer; r0 += row_stride<G, BLOCK>()) {
-        const auto [row, off, active] = row_slot<G>(r0, outer, C);
-        A m, s;
-        row_ms<VEC, G, U>(x + off, active ? lane : nvec, chunk, nvec, red, m, s);
-        if (active && lane == 0) out[row] = lse_of(m, s);
-    }
+    for_each_row_ms<T, VEC, G, NBL_UNROLL, BLOCK>(
+        x, outer, C, [=](const RowSlot& slot, const StreamedRows<G, A>& rows, A m, A s) {
+            if (slot.active && rows.lane == 0) out[slot.row] = lse_of(m, s);
+        });
 }
 
 template <typename T>

@@ -155,18 +155,9 @@ __global__ void __launch_bounds__(BLOCK, TLP_MIN_BLOCKS(BLOCK, T)) tlp_rows(NBL_
         if (gx && active) {
             T* gr = gx + off;
             for (i64 k = nchunk - 1; k >= 0; --k) {  // reverse: the row's tail is still in L2
-                const i64 b = k * chunk + lane;
-                Vec<T, VEC> buf[U];
-                if (tg.valid) load_chunk<T, VEC, G, U>(xr, b, nvec, buf);
-                NBL_CHUNK_VECTORS(u, U, vi, b, G, nvec) {
-                    Vec<T, VEC> o;
-#pragma unroll
-                    for (int i = 0; i < VEC; ++i) {
-                        const A xv = tg.valid ? to_acc(buf[u].v[i]) : A(0);
-                        o.v[i] = from_acc<T>(tlp_grad<CAP>(tg, r, P, M, xv, vi * VEC + i));
-                    }
-                    store_vec<T, VEC>(gr, vi, o);
-                }
+                grad_chunk<VEC, G, U>(xr, gr, k * chunk + lane, nvec, tg.valid, [&](A xv, i64 c) {
+                    return tlp_grad<CAP>(tg, r, P, M, xv, c);
+                });
             }
         }
     }
