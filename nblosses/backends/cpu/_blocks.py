@@ -20,7 +20,17 @@ import numba
 import numpy as np
 from numba import njit
 
-from ._math import JIT, JIT_EXACT, fast_exp_nonpos, fast_log, fmax, like, softcap_slope, softcapped
+from ._math import (
+    JIT,
+    JIT_EXACT,
+    SUM_BLOCK,
+    fast_exp_nonpos,
+    fast_log,
+    fmax,
+    like,
+    softcap_slope,
+    softcapped,
+)
 
 #: Rows shorter than this take the transposed-tile path.
 SMALL_C = 24
@@ -41,6 +51,32 @@ def chunk_span(k, n):
     """``(lo, hi)``: the elements of task ``k`` of an elementwise op over ``n`` elements."""
     lo = k * CHUNK
     return lo, min(n, lo + CHUNK)
+
+
+# Inlined at Numba's level, so that ``block`` (a function argument) is called directly. The
+# arrays reach ``block`` as separate arguments, not as a tuple: a call unpacking a tuple took
+# a reference count increment and decrement per array and block (kl_div at 4M float32
+# elements, one thread, 4% slower).
+@njit(inline="always", **JIT)
+def chunk_sums(block, k, x, y, extra, g, gs, out, gx):
+    """Task ``k`` of an elementwise loss over the ``x.size`` elements of ``x`` and ``y`` (see
+    :func:`chunk_span`), in blocks of :data:`._math.SUM_BLOCK`: ``block(x, y, extra, g, gs,
+    out, gx, lo, hi)`` computes elements ``lo:hi`` (``extra``: the loss's own operands; ``g``
+    the upstream gradients or None, ``gs`` the scalar one; ``out`` the losses and ``gx`` the
+    gradient, each or None) and returns ``(sum, count)`` in the input's precision: its losses'
+    sum and how many of its inputs it flags. Returns the task's float64 sum and int count.
+
+    Summing in the input's precision per block and in float64 across blocks keeps the block's
+    loop vectorised: a float64 accumulator in a float32 loop kept it scalar on AVX2.
+    """
+    lo, hi = chunk_span(k, x.size)
+    total = 0.0
+    count = 0
+    for b0 in range(lo, hi, SUM_BLOCK):
+        s, c = block(x, y, extra, g, gs, out, gx, b0, min(hi, b0 + SUM_BLOCK))
+        total += s
+        count += int(c)
+    return total, count
 
 
 # ----------------------------------------------------------------------------- inner blocks

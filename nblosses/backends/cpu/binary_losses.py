@@ -11,8 +11,8 @@ from numba import njit, prange
 
 from ..._output_cache import empty
 from .._host import LossCall
-from ._blocks import chunk_span, n_chunks
-from ._math import JIT, SUM_BLOCK, fast_exp_nonpos, fast_log, fast_log1p, like
+from ._blocks import chunk_span, chunk_sums, n_chunks
+from ._math import JIT, fast_exp_nonpos, fast_log, fast_log1p, like
 from ._parallel import guarded, parallel_kernel
 
 _TINY = float(np.finfo(np.float64).tiny)
@@ -56,6 +56,15 @@ def _weigh_and_store(loss, gi, w, j, out):
     return loss, gi
 
 
+@njit(**JIT)
+def _pos_weight(pw, j, yi):
+    """``(p, 1 + (p - 1) yi)``: the positive class's weight ``p = pw[j]`` (1 without
+    ``pos_weight``) and the log-sigmoid's coefficient for the target ``yi``."""
+    one = like(1, yi)
+    p = one if pw is None else pw[j]
+    return p, one + (p - one) * yi
+
+
 @parallel_kernel(**JIT)
 def _bce(x, y, w, g, g_scalar, out, gx, partial):
     n = x.size
@@ -77,21 +86,19 @@ def _bce(x, y, w, g, g_scalar, out, gx, partial):
 
 @parallel_kernel(**JIT)
 def _bce_logits(x, y, w, pw, g, g_scalar, out, gx, partial):
-    n = x.size
     for k in prange(partial.size):
-        lo, hi = chunk_span(k, n)
-        acc = 0.0
-        for b0 in range(lo, hi, SUM_BLOCK):
-            # Losses summed in the input's precision per block, then in float64: a float64
-            # accumulator in a float32 loop kept LLVM from vectorising it on AVX2.
-            acc += _bce_logits_block(x, y, w, pw, g, like(g_scalar, x), out, gx, b0,
-                                     min(hi, b0 + SUM_BLOCK))
-        partial[k] = acc
+        partial[k], _ = chunk_sums(_bce_logits_block, k, x, y, (w, pw), g, like(g_scalar, x),
+                                   out, gx)
 
 
 @njit(**JIT)
-def _bce_logits_block(x, y, w, pw, g, gs, out, gx, lo, hi):
-    """Losses (and gradient) of ``lo:hi``; returns their sum in the input's precision."""
+def _bce_logits_block(x, y, weights, g, gs, out, gx, lo, hi):
+    """Losses (and gradient) of ``lo:hi``, ``weights`` the pair ``(weight, pos_weight)`` (each
+    or None): ``(sum of the losses, 0)`` in the input's precision (the block protocol of
+    :func:`._blocks.chunk_sums`; no input is flagged)."""
+    # used only as call arguments (_weigh_and_store, _pos_weight): Numba prunes "is None"
+    # branches on a function's arguments, not on an unpacked local (pw[j] would not type)
+    w, pw = weights
     xs, ys = x[lo:hi], y[lo:hi]  # slices: range-indexed loops vectorise
     one = like(1, x)
     zero = like(0, x)
@@ -101,8 +108,7 @@ def _bce_logits_block(x, y, w, pw, g, gs, out, gx, lo, hi):
         yi = ys[i]
         e = fast_exp_nonpos(-abs(xi))  # in (0, 1]: no overflow
         log_sig = min(xi, zero) - fast_log1p(e)
-        pwi = one if pw is None else pw[lo + i]
-        lw = one + (pwi - one) * yi
+        pwi, lw = _pos_weight(pw, lo + i, yi)
         loss = (one - yi) * xi - lw * log_sig
         gi = gs if g is None else g[lo + i]
         loss, gi = _weigh_and_store(loss, gi, w, lo + i, out)
@@ -110,7 +116,7 @@ def _bce_logits_block(x, y, w, pw, g, gs, out, gx, lo, hi):
         if gx is not None:
             sig = (one if xi >= zero else e) / (one + e)
             gx[lo + i] = gi * (lw * sig - pwi * yi)
-    return acc
+    return acc, zero
 
 
 def _binary(kernel, x, extra, *, reduction, want_grad, grad_output):

@@ -37,7 +37,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from ..._output_cache import empty
 from .._host import LossCall, ignore_value
@@ -121,37 +122,43 @@ def _sum_point(sv, tv, it, ms, mt, mode):
     return es, et, et * (zt - zs) if et > zero else zero
 
 
+# Inlined at Numba's level: called with the gradient block as its source, the inlined loop
+# reads and writes the one array, which LLVM vectorises with no overlap check (a call would
+# take two array arguments, and identical arrays fail that check: the loop would run scalar).
+@njit(inline="always", **JIT)
+def _store_block(src, tb, it, ms, mt, mode, gb, eb):
+    """One block of :func:`_sums_store`: ``gb = e_s`` from the student logits ``src`` (``gb``
+    itself, or another array) and, unless ``eb`` is None, ``eb = e_t`` from the teacher's
+    ``tb``; returns the block's ``(sum e_s, sum e_t, sum e_t (zt - zs))`` in the input's
+    precision."""
+    a = b = w = like(0, gb)
+    for c in range(gb.size):
+        es, et, wc = _sum_point(src[c], tb[c], it, ms, mt, mode)
+        gb[c] = es
+        if eb is not None:
+            eb[c] = et
+        a += es
+        b += et
+        w += wc
+    return a, b, w
+
+
 @njit(**JIT)
 def _sums_store(s, t, it, ms, mt, mode, go, eto):
     """:func:`_pair_sums` of FORWARD / TOPK without a separate hard softmax, ``(Ss, St, W)``,
     storing ``e_s = exp(zs - ms)`` into the gradient row ``go`` (which may be ``s``: then the
     loop reads and writes the one array) and, FORWARD, ``e_t`` into the scratch row ``eto``:
     the gradient pass then takes no exponential."""
-    zero = like(0, s)
     same = go.ctypes.data == s.ctypes.data
     tot_s = tot_t = tot_w = 0.0
     for b0 in range(0, s.size, SUM_BLOCK):
         gb, sb, tb = go[b0:b0 + SUM_BLOCK], s[b0:b0 + SUM_BLOCK], t[b0:b0 + SUM_BLOCK]
         eb = None if eto is None else eto[b0:b0 + SUM_BLOCK]
-        a = b = w = zero
+        # two calls, not one on "gb if same else sb": each inlined loop keeps its own aliasing
         if same:
-            for c in range(gb.size):
-                es, et, wc = _sum_point(gb[c], tb[c], it, ms, mt, mode)
-                gb[c] = es
-                if eb is not None:
-                    eb[c] = et
-                a += es
-                b += et
-                w += wc
+            a, b, w = _store_block(gb, tb, it, ms, mt, mode, gb, eb)
         else:
-            for c in range(gb.size):
-                es, et, wc = _sum_point(sb[c], tb[c], it, ms, mt, mode)
-                gb[c] = es
-                if eb is not None:
-                    eb[c] = et
-                a += es
-                b += et
-                w += wc
+            a, b, w = _store_block(sb, tb, it, ms, mt, mode, gb, eb)
         tot_s += a
         tot_t += b
         tot_w += w
@@ -384,24 +391,48 @@ def _topk_row(s, idx, lp, ti, k, scale, sep, cap, go):
     return k.soft * soft + (k.hard * hard if k.hard > 0 else 0.0)
 
 
+@njit(**JIT)
+def _open_row(t, g, out, gx, k, i):
+    """Row ``i``'s ``(kept, target, scale)`` (``t`` the targets or None; ``scale`` its upstream
+    gradient, ``g[i]`` or the reduced loss's scalar); an ignored row (its target ``k.ignore``)
+    is not kept and gets loss 0 and gradient 0 here."""
+    if t is not None and t[i] == k.ignore:
+        if out is not None:
+            out[i] = 0
+        if gx is not None:
+            gx[i, :] = 0
+        return False, 0, 0.0
+    return True, 0 if t is None else t[i], k.g_scalar if g is None else np.float64(g[i])
+
+
+def _row_of(a, i):  # pragma: no cover - replaced by the overload inside Numba code
+    """Row ``i`` of ``a``, or None without ``a``."""
+    return None if a is None else a[i]
+
+
+# An overload, chosen by the type of ``a``: a jitted "None if a is None else a[i]" returns an
+# Optional array for an array ``a`` (Numba prunes "is None" only on a None argument), and the
+# row kernels would then compile against an Optional gradient row.
+@overload(_row_of, jit_options=JIT)
+def _row_of_overload(a, i):
+    if isinstance(a, types.NoneType):
+        return lambda a, i: None
+    return lambda a, i: a[i]
+
+
 @parallel_kernel(**JIT)
 def _pair_rows(x, tch, t, g, out, gx, cap, k, mode, sep):
     """Rows of student ``x`` and teacher ``tch`` logits (``(N, C)``); ``t`` the targets or
     None (every row kept)."""
     total = 0.0
     for i in prange(x.shape[0]):
-        if t is not None and t[i] == k.ignore:
-            _skip(out, gx, i)
+        kept, ti, scale = _open_row(t, g, out, gx, k, i)
+        if not kept:
             continue
-        ti = 0 if t is None else t[i]
-        scale = k.g_scalar if g is None else np.float64(g[i])
         s, tr = x[i], tch[i]
         if cap is not None:  # capped copies: O(C) scratch per task
             s, tr = _capped_row(s, cap), _capped_row(tr, cap)
-        if gx is None:
-            loss = _pair_row(s, tr, ti, k, scale, mode, sep, cap, None)
-        else:
-            loss = _pair_row(s, tr, ti, k, scale, mode, sep, cap, gx[i])
+        loss = _pair_row(s, tr, ti, k, scale, mode, sep, cap, _row_of(gx, i))
         total += loss
         if out is not None:
             out[i] = loss
@@ -414,29 +445,15 @@ def _topk_rows(x, idx, lp, t, g, out, gx, cap, k, sep):
     (``(N, k)``); ``t`` the targets or None."""
     total = 0.0
     for i in prange(x.shape[0]):
-        if t is not None and t[i] == k.ignore:
-            _skip(out, gx, i)
+        kept, ti, scale = _open_row(t, g, out, gx, k, i)
+        if not kept:
             continue
-        ti = 0 if t is None else t[i]
-        scale = k.g_scalar if g is None else np.float64(g[i])
         s = x[i] if cap is None else _capped_row(x[i], cap)
-        if gx is None:
-            loss = _topk_row(s, idx[i], lp[i], ti, k, scale, sep, cap, None)
-        else:
-            loss = _topk_row(s, idx[i], lp[i], ti, k, scale, sep, cap, gx[i])
+        loss = _topk_row(s, idx[i], lp[i], ti, k, scale, sep, cap, _row_of(gx, i))
         total += loss
         if out is not None:
             out[i] = loss
     return total
-
-
-@njit(**JIT)
-def _skip(out, gx, i):
-    """An ignored row: loss 0, gradient 0."""
-    if out is not None:
-        out[i] = 0
-    if gx is not None:
-        gx[i, :] = 0
 
 
 # ----------------------------------------------------------------------------- host

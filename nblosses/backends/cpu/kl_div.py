@@ -24,8 +24,8 @@ from numba.extending import overload
 from ..._output_cache import empty
 from ...ops.kl_div import infinite_log_target_error
 from .._host import LossCall
-from ._blocks import chunk_span, n_chunks
-from ._math import JIT, SUM_BLOCK, fast_exp, fast_log, like
+from ._blocks import chunk_sums, n_chunks
+from ._math import JIT, fast_exp, fast_log, like
 from ._parallel import guarded, parallel_kernel
 
 
@@ -92,18 +92,9 @@ def _kl_block(x, t, log_token, g, gs, out, gx, lo, hi):
 
 @parallel_kernel(**JIT)
 def _kl_div(x, t, log_token, g, g_scalar, out, gx, partial, bad):
-    n = x.size
     for k in prange(partial.size):
-        lo, hi = chunk_span(k, n)
-        acc = 0.0
-        nbad = 0
-        for b0 in range(lo, hi, SUM_BLOCK):
-            s, nb = _kl_block(x, t, log_token, g, like(g_scalar, x), out, gx, b0,
-                              min(hi, b0 + SUM_BLOCK))
-            acc += s
-            nbad += int(nb)
-        partial[k] = acc
-        bad[k] = nbad
+        partial[k], bad[k] = chunk_sums(_kl_block, k, x, t, log_token, g, like(g_scalar, x),
+                                        out, gx)
 
 
 @guarded
