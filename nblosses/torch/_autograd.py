@@ -37,9 +37,9 @@ from .. import _args
 from .. import functional as _functional
 from .._spec import OpSpec
 
-__all__ = ["F", "cast", "fused_loss_op", "head_backward", "head_fake", "head_results",
-           "head_setup", "in_place", "no_grad", "run_loss", "scaled", "softmax_dim",
-           "softmax_ops", "tensor_list", "wants_grad"]
+__all__ = ["F", "cast", "fused_loss_op", "head_backward", "head_fake", "head_loss_op",
+           "head_results", "head_setup", "in_place", "no_grad", "run_loss", "scaled",
+           "softmax_dim", "softmax_ops", "tensor_list", "wants_grad"]
 
 # Untyped on purpose: the ops' options travel as plain values (the overloads want literals).
 F: Any = _functional
@@ -332,6 +332,48 @@ def head_setup(ctx: Any, output: tuple[Tensor, ...], *, forward_grad: bool,
     ctx.set_materialize_grads(False)
     ctx.reduction, ctx.options = reduction, options
     ctx.save_for_backward(*(output[1:] if forward_grad else arrays))
+
+
+def head_loss_op(name: str, call: Callable[..., Any], *,
+                 arrays: int) -> Callable[[Callable[..., Any]], Any]:
+    """Decorator making ``nblosses::<name>`` of an LM-head loss op body, with its fake and
+    autograd (:func:`head_fake`, :func:`head_setup`, :func:`head_backward`).
+
+    The body is typed, so that torch infers the schema: its first ``arrays`` parameters are
+    the arrays (``input``, ``linear_weight`` and ``linear_bias`` among them), then the options
+    (``reduction`` among them) and last ``want_grad: bool``; it returns ``(loss, grad_input,
+    grad_linear_weight, grad_linear_bias)`` (:func:`head_results`). ``call(arrays, options,
+    return_grad, grad_output)`` is its :mod:`nblosses.functional` call, which backward runs
+    again when the loss is unreduced. The unreduced loss has one value per row of ``input``
+    and per output of ``linear_weight``'s middle axes (none for a ``(V, d)`` head).
+    """
+
+    def make(body: Callable[..., Any]) -> Any:
+        op = torch.library.custom_op(f"nblosses::{name}", body, mutates_args=())
+        names = tuple(inspect.signature(body).parameters)
+        assert names[-1] == "want_grad", names
+        bias_at, reduction_at = names.index("linear_bias"), names.index("reduction")
+
+        def fake(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            values = dict(zip(names, args))
+            input, weight = values["input"], values["linear_weight"]
+            shape = ([*input.shape[:-1], *weight.shape[1:-1]]
+                     if values["reduction"] == "none" else [])
+            return head_fake(input.new_empty(shape), input, weight, values["linear_bias"],
+                             values["want_grad"])
+
+        def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+            head_setup(ctx, output, forward_grad=inputs[-1], arrays=inputs[:arrays],
+                       reduction=inputs[reduction_at], options=inputs[arrays:-1])
+
+        def backward(ctx: Any, g_loss: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
+            return head_backward(ctx, g_loss, call, bias_at=bias_at)
+
+        op.register_fake(fake)
+        op.register_autograd(backward, setup_context=setup_context)
+        return op
+
+    return make
 
 
 def cast(input: Tensor, dtype: torch.dtype | None) -> Tensor:

@@ -10,13 +10,9 @@ import torch
 from torch import Tensor
 
 from .. import _args
-from ._autograd import F, head_backward, head_fake, head_results, head_setup, wants_grad
+from ._autograd import F, head_loss_op, head_results, wants_grad
 
 __all__ = ["linear_cross_entropy"]
-
-
-def _linear_ce_shape(input: Tensor, linear_weight: Tensor, reduction: str) -> list[int]:
-    return [] if reduction != "none" else [*input.shape[:-1], *linear_weight.shape[1:-1]]
 
 
 def _call_linear_ce(tensors: tuple[Any, ...], options: tuple[Any, ...],
@@ -35,7 +31,7 @@ def _call_linear_ce(tensors: tuple[Any, ...], options: tuple[Any, ...],
         grad_output=None if grad_output is None else grad_output.detach())
 
 
-@torch.library.custom_op("nblosses::linear_cross_entropy", mutates_args=())
+@head_loss_op("linear_cross_entropy", _call_linear_ce, arrays=5)
 def _linear_ce(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
                weight: Tensor | None, ignore_index: int | None, reduction: str,
                label_smoothing: float, z_loss: float, softcap: float, chunk_rows: int | None,
@@ -47,27 +43,6 @@ def _linear_ce(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias
                              (ignore_index, reduction, label_smoothing, z_loss, softcap,
                               chunk_rows), want_grad)
     return head_results(result, input, want_grad)
-
-
-@_linear_ce.register_fake
-def _(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
-      weight: Tensor | None, ignore_index: int | None, reduction: str, label_smoothing: float,
-      z_loss: float, softcap: float, chunk_rows: int | None,
-      want_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    loss = input.new_empty(_linear_ce_shape(input, linear_weight, reduction))
-    return head_fake(loss, input, linear_weight, linear_bias, want_grad)
-
-
-def _linear_ce_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    head_setup(ctx, output, forward_grad=inputs[-1], arrays=inputs[:5], reduction=inputs[6],
-               options=inputs[5:11])
-
-
-def _linear_ce_backward(ctx: Any, g_loss: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
-    return head_backward(ctx, g_loss, _call_linear_ce, bias_at=3)
-
-
-torch.library.register_autograd(_linear_ce, _linear_ce_backward, setup_context=_linear_ce_setup)
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,

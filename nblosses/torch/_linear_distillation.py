@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._autograd import F, head_backward, head_fake, head_results, head_setup, wants_grad
+from ._autograd import F, head_loss_op, head_results, wants_grad
 
 __all__ = ["linear_distillation_loss"]
 
@@ -29,7 +29,7 @@ def _call(tensors: tuple[Any, ...], options: tuple[Any, ...], return_grad: bool,
         grad_output=None if grad_output is None else grad_output.detach())
 
 
-@torch.library.custom_op("nblosses::linear_distillation_loss", mutates_args=())
+@head_loss_op("linear_distillation_loss", _call, arrays=7)
 def _linear_distill(input: Tensor, linear_weight: Tensor, teacher_input: Tensor,
                     teacher_weight: Tensor, target: Tensor | None, linear_bias: Tensor | None,
                     teacher_bias: Tensor | None, beta: float, temperature: float,
@@ -42,27 +42,6 @@ def _linear_distill(input: Tensor, linear_weight: Tensor, teacher_input: Tensor,
                     teacher_bias),
                    (beta, temperature, ignore_index, hard_weight, softcap, reduction), want_grad)
     return head_results(result, input, want_grad)
-
-
-@_linear_distill.register_fake
-def _(input: Tensor, linear_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor,
-      target: Tensor | None, linear_bias: Tensor | None, teacher_bias: Tensor | None,
-      beta: float, temperature: float, ignore_index: int, hard_weight: float, softcap: float,
-      reduction: str, want_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    loss = input.new_empty(list(input.shape[:-1]) if reduction == "none" else [])
-    return head_fake(loss, input, linear_weight, linear_bias, want_grad)
-
-
-def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    head_setup(ctx, output, forward_grad=inputs[-1], arrays=inputs[:7], reduction=inputs[12],
-               options=inputs[7:13])
-
-
-def _backward(ctx: Any, g_loss: Tensor, *_unused: Any) -> tuple[Tensor | None, ...]:
-    return head_backward(ctx, g_loss, _call, bias_at=5)
-
-
-torch.library.register_autograd(_linear_distill, _backward, setup_context=_setup)
 
 
 def linear_distillation_loss(input: Tensor, linear_weight: Tensor, teacher_input: Tensor,
