@@ -16,6 +16,7 @@ import os
 import sys
 import types
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 from ._registry import Runtime as Backend
@@ -168,6 +169,23 @@ def check_chunking(op: str, value: Any) -> int | None:
     if size < 1:
         raise ValueError(f"{op}: options.batch_chunk_size must be >= 1, got {size}")
     return size
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """torch's ``LinearCrossEntropyOptions`` as the LM heads read it (:func:`check_chunking`):
+    blocks of ``batch_chunk_size`` rows of the whole vocabulary. What nblosses passes on where
+    it forwards a row block (the JAX bridge's requests, :mod:`nblosses.torch`'s custom op,
+    ``nblosses.torch.transformers.patch``): torch's own class is not needed (older torch
+    lacks it)."""
+
+    batch_chunk_size: int | None
+
+
+def chunking(rows: int | None) -> Chunking | None:
+    """The options asking for ``rows`` per block, or None (nblosses' own plan): the inverse of
+    :func:`check_chunking`."""
+    return None if rows is None else Chunking(rows)
 
 
 VALIDATION_MODES = ("async", "sync")

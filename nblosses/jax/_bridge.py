@@ -37,7 +37,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from .. import functional
+from .. import _args, functional
 from ..ops import SPECS
 
 __all__ = ["Request", "call", "execute"]
@@ -145,17 +145,9 @@ def _flat(result: Any) -> list[Any]:
     return out
 
 
-@dataclass(frozen=True)
-class Chunking:
-    """torch's ``LinearCrossEntropyOptions`` as the LM heads read it: a request's ``options``
-    is its ``batch_chunk_size`` (an int, or ``None``), rebuilt into this for the call."""
-
-    batch_chunk_size: int | None
-
-
 #: Options that are objects in :mod:`nblosses.functional`, by name: how a request's JSON value
-#: becomes the object again.
-_OBJECTS = {"options": lambda size: None if size is None else Chunking(size)}
+#: becomes the object again (``options``: its ``batch_chunk_size``, an int or None).
+_OBJECTS = {"options": _args.chunking}
 
 
 @functools.cache

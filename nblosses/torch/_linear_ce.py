@@ -3,7 +3,6 @@ hidden states, the head's weight and its bias), written by hand."""
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -22,13 +21,12 @@ def _call_linear_ce(tensors: tuple[Any, ...], options: tuple[Any, ...],
     softcap, chunk_rows)`` (``chunk_rows``: torch's ``batch_chunk_size`` or None)."""
     input, linear_weight, target, linear_bias, weight = tensors
     ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_rows = options
-    chunking = None if chunk_rows is None else types.SimpleNamespace(batch_chunk_size=chunk_rows)
     return F.linear_cross_entropy(
         input.detach(), linear_weight.detach(), target,
         linear_bias=None if linear_bias is None else linear_bias.detach(), weight=weight,
         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss, softcap=softcap or None, options=chunking, return_grad=return_grad,
-        grad_output=None if grad_output is None else grad_output.detach())
+        z_loss=z_loss, softcap=softcap or None, options=_args.chunking(chunk_rows),
+        return_grad=return_grad, grad_output=None if grad_output is None else grad_output.detach())
 
 
 @head_loss_op("linear_cross_entropy", _call_linear_ce, arrays=5)

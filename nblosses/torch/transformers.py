@@ -59,6 +59,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree
 
+from .._args import chunking
+from ..backends._lm_head import SPLIT_BELOW_ROWS
 from . import linear_cross_entropy
 
 try:
@@ -74,8 +76,6 @@ __all__ = ["patch", "unpatch"]
 #: training step took 0.867 s with it against 1.053 s unpatched (1.14-1.21x in four runs); in
 #: another run the default plan's took 1.04 s against 1.14 s.
 BLOCK_MEMORY = 32 << 20
-#: Fewer rows of the whole vocabulary than this per block make slow products.
-MIN_BLOCK_ROWS = 128
 #: The model attribute holding a patch's state (a :class:`_Patch`).
 _STATE = "_nblosses_patch"
 #: The signature of transformers' causal-LM loss, to read the call the model makes.
@@ -252,12 +252,12 @@ def _causal_lm_loss(hidden: Tensor, head: nn.Linear, logit_map: _LogitMap,
 
 
 def _row_blocks(block_memory: int | None, vocab: int) -> Any:
-    """Chunking options (read as torch's ``LinearCrossEntropyOptions``, which older torch
-    lacks) asking for blocks of the whole vocabulary that take at most ``block_memory`` bytes of
-    float32 logits, or None (nblosses' default plan) where that is fewer than
-    :data:`MIN_BLOCK_ROWS` rows."""
+    """Chunking options asking for blocks of the whole vocabulary that take at most
+    ``block_memory`` bytes of float32 logits, or None (nblosses' default plan) where that is
+    fewer rows than the planner itself would take whole (its ``SPLIT_BELOW_ROWS``: fewer make
+    slow products)."""
     rows = 0 if block_memory is None else block_memory // (4 * vocab)
-    return types.SimpleNamespace(batch_chunk_size=rows) if rows >= MIN_BLOCK_ROWS else None
+    return chunking(rows) if rows >= SPLIT_BELOW_ROWS else None
 
 
 class _Tracer(TorchFunctionMode):
