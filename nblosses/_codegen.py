@@ -274,8 +274,7 @@ def _torch_softmax(spec: OpSpec) -> str:
                          "(grad_output, output, dim)")
     public = autograd_params(spec, True)
     cast = "    input = _A.cast(input, dtype)\n" if "dtype" in {p.name for p in public} else ""
-    return (f"_{spec.name} = _A.softmax_ops(_SPECS[\"{spec.name}\"], _F.{spec.name}, "
-            f"_F.{grad.name})\n\n\n"
+    return (f"_{spec.name} = _A.softmax_ops(_SPECS[\"{spec.name}\"])\n\n\n"
             f"def {spec.name}({', '.join(_signature(public, _torch_type))}) -> Tensor:\n"
             + _docstring(spec.summary, "    ") + cast
             + f"    return _{spec.name}(input, _A.softmax_dim(\"{spec.name}\", input, dim))\n")

@@ -240,11 +240,12 @@ def in_place(fn: Callable[..., Any], input: Tensor, **options: Any) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- softmaxes
-def softmax_ops(spec: OpSpec, forward: Callable[..., Any], gradient: Callable[..., Any]) -> Any:
-    """``nblosses::<spec.name>`` of ``forward`` (the functional op, ``(input, dim) -> output``)
-    with its fake and autograd, and the custom op of ``gradient`` (``(grad_output, output, dim)
-    -> grad``, named after the spec's ``gradient_op``) that its backward calls on the saved
-    output; the first is returned."""
+def softmax_ops(spec: OpSpec) -> Any:
+    """``nblosses::<spec.name>`` of the functional op (``(input, dim) -> output``) with its fake
+    and autograd, and the custom op of its gradient op (the spec's ``gradient_op``,
+    ``(grad_output, output, dim) -> grad``) that its backward calls on the saved output; the
+    first is returned."""
+    forward, gradient = getattr(F, spec.name), getattr(F, str(spec.gradient_op))
 
     def grad_body(grad_output: Tensor, output: Tensor, dim: int) -> Tensor:
         return gradient(grad_output.detach(), output.detach(), dim=dim)

@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 
-_softmax = _A.softmax_ops(_SPECS["softmax"], _F.softmax, _F.softmax_backward)
+_softmax = _A.softmax_ops(_SPECS["softmax"])
 
 
 def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
@@ -30,7 +30,7 @@ def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: 
     return _softmax(input, _A.softmax_dim("softmax", input, dim))
 
 
-_log_softmax = _A.softmax_ops(_SPECS["log_softmax"], _F.log_softmax, _F.log_softmax_backward)
+_log_softmax = _A.softmax_ops(_SPECS["log_softmax"])
 
 
 def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
